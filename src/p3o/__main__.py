@@ -1,0 +1,5 @@
+import sys
+
+from p3o.cli import main
+
+sys.exit(main())

@@ -1,0 +1,73 @@
+"""The `p3o` command: one subcommand per pipeline stage.
+
+Errors in the user's input end the run with one line (what is wrong, how to fix it) and exit code 2;
+`--debug` shows the traceback as well.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from p3o.errors import UsageError
+
+COMMANDS = {
+    "train": ("p3o.cli.train", "RL fine-tuning of a causal LM against a reward (P3O-V1/V2)."),
+    "tiny-model": ("p3o.cli.tiny_model", "Build a small random GPT-2/Llama model and a word tokenizer from a corpus."),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(prog="p3o", description="Pairwise Proximal Policy Optimization for RLHF.")
+    parser.add_argument("--version", action="version", version=f"p3o {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        command.add_argument("--debug", action="store_true", help="Show full tracebacks for errors.")
+        importlib.import_module(module).add_arguments(command)
+        command.set_defaults(module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    import importlib
+
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+    try:
+        importlib.import_module(args.module).run(args)
+    except UsageError as exc:
+        if args.debug:
+            raise
+        print(f"p3o {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"p3o {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _setup_logging() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "accelerate", "datasets", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("p3o")
+    except PackageNotFoundError:
+        return "unknown"

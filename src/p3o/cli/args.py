@@ -1,0 +1,93 @@
+"""Turn a documented config dataclass into `--flags`, merged over an optional `--config file.yaml`.
+
+Flags take precedence over the YAML file, which takes precedence over the dataclass defaults.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from p3o.errors import UsageError
+
+C = TypeVar("C")
+
+_SCALARS = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+def _scalar_type(field: dataclasses.Field) -> type:
+    """`int | None` -> int; the dataclasses use `from __future__ import annotations`, so types are strings."""
+    name = str(field.type).replace(" ", "").replace("|None", "").replace("Optional[", "").rstrip("]")
+    return _SCALARS[name]
+
+
+def _coerce(field: dataclasses.Field, value: Any, source: str) -> Any:
+    if value is None:
+        return None
+    kind = _scalar_type(field)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "1", "yes"):
+            return True
+        if str(value).lower() in ("false", "0", "no"):
+            return False
+    else:
+        try:
+            if kind is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return kind(value)
+        except (TypeError, ValueError):
+            pass
+    raise UsageError(f"{source}: {field.name} must be {kind.__name__}, got {value!r}")
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One `--name` per field, help from the field's metadata; defaults are suppressed so that
+    only the flags actually given override the YAML file."""
+    for f in dataclasses.fields(cls):
+        help_text = f.metadata.get("help", "")
+        if f.default is not dataclasses.MISSING and f.default is not None and not f.metadata.get("required"):
+            help_text += f" (default: {f.default})"
+        if _scalar_type(f) is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, metavar=f.name.upper(),
+                                help=help_text)
+
+
+def read_yaml_config(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UsageError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {path} must be a mapping of option names to values")
+    return data
+
+
+def build_config(cls: type[C], namespace: argparse.Namespace) -> C:
+    """Defaults < YAML (`--config`) < flags, each value checked against the field's type."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    config_path = getattr(namespace, "config", None)
+    if config_path:
+        for key, value in read_yaml_config(config_path).items():
+            if key not in fields:
+                raise UsageError(f"{config_path}: unknown option {key!r}; valid options: {', '.join(fields)}")
+            values[key] = _coerce(fields[key], value, config_path)
+    for key, value in vars(namespace).items():
+        if key in fields:
+            values[key] = _coerce(fields[key], value, f"--{key}")
+    return cls(**values)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)

@@ -1,0 +1,89 @@
+"""Read rows (dicts) from a local JSONL/JSON/Parquet/CSV file or a `datasets` name.
+
+Local files are read here so a malformed row is reported as `file:line`; `datasets` is used for hub
+names and Parquet.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from p3o.errors import UsageError
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+def read_rows(spec: str, split: str = "train", config: str | None = None) -> list[dict[str, Any]]:
+    """All rows of a dataset, in order. `spec` is a local file or a `datasets` name."""
+    path = Path(spec)
+    if path.suffix in LOCAL_SUFFIXES:
+        if not path.is_file():
+            raise UsageError(f"dataset file {spec} does not exist")
+        rows = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}[path.suffix](path)
+    elif path.exists():
+        raise UsageError(f"dataset {spec}: unsupported file type; use .jsonl, .json, .parquet or .csv")
+    else:
+        rows = _read_hub(spec, split, config)
+    if not rows:
+        raise UsageError(f"dataset {spec} has no rows")
+    return rows
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UsageError(f"{path}:{number}: malformed JSON ({exc.msg}); each line must be one JSON object") from None
+            if not isinstance(row, dict):
+                raise UsageError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def _read_json(path: Path) -> list[dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+    if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):  # column layout
+        data = [dict(zip(data, values)) for values in zip(*data.values())]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise UsageError(f"{path}: expected a list of JSON objects (or use .jsonl, one object a line)")
+    return data
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8", newline="") as fh:
+        return [dict(row) for row in csv.DictReader(fh)]
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq  # installed with `datasets`
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as exc:  # pyarrow raises several types for corrupt files
+        raise UsageError(f"{path}: not a readable Parquet file ({exc})") from None
+
+
+def _read_hub(name: str, split: str, config: str | None) -> list[dict[str, Any]]:
+    import datasets
+
+    try:
+        return list(datasets.load_dataset(name, config, split=split))
+    except Exception as exc:  # offline, missing, or a bad split: all end the same way for the user
+        raise UsageError(f"dataset {name!r} is neither a local .jsonl/.json/.parquet/.csv file nor a loadable "
+                         f"`datasets` name ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+def require_columns(rows: list[dict[str, Any]], columns: list[str], spec: str) -> None:
+    missing = [c for c in columns if c not in rows[0]]
+    if missing:
+        raise UsageError(f"dataset {spec} has no column {missing[0]!r}; columns found: {', '.join(rows[0])}")

@@ -1,0 +1,45 @@
+"""Prompt-only data: `prompt` as plain text or as chat messages rendered with the chat template."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from p3o.data.files import read_rows, require_columns
+from p3o.errors import UsageError
+
+
+@dataclass
+class PromptDataset:
+    """Rows of a prompt-only dataset; `texts[i]` is row i's prompt rendered for the policy."""
+
+    rows: list[dict[str, Any]]
+    texts: list[str]
+    prompt_column: str
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def is_conversational(prompt: Any) -> bool:
+    return isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt)
+
+
+def render_prompt(prompt: Any, tokenizer, where: str) -> str:
+    """Plain text is used as is; chat messages go through the tokenizer's chat template."""
+    if isinstance(prompt, str):
+        return prompt
+    if is_conversational(prompt):
+        if not getattr(tokenizer, "chat_template", None):
+            raise UsageError(f"{where}: the prompt is a list of chat messages but the tokenizer has no chat "
+                             "template; give plain-text prompts or a tokenizer with a chat_template")
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    raise UsageError(f"{where}: a prompt must be text or a list of {{'role', 'content'}} messages, "
+                     f"got {type(prompt).__name__}")
+
+
+def load_prompts(spec: str, tokenizer, split: str = "train", config: str | None = None,
+                 column: str = "prompt") -> PromptDataset:
+    rows = read_rows(spec, split, config)
+    require_columns(rows, [column], spec)
+    texts = [render_prompt(row[column], tokenizer, f"{spec}: row {i + 1}") for i, row in enumerate(rows)]
+    return PromptDataset(rows=rows, texts=texts, prompt_column=column)

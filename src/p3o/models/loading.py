@@ -1,0 +1,88 @@
+"""Load Hugging Face tokenizers and causal LMs from a local directory or a hub name, safely.
+
+Weights load through `from_pretrained` (safetensors where the checkpoint has them); remote code runs
+only with `trust_remote_code=True`.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from p3o.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
+
+
+def _check_exists(name: str, what: str) -> None:
+    if _looks_local(name) and not Path(name).expanduser().exists():
+        raise UsageError(f"{what} {name} does not exist; give a model directory or a hub name")
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    """Tokenizer with left padding (for batched generation) and a pad token (EOS if it had none)."""
+    from transformers import AutoTokenizer
+
+    _check_exists(name, "tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"could not load a tokenizer from {name}: {str(exc).splitlines()[0]}") from None
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise UsageError(f"tokenizer {name} has no pad, EOS or unknown token; add a pad token to it")
+        log.info("tokenizer %s has no pad token; using %r (masks come from positions, so this is safe)", name, fallback)
+        tokenizer.pad_token = fallback
+    return tokenizer
+
+
+def load_causal_lm(name: str, trust_remote_code: bool = False, dtype: torch.dtype | None = None, what: str = "model"):
+    """An `AutoModelForCausalLM` with dropout switched off (RL log-ratios must be deterministic)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _check_exists(name, what)
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{what} {name} is not a transformers model (no usable config.json): "
+                         f"{str(exc).splitlines()[0]}") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, config=config, trust_remote_code=trust_remote_code,
+                                                     dtype=dtype or "auto")
+    except ValueError as exc:
+        raise UsageError(f"{what} {name} is not a causal language model ({type(config).__name__}): "
+                         f"{str(exc).splitlines()[0]}") from None
+    if dtype is None and model.dtype in (torch.float16, torch.bfloat16) and not torch.cuda.is_available():
+        model = model.float()  # half-precision weights train badly on CPU
+    disable_dropout(model)
+    return model
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Zero every dropout, including attention dropout kept as a float attribute (Llama-style)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for attr in ("attention_dropout", "dropout"):
+            if isinstance(getattr(module, attr, None), float):
+                setattr(module, attr, 0.0)
+
+
+def eos_token_ids(tokenizer, model) -> list[int]:
+    """Ids that end a response: the tokenizer's EOS, plus the generation config's EOS ids that are
+    special tokens of this tokenizer (chat models end turns with those)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    extra = [extra] if isinstance(extra, int) else list(extra or [])
+    special = set(tokenizer.all_special_ids)
+    ids |= {i for i in extra if i in special or not ids}
+    vocab = model.get_input_embeddings().num_embeddings
+    return sorted(i for i in ids if i is not None and 0 <= i < vocab)

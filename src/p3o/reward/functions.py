@@ -1,0 +1,82 @@
+"""Reward functions named `package.module:function` or `path/to/file.py:function`."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from p3o.errors import RewardError, UsageError
+
+
+def load_reward_function(spec: str) -> Callable:
+    """Import the callable that `spec` names; every failure is one line saying how to fix it."""
+    if ":" not in spec:
+        raise UsageError(f"reward function {spec!r} must look like package.module:function or path/to/file.py:function")
+    target, _, attr = spec.rpartition(":")
+    if target.endswith(".py"):
+        module = _import_file(target, spec)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise UsageError(f"reward function {spec}: cannot import module {target!r} ({exc})") from None
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise UsageError(f"reward function {spec}: {target} has no attribute {attr!r}")
+    if not callable(fn):
+        raise UsageError(f"reward function {spec}: {attr!r} is not callable")
+    return fn
+
+
+def _import_file(path: str, spec: str):
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"reward function {spec}: file {path} does not exist")
+    name = f"p3o_reward_{abs(hash(str(file.resolve())))}"
+    loader_spec = importlib.util.spec_from_file_location(name, file)
+    module = importlib.util.module_from_spec(loader_spec)
+    sys.modules[name] = module  # lets the file use dataclasses/pickling of its own objects
+    try:
+        loader_spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[name]
+        raise UsageError(f"reward function {spec}: importing {path} failed ({type(exc).__name__}: {exc})") from None
+    return module
+
+
+def check_rewards(values: Any, expected: int, name: str) -> torch.Tensor:
+    """A list of `expected` finite numbers -> float64 tensor (B,), else a RewardError naming `name`."""
+    try:
+        values = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise RewardError(f"reward {name} must return a list of numbers, got {type(values).__name__}") from None
+    if len(values) != expected:
+        raise RewardError(f"reward {name} returned {len(values)} values for {expected} completions; "
+                          "it must return one float per completion")
+    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+    if bad:
+        raise RewardError(f"reward {name} returned a non-finite value ({values[bad[0]]}) for completion {bad[0]} "
+                          f"({len(bad)} of {expected}); it must return finite floats")
+    return torch.tensor(values, dtype=torch.float64)
+
+
+class RewardFunction:
+    """A user callable `fn(prompts, completions, **kwargs) -> list[float]`, checked on every call.
+
+    kwargs are the prompt dataset's other columns (one entry per completion) and `completion_ids`.
+    """
+
+    def __init__(self, fn: Callable, name: str):
+        self.fn, self.name = fn, name
+
+    def __call__(self, prompts: list, completions: list, **kwargs) -> torch.Tensor:
+        try:
+            values = self.fn(prompts, completions, **kwargs)
+        except Exception as exc:
+            raise RewardError(f"reward function {self.name} raised {type(exc).__name__}: {exc}") from exc
+        return check_rewards(values, len(completions), f"function {self.name}")

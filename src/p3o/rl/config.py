@@ -1,0 +1,136 @@
+"""`p3o train` configuration: one documented dataclass, validated where it is built.
+
+Every field is a `--flag` of the same name and a key of `--config file.yaml`. All batch-size
+arithmetic lives in `derive_sizes`, which refuses inexact division.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from p3o.errors import UsageError
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train, on what, against what -------------------------------------------------
+    model_name_or_path: str = _f(None, "Policy to fine-tune: a local directory or a hub name (the SFT model).", required=True)
+    dataset: str = _f(None, "Prompt-only data: a .jsonl/.json/.parquet/.csv file or a `datasets` name.", required=True)
+    output_dir: str = _f(None, "Run directory: final model, config.yaml, metrics.jsonl.", required=True)
+    algo: str = _f("p3o-v2", "Algorithm: p3o-v1 (separate clipping) or p3o-v2 (joint clipping).")
+    reward_fn: str | None = _f(None, "Reward function `package.module:fn` or `path/file.py:fn`, called as fn(prompts, completions, **columns).")
+    reward_model: str | None = _f(None, "Sequence-classification reward model directory or hub name (one label).")
+    ref_model_name_or_path: str | None = _f(None, "Frozen reference policy; defaults to the initial policy.")
+    tokenizer_name_or_path: str | None = _f(None, "Tokenizer; defaults to the policy's.")
+    dataset_split: str = _f("train", "Split to read from a `datasets` name.")
+    dataset_config: str | None = _f(None, "Configuration name of a `datasets` dataset.")
+    prompt_column: str = _f("prompt", "Column holding the prompt: plain text or a list of chat messages.")
+    trust_remote_code: bool = _f(False, "Allow model repositories to run their own code. Off unless asked for.")
+    # --- sizes --------------------------------------------------------------------------------
+    max_steps: int = _f(100, "Rollout-and-update iterations.")
+    pairs_per_step: int = _f(64, "Prompts per rollout in this process, two responses each.")
+    minibatch_pairs: int | None = _f(None, "Pairs per optimiser step; default: the largest divisor of pairs_per_step that is at most 8. Pairs are never split.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimiser step (minibatch_pairs must divide by it).")
+    epochs: int = _f(4, "Passes (K) over each rollout; pairs are reshuffled each pass.")
+    # --- generation ---------------------------------------------------------------------------
+    max_new_tokens: int = _f(64, "Tokens sampled per response; EOS ends a response early and counts as part of it.")
+    max_prompt_length: int | None = _f(None, "Longer prompts keep their last tokens (left truncation, reported once). Default: the model's context minus max_new_tokens.")
+    temperature: float = _f(1.0, "Sampling temperature; log-probabilities use the same tempered distribution.")
+    top_k: int = _f(0, "Top-k sampling; 0 disables it (the default, as P3O assumes the policy's own distribution).")
+    top_p: float = _f(1.0, "Nucleus sampling; 1.0 disables it.")
+    # --- objective ----------------------------------------------------------------------------
+    beta: float = _f(0.05, "KL penalty coefficient: Delta = (r1 - r2) - beta * (kl1 - kl2).")
+    clip_eps: float = _f(0.2, "Clip range eps of the ratio (V1) or of d - d_old (V2).")
+    importance_clamp: float = _f(10.0, "C: importance weights are clamped to [1/C, C].")
+    loss_aggregation: str = _f("pair-mean", "pair-mean (trajectory level, as the paper) or token-mean.")
+    delta_normalization: str = _f("none", "none, or rms: divide Delta by its root-mean-square over the rollout (shift-invariant; raw rewards are never normalised).")
+    delta_clip: float | None = _f(None, "Clip Delta to [-delta_clip, delta_clip] after normalisation.")
+    # --- optimiser ----------------------------------------------------------------------------
+    learning_rate: float = _f(1e-6, "AdamW learning rate (1e-6..8e-6 for 1B-6B models; tiny models on CPU want ~1e-3).")
+    lr_scheduler_type: str = _f("constant_with_warmup", "A transformers scheduler name: linear, cosine, constant, constant_with_warmup, ...")
+    warmup_steps: int = _f(0, "Optimiser steps of linear warm-up (overrides warmup_ratio when > 0).")
+    warmup_ratio: float = _f(0.0, "Warm-up as a fraction of all optimiser steps.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.95, "AdamW beta2 (0.95 as in the P3O experiments).")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping by global norm; 0 disables it.")
+    # --- run ------------------------------------------------------------------------------------
+    seed: int = _f(42, "Seed for initialisation, sampling and shuffling: the same seed gives the same weights on CPU.")
+    logging_steps: int = _f(1, "Print a summary line every N steps (metrics.jsonl always gets every step).")
+    reward_batch_size: int = _f(64, "Sequences per reward-model forward pass.")
+    mixed_precision: str = _f("no", "no, bf16 or fp16 (passed to accelerate).")
+    overwrite: bool = _f(False, "Allow a non-empty output_dir; files of the same name are replaced.")
+    disable_progress_bar: bool = _f(False, "Hide the progress bar (summary lines are still printed).")
+
+    def __post_init__(self) -> None:
+        for name in ("model_name_or_path", "dataset", "output_dir"):
+            if not getattr(self, name):
+                raise UsageError(f"--{name} is required")
+        if (self.reward_fn is None) == (self.reward_model is None):
+            raise UsageError("give exactly one of --reward_fn (package.module:fn or file.py:fn) and --reward_model (a directory)")
+        for name in ("max_steps", "pairs_per_step", "gradient_accumulation_steps", "epochs", "max_new_tokens",
+                     "logging_steps", "reward_batch_size"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        checks = [
+            (self.temperature > 0, "--temperature must be > 0"),
+            (0 < self.top_p <= 1, "--top_p must be in (0, 1]"),
+            (self.top_k >= 0, "--top_k must be >= 0 (0 disables it)"),
+            (self.beta >= 0, "--beta must be >= 0"),
+            (self.clip_eps > 0, "--clip_eps must be > 0"),
+            (self.importance_clamp >= 1, "--importance_clamp (C) must be >= 1"),
+            (self.learning_rate > 0, "--learning_rate must be > 0"),
+            (0 <= self.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
+            (self.max_grad_norm >= 0, "--max_grad_norm must be >= 0 (0 disables clipping)"),
+            (self.delta_clip is None or self.delta_clip > 0, "--delta_clip must be > 0"),
+            (self.loss_aggregation in ("pair-mean", "token-mean"), "--loss_aggregation must be pair-mean or token-mean"),
+            (self.delta_normalization in ("none", "rms"), "--delta_normalization must be none or rms"),
+            (self.mixed_precision in ("no", "bf16", "fp16"), "--mixed_precision must be no, bf16 or fp16"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Batch sizes derived from a TrainConfig, all in one place."""
+
+    pairs_per_step: int  # groups (prompts) per rollout in this process
+    samples_per_prompt: int  # responses per prompt: 2 for P3O
+    minibatch_pairs: int  # groups per optimiser step
+    micro_pairs: int  # groups per forward/backward
+    minibatches_per_epoch: int
+    optimizer_steps: int  # over the whole run
+
+    @property
+    def sequences_per_step(self) -> int:
+        return self.pairs_per_step * self.samples_per_prompt
+
+
+def default_minibatch(pairs_per_step: int, cap: int = 8) -> int:
+    """Largest divisor of pairs_per_step that is at most `cap` (the paper uses 2-8 pairs)."""
+    return max(d for d in range(1, min(cap, pairs_per_step) + 1) if pairs_per_step % d == 0)
+
+
+def derive_sizes(cfg: TrainConfig, samples_per_prompt: int = 2) -> Sizes:
+    minibatch = cfg.minibatch_pairs or default_minibatch(cfg.pairs_per_step)
+    if minibatch < 1 or cfg.pairs_per_step % minibatch:
+        raise UsageError(f"--pairs_per_step {cfg.pairs_per_step} must be a multiple of --minibatch_pairs {minibatch}; "
+                         f"try --minibatch_pairs {default_minibatch(cfg.pairs_per_step)}")
+    if minibatch % cfg.gradient_accumulation_steps:
+        raise UsageError(f"--minibatch_pairs {minibatch} must be a multiple of --gradient_accumulation_steps "
+                         f"{cfg.gradient_accumulation_steps}")
+    per_epoch = cfg.pairs_per_step // minibatch
+    return Sizes(
+        pairs_per_step=cfg.pairs_per_step,
+        samples_per_prompt=samples_per_prompt,
+        minibatch_pairs=minibatch,
+        micro_pairs=minibatch // cfg.gradient_accumulation_steps,
+        minibatches_per_epoch=per_epoch,
+        optimizer_steps=cfg.max_steps * cfg.epochs * per_epoch,
+    )

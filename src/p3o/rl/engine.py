@@ -1,0 +1,264 @@
+"""The shared rollout/update engine on `accelerate`, as in the algorithm box of P3O.md section 4:
+
+    repeat:  1. take a batch of prompts       2. sample k responses per prompt from pi_old
+             3. score each response           4. log-probs under pi_old and pi_ref, KL per response
+             5. the algorithm's per-group quantities (P3O: Delta per pair)
+             for each of K epochs: shuffle the groups (never split one), and per minibatch of
+             groups take one optimiser step on the algorithm's loss
+
+Only the algorithm's `prepare`, `loss` and `normaliser` differ between algorithms.
+Shape legend as in `p3o.rl.rollout`: G prompts, k responses each, B = G*k, T response tokens.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from p3o.errors import UsageError
+from p3o.models.loading import eos_token_ids
+from p3o.rl.algorithms import get_algorithm
+from p3o.rl.config import TrainConfig, derive_sizes
+from p3o.rl.losses import aggregate
+from p3o.rl.rollout import (Rollout, batched_token_logprobs, generation_config, sample_responses,
+                            sequence_logprobs, supports_logits_to_keep, token_logprobs, tokenize_prompts)
+from p3o.utils.seeding import generator, seed_global_rng
+
+
+@dataclass
+class TrainerState:
+    step: int = 0  # rollout-and-update iterations done
+    optimizer_steps: int = 0
+    skipped_updates: int = 0  # optimiser steps dropped for a non-finite gradient
+
+
+@dataclass
+class RolloutTexts:
+    prompts: list  # (G,) raw prompts as in the dataset
+    completions: list[str]  # (B,)
+
+
+class Trainer:
+    """Trains `policy` against `reward` on `prompts`. One instance per run; `train()` runs it."""
+
+    def __init__(self, cfg: TrainConfig, policy, tokenizer, reward, prompts, ref_policy=None, accelerator=None):
+        from accelerate import Accelerator
+
+        self.cfg, self.tokenizer, self.reward, self.prompts = cfg, tokenizer, reward, prompts
+        self.algorithm = get_algorithm(cfg.algo)
+        self.sizes = derive_sizes(cfg, self.algorithm.samples_per_prompt)
+        self.accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
+        self.state = TrainerState()
+
+        self.ref_policy = (ref_policy or copy.deepcopy(policy)).requires_grad_(False).eval()
+        self.ref_policy.to(self.accelerator.device)
+        optimizer = torch.optim.AdamW(_param_groups(policy, cfg.weight_decay), lr=cfg.learning_rate,
+                                      betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+        self.policy, self.optimizer = self.accelerator.prepare(policy, optimizer)
+        self.scheduler = _scheduler(cfg, self.optimizer, self.sizes.optimizer_steps)
+
+        unwrapped = self.unwrapped_policy
+        self.eos_ids = eos_token_ids(tokenizer, unwrapped)
+        self.gen_config = generation_config(cfg, tokenizer, self.eos_ids)
+        self.max_prompt_length = _max_prompt_length(cfg, unwrapped.config)
+        self.logits_to_keep = supports_logits_to_keep(unwrapped)
+        self.truncated_prompts = 0
+
+    @property
+    def unwrapped_policy(self):
+        return self.accelerator.unwrap_model(self.policy)
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def train(self, on_step=None) -> list[dict]:
+        """Run until `max_steps`; `on_step(metrics)` is called after every step (for logging)."""
+        history = []
+        while self.state.step < self.cfg.max_steps:
+            start = time.perf_counter()
+            rollout, texts, timings = self.collect_rollout(self.state.step)
+            t0 = time.perf_counter()
+            update_stats = self.update(rollout, self.state.step)
+            timings["time_update"] = time.perf_counter() - t0
+            self.state.step += 1
+            metrics = self.step_metrics(rollout, update_stats, timings, time.perf_counter() - start)
+            history.append(metrics)
+            if on_step is not None:
+                on_step(metrics, texts)
+        return history
+
+    def collect_rollout(self, step: int) -> tuple[Rollout, RolloutTexts, dict[str, float]]:
+        cfg, k, timings = self.cfg, self.algorithm.samples_per_prompt, {}
+        device = self.accelerator.device
+        # 1. The prompts of this step, each repeated k times (a group's rows are consecutive).
+        rows = [self.prompts.rows[i] for i in self.prompt_indices(step)]
+        texts = [self.prompts.texts[i] for i in self.prompt_indices(step)]
+        query_ids, query_mask, truncated = tokenize_prompts(self.tokenizer, texts, self.max_prompt_length)  # (G, Lq)
+        self.truncated_prompts += truncated
+        query_ids = query_ids.repeat_interleave(k, dim=0).to(device)  # (B, Lq)
+        query_mask = query_mask.repeat_interleave(k, dim=0).to(device)  # (B, Lq)
+
+        # 2. Sample k responses per prompt from pi_old (the current policy).
+        t0 = time.perf_counter()
+        seed_global_rng(cfg.seed, "sample", step)
+        with self.accelerator.autocast():
+            response_ids, response_mask = sample_responses(self.unwrapped_policy, query_ids, query_mask,
+                                                           self.gen_config, self.eos_ids)  # (B, T)
+        timings["time_generate"] = time.perf_counter() - t0
+
+        # 3. Score: raw rewards (B,) in float64, checked for count and finiteness.
+        t0 = time.perf_counter()
+        completions = [self.tokenizer.decode(ids[:n], skip_special_tokens=True)
+                       for ids, n in zip(response_ids.tolist(), response_mask.sum(-1).tolist())]
+        rewards = self.score(rows, completions, response_ids, response_mask, k)
+        timings["time_score"] = time.perf_counter() - t0
+
+        # 4. Sequence log-probs under pi_old and pi_ref; kl(y) = l_old(y) - l_ref(y) (P3O.md section 3).
+        seq = {"query_ids": query_ids, "query_mask": query_mask, "response_ids": response_ids,
+               "response_mask": response_mask, "rewards": rewards.to(device)}
+        t0 = time.perf_counter()
+        batch = max(self.sizes.micro_pairs * k, 1)
+        with self.accelerator.autocast():
+            old_tokens = batched_token_logprobs(self.unwrapped_policy, seq, cfg.temperature, batch, self.logits_to_keep)
+            timings["time_old_logprobs"] = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            ref_tokens = batched_token_logprobs(self.ref_policy, seq, cfg.temperature, batch, self.logits_to_keep)
+            timings["time_reference"] = time.perf_counter() - t1
+        seq["old_token_logps"], seq["ref_token_logps"] = old_tokens, ref_tokens  # (B, T)
+        seq["old_logp"] = sequence_logprobs(old_tokens, response_mask)  # (B,)
+        seq["ref_logp"] = sequence_logprobs(ref_tokens, response_mask)  # (B,)
+        seq["kl"] = seq["old_logp"] - seq["ref_logp"]  # (B,)
+
+        # 5. The algorithm's own per-group quantities (P3O: Delta per pair).
+        rollout = Rollout(k, seq)
+        rollout.group.update(self.algorithm.prepare(rollout, cfg))
+        return rollout, RolloutTexts([r[self.prompts.prompt_column] for r in rows], completions), timings
+
+    def score(self, rows: list[dict], completions: list[str], response_ids, response_mask, k: int) -> torch.Tensor:
+        """Call the reward with the dataset's raw prompts (chat messages stay messages) and columns."""
+        column = self.prompts.prompt_column
+        prompts = [row[column] for row in rows for _ in range(k)]
+        if prompts and not isinstance(prompts[0], str):  # conversational: completions as messages too
+            completions = [[{"role": "assistant", "content": c}] for c in completions]
+        extra = {name: [row.get(name) for row in rows for _ in range(k)] for name in rows[0] if name != column}
+        ids = [seq[:n] for seq, n in zip(response_ids.tolist(), response_mask.sum(-1).tolist())]
+        return self.reward(prompts, completions, completion_ids=ids, **extra)
+
+    def update(self, rollout: Rollout, step: int) -> dict[str, float]:
+        """K epochs over the rollout; each epoch shuffles whole groups into minibatches."""
+        shuffle = generator(self.cfg.seed, "shuffle", step)
+        stats = defaultdict(list)
+        for _ in range(self.cfg.epochs):
+            order = torch.randperm(rollout.num_groups, generator=shuffle)  # (G,)
+            for groups in order.split(self.sizes.minibatch_pairs):
+                for name, value in self.optimizer_step(rollout.select(groups)).items():
+                    stats[name].append(value)
+        return {name: (max(v) if name.endswith("_max") else sum(v) / len(v)) for name, v in stats.items()}
+
+    def optimizer_step(self, minibatch: Rollout) -> dict[str, float]:
+        """One optimiser step on a minibatch of groups, accumulated over its micro-batches."""
+        cfg, acc = self.cfg, self.accelerator
+        normaliser = self.algorithm.normaliser(minibatch, cfg)
+        parts = minibatch.split(self.sizes.micro_pairs)
+        stats, total_loss = defaultdict(float), 0.0
+        for i, part in enumerate(parts):
+            sync = contextlib.nullcontext() if i == len(parts) - 1 else acc.no_sync(self.policy)
+            with sync, acc.autocast():
+                token_logps = token_logprobs(self.policy, part.seq["query_ids"], part.seq["query_mask"],
+                                             part.seq["response_ids"], part.seq["response_mask"],
+                                             cfg.temperature, self.logits_to_keep)  # (b, T)
+                unit_losses, part_stats = self.algorithm.loss(part, token_logps, cfg)
+                loss = aggregate(unit_losses, normaliser)
+                acc.backward(loss)
+            total_loss += loss.item()
+            for name, value in part_stats.items():
+                stats[name] = max(stats[name], value) if name.endswith("_max") else stats[name] + value / len(parts)
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+        grad_norm = float(acc.clip_grad_norm_(self.policy.parameters(), max_norm))
+        if math.isfinite(grad_norm) and math.isfinite(total_loss):
+            self.optimizer.step()
+            self.scheduler.step()
+            self.state.optimizer_steps += 1
+        else:  # a non-finite gradient would poison the weights and Adam's moments: drop this update
+            self.state.skipped_updates += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": total_loss, "grad_norm": grad_norm, **stats}
+
+    # --- data order and metrics ----------------------------------------------------------------
+
+    def prompt_indices(self, step: int) -> list[int]:
+        """Prompts of `step`: consecutive slots of an endless stream of seeded dataset permutations."""
+        n, G = len(self.prompts), self.sizes.pairs_per_step
+        indices = []
+        for slot in range(step * G, (step + 1) * G):
+            epoch, position = divmod(slot, n)
+            indices.append(int(self._permutation(epoch)[position]))
+        return indices
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        cache = self.__dict__.setdefault("_permutations", {})
+        if epoch not in cache:
+            cache.clear()
+            cache[epoch] = torch.randperm(len(self.prompts), generator=generator(self.cfg.seed, "data", epoch))
+        return cache[epoch]
+
+    def step_metrics(self, rollout: Rollout, update_stats: dict[str, float], timings: dict[str, float],
+                     seconds: float) -> dict[str, float]:
+        seq = rollout.seq
+        local = {
+            "reward": seq["rewards"].mean().item(),
+            "reward_std": seq["rewards"].std().item() if len(seq["rewards"]) > 1 else 0.0,
+            "kl": seq["kl"].mean().item(),
+            "response_length": seq["response_mask"].sum(-1).float().mean().item(),
+            **{f"group_{n}_abs": t.abs().mean().item() for n, t in rollout.group.items()},
+            **update_stats,
+        }
+        metrics = {"step": self.state.step, **self._mean_across_processes(local)}
+        metrics["pairs_per_s"] = rollout.num_groups * self.accelerator.num_processes / seconds
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        metrics["skipped_updates"] = self.state.skipped_updates
+        metrics["step_time"] = seconds
+        metrics.update(timings)
+        return metrics
+
+    def _mean_across_processes(self, values: dict[str, float]) -> dict[str, float]:
+        if self.accelerator.num_processes == 1:
+            return values
+        stacked = torch.tensor(list(values.values()), device=self.accelerator.device, dtype=torch.float64)
+        reduced = self.accelerator.reduce(stacked, reduction="mean")
+        return dict(zip(values, reduced.tolist()))
+
+
+def _param_groups(model, weight_decay: float) -> list[dict]:
+    """Decay matrices only: biases and norm gains are left alone (as `transformers.Trainer` does)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+def _scheduler(cfg: TrainConfig, optimizer, total_steps: int):
+    from transformers import get_scheduler
+
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
+    try:
+        return get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    except ValueError as exc:
+        raise UsageError(f"--lr_scheduler_type {cfg.lr_scheduler_type!r}: {exc}") from None
+
+
+def _max_prompt_length(cfg: TrainConfig, model_config) -> int:
+    """Prompt tokens kept: --max_prompt_length, else whatever the context leaves after the response."""
+    context = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+    if context is not None and cfg.max_new_tokens >= context:
+        raise UsageError(f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the model's "
+                         f"context of {context} tokens; lower it")
+    if cfg.max_prompt_length is not None:
+        if context is not None and cfg.max_prompt_length + cfg.max_new_tokens > context:
+            raise UsageError(f"--max_prompt_length {cfg.max_prompt_length} + --max_new_tokens {cfg.max_new_tokens} "
+                             f"exceeds the model's context of {context} tokens")
+        return cfg.max_prompt_length
+    return context - cfg.max_new_tokens if context is not None else 1024

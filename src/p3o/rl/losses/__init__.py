@@ -1,0 +1,49 @@
+"""Registry of policy losses: each is a pure function of tensors, looked up once by name.
+
+Every loss returns `(per_unit_losses, stats)`: the un-reduced losses (one per pair for the pairwise
+losses) and a dict of detached Python floats. The engine reduces them with `aggregate` so that
+gradient accumulation and (later) several processes see one normaliser for the whole minibatch.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from p3o.errors import UsageError
+
+LOSSES: dict[str, Callable] = {}
+
+AGGREGATIONS = ("pair-mean", "token-mean")
+
+
+def register_loss(name: str) -> Callable[[Callable], Callable]:
+    """Decorator: make `fn` available as `--algo name` style loss lookups."""
+
+    def decorate(fn: Callable) -> Callable:
+        if name in LOSSES:
+            raise ValueError(f"loss {name!r} is registered twice")
+        LOSSES[name] = fn
+        return fn
+
+    return decorate
+
+
+def get_loss(name: str) -> Callable:
+    """The loss registered as `name`; unknown names are refused with the list of known ones."""
+    if name not in LOSSES:
+        raise UsageError(f"unknown loss {name!r}; known losses: {', '.join(sorted(LOSSES))}")
+    return LOSSES[name]
+
+
+def aggregate(unit_losses: torch.Tensor, normaliser: float | torch.Tensor) -> torch.Tensor:
+    """Sum of per-unit losses over a micro-batch divided by the whole minibatch's normaliser.
+
+    pair-mean: normaliser = pairs in the minibatch (P3O.md section 4, trajectory level);
+    token-mean: normaliser = response tokens in the minibatch. Using the minibatch's count, not the
+    micro-batch's, is what makes gradient accumulation equal to one large batch.
+    """
+    return unit_losses.sum() / normaliser
+
+
+from p3o.rl.losses import p3o as _p3o  # noqa: E402,F401  (registers p3o-v1 and p3o-v2)

@@ -1,0 +1,121 @@
+"""The rollout: prompts, k sampled responses each, rewards and log-probabilities.
+
+Shape legend: G = prompts (groups) in a rollout; k = responses per prompt (2 for P3O);
+B = G*k sequences, the k responses of prompt g in rows g*k .. g*k+k-1, so selecting whole groups
+never splits a pair; Lq = prompt tokens (left-padded); T = response tokens (right-padded);
+V = vocabulary.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+
+from p3o.utils.ops import masked_sum, response_mask_from_eos, selective_log_softmax
+
+
+@dataclass
+class Rollout:
+    """Tensors of one rollout, per sequence (`seq`, leading dim B) and per prompt (`group`, dim G)."""
+
+    group_size: int
+    seq: dict[str, torch.Tensor]
+    group: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def num_groups(self) -> int:
+        return next(iter(self.seq.values())).shape[0] // self.group_size
+
+    def select(self, groups: torch.Tensor) -> "Rollout":
+        """The sub-rollout of whole groups `groups` (G',) in that order."""
+        k = self.group_size
+        rows = (groups[:, None] * k + torch.arange(k, device=groups.device)).flatten()  # (G'*k,)
+        return Rollout(k, {n: t[rows.to(t.device)] for n, t in self.seq.items()},
+                       {n: t[groups.to(t.device)] for n, t in self.group.items()})
+
+    def split(self, groups_per_part: int) -> list["Rollout"]:
+        """Consecutive parts of `groups_per_part` whole groups."""
+        return [self.select(idx) for idx in torch.arange(self.num_groups).split(groups_per_part)]
+
+
+def tokenize_prompts(tokenizer, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Left-padded prompt ids and mask (G, Lq); prompts over `max_length` keep their last tokens.
+
+    Returns (ids, mask, number of prompts truncated).
+    """
+    encoded = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    truncated = sum(len(ids) > max_length for ids in encoded)
+    encoded = [ids[-max_length:] for ids in encoded]
+    batch = tokenizer.pad({"input_ids": encoded}, padding=True, return_tensors="pt", padding_side="left")
+    return batch["input_ids"], batch["attention_mask"], truncated
+
+
+def generation_config(cfg, tokenizer, eos_ids: list[int]):
+    """Sampling exactly from the (tempered) policy: no top-k/top-p unless asked, no other processors."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+        max_new_tokens=cfg.max_new_tokens, min_new_tokens=0, repetition_penalty=1.0,
+        eos_token_id=eos_ids or None, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+    )
+
+
+@torch.no_grad()
+def sample_responses(model, query_ids: torch.Tensor, query_mask: torch.Tensor, gen_config,
+                     eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched, KV-cached sampling. (B, Lq) prompts -> response ids and mask (B, T).
+
+    The mask covers tokens up to and including the first EOS (taken from positions, not pad ids).
+    """
+    from transformers import GenerationConfig
+
+    # `generate` fills every unset option from the model's own generation_config (a hub model may
+    # carry repetition penalties, bad words, top-k ...); a blank one keeps sampling exact.
+    saved, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        out = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=gen_config)  # (B, Lq+T)
+    finally:
+        model.generation_config = saved
+    response_ids = out[:, query_ids.shape[1]:]  # (B, T)
+    return response_ids, response_mask_from_eos(response_ids, eos_ids)
+
+
+def supports_logits_to_keep(model) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def token_logprobs(model, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
+                   response_mask: torch.Tensor, temperature: float = 1.0,
+                   logits_to_keep: bool = True) -> torch.Tensor:
+    """log pi(y_t | x, y_<t) for every response token (B, T); 0 on padding.
+
+    Position ids follow the attention mask, as in `generate`, so left padding changes nothing.
+    """
+    input_ids = torch.cat([query_ids, response_ids], dim=1)  # (B, Lq+T)
+    attention = torch.cat([query_mask, response_mask], dim=1)  # (B, Lq+T)
+    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)  # (B, Lq+T)
+    T = response_ids.shape[1]
+    kwargs = {"logits_to_keep": T + 1} if logits_to_keep else {}
+    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
+                   use_cache=False, **kwargs).logits  # (B, T+1, V) or (B, Lq+T, V)
+    logits = logits[:, -(T + 1):-1] / temperature  # (B, T, V): the logits that predicted each response token
+    logps = selective_log_softmax(logits, response_ids)  # (B, T)
+    return torch.where(response_mask.bool(), logps, torch.zeros_like(logps))
+
+
+@torch.no_grad()
+def batched_token_logprobs(model, rollout_seq: dict[str, torch.Tensor], temperature: float, batch_size: int,
+                           logits_to_keep: bool = True) -> torch.Tensor:
+    """`token_logprobs` without gradient over the whole rollout, `batch_size` sequences at a time."""
+    keys = ("query_ids", "query_mask", "response_ids", "response_mask")
+    B = rollout_seq["query_ids"].shape[0]
+    parts = [token_logprobs(model, *(rollout_seq[k][i:i + batch_size] for k in keys), temperature, logits_to_keep)
+             for i in range(0, B, batch_size)]
+    return torch.cat(parts)  # (B, T)
+
+
+def sequence_logprobs(token_logps: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """l(y) = sum over response tokens of log pi(y_t | ...): (B, T) -> (B,)."""
+    return masked_sum(token_logps, response_mask, dim=-1)

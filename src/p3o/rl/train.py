@@ -1,0 +1,88 @@
+"""`p3o train`: load everything a TrainConfig names, run the engine, write the run directory.
+
+Run directory: config.yaml (the resolved config), metrics.jsonl (one line a step), the final policy
+and tokenizer (`save_pretrained`, safetensors). Only the main process writes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+from p3o.data.prompts import load_prompts
+from p3o.models.loading import load_causal_lm, load_tokenizer
+from p3o.reward import build_reward
+from p3o.rl.algorithms import get_algorithm
+from p3o.rl.config import TrainConfig, derive_sizes
+from p3o.rl.engine import Trainer
+from p3o.utils.io import JsonlWriter, prepare_output_dir, save_pretrained_atomically, write_yaml
+
+log = logging.getLogger("p3o")
+
+
+def build_trainer(cfg: TrainConfig) -> Trainer:
+    """Everything cheap is checked before anything expensive is loaded."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    algorithm = get_algorithm(cfg.algo)
+    derive_sizes(cfg, algorithm.samples_per_prompt)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    set_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)
+    prompts = load_prompts(cfg.dataset, tokenizer, cfg.dataset_split, cfg.dataset_config, cfg.prompt_column)
+    reward = build_reward(cfg.reward_fn, cfg.reward_model, cfg.trust_remote_code, cfg.reward_batch_size,
+                          accelerator.device)
+    policy = load_causal_lm(cfg.model_name_or_path, cfg.trust_remote_code, what="policy")
+    ref = (load_causal_lm(cfg.ref_model_name_or_path, cfg.trust_remote_code, what="reference model")
+           if cfg.ref_model_name_or_path else None)
+    return Trainer(cfg, policy, tokenizer, reward, prompts, ref_policy=ref, accelerator=accelerator)
+
+
+def run_train(cfg: TrainConfig) -> Path:
+    out = Path(cfg.output_dir)
+    prepare_output_dir(cfg.output_dir, cfg.overwrite)  # before loading anything: fail fast, touch nothing
+    trainer = build_trainer(cfg)
+    acc = trainer.accelerator
+    metrics_file = None
+    if acc.is_main_process:
+        write_yaml(out / "config.yaml", dataclasses.asdict(cfg))
+        metrics_file = JsonlWriter(out / "metrics.jsonl")
+    bar = _progress_bar(cfg, disable=not acc.is_main_process)
+
+    def on_step(metrics, texts):
+        if metrics_file is not None:
+            metrics_file.write(metrics)
+        bar.update(1)
+        bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}",
+                        pairs_s=f"{metrics['pairs_per_s']:.1f}")
+        if acc.is_main_process and (metrics["step"] % cfg.logging_steps == 0 or metrics["step"] == cfg.max_steps):
+            bar.write(_summary_line(metrics))
+
+    try:
+        trainer.train(on_step)
+    finally:
+        bar.close()
+        if metrics_file is not None:
+            metrics_file.close()
+    if trainer.truncated_prompts and acc.is_main_process:
+        log.warning("%d prompts were longer than %d tokens and kept only their last tokens (--max_prompt_length)",
+                    trainer.truncated_prompts, trainer.max_prompt_length)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        save_pretrained_atomically(trainer.unwrapped_policy, trainer.tokenizer, out,
+                                   state_dict=acc.get_state_dict(trainer.policy))
+        log.info("saved the trained policy to %s", out)
+    return out
+
+
+def _progress_bar(cfg: TrainConfig, disable: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.max_steps, desc=f"p3o train {cfg.algo}", unit="step",
+                disable=disable or cfg.disable_progress_bar, dynamic_ncols=True)
+
+
+def _summary_line(m: dict) -> str:
+    return (f"step {m['step']:>5}  reward {m['reward']:+.4f}  kl {m['kl']:+.4f}  loss {m['loss']:+.4f}  "
+            f"clipfrac {m.get('clipfrac', 0.0):.3f}  pairs/s {m['pairs_per_s']:.1f}")

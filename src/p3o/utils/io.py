@@ -1,0 +1,76 @@
+"""Run-directory writes that never leave a half-written file behind."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from p3o.errors import UsageError
+
+
+def prepare_output_dir(path: str, overwrite: bool) -> Path:
+    """Create `path`; refuse a non-empty one unless `overwrite` (then only same-named files change)."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output_dir {path} is a file; give a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"--output_dir {path} is not empty; pass --overwrite to replace its files, or choose a new directory")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_yaml(path: Path, data: dict[str, Any]) -> None:
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
+
+
+class JsonlWriter:
+    """Appends one JSON object per line and flushes it, so a crash loses at most the current line."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fh = path.open("w", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.fh.write(json.dumps(record) + "\n")
+        self.fh.flush()
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def save_pretrained_atomically(model, tokenizer, out: Path, state_dict=None, save_function=None) -> None:
+    """`save_pretrained` (safetensors) into a temporary directory, then move each file into `out`."""
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".saving-"))
+    try:
+        kwargs = {"state_dict": state_dict} if state_dict is not None else {}
+        if save_function is not None:
+            kwargs["save_function"] = save_function
+        model.save_pretrained(tmp, safe_serialization=True, **kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for item in tmp.iterdir():
+            target = out / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(item, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
