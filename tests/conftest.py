@@ -1,0 +1,97 @@
+"""Shared fixtures: tiny GPT-2/Llama models and a word tokenizer built locally (nothing downloaded)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # one core per xdist worker
+
+NOUNS = "cat dog bird fish horse cow sheep goat mouse frog".split()
+VERBS = "runs jumps sits sleeps eats sees likes finds".split()
+ADJS = "big small old young happy sad quick slow".split()
+TARGETS = "apple pear plum".split()  # words the test reward pays for
+VOCAB = NOUNS + VERBS + ADJS + TARGETS + "the a and story : .".split()
+
+REWARD_FILE = '''
+TARGETS = {"apple", "pear", "plum"}
+
+def fruit(prompts, completions, **kwargs):
+    return [float(sum(w in TARGETS for w in c.split())) for c in completions]
+
+def shifted_fruit(prompts, completions, **kwargs):
+    # The same reward plus a large per-prompt shift (exact in float64): must change nothing.
+    return [r + 1000.0 * (len(p) % 7) - 333.0 for r, p in zip(fruit(prompts, completions), prompts)]
+
+def wrong_length(prompts, completions, **kwargs):
+    return [0.0] * (len(completions) - 1)
+
+def nan_reward(prompts, completions, **kwargs):
+    return [float("nan")] * len(completions)
+
+def raises(prompts, completions, **kwargs):
+    raise RuntimeError("reward server is down")
+
+def echo_columns(prompts, completions, **kwargs):
+    assert "topic" in kwargs and len(kwargs["topic"]) == len(completions), kwargs.keys()
+    assert len(kwargs["completion_ids"]) == len(completions)
+    return [1.0 if isinstance(p, list) else 0.0 for p in prompts]
+'''
+
+
+def prompt_rows(n: int = 48, seed: int = 0) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        words = [rng.choice(ADJS), rng.choice(NOUNS), rng.choice(VERBS), "the", rng.choice(NOUNS)]
+        rows.append({"prompt": "story : " + " ".join(words) + " .", "topic": f"t{i % 3}"})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from p3o.models.tiny import build_word_tokenizer
+
+    return build_word_tokenizer(VOCAB)
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory, tokenizer):
+    """Saved tiny models (llama, gpt2), a prompt file and a reward-function file."""
+    from p3o.models.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("assets")
+    paths = {}
+    for arch in ("llama", "gpt2"):
+        model = build_tiny_model(tokenizer, arch, num_layers=2, hidden_size=32, num_heads=2, max_positions=128)
+        model.save_pretrained(root / arch)
+        tokenizer.save_pretrained(root / arch)
+        paths[arch] = root / arch
+    paths["prompts"] = write_jsonl(root / "prompts.jsonl", prompt_rows())
+    paths["rewards"] = root / "rewards.py"
+    paths["rewards"].write_text(REWARD_FILE)
+    return paths
+
+
+def train_config(assets, tmp_path, **overrides):
+    from p3o.rl.config import TrainConfig
+
+    base = dict(model_name_or_path=str(assets["llama"]), dataset=str(assets["prompts"]),
+                reward_fn=f"{assets['rewards']}:fruit", output_dir=str(tmp_path / "run"), max_steps=2,
+                pairs_per_step=8, minibatch_pairs=4, epochs=2, max_new_tokens=6, learning_rate=1e-3, seed=0,
+                disable_progress_bar=True)
+    base.update(overrides)
+    return TrainConfig(**base)

@@ -1,0 +1,155 @@
+"""`p3o train` end to end through the command line: run directory, config files, errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from conftest import prompt_rows, write_jsonl
+from p3o.cli import main
+
+REQUIRED_METRICS = {"step", "reward", "kl", "loss", "clipfrac", "pairs_per_s"}
+
+
+def train_args(assets, out, *extra):
+    return ["train", "--model_name_or_path", str(assets["llama"]), "--dataset", str(assets["prompts"]),
+            "--reward_fn", f"{assets['rewards']}:fruit", "--output_dir", str(out), "--max_steps", "2",
+            "--pairs_per_step", "4", "--max_new_tokens", "4", "--epochs", "1", "--learning_rate", "1e-3",
+            "--disable_progress_bar", *extra]
+
+
+@pytest.mark.parametrize("arch, algo", [("llama", "p3o-v2"), ("gpt2", "p3o-v1")])
+def test_train_writes_a_run_directory_that_transformers_loads(assets, tmp_path, arch, algo):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "run"
+    args = train_args(assets, out, "--algo", algo)
+    args[args.index("--model_name_or_path") + 1] = str(assets[arch])
+    assert main(args) == 0
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2] and REQUIRED_METRICS <= lines[0].keys()
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["algo"] == algo and config["max_steps"] == 2 and config["learning_rate"] == 1e-3
+    assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
+    model = AutoModelForCausalLM.from_pretrained(out)
+    AutoTokenizer.from_pretrained(out)
+    original = AutoModelForCausalLM.from_pretrained(assets[arch])
+    changed = [not torch.equal(a, b) for a, b in zip(model.state_dict().values(), original.state_dict().values())]
+    assert any(changed)
+    assert not list(out.glob(".saving-*"))  # no temporary directory left behind
+
+
+def test_yaml_config_sets_options_and_flags_override_it(assets, tmp_path):
+    config = tmp_path / "recipe.yaml"
+    config.write_text(yaml.safe_dump({"algo": "p3o-v1", "max_steps": 1, "beta": 0.2, "learning_rate": "2e-3",
+                                      "clip_eps": 0.1}))
+    out = tmp_path / "run"
+    assert main(train_args(assets, out, "--config", str(config), "--beta", "0.3")[:] ) == 0
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    # flags given on the command line beat the file; the file beats the defaults
+    assert resolved["beta"] == 0.3 and resolved["max_steps"] == 2 and resolved["clip_eps"] == 0.1
+    assert resolved["algo"] == "p3o-v1" and resolved["learning_rate"] == 1e-3
+
+
+def test_chat_prompts_are_rendered_and_columns_reach_the_reward(assets, tmp_path):
+    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}], "topic": r["topic"]} for r in prompt_rows(8)]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    out = tmp_path / "run"
+    args = train_args(assets, out, "--dataset", str(data), "--reward_fn", f"{assets['rewards']}:echo_columns")
+    assert main(args) == 0
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["reward"] == 1.0  # the reward saw chat messages, not text
+
+
+def test_reward_model_directory(assets, tmp_path, tokenizer):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    rm = tmp_path / "rm"
+    LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                               num_labels=1)).save_pretrained(rm)
+    tokenizer.save_pretrained(rm)
+    args = train_args(assets, tmp_path / "run")
+    i = args.index("--reward_fn")
+    args[i:i + 2] = ["--reward_model", str(rm)]
+    assert main(args) == 0
+
+
+def error_of(capsys, args) -> str:
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+def test_a_non_empty_output_dir_is_refused_and_left_untouched(assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    message = error_of(capsys, train_args(assets, out))
+    assert "--overwrite" in message and "not empty" in message
+    assert [p.name for p in out.iterdir()] == ["precious.txt"] and (out / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--algo", "ppo-ish"], "unknown --algo 'ppo-ish'; known algorithms: p3o-v1, p3o-v2"),
+    (["--dataset", "nope/missing.jsonl"], "dataset file nope/missing.jsonl does not exist"),
+    (["--reward_fn", "nope.py:fn"], "file nope.py does not exist"),
+    (["--model_name_or_path", "./no/such/model"], "does not exist"),
+    (["--pairs_per_step", "6", "--minibatch_pairs", "4"], "must be a multiple of --minibatch_pairs 4"),
+    (["--learning_rate", "fast"], "learning_rate must be float"),
+    (["--reward_model", "x"], "exactly one of --reward_fn"),
+    (["--max_new_tokens", "500"], "leaves no room for a prompt"),
+])
+def test_bad_input_gives_one_clear_line(assets, tmp_path, capsys, change, message):
+    assert message in error_of(capsys, train_args(assets, tmp_path / "run", *change))
+
+
+def test_malformed_and_incomplete_datasets(assets, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "cat"}\n{"prompt": "dog"\n')
+    assert f"{bad}:2: malformed JSON" in error_of(capsys, train_args(assets, tmp_path / "a", "--dataset", str(bad)))
+    wrong = write_jsonl(tmp_path / "wrong.jsonl", [{"question": "cat", "id": 1}])
+    message = error_of(capsys, train_args(assets, tmp_path / "b", "--dataset", str(wrong)))
+    assert "no column 'prompt'; columns found: question, id" in message
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert "has no rows" in error_of(capsys, train_args(assets, tmp_path / "c", "--dataset", str(empty)))
+
+
+def test_a_misbehaving_reward_function_stops_the_run(assets, tmp_path, capsys):
+    message = error_of(capsys, train_args(assets, tmp_path / "run", "--reward_fn", f"{assets['rewards']}:nan_reward"))
+    assert "nan_reward" in message and "non-finite" in message
+
+
+def test_other_data_formats(assets, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = prompt_rows(8)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
+    (tmp_path / "p.csv").write_text("prompt,topic\n" + "".join(f"\"{r['prompt']}\",{r['topic']}\n" for r in rows))
+    for name in ("p.parquet", "p.csv"):
+        assert main(train_args(assets, tmp_path / f"run-{name}", "--dataset", str(tmp_path / name), "--max_steps", "1")) == 0
+
+
+def test_module_entry_point_and_help():
+    out = subprocess.run([sys.executable, "-m", "p3o", "train", "--help"], capture_output=True, text=True, check=True)
+    for flag in ("--algo", "--pairs_per_step", "--minibatch_pairs", "--clip_eps", "--beta", "--reward_model",
+                 "--warmup_steps", "--max_grad_norm", "--overwrite", "--config"):
+        assert flag in out.stdout
+
+
+def test_tiny_model_command(tmp_path, capsys):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the cat sat on the mat .")
+    assert main(["tiny-model", "--corpus", str(corpus), "--arch", "gpt2", "--output_dir", str(tmp_path / "m")]) == 0
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "m")
+    assert tok.decode(tok("the cat sat").input_ids) == "the cat sat"
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "m").config.model_type == "gpt2"

@@ -1,0 +1,82 @@
+"""Reward functions and reward models: loading, checking, scoring at the last real token."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from p3o.errors import RewardError, UsageError
+from p3o.reward import build_reward
+from p3o.reward.functions import RewardFunction, load_reward_function
+from p3o.reward.model import RewardModelScorer
+
+
+def test_reward_function_from_a_file_and_from_a_module(assets):
+    fn = build_reward(f"{assets['rewards']}:fruit", None)
+    assert fn(["p", "p"], ["apple pear dog", "cat"]).tolist() == [2.0, 0.0]
+    module_fn = build_reward("p3o.utils.ops:masked_sum", None)  # a module path resolves too
+    assert module_fn.fn.__name__ == "masked_sum"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("no_colon_here", "must look like"),
+    ("missing/file.py:fn", "does not exist"),
+    ("p3o.not_a_module:fn", "cannot import module"),
+    ("p3o.utils.ops:not_there", "has no attribute"),
+    ("p3o.utils.ops:__doc__", "is not callable"),
+])
+def test_bad_reward_function_names(spec, message):
+    with pytest.raises(UsageError, match=message):
+        load_reward_function(spec)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("wrong_length", "returned 1 values for 2 completions"),
+    ("nan_reward", "non-finite value"),
+    ("raises", "raised RuntimeError: reward server is down"),
+])
+def test_misbehaving_reward_functions_stop_with_the_functions_name(assets, name, message):
+    spec = f"{assets['rewards']}:{name}"
+    reward = build_reward(spec, None)
+    with pytest.raises(RewardError, match=message) as info:
+        reward(["a", "b"], ["c", "d"])
+    assert spec in str(info.value)
+
+
+def test_reward_must_be_numbers():
+    with pytest.raises(RewardError, match="list of numbers"):
+        RewardFunction(lambda p, c: ["high", "low"], "strings")(["a", "b"], ["c", "d"])
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(tmp_path_factory, tokenizer):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=1,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(config)
+    path = tmp_path_factory.mktemp("rm")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_reward_model_scores_at_the_last_real_token(reward_model_dir, tokenizer):
+    scorer = RewardModelScorer.load(str(reward_model_dir), batch_size=2)
+    prompts, completions = ["story : cat", "dog", "story : big dog runs"], [" sees the fish", " runs", " ."]
+    scores = scorer(prompts, completions)
+    for i, text in enumerate(p + c for p, c in zip(prompts, completions)):
+        alone = tokenizer(text, return_tensors="pt")  # no padding at all
+        hidden = scorer.model.model(**alone).last_hidden_state
+        assert scores[i].item() == pytest.approx(scorer.model.score(hidden[0, -1]).item(), abs=1e-5)
+    # the plain transformers forward reads the same position
+    batch = tokenizer([prompts[0] + completions[0], prompts[1] + completions[1]], return_tensors="pt",
+                      padding=True, padding_side="right")
+    plain = scorer.model(**batch).logits[:, 0]
+    assert torch.allclose(plain.double(), scores[:2], atol=1e-5)
+
+
+def test_missing_reward_model(tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        RewardModelScorer.load(str(tmp_path / "nope"))

@@ -1,0 +1,94 @@
+"""Generation and log-probabilities: left padding, exact sampling, masks from positions."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from p3o.models.loading import load_causal_lm
+from p3o.rl.rollout import generation_config, sample_responses, token_logprobs, tokenize_prompts
+from p3o.utils.ops import first_true_indices, masked_mean, response_mask_from_eos, selective_log_softmax
+
+PROMPTS = ["story : big cat sees the dog .", "dog", "quick sad goat likes the fish and the cow ."]
+
+
+def sampling(max_new_tokens=6, temperature=1.0, top_k=0, top_p=1.0):
+    return SimpleNamespace(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_forward_logprobs_match_the_sampler_under_left_padding(assets, tokenizer, arch):
+    model = load_causal_lm(str(assets[arch]))
+    ids, mask, _ = tokenize_prompts(tokenizer, PROMPTS, 64)
+    assert (mask[:, 0] == 0).any() and mask[:, -1].all()  # left padding
+    config = generation_config(sampling(temperature=0.7), tokenizer, [tokenizer.eos_token_id])
+    config.output_logits, config.return_dict_in_generate = True, True
+    torch.manual_seed(0)
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    response = out.sequences[:, ids.shape[1]:]
+    response_mask = response_mask_from_eos(response, [tokenizer.eos_token_id])
+    sampler = torch.log_softmax(torch.stack(out.logits, 1) / 0.7, -1).gather(-1, response[..., None])[..., 0]
+    forward = token_logprobs(model, ids, mask, response, response_mask, temperature=0.7)
+    assert torch.allclose(forward, sampler * response_mask, atol=1e-5)
+    # keeping only the response logits changes nothing
+    full = token_logprobs(model, ids, mask, response, response_mask, temperature=0.7, logits_to_keep=False)
+    assert torch.allclose(forward, full, atol=1e-6)
+
+
+def test_sampling_ignores_processors_in_the_models_generation_config(assets, tokenizer):
+    """A hub model's generation_config (top-k, bad words, repetition penalty ...) must not bend sampling."""
+    model = load_causal_lm(str(assets["llama"]))
+    model.generation_config.top_k = 2
+    model.generation_config.bad_words_ids = [[tokenizer.convert_tokens_to_ids("cat")]]
+    model.generation_config.repetition_penalty = 5.0
+    model.generation_config.no_repeat_ngram_size = 1
+    ids, mask, _ = tokenize_prompts(tokenizer, ["dog"] * 600, 64)
+    torch.manual_seed(0)
+    response, _ = sample_responses(model, ids, mask, generation_config(sampling(max_new_tokens=1), tokenizer,
+                                                                     [tokenizer.eos_token_id]), [tokenizer.eos_token_id])
+    assert response[:, 0].unique().numel() > 20  # top-k 2 would allow only 2 distinct tokens
+    assert model.generation_config.top_k == 2  # the model's own config is restored
+
+
+def test_top_k_when_asked(assets, tokenizer):
+    model = load_causal_lm(str(assets["llama"]))
+    ids, mask, _ = tokenize_prompts(tokenizer, ["dog"] * 200, 64)
+    response, _ = sample_responses(model, ids, mask, generation_config(sampling(max_new_tokens=1, top_k=3), tokenizer,
+                                                                     [tokenizer.eos_token_id]), [tokenizer.eos_token_id])
+    assert response[:, 0].unique().numel() <= 3
+
+
+def test_response_mask_comes_from_the_first_eos_even_when_pad_equals_eos():
+    eos = 2
+    ids = torch.tensor([[5, 6, eos, eos, eos],  # pad == eos after the end
+                        [eos, 7, 8, 9, 9],  # a response that is only EOS
+                        [5, 6, 7, 8, 9],  # no EOS: runs to max_new_tokens
+                        [5, 0, 6, eos, 0]])  # a pad id (0) inside the response stays real
+    mask = response_mask_from_eos(ids, [eos])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    assert response_mask_from_eos(ids, [eos, 9])[2].tolist() == [1, 1, 1, 1, 1]
+    assert response_mask_from_eos(ids, [eos, 7])[2].tolist() == [1, 1, 1, 0, 0]
+    assert response_mask_from_eos(ids, []).all()  # a tokenizer without EOS
+
+
+def test_prompts_longer_than_the_limit_keep_their_last_tokens(tokenizer):
+    long = " ".join(["cat"] * 20) + " dog"
+    ids, mask, truncated = tokenize_prompts(tokenizer, [long, "dog"], 5)
+    assert truncated == 1 and ids.shape == (2, 5)
+    assert ids[0, -1] == tokenizer.convert_tokens_to_ids("dog")
+    assert mask[1].tolist() == [0, 0, 0, 0, 1]
+
+
+def test_small_ops_against_naive_versions():
+    flags = torch.tensor([[0, 1, 1], [0, 0, 0], [1, 0, 0]]).bool()
+    naive = [next((t for t in range(3) if row[t]), 3) for row in flags.tolist()]
+    assert first_true_indices(flags).tolist() == naive
+    logits = torch.randn(2, 4, 11)
+    index = torch.randint(0, 11, (2, 4))
+    expected = torch.log_softmax(logits, -1).gather(-1, index[..., None])[..., 0]
+    assert torch.allclose(selective_log_softmax(logits, index), expected, atol=1e-6)
+    values = torch.tensor([[1.0, float("inf")], [3.0, 5.0]])
+    mask = torch.tensor([[1, 0], [1, 1]])
+    assert masked_mean(values, mask).item() == 3.0  # inf on padding does not leak
+    assert masked_mean(values, torch.zeros_like(mask)).item() == 0.0  # empty mask: 0, not NaN
