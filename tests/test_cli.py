@@ -153,3 +153,30 @@ def test_tiny_model_command(tmp_path, capsys):
     tok = AutoTokenizer.from_pretrained(tmp_path / "m")
     assert tok.decode(tok("the cat sat").input_ids) == "the cat sat"
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "m").config.model_type == "gpt2"
+
+
+def test_datasets_directories_offline(assets, tmp_path):
+    """A `save_to_disk` directory and a directory of data files both go through `datasets`."""
+    import datasets
+
+    rows = prompt_rows(8)
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(tmp_path / "saved")
+    files = tmp_path / "files"
+    files.mkdir()
+    write_jsonl(files / "train.jsonl", rows)
+    for name in ("saved", "files"):
+        assert main(train_args(assets, tmp_path / f"run-{name}", "--dataset", str(tmp_path / name), "--max_steps", "1")) == 0
+
+
+def test_completions_log_and_vocabulary_check(assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(assets, out, "--log_completions", "1")) == 0
+    records = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert len(records[0]["completions"]) == 2 and len(records[0]["rewards"]) == 2
+    from p3o.models.tiny import build_word_tokenizer
+
+    big = tmp_path / "big-tokenizer"
+    build_word_tokenizer([f"w{i}" for i in range(500)]).save_pretrained(big)
+    message = error_of(capsys, train_args(assets, tmp_path / "b", "--tokenizer_name_or_path", str(big)))
+    assert "embedding table" in message

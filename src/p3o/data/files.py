@@ -22,9 +22,11 @@ def read_rows(spec: str, split: str = "train", config: str | None = None) -> lis
         if not path.is_file():
             raise UsageError(f"dataset file {spec} does not exist")
         rows = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}[path.suffix](path)
-    elif path.exists():
+    elif path.is_file():
         raise UsageError(f"dataset {spec}: unsupported file type; use .jsonl, .json, .parquet or .csv")
-    else:
+    elif path.is_dir() and any((path / name).is_file() for name in ("dataset_info.json", "dataset_dict.json")):
+        rows = _read_saved(path, split)
+    else:  # a `datasets` hub name, or a local directory of data files that `load_dataset` understands
         rows = _read_hub(spec, split, config)
     if not rows:
         raise UsageError(f"dataset {spec} has no rows")
@@ -81,6 +83,18 @@ def _read_hub(name: str, split: str, config: str | None) -> list[dict[str, Any]]
     except Exception as exc:  # offline, missing, or a bad split: all end the same way for the user
         raise UsageError(f"dataset {name!r} is neither a local .jsonl/.json/.parquet/.csv file nor a loadable "
                          f"`datasets` name ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+def _read_saved(path: Path, split: str) -> list[dict[str, Any]]:
+    """A directory written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
+    import datasets
+
+    data = datasets.load_from_disk(str(path))
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise UsageError(f"dataset {path} has no split {split!r}; splits: {', '.join(data)} (--dataset_split)")
+        data = data[split]
+    return list(data)
 
 
 def require_columns(rows: list[dict[str, Any]], columns: list[str], spec: str) -> None:

@@ -61,6 +61,7 @@ class TrainConfig:
     # --- run ------------------------------------------------------------------------------------
     seed: int = _f(42, "Seed for initialisation, sampling and shuffling: the same seed gives the same weights on CPU.")
     logging_steps: int = _f(1, "Print a summary line every N steps (metrics.jsonl always gets every step).")
+    log_completions: int = _f(2, "Prompts whose completions and rewards go to completions.jsonl every logging step (0: none).")
     reward_batch_size: int = _f(64, "Sequences per reward-model forward pass.")
     mixed_precision: str = _f("no", "no, bf16 or fp16 (passed to accelerate).")
     overwrite: bool = _f(False, "Allow a non-empty output_dir; files of the same name are replaced.")
@@ -76,6 +77,8 @@ class TrainConfig:
                      "logging_steps", "reward_batch_size"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.log_completions < 0:
+            raise UsageError("--log_completions must be >= 0")
         checks = [
             (self.temperature > 0, "--temperature must be > 0"),
             (0 < self.top_p <= 1, "--top_p must be in (0, 1]"),

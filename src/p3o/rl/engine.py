@@ -41,6 +41,7 @@ class TrainerState:
 class RolloutTexts:
     prompts: list  # (G,) raw prompts as in the dataset
     completions: list[str]  # (B,)
+    rewards: list[float]  # (B,)
 
 
 class Trainer:
@@ -63,6 +64,7 @@ class Trainer:
         self.scheduler = _scheduler(cfg, self.optimizer, self.sizes.optimizer_steps)
 
         unwrapped = self.unwrapped_policy
+        _check_vocabulary(tokenizer, unwrapped)
         self.eos_ids = eos_token_ids(tokenizer, unwrapped)
         self.gen_config = generation_config(cfg, tokenizer, self.eos_ids)
         self.max_prompt_length = _max_prompt_length(cfg, unwrapped.config)
@@ -95,8 +97,9 @@ class Trainer:
         cfg, k, timings = self.cfg, self.algorithm.samples_per_prompt, {}
         device = self.accelerator.device
         # 1. The prompts of this step, each repeated k times (a group's rows are consecutive).
-        rows = [self.prompts.rows[i] for i in self.prompt_indices(step)]
-        texts = [self.prompts.texts[i] for i in self.prompt_indices(step)]
+        indices = self.prompt_indices(step)
+        rows = [self.prompts.rows[i] for i in indices]
+        texts = [self.prompts.texts[i] for i in indices]
         query_ids, query_mask, truncated = tokenize_prompts(self.tokenizer, texts, self.max_prompt_length)  # (G, Lq)
         self.truncated_prompts += truncated
         query_ids = query_ids.repeat_interleave(k, dim=0).to(device)  # (B, Lq)
@@ -104,7 +107,7 @@ class Trainer:
 
         # 2. Sample k responses per prompt from pi_old (the current policy).
         t0 = time.perf_counter()
-        seed_global_rng(cfg.seed, "sample", step)
+        seed_global_rng(cfg.seed, f"sample/{self.accelerator.process_index}", step)
         with self.accelerator.autocast():
             response_ids, response_mask = sample_responses(self.unwrapped_policy, query_ids, query_mask,
                                                            self.gen_config, self.eos_ids)  # (B, T)
@@ -136,7 +139,8 @@ class Trainer:
         # 5. The algorithm's own per-group quantities (P3O: Delta per pair).
         rollout = Rollout(k, seq)
         rollout.group.update(self.algorithm.prepare(rollout, cfg))
-        return rollout, RolloutTexts([r[self.prompts.prompt_column] for r in rows], completions), timings
+        texts = RolloutTexts([r[self.prompts.prompt_column] for r in rows], completions, rewards.tolist())
+        return rollout, texts, timings
 
     def score(self, rows: list[dict], completions: list[str], response_ids, response_mask, k: int) -> torch.Tensor:
         """Call the reward with the dataset's raw prompts (chat messages stay messages) and columns."""
@@ -144,7 +148,8 @@ class Trainer:
         prompts = [row[column] for row in rows for _ in range(k)]
         if prompts and not isinstance(prompts[0], str):  # conversational: completions as messages too
             completions = [[{"role": "assistant", "content": c}] for c in completions]
-        extra = {name: [row.get(name) for row in rows for _ in range(k)] for name in rows[0] if name != column}
+        reserved = {column, "prompts", "completions", "completion_ids"}
+        extra = {name: [row.get(name) for row in rows for _ in range(k)] for name in rows[0] if name not in reserved}
         ids = [seq[:n] for seq, n in zip(response_ids.tolist(), response_mask.sum(-1).tolist())]
         return self.reward(prompts, completions, completion_ids=ids, **extra)
 
@@ -191,10 +196,12 @@ class Trainer:
     # --- data order and metrics ----------------------------------------------------------------
 
     def prompt_indices(self, step: int) -> list[int]:
-        """Prompts of `step`: consecutive slots of an endless stream of seeded dataset permutations."""
+        """This process's prompts for `step`: consecutive slots of an endless stream of seeded
+        dataset permutations; each step takes G slots per process, process r the r-th block."""
         n, G = len(self.prompts), self.sizes.pairs_per_step
+        first = (step * self.accelerator.num_processes + self.accelerator.process_index) * G
         indices = []
-        for slot in range(step * G, (step + 1) * G):
+        for slot in range(first, first + G):
             epoch, position = divmod(slot, n)
             indices.append(int(self._permutation(epoch)[position]))
         return indices
@@ -262,3 +269,11 @@ def _max_prompt_length(cfg: TrainConfig, model_config) -> int:
                              f"exceeds the model's context of {context} tokens")
         return cfg.max_prompt_length
     return context - cfg.max_new_tokens if context is not None else 1024
+
+
+def _check_vocabulary(tokenizer, model) -> None:
+    """A tokenizer with ids beyond the embedding table would crash deep inside the forward pass."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise UsageError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding table only {rows}; "
+                         "use the tokenizer the model was trained with (--tokenizer_name_or_path)")

@@ -44,27 +44,31 @@ def run_train(cfg: TrainConfig) -> Path:
     prepare_output_dir(cfg.output_dir, cfg.overwrite)  # before loading anything: fail fast, touch nothing
     trainer = build_trainer(cfg)
     acc = trainer.accelerator
-    metrics_file = None
+    writers = {}
     if acc.is_main_process:
         write_yaml(out / "config.yaml", dataclasses.asdict(cfg))
-        metrics_file = JsonlWriter(out / "metrics.jsonl")
+        writers = {"metrics": JsonlWriter(out / "metrics.jsonl"), "completions": JsonlWriter(out / "completions.jsonl")}
+        log.info(_start_line(trainer))
     bar = _progress_bar(cfg, disable=not acc.is_main_process)
 
     def on_step(metrics, texts):
-        if metrics_file is not None:
-            metrics_file.write(metrics)
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}",
                         pairs_s=f"{metrics['pairs_per_s']:.1f}")
-        if acc.is_main_process and (metrics["step"] % cfg.logging_steps == 0 or metrics["step"] == cfg.max_steps):
+        if not writers:
+            return
+        writers["metrics"].write(metrics)
+        if metrics["step"] % cfg.logging_steps == 0 or metrics["step"] == cfg.max_steps:
             bar.write(_summary_line(metrics))
+            for record in _completion_records(metrics["step"], texts, cfg.log_completions):
+                writers["completions"].write(record)
 
     try:
         trainer.train(on_step)
     finally:
         bar.close()
-        if metrics_file is not None:
-            metrics_file.close()
+        for writer in writers.values():
+            writer.close()
     if trainer.truncated_prompts and acc.is_main_process:
         log.warning("%d prompts were longer than %d tokens and kept only their last tokens (--max_prompt_length)",
                     trainer.truncated_prompts, trainer.max_prompt_length)
@@ -79,8 +83,24 @@ def run_train(cfg: TrainConfig) -> Path:
 def _progress_bar(cfg: TrainConfig, disable: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=cfg.max_steps, desc=f"p3o train {cfg.algo}", unit="step",
+    return tqdm(total=cfg.max_steps, desc=f"p3o train {cfg.algo}", unit="step", mininterval=0.5,
                 disable=disable or cfg.disable_progress_bar, dynamic_ncols=True)
+
+
+def _start_line(trainer: Trainer) -> str:
+    cfg, sizes = trainer.cfg, trainer.sizes
+    params = sum(p.numel() for p in trainer.unwrapped_policy.parameters())
+    return (f"{cfg.algo}: {params:,}-parameter policy, {len(trainer.prompts)} prompts; per step {sizes.pairs_per_step} "
+            f"prompts x {sizes.samples_per_prompt} responses, {cfg.epochs} epochs of {sizes.minibatches_per_epoch} "
+            f"minibatches of {sizes.minibatch_pairs} pairs; {sizes.optimizer_steps} optimiser steps in all")
+
+
+def _completion_records(step: int, texts, count: int):
+    """The first `count` prompts of the step with their responses and raw rewards."""
+    k = len(texts.completions) // len(texts.prompts)
+    for g, prompt in enumerate(texts.prompts[:count]):
+        yield {"step": step, "prompt": prompt, "completions": texts.completions[g * k:(g + 1) * k],
+               "rewards": texts.rewards[g * k:(g + 1) * k]}
 
 
 def _summary_line(m: dict) -> str:
