@@ -180,3 +180,22 @@ def test_completions_log_and_vocabulary_check(assets, tmp_path, capsys):
     build_word_tokenizer([f"w{i}" for i in range(500)]).save_pretrained(big)
     message = error_of(capsys, train_args(assets, tmp_path / "b", "--tokenizer_name_or_path", str(big)))
     assert "embedding table" in message
+
+
+def test_two_cli_runs_with_one_seed_write_identical_weight_files(assets, tmp_path):
+    for name in ("a", "b"):
+        assert main(train_args(assets, tmp_path / name, "--seed", "7")) == 0
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    assert main(train_args(assets, tmp_path / "c", "--seed", "8")) == 0
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() != (tmp_path / "c" / "model.safetensors").read_bytes()
+
+
+def test_report_to_tensorboard_and_clear_errors_for_other_trackers(assets, tmp_path, capsys):
+    import importlib.util
+
+    out = tmp_path / "tb"
+    assert main(train_args(assets, out, "--report_to", "tensorboard")) == 0
+    assert list(out.glob("p3o/events.out.tfevents.*"))
+    assert "not a tracker" in error_of(capsys, train_args(assets, tmp_path / "x", "--report_to", "carrier-pigeon"))
+    if importlib.util.find_spec("wandb") is None:  # installed on a user's machine, the run would just log to it
+        assert "wandb package is not installed" in error_of(capsys, train_args(assets, tmp_path / "y", "--report_to", "wandb"))

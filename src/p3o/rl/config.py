@@ -64,6 +64,7 @@ class TrainConfig:
     log_completions: int = _f(2, "Prompts whose completions and rewards go to completions.jsonl every logging step (0: none).")
     reward_batch_size: int = _f(64, "Sequences per reward-model forward pass.")
     mixed_precision: str = _f("no", "no, bf16 or fp16 (passed to accelerate).")
+    report_to: str = _f("none", "Also log metrics to: none, tensorboard, wandb, or several joined by commas (metrics.jsonl is always written).")
     overwrite: bool = _f(False, "Allow a non-empty output_dir; files of the same name are replaced.")
     disable_progress_bar: bool = _f(False, "Hide the progress bar (summary lines are still printed).")
 

@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 from p3o.data.prompts import load_prompts
+from p3o.errors import UsageError
 from p3o.models.loading import load_causal_lm, load_tokenizer
 from p3o.reward import build_reward
 from p3o.rl.algorithms import get_algorithm
@@ -27,7 +28,9 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
 
     algorithm = get_algorithm(cfg.algo)
     derive_sizes(cfg, algorithm.samples_per_prompt)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    trackers = _trackers(cfg.report_to)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=trackers or None,
+                              project_dir=cfg.output_dir)
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)
     prompts = load_prompts(cfg.dataset, tokenizer, cfg.dataset_split, cfg.dataset_config, cfg.prompt_column)
@@ -49,12 +52,14 @@ def run_train(cfg: TrainConfig) -> Path:
         write_yaml(out / "config.yaml", dataclasses.asdict(cfg))
         writers = {"metrics": JsonlWriter(out / "metrics.jsonl"), "completions": JsonlWriter(out / "completions.jsonl")}
         log.info(_start_line(trainer))
+    _start_trackers(acc, cfg)
     bar = _progress_bar(cfg, disable=not acc.is_main_process)
 
     def on_step(metrics, texts):
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}",
                         pairs_s=f"{metrics['pairs_per_s']:.1f}")
+        acc.log(metrics, step=metrics["step"])
         if not writers:
             return
         writers["metrics"].write(metrics)
@@ -69,6 +74,7 @@ def run_train(cfg: TrainConfig) -> Path:
         bar.close()
         for writer in writers.values():
             writer.close()
+        acc.end_training()
     if trainer.truncated_prompts and acc.is_main_process:
         log.warning("%d prompts were longer than %d tokens and kept only their last tokens (--max_prompt_length)",
                     trainer.truncated_prompts, trainer.max_prompt_length)
@@ -78,6 +84,30 @@ def run_train(cfg: TrainConfig) -> Path:
                                    state_dict=acc.get_state_dict(trainer.policy))
         log.info("saved the trained policy to %s", out)
     return out
+
+
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
+                    "trackio": "trackio", "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab"}
+
+
+def _trackers(report_to: str) -> list[str]:
+    """Names from --report_to, each known and importable (accelerate would silently drop a missing one)."""
+    import importlib.util
+
+    names = [name.strip() for name in report_to.split(",") if name.strip() not in ("", "none")]
+    for name in names:
+        if name not in TRACKER_PACKAGES:
+            raise UsageError(f"--report_to {name!r} is not a tracker; use none or any of {', '.join(TRACKER_PACKAGES)}")
+        if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None:
+            raise UsageError(f"--report_to {name}: the {TRACKER_PACKAGES[name]} package is not installed; "
+                             f"pip install {TRACKER_PACKAGES[name]}, or use --report_to none")
+    return names
+
+
+def _start_trackers(acc, cfg: TrainConfig) -> None:
+    """TensorBoard / W&B ... through accelerate, only when asked for."""
+    if acc.log_with:
+        acc.init_trackers("p3o", config={k: v for k, v in dataclasses.asdict(cfg).items() if v is not None})
 
 
 def _progress_bar(cfg: TrainConfig, disable: bool):
