@@ -7,10 +7,14 @@ import pytest
 import torch
 
 from p3o.models.loading import load_causal_lm
-from p3o.rl.rollout import generation_config, sample_responses, token_logprobs, tokenize_prompts
+from p3o.rl.rollout import generation_config, pad_prompts, sample_responses, token_logprobs
 from p3o.utils.ops import first_true_indices, masked_mean, response_mask_from_eos, selective_log_softmax
 
 PROMPTS = ["story : big cat sees the dog .", "dog", "quick sad goat likes the fish and the cow ."]
+
+
+def tokenize_prompts(tokenizer, texts, max_length):
+    return pad_prompts(tokenizer, [tokenizer(t)["input_ids"] for t in texts], max_length)
 
 
 def sampling(max_new_tokens=6, temperature=1.0, top_k=0, top_p=1.0):
@@ -72,12 +76,15 @@ def test_response_mask_comes_from_the_first_eos_even_when_pad_equals_eos():
     assert response_mask_from_eos(ids, []).all()  # a tokenizer without EOS
 
 
-def test_prompts_longer_than_the_limit_keep_their_last_tokens(tokenizer):
+def test_prompts_longer_than_the_limit_keep_their_last_tokens_and_bos(tokenizer):
     long = " ".join(["cat"] * 20) + " dog"
     ids, mask, truncated = tokenize_prompts(tokenizer, [long, "dog"], 5)
     assert truncated == 1 and ids.shape == (2, 5)
     assert ids[0, -1] == tokenizer.convert_tokens_to_ids("dog")
     assert mask[1].tolist() == [0, 0, 0, 0, 1]
+    bos = tokenizer.bos_token_id
+    ids, _, truncated = pad_prompts(tokenizer, [[bos, 5, 6, 7, 8, 9], [bos, 5]], 4)
+    assert truncated == 1 and ids.tolist() == [[bos, 7, 8, 9], [tokenizer.pad_token_id] * 2 + [bos, 5]]
 
 
 def test_small_ops_against_naive_versions():

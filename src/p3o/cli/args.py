@@ -87,7 +87,3 @@ def build_config(cls: type[C], namespace: argparse.Namespace) -> C:
         if key in fields:
             values[key] = _coerce(fields[key], value, f"--{key}")
     return cls(**values)
-
-
-def config_to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)

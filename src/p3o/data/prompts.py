@@ -10,10 +10,12 @@ from p3o.errors import UsageError
 
 @dataclass
 class PromptDataset:
-    """Rows of a prompt-only dataset; `texts[i]` is row i's prompt rendered for the policy."""
+    """Rows of a prompt-only dataset; `texts[i]` is row i's prompt rendered for the policy and
+    `token_ids[i]` its tokens (special tokens added once: a chat template already has its own)."""
 
     rows: list[dict[str, Any]]
     texts: list[str]
+    token_ids: list[list[int]]
     prompt_column: str
 
     def __len__(self) -> int:
@@ -41,5 +43,12 @@ def load_prompts(spec: str, tokenizer, split: str = "train", config: str | None 
                  column: str = "prompt") -> PromptDataset:
     rows = read_rows(spec, split, config)
     require_columns(rows, [column], spec)
-    texts = [render_prompt(row[column], tokenizer, f"{spec}: row {i + 1}") for i, row in enumerate(rows)]
-    return PromptDataset(rows=rows, texts=texts, prompt_column=column)
+    texts, token_ids = [], []
+    for i, row in enumerate(rows):
+        where = f"{spec}: row {i + 1}"
+        texts.append(render_prompt(row[column], tokenizer, where))
+        if not texts[-1].strip():
+            raise UsageError(f"{where}: the prompt is empty; remove the row or give it text")
+        templated = not isinstance(row[column], str)  # the chat template wrote BOS (if any) itself
+        token_ids.append(tokenizer(texts[-1], add_special_tokens=not templated)["input_ids"])
+    return PromptDataset(rows=rows, texts=texts, token_ids=token_ids, prompt_column=column)

@@ -44,8 +44,10 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_causal_lm(name: str, trust_remote_code: bool = False, dtype: torch.dtype | None = None, what: str = "model"):
-    """An `AutoModelForCausalLM` with dropout switched off (RL log-ratios must be deterministic)."""
+def load_causal_lm(name: str, trust_remote_code: bool = False, dtype: str = "float32", what: str = "model"):
+    """An `AutoModelForCausalLM` with dropout switched off (RL log-ratios must be deterministic).
+
+    `dtype` is a torch dtype name or "auto" (as saved); training wants float32 master weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     _check_exists(name, what)
@@ -56,12 +58,10 @@ def load_causal_lm(name: str, trust_remote_code: bool = False, dtype: torch.dtyp
                          f"{str(exc).splitlines()[0]}") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(name, config=config, trust_remote_code=trust_remote_code,
-                                                     dtype=dtype or "auto")
+                                                     dtype=dtype if dtype == "auto" else getattr(torch, dtype))
     except ValueError as exc:
         raise UsageError(f"{what} {name} is not a causal language model ({type(config).__name__}): "
                          f"{str(exc).splitlines()[0]}") from None
-    if dtype is None and model.dtype in (torch.float16, torch.bfloat16) and not torch.cuda.is_available():
-        model = model.float()  # half-precision weights train badly on CPU
     disable_dropout(model)
     return model
 

@@ -21,16 +21,24 @@ class RewardModelScorer:
 
     @classmethod
     def load(cls, name: str, trust_remote_code: bool = False, batch_size: int = 64, device=None):
-        from transformers import AutoModelForSequenceClassification
+        from transformers import AutoConfig, AutoModelForSequenceClassification
 
         _check_exists(name, "reward model")
-        tokenizer = load_tokenizer(name, trust_remote_code)
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(name, trust_remote_code=trust_remote_code,
-                                                                       num_labels=1)
+            config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as exc:
-            raise UsageError(f"reward model {name} is not a sequence-classification model with one label: "
-                             f"{str(exc).splitlines()[0]}") from None
+            raise UsageError(f"reward model {name} is not a transformers model: {str(exc).splitlines()[0]}") from None
+        if not any(a.endswith("ForSequenceClassification") for a in config.architectures or []) or config.num_labels != 1:
+            raise UsageError(f"reward model {name} must be a sequence-classification model with one label "
+                             f"(found {', '.join(config.architectures or ['no architecture'])} with "
+                             f"{config.num_labels} labels); train one with `p3o rm`")
+        tokenizer = load_tokenizer(name, trust_remote_code)
+        tokenizer.truncation_side = "left"  # an over-long text loses prompt, never the completion being scored
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            name, trust_remote_code=trust_remote_code, output_loading_info=True)
+        if info["missing_keys"]:
+            raise UsageError(f"reward model {name} lacks weights for {', '.join(sorted(info['missing_keys'])[:3])}: "
+                             "its score head would be random")
         model.config.pad_token_id = tokenizer.pad_token_id
         model.requires_grad_(False).eval()
         if device is not None:
@@ -55,7 +63,6 @@ class RewardModelScorer:
                                    padding_side="right", truncation=True).to(self.device)
             scores.extend(self._last_token_scores(batch["input_ids"], batch["attention_mask"]).tolist())
         return check_rewards(scores, len(completions), f"model {self.name}")
-
 
 
     def _last_token_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,8 @@ ALGORITHMS: dict[str, Algorithm] = {}
 
 
 def register_algorithm(algorithm: Algorithm) -> Algorithm:
+    if algorithm.name in ALGORITHMS:
+        raise ValueError(f"algorithm {algorithm.name!r} is registered twice")
     ALGORITHMS[algorithm.name] = algorithm
     return algorithm
 
@@ -49,7 +51,8 @@ def pair_delta(rollout: Rollout, cfg) -> dict[str, torch.Tensor]:
     """
     rewards = rollout.seq["rewards"].view(-1, 2)  # (P, 2) float64
     kl = rollout.seq["kl"].view(-1, 2)  # (P, 2)
-    delta = (rewards[:, 0] - rewards[:, 1]).to(kl.dtype) - cfg.beta * (kl[:, 0] - kl[:, 1])  # (P,)
+    reward_diff = (rewards[:, 0] - rewards[:, 1]).to(kl.dtype).to(kl.device)  # (P,) exact, then float32
+    delta = reward_diff - cfg.beta * (kl[:, 0] - kl[:, 1])  # (P,)
     if cfg.delta_normalization == "rms":
         delta = delta / delta.pow(2).mean().sqrt().clamp(min=1e-8)
     if cfg.delta_clip is not None:

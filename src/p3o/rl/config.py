@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from p3o.errors import UsageError
+from p3o.rl.losses import AGGREGATIONS
 
 
 def _f(default, help: str, **kw):
@@ -28,6 +29,7 @@ class TrainConfig:
     dataset_split: str = _f("train", "Split to read from a `datasets` name.")
     dataset_config: str | None = _f(None, "Configuration name of a `datasets` dataset.")
     prompt_column: str = _f("prompt", "Column holding the prompt: plain text or a list of chat messages.")
+    torch_dtype: str = _f("float32", "Weights of the policy and reference: float32 (AdamW needs full-precision master weights), bfloat16, float16 or auto (as saved). Use --mixed_precision for fast half-precision compute.")
     trust_remote_code: bool = _f(False, "Allow model repositories to run their own code. Off unless asked for.")
     # --- sizes --------------------------------------------------------------------------------
     max_steps: int = _f(100, "Rollout-and-update iterations.")
@@ -91,7 +93,11 @@ class TrainConfig:
             (0 <= self.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
             (self.max_grad_norm >= 0, "--max_grad_norm must be >= 0 (0 disables clipping)"),
             (self.delta_clip is None or self.delta_clip > 0, "--delta_clip must be > 0"),
-            (self.loss_aggregation in ("pair-mean", "token-mean"), "--loss_aggregation must be pair-mean or token-mean"),
+            (self.loss_aggregation in AGGREGATIONS, f"--loss_aggregation must be one of {', '.join(AGGREGATIONS)}"),
+            (self.torch_dtype in ("float32", "bfloat16", "float16", "auto"),
+             "--torch_dtype must be float32, bfloat16, float16 or auto"),
+            (self.minibatch_pairs is None or self.minibatch_pairs >= 1, "--minibatch_pairs must be at least 1"),
+            (self.max_prompt_length is None or self.max_prompt_length >= 1, "--max_prompt_length must be at least 1"),
             (self.delta_normalization in ("none", "rms"), "--delta_normalization must be none or rms"),
             (self.mixed_precision in ("no", "bf16", "fp16"), "--mixed_precision must be no, bf16 or fp16"),
         ]
@@ -110,10 +116,6 @@ class Sizes:
     micro_pairs: int  # groups per forward/backward
     minibatches_per_epoch: int
     optimizer_steps: int  # over the whole run
-
-    @property
-    def sequences_per_step(self) -> int:
-        return self.pairs_per_step * self.samples_per_prompt
 
 
 def default_minibatch(pairs_per_step: int, cap: int = 8) -> int:

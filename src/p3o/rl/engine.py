@@ -15,18 +15,17 @@ import contextlib
 import copy
 import math
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 
 from p3o.errors import UsageError
-from p3o.models.loading import eos_token_ids
+from p3o.models.loading import disable_dropout, eos_token_ids
 from p3o.rl.algorithms import get_algorithm
 from p3o.rl.config import TrainConfig, derive_sizes
 from p3o.rl.losses import aggregate
 from p3o.rl.rollout import (Rollout, batched_token_logprobs, generation_config, sample_responses,
-                            sequence_logprobs, supports_logits_to_keep, token_logprobs, tokenize_prompts)
+                            sequence_logprobs, supports_logits_to_keep, token_logprobs, pad_prompts)
 from p3o.utils.seeding import generator, seed_global_rng
 
 
@@ -56,7 +55,9 @@ class Trainer:
         self.accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
         self.state = TrainerState()
 
+        disable_dropout(policy)  # log-ratios must be exact: rho is 1 at the first update
         self.ref_policy = (ref_policy or copy.deepcopy(policy)).requires_grad_(False).eval()
+        disable_dropout(self.ref_policy)
         self.ref_policy.to(self.accelerator.device)
         optimizer = torch.optim.AdamW(_param_groups(policy, cfg.weight_decay), lr=cfg.learning_rate,
                                       betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
@@ -99,8 +100,8 @@ class Trainer:
         # 1. The prompts of this step, each repeated k times (a group's rows are consecutive).
         indices = self.prompt_indices(step)
         rows = [self.prompts.rows[i] for i in indices]
-        texts = [self.prompts.texts[i] for i in indices]
-        query_ids, query_mask, truncated = tokenize_prompts(self.tokenizer, texts, self.max_prompt_length)  # (G, Lq)
+        token_ids = [self.prompts.token_ids[i] for i in indices]
+        query_ids, query_mask, truncated = pad_prompts(self.tokenizer, token_ids, self.max_prompt_length)  # (G, Lq)
         self.truncated_prompts += truncated
         query_ids = query_ids.repeat_interleave(k, dim=0).to(device)  # (B, Lq)
         query_mask = query_mask.repeat_interleave(k, dim=0).to(device)  # (B, Lq)
@@ -122,7 +123,7 @@ class Trainer:
 
         # 4. Sequence log-probs under pi_old and pi_ref; kl(y) = l_old(y) - l_ref(y) (P3O.md section 3).
         seq = {"query_ids": query_ids, "query_mask": query_mask, "response_ids": response_ids,
-               "response_mask": response_mask, "rewards": rewards.to(device)}
+               "response_mask": response_mask, "rewards": rewards}  # rewards stay float64 on the CPU
         t0 = time.perf_counter()
         batch = max(self.sizes.micro_pairs * k, 1)
         with self.accelerator.autocast():
@@ -131,7 +132,6 @@ class Trainer:
             t1 = time.perf_counter()
             ref_tokens = batched_token_logprobs(self.ref_policy, seq, cfg.temperature, batch, self.logits_to_keep)
             timings["time_reference"] = time.perf_counter() - t1
-        seq["old_token_logps"], seq["ref_token_logps"] = old_tokens, ref_tokens  # (B, T)
         seq["old_logp"] = sequence_logprobs(old_tokens, response_mask)  # (B,)
         seq["ref_logp"] = sequence_logprobs(ref_tokens, response_mask)  # (B,)
         seq["kl"] = seq["old_logp"] - seq["ref_logp"]  # (B,)
@@ -156,42 +156,43 @@ class Trainer:
     def update(self, rollout: Rollout, step: int) -> dict[str, float]:
         """K epochs over the rollout; each epoch shuffles whole groups into minibatches."""
         shuffle = generator(self.cfg.seed, "shuffle", step)
-        stats = defaultdict(list)
+        stats = []
         for _ in range(self.cfg.epochs):
             order = torch.randperm(rollout.num_groups, generator=shuffle)  # (G,)
             for groups in order.split(self.sizes.minibatch_pairs):
-                for name, value in self.optimizer_step(rollout.select(groups)).items():
-                    stats[name].append(value)
-        return {name: (max(v) if name.endswith("_max") else sum(v) / len(v)) for name, v in stats.items()}
+                stats.append(self.optimizer_step(rollout.select(groups)))
+        return _combine(stats)
 
     def optimizer_step(self, minibatch: Rollout) -> dict[str, float]:
         """One optimiser step on a minibatch of groups, accumulated over its micro-batches."""
         cfg, acc = self.cfg, self.accelerator
-        normaliser = self.algorithm.normaliser(minibatch, cfg)
-        parts = minibatch.split(self.sizes.micro_pairs)
-        stats, total_loss = defaultdict(float), 0.0
+        # DDP averages gradients over processes, so each divides by the processes' mean normaliser:
+        # the result is the global sum over the global count (pairs or tokens).
+        normaliser = self._mean_across_processes({"n": self.algorithm.normaliser(minibatch, cfg)})["n"]
+        parts, stats, total_loss = minibatch.split(self.sizes.micro_pairs), [], 0.0
         for i, part in enumerate(parts):
             sync = contextlib.nullcontext() if i == len(parts) - 1 else acc.no_sync(self.policy)
-            with sync, acc.autocast():
-                token_logps = token_logprobs(self.policy, part.seq["query_ids"], part.seq["query_mask"],
-                                             part.seq["response_ids"], part.seq["response_mask"],
-                                             cfg.temperature, self.logits_to_keep)  # (b, T)
-                unit_losses, part_stats = self.algorithm.loss(part, token_logps, cfg)
-                loss = aggregate(unit_losses, normaliser)
+            with sync:
+                with acc.autocast():
+                    token_logps = token_logprobs(self.policy, part.seq["query_ids"], part.seq["query_mask"],
+                                                 part.seq["response_ids"], part.seq["response_mask"],
+                                                 cfg.temperature, self.logits_to_keep)  # (b, T)
+                    unit_losses, part_stats = self.algorithm.loss(part, token_logps, cfg)
+                    loss = aggregate(unit_losses, normaliser)
                 acc.backward(loss)
             total_loss += loss.item()
-            for name, value in part_stats.items():
-                stats[name] = max(stats[name], value) if name.endswith("_max") else stats[name] + value / len(parts)
+            stats.append(part_stats)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         grad_norm = float(acc.clip_grad_norm_(self.policy.parameters(), max_norm))
-        if math.isfinite(grad_norm) and math.isfinite(total_loss):
+        finite = math.isfinite(grad_norm) and math.isfinite(total_loss)
+        if self._mean_across_processes({"finite": float(finite)})["finite"] == 1.0:  # every process agrees
             self.optimizer.step()
             self.scheduler.step()
             self.state.optimizer_steps += 1
         else:  # a non-finite gradient would poison the weights and Adam's moments: drop this update
             self.state.skipped_updates += 1
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": total_loss, "grad_norm": grad_norm, **stats}
+        return {"loss": total_loss, "grad_norm": grad_norm, **_combine(stats)}
 
     # --- data order and metrics ----------------------------------------------------------------
 
@@ -238,6 +239,16 @@ class Trainer:
         stacked = torch.tensor(list(values.values()), device=self.accelerator.device, dtype=torch.float64)
         reduced = self.accelerator.reduce(stacked, reduction="mean")
         return dict(zip(values, reduced.tolist()))
+
+
+def _combine(stats: list[dict[str, float]]) -> dict[str, float]:
+    """Average each statistic over minibatches (or micro-batches); `*_max` ones take the maximum."""
+    names = stats[0].keys() if stats else []
+    return {n: (max if n.endswith("_max") else _mean)([s[n] for s in stats]) for n in names}
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def _param_groups(model, weight_decay: float) -> list[dict]:

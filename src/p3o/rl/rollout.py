@@ -39,15 +39,21 @@ class Rollout:
         return [self.select(idx) for idx in torch.arange(self.num_groups).split(groups_per_part)]
 
 
-def tokenize_prompts(tokenizer, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Left-padded prompt ids and mask (G, Lq); prompts over `max_length` keep their last tokens.
+def pad_prompts(tokenizer, token_ids: list[list[int]], max_length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Left-padded prompt ids and mask (G, Lq). A prompt over `max_length` keeps its last tokens
+    (the ones next to the response), and its BOS if it began with one.
 
     Returns (ids, mask, number of prompts truncated).
     """
-    encoded = tokenizer(texts, add_special_tokens=True)["input_ids"]
-    truncated = sum(len(ids) > max_length for ids in encoded)
-    encoded = [ids[-max_length:] for ids in encoded]
-    batch = tokenizer.pad({"input_ids": encoded}, padding=True, return_tensors="pt", padding_side="left")
+    bos = tokenizer.bos_token_id
+    kept = []
+    for ids in token_ids:
+        if len(ids) > max_length:
+            head = ids[:1] if bos is not None and ids[0] == bos else []
+            ids = head + ids[len(ids) - (max_length - len(head)):]
+        kept.append(ids)
+    truncated = sum(len(a) != len(b) for a, b in zip(kept, token_ids))
+    batch = tokenizer.pad({"input_ids": kept}, padding=True, return_tensors="pt", padding_side="left")
     return batch["input_ids"], batch["attention_mask"], truncated
 
 

@@ -36,8 +36,8 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     prompts = load_prompts(cfg.dataset, tokenizer, cfg.dataset_split, cfg.dataset_config, cfg.prompt_column)
     reward = build_reward(cfg.reward_fn, cfg.reward_model, cfg.trust_remote_code, cfg.reward_batch_size,
                           accelerator.device)
-    policy = load_causal_lm(cfg.model_name_or_path, cfg.trust_remote_code, what="policy")
-    ref = (load_causal_lm(cfg.ref_model_name_or_path, cfg.trust_remote_code, what="reference model")
+    policy = load_causal_lm(cfg.model_name_or_path, cfg.trust_remote_code, cfg.torch_dtype, what="policy")
+    ref = (load_causal_lm(cfg.ref_model_name_or_path, cfg.trust_remote_code, cfg.torch_dtype, what="reference model")
            if cfg.ref_model_name_or_path else None)
     return Trainer(cfg, policy, tokenizer, reward, prompts, ref_policy=ref, accelerator=accelerator)
 
@@ -47,6 +47,7 @@ def run_train(cfg: TrainConfig) -> Path:
     prepare_output_dir(cfg.output_dir, cfg.overwrite)  # before loading anything: fail fast, touch nothing
     trainer = build_trainer(cfg)
     acc = trainer.accelerator
+    acc.wait_for_everyone()  # every process has checked the output directory before anything is written
     writers = {}
     if acc.is_main_process:
         write_yaml(out / "config.yaml", dataclasses.asdict(cfg))
@@ -79,9 +80,9 @@ def run_train(cfg: TrainConfig) -> Path:
         log.warning("%d prompts were longer than %d tokens and kept only their last tokens (--max_prompt_length)",
                     trainer.truncated_prompts, trainer.max_prompt_length)
     acc.wait_for_everyone()
+    state_dict = acc.get_state_dict(trainer.policy)  # a collective under FSDP/ZeRO-3: every process calls it
     if acc.is_main_process:
-        save_pretrained_atomically(trainer.unwrapped_policy, trainer.tokenizer, out,
-                                   state_dict=acc.get_state_dict(trainer.policy))
+        save_pretrained_atomically(trainer.unwrapped_policy, trainer.tokenizer, out, state_dict=state_dict)
         log.info("saved the trained policy to %s", out)
     return out
 

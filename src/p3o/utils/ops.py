@@ -56,12 +56,3 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Te
     logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     picked = logits.gather(-1, index.unsqueeze(-1)).squeeze(-1)  # (B, T)
     return picked - torch.logsumexp(logits, dim=-1)  # (B, T)
-
-
-def whiten(values: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True) -> torch.Tensor:
-    """Normalise to unit variance (and zero mean when `shift_mean`) over masked positions."""
-    mask = torch.ones_like(values) if mask is None else mask
-    mean = masked_mean(values, mask)
-    var = masked_mean((values - mean) ** 2, mask)
-    out = (values - mean) * torch.rsqrt(var + 1e-8)
-    return out if shift_mean else out + mean
