@@ -23,11 +23,13 @@ REWARD_FILE = '''
 TARGETS = {"apple", "pear", "plum"}
 
 def fruit(prompts, completions, **kwargs):
-    return [float(sum(w in TARGETS for w in c.split())) for c in completions]
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]  # plain or chat
+    return [float(sum(w in TARGETS for w in t.split())) for t in texts]
 
 def shifted_fruit(prompts, completions, **kwargs):
-    # The same reward plus a large per-prompt shift (exact in float64): must change nothing.
-    return [r + 1000.0 * (len(p) % 7) - 333.0 for r, p in zip(fruit(prompts, completions), prompts)]
+    # The same reward plus a huge per-prompt shift (exact in float64): must change nothing. At this
+    # scale, taking the difference after subtracting beta * kl would lose the low bits.
+    return [r + 1e12 * (len(p) % 7) - 3e11 for r, p in zip(fruit(prompts, completions), prompts)]
 
 def wrong_length(prompts, completions, **kwargs):
     return [0.0] * (len(completions) - 1)
@@ -37,6 +39,12 @@ def nan_reward(prompts, completions, **kwargs):
 
 def raises(prompts, completions, **kwargs):
     raise RuntimeError("reward server is down")
+
+def as_text(prompts, completions, **kwargs):
+    return "1" * len(completions)
+
+def as_dict(prompts, completions, **kwargs):
+    return {i: 1.0 for i in range(len(completions))}
 
 def echo_columns(prompts, completions, **kwargs):
     assert "topic" in kwargs and len(kwargs["topic"]) == len(completions), kwargs.keys()
@@ -95,3 +103,20 @@ def train_config(assets, tmp_path, **overrides):
                 disable_progress_bar=True)
     base.update(overrides)
     return TrainConfig(**base)
+
+
+@pytest.fixture(scope="session")
+def bos_tokenizer_model(tmp_path_factory):
+    """A tokenizer like Llama's: adds BOS itself, pad == EOS, and a chat template that writes BOS."""
+    from tokenizers import processors
+
+    from p3o.models.tiny import build_tiny_model, build_word_tokenizer
+
+    tok = build_word_tokenizer(VOCAB)
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    tok.pad_token = tok.eos_token
+    tok.chat_template = "{{ bos_token }}" + tok.chat_template
+    path = tmp_path_factory.mktemp("bos-model")
+    build_tiny_model(tok, "llama", num_layers=2, hidden_size=32, num_heads=2, max_positions=128).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -199,3 +199,47 @@ def test_report_to_tensorboard_and_clear_errors_for_other_trackers(assets, tmp_p
     assert "not a tracker" in error_of(capsys, train_args(assets, tmp_path / "x", "--report_to", "carrier-pigeon"))
     if importlib.util.find_spec("wandb") is None:  # installed on a user's machine, the run would just log to it
         assert "wandb package is not installed" in error_of(capsys, train_args(assets, tmp_path / "y", "--report_to", "wandb"))
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_no_debris(assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    error_of(capsys, train_args(assets, out, "--reward_fn", f"{assets['rewards']}:raises"))
+    assert not out.exists()  # the rerun is not blocked by our own half-made directory
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    error_of(capsys, train_args(assets, out, "--overwrite", "--reward_fn", f"{assets['rewards']}:raises"))
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_output_dir_may_not_be_an_input(assets, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(assets["llama"], model)
+    before = (model / "model.safetensors").read_bytes()
+    args = train_args(assets, model, "--overwrite")
+    args[args.index("--model_name_or_path") + 1] = str(model)
+    assert "same directory as --model_name_or_path" in error_of(capsys, args)
+    assert (model / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("name", ["as_text", "as_dict"])
+def test_rewards_that_are_not_a_list_of_numbers(assets, tmp_path, capsys, name):
+    message = error_of(capsys, train_args(assets, tmp_path / "run", "--reward_fn", f"{assets['rewards']}:{name}"))
+    assert "must return a list of numbers" in message and name in message
+
+
+def test_encodings_and_empty_prompts(assets, tmp_path, capsys):
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes('{"prompt": "caf\xe9"}\n'.encode("latin-1"))
+    assert "not UTF-8" in error_of(capsys, train_args(assets, tmp_path / "a", "--dataset", str(latin)))
+    bom = tmp_path / "bom.csv"
+    bom.write_text("prompt\nstory : the cat\nstory : a dog\n", encoding="utf-8-sig")
+    assert main(train_args(assets, tmp_path / "b", "--dataset", str(bom), "--max_steps", "1")) == 0
+    empty = write_jsonl(tmp_path / "empty-prompt.jsonl", [{"prompt": "cat"}, {"prompt": "  "}])
+    assert "row 2: the prompt is empty" in error_of(capsys, train_args(assets, tmp_path / "c", "--dataset", str(empty)))
+
+
+def test_tiny_model_refuses_heads_that_do_not_divide(tmp_path, capsys):
+    assert main(["tiny-model", "--words", "a b", "--num_heads", "3", "--output_dir", str(tmp_path / "m")]) == 2
+    assert "multiple of --num_heads 3" in capsys.readouterr().err and not (tmp_path / "m").exists()

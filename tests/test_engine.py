@@ -171,3 +171,116 @@ def test_word_task_reward_rises(assets, tmp_path, arch, algo):
     start = sum(m["reward"] for m in history[:3]) / 3
     end = sum(m["reward"] for m in history[-3:]) / 3
     assert end > start + 2.0, (start, end)
+
+
+def test_kl_is_measured_against_the_frozen_initial_policy(assets, tmp_path):
+    from p3o.models.loading import load_causal_lm
+    from p3o.rl.rollout import batched_token_logprobs, sequence_logprobs
+
+    trainer = build_trainer(train_config(assets, tmp_path, max_steps=2))
+    trainer.train()
+    rollout, _, _ = trainer.collect_rollout(2)
+    assert rollout.seq["kl"].abs().max() > 1e-3  # the policy moved away from the reference
+    initial = load_causal_lm(str(assets["llama"]))
+    ref = sequence_logprobs(batched_token_logprobs(initial, rollout.seq, 1.0, 16), rollout.seq["response_mask"])
+    assert torch.allclose(rollout.seq["ref_logp"], ref, atol=1e-5)
+
+
+def first_update_ratio_gap(trainer) -> float:
+    """max |l(y) - l_old(y)| in the first micro-batch of the first update: 0 when on-policy."""
+    algorithm, gaps = trainer.algorithm, []
+
+    def recording_loss(batch, token_logps, cfg):
+        if not gaps:
+            logp = (token_logps * batch.seq["response_mask"]).sum(-1)
+            gaps.append((logp - batch.seq["old_logp"]).abs().max().item())
+        return algorithm.loss(batch, token_logps, cfg)
+
+    trainer.algorithm = type(algorithm)(algorithm.name, 2, algorithm.prepare, recording_loss, algorithm.normaliser)
+    trainer.train()
+    return gaps[0]
+
+
+def test_the_first_update_is_on_policy_at_any_temperature(assets, tmp_path):
+    trainer = build_trainer(train_config(assets, tmp_path, max_steps=1, temperature=0.6))
+    assert first_update_ratio_gap(trainer) < 1e-5
+
+
+def test_dropout_is_switched_off_for_models_passed_in(assets, tmp_path, tokenizer):
+    from p3o.data.prompts import load_prompts
+    from p3o.models.tiny import build_tiny_model
+    from p3o.reward import build_reward
+    from p3o.rl.engine import Trainer
+
+    cfg = train_config(assets, tmp_path, max_steps=1)
+    model = build_tiny_model(tokenizer, "gpt2", num_layers=2, hidden_size=32, num_heads=2)
+    model.config.resid_pdrop = 0.5
+    model = type(model)(model.config)  # rebuilt with heavy dropout, in training mode
+    model.train()
+    trainer = Trainer(cfg, model, tokenizer, build_reward(cfg.reward_fn, None), load_prompts(cfg.dataset, tokenizer))
+    assert first_update_ratio_gap(trainer) < 1e-5
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_token_mean_divides_by_the_minibatch_response_tokens(assets, tmp_path):
+    kw = dict(max_steps=1, epochs=1, pairs_per_step=8, minibatch_pairs=8, max_grad_norm=0.0)  # no clipping
+    pair_mean = gradients_of_first_update(train_config(assets, tmp_path, loss_aggregation="pair-mean", **kw))
+    token_mean = gradients_of_first_update(train_config(assets, tmp_path, loss_aggregation="token-mean", **kw))
+    trainer = build_trainer(train_config(assets, tmp_path, **kw))
+    rollout, _, _ = trainer.collect_rollout(0)
+    tokens = float(rollout.seq["response_mask"].sum())
+    assert tokens != 8
+    for name in pair_mean:
+        assert torch.allclose(token_mean[name] * tokens / 8, pair_mean[name], atol=1e-7, rtol=1e-4), name
+
+
+def test_the_loss_adapter_passes_the_configured_clip_and_clamp(assets, tmp_path):
+    from p3o.rl.algorithms import get_algorithm
+    from p3o.rl.losses.p3o import p3o_v1_loss
+    from p3o.rl.rollout import Rollout
+
+    cfg = train_config(assets, tmp_path, algo="p3o-v1", clip_eps=0.05, importance_clamp=1.5)
+    mask = torch.ones(4, 3)
+    old = torch.tensor([-3.0, -2.0, -4.0, -1.0])
+    batch = Rollout(2, {"response_mask": mask, "old_logp": old}, {"delta": torch.tensor([1.0, -2.0])})
+    token_logps = (old[:, None] + torch.tensor([0.3, -0.6, 0.1, 0.5])[:, None]) / 3 * mask  # (4, 3)
+    losses, stats = get_algorithm("p3o-v1").loss(batch, token_logps, cfg)
+    expected, expected_stats = p3o_v1_loss(token_logps.sum(-1).view(2, 2), old.view(2, 2), batch.group["delta"],
+                                           clip_eps=0.05, is_clamp=1.5)
+    default, _ = p3o_v1_loss(token_logps.sum(-1).view(2, 2), old.view(2, 2), batch.group["delta"])
+    assert torch.allclose(losses, expected) and stats == expected_stats
+    assert not torch.allclose(losses, default)  # the non-default settings matter for this batch
+
+
+def test_each_epoch_reshuffles_the_pairs(assets, tmp_path):
+    trainer = build_trainer(train_config(assets, tmp_path, max_steps=1, epochs=3, pairs_per_step=8, minibatch_pairs=1))
+    algorithm, order = trainer.algorithm, []
+
+    def recording_loss(batch, token_logps, cfg):
+        order.append(batch.seq["old_logp"][0].item())
+        return algorithm.loss(batch, token_logps, cfg)
+
+    trainer.algorithm = type(algorithm)(algorithm.name, 2, algorithm.prepare, recording_loss, algorithm.normaliser)
+    trainer.train()
+    epochs = [order[i * 8:(i + 1) * 8] for i in range(3)]
+    assert all(sorted(e) == sorted(epochs[0]) for e in epochs)  # every pair once per epoch
+    assert epochs[0] != epochs[1] or epochs[1] != epochs[2]
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_tokenizers_that_add_bos_with_pad_equal_to_eos(assets, bos_tokenizer_model, tmp_path, chat):
+    """Llama-style: BOS added by the tokenizer or written by the chat template, never both."""
+    from conftest import prompt_rows, write_jsonl
+
+    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}] if chat else r["prompt"]} for r in prompt_rows(8)]
+    data = write_jsonl(tmp_path / "p.jsonl", rows)
+    trainer = build_trainer(train_config(assets, tmp_path, model_name_or_path=str(bos_tokenizer_model),
+                                         dataset=str(data)))
+    tokenizer = trainer.tokenizer
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id and tokenizer.bos_token_id is not None
+    assert all(ids[0] == tokenizer.bos_token_id and ids[1] != tokenizer.bos_token_id
+               for ids in trainer.prompts.token_ids)
+    assert len(trainer.train()) == 2
+    rollout, _, _ = trainer.collect_rollout(2)
+    real = rollout.seq["query_ids"][rollout.seq["query_mask"].bool()]
+    assert int((real == tokenizer.bos_token_id).sum()) == rollout.seq["query_ids"].shape[0]  # one BOS each

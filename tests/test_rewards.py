@@ -80,3 +80,17 @@ def test_reward_model_scores_at_the_last_real_token(reward_model_dir, tokenizer)
 def test_missing_reward_model(tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
         RewardModelScorer.load(str(tmp_path / "nope"))
+
+
+def test_reward_model_must_be_a_trained_one_label_classifier(assets, tmp_path, tokenizer):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    with pytest.raises(UsageError, match="sequence-classification model with one label"):
+        RewardModelScorer.load(str(assets["llama"]))  # a causal LM: its score head would be random
+    two = tmp_path / "two-labels"
+    LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                               num_labels=2)).save_pretrained(two)
+    tokenizer.save_pretrained(two)
+    with pytest.raises(UsageError, match="with 2 labels"):
+        RewardModelScorer.load(str(two))

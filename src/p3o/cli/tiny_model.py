@@ -24,7 +24,9 @@ def run(args) -> None:
     from p3o.models.tiny import build_tiny_model, build_word_tokenizer, words_of
     from p3o.utils.io import prepare_output_dir, save_pretrained_atomically
 
-    out = prepare_output_dir(args.output_dir, args.overwrite)
+    if min(args.num_layers, args.hidden_size, args.num_heads, args.max_positions) < 1 or args.hidden_size % args.num_heads:
+        raise UsageError(f"--hidden_size {args.hidden_size} must be a positive multiple of --num_heads {args.num_heads} "
+                         "(and --num_layers, --max_positions at least 1)")
     texts = args.words.split()
     for corpus in args.corpus:
         path = Path(corpus)
@@ -34,6 +36,7 @@ def run(args) -> None:
             texts.append(path.read_text(encoding="utf-8"))
         else:
             texts.extend(_strings(read_rows(corpus)))
+    out = prepare_output_dir(args.output_dir, args.overwrite)  # after every input was read
     tokenizer = build_word_tokenizer(words_of(texts))
     model = build_tiny_model(tokenizer, args.arch, args.num_layers, args.hidden_size, args.num_heads,
                              args.max_positions, args.seed)

@@ -21,7 +21,11 @@ def read_rows(spec: str, split: str = "train", config: str | None = None) -> lis
     if path.suffix in LOCAL_SUFFIXES:
         if not path.is_file():
             raise UsageError(f"dataset file {spec} does not exist")
-        rows = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}[path.suffix](path)
+        reader = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}[path.suffix]
+        try:
+            rows = reader(path)
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"{spec}: not UTF-8 text (byte {exc.start}); save the file as UTF-8") from None
     elif path.is_file():
         raise UsageError(f"dataset {spec}: unsupported file type; use .jsonl, .json, .parquet or .csv")
     elif path.is_dir() and any((path / name).is_file() for name in ("dataset_info.json", "dataset_dict.json")):
@@ -35,7 +39,7 @@ def read_rows(spec: str, split: str = "train", config: str | None = None) -> lis
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
-    with path.open(encoding="utf-8") as fh:
+    with path.open(encoding="utf-8-sig") as fh:  # -sig: a byte-order mark is not part of the data
         for number, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
@@ -51,7 +55,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def _read_json(path: Path) -> list[dict[str, Any]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
         raise UsageError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
     if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):  # column layout
@@ -62,7 +66,7 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
 
 
 def _read_csv(path: Path) -> list[dict[str, Any]]:
-    with path.open(encoding="utf-8", newline="") as fh:
+    with path.open(encoding="utf-8-sig", newline="") as fh:
         return [dict(row) for row in csv.DictReader(fh)]
 
 

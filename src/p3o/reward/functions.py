@@ -6,6 +6,7 @@ import importlib.util
 import math
 import sys
 from pathlib import Path
+from collections.abc import Iterable, Mapping
 from typing import Any, Callable
 
 import torch
@@ -51,10 +52,13 @@ def _import_file(path: str, spec: str):
 
 def check_rewards(values: Any, expected: int, name: str) -> torch.Tensor:
     """A list of `expected` finite numbers -> float64 tensor (B,), else a RewardError naming `name`."""
-    try:
-        values = [float(v) for v in values]
-    except (TypeError, ValueError):
-        raise RewardError(f"reward {name} must return a list of numbers, got {type(values).__name__}") from None
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
+        raise RewardError(f"reward {name} must return a list of numbers, got {type(values).__name__}")
+    values = list(values)
+    bad = next((v for v in values if isinstance(v, (str, bytes)) or not hasattr(v, "__float__")), None)
+    if bad is not None:
+        raise RewardError(f"reward {name} must return a list of numbers, got an element {bad!r}")
+    values = [float(v) for v in values]
     if len(values) != expected:
         raise RewardError(f"reward {name} returned {len(values)} values for {expected} completions; "
                           "it must return one float per completion")

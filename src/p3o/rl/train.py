@@ -44,7 +44,18 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
 
 def run_train(cfg: TrainConfig) -> Path:
     out = Path(cfg.output_dir)
+    _refuse_overwriting_inputs(cfg)
+    existed = out.exists()
     prepare_output_dir(cfg.output_dir, cfg.overwrite)  # before loading anything: fail fast, touch nothing
+    try:
+        return _train_into(cfg, out)
+    except BaseException:
+        if not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").stat().st_size:
+            _remove_partial_run(out, existed)  # nothing to look at yet: leave no debris that blocks a rerun
+        raise
+
+
+def _train_into(cfg: TrainConfig, out: Path) -> Path:
     trainer = build_trainer(cfg)
     acc = trainer.accelerator
     acc.wait_for_everyone()  # every process has checked the output directory before anything is written
@@ -103,6 +114,29 @@ def _trackers(report_to: str) -> list[str]:
             raise UsageError(f"--report_to {name}: the {TRACKER_PACKAGES[name]} package is not installed; "
                              f"pip install {TRACKER_PACKAGES[name]}, or use --report_to none")
     return names
+
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "completions.jsonl")
+
+
+def _refuse_overwriting_inputs(cfg: TrainConfig) -> None:
+    out = Path(cfg.output_dir).resolve()
+    for flag in ("model_name_or_path", "ref_model_name_or_path", "tokenizer_name_or_path", "reward_model", "dataset"):
+        value = getattr(cfg, flag)
+        if value and Path(value).exists() and Path(value).resolve() == out:
+            raise UsageError(f"--output_dir is the same directory as --{flag}; choose another so the input is kept")
+
+
+def _remove_partial_run(out: Path, existed: bool) -> None:
+    """Undo a run that failed before its first step: its run files, and the directory if it made it."""
+    import shutil
+
+    if existed:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "p3o", ignore_errors=True)  # tracker logs
+    else:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def _start_trackers(acc, cfg: TrainConfig) -> None:
