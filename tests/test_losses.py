@@ -425,3 +425,16 @@ def test_v1_gradient_at_rho_one_equals_rloo_with_two_samples():
     assert stats["clipfrac"] == 0.0
     assert rloo_grad.abs().max() > 0
     torch.testing.assert_close(v1_grad, rloo_grad, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("loss_fn", [p3o_v1_loss])
+def test_log_ratios_beyond_twenty_are_clamped_before_exp(loss_fn):
+    """A deliberate departure (as in verl): past |log rho| = 20 (rho ~ 5e8) the ratio is held at
+    e^20, so even the unclipped side stops growing there instead of overflowing float32."""
+    old = torch.tensor([[-30.0, -30.0]], dtype=torch.float64)
+    delta = torch.tensor([-1.0], dtype=torch.float64)
+    for shift, has_gradient in ((19.0, True), (21.0, False)):
+        logp = (old + torch.tensor([[shift, 0.0]], dtype=torch.float64)).requires_grad_()
+        losses, _ = loss_fn(logp, old, delta)
+        (grad,) = torch.autograd.grad(losses.sum(), logp)
+        assert (grad[0, 0] != 0).item() == has_gradient
