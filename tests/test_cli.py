@@ -243,3 +243,15 @@ def test_encodings_and_empty_prompts(assets, tmp_path, capsys):
 def test_tiny_model_refuses_heads_that_do_not_divide(tmp_path, capsys):
     assert main(["tiny-model", "--words", "a b", "--num_heads", "3", "--output_dir", str(tmp_path / "m")]) == 2
     assert "multiple of --num_heads 3" in capsys.readouterr().err and not (tmp_path / "m").exists()
+
+
+def test_progress_bar_shows_step_reward_and_kl(assets, tmp_path, capsys):
+    args = [a for a in train_args(assets, tmp_path / "run") if a != "--disable_progress_bar"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "2/2" in err and "reward=" in err and "kl=" in err and "pairs_s=" in err
+
+
+def test_debug_shows_the_traceback(assets, tmp_path):
+    with pytest.raises(Exception, match="unknown --algo"):
+        main(train_args(assets, tmp_path / "run", "--algo", "nope", "--debug"))
