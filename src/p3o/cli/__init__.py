@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 def _setup_logging() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("transformers", "accelerate", "datasets", "httpx", "urllib3"):
+    for noisy in ("transformers", "accelerate", "datasets", "huggingface_hub", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         import transformers
