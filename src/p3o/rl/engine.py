@@ -125,7 +125,7 @@ class Trainer:
         seq = {"query_ids": query_ids, "query_mask": query_mask, "response_ids": response_ids,
                "response_mask": response_mask, "rewards": rewards}  # rewards stay float64 on the CPU
         t0 = time.perf_counter()
-        batch = max(self.sizes.micro_pairs * k, 1)
+        batch = self.sizes.micro_pairs * k  # sequences per no-grad forward, as in the update
         with self.accelerator.autocast():
             old_tokens = batched_token_logprobs(self.unwrapped_policy, seq, cfg.temperature, batch, self.logits_to_keep)
             timings["time_old_logprobs"] = time.perf_counter() - t0
