@@ -255,3 +255,36 @@ def test_progress_bar_shows_step_reward_and_kl(assets, tmp_path, capsys):
 def test_debug_shows_the_traceback(assets, tmp_path):
     with pytest.raises(Exception, match="unknown --algo"):
         main(train_args(assets, tmp_path / "run", "--algo", "nope", "--debug"))
+
+
+def test_chat_template_errors_and_mixed_formats(assets, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(assets["llama"], model)
+    (model / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}{{ m['content'] }}{% endfor %}")
+    rows = [{"prompt": [{"role": "system", "content": "be nice"}, {"role": "user", "content": "cat"}]}]
+    data = write_jsonl(tmp_path / "sys.jsonl", rows)
+    args = train_args(assets, tmp_path / "a", "--dataset", str(data))
+    args[args.index("--model_name_or_path") + 1] = str(model)
+    message = error_of(capsys, args)
+    assert "row 1: the tokenizer's chat template refused" in message and "System role not supported" in message
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"prompt": "cat"}, {"prompt": [{"role": "user", "content": "dog"}]}])
+    assert "row 2: mixes plain-text and chat-message prompts" in error_of(
+        capsys, train_args(assets, tmp_path / "b", "--dataset", str(mixed)))
+
+
+def test_saved_model_stops_where_training_stopped_and_long_prompts_are_reported(assets, tmp_path, caplog):
+    import logging
+
+    from transformers import GenerationConfig
+
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="p3o"):
+        assert main(train_args(assets, out, "--max_prompt_length", "4")) == 0
+    saved = GenerationConfig.from_pretrained(out)
+    assert saved.eos_token_id == 2 and saved.pad_token_id == 0  # </s> and <pad> of the test tokenizer
+    assert "responses end at '</s>' (2)" in caplog.text
+    assert "48 of 48 prompts are longer than 4 tokens" in caplog.text

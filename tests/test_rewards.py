@@ -1,12 +1,13 @@
 """Reward functions and reward models: loading, checking, scoring at the last real token."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from p3o.errors import RewardError, UsageError
 from p3o.reward import build_reward
-from p3o.reward.functions import RewardFunction, load_reward_function
+from p3o.reward.functions import RewardFunction, check_rewards, load_reward_function
 from p3o.reward.model import RewardModelScorer
 
 
@@ -94,3 +95,32 @@ def test_reward_model_must_be_a_trained_one_label_classifier(assets, tmp_path, t
     tokenizer.save_pretrained(two)
     with pytest.raises(UsageError, match="with 2 labels"):
         RewardModelScorer.load(str(two))
+
+
+@pytest.mark.parametrize("values", [
+    lambda n: np.arange(n, dtype=np.float32),
+    lambda n: torch.arange(n, dtype=torch.float32, requires_grad=True) * 1,
+    lambda n: [np.float64(i) for i in range(n)],
+    lambda n: tuple(range(n)),
+])
+def test_numbers_from_numpy_torch_and_tuples_are_accepted(values):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check_rewards(values(3), 3, "f").tolist() == [0.0, 1.0, 2.0]
+
+
+@pytest.mark.parametrize("values", [
+    [1.0, None, 2.0],
+    np.zeros((3, 1)),
+    torch.zeros(3, 1),
+    torch.zeros(3, 2),
+    [[1.0], [2.0], [3.0]],
+    "111",
+    {0: 1.0, 1: 1.0, 2: 1.0},
+    None,
+])
+def test_anything_but_a_flat_list_of_numbers_is_refused(values):
+    with pytest.raises(RewardError, match="reward f must return a"):
+        check_rewards(values, 3, "f")

@@ -24,7 +24,7 @@ def sampling(max_new_tokens=6, temperature=1.0, top_k=0, top_p=1.0):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_forward_logprobs_match_the_sampler_under_left_padding(assets, tokenizer, arch):
     model = load_causal_lm(str(assets[arch]))
-    ids, mask, _ = tokenize_prompts(tokenizer, PROMPTS, 64)
+    ids, mask = tokenize_prompts(tokenizer, PROMPTS, 64)
     assert (mask[:, 0] == 0).any() and mask[:, -1].all()  # left padding
     config = generation_config(sampling(temperature=0.7), tokenizer, [tokenizer.eos_token_id])
     config.output_logits, config.return_dict_in_generate = True, True
@@ -47,7 +47,7 @@ def test_sampling_ignores_processors_in_the_models_generation_config(assets, tok
     model.generation_config.bad_words_ids = [[tokenizer.convert_tokens_to_ids("cat")]]
     model.generation_config.repetition_penalty = 5.0
     model.generation_config.no_repeat_ngram_size = 1
-    ids, mask, _ = tokenize_prompts(tokenizer, ["dog"] * 600, 64)
+    ids, mask = tokenize_prompts(tokenizer, ["dog"] * 600, 64)
     torch.manual_seed(0)
     response, _ = sample_responses(model, ids, mask, generation_config(sampling(max_new_tokens=1), tokenizer,
                                                                      [tokenizer.eos_token_id]), [tokenizer.eos_token_id])
@@ -57,7 +57,7 @@ def test_sampling_ignores_processors_in_the_models_generation_config(assets, tok
 
 def test_top_k_when_asked(assets, tokenizer):
     model = load_causal_lm(str(assets["llama"]))
-    ids, mask, _ = tokenize_prompts(tokenizer, ["dog"] * 200, 64)
+    ids, mask = tokenize_prompts(tokenizer, ["dog"] * 200, 64)
     response, _ = sample_responses(model, ids, mask, generation_config(sampling(max_new_tokens=1, top_k=3), tokenizer,
                                                                      [tokenizer.eos_token_id]), [tokenizer.eos_token_id])
     assert response[:, 0].unique().numel() <= 3
@@ -78,13 +78,13 @@ def test_response_mask_comes_from_the_first_eos_even_when_pad_equals_eos():
 
 def test_prompts_longer_than_the_limit_keep_their_last_tokens_and_bos(tokenizer):
     long = " ".join(["cat"] * 20) + " dog"
-    ids, mask, truncated = tokenize_prompts(tokenizer, [long, "dog"], 5)
-    assert truncated == 1 and ids.shape == (2, 5)
+    ids, mask = tokenize_prompts(tokenizer, [long, "dog"], 5)
+    assert ids.shape == (2, 5)
     assert ids[0, -1] == tokenizer.convert_tokens_to_ids("dog")
     assert mask[1].tolist() == [0, 0, 0, 0, 1]
     bos = tokenizer.bos_token_id
-    ids, _, truncated = pad_prompts(tokenizer, [[bos, 5, 6, 7, 8, 9], [bos, 5]], 4)
-    assert truncated == 1 and ids.tolist() == [[bos, 7, 8, 9], [tokenizer.pad_token_id] * 2 + [bos, 5]]
+    ids, _ = pad_prompts(tokenizer, [[bos, 5, 6, 7, 8, 9], [bos, 5]], 4)
+    assert ids.tolist() == [[bos, 7, 8, 9], [tokenizer.pad_token_id] * 2 + [bos, 5]]
 
 
 def test_small_ops_against_naive_versions():
@@ -99,3 +99,33 @@ def test_small_ops_against_naive_versions():
     mask = torch.tensor([[1, 0], [1, 1]])
     assert masked_mean(values, mask).item() == 3.0  # inf on padding does not leak
     assert masked_mean(values, torch.zeros_like(mask)).item() == 0.0  # empty mask: 0, not NaN
+
+
+def test_which_ids_end_a_response(tokenizer):
+    from p3o.models.loading import eos_token_ids
+    from p3o.models.tiny import build_tiny_model, build_word_tokenizer
+
+    model = build_tiny_model(tokenizer, "llama", num_layers=1, hidden_size=16, num_heads=2)
+    model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids("cat"), tokenizer.bos_token_id]
+    # the tokenizer's EOS, plus config ids that are special tokens (a chat model's end of turn); an
+    # ordinary word left in a default config never ends a response
+    assert eos_token_ids(tokenizer, model) == sorted([tokenizer.eos_token_id, tokenizer.bos_token_id])
+    no_eos = build_word_tokenizer(["cat", "dog"])
+    no_eos.eos_token = None
+    model.generation_config.eos_token_id = no_eos.convert_tokens_to_ids("cat")
+    assert eos_token_ids(no_eos, model) == []
+
+
+def test_a_tokenizer_with_no_special_tokens_still_pads(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from p3o.models.loading import load_tokenizer
+
+    core = Tokenizer(models.WordLevel(vocab={"cat": 0, "dog": 1}, unk_token=None))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=core).save_pretrained(tmp_path)
+    tokenizer = load_tokenizer(str(tmp_path))
+    assert tokenizer.pad_token_id == 0 and tokenizer.padding_side == "left"
+    ids, mask = tokenize_prompts(tokenizer, ["cat dog", "dog"], 8)
+    assert mask.tolist() == [[1, 1], [0, 1]]

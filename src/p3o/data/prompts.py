@@ -34,7 +34,11 @@ def render_prompt(prompt: Any, tokenizer, where: str) -> str:
         if not getattr(tokenizer, "chat_template", None):
             raise UsageError(f"{where}: the prompt is a list of chat messages but the tokenizer has no chat "
                              "template; give plain-text prompts or a tokenizer with a chat_template")
-        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        try:
+            return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # jinja raises its own errors, e.g. "System role not supported"
+            raise UsageError(f"{where}: the tokenizer's chat template refused these messages "
+                             f"({type(exc).__name__}: {exc})") from None
     raise UsageError(f"{where}: a prompt must be text or a list of {{'role', 'content'}} messages, "
                      f"got {type(prompt).__name__}")
 
@@ -44,8 +48,11 @@ def load_prompts(spec: str, tokenizer, split: str = "train", config: str | None 
     rows = read_rows(spec, split, config)
     require_columns(rows, [column], spec)
     texts, token_ids = [], []
+    chat = is_conversational(rows[0][column])
     for i, row in enumerate(rows):
         where = f"{spec}: row {i + 1}"
+        if is_conversational(row[column]) != chat:
+            raise UsageError(f"{where}: mixes plain-text and chat-message prompts; use one format in a dataset")
         texts.append(render_prompt(row[column], tokenizer, where))
         if not texts[-1].strip():
             raise UsageError(f"{where}: the prompt is empty; remove the row or give it text")

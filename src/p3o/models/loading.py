@@ -25,6 +25,11 @@ def _check_exists(name: str, what: str) -> None:
         raise UsageError(f"{what} {name} does not exist; give a model directory or a hub name")
 
 
+def _not_found(name: str, what: str, exc: Exception) -> UsageError:
+    where = "" if Path(name).exists() else " (no such local directory, and the hub did not provide it)"
+    return UsageError(f"could not load a {what} from {name}{where}: {str(exc).splitlines()[0]}")
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     """Tokenizer with left padding (for batched generation) and a pad token (EOS if it had none)."""
     from transformers import AutoTokenizer
@@ -33,13 +38,12 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise UsageError(f"could not load a tokenizer from {name}: {str(exc).splitlines()[0]}") from None
+        raise _not_found(name, "tokenizer", exc) from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
-        fallback = tokenizer.eos_token or tokenizer.unk_token
-        if fallback is None:
-            raise UsageError(f"tokenizer {name} has no pad, EOS or unknown token; add a pad token to it")
-        log.info("tokenizer %s has no pad token; using %r (masks come from positions, so this is safe)", name, fallback)
+        # Any id will do: masks come from positions, and padding sits only where the mask is 0.
+        fallback = tokenizer.eos_token or tokenizer.unk_token or tokenizer.convert_ids_to_tokens(0)
+        log.info("tokenizer %s has no pad token; padding with %r", name, fallback)
         tokenizer.pad_token = fallback
     return tokenizer
 
@@ -54,8 +58,7 @@ def load_causal_lm(name: str, trust_remote_code: bool = False, dtype: str = "flo
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise UsageError(f"{what} {name} is not a transformers model (no usable config.json): "
-                         f"{str(exc).splitlines()[0]}") from None
+        raise _not_found(name, what, exc) from None
     try:
         model = AutoModelForCausalLM.from_pretrained(name, config=config, trust_remote_code=trust_remote_code,
                                                      dtype=dtype if dtype == "auto" else getattr(torch, dtype))
@@ -78,11 +81,11 @@ def disable_dropout(model: nn.Module) -> None:
 
 def eos_token_ids(tokenizer, model) -> list[int]:
     """Ids that end a response: the tokenizer's EOS, plus the generation config's EOS ids that are
-    special tokens of this tokenizer (chat models end turns with those)."""
+    special tokens of this tokenizer (chat models end turns with those). A config id that is an
+    ordinary word (a config left at its defaults) never ends a response."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     extra = [extra] if isinstance(extra, int) else list(extra or [])
-    special = set(tokenizer.all_special_ids)
-    ids |= {i for i in extra if i in special or not ids}
+    ids |= set(extra) & set(tokenizer.all_special_ids)
     vocab = model.get_input_embeddings().num_embeddings
     return sorted(i for i in ids if i is not None and 0 <= i < vocab)

@@ -51,17 +51,22 @@ def _import_file(path: str, spec: str):
 
 
 def check_rewards(values: Any, expected: int, name: str) -> torch.Tensor:
-    """A list of `expected` finite numbers -> float64 tensor (B,), else a RewardError naming `name`."""
+    """A flat list of `expected` finite numbers -> float64 tensor (B,), else a RewardError naming `name`.
+
+    Lists, tuples and 1-D numpy arrays or torch tensors are accepted; strings, mappings, nested
+    lists and None are not (each would silently mean something else)."""
+    if hasattr(values, "tolist") and not isinstance(values, (str, bytes)):  # numpy / torch
+        values = values.tolist()
     if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
         raise RewardError(f"reward {name} must return a list of numbers, got {type(values).__name__}")
     values = list(values)
-    bad = next((v for v in values if isinstance(v, (str, bytes)) or not hasattr(v, "__float__")), None)
-    if bad is not None:
-        raise RewardError(f"reward {name} must return a list of numbers, got an element {bad!r}")
-    values = [float(v) for v in values]
+    for value in values:
+        if isinstance(value, (str, bytes, list, tuple, Mapping)) or not hasattr(value, "__float__"):
+            raise RewardError(f"reward {name} must return a flat list of numbers, got an element {value!r}")
     if len(values) != expected:
         raise RewardError(f"reward {name} returned {len(values)} values for {expected} completions; "
                           "it must return one float per completion")
+    values = [float(v) for v in values]
     bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
     if bad:
         raise RewardError(f"reward {name} returned a non-finite value ({values[bad[0]]}) for completion {bad[0]} "

@@ -70,7 +70,7 @@ class Trainer:
         self.gen_config = generation_config(cfg, tokenizer, self.eos_ids)
         self.max_prompt_length = _max_prompt_length(cfg, unwrapped.config)
         self.logits_to_keep = supports_logits_to_keep(unwrapped)
-        self.truncated_prompts = 0
+        self.long_prompts = sum(len(ids) > self.max_prompt_length for ids in prompts.token_ids)
 
     @property
     def unwrapped_policy(self):
@@ -101,8 +101,7 @@ class Trainer:
         indices = self.prompt_indices(step)
         rows = [self.prompts.rows[i] for i in indices]
         token_ids = [self.prompts.token_ids[i] for i in indices]
-        query_ids, query_mask, truncated = pad_prompts(self.tokenizer, token_ids, self.max_prompt_length)  # (G, Lq)
-        self.truncated_prompts += truncated
+        query_ids, query_mask = pad_prompts(self.tokenizer, token_ids, self.max_prompt_length)  # (G, Lq)
         query_ids = query_ids.repeat_interleave(k, dim=0).to(device)  # (B, Lq)
         query_mask = query_mask.repeat_interleave(k, dim=0).to(device)  # (B, Lq)
 

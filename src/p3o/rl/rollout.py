@@ -39,12 +39,9 @@ class Rollout:
         return [self.select(idx) for idx in torch.arange(self.num_groups).split(groups_per_part)]
 
 
-def pad_prompts(tokenizer, token_ids: list[list[int]], max_length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def pad_prompts(tokenizer, token_ids: list[list[int]], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompt ids and mask (G, Lq). A prompt over `max_length` keeps its last tokens
-    (the ones next to the response), and its BOS if it began with one.
-
-    Returns (ids, mask, number of prompts truncated).
-    """
+    (the ones next to the response), and its BOS if it began with one."""
     bos = tokenizer.bos_token_id
     kept = []
     for ids in token_ids:
@@ -52,9 +49,8 @@ def pad_prompts(tokenizer, token_ids: list[list[int]], max_length: int) -> tuple
             head = ids[:1] if bos is not None and ids[0] == bos else []
             ids = head + ids[len(ids) - (max_length - len(head)):]
         kept.append(ids)
-    truncated = sum(len(a) != len(b) for a, b in zip(kept, token_ids))
     batch = tokenizer.pad({"input_ids": kept}, padding=True, return_tensors="pt", padding_side="left")
-    return batch["input_ids"], batch["attention_mask"], truncated
+    return batch["input_ids"], batch["attention_mask"]
 
 
 def generation_config(cfg, tokenizer, eos_ids: list[int]):

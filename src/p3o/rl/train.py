@@ -64,6 +64,7 @@ def _train_into(cfg: TrainConfig, out: Path) -> Path:
         write_yaml(out / "config.yaml", dataclasses.asdict(cfg))
         writers = {"metrics": JsonlWriter(out / "metrics.jsonl"), "completions": JsonlWriter(out / "completions.jsonl")}
         log.info(_start_line(trainer))
+        _warn_about_inputs(trainer)
     _start_trackers(acc, cfg)
     bar = _progress_bar(cfg, disable=not acc.is_main_process)
 
@@ -87,12 +88,10 @@ def _train_into(cfg: TrainConfig, out: Path) -> Path:
         for writer in writers.values():
             writer.close()
         acc.end_training()
-    if trainer.truncated_prompts and acc.is_main_process:
-        log.warning("%d prompts were longer than %d tokens and kept only their last tokens (--max_prompt_length)",
-                    trainer.truncated_prompts, trainer.max_prompt_length)
     acc.wait_for_everyone()
     state_dict = acc.get_state_dict(trainer.policy)  # a collective under FSDP/ZeRO-3: every process calls it
     if acc.is_main_process:
+        _record_generation_ids(trainer)
         save_pretrained_atomically(trainer.unwrapped_policy, trainer.tokenizer, out, state_dict=state_dict)
         log.info("saved the trained policy to %s", out)
     return out
@@ -137,6 +136,27 @@ def _remove_partial_run(out: Path, existed: bool) -> None:
         shutil.rmtree(out / "p3o", ignore_errors=True)  # tracker logs
     else:
         shutil.rmtree(out, ignore_errors=True)
+
+
+def _warn_about_inputs(trainer: Trainer) -> None:
+    tokenizer, eos = trainer.tokenizer, trainer.eos_ids
+    if eos:
+        log.info("responses end at %s", ", ".join(f"{tokenizer.convert_ids_to_tokens(i)!r} ({i})" for i in eos))
+    else:
+        log.warning("the tokenizer has no EOS token: every response runs to --max_new_tokens %d",
+                    trainer.cfg.max_new_tokens)
+    if trainer.long_prompts:
+        log.warning("%d of %d prompts are longer than %d tokens (--max_prompt_length, by default the context "
+                    "minus --max_new_tokens); they keep their last tokens, and their BOS", trainer.long_prompts,
+                    len(trainer.prompts), trainer.max_prompt_length)
+
+
+def _record_generation_ids(trainer: Trainer) -> None:
+    """The saved model stops where training's responses stopped, under plain `generate` too."""
+    config = trainer.unwrapped_policy.generation_config
+    if trainer.eos_ids:
+        config.eos_token_id = trainer.eos_ids[0] if len(trainer.eos_ids) == 1 else list(trainer.eos_ids)
+    config.pad_token_id = trainer.tokenizer.pad_token_id
 
 
 def _start_trackers(acc, cfg: TrainConfig) -> None:
