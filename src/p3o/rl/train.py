@@ -10,13 +10,13 @@ import logging
 from pathlib import Path
 
 from p3o.data.prompts import load_prompts
-from p3o.errors import UsageError
 from p3o.models.loading import load_causal_lm, load_tokenizer
 from p3o.reward import build_reward
 from p3o.rl.algorithms import get_algorithm
 from p3o.rl.config import TrainConfig, derive_sizes
 from p3o.rl.engine import Trainer
-from p3o.utils.io import JsonlWriter, prepare_output_dir, save_pretrained_atomically, write_yaml
+from p3o.utils.io import JsonlWriter, run_directory, save_pretrained_atomically, write_yaml
+from p3o.utils.tracking import check_trackers, start_trackers
 
 log = logging.getLogger("p3o")
 
@@ -28,7 +28,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
 
     algorithm = get_algorithm(cfg.algo)
     derive_sizes(cfg, algorithm.samples_per_prompt)
-    trackers = _trackers(cfg.report_to)
+    trackers = check_trackers(cfg.report_to)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=trackers or None,
                               project_dir=cfg.output_dir)
     set_seed(cfg.seed)
@@ -43,16 +43,10 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
 
 
 def run_train(cfg: TrainConfig) -> Path:
-    out = Path(cfg.output_dir)
-    _refuse_overwriting_inputs(cfg)
-    existed = out.exists()
-    prepare_output_dir(cfg.output_dir, cfg.overwrite)  # before loading anything: fail fast, touch nothing
-    try:
+    inputs = {f: getattr(cfg, f) for f in ("model_name_or_path", "ref_model_name_or_path", "tokenizer_name_or_path",
+                                          "reward_model", "dataset")}
+    with run_directory(cfg.output_dir, cfg.overwrite, inputs) as out:
         return _train_into(cfg, out)
-    except BaseException:
-        if not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").stat().st_size:
-            _remove_partial_run(out, existed)  # nothing to look at yet: leave no debris that blocks a rerun
-        raise
 
 
 def _train_into(cfg: TrainConfig, out: Path) -> Path:
@@ -65,7 +59,7 @@ def _train_into(cfg: TrainConfig, out: Path) -> Path:
         writers = {"metrics": JsonlWriter(out / "metrics.jsonl"), "completions": JsonlWriter(out / "completions.jsonl")}
         log.info(_start_line(trainer))
         _warn_about_inputs(trainer)
-    _start_trackers(acc, cfg)
+    start_trackers(acc, cfg)
     bar = _progress_bar(cfg, disable=not acc.is_main_process)
 
     def on_step(metrics, texts):
@@ -97,47 +91,6 @@ def _train_into(cfg: TrainConfig, out: Path) -> Path:
     return out
 
 
-TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
-                    "trackio": "trackio", "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab"}
-
-
-def _trackers(report_to: str) -> list[str]:
-    """Names from --report_to, each known and importable (accelerate would silently drop a missing one)."""
-    import importlib.util
-
-    names = [name.strip() for name in report_to.split(",") if name.strip() not in ("", "none")]
-    for name in names:
-        if name not in TRACKER_PACKAGES:
-            raise UsageError(f"--report_to {name!r} is not a tracker; use none or any of {', '.join(TRACKER_PACKAGES)}")
-        if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None:
-            raise UsageError(f"--report_to {name}: the {TRACKER_PACKAGES[name]} package is not installed; "
-                             f"pip install {TRACKER_PACKAGES[name]}, or use --report_to none")
-    return names
-
-
-RUN_FILES = ("config.yaml", "metrics.jsonl", "completions.jsonl")
-
-
-def _refuse_overwriting_inputs(cfg: TrainConfig) -> None:
-    out = Path(cfg.output_dir).resolve()
-    for flag in ("model_name_or_path", "ref_model_name_or_path", "tokenizer_name_or_path", "reward_model", "dataset"):
-        value = getattr(cfg, flag)
-        if value and Path(value).exists() and Path(value).resolve() == out:
-            raise UsageError(f"--output_dir is the same directory as --{flag}; choose another so the input is kept")
-
-
-def _remove_partial_run(out: Path, existed: bool) -> None:
-    """Undo a run that failed before its first step: its run files, and the directory if it made it."""
-    import shutil
-
-    if existed:
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / "p3o", ignore_errors=True)  # tracker logs
-    else:
-        shutil.rmtree(out, ignore_errors=True)
-
-
 def _warn_about_inputs(trainer: Trainer) -> None:
     tokenizer, eos = trainer.tokenizer, trainer.eos_ids
     if eos:
@@ -157,12 +110,6 @@ def _record_generation_ids(trainer: Trainer) -> None:
     if trainer.eos_ids:
         config.eos_token_id = trainer.eos_ids[0] if len(trainer.eos_ids) == 1 else list(trainer.eos_ids)
     config.pad_token_id = trainer.tokenizer.pad_token_id
-
-
-def _start_trackers(acc, cfg: TrainConfig) -> None:
-    """TensorBoard / W&B ... through accelerate, only when asked for."""
-    if acc.log_with:
-        acc.init_trackers("p3o", config={k: v for k, v in dataclasses.asdict(cfg).items() if v is not None})
 
 
 def _progress_bar(cfg: TrainConfig, disable: bool):

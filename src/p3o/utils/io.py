@@ -1,6 +1,7 @@
 """Run-directory writes that never leave a half-written file behind."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -11,6 +12,42 @@ from typing import Any
 import yaml
 
 from p3o.errors import UsageError
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "completions.jsonl")
+
+
+def _refuse_overwriting_inputs(output_dir: str, inputs: dict[str, str | None]) -> None:
+    out = Path(output_dir).resolve()
+    for flag, value in inputs.items():
+        if value and Path(value).exists() and Path(value).resolve() == out:
+            raise UsageError(f"--output_dir is the same directory as --{flag}; choose another so the input is kept")
+
+
+def _remove_partial_run(out: Path, existed: bool) -> None:
+    """Undo a run that failed before its first step: its run files, and the directory if it made it."""
+    if existed:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "p3o", ignore_errors=True)  # tracker logs
+    else:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def run_directory(output_dir: str, overwrite: bool, inputs: dict[str, str | None]):
+    """The run's output directory, checked before anything is loaded: never one of the inputs, and
+    non-empty only with `overwrite`. A run that fails before writing a metrics line removes what it
+    wrote, so that running the same command again is not refused."""
+    _refuse_overwriting_inputs(output_dir, inputs)
+    out = Path(output_dir)
+    existed = out.exists()
+    prepare_output_dir(output_dir, overwrite)
+    try:
+        yield out
+    except BaseException:
+        if not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").stat().st_size:
+            _remove_partial_run(out, existed)
+        raise
 
 
 def prepare_output_dir(path: str, overwrite: bool) -> Path:
