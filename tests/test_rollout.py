@@ -129,3 +129,14 @@ def test_a_tokenizer_with_no_special_tokens_still_pads(tmp_path):
     assert tokenizer.pad_token_id == 0 and tokenizer.padding_side == "left"
     ids, mask = tokenize_prompts(tokenizer, ["cat dog", "dog"], 8)
     assert mask.tolist() == [[1, 1], [0, 1]]
+
+
+def test_completions_keep_the_space_that_separates_them_from_the_prompt(tokenizer):
+    from p3o.rl.rollout import decode_completions
+
+    ids, mask = tokenize_prompts(tokenizer, ["story : big cat", "dog"], 8)
+    response = torch.tensor([[tokenizer.convert_tokens_to_ids("runs"), tokenizer.eos_token_id, 0],
+                             [tokenizer.convert_tokens_to_ids("sees"), tokenizer.convert_tokens_to_ids("the"), 9]])
+    response_mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    # a word tokenizer joins words with spaces: the completion continues the prompt after a space
+    assert decode_completions(tokenizer, ids, mask, response, response_mask) == [" runs", " sees the"]

@@ -1,4 +1,8 @@
-"""A Hugging Face sequence-classification reward model, scored at the last real token."""
+"""A Hugging Face sequence-classification reward model, scored at the last real token.
+
+`reward_input_ids` and `last_token_scores` are shared by scoring (`RewardModelScorer`) and by
+training (`p3o rm`), so a reward model sees the same token layout in both.
+"""
 from __future__ import annotations
 
 import torch
@@ -8,6 +12,37 @@ from p3o.models.loading import _check_exists, load_tokenizer
 from p3o.reward.functions import check_rewards
 
 
+def reward_input_ids(tokenizer, prompt, completion, max_length: int | None = None) -> list[int]:
+    """Tokens of prompt + completion for a reward model. Plain text is concatenated as is; a
+    conversation (message lists) goes through the chat template, which writes its own BOS.
+    Over-long inputs keep their end, so the completion being scored is never cut."""
+    if isinstance(prompt, str):
+        ids = tokenizer(prompt + completion)["input_ids"]
+    else:
+        messages = prompt + completion
+        if getattr(tokenizer, "chat_template", None):
+            ids = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+        else:
+            ids = tokenizer("\n".join(f"{m['role']}: {m['content']}" for m in messages))["input_ids"]
+    return ids[-max_length:] if max_length else ids
+
+
+def pad_right(tokenizer, sequences: list[list[int]], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = tokenizer.pad({"input_ids": sequences}, padding=True, return_tensors="pt", padding_side="right")
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+
+def last_token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(b, L) right-padded -> (b,) the one-label head at each row's last attended position."""
+    head = getattr(model, "score", None)
+    if not isinstance(head, torch.nn.Linear):  # other heads: transformers finds the last non-pad token itself
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+    trunk = getattr(model, model.base_model_prefix)
+    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (b, L, H)
+    last = attention_mask.sum(-1) - 1  # (b,)
+    return head(hidden[torch.arange(len(last), device=last.device), last])[:, 0].float()  # (b,)
+
+
 class RewardModelScorer:
     """r(x, y) = the one-label head read at the last real token of prompt + completion.
 
@@ -15,9 +50,10 @@ class RewardModelScorer:
     is set too, so the plain `transformers` forward (used for heads not called `score`) agrees.
     """
 
-    def __init__(self, model, tokenizer, name: str, batch_size: int = 64, device=None):
+    def __init__(self, model, tokenizer, name: str, batch_size: int = 64, device=None, max_length: int | None = None):
         self.model, self.tokenizer, self.name, self.batch_size = model, tokenizer, name, batch_size
         self.device = device or next(model.parameters()).device
+        self.max_length = max_length or getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
 
     @classmethod
     def load(cls, name: str, trust_remote_code: bool = False, batch_size: int = 64, device=None):
@@ -33,7 +69,6 @@ class RewardModelScorer:
                              f"(found {', '.join(config.architectures or ['no architecture'])} with "
                              f"{config.num_labels} labels); train one with `p3o rm`")
         tokenizer = load_tokenizer(name, trust_remote_code)
-        tokenizer.truncation_side = "left"  # an over-long text loses prompt, never the completion being scored
         model, info = AutoModelForSequenceClassification.from_pretrained(
             name, trust_remote_code=trust_remote_code, output_loading_info=True)
         if info["missing_keys"]:
@@ -45,32 +80,11 @@ class RewardModelScorer:
             model.to(device)
         return cls(model, tokenizer, name, batch_size, device)
 
-    def _render(self, prompt, completion) -> str:
-        """Plain text is concatenated; a conversation goes through the reward model's chat template."""
-        if isinstance(prompt, str):
-            return prompt + completion
-        messages = prompt + completion
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(messages, tokenize=False)
-        return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
-
     @torch.no_grad()
     def __call__(self, prompts: list, completions: list, **kwargs) -> torch.Tensor:
-        texts = [self._render(p, c) for p, c in zip(prompts, completions)]
+        sequences = [reward_input_ids(self.tokenizer, p, c, self.max_length) for p, c in zip(prompts, completions)]
         scores = []
-        for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt", padding=True,
-                                   padding_side="right", truncation=True).to(self.device)
-            scores.extend(self._last_token_scores(batch["input_ids"], batch["attention_mask"]).tolist())
+        for start in range(0, len(sequences), self.batch_size):
+            ids, mask = pad_right(self.tokenizer, sequences[start:start + self.batch_size], self.device)
+            scores.extend(last_token_scores(self.model, ids, mask).tolist())
         return check_rewards(scores, len(completions), f"model {self.name}")
-
-
-    def _last_token_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(b, L) right-padded -> (b,) scores at each row's last attended position."""
-        head = getattr(self.model, "score", None)
-        if not isinstance(head, torch.nn.Linear):
-            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
-        trunk = getattr(self.model, self.model.base_model_prefix)
-        hidden = trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (b, L, H)
-        last = attention_mask.sum(-1) - 1  # (b,)
-        return head(hidden[torch.arange(len(last), device=last.device), last])[:, 0].float()  # (b,)

@@ -24,7 +24,7 @@ from p3o.models.loading import disable_dropout, eos_token_ids
 from p3o.rl.algorithms import get_algorithm
 from p3o.rl.config import TrainConfig, derive_sizes
 from p3o.rl.losses import aggregate
-from p3o.rl.rollout import (Rollout, batched_token_logprobs, generation_config, sample_responses,
+from p3o.rl.rollout import (Rollout, batched_token_logprobs, decode_completions, generation_config, sample_responses,
                             sequence_logprobs, supports_logits_to_keep, token_logprobs, pad_prompts)
 from p3o.utils.seeding import generator, seed_global_rng
 
@@ -115,8 +115,7 @@ class Trainer:
 
         # 3. Score: raw rewards (B,) in float64, checked for count and finiteness.
         t0 = time.perf_counter()
-        completions = [self.tokenizer.decode(ids[:n], skip_special_tokens=True)
-                       for ids, n in zip(response_ids.tolist(), response_mask.sum(-1).tolist())]
+        completions = decode_completions(self.tokenizer, query_ids, query_mask, response_ids, response_mask)
         rewards = self.score(rows, completions, response_ids, response_mask, k)
         timings["time_score"] = time.perf_counter() - t0
 

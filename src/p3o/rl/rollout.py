@@ -84,6 +84,19 @@ def sample_responses(model, query_ids: torch.Tensor, query_mask: torch.Tensor, g
     return response_ids, response_mask_from_eos(response_ids, eos_ids)
 
 
+def decode_completions(tokenizer, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
+                       response_mask: torch.Tensor) -> list[str]:
+    """Each response's text as it continues its prompt: prompt + response decoded together, minus
+    the prompt's own decoding. Decoding the response alone would drop the space before its first
+    word for tokenizers that join words with spaces or mark them with a leading "▁"."""
+    prompts = [q[m.bool()].tolist() for q, m in zip(query_ids, query_mask)]
+    responses = [r[: int(n)].tolist() for r, n in zip(response_ids, response_mask.sum(-1))]
+    prompt_texts = tokenizer.batch_decode(prompts, skip_special_tokens=True)
+    full_texts = tokenizer.batch_decode([p + r for p, r in zip(prompts, responses)], skip_special_tokens=True)
+    alone = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    return [full[len(p):] if full.startswith(p) else a for p, full, a in zip(prompt_texts, full_texts, alone)]
+
+
 def supports_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
