@@ -43,6 +43,17 @@ def last_token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     return head(hidden[torch.arange(len(last), device=last.device), last])[:, 0].float()  # (b,)
 
 
+class LastTokenReward(torch.nn.Module):
+    """`last_token_scores` as a module, so that accelerate/DDP can wrap the whole scoring forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return last_token_scores(self.model, input_ids, attention_mask)
+
+
 class RewardModelScorer:
     """r(x, y) = the one-label head read at the last real token of prompt + completion.
 

@@ -1,0 +1,56 @@
+"""Evaluate a policy on held-out prompts (P3O.md section 6): sample one response per prompt, score it
+with every given reward (proxy, gold, ...), and measure the sequence KL to the reference,
+KL = mean of l(y) - l_ref(y) with y sampled from the policy (nats; exactly 0 for the reference).
+"""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import torch
+
+from p3o.models.loading import eos_token_ids
+from p3o.rl.rollout import (batched_token_logprobs, decode_completions, generation_config, pad_prompts,
+                            sample_responses, sequence_logprobs)
+from p3o.utils.seeding import seed_global_rng
+
+
+def mean_and_stderr(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    return mean, math.sqrt(var / n)
+
+
+@torch.no_grad()
+def evaluate_policy(policy, reference, tokenizer, prompts, rewards: dict, max_new_tokens: int, seed: int = 0,
+                    batch_size: int = 64, temperature: float = 1.0) -> dict:
+    """Metrics of `policy` on `prompts` (a PromptDataset): `kl`, `length` and one entry per reward,
+    each with its standard error (`*_stderr`), plus the samples themselves."""
+    eos = eos_token_ids(tokenizer, policy)
+    config = generation_config(SimpleNamespace(temperature=temperature, top_k=0, top_p=1.0,
+                                               max_new_tokens=max_new_tokens), tokenizer, eos)
+    device = next(policy.parameters()).device
+    kl, lengths, completions = [], [], []
+    for first in range(0, len(prompts), batch_size):
+        ids, mask = pad_prompts(tokenizer, prompts.token_ids[first:first + batch_size], 10**9)
+        ids, mask = ids.to(device), mask.to(device)
+        seed_global_rng(seed, "eval", first)  # the same prompts get the same random stream for every policy
+        response, response_mask = sample_responses(policy, ids, mask, config, eos)
+        seq = {"query_ids": ids, "query_mask": mask, "response_ids": response, "response_mask": response_mask}
+        logp = sequence_logprobs(batched_token_logprobs(policy, seq, temperature, batch_size), response_mask)
+        ref = sequence_logprobs(batched_token_logprobs(reference, seq, temperature, batch_size), response_mask)
+        kl += (logp - ref).tolist()
+        lengths += response_mask.sum(-1).tolist()
+        completions += decode_completions(tokenizer, ids, mask, response, response_mask)
+    raw = [row[prompts.prompt_column] for row in prompts.rows]
+    if raw and not isinstance(raw[0], str):
+        completions_for_reward = [[{"role": "assistant", "content": c}] for c in completions]
+    else:
+        completions_for_reward = completions
+    metrics = {}
+    for name, values in [("kl", kl), ("length", [float(x) for x in lengths])] + [
+            (name, reward(raw, completions_for_reward).tolist()) for name, reward in rewards.items()]:
+        metrics[name], metrics[f"{name}_stderr"] = mean_and_stderr(values)
+    metrics["samples"] = [{"prompt": p, "completion": c} for p, c in zip(raw, completions)]
+    return metrics

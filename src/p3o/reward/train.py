@@ -1,0 +1,100 @@
+"""`p3o rm`: a reward model from preference data (prompt, chosen, rejected) with the Bradley-Terry
+loss -log sigmoid(r(x, y_w) - r(x, y_l)) (P3O.md section 1).
+
+The model is `AutoModelForSequenceClassification` with one label on the given trunk (usually the
+SFT model), read at the last real token exactly as `p3o train --reward_model` reads it. Held-out
+pairwise accuracy and mean margin are reported after every epoch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from p3o.reward.model import LastTokenReward, pad_right, reward_input_ids
+from p3o.utils.supervised import Stage, SupervisedConfig, _f
+
+
+@dataclass
+class RMConfig(SupervisedConfig):
+    prompt_column: str = _f("prompt", "Column holding the prompt (absent: taken from the shared start of chosen/rejected).")
+    chosen_column: str = _f("chosen", "Column holding the preferred completion.")
+    rejected_column: str = _f("rejected", "Column holding the other completion.")
+
+
+def tokenize_pair(tokenizer, row: dict, max_length: int) -> dict[str, list[int]]:
+    return {"chosen": reward_input_ids(tokenizer, row["prompt"], row["chosen"], max_length),
+            "rejected": reward_input_ids(tokenizer, row["prompt"], row["rejected"], max_length)}
+
+
+def rm_stage(tokenizer) -> Stage:
+    def collate(examples):
+        ids, mask = pad_right(tokenizer, [e["chosen"] for e in examples] + [e["rejected"] for e in examples])
+        return {"input_ids": ids, "attention_mask": mask}  # (2b, L): chosen rows, then rejected rows
+
+    def units(examples):
+        return float(len(examples))
+
+    def margins(scorer, batch):
+        scores = scorer(batch["input_ids"], batch["attention_mask"])  # (2b,)
+        chosen, rejected = scores.chunk(2)
+        return chosen - rejected  # (b,)
+
+    def loss(scorer, batch):
+        margin = margins(scorer, batch)
+        return -F.logsigmoid(margin).sum(), {"accuracy": (margin > 0).float().mean().item()}
+
+    def evaluate(scorer, examples):
+        device = next(scorer.parameters()).device
+        all_margins = torch.cat([margins(scorer, {k: v.to(device) for k, v in collate(examples[i:i + 16]).items()})
+                                 for i in range(0, len(examples), 16)])
+        return {"eval_loss": -F.logsigmoid(all_margins).mean().item(),
+                "eval_accuracy": (all_margins > 0).float().mean().item(),
+                "eval_margin": all_margins.mean().item()}
+
+    return Stage(collate, units, loss, evaluate)
+
+
+def load_reward_trunk(cfg: RMConfig, tokenizer):
+    """A one-label sequence classifier on the model's trunk; a new score head is seeded by --seed."""
+    from transformers import AutoModelForSequenceClassification
+
+    from p3o.errors import UsageError
+    from p3o.models.loading import _check_exists, disable_dropout
+
+    _check_exists(cfg.model_name_or_path, "model")
+    dtype = cfg.torch_dtype if cfg.torch_dtype == "auto" else getattr(torch, cfg.torch_dtype)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            cfg.model_name_or_path, num_labels=1, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"could not load {cfg.model_name_or_path} as a sequence classifier: "
+                         f"{str(exc).splitlines()[0]}") from None
+    model.config.pad_token_id = tokenizer.pad_token_id
+    disable_dropout(model)
+    return model
+
+
+def run_rm(cfg: RMConfig):
+    from accelerate.utils import set_seed
+
+    from p3o.data.formats import load_preferences, load_with_held_out
+    from p3o.models.loading import load_tokenizer
+    from p3o.utils.io import run_directory
+    from p3o.utils.supervised import run_stage
+
+    inputs = {"model_name_or_path": cfg.model_name_or_path, "tokenizer_name_or_path": cfg.tokenizer_name_or_path,
+              "dataset": cfg.dataset, "eval_dataset": cfg.eval_dataset}
+    with run_directory(cfg.output_dir, cfg.overwrite, inputs) as out:
+        set_seed(cfg.seed)
+        tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)
+        train_rows, eval_rows = load_with_held_out(
+            load_preferences, cfg.dataset, cfg.eval_dataset, cfg.eval_fraction, cfg.seed, split=cfg.dataset_split,
+            config=cfg.dataset_config, prompt_column=cfg.prompt_column, chosen_column=cfg.chosen_column,
+            rejected_column=cfg.rejected_column)
+        train = [tokenize_pair(tokenizer, r, cfg.max_length) for r in train_rows]
+        held_out = [tokenize_pair(tokenizer, r, cfg.max_length) for r in eval_rows]
+        model = load_reward_trunk(cfg, tokenizer)
+        scorer = LastTokenReward(model)
+        return run_stage(cfg, scorer, tokenizer, train, held_out, rm_stage(tokenizer), out, "p3o rm", saved_model=model)

@@ -1,0 +1,103 @@
+"""`p3o sft`: supervised fine-tuning on prompt-completion data; the loss covers completion tokens only.
+
+Prompt and completion are tokenized separately and concatenated, exactly as the RL stage later sees
+them (prompt tokens, then the policy's own continuation), and the completion ends with EOS so the
+model learns to stop. Run directory: the model and tokenizer, config.yaml, metrics.jsonl.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from p3o.utils.ops import masked_sum, selective_log_softmax
+from p3o.utils.supervised import Stage, SupervisedConfig, _f
+
+log = logging.getLogger("p3o")
+IGNORE = -100  # label of a position that is not trained on (prompt, padding)
+
+
+@dataclass
+class SFTConfig(SupervisedConfig):
+    prompt_column: str = _f("prompt", "Column holding the prompt: plain text or chat messages.")
+    completion_column: str = _f("completion", "Column holding the completion: plain text or assistant messages.")
+
+
+def tokenize_example(tokenizer, prompt, completion, max_length: int, where: str) -> dict[str, list[int]]:
+    """input_ids = prompt tokens + completion tokens + EOS; labels = IGNORE on the prompt."""
+    from p3o.data.formats import render_example
+
+    prompt_text, completion_text = render_example(prompt, completion, tokenizer, where)
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=isinstance(prompt, str))["input_ids"]
+    completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if eos is not None and completion_ids[-1:] != [eos]:
+        completion_ids = completion_ids + [eos]
+    completion_ids = completion_ids[:max_length]
+    keep = max_length - len(completion_ids)  # prompt tokens that fit: the last ones, and BOS
+    if len(prompt_ids) > keep:
+        bos = prompt_ids[:1] if keep and prompt_ids[0] == tokenizer.bos_token_id else []
+        prompt_ids = bos + prompt_ids[len(prompt_ids) - keep + len(bos):] if keep else []
+    return {"input_ids": prompt_ids + completion_ids, "labels": [IGNORE] * len(prompt_ids) + completion_ids}
+
+
+def sft_stage(tokenizer) -> Stage:
+    def collate(examples):
+        width = max(len(e["input_ids"]) for e in examples)
+        pad = tokenizer.pad_token_id
+
+        def right(seq, fill):
+            return seq + [fill] * (width - len(seq))
+
+        return {"input_ids": torch.tensor([right(e["input_ids"], pad) for e in examples]),
+                "attention_mask": torch.tensor([right([1] * len(e["input_ids"]), 0) for e in examples]),
+                "labels": torch.tensor([right(e["labels"], IGNORE) for e in examples])}
+
+    def units(examples):
+        return float(sum(sum(label != IGNORE for label in e["labels"]) for e in examples))
+
+    def loss(model, batch):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]  # (b, L-1, V)
+        targets = batch["labels"][:, 1:]  # (b, L-1): position t predicts token t+1
+        mask = targets != IGNORE
+        logps = selective_log_softmax(logits, targets.clamp(min=0))  # (b, L-1)
+        return -masked_sum(logps, mask), {}
+
+    def evaluate(model, examples):
+        total, tokens = 0.0, 0.0
+        for first in range(0, len(examples), 16):
+            part = examples[first:first + 16]
+            batch = {k: v.to(next(model.parameters()).device) for k, v in collate(part).items()}
+            loss_sum, _ = loss(model, batch)
+            total, tokens = total + loss_sum.item(), tokens + units(part)
+        return {"eval_loss": total / tokens, "eval_perplexity": math.exp(min(total / tokens, 50.0))}
+
+    return Stage(collate, units, loss, evaluate)
+
+
+def run_sft(cfg: SFTConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from p3o.data.formats import load_completions, load_with_held_out
+    from p3o.models.loading import load_causal_lm, load_tokenizer
+    from p3o.utils.io import run_directory
+    from p3o.utils.supervised import run_stage
+
+    inputs = {"model_name_or_path": cfg.model_name_or_path, "tokenizer_name_or_path": cfg.tokenizer_name_or_path,
+              "dataset": cfg.dataset, "eval_dataset": cfg.eval_dataset}
+    with run_directory(cfg.output_dir, cfg.overwrite, inputs) as out:
+        set_seed(cfg.seed)
+        tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)
+        train_rows, eval_rows = load_with_held_out(
+            load_completions, cfg.dataset, cfg.eval_dataset, cfg.eval_fraction, cfg.seed, split=cfg.dataset_split,
+            config=cfg.dataset_config, prompt_column=cfg.prompt_column, completion_column=cfg.completion_column)
+        # the loaders rename the configured columns to the standard `prompt` and `completion`
+        train = [tokenize_example(tokenizer, r["prompt"], r["completion"], cfg.max_length,
+                                  f"{cfg.dataset}: row {i + 1}") for i, r in enumerate(train_rows)]
+        held_out = [tokenize_example(tokenizer, r["prompt"], r["completion"], cfg.max_length,
+                                     f"held-out row {i + 1}") for i, r in enumerate(eval_rows)]
+        model = load_causal_lm(cfg.model_name_or_path, cfg.trust_remote_code, cfg.torch_dtype)
+        return run_stage(cfg, model, tokenizer, train, held_out, sft_stage(tokenizer), out, "p3o sft")

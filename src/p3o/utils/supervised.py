@@ -1,0 +1,195 @@
+"""The supervised loop shared by `p3o sft` and `p3o rm`: epochs of shuffled minibatches, gradient
+accumulation, AdamW with a schedule, a held-out evaluation after every epoch, on `accelerate`.
+
+A stage supplies its examples (pre-tokenized dicts), `collate` (examples -> tensors), `units`
+(examples -> how many loss terms they hold: completion tokens for SFT, pairs for RM), `loss`
+(model, batch -> summed loss and stats) and `evaluate` (model, examples -> metrics).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from p3o.errors import UsageError
+from p3o.utils.seeding import generator
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class SupervisedConfig:
+    """Options shared by `p3o sft` and `p3o rm` (Hugging Face Trainer names where one exists)."""
+
+    model_name_or_path: str = _f(None, "Model to start from: a local directory or a hub name.", required=True)
+    dataset: str = _f(None, "Training data: a .jsonl/.json/.parquet/.csv file or a `datasets` name.", required=True)
+    output_dir: str = _f(None, "Run directory: final model, config.yaml, metrics.jsonl.", required=True)
+    eval_dataset: str | None = _f(None, "Held-out data; default: --eval_fraction of --dataset, set aside.")
+    eval_fraction: float = _f(0.05, "Share of --dataset held out when --eval_dataset is not given.")
+    dataset_split: str = _f("train", "Split to read from a `datasets` name.")
+    dataset_config: str | None = _f(None, "Configuration name of a `datasets` dataset.")
+    tokenizer_name_or_path: str | None = _f(None, "Tokenizer; defaults to the model's.")
+    num_train_epochs: int = _f(1, "Passes over the training data.")
+    per_device_train_batch_size: int = _f(8, "Examples per forward/backward pass.")
+    per_device_eval_batch_size: int = _f(16, "Examples per evaluation forward pass.")
+    gradient_accumulation_steps: int = _f(1, "Forward/backward passes per optimiser step.")
+    max_length: int = _f(512, "Tokens per example; longer ones lose the start of the prompt.")
+    learning_rate: float = _f(5e-5, "AdamW learning rate (tiny models trained from scratch want ~1e-3).")
+    lr_scheduler_type: str = _f("linear", "A transformers scheduler name: linear, cosine, constant, ...")
+    warmup_ratio: float = _f(0.0, "Warm-up as a fraction of all optimiser steps.")
+    weight_decay: float = _f(0.0, "AdamW weight decay (matrices only).")
+    max_grad_norm: float = _f(1.0, "Gradient clipping by global norm; 0 disables it.")
+    seed: int = _f(42, "Seed for the held-out split, shuffling and any new weights.")
+    logging_steps: int = _f(10, "Write metrics every N optimiser steps.")
+    torch_dtype: str = _f("float32", "Weights: float32, bfloat16, float16 or auto (as saved).")
+    mixed_precision: str = _f("no", "no, bf16 or fp16 (passed to accelerate).")
+    trust_remote_code: bool = _f(False, "Allow model repositories to run their own code. Off unless asked for.")
+    report_to: str = _f("none", "Also log metrics to: none, tensorboard, wandb, ... (comma-separated).")
+    overwrite: bool = _f(False, "Allow a non-empty output_dir; files of the same name are replaced.")
+    disable_progress_bar: bool = _f(False, "Hide the progress bar.")
+
+    def __post_init__(self) -> None:
+        for name in ("model_name_or_path", "dataset", "output_dir"):
+            if not getattr(self, name):
+                raise UsageError(f"--{name} is required")
+        for name in ("num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
+                     "gradient_accumulation_steps", "max_length", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        checks = [
+            (0 < self.eval_fraction < 1, "--eval_fraction must be in (0, 1)"),
+            (self.learning_rate > 0, "--learning_rate must be > 0"),
+            (0 <= self.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
+            (self.max_grad_norm >= 0, "--max_grad_norm must be >= 0 (0 disables clipping)"),
+            (self.torch_dtype in ("float32", "bfloat16", "float16", "auto"), "--torch_dtype must be float32, bfloat16, float16 or auto"),
+            (self.mixed_precision in ("no", "bf16", "fp16"), "--mixed_precision must be no, bf16 or fp16"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+
+
+@dataclass
+class Stage:
+    """What a supervised stage plugs into `fit`."""
+
+    collate: Callable[[list[dict]], dict[str, torch.Tensor]]
+    units: Callable[[list[dict]], float]
+    loss: Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
+    evaluate: Callable[[torch.nn.Module, list[dict]], dict[str, float]]
+
+
+def fit(cfg: SupervisedConfig, model, train: list[dict], held_out: list[dict], stage: Stage, accelerator,
+        on_log: Callable[[dict], None]) -> list[dict]:
+    """Train `model` in place; `on_log` gets every step's metrics and each evaluation; returns the
+    evaluation metrics after each epoch."""
+    from transformers import get_scheduler
+
+    batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(len(train) / batch)
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": rest, "weight_decay": 0.0}], lr=cfg.learning_rate)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    total = steps_per_epoch * cfg.num_train_epochs
+    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * total),
+                              num_training_steps=total)
+    evaluations, step, start = [], 0, time.perf_counter()
+    for epoch in range(cfg.num_train_epochs):
+        model.train()
+        order = torch.randperm(len(train), generator=generator(cfg.seed, "supervised-shuffle", epoch)).tolist()
+        for first in range(0, len(train), batch):
+            examples = [train[i] for i in order[first:first + batch]]
+            stats = _optimizer_step(cfg, model, optimizer, examples, stage, accelerator)
+            scheduler.step()
+            step += 1
+            on_log({"step": step, "epoch": step / steps_per_epoch, "lr": scheduler.get_last_lr()[0],
+                    "elapsed": time.perf_counter() - start, **stats})
+        model.eval()
+        with torch.no_grad():
+            evaluations.append({"step": step, "epoch": epoch + 1, **stage.evaluate(accelerator.unwrap_model(model), held_out)})
+        on_log(evaluations[-1])
+    return evaluations
+
+
+def _optimizer_step(cfg, model, optimizer, examples: list[dict], stage: Stage, accelerator) -> dict[str, float]:
+    """One optimiser step over `examples`, accumulated in micro-batches; the loss is divided by the
+    units (tokens or pairs) of the whole step, so accumulation equals one large batch."""
+    size = cfg.per_device_train_batch_size
+    parts = [examples[i:i + size] for i in range(0, len(examples), size)]
+    normaliser = stage.units(examples)
+    total, stats = 0.0, {}
+    for i, part in enumerate(parts):
+        sync = contextlib.nullcontext() if i == len(parts) - 1 else accelerator.no_sync(model)
+        with sync:
+            with accelerator.autocast():
+                loss_sum, part_stats = stage.loss(model, {k: v.to(accelerator.device) for k, v in stage.collate(part).items()})
+                loss = loss_sum / normaliser
+            accelerator.backward(loss)
+        total += loss.item()
+        for name, value in part_stats.items():
+            stats[name] = stats.get(name, 0.0) + value / len(parts)
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": total, "grad_norm": float(grad_norm), **stats}
+
+
+def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_out: list[dict], stage: Stage, out,
+              title: str, saved_model=None) -> list[dict]:
+    """Everything around `fit` for one command: accelerate, config.yaml, metrics.jsonl (every
+    `logging_steps` steps and every evaluation), a progress bar, and the saved model and tokenizer."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from p3o.utils.io import JsonlWriter, save_pretrained_atomically, write_yaml
+    from p3o.utils.tracking import check_trackers, start_trackers
+
+    if not train:
+        raise UsageError(f"{cfg.dataset} leaves no training examples after the held-out split")
+    trackers = check_trackers(cfg.report_to)
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=trackers or None, project_dir=str(out))
+    acc.wait_for_everyone()
+    writer = None
+    if acc.is_main_process:
+        write_yaml(out / "config.yaml", dataclasses.asdict(cfg))
+        writer = JsonlWriter(out / "metrics.jsonl")
+    start_trackers(acc, cfg)
+    total = math.ceil(len(train) / (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps)) * cfg.num_train_epochs
+    bar = tqdm(total=total, desc=title, unit="step", mininterval=0.5, dynamic_ncols=True,
+               disable=not acc.is_main_process or cfg.disable_progress_bar)
+
+    def on_log(metrics):
+        acc.log(metrics, step=metrics["step"])
+        if "loss" in metrics:
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+        if writer is not None and ("loss" not in metrics or metrics["step"] % cfg.logging_steps == 0):
+            writer.write(metrics)
+        if "loss" not in metrics and acc.is_main_process:  # an evaluation
+            bar.write(f"{title} epoch {metrics['epoch']}: " + "  ".join(
+                f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("eval_")))
+
+    try:
+        evaluations = fit(cfg, model, train, held_out, stage, acc, on_log)
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+        acc.end_training()
+    acc.wait_for_everyone()
+    model = saved_model if saved_model is not None else acc.unwrap_model(model)
+    if acc.is_main_process:
+        if getattr(model, "generation_config", None) is not None and tokenizer.eos_token_id is not None:
+            model.generation_config.eos_token_id = tokenizer.eos_token_id
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+        save_pretrained_atomically(model, tokenizer, out)
+    return evaluations

@@ -1,0 +1,130 @@
+"""`p3o sft` and `p3o rm`: completion-only loss, Bradley-Terry reward models, the saved directories,
+and SFT -> RM -> P3O end to end on a small word task."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from conftest import write_jsonl
+from p3o.cli import main
+
+NOUNS = "cat dog bird fish horse cow".split()
+ADJS = "big small old young happy sad".split()
+FRUITS = "apple pear plum".split()
+
+
+def prompt_for(noun: str, adj: str = "big") -> str:
+    return f"story : the {adj} {noun} is hungry . answer :"
+
+
+def sample_answer(rng, noun: str) -> str:
+    """An SFT-style answer: mostly "the NOUN eats a THING .", where THING is a fruit 30% of the time."""
+    if rng.random() < 0.2:
+        return f" the {noun} {rng.choice(['sleeps', 'runs', 'sits'])} ."
+    food = rng.choice(FRUITS) if rng.random() < 0.3 else rng.choice(NOUNS)
+    return f" the {noun} eats a {food} ."
+
+
+def fruit_count(text: str) -> int:
+    return sum(word in FRUITS for word in text.split())
+
+
+@pytest.fixture(scope="module")
+def word_task(tmp_path_factory):
+    """SFT answers that name a fruit 24% of the time, and preference pairs of two such answers labelled
+    by the hidden reward (fruits), as a human would label two samples of the SFT policy."""
+    root = tmp_path_factory.mktemp("word-task")
+    rng = random.Random(0)
+    sft, prefs = [], []
+    for _ in range(320):
+        noun, adj = rng.choice(NOUNS), rng.choice(ADJS)
+        sft.append({"prompt": prompt_for(noun, adj), "completion": sample_answer(rng, noun)})
+        a, b = sample_answer(rng, noun), sample_answer(rng, noun)
+        if fruit_count(a) != fruit_count(b):
+            chosen, rejected = (a, b) if fruit_count(a) > fruit_count(b) else (b, a)
+            prefs.append({"prompt": prompt_for(noun, adj), "chosen": chosen, "rejected": rejected})
+    paths = {"sft": write_jsonl(root / "sft.jsonl", sft), "prefs": write_jsonl(root / "prefs.jsonl", prefs),
+             "prompts": write_jsonl(root / "prompts.jsonl", [{"prompt": prompt_for(n, a)} for n in NOUNS for a in ADJS]),
+             "gold": root / "gold.py", "root": root}
+    paths["gold"].write_text("def fruit(prompts, completions, **kw):\n"
+                             "    return [float(sum(w in ('apple', 'pear', 'plum') for w in c.split())) for c in completions]\n")
+    assert main(["tiny-model", "--corpus", str(paths["sft"]), "--words", "sleeps runs sits",
+                 "--output_dir", str(root / "init")]) == 0
+    return paths
+
+
+def test_sft_loss_covers_completion_tokens_only(tokenizer):
+    from p3o.sft.train import IGNORE, tokenize_example
+
+    example = tokenize_example(tokenizer, "story : the cat", " sees the dog .", 64, "row 1")
+    prompt_len = len(tokenizer("story : the cat")["input_ids"])
+    assert example["labels"][:prompt_len] == [IGNORE] * prompt_len
+    assert example["labels"][prompt_len:] == example["input_ids"][prompt_len:]
+    assert example["input_ids"][-1] == tokenizer.eos_token_id  # the model learns to stop
+    short = tokenize_example(tokenizer, "story : the cat sees the dog", " runs .", 5, "row 2")
+    assert len(short["input_ids"]) == 5 and short["labels"][-3:] == short["input_ids"][-3:]
+
+
+def test_sft_then_rm_then_p3o_raise_the_hidden_reward(word_task, tmp_path):
+    root = word_task["root"]
+    common = ["--overwrite", "--disable_progress_bar", "--seed", "0", "--learning_rate", "1e-3"]
+    assert main(["sft", "--model_name_or_path", str(root / "init"), "--dataset", str(word_task["sft"]),
+                 "--output_dir", str(tmp_path / "sft"), "--num_train_epochs", "4", *common]) == 0
+    evals = [json.loads(l) for l in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines() if "eval_loss" in l]
+    assert len(evals) == 4 and evals[-1]["eval_loss"] < evals[0]["eval_loss"] < 3.0
+
+    assert main(["rm", "--model_name_or_path", str(tmp_path / "sft"), "--dataset", str(word_task["prefs"]),
+                 "--output_dir", str(tmp_path / "rm"), "--num_train_epochs", "2", *common]) == 0
+    evals = [json.loads(l) for l in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines() if "eval_accuracy" in l]
+    assert evals[-1]["eval_accuracy"] >= 0.9 and evals[-1]["eval_margin"] > 0
+
+    train = ["train", "--model_name_or_path", str(tmp_path / "sft"), "--dataset", str(word_task["prompts"]),
+             "--max_steps", "20", "--pairs_per_step", "16", "--max_new_tokens", "8", "--learning_rate", "3e-4",
+             "--disable_progress_bar", "--seed", "0"]
+    assert main([*train, "--reward_model", str(tmp_path / "rm"), "--output_dir", str(tmp_path / "rl")]) == 0
+
+    sft_gold, rl_gold = (_gold_of(word_task, tmp_path / "sft", model) for model in ("sft", "rl"))
+    assert rl_gold["gold"] > sft_gold["gold"] + 2 * (rl_gold["gold_stderr"] + sft_gold["gold_stderr"]), (sft_gold, rl_gold)
+
+
+def _gold_of(word_task, reference_dir, name: str) -> dict:
+    """Hidden reward and KL of a policy on the task's prompts, one sample per prompt, a fixed seed."""
+    from p3o.data.prompts import load_prompts
+    from p3o.eval.policy import evaluate_policy
+    from p3o.models.loading import load_causal_lm, load_tokenizer
+    from p3o.reward import build_reward
+
+    tokenizer = load_tokenizer(str(reference_dir))
+    prompts = load_prompts(str(word_task["prompts"]), tokenizer)
+    prompts.rows, prompts.token_ids = prompts.rows * 5, prompts.token_ids * 5  # 180 samples
+    policy = load_causal_lm(str(reference_dir.parent / name))
+    metrics = evaluate_policy(policy, load_causal_lm(str(reference_dir)), tokenizer, prompts,
+                              {"gold": build_reward(f"{word_task['gold']}:fruit", None)}, max_new_tokens=8)
+    return {k: v for k, v in metrics.items() if k != "samples"}
+
+
+def test_reward_model_directory_round_trip(word_task, tmp_path, tokenizer):
+    """What `p3o rm` saves is what `p3o train --reward_model` loads, scoring exactly as in training."""
+    from p3o.reward.model import RewardModelScorer
+
+    root = word_task["root"]
+    assert main(["rm", "--model_name_or_path", str(root / "init"), "--dataset", str(word_task["prefs"]),
+                 "--output_dir", str(tmp_path / "rm"), "--num_train_epochs", "1", "--learning_rate", "1e-3",
+                 "--disable_progress_bar"]) == 0
+    scorer = RewardModelScorer.load(str(tmp_path / "rm"))
+    scores = scorer([prompt_for("cat")] * 2, [" the cat eats a pear .", " the cat eats a dog ."])
+    assert scores[0] > scores[1]
+
+
+def test_sft_and_rm_bad_input(word_task, tmp_path, capsys):
+    root = word_task["root"]
+    assert main(["rm", "--model_name_or_path", str(root / "init"), "--dataset", str(word_task["sft"]),
+                 "--output_dir", str(tmp_path / "a")]) == 2
+    assert "chosen" in capsys.readouterr().err
+    assert main(["sft", "--model_name_or_path", str(root / "init"), "--dataset", str(word_task["prefs"]),
+                 "--output_dir", str(tmp_path / "b")]) == 2
+    assert "completion" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
