@@ -284,3 +284,12 @@ def test_tokenizers_that_add_bos_with_pad_equal_to_eos(assets, bos_tokenizer_mod
     rollout, _, _ = trainer.collect_rollout(2)
     real = rollout.seq["query_ids"][rollout.seq["query_mask"].bool()]
     assert int((real == tokenizer.bos_token_id).sum()) == rollout.seq["query_ids"].shape[0]  # one BOS each
+
+
+def test_a_monitor_reward_is_logged_and_never_trained_on(assets, tmp_path):
+    plain = build_trainer(train_config(assets, tmp_path))
+    plain.train()
+    monitored = build_trainer(train_config(assets, tmp_path, monitor_reward_fn=f"{assets['rewards']}:shifted_fruit"))
+    history = monitored.train()
+    assert history[0]["monitor_reward"] > 1e10  # the shifted reward really was scored
+    assert_bit_identical(plain.unwrapped_policy.state_dict(), monitored.unwrapped_policy.state_dict())

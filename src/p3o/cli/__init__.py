@@ -13,9 +13,11 @@ import sys
 from p3o.errors import UsageError
 
 COMMANDS = {
+    "demo": ("p3o.cli.demo", "Run SFT -> reward model -> P3O-V2 on an embedded task, offline, with a report."),
     "sft": ("p3o.cli.sft", "Supervised fine-tuning on prompt-completion data (loss on completion tokens only)."),
     "rm": ("p3o.cli.rm", "Train a reward model on preference data with the Bradley-Terry loss."),
     "train": ("p3o.cli.train", "RL fine-tuning of a causal LM against a reward (P3O-V1/V2)."),
+    "pipeline": ("p3o.cli.pipeline", "Run SFT -> reward model -> RL from one recipe file on your own data."),
     "convert": ("p3o.cli.convert", "Convert TL;DR comparisons or Anthropic HH rows to the standard preference format."),
     "tiny-model": ("p3o.cli.tiny_model", "Build a small random GPT-2/Llama model and a word tokenizer from a corpus."),
 }

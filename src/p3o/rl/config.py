@@ -24,6 +24,7 @@ class TrainConfig:
     algo: str = _f("p3o-v2", "Algorithm: p3o-v1 (separate clipping) or p3o-v2 (joint clipping).")
     reward_fn: str | None = _f(None, "Reward function `package.module:fn` or `path/file.py:fn`, called as fn(prompts, completions, **columns).")
     reward_model: str | None = _f(None, "Sequence-classification reward model directory or hub name (one label).")
+    monitor_reward_fn: str | None = _f(None, "A second reward function scored on every rollout for monitoring only (e.g. a gold reward), logged as monitor_reward; never trained on.")
     ref_model_name_or_path: str | None = _f(None, "Frozen reference policy; defaults to the initial policy.")
     tokenizer_name_or_path: str | None = _f(None, "Tokenizer; defaults to the policy's.")
     dataset_split: str = _f("train", "Split to read from a `datasets` name.")

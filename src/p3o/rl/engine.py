@@ -46,10 +46,12 @@ class RolloutTexts:
 class Trainer:
     """Trains `policy` against `reward` on `prompts`. One instance per run; `train()` runs it."""
 
-    def __init__(self, cfg: TrainConfig, policy, tokenizer, reward, prompts, ref_policy=None, accelerator=None):
+    def __init__(self, cfg: TrainConfig, policy, tokenizer, reward, prompts, ref_policy=None, accelerator=None,
+                 monitor_reward=None):
         from accelerate import Accelerator
 
         self.cfg, self.tokenizer, self.reward, self.prompts = cfg, tokenizer, reward, prompts
+        self.monitor_reward = monitor_reward  # scored and logged, never trained on
         self.algorithm = get_algorithm(cfg.algo)
         self.sizes = derive_sizes(cfg, self.algorithm.samples_per_prompt)
         self.accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
@@ -116,7 +118,7 @@ class Trainer:
         # 3. Score: raw rewards (B,) in float64, checked for count and finiteness.
         t0 = time.perf_counter()
         completions = decode_completions(self.tokenizer, query_ids, query_mask, response_ids, response_mask)
-        rewards = self.score(rows, completions, response_ids, response_mask, k)
+        rewards = self.score(self.reward, rows, completions, response_ids, response_mask, k)
         timings["time_score"] = time.perf_counter() - t0
 
         # 4. Sequence log-probs under pi_old and pi_ref; kl(y) = l_old(y) - l_ref(y) (P3O.md section 3).
@@ -137,10 +139,12 @@ class Trainer:
         # 5. The algorithm's own per-group quantities (P3O: Delta per pair).
         rollout = Rollout(k, seq)
         rollout.group.update(self.algorithm.prepare(rollout, cfg))
+        if self.monitor_reward is not None:  # stored only after `prepare`, which never sees it
+            seq["monitor_rewards"] = self.score(self.monitor_reward, rows, completions, response_ids, response_mask, k)
         texts = RolloutTexts([r[self.prompts.prompt_column] for r in rows], completions, rewards.tolist())
         return rollout, texts, timings
 
-    def score(self, rows: list[dict], completions: list[str], response_ids, response_mask, k: int) -> torch.Tensor:
+    def score(self, reward, rows: list[dict], completions: list[str], response_ids, response_mask, k: int) -> torch.Tensor:
         """Call the reward with the dataset's raw prompts (chat messages stay messages) and columns."""
         column = self.prompts.prompt_column
         prompts = [row[column] for row in rows for _ in range(k)]
@@ -149,7 +153,7 @@ class Trainer:
         reserved = {column, "prompts", "completions", "completion_ids"}
         extra = {name: [row.get(name) for row in rows for _ in range(k)] for name in rows[0] if name not in reserved}
         ids = [seq[:n] for seq, n in zip(response_ids.tolist(), response_mask.sum(-1).tolist())]
-        return self.reward(prompts, completions, completion_ids=ids, **extra)
+        return reward(prompts, completions, completion_ids=ids, **extra)
 
     def update(self, rollout: Rollout, step: int) -> dict[str, float]:
         """K epochs over the rollout; each epoch shuffles whole groups into minibatches."""
@@ -219,6 +223,7 @@ class Trainer:
             "reward": seq["rewards"].mean().item(),
             "reward_std": seq["rewards"].std().item() if len(seq["rewards"]) > 1 else 0.0,
             "kl": seq["kl"].mean().item(),
+            **({"monitor_reward": seq["monitor_rewards"].mean().item()} if "monitor_rewards" in seq else {}),
             "response_length": seq["response_mask"].sum(-1).float().mean().item(),
             **{f"group_{n}_abs": t.abs().mean().item() for n, t in rollout.group.items()},
             **update_stats,

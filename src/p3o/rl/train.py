@@ -39,7 +39,9 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     policy = load_causal_lm(cfg.model_name_or_path, cfg.trust_remote_code, cfg.torch_dtype, what="policy")
     ref = (load_causal_lm(cfg.ref_model_name_or_path, cfg.trust_remote_code, cfg.torch_dtype, what="reference model")
            if cfg.ref_model_name_or_path else None)
-    return Trainer(cfg, policy, tokenizer, reward, prompts, ref_policy=ref, accelerator=accelerator)
+    monitor = build_reward(cfg.monitor_reward_fn, None) if cfg.monitor_reward_fn else None
+    return Trainer(cfg, policy, tokenizer, reward, prompts, ref_policy=ref, accelerator=accelerator,
+                   monitor_reward=monitor)
 
 
 def run_train(cfg: TrainConfig) -> Path:

@@ -1,0 +1,23 @@
+"""`p3o pipeline --config recipe.yaml`: SFT -> reward model -> RL on your own data."""
+from __future__ import annotations
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", required=True, help="Recipe: output_dir and sections sft, rm, train (see configs/recipes/).")
+    parser.add_argument("--output_dir", help="Overrides the recipe's output_dir.")
+    parser.add_argument("--overwrite", action="store_true", help="Allow non-empty stage directories.")
+    parser.add_argument("--check", action="store_true", help="Only load and check the recipe; run nothing.")
+
+
+def run(args) -> None:
+    from p3o.pipeline.recipe import STAGES, load_recipe, run_recipe
+
+    overrides = {"output_dir": args.output_dir, "overwrite": args.overwrite}
+    if args.check:
+        recipe = load_recipe(args.config, overrides)
+        for name in STAGES:
+            if name in recipe:
+                cfg, fmt = recipe[name]
+                print(f"{name}: {cfg.model_name_or_path} on {cfg.dataset}{f' ({fmt})' if fmt else ''} -> {cfg.output_dir}")
+        return
+    run_recipe(args.config, overrides)

@@ -1,0 +1,44 @@
+"""Training curves from a run's metrics.jsonl, drawn with matplotlib (headless)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+PANELS = (("reward", "proxy reward (what RL optimises)"), ("monitor_reward", "gold reward (hidden labeller)"),
+          ("kl", "KL to the reference (nats)"))
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average (the raw per-step values are noisy with few pairs per step)."""
+    return [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
+            for i in range(len(values))]
+
+
+def plot_training(metrics_path: Path, out: Path, title: str) -> Path:
+    """One panel per metric present (proxy reward, gold reward, KL) against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    panels = [(key, label) for key, label in PANELS if key in rows[0]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    steps = [r["step"] for r in rows]
+    for ax, (key, label) in zip(axes[0], panels):
+        values = [r[key] for r in rows]
+        ax.plot(steps, values, color="0.75", linewidth=1, label="per step")
+        ax.plot(steps, smooth(values, max(1, len(values) // 15)), linewidth=2, label="moving average")
+        ax.set_xlabel("step")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

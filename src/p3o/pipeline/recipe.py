@@ -1,0 +1,106 @@
+"""`p3o pipeline --config recipe.yaml`: SFT -> reward model -> RL on the user's own data.
+
+A recipe is YAML with an `output_dir` and up to three sections, `sft`, `rm` and `train`, each holding
+the options of that command (`p3o sft --help`, ...). The stages are chained: the reward model starts
+from the SFT model and RL trains the SFT model against the reward model, unless a section names its
+own. A section may carry `dataset_format: tldr|hh` to convert its dataset first (`p3o convert`);
+for `sft` and `train` the converted preference rows give prompt + chosen and prompt-only data.
+Every section is checked before the first stage starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from p3o.cli.args import read_yaml_config
+from p3o.errors import UsageError
+
+STAGES = ("sft", "rm", "train")
+
+
+def load_recipe(path: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The recipe's stage configs (dataclasses), checked and chained, without running anything."""
+    recipe = read_yaml_config(path)
+    unknown = set(recipe) - {"output_dir", *STAGES}
+    if unknown:
+        raise UsageError(f"{path}: unknown section {sorted(unknown)[0]!r}; a recipe has output_dir, sft, rm, train")
+    out = Path((overrides or {}).get("output_dir") or recipe.get("output_dir") or "")
+    if not str(out):
+        raise UsageError(f"{path}: give output_dir (in the recipe or as --output_dir)")
+    if not any(stage in recipe for stage in STAGES):
+        raise UsageError(f"{path}: a recipe needs at least one of the sections sft, rm, train")
+    return {"output_dir": out, **_chain(recipe, out, path, (overrides or {}).get("overwrite", False))}
+
+
+def _chain(recipe: dict, out: Path, path: str, overwrite: bool) -> dict[str, Any]:
+    from p3o.reward.train import RMConfig
+    from p3o.rl.config import TrainConfig
+    from p3o.sft.train import SFTConfig
+
+    classes = {"sft": SFTConfig, "rm": RMConfig, "train": TrainConfig}
+    defaults = {"sft": {}, "rm": {"model_name_or_path": str(out / "sft")},
+                "train": {"model_name_or_path": str(out / "sft"), "reward_model": str(out / "rm")}}
+    stages = {}
+    for name in STAGES:
+        if name not in recipe:
+            continue
+        section = dict(recipe[name] or {})
+        if not isinstance(recipe[name] or {}, dict):
+            raise UsageError(f"{path}: section {name} must be a mapping of options")
+        fmt = section.pop("dataset_format", None)
+        if fmt is not None and fmt not in ("tldr", "hh"):
+            raise UsageError(f"{path}: {name}.dataset_format must be tldr or hh")
+        fields = {f.name for f in dataclasses.fields(classes[name])}
+        values = {k: v for k, v in defaults[name].items() if k in fields and (name != "train" or "reward_fn" not in section)}
+        values.update(section)
+        values.update(output_dir=str(out / name), overwrite=overwrite)
+        bad = set(values) - fields
+        if bad:
+            raise UsageError(f"{path}: unknown option {sorted(bad)[0]!r} in section {name}; see `p3o {name} --help`")
+        stages[name] = (classes[name](**_typed(classes[name], values, f"{path}: {name}")), fmt)
+    return stages
+
+
+def _typed(cls, values: dict, where: str) -> dict:
+    from p3o.cli.args import _coerce
+
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    return {k: _coerce(fields[k], v, where) for k, v in values.items()}
+
+
+def run_recipe(path: str, overrides: dict[str, Any] | None = None) -> Path:
+    from p3o.reward.train import run_rm
+    from p3o.rl.train import run_train
+    from p3o.sft.train import run_sft
+
+    recipe = load_recipe(path, overrides)
+    out = recipe["output_dir"]
+    runners = {"sft": run_sft, "rm": run_rm, "train": run_train}
+    for name in STAGES:
+        if name in recipe:
+            cfg, fmt = recipe[name]
+            if fmt is not None:
+                cfg = _with_converted_data(cfg, fmt, name, out / "data")
+            print(f"\n== p3o pipeline: {name} -> {cfg.output_dir}", flush=True)
+            runners[name](cfg)
+    return out
+
+
+def _with_converted_data(cfg, fmt: str, stage: str, data_dir: Path):
+    """Convert the stage's dataset with `p3o convert`'s converter and point the stage at the result."""
+    import json
+
+    from p3o.data.converters import convert_rows
+    from p3o.data.files import read_rows
+    from p3o.utils.io import atomic_write_text
+
+    rows, _ = convert_rows(fmt, read_rows(cfg.dataset, cfg.dataset_split, cfg.dataset_config), cfg.dataset)
+    if stage == "sft":
+        rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
+    elif stage == "train":
+        rows = [{"prompt": r["prompt"]} for r in rows]
+    data_dir.mkdir(parents=True, exist_ok=True)
+    target = data_dir / f"{stage}-{fmt}.jsonl"
+    atomic_write_text(target, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return dataclasses.replace(cfg, dataset=str(target), dataset_split="train", dataset_config=None)

@@ -1,0 +1,62 @@
+"""`p3o pipeline`: recipes are checked whole before anything runs; the shipped recipes load without
+downloading anything; a small recipe runs SFT -> RM -> P3O on local data."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from p3o.cli import main
+from p3o.pipeline.recipe import load_recipe
+
+RECIPES = sorted((Path(__file__).parent.parent / "configs" / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_shipped_recipes_load_and_chain_their_stages(path):
+    recipe = load_recipe(str(path))
+    out = recipe["output_dir"]
+    sft, _ = recipe["sft"]
+    rm, rm_format = recipe["rm"]
+    train, _ = recipe["train"]
+    assert sft.model_name_or_path.startswith("EleutherAI/pythia-1b")
+    assert rm.model_name_or_path == str(out / "sft") and rm_format in ("tldr", "hh")
+    assert train.model_name_or_path == str(out / "sft") and train.reward_model == str(out / "rm")
+    assert train.algo == "p3o-v2" and train.beta == 0.05 and train.clip_eps == 0.2 and train.epochs == 4
+    assert train.learning_rate <= 8e-6  # the paper's range for 1B-6B models
+
+
+def test_recipe_mistakes_are_reported_before_anything_runs(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "o"), "sft": {"model_name_or_path": "m", "dataset": "d",
+                                                                              "learnin_rate": 1e-3}}))
+    assert main(["pipeline", "--config", str(bad)]) == 2
+    assert "unknown option 'learnin_rate' in section sft" in capsys.readouterr().err
+    bad.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "o"), "rl": {}}))
+    assert main(["pipeline", "--config", str(bad)]) == 2
+    assert "unknown section 'rl'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_local_recipe_runs_every_stage(tmp_path, assets, capsys):
+    from conftest import write_jsonl
+
+    rows = [{"prompt": f"story : the {n} is hungry . answer :", "chosen": f" the {n} eats a pear .",
+             "rejected": f" the {n} eats a dog ."} for n in ("cat", "dog", "bird", "fish", "cow", "goat") * 4]
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    sft = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows])
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "run"),
+        "sft": {"model_name_or_path": str(assets["llama"]), "dataset": str(sft), "learning_rate": 1e-3,
+                "eval_fraction": 0.2, "disable_progress_bar": True},
+        "rm": {"dataset": str(prefs), "learning_rate": 1e-3, "eval_fraction": 0.2, "disable_progress_bar": True},
+        "train": {"dataset": str(sft), "max_steps": 2, "pairs_per_step": 4, "max_new_tokens": 4,
+                  "learning_rate": 1e-4, "disable_progress_bar": True},
+    }))
+    assert main(["pipeline", "--config", str(recipe), "--check"]) == 0
+    assert "rm: " + str(tmp_path / "run" / "sft") in capsys.readouterr().out
+    assert main(["pipeline", "--config", str(recipe)]) == 0
+    for stage in ("sft", "rm", "train"):
+        assert (tmp_path / "run" / stage / "model.safetensors").is_file(), stage
