@@ -16,7 +16,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
-	PATH="$(abspath $(BIN)):$$PATH" bash examples/quickstart/run.sh
+	$(BIN)/p3o demo --output_dir runs/demo --overwrite
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -n 2 -q

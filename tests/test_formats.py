@@ -200,7 +200,6 @@ def test_held_out_split_partitions_every_size(n, fraction, seed):
 
 @pytest.mark.parametrize("rows, fraction, message", [
     (numbered_rows(1), 0.5, "cannot hold out 0.5 of 1 rows"),
-    ([{"prompt": "same", "chosen": "c", "rejected": "r"}] * 5, 0.2, "(1 distinct prompts)"),
     (numbered_rows(10), 0.0, "eval_fraction must be between 0 and 1"),
     (numbered_rows(10), 1.0, "eval_fraction must be between 0 and 1"),
 ])
@@ -262,3 +261,14 @@ def test_fixture_files_are_valid_jsonl():
     for path in FIXTURES.glob("*.jsonl"):
         for line in path.read_text(encoding="utf-8").splitlines():
             assert isinstance(json.loads(line), dict), path
+
+
+def test_few_distinct_prompts_fall_back_to_holding_out_rows():
+    from p3o.data.formats import split_held_out
+
+    rows = [{"prompt": f"p{i % 2}", "completion": str(i)} for i in range(40)]
+    train, held_out = split_held_out(rows, 0.05, seed=0)
+    assert len(held_out) == 2 and len(train) == 38  # whole prompts would have held out half the data
+    one_prompt = [{"prompt": "same", "completion": str(i)} for i in range(20)]
+    train, held_out = split_held_out(one_prompt, 0.1, seed=0)
+    assert len(held_out) == 2 and len(train) == 18

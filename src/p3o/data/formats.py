@@ -139,6 +139,10 @@ def split_held_out(rows: list[Row], eval_fraction: float, seed: int) -> tuple[li
         if len(eval_indices) >= target:
             break
         eval_indices.update(group)
+    if len(eval_indices) > 2 * target or len(eval_indices) == len(rows):
+        # Too few distinct prompts to hold out whole ones at about the asked size: hold out rows.
+        log.info("only %d distinct prompts: holding out %d rows rather than whole prompts", len(groups), target)
+        eval_indices = set(random.Random(seed).sample(range(len(rows)), target))
     if len(eval_indices) == len(rows):
         raise UsageError(f"cannot hold out {eval_fraction:g} of {len(rows)} rows ({len(groups)} distinct prompts) "
                          "and keep a training row; add rows, lower eval_fraction or give an eval dataset")

@@ -55,7 +55,7 @@ class Preset:
 
 
 PRESETS = {False: Preset(n_sft=8000, n_pref=8000, n_eval=200, sft_epochs=6, rl_steps=150, rm_epochs=2),
-           True: Preset(n_sft=3000, n_pref=3000, n_eval=100, sft_epochs=4, rl_steps=60, rm_epochs=1)}
+           True: Preset(n_sft=4000, n_pref=4000, n_eval=100, sft_epochs=4, rl_steps=80, rm_epochs=2)}
 
 
 def run_demo(cfg: DemoConfig) -> Path:
@@ -132,7 +132,7 @@ def _sft(cfg: DemoConfig, preset: Preset, init: Path, files: dict, out: Path) ->
     run_sft(SFTConfig(model_name_or_path=str(init), dataset=str(files["sft_train"]), eval_dataset=str(files["sft_eval"]),
                       output_dir=str(out), num_train_epochs=preset.sft_epochs, per_device_train_batch_size=32,
                       learning_rate=2e-3, warmup_ratio=0.05, max_length=160, seed=cfg.seed, logging_steps=20,
-                      disable_progress_bar=cfg.disable_progress_bar))
+                      disable_progress_bar=cfg.disable_progress_bar, overwrite=cfg.overwrite))
 
 
 def _rm(cfg: DemoConfig, preset: Preset, sft: Path, files: dict, out: Path) -> dict:
@@ -142,7 +142,7 @@ def _rm(cfg: DemoConfig, preset: Preset, sft: Path, files: dict, out: Path) -> d
                                   eval_dataset=str(files["prefs_eval"]), output_dir=str(out), num_train_epochs=preset.rm_epochs,
                                   per_device_train_batch_size=32, learning_rate=1e-3, warmup_ratio=0.05,
                                   max_length=160, seed=cfg.seed, logging_steps=20,
-                                  disable_progress_bar=cfg.disable_progress_bar))
+                                  disable_progress_bar=cfg.disable_progress_bar, overwrite=cfg.overwrite))
     return evaluations[-1]
 
 
@@ -154,8 +154,8 @@ def _p3o(cfg: DemoConfig, preset: Preset, out: Path, files: dict) -> None:
                           reward_model=str(out / "rm"), monitor_reward_fn=f"p3o.tasks.{cfg.task}:gold_reward",
                           output_dir=str(out / "p3o-v2"), algo="p3o-v2", max_steps=preset.rl_steps,
                           pairs_per_step=preset.pairs_per_step, minibatch_pairs=min(8, preset.pairs_per_step), epochs=2,
-                          max_new_tokens=preset.max_new_tokens, learning_rate=1e-4, beta=0.05, seed=cfg.seed,
-                          logging_steps=10, disable_progress_bar=cfg.disable_progress_bar))
+                          max_new_tokens=preset.max_new_tokens, learning_rate=5e-5, beta=0.05, seed=cfg.seed,
+                          logging_steps=10, disable_progress_bar=cfg.disable_progress_bar, overwrite=cfg.overwrite))
 
 
 def _evaluate(cfg: DemoConfig, preset: Preset, out: Path, files: dict) -> dict:
