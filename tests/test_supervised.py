@@ -6,7 +6,6 @@ import json
 import random
 
 import pytest
-import torch
 
 from conftest import write_jsonl
 from p3o.cli import main

@@ -76,25 +76,20 @@ def load_reward_trunk(cfg: RMConfig, tokenizer):
     return model
 
 
-def run_rm(cfg: RMConfig):
-    from accelerate.utils import set_seed
-
+def run_rm(cfg: RMConfig) -> list[dict]:
     from p3o.data.formats import load_preferences, load_with_held_out
-    from p3o.models.loading import load_tokenizer
-    from p3o.utils.io import run_directory
-    from p3o.utils.supervised import run_stage
+    from p3o.utils.supervised import run_supervised
 
-    inputs = {"model_name_or_path": cfg.model_name_or_path, "tokenizer_name_or_path": cfg.tokenizer_name_or_path,
-              "dataset": cfg.dataset, "eval_dataset": cfg.eval_dataset}
-    with run_directory(cfg.output_dir, cfg.overwrite, inputs) as out:
-        set_seed(cfg.seed)
-        tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)
-        train_rows, eval_rows = load_with_held_out(
-            load_preferences, cfg.dataset, cfg.eval_dataset, cfg.eval_fraction, cfg.seed, split=cfg.dataset_split,
-            config=cfg.dataset_config, prompt_column=cfg.prompt_column, chosen_column=cfg.chosen_column,
-            rejected_column=cfg.rejected_column)
-        train = [tokenize_pair(tokenizer, r, cfg.max_length) for r in train_rows]
-        held_out = [tokenize_pair(tokenizer, r, cfg.max_length) for r in eval_rows]
+    def load_rows(cfg):  # the loaders rename the configured columns to `prompt`, `chosen`, `rejected`
+        return load_with_held_out(load_preferences, cfg.dataset, cfg.eval_dataset, cfg.eval_fraction, cfg.seed,
+                                  split=cfg.dataset_split, config=cfg.dataset_config, prompt_column=cfg.prompt_column,
+                                  chosen_column=cfg.chosen_column, rejected_column=cfg.rejected_column)
+
+    def tokenize(tokenizer, row, where):
+        return tokenize_pair(tokenizer, row, cfg.max_length)
+
+    def build_model(cfg, tokenizer):
         model = load_reward_trunk(cfg, tokenizer)
-        scorer = LastTokenReward(model)
-        return run_stage(cfg, scorer, tokenizer, train, held_out, rm_stage(tokenizer), out, "p3o rm", saved_model=model)
+        return LastTokenReward(model), model  # train the last-token scorer, save the classifier
+
+    return run_supervised(cfg, "p3o rm", load_rows, tokenize, build_model, rm_stage)

@@ -77,27 +77,20 @@ def sft_stage(tokenizer) -> Stage:
     return Stage(collate, units, loss, evaluate)
 
 
-def run_sft(cfg: SFTConfig):
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
+def run_sft(cfg: SFTConfig) -> list[dict]:
     from p3o.data.formats import load_completions, load_with_held_out
-    from p3o.models.loading import load_causal_lm, load_tokenizer
-    from p3o.utils.io import run_directory
-    from p3o.utils.supervised import run_stage
+    from p3o.models.loading import load_causal_lm
+    from p3o.utils.supervised import run_supervised
 
-    inputs = {"model_name_or_path": cfg.model_name_or_path, "tokenizer_name_or_path": cfg.tokenizer_name_or_path,
-              "dataset": cfg.dataset, "eval_dataset": cfg.eval_dataset}
-    with run_directory(cfg.output_dir, cfg.overwrite, inputs) as out:
-        set_seed(cfg.seed)
-        tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)
-        train_rows, eval_rows = load_with_held_out(
-            load_completions, cfg.dataset, cfg.eval_dataset, cfg.eval_fraction, cfg.seed, split=cfg.dataset_split,
-            config=cfg.dataset_config, prompt_column=cfg.prompt_column, completion_column=cfg.completion_column)
-        # the loaders rename the configured columns to the standard `prompt` and `completion`
-        train = [tokenize_example(tokenizer, r["prompt"], r["completion"], cfg.max_length,
-                                  f"{cfg.dataset}: row {i + 1}") for i, r in enumerate(train_rows)]
-        held_out = [tokenize_example(tokenizer, r["prompt"], r["completion"], cfg.max_length,
-                                     f"held-out row {i + 1}") for i, r in enumerate(eval_rows)]
-        model = load_causal_lm(cfg.model_name_or_path, cfg.trust_remote_code, cfg.torch_dtype)
-        return run_stage(cfg, model, tokenizer, train, held_out, sft_stage(tokenizer), out, "p3o sft")
+    def load_rows(cfg):  # the loaders rename the configured columns to `prompt` and `completion`
+        return load_with_held_out(load_completions, cfg.dataset, cfg.eval_dataset, cfg.eval_fraction, cfg.seed,
+                                  split=cfg.dataset_split, config=cfg.dataset_config,
+                                  prompt_column=cfg.prompt_column, completion_column=cfg.completion_column)
+
+    def tokenize(tokenizer, row, where):
+        return tokenize_example(tokenizer, row["prompt"], row["completion"], cfg.max_length, where)
+
+    def build_model(cfg, tokenizer):
+        return load_causal_lm(cfg.model_name_or_path, cfg.trust_remote_code, cfg.torch_dtype), None
+
+    return run_supervised(cfg, "p3o sft", load_rows, tokenize, build_model, sft_stage)

@@ -193,3 +193,27 @@ def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_o
             model.generation_config.pad_token_id = tokenizer.pad_token_id
         save_pretrained_atomically(model, tokenizer, out)
     return evaluations
+
+
+def run_supervised(cfg: SupervisedConfig, title: str, load_rows: Callable, tokenize: Callable, build_model: Callable,
+                   make_stage: Callable[[object], Stage]) -> list[dict]:
+    """One supervised command from its config: check the output directory, load the tokenizer and
+    the (train, held-out) rows, tokenize them, build the model, and `run_stage`.
+
+    load_rows(cfg) -> (train rows, held-out rows); tokenize(tokenizer, row, where) -> example;
+    build_model(cfg, tokenizer) -> (module to train, model to save)."""
+    from accelerate.utils import set_seed
+
+    from p3o.models.loading import load_tokenizer
+    from p3o.utils.io import run_directory
+
+    inputs = {"model_name_or_path": cfg.model_name_or_path, "tokenizer_name_or_path": cfg.tokenizer_name_or_path,
+              "dataset": cfg.dataset, "eval_dataset": cfg.eval_dataset}
+    with run_directory(cfg.output_dir, cfg.overwrite, inputs) as out:
+        set_seed(cfg.seed)  # also seeds any new weights, such as a reward head
+        tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)
+        train_rows, eval_rows = load_rows(cfg)
+        train = [tokenize(tokenizer, row, f"{cfg.dataset}: row {i + 1}") for i, row in enumerate(train_rows)]
+        held_out = [tokenize(tokenizer, row, f"held-out row {i + 1}") for i, row in enumerate(eval_rows)]
+        model, saved = build_model(cfg, tokenizer)
+        return run_stage(cfg, model, tokenizer, train, held_out, make_stage(tokenizer), out, title, saved_model=saved)
