@@ -60,3 +60,11 @@ def test_a_local_recipe_runs_every_stage(tmp_path, assets, capsys):
     assert main(["pipeline", "--config", str(recipe)]) == 0
     for stage in ("sft", "rm", "train"):
         assert (tmp_path / "run" / stage / "model.safetensors").is_file(), stage
+
+
+def test_a_train_section_with_a_reward_function_keeps_the_sft_model(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "o"), "sft": {"model_name_or_path": "m", "dataset": "d"},
+                                      "train": {"dataset": "p.jsonl", "reward_fn": "p3o.tasks.dialogue:gold_reward"}}))
+    train, _ = load_recipe(str(recipe))["train"]
+    assert train.model_name_or_path == str(tmp_path / "o" / "sft") and train.reward_model is None

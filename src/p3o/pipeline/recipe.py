@@ -52,7 +52,9 @@ def _chain(recipe: dict, out: Path, path: str, overwrite: bool) -> dict[str, Any
         if fmt is not None and fmt not in ("tldr", "hh"):
             raise UsageError(f"{path}: {name}.dataset_format must be tldr or hh")
         fields = {f.name for f in dataclasses.fields(classes[name])}
-        values = {k: v for k, v in defaults[name].items() if k in fields and (name != "train" or "reward_fn" not in section)}
+        values = dict(defaults[name])
+        if "reward_fn" in section:  # RL against a reward function instead of the recipe's reward model
+            values.pop("reward_model", None)
         values.update(section)
         values.update(output_dir=str(out / name), overwrite=overwrite)
         bad = set(values) - fields
