@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 import yaml
-
 from conftest import prompt_rows, write_jsonl
+
 from p3o.cli import main
 
 REQUIRED_METRICS = {"step", "reward", "kl", "loss", "clipfrac", "pairs_per_s"}

@@ -8,10 +8,17 @@ import re
 from pathlib import Path
 
 import pytest
-
 from conftest import write_jsonl
+
 from p3o.cli import convert
-from p3o.data.converters import CONVERTERS, SkipRow, convert_rows, hh_row, parse_hh_transcript, tldr_row
+from p3o.data.converters import (
+    CONVERTERS,
+    SkipRow,
+    convert_rows,
+    hh_row,
+    parse_hh_transcript,
+    tldr_row,
+)
 from p3o.data.files import read_rows
 from p3o.data.formats import count_ties, load_preferences
 from p3o.errors import UsageError

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import train_config
+
 from p3o.rl.train import build_trainer
 
 

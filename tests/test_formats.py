@@ -8,12 +8,19 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import write_jsonl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import write_jsonl
-from p3o.data.formats import (count_ties, extract_prompt, load_completions, load_preferences, load_with_held_out,
-                              render_example, split_held_out)
+from p3o.data.formats import (
+    count_ties,
+    extract_prompt,
+    load_completions,
+    load_preferences,
+    load_with_held_out,
+    render_example,
+    split_held_out,
+)
 from p3o.errors import UsageError
 
 FIXTURES = Path(__file__).parent / "fixtures"

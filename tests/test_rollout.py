@@ -7,8 +7,18 @@ import pytest
 import torch
 
 from p3o.models.loading import load_causal_lm
-from p3o.rl.rollout import generation_config, pad_prompts, sample_responses, token_logprobs
-from p3o.utils.ops import first_true_indices, masked_mean, response_mask_from_eos, selective_log_softmax
+from p3o.rl.rollout import (
+    generation_config,
+    pad_prompts,
+    sample_responses,
+    token_logprobs,
+)
+from p3o.utils.ops import (
+    first_true_indices,
+    masked_mean,
+    response_mask_from_eos,
+    selective_log_softmax,
+)
 
 PROMPTS = ["story : big cat sees the dog .", "dog", "quick sad goat likes the fish and the cow ."]
 

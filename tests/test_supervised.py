@@ -6,8 +6,8 @@ import json
 import random
 
 import pytest
-
 from conftest import write_jsonl
+
 from p3o.cli import main
 
 NOUNS = "cat dog bird fish horse cow".split()

@@ -18,6 +18,11 @@ C = TypeVar("C")
 _SCALARS = {"str": str, "int": int, "float": float, "bool": bool}
 
 
+def option(default, help: str, **metadata):
+    """A config field documented once: its `--flag` help, and `required=True` where it has no default."""
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})
+
+
 def _scalar_type(field: dataclasses.Field) -> type:
     """`int | None` -> int; the dataclasses use `from __future__ import annotations`, so types are strings."""
     name = str(field.type).replace(" ", "").replace("|None", "").replace("Optional[", "").rstrip("]")

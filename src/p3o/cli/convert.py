@@ -6,7 +6,9 @@ from pathlib import Path
 
 
 def add_arguments(parser) -> None:
-    from p3o.data.converters import CONVERTERS  # light: no torch, transformers or datasets
+    from p3o.data.converters import (
+        CONVERTERS,  # light: no torch, transformers or datasets
+    )
 
     parser.add_argument("--format", required=True, choices=sorted(CONVERTERS),
                         help="Input schema: tldr (openai/summarize_from_feedback comparisons) or hh (Anthropic/hh-rlhf).")

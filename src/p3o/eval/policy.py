@@ -10,8 +10,14 @@ from types import SimpleNamespace
 import torch
 
 from p3o.models.loading import eos_token_ids
-from p3o.rl.rollout import (batched_token_logprobs, decode_completions, generation_config, pad_prompts,
-                            sample_responses, sequence_logprobs)
+from p3o.rl.rollout import (
+    batched_token_logprobs,
+    decode_completions,
+    generation_config,
+    pad_prompts,
+    sample_responses,
+    sequence_logprobs,
+)
 from p3o.utils.seeding import seed_global_rng
 
 

@@ -10,26 +10,23 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from p3o.cli.args import option
 from p3o.errors import UsageError
 
 log = logging.getLogger("p3o")
 
 
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class DemoConfig:
-    task: str = _f("summarize", "Embedded task: summarize or dialogue.")
-    output_dir: str = _f("runs/demo", "Run directory: data, every stage's model, report.md and plots.")
-    seed: int = _f(0, "Seed for the task's data, the model and every stage.")
-    quick: bool = _f(False, "A smaller, faster run (about 2 minutes) that still shows the improvement.")
-    overwrite: bool = _f(False, "Allow a non-empty output_dir.")
-    disable_progress_bar: bool = _f(False, "Hide progress bars.")
+    task: str = option("summarize", "Embedded task: summarize or dialogue.")
+    output_dir: str = option("runs/demo", "Run directory: data, every stage's model, report.md and plots.")
+    seed: int = option(0, "Seed for the task's data, the model and every stage.")
+    quick: bool = option(False, "A smaller, faster run (about 2 minutes) that still shows the improvement.")
+    overwrite: bool = option(False, "Allow a non-empty output_dir.")
+    disable_progress_bar: bool = option(False, "Hide progress bars.")
 
     def __post_init__(self) -> None:
         from p3o.tasks import TASKS

@@ -5,8 +5,8 @@ import importlib
 import importlib.util
 import math
 import sys
-from pathlib import Path
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any, Callable
 
 import torch

@@ -12,15 +12,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from p3o.cli.args import option
 from p3o.reward.model import LastTokenReward, pad_right, reward_input_ids
-from p3o.utils.supervised import Stage, SupervisedConfig, _f
+from p3o.utils.supervised import Stage, SupervisedConfig
 
 
 @dataclass
 class RMConfig(SupervisedConfig):
-    prompt_column: str = _f("prompt", "Column holding the prompt (absent: taken from the shared start of chosen/rejected).")
-    chosen_column: str = _f("chosen", "Column holding the preferred completion.")
-    rejected_column: str = _f("rejected", "Column holding the other completion.")
+    prompt_column: str = option("prompt", "Column holding the prompt (absent: taken from the shared start of chosen/rejected).")
+    chosen_column: str = option("chosen", "Column holding the preferred completion.")
+    rejected_column: str = option("rejected", "Column holding the other completion.")
 
 
 def tokenize_pair(tokenizer, row: dict, max_length: int) -> dict[str, list[int]]:

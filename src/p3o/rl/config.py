@@ -5,71 +5,68 @@ arithmetic lives in `derive_sizes`, which refuses inexact division.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from p3o.cli.args import option
 from p3o.errors import UsageError
 from p3o.rl.losses import AGGREGATIONS
-
-
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
 class TrainConfig:
     # --- what to train, on what, against what -------------------------------------------------
-    model_name_or_path: str = _f(None, "Policy to fine-tune: a local directory or a hub name (the SFT model).", required=True)
-    dataset: str = _f(None, "Prompt-only data: a .jsonl/.json/.parquet/.csv file or a `datasets` name.", required=True)
-    output_dir: str = _f(None, "Run directory: final model, config.yaml, metrics.jsonl.", required=True)
-    algo: str = _f("p3o-v2", "Algorithm: p3o-v1 (separate clipping) or p3o-v2 (joint clipping).")
-    reward_fn: str | None = _f(None, "Reward function `package.module:fn` or `path/file.py:fn`, called as fn(prompts, completions, **columns).")
-    reward_model: str | None = _f(None, "Sequence-classification reward model directory or hub name (one label).")
-    monitor_reward_fn: str | None = _f(None, "A second reward function scored on every rollout for monitoring only (e.g. a gold reward), logged as monitor_reward; never trained on.")
-    ref_model_name_or_path: str | None = _f(None, "Frozen reference policy; defaults to the initial policy.")
-    tokenizer_name_or_path: str | None = _f(None, "Tokenizer; defaults to the policy's.")
-    dataset_split: str = _f("train", "Split to read from a `datasets` name.")
-    dataset_config: str | None = _f(None, "Configuration name of a `datasets` dataset.")
-    prompt_column: str = _f("prompt", "Column holding the prompt: plain text or a list of chat messages.")
-    torch_dtype: str = _f("float32", "Weights of the policy and reference: float32 (AdamW needs full-precision master weights), bfloat16, float16 or auto (as saved). Use --mixed_precision for fast half-precision compute.")
-    trust_remote_code: bool = _f(False, "Allow model repositories to run their own code. Off unless asked for.")
+    model_name_or_path: str = option(None, "Policy to fine-tune: a local directory or a hub name (the SFT model).", required=True)
+    dataset: str = option(None, "Prompt-only data: a .jsonl/.json/.parquet/.csv file or a `datasets` name.", required=True)
+    output_dir: str = option(None, "Run directory: final model, config.yaml, metrics.jsonl.", required=True)
+    algo: str = option("p3o-v2", "Algorithm: p3o-v1 (separate clipping) or p3o-v2 (joint clipping).")
+    reward_fn: str | None = option(None, "Reward function `package.module:fn` or `path/file.py:fn`, called as fn(prompts, completions, **columns).")
+    reward_model: str | None = option(None, "Sequence-classification reward model directory or hub name (one label).")
+    monitor_reward_fn: str | None = option(None, "A second reward function scored on every rollout for monitoring only (e.g. a gold reward), logged as monitor_reward; never trained on.")
+    ref_model_name_or_path: str | None = option(None, "Frozen reference policy; defaults to the initial policy.")
+    tokenizer_name_or_path: str | None = option(None, "Tokenizer; defaults to the policy's.")
+    dataset_split: str = option("train", "Split to read from a `datasets` name.")
+    dataset_config: str | None = option(None, "Configuration name of a `datasets` dataset.")
+    prompt_column: str = option("prompt", "Column holding the prompt: plain text or a list of chat messages.")
+    torch_dtype: str = option("float32", "Weights of the policy and reference: float32 (AdamW needs full-precision master weights), bfloat16, float16 or auto (as saved). Use --mixed_precision for fast half-precision compute.")
+    trust_remote_code: bool = option(False, "Allow model repositories to run their own code. Off unless asked for.")
     # --- sizes --------------------------------------------------------------------------------
-    max_steps: int = _f(100, "Rollout-and-update iterations.")
-    pairs_per_step: int = _f(64, "Prompts per rollout in this process, two responses each.")
-    minibatch_pairs: int | None = _f(None, "Pairs per optimiser step; default: the largest divisor of pairs_per_step that is at most 8. Pairs are never split.")
-    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimiser step (minibatch_pairs must divide by it).")
-    epochs: int = _f(4, "Passes (K) over each rollout; pairs are reshuffled each pass.")
+    max_steps: int = option(100, "Rollout-and-update iterations.")
+    pairs_per_step: int = option(64, "Prompts per rollout in this process, two responses each.")
+    minibatch_pairs: int | None = option(None, "Pairs per optimiser step; default: the largest divisor of pairs_per_step that is at most 8. Pairs are never split.")
+    gradient_accumulation_steps: int = option(1, "Micro-batches per optimiser step (minibatch_pairs must divide by it).")
+    epochs: int = option(4, "Passes (K) over each rollout; pairs are reshuffled each pass.")
     # --- generation ---------------------------------------------------------------------------
-    max_new_tokens: int = _f(64, "Tokens sampled per response; EOS ends a response early and counts as part of it.")
-    max_prompt_length: int | None = _f(None, "Longer prompts keep their last tokens (left truncation, reported once). Default: the model's context minus max_new_tokens.")
-    temperature: float = _f(1.0, "Sampling temperature; log-probabilities use the same tempered distribution.")
-    top_k: int = _f(0, "Top-k sampling; 0 disables it (the default, as P3O assumes the policy's own distribution).")
-    top_p: float = _f(1.0, "Nucleus sampling; 1.0 disables it.")
+    max_new_tokens: int = option(64, "Tokens sampled per response; EOS ends a response early and counts as part of it.")
+    max_prompt_length: int | None = option(None, "Longer prompts keep their last tokens (left truncation, reported once). Default: the model's context minus max_new_tokens.")
+    temperature: float = option(1.0, "Sampling temperature; log-probabilities use the same tempered distribution.")
+    top_k: int = option(0, "Top-k sampling; 0 disables it (the default, as P3O assumes the policy's own distribution).")
+    top_p: float = option(1.0, "Nucleus sampling; 1.0 disables it.")
     # --- objective ----------------------------------------------------------------------------
-    beta: float = _f(0.05, "KL penalty coefficient: Delta = (r1 - r2) - beta * (kl1 - kl2).")
-    clip_eps: float = _f(0.2, "Clip range eps of the ratio (V1) or of d - d_old (V2).")
-    importance_clamp: float = _f(10.0, "C: importance weights are clamped to [1/C, C].")
-    loss_aggregation: str = _f("pair-mean", "pair-mean (trajectory level, as the paper) or token-mean.")
-    delta_normalization: str = _f("none", "none, or rms: divide Delta by its root-mean-square over the rollout (shift-invariant; raw rewards are never normalised).")
-    delta_clip: float | None = _f(None, "Clip Delta to [-delta_clip, delta_clip] after normalisation.")
+    beta: float = option(0.05, "KL penalty coefficient: Delta = (r1 - r2) - beta * (kl1 - kl2).")
+    clip_eps: float = option(0.2, "Clip range eps of the ratio (V1) or of d - d_old (V2).")
+    importance_clamp: float = option(10.0, "C: importance weights are clamped to [1/C, C].")
+    loss_aggregation: str = option("pair-mean", "pair-mean (trajectory level, as the paper) or token-mean.")
+    delta_normalization: str = option("none", "none, or rms: divide Delta by its root-mean-square over the rollout (shift-invariant; raw rewards are never normalised).")
+    delta_clip: float | None = option(None, "Clip Delta to [-delta_clip, delta_clip] after normalisation.")
     # --- optimiser ----------------------------------------------------------------------------
-    learning_rate: float = _f(1e-6, "AdamW learning rate (1e-6..8e-6 for 1B-6B models; tiny models on CPU want ~1e-3).")
-    lr_scheduler_type: str = _f("constant_with_warmup", "A transformers scheduler name: linear, cosine, constant, constant_with_warmup, ...")
-    warmup_steps: int = _f(0, "Optimiser steps of linear warm-up (overrides warmup_ratio when > 0).")
-    warmup_ratio: float = _f(0.0, "Warm-up as a fraction of all optimiser steps.")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    adam_beta1: float = _f(0.9, "AdamW beta1.")
-    adam_beta2: float = _f(0.95, "AdamW beta2 (0.95 as in the P3O experiments).")
-    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping by global norm; 0 disables it.")
+    learning_rate: float = option(1e-6, "AdamW learning rate (1e-6..8e-6 for 1B-6B models; tiny models on CPU want ~1e-3).")
+    lr_scheduler_type: str = option("constant_with_warmup", "A transformers scheduler name: linear, cosine, constant, constant_with_warmup, ...")
+    warmup_steps: int = option(0, "Optimiser steps of linear warm-up (overrides warmup_ratio when > 0).")
+    warmup_ratio: float = option(0.0, "Warm-up as a fraction of all optimiser steps.")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    adam_beta1: float = option(0.9, "AdamW beta1.")
+    adam_beta2: float = option(0.95, "AdamW beta2 (0.95 as in the P3O experiments).")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = option(1.0, "Gradient clipping by global norm; 0 disables it.")
     # --- run ------------------------------------------------------------------------------------
-    seed: int = _f(42, "Seed for initialisation, sampling and shuffling: the same seed gives the same weights on CPU.")
-    logging_steps: int = _f(1, "Print a summary line every N steps (metrics.jsonl always gets every step).")
-    log_completions: int = _f(2, "Prompts whose completions and rewards go to completions.jsonl every logging step (0: none).")
-    reward_batch_size: int = _f(64, "Sequences per reward-model forward pass.")
-    mixed_precision: str = _f("no", "no, bf16 or fp16 (passed to accelerate).")
-    report_to: str = _f("none", "Also log metrics to: none, tensorboard, wandb, or several joined by commas (metrics.jsonl is always written).")
-    overwrite: bool = _f(False, "Allow a non-empty output_dir; files of the same name are replaced.")
-    disable_progress_bar: bool = _f(False, "Hide the progress bar (summary lines are still printed).")
+    seed: int = option(42, "Seed for initialisation, sampling and shuffling: the same seed gives the same weights on CPU.")
+    logging_steps: int = option(1, "Print a summary line every N steps (metrics.jsonl always gets every step).")
+    log_completions: int = option(2, "Prompts whose completions and rewards go to completions.jsonl every logging step (0: none).")
+    reward_batch_size: int = option(64, "Sequences per reward-model forward pass.")
+    mixed_precision: str = option("no", "no, bf16 or fp16 (passed to accelerate).")
+    report_to: str = option("none", "Also log metrics to: none, tensorboard, wandb, or several joined by commas (metrics.jsonl is always written).")
+    overwrite: bool = option(False, "Allow a non-empty output_dir; files of the same name are replaced.")
+    disable_progress_bar: bool = option(False, "Hide the progress bar (summary lines are still printed).")
 
     def __post_init__(self) -> None:
         for name in ("model_name_or_path", "dataset", "output_dir"):

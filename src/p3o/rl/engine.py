@@ -24,8 +24,17 @@ from p3o.models.loading import disable_dropout, eos_token_ids
 from p3o.rl.algorithms import get_algorithm
 from p3o.rl.config import TrainConfig, derive_sizes
 from p3o.rl.losses import aggregate
-from p3o.rl.rollout import (Rollout, batched_token_logprobs, decode_completions, generation_config, sample_responses,
-                            sequence_logprobs, supports_logits_to_keep, token_logprobs, pad_prompts)
+from p3o.rl.rollout import (
+    Rollout,
+    batched_token_logprobs,
+    decode_completions,
+    generation_config,
+    pad_prompts,
+    sample_responses,
+    sequence_logprobs,
+    supports_logits_to_keep,
+    token_logprobs,
+)
 from p3o.utils.seeding import generator, seed_global_rng
 
 

@@ -15,7 +15,12 @@ from p3o.reward import build_reward
 from p3o.rl.algorithms import get_algorithm
 from p3o.rl.config import TrainConfig, derive_sizes
 from p3o.rl.engine import Trainer
-from p3o.utils.io import JsonlWriter, run_directory, save_pretrained_atomically, write_yaml
+from p3o.utils.io import (
+    JsonlWriter,
+    run_directory,
+    save_pretrained_atomically,
+    write_yaml,
+)
 from p3o.utils.tracking import check_trackers, start_trackers
 
 log = logging.getLogger("p3o")

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from p3o.cli.args import option
 from p3o.utils.ops import masked_sum, selective_log_softmax
-from p3o.utils.supervised import Stage, SupervisedConfig, _f
+from p3o.utils.supervised import Stage, SupervisedConfig
 
 log = logging.getLogger("p3o")
 IGNORE = -100  # label of a position that is not trained on (prompt, padding)
@@ -21,8 +22,8 @@ IGNORE = -100  # label of a position that is not trained on (prompt, padding)
 
 @dataclass
 class SFTConfig(SupervisedConfig):
-    prompt_column: str = _f("prompt", "Column holding the prompt: plain text or chat messages.")
-    completion_column: str = _f("completion", "Column holding the completion: plain text or assistant messages.")
+    prompt_column: str = option("prompt", "Column holding the prompt: plain text or chat messages.")
+    completion_column: str = option("completion", "Column holding the completion: plain text or assistant messages.")
 
 
 def tokenize_example(tokenizer, prompt, completion, max_length: int, where: str) -> dict[str, list[int]]:

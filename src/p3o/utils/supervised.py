@@ -11,49 +11,46 @@ import contextlib
 import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from p3o.cli.args import option
 from p3o.errors import UsageError
 from p3o.utils.seeding import generator
-
-
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
 class SupervisedConfig:
     """Options shared by `p3o sft` and `p3o rm` (Hugging Face Trainer names where one exists)."""
 
-    model_name_or_path: str = _f(None, "Model to start from: a local directory or a hub name.", required=True)
-    dataset: str = _f(None, "Training data: a .jsonl/.json/.parquet/.csv file or a `datasets` name.", required=True)
-    output_dir: str = _f(None, "Run directory: final model, config.yaml, metrics.jsonl.", required=True)
-    eval_dataset: str | None = _f(None, "Held-out data; default: --eval_fraction of --dataset, set aside.")
-    eval_fraction: float = _f(0.05, "Share of --dataset held out when --eval_dataset is not given.")
-    dataset_split: str = _f("train", "Split to read from a `datasets` name.")
-    dataset_config: str | None = _f(None, "Configuration name of a `datasets` dataset.")
-    tokenizer_name_or_path: str | None = _f(None, "Tokenizer; defaults to the model's.")
-    num_train_epochs: int = _f(1, "Passes over the training data.")
-    per_device_train_batch_size: int = _f(8, "Examples per forward/backward pass.")
-    per_device_eval_batch_size: int = _f(16, "Examples per evaluation forward pass.")
-    gradient_accumulation_steps: int = _f(1, "Forward/backward passes per optimiser step.")
-    max_length: int = _f(512, "Tokens per example; longer ones lose the start of the prompt.")
-    learning_rate: float = _f(5e-5, "AdamW learning rate (tiny models trained from scratch want ~1e-3).")
-    lr_scheduler_type: str = _f("linear", "A transformers scheduler name: linear, cosine, constant, ...")
-    warmup_ratio: float = _f(0.0, "Warm-up as a fraction of all optimiser steps.")
-    weight_decay: float = _f(0.0, "AdamW weight decay (matrices only).")
-    max_grad_norm: float = _f(1.0, "Gradient clipping by global norm; 0 disables it.")
-    seed: int = _f(42, "Seed for the held-out split, shuffling and any new weights.")
-    logging_steps: int = _f(10, "Write metrics every N optimiser steps.")
-    torch_dtype: str = _f("float32", "Weights: float32, bfloat16, float16 or auto (as saved).")
-    mixed_precision: str = _f("no", "no, bf16 or fp16 (passed to accelerate).")
-    trust_remote_code: bool = _f(False, "Allow model repositories to run their own code. Off unless asked for.")
-    report_to: str = _f("none", "Also log metrics to: none, tensorboard, wandb, ... (comma-separated).")
-    overwrite: bool = _f(False, "Allow a non-empty output_dir; files of the same name are replaced.")
-    disable_progress_bar: bool = _f(False, "Hide the progress bar.")
+    model_name_or_path: str = option(None, "Model to start from: a local directory or a hub name.", required=True)
+    dataset: str = option(None, "Training data: a .jsonl/.json/.parquet/.csv file or a `datasets` name.", required=True)
+    output_dir: str = option(None, "Run directory: final model, config.yaml, metrics.jsonl.", required=True)
+    eval_dataset: str | None = option(None, "Held-out data; default: --eval_fraction of --dataset, set aside.")
+    eval_fraction: float = option(0.05, "Share of --dataset held out when --eval_dataset is not given.")
+    dataset_split: str = option("train", "Split to read from a `datasets` name.")
+    dataset_config: str | None = option(None, "Configuration name of a `datasets` dataset.")
+    tokenizer_name_or_path: str | None = option(None, "Tokenizer; defaults to the model's.")
+    num_train_epochs: int = option(1, "Passes over the training data.")
+    per_device_train_batch_size: int = option(8, "Examples per forward/backward pass.")
+    per_device_eval_batch_size: int = option(16, "Examples per evaluation forward pass.")
+    gradient_accumulation_steps: int = option(1, "Forward/backward passes per optimiser step.")
+    max_length: int = option(512, "Tokens per example; longer ones lose the start of the prompt.")
+    learning_rate: float = option(5e-5, "AdamW learning rate (tiny models trained from scratch want ~1e-3).")
+    lr_scheduler_type: str = option("linear", "A transformers scheduler name: linear, cosine, constant, ...")
+    warmup_ratio: float = option(0.0, "Warm-up as a fraction of all optimiser steps.")
+    weight_decay: float = option(0.0, "AdamW weight decay (matrices only).")
+    max_grad_norm: float = option(1.0, "Gradient clipping by global norm; 0 disables it.")
+    seed: int = option(42, "Seed for the held-out split, shuffling and any new weights.")
+    logging_steps: int = option(10, "Write metrics every N optimiser steps.")
+    torch_dtype: str = option("float32", "Weights: float32, bfloat16, float16 or auto (as saved).")
+    mixed_precision: str = option("no", "no, bf16 or fp16 (passed to accelerate).")
+    trust_remote_code: bool = option(False, "Allow model repositories to run their own code. Off unless asked for.")
+    report_to: str = option("none", "Also log metrics to: none, tensorboard, wandb, ... (comma-separated).")
+    overwrite: bool = option(False, "Allow a non-empty output_dir; files of the same name are replaced.")
+    disable_progress_bar: bool = option(False, "Hide the progress bar.")
 
     def __post_init__(self) -> None:
         for name in ("model_name_or_path", "dataset", "output_dir"):
