@@ -70,9 +70,9 @@ def _train_into(cfg: TrainConfig, out: Path) -> Path:
     bar = _progress_bar(cfg, disable=not acc.is_main_process)
 
     def on_step(metrics, texts):
-        bar.update(1)
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}",
-                        pairs_s=f"{metrics['pairs_per_s']:.1f}")
+                        pairs_s=f"{metrics['pairs_per_s']:.1f}", refresh=False)  # drawn by update, at its pace
+        bar.update(1)
         acc.log(metrics, step=metrics["step"])
         if not writers:
             return

@@ -167,8 +167,8 @@ def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_o
     def on_log(metrics):
         acc.log(metrics, step=metrics["step"])
         if "loss" in metrics:
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)  # drawn by update, at its pace
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
         if writer is not None and ("loss" not in metrics or metrics["step"] % cfg.logging_steps == 0):
             writer.write(metrics)
         if "loss" not in metrics and acc.is_main_process:  # an evaluation
