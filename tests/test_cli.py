@@ -288,3 +288,7 @@ def test_saved_model_stops_where_training_stopped_and_long_prompts_are_reported(
     assert saved.eos_token_id == 2 and saved.pad_token_id == 0  # </s> and <pad> of the test tokenizer
     assert "responses end at '</s>' (2)" in caplog.text
     assert "48 of 48 prompts are longer than 4 tokens" in caplog.text
+
+
+def test_an_empty_optional_flag_means_unset(assets, tmp_path):
+    assert main(train_args(assets, tmp_path / "run", "--reward_model", "")) == 0

@@ -30,7 +30,7 @@ def _scalar_type(field: dataclasses.Field) -> type:
 
 
 def _coerce(field: dataclasses.Field, value: Any, source: str) -> Any:
-    if value is None:
+    if value is None or (value == "" and "None" in str(field.type)):  # `--reward_fn ""` means unset
         return None
     kind = _scalar_type(field)
     if kind is bool:
