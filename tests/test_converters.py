@@ -16,6 +16,7 @@ from p3o.data.converters import (
     SkipRow,
     convert_rows,
     hh_row,
+    hh_text_row,
     parse_hh_transcript,
     tldr_row,
 )
@@ -131,11 +132,24 @@ H = "\n\nHuman: "
 A = "\n\nAssistant: "
 
 
+@pytest.mark.parametrize("row", [
+    {"chosen": f"{H}hi{A}yes{H}more?{A}sure", "rejected": f"{H}hi{A}no{H}more?{A}nope"},  # an earlier turn differs
+    {"chosen": f"{H}hi{A}yes", "rejected": f"{H}bye{A}yes"},
+    {"chosen": f"{H}hi{A}yes{H}again", "rejected": f"{H}hi{A}yes{H}other"},
+])
+def test_hh_rows_that_are_not_one_conversation_are_skipped_and_counted(row):
+    """A user cannot edit a hub dataset, so such rows are skipped (and counted), not fatal."""
+    with pytest.raises(SkipRow, match="not the shared conversation plus one final assistant turn"):
+        hh_row(row, "hh.jsonl: row 4")
+
+
+def test_hh_text_keeps_the_datasets_own_layout():
+    row = {"chosen": f"{H}hi{A}hello{H}how are you?{A}fine", "rejected": f"{H}hi{A}hello{H}how are you?{A}bad"}
+    assert hh_text_row(row, "row 1") == {"prompt": f"{H}hi{A}hello{H}how are you?\n\nAssistant:",
+                                         "chosen": " fine", "rejected": " bad"}
+
+
 @pytest.mark.parametrize("row, message", [
-    ({"chosen": f"{H}hi{A}yes{H}more?{A}sure", "rejected": f"{H}hi{A}no{H}more?{A}nope"},
-     "chosen ends with 3 turn(s) not shared"),  # an earlier turn differs
-    ({"chosen": f"{H}hi{A}yes", "rejected": f"{H}bye{A}yes"}, "chosen ends with 2 turn(s) not shared"),
-    ({"chosen": f"{H}hi{A}yes{H}again", "rejected": f"{H}hi{A}yes{H}other"}, "chosen ends with 1 turn(s)"),
     ({"chosen": f"{H}hi{A}yes"}, "has no field 'rejected'; fields found: chosen"),
     ({"chosen": "", "rejected": f"{H}hi{A}yes"}, "a transcript has no turns"),
 ])
@@ -147,7 +161,7 @@ def test_hh_malformed_rows(row, message):
 def test_convert_rows_counts_skips_and_rejects_unknown_names(hh, tldr):
     rows, skipped = convert_rows("hh", hh, "hh.jsonl")
     assert len(rows) == 5 and skipped == {"empty final assistant turn": [5]}
-    with pytest.raises(UsageError, match="unknown format 'shp'; known formats: hh, tldr"):
+    with pytest.raises(UsageError, match="unknown format 'shp'; known formats: hh, hh-text, tldr"):
         convert_rows("shp", hh, "x")
     bad = {"info": {"post": "p", "title": "t"}, "summaries": [], "choice": 0}
     with pytest.raises(UsageError, match=r"^bad\.jsonl: row 2: summaries must be"):

@@ -69,8 +69,8 @@ def hh_row(row: Row, where: str) -> Row:
     prompt, chosen_rest, rejected_rest = extract_prompt(chosen, rejected, where) if same_start else ([], chosen, rejected)
     for name, rest in (("chosen", chosen_rest), ("rejected", rejected_rest)):
         if not prompt or len(rest) != 1 or rest[0]["role"] != "assistant":
-            raise UsageError(f"{where}: chosen and rejected must be the same conversation up to one final assistant "
-                             f"turn each, but {name} ends with {len(rest)} turn(s) not shared; fix or remove the row")
+            # a hub dataset cannot be edited by its user: skip and count such rows, like empty replies
+            raise SkipRow(f"{name} is not the shared conversation plus one final assistant turn")
     if not chosen_rest[0]["content"] or not rejected_rest[0]["content"]:
         raise SkipRow("empty final assistant turn")
     return {"prompt": prompt, "chosen": chosen_rest, "rejected": rejected_rest}
@@ -88,7 +88,16 @@ def parse_hh_transcript(text: Any, where: str) -> list[dict[str, str]]:
     return [{"role": HH_ROLES[role], "content": content.strip()} for role, content in zip(pieces[1::2], pieces[2::2])]
 
 
-CONVERTERS: dict[str, Callable[[Row, str], Row]] = {"tldr": tldr_row, "hh": hh_row}
+def hh_text_row(row: Row, where: str) -> Row:
+    """An HH-RLHF pair as plain text in the dataset's own layout, for models without a chat template:
+    prompt = the shared turns as "\n\nHuman: ...\n\nAssistant:", completions = " " + final reply."""
+    pair = hh_row(row, where)
+    turns = "".join(f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in pair["prompt"])
+    return {"prompt": turns + "\n\nAssistant:", "chosen": " " + pair["chosen"][0]["content"],
+            "rejected": " " + pair["rejected"][0]["content"]}
+
+
+CONVERTERS: dict[str, Callable[[Row, str], Row]] = {"tldr": tldr_row, "hh": hh_row, "hh-text": hh_text_row}
 
 
 def convert_rows(name: str, rows: list[Row], where: str) -> tuple[list[Row], dict[str, list[int]]]:

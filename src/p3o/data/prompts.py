@@ -26,7 +26,7 @@ def is_conversational(prompt: Any) -> bool:
     return isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt)
 
 
-def render_prompt(prompt: Any, tokenizer, where: str) -> str:
+def render_prompt(prompt: Any, tokenizer, where: str, add_generation_prompt: bool = True) -> str:
     """Plain text is used as is; chat messages go through the tokenizer's chat template."""
     if isinstance(prompt, str):
         return prompt
@@ -35,7 +35,7 @@ def render_prompt(prompt: Any, tokenizer, where: str) -> str:
             raise UsageError(f"{where}: the prompt is a list of chat messages but the tokenizer has no chat "
                              "template; give plain-text prompts or a tokenizer with a chat_template")
         try:
-            return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=add_generation_prompt)
         except Exception as exc:  # jinja raises its own errors, e.g. "System role not supported"
             raise UsageError(f"{where}: the tokenizer's chat template refused these messages "
                              f"({type(exc).__name__}: {exc})") from None

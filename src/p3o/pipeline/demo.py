@@ -58,7 +58,7 @@ PRESETS = {False: Preset(n_sft=8000, n_pref=8000, n_eval=200, sft_epochs=6, rl_s
 def run_demo(cfg: DemoConfig) -> Path:
     from p3o.utils.io import run_directory
 
-    with run_directory(cfg.output_dir, cfg.overwrite, {}) as out:
+    with run_directory(cfg.output_dir, cfg.overwrite, {}, clean_up=False) as out:  # keep finished stages
         return _demo(cfg, out, PRESETS[cfg.quick])
 
 

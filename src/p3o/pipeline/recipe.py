@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from p3o.cli.args import read_yaml_config
+from p3o.data.converters import CONVERTERS
 from p3o.errors import UsageError
 
 STAGES = ("sft", "rm", "train")
@@ -39,18 +40,20 @@ def _chain(recipe: dict, out: Path, path: str, overwrite: bool) -> dict[str, Any
     from p3o.sft.train import SFTConfig
 
     classes = {"sft": SFTConfig, "rm": RMConfig, "train": TrainConfig}
-    defaults = {"sft": {}, "rm": {"model_name_or_path": str(out / "sft")},
-                "train": {"model_name_or_path": str(out / "sft"), "reward_model": str(out / "rm")}}
+    # a stage starts from what an earlier stage of this recipe makes, and from nothing else
+    made = {"model_name_or_path": str(out / "sft")} if "sft" in recipe else {}
+    defaults = {"sft": {}, "rm": dict(made),
+                "train": {**made, **({"reward_model": str(out / "rm")} if "rm" in recipe else {})}}
     stages = {}
     for name in STAGES:
         if name not in recipe:
             continue
-        section = dict(recipe[name] or {})
         if not isinstance(recipe[name] or {}, dict):
             raise UsageError(f"{path}: section {name} must be a mapping of options")
+        section = dict(recipe[name] or {})
         fmt = section.pop("dataset_format", None)
-        if fmt is not None and fmt not in ("tldr", "hh"):
-            raise UsageError(f"{path}: {name}.dataset_format must be tldr or hh")
+        if fmt is not None and fmt not in CONVERTERS:
+            raise UsageError(f"{path}: {name}.dataset_format must be one of {', '.join(CONVERTERS)}")
         fields = {f.name for f in dataclasses.fields(classes[name])}
         values = dict(defaults[name])
         if "reward_fn" in section:  # RL against a reward function instead of the recipe's reward model

@@ -12,18 +12,17 @@ from p3o.models.loading import _check_exists, load_tokenizer
 from p3o.reward.functions import check_rewards
 
 
-def reward_input_ids(tokenizer, prompt, completion, max_length: int | None = None) -> list[int]:
+def reward_input_ids(tokenizer, prompt, completion, max_length: int | None = None, where: str = "reward input") -> list[int]:
     """Tokens of prompt + completion for a reward model. Plain text is concatenated as is; a
     conversation (message lists) goes through the chat template, which writes its own BOS.
     Over-long inputs keep their end, so the completion being scored is never cut."""
     if isinstance(prompt, str):
         ids = tokenizer(prompt + completion)["input_ids"]
-    else:
-        messages = prompt + completion
-        if getattr(tokenizer, "chat_template", None):
-            ids = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
-        else:
-            ids = tokenizer("\n".join(f"{m['role']}: {m['content']}" for m in messages))["input_ids"]
+    else:  # rendered like every other conversation in p3o, with the same errors
+        from p3o.data.prompts import render_prompt
+
+        text = render_prompt(prompt + completion, tokenizer, where, add_generation_prompt=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return ids[-max_length:] if max_length else ids
 
 

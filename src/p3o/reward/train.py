@@ -24,12 +24,12 @@ class RMConfig(SupervisedConfig):
     rejected_column: str = option("rejected", "Column holding the other completion.")
 
 
-def tokenize_pair(tokenizer, row: dict, max_length: int) -> dict[str, list[int]]:
-    return {"chosen": reward_input_ids(tokenizer, row["prompt"], row["chosen"], max_length),
-            "rejected": reward_input_ids(tokenizer, row["prompt"], row["rejected"], max_length)}
+def tokenize_pair(tokenizer, row: dict, max_length: int, where: str = "row") -> dict[str, list[int]]:
+    return {"chosen": reward_input_ids(tokenizer, row["prompt"], row["chosen"], max_length, where),
+            "rejected": reward_input_ids(tokenizer, row["prompt"], row["rejected"], max_length, where)}
 
 
-def rm_stage(tokenizer) -> Stage:
+def rm_stage(tokenizer, eval_batch_size: int = 16) -> Stage:
     def collate(examples):
         ids, mask = pad_right(tokenizer, [e["chosen"] for e in examples] + [e["rejected"] for e in examples])
         return {"input_ids": ids, "attention_mask": mask}  # (2b, L): chosen rows, then rejected rows
@@ -48,8 +48,8 @@ def rm_stage(tokenizer) -> Stage:
 
     def evaluate(scorer, examples):
         device = next(scorer.parameters()).device
-        all_margins = torch.cat([margins(scorer, {k: v.to(device) for k, v in collate(examples[i:i + 16]).items()})
-                                 for i in range(0, len(examples), 16)])
+        all_margins = torch.cat([margins(scorer, {k: v.to(device) for k, v in collate(examples[i:i + eval_batch_size]).items()})
+                                 for i in range(0, len(examples), eval_batch_size)])
         return {"eval_loss": -F.logsigmoid(all_margins).mean().item(),
                 "eval_accuracy": (all_margins > 0).float().mean().item(),
                 "eval_margin": all_margins.mean().item()}
@@ -87,7 +87,7 @@ def run_rm(cfg: RMConfig) -> list[dict]:
                                   chosen_column=cfg.chosen_column, rejected_column=cfg.rejected_column)
 
     def tokenize(tokenizer, row, where):
-        return tokenize_pair(tokenizer, row, cfg.max_length)
+        return tokenize_pair(tokenizer, row, cfg.max_length, where)
 
     def build_model(cfg, tokenizer):
         model = load_reward_trunk(cfg, tokenizer)

@@ -44,7 +44,7 @@ def tokenize_example(tokenizer, prompt, completion, max_length: int, where: str)
     return {"input_ids": prompt_ids + completion_ids, "labels": [IGNORE] * len(prompt_ids) + completion_ids}
 
 
-def sft_stage(tokenizer) -> Stage:
+def sft_stage(tokenizer, eval_batch_size: int = 16) -> Stage:
     def collate(examples):
         width = max(len(e["input_ids"]) for e in examples)
         pad = tokenizer.pad_token_id
@@ -68,8 +68,8 @@ def sft_stage(tokenizer) -> Stage:
 
     def evaluate(model, examples):
         total, tokens = 0.0, 0.0
-        for first in range(0, len(examples), 16):
-            part = examples[first:first + 16]
+        for first in range(0, len(examples), eval_batch_size):
+            part = examples[first:first + eval_batch_size]
             batch = {k: v.to(next(model.parameters()).device) for k, v in collate(part).items()}
             loss_sum, _ = loss(model, batch)
             total, tokens = total + loss_sum.item(), tokens + units(part)

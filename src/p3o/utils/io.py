@@ -34,7 +34,7 @@ def _remove_partial_run(out: Path, existed: bool) -> None:
 
 
 @contextlib.contextmanager
-def run_directory(output_dir: str, overwrite: bool, inputs: dict[str, str | None]):
+def run_directory(output_dir: str, overwrite: bool, inputs: dict[str, str | None], clean_up: bool = True):
     """The run's output directory, checked before anything is loaded: never one of the inputs, and
     non-empty only with `overwrite`. A run that fails before writing a metrics line removes what it
     wrote, so that running the same command again is not refused."""
@@ -45,7 +45,7 @@ def run_directory(output_dir: str, overwrite: bool, inputs: dict[str, str | None
     try:
         yield out
     except BaseException:
-        if not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").stat().st_size:
+        if clean_up and (not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").stat().st_size):
             _remove_partial_run(out, existed)
         raise
 

@@ -193,7 +193,7 @@ def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_o
 
 
 def run_supervised(cfg: SupervisedConfig, title: str, load_rows: Callable, tokenize: Callable, build_model: Callable,
-                   make_stage: Callable[[object], Stage]) -> list[dict]:
+                   make_stage: Callable[[object, int], Stage]) -> list[dict]:
     """One supervised command from its config: check the output directory, load the tokenizer and
     the (train, held-out) rows, tokenize them, build the model, and `run_stage`.
 
@@ -213,4 +213,5 @@ def run_supervised(cfg: SupervisedConfig, title: str, load_rows: Callable, token
         train = [tokenize(tokenizer, row, f"{cfg.dataset}: row {i + 1}") for i, row in enumerate(train_rows)]
         held_out = [tokenize(tokenizer, row, f"held-out row {i + 1}") for i, row in enumerate(eval_rows)]
         model, saved = build_model(cfg, tokenizer)
-        return run_stage(cfg, model, tokenizer, train, held_out, make_stage(tokenizer), out, title, saved_model=saved)
+        stage = make_stage(tokenizer, cfg.per_device_eval_batch_size)
+        return run_stage(cfg, model, tokenizer, train, held_out, stage, out, title, saved_model=saved)
