@@ -65,6 +65,8 @@ def test_sft_loss_covers_completion_tokens_only(tokenizer):
     assert example["input_ids"][-1] == tokenizer.eos_token_id  # the model learns to stop
     short = tokenize_example(tokenizer, "story : the cat sees the dog", " runs .", 5, "row 2")
     assert len(short["input_ids"]) == 5 and short["labels"][-3:] == short["input_ids"][-3:]
+    long = tokenize_example(tokenizer, "story : the cat", " sees the dog and the cat and the dog .", 8, "row 3")
+    assert len(long["input_ids"]) == 8 and long["labels"][:2] == [IGNORE, IGNORE]  # the prompt's end stays
 
 
 def test_sft_then_rm_then_p3o_raise_the_hidden_reward(word_task, tmp_path):

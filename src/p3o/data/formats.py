@@ -141,7 +141,8 @@ def split_held_out(rows: list[Row], eval_fraction: float, seed: int) -> tuple[li
         eval_indices.update(group)
     if len(eval_indices) > 2 * target or len(eval_indices) == len(rows):
         # Too few distinct prompts to hold out whole ones at about the asked size: hold out rows.
-        log.info("only %d distinct prompts: holding out %d rows rather than whole prompts", len(groups), target)
+        log.warning("only %d distinct prompts: holding out %d rows rather than whole prompts, so held-out "
+                    "prompts also occur in training; give --eval_dataset for a clean split", len(groups), target)
         eval_indices = set(random.Random(seed).sample(range(len(rows)), target))
     if len(eval_indices) == len(rows):
         raise UsageError(f"cannot hold out {eval_fraction:g} of {len(rows)} rows ({len(groups)} distinct prompts) "

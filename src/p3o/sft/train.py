@@ -36,7 +36,9 @@ def tokenize_example(tokenizer, prompt, completion, max_length: int, where: str)
     eos = tokenizer.eos_token_id
     if eos is not None and completion_ids[-1:] != [eos]:
         completion_ids = completion_ids + [eos]
-    completion_ids = completion_ids[:max_length]
+    # An over-long completion gives up its end, never all of its prompt: a quarter of the budget
+    # (or the whole prompt, if shorter) stays for the prompt's last tokens.
+    completion_ids = completion_ids[:max_length - min(len(prompt_ids), max(1, max_length // 4))]
     keep = max_length - len(completion_ids)  # prompt tokens that fit: the last ones, and BOS
     if len(prompt_ids) > keep:
         bos = prompt_ids[:1] if keep and prompt_ids[0] == tokenizer.bos_token_id else []
