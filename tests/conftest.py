@@ -13,6 +13,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # one core per xdist worker
 
+FIXTURES = Path(__file__).parent / "fixtures"  # small files in the TL;DR, HH and standard schemas
+
+
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def bot(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
 NOUNS = "cat dog bird fish horse cow sheep goat mouse frog".split()
 VERBS = "runs jumps sits sleeps eats sees likes finds".split()
 ADJS = "big small old young happy sad quick slow".split()

@@ -5,10 +5,9 @@ import argparse
 import copy
 import json
 import re
-from pathlib import Path
 
 import pytest
-from conftest import write_jsonl
+from conftest import FIXTURES, bot, user, write_jsonl
 
 from p3o.cli import convert
 from p3o.data.converters import (
@@ -23,16 +22,6 @@ from p3o.data.converters import (
 from p3o.data.files import read_rows
 from p3o.data.formats import count_ties, load_preferences
 from p3o.errors import UsageError
-
-FIXTURES = Path(__file__).parent / "fixtures"
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def bot(text):
-    return {"role": "assistant", "content": text}
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,9 @@ import copy
 import json
 import logging
 import re
-from pathlib import Path
 
 import pytest
-from conftest import write_jsonl
+from conftest import FIXTURES, bot, user, write_jsonl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,16 +21,6 @@ from p3o.data.formats import (
     split_held_out,
 )
 from p3o.errors import UsageError
-
-FIXTURES = Path(__file__).parent / "fixtures"
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def bot(text):
-    return {"role": "assistant", "content": text}
 
 
 def test_plain_completions_keep_other_columns_and_order():
