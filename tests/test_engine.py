@@ -1,6 +1,8 @@
 """The shared rollout/update engine: determinism, reward-shift invariance, accumulation, pairing."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import train_config
@@ -45,7 +47,7 @@ def test_delta_is_reward_difference_minus_beta_kl_difference(assets, tmp_path):
     trainer = build_trainer(train_config(assets, tmp_path, beta=0.3))
     rollout, _, _ = trainer.collect_rollout(0)
     rollout.seq["kl"] = torch.randn(16)  # pretend the policy has moved
-    delta = trainer.algorithm.prepare(rollout, trainer.cfg)["delta"]
+    delta = trainer.algorithm.prepare(rollout, trainer.cfg, 0.3).group["delta"]
     r, kl = rollout.seq["rewards"].view(8, 2), rollout.seq["kl"].view(8, 2)
     expected = (r[:, 0] - r[:, 1]).float() - 0.3 * (kl[:, 0] - kl[:, 1])
     assert torch.allclose(delta, expected)
@@ -88,7 +90,7 @@ def gradients_of_first_update(cfg) -> dict[str, torch.Tensor]:
     return grads
 
 
-@pytest.mark.parametrize("aggregation", ["pair-mean", "token-mean"])
+@pytest.mark.parametrize("aggregation", ["group-mean", "token-mean"])
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\(\)` has been overridden")
 def test_gradient_accumulation_equals_one_large_minibatch(assets, tmp_path, aggregation):
     kw = dict(max_steps=1, epochs=1, pairs_per_step=8, minibatch_pairs=8, loss_aggregation=aggregation)
@@ -105,13 +107,13 @@ def test_minibatches_never_split_pairs_and_count_optimizer_steps(assets, tmp_pat
     trainer = build_trainer(cfg)
     algorithm, seen = trainer.algorithm, []
 
-    def checking_loss(batch, token_logps, cfg):
+    def checking_loss(batch, outputs, cfg):
         q = batch.seq["query_ids"]
         assert q.shape[0] % 2 == 0 and torch.equal(q[0::2], q[1::2]), "a pair was split"
         seen.append(batch.num_groups)
-        return algorithm.loss(batch, token_logps, cfg)
+        return algorithm.loss(batch, outputs, cfg)
 
-    trainer.algorithm = type(algorithm)(algorithm.name, 2, algorithm.prepare, checking_loss, algorithm.normaliser)
+    trainer.algorithm = dataclasses.replace(algorithm, loss=checking_loss)
     trainer.train()
     # 2 steps x 3 epochs x (8 / 2) minibatches, each of 2 micro-batches of 1 pair
     assert trainer.state.optimizer_steps == 24 and seen == [1] * 48
@@ -151,11 +153,11 @@ def test_non_finite_gradient_skips_the_update(assets, tmp_path):
     before = {k: v.clone() for k, v in trainer.unwrapped_policy.state_dict().items()}
     algorithm = trainer.algorithm
 
-    def poisoned(batch, token_logps, cfg):
-        losses, stats = algorithm.loss(batch, token_logps, cfg)
+    def poisoned(batch, outputs, cfg):
+        losses, stats = algorithm.loss(batch, outputs, cfg)
         return losses * float("nan"), stats
 
-    trainer.algorithm = type(algorithm)(algorithm.name, 2, algorithm.prepare, poisoned, algorithm.normaliser)
+    trainer.algorithm = dataclasses.replace(algorithm, loss=poisoned)
     trainer.train()
     assert trainer.state.skipped_updates == 1 and trainer.state.optimizer_steps == 0
     assert_bit_identical(before, trainer.unwrapped_policy.state_dict())
@@ -190,13 +192,13 @@ def first_update_ratio_gap(trainer) -> float:
     """max |l(y) - l_old(y)| in the first micro-batch of the first update: 0 when on-policy."""
     algorithm, gaps = trainer.algorithm, []
 
-    def recording_loss(batch, token_logps, cfg):
+    def recording_loss(batch, outputs, cfg):
         if not gaps:
-            logp = (token_logps * batch.seq["response_mask"]).sum(-1)
+            logp = (outputs["token_logps"] * batch.seq["response_mask"]).sum(-1)
             gaps.append((logp - batch.seq["old_logp"]).abs().max().item())
-        return algorithm.loss(batch, token_logps, cfg)
+        return algorithm.loss(batch, outputs, cfg)
 
-    trainer.algorithm = type(algorithm)(algorithm.name, 2, algorithm.prepare, recording_loss, algorithm.normaliser)
+    trainer.algorithm = dataclasses.replace(algorithm, loss=recording_loss)
     trainer.train()
     return gaps[0]
 
@@ -224,7 +226,7 @@ def test_dropout_is_switched_off_for_models_passed_in(assets, tmp_path, tokenize
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 def test_token_mean_divides_by_the_minibatch_response_tokens(assets, tmp_path):
     kw = dict(max_steps=1, epochs=1, pairs_per_step=8, minibatch_pairs=8, max_grad_norm=0.0)  # no clipping
-    pair_mean = gradients_of_first_update(train_config(assets, tmp_path, loss_aggregation="pair-mean", **kw))
+    pair_mean = gradients_of_first_update(train_config(assets, tmp_path, loss_aggregation="group-mean", **kw))
     token_mean = gradients_of_first_update(train_config(assets, tmp_path, loss_aggregation="token-mean", **kw))
     trainer = build_trainer(train_config(assets, tmp_path, **kw))
     rollout, _, _ = trainer.collect_rollout(0)
@@ -244,7 +246,7 @@ def test_the_loss_adapter_passes_the_configured_clip_and_clamp(assets, tmp_path)
     old = torch.tensor([-3.0, -2.0, -4.0, -1.0])
     batch = Rollout(2, {"response_mask": mask, "old_logp": old}, {"delta": torch.tensor([1.0, -2.0])})
     token_logps = (old[:, None] + torch.tensor([0.3, -0.6, 0.1, 0.5])[:, None]) / 3 * mask  # (4, 3)
-    losses, stats = get_algorithm("p3o-v1").loss(batch, token_logps, cfg)
+    losses, stats = get_algorithm("p3o-v1").loss(batch, {"token_logps": token_logps}, cfg)
     expected, expected_stats = p3o_v1_loss(token_logps.sum(-1).view(2, 2), old.view(2, 2), batch.group["delta"],
                                            clip_eps=0.05, is_clamp=1.5)
     default, _ = p3o_v1_loss(token_logps.sum(-1).view(2, 2), old.view(2, 2), batch.group["delta"])
@@ -256,11 +258,11 @@ def test_each_epoch_reshuffles_the_pairs(assets, tmp_path):
     trainer = build_trainer(train_config(assets, tmp_path, max_steps=1, epochs=3, pairs_per_step=8, minibatch_pairs=1))
     algorithm, order = trainer.algorithm, []
 
-    def recording_loss(batch, token_logps, cfg):
+    def recording_loss(batch, outputs, cfg):
         order.append(batch.seq["old_logp"][0].item())
-        return algorithm.loss(batch, token_logps, cfg)
+        return algorithm.loss(batch, outputs, cfg)
 
-    trainer.algorithm = type(algorithm)(algorithm.name, 2, algorithm.prepare, recording_loss, algorithm.normaliser)
+    trainer.algorithm = dataclasses.replace(algorithm, loss=recording_loss)
     trainer.train()
     epochs = [order[i * 8:(i + 1) * 8] for i in range(3)]
     assert all(sorted(e) == sorted(epochs[0]) for e in epochs)  # every pair once per epoch

@@ -196,6 +196,18 @@ def render_example(prompt: Any, completion: Any, tokenizer, where: str) -> tuple
     return prompt_text, full[len(prompt_text):]
 
 
+def example_token_ids(tokenizer, prompt: Any, completion: Any, where: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids + EOS), tokenized as the policy sees them in RL: the prompt with
+    special tokens once (a chat template writes its own), then the completion, ended by EOS."""
+    prompt_text, completion_text = render_example(prompt, completion, tokenizer, where)
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=isinstance(prompt, str))["input_ids"]
+    completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if eos is not None and completion_ids[-1:] != [eos]:
+        completion_ids = completion_ids + [eos]
+    return prompt_ids, completion_ids
+
+
 def _split_messages(row: Row, where: str) -> Row:
     """The `messages` layout as prompt (all turns but the last) and completion (the last turn)."""
     messages = row["messages"]

@@ -17,6 +17,7 @@ class PromptDataset:
     texts: list[str]
     token_ids: list[list[int]]
     prompt_column: str
+    responses: list[list[list[int]]] | None = None  # preference data: [chosen ids, rejected ids] per row
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -59,3 +60,31 @@ def load_prompts(spec: str, tokenizer, split: str = "train", config: str | None 
         templated = not isinstance(row[column], str)  # the chat template wrote BOS (if any) itself
         token_ids.append(tokenizer(texts[-1], add_special_tokens=not templated)["input_ids"])
     return PromptDataset(rows=rows, texts=texts, token_ids=token_ids, prompt_column=column)
+
+
+def load_preference_pairs(spec: str, tokenizer, split: str = "train", config: str | None = None,
+                          prompt_column: str = "prompt", chosen_column: str = "chosen",
+                          rejected_column: str = "rejected", max_response_tokens: int | None = None) -> PromptDataset:
+    """Preference rows as prompts plus their given responses: chosen and rejected token ids, each
+    ended by EOS and cut to `max_response_tokens` (the number cut is logged)."""
+    import logging
+
+    from p3o.data.formats import example_token_ids, load_preferences
+
+    rows = load_preferences(spec, split, config, prompt_column, chosen_column, rejected_column)
+    texts, token_ids, responses, cut = [], [], [], 0
+    for i, row in enumerate(rows):
+        where = f"{spec}: row {i + 1}"
+        prompt_ids, chosen = example_token_ids(tokenizer, row["prompt"], row["chosen"], where)
+        _, rejected = example_token_ids(tokenizer, row["prompt"], row["rejected"], where)
+        if max_response_tokens is not None:
+            cut += (len(chosen) > max_response_tokens) + (len(rejected) > max_response_tokens)
+            chosen, rejected = chosen[:max_response_tokens], rejected[:max_response_tokens]
+        texts.append(render_prompt(row["prompt"], tokenizer, where))
+        token_ids.append(prompt_ids)
+        responses.append([chosen, rejected])
+    if cut:
+        logging.getLogger("p3o").warning("%s: %d of %d completions are longer than %d tokens (--max_new_tokens) "
+                                         "and were cut to it, losing their EOS", spec, cut, 2 * len(rows),
+                                         max_response_tokens)
+    return PromptDataset(rows=rows, texts=texts, token_ids=token_ids, prompt_column="prompt", responses=responses)

@@ -16,9 +16,9 @@ from p3o.rl.losses import AGGREGATIONS
 class TrainConfig:
     # --- what to train, on what, against what -------------------------------------------------
     model_name_or_path: str = option(None, "Policy to fine-tune: a local directory or a hub name (the SFT model).", required=True)
-    dataset: str = option(None, "Prompt-only data: a .jsonl/.json/.parquet/.csv file or a `datasets` name.", required=True)
+    dataset: str = option(None, "Prompt-only data (preference data for --algo dpo): a .jsonl/.json/.parquet/.csv file or a `datasets` name.", required=True)
     output_dir: str = option(None, "Run directory: final model, config.yaml, metrics.jsonl.", required=True)
-    algo: str = option("p3o-v2", "Algorithm: p3o-v1 (separate clipping) or p3o-v2 (joint clipping).")
+    algo: str = option("p3o-v2", "Algorithm: p3o-v1, p3o-v2 (P3O with separate / joint clipping), ppo, rloo, grpo, remax, online-dpo, dpo (offline, on --dataset's preference pairs).")
     reward_fn: str | None = option(None, "Reward function `package.module:fn` or `path/file.py:fn`, called as fn(prompts, completions, **columns).")
     reward_model: str | None = option(None, "Sequence-classification reward model directory or hub name (one label).")
     monitor_reward_fn: str | None = option(None, "A second reward function scored on every rollout for monitoring only (e.g. a gold reward), logged as monitor_reward; never trained on.")
@@ -27,25 +27,36 @@ class TrainConfig:
     dataset_split: str = option("train", "Split to read from a `datasets` name.")
     dataset_config: str | None = option(None, "Configuration name of a `datasets` dataset.")
     prompt_column: str = option("prompt", "Column holding the prompt: plain text or a list of chat messages.")
+    chosen_column: str = option("chosen", "dpo: column holding the preferred completion.")
+    rejected_column: str = option("rejected", "dpo: column holding the other completion.")
     torch_dtype: str = option("float32", "Weights of the policy and reference: float32 (AdamW needs full-precision master weights), bfloat16, float16 or auto (as saved). Use --mixed_precision for fast half-precision compute.")
     trust_remote_code: bool = option(False, "Allow model repositories to run their own code. Off unless asked for.")
     # --- sizes --------------------------------------------------------------------------------
     max_steps: int = option(100, "Rollout-and-update iterations.")
-    pairs_per_step: int = option(64, "Prompts per rollout in this process, two responses each.")
-    minibatch_pairs: int | None = option(None, "Pairs per optimiser step; default: the largest divisor of pairs_per_step that is at most 8. Pairs are never split.")
+    pairs_per_step: int = option(64, "Prompts per rollout in this process, each with its group of responses (a pair for P3O and DPO, num_generations for the others).")
+    num_generations: int | None = option(None, "Responses sampled per prompt (k): rloo (default 2) and grpo (default 4) take k >= 2, ppo and remax k >= 1 (default 1; remax adds a greedy response); p3o and dpo always use 2.")
+    num_train_epochs: float | None = option(None, "Passes over --dataset; when given, sets max_steps = ceil(passes * rows / (pairs_per_step * processes)). The usual way to size dpo.")
+    minibatch_pairs: int | None = option(None, "Prompt groups per optimiser step; default: the largest divisor of pairs_per_step that is at most 8. Groups are never split.")
     gradient_accumulation_steps: int = option(1, "Micro-batches per optimiser step (minibatch_pairs must divide by it).")
-    epochs: int = option(4, "Passes (K) over each rollout; pairs are reshuffled each pass.")
+    epochs: int | None = option(None, "Passes (K) over each rollout; groups are reshuffled each pass. Default 4 (dpo: 1).")
     # --- generation ---------------------------------------------------------------------------
-    max_new_tokens: int = option(64, "Tokens sampled per response; EOS ends a response early and counts as part of it.")
+    max_new_tokens: int = option(64, "Tokens sampled per response; EOS ends a response early and counts as part of it. dpo: longer chosen/rejected completions are cut to it.")
     max_prompt_length: int | None = option(None, "Longer prompts keep their last tokens (left truncation, reported once). Default: the model's context minus max_new_tokens.")
     temperature: float = option(1.0, "Sampling temperature; log-probabilities use the same tempered distribution.")
     top_k: int = option(0, "Top-k sampling; 0 disables it (the default, as P3O assumes the policy's own distribution).")
     top_p: float = option(1.0, "Nucleus sampling; 1.0 disables it.")
     # --- objective ----------------------------------------------------------------------------
-    beta: float = option(0.05, "KL penalty coefficient: Delta = (r1 - r2) - beta * (kl1 - kl2).")
+    beta: float | None = option(None, "KL penalty coefficient (P3O: Delta = (r1 - r2) - beta * (kl1 - kl2)); default 0.05. For dpo and online-dpo it is beta_dpo, default 0.1.")
+    kl_target: float | None = option(None, "Adaptive KL controller: steer the rollout's mean KL towards this target by adapting beta (Ziegler et al.); unset: beta is fixed.")
+    kl_horizon: int = option(10000, "Adaptive KL controller horizon, in responses.")
     clip_eps: float = option(0.2, "Clip range eps of the ratio (V1) or of d - d_old (V2).")
     importance_clamp: float = option(10.0, "C: importance weights are clamped to [1/C, C].")
-    loss_aggregation: str = option("pair-mean", "pair-mean (trajectory level, as the paper) or token-mean.")
+    loss_aggregation: str | None = option(None, "group-mean (per prompt group: trajectory level, as the P3O paper; default) or token-mean (summed losses / response tokens; default for ppo). pair-mean is accepted for group-mean.")
+    scale_rewards: str = option("group", "grpo: group (divide advantages by the group's reward std) or none (Dr. GRPO).")
+    vf_coef: float = option(0.1, "ppo: value loss coefficient.")
+    value_clip_eps: float = option(0.2, "ppo: clip range of the value prediction around the rollout's value.")
+    gamma: float = option(1.0, "ppo: discount of GAE.")
+    gae_lambda: float = option(0.95, "ppo: lambda of GAE.")
     delta_normalization: str = option("none", "none, or rms: divide Delta by its root-mean-square over the rollout (shift-invariant; raw rewards are never normalised).")
     delta_clip: float | None = option(None, "Clip Delta to [-delta_clip, delta_clip] after normalisation.")
     # --- optimiser ----------------------------------------------------------------------------
@@ -72,10 +83,9 @@ class TrainConfig:
         for name in ("model_name_or_path", "dataset", "output_dir"):
             if not getattr(self, name):
                 raise UsageError(f"--{name} is required")
-        if (self.reward_fn is None) == (self.reward_model is None):
-            raise UsageError("give exactly one of --reward_fn (package.module:fn or file.py:fn) and --reward_model (a directory)")
+        self._resolve_algorithm_settings()
         for name in ("max_steps", "pairs_per_step", "gradient_accumulation_steps", "epochs", "max_new_tokens",
-                     "logging_steps", "reward_batch_size"):
+                     "logging_steps", "reward_batch_size", "kl_horizon"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.log_completions < 0:
@@ -92,6 +102,12 @@ class TrainConfig:
             (self.max_grad_norm >= 0, "--max_grad_norm must be >= 0 (0 disables clipping)"),
             (self.delta_clip is None or self.delta_clip > 0, "--delta_clip must be > 0"),
             (self.loss_aggregation in AGGREGATIONS, f"--loss_aggregation must be one of {', '.join(AGGREGATIONS)}"),
+            (self.kl_target is None or self.kl_target > 0, "--kl_target must be > 0"),
+            (self.num_train_epochs is None or self.num_train_epochs > 0, "--num_train_epochs must be > 0"),
+            (self.scale_rewards in ("group", "none"), "--scale_rewards must be group or none"),
+            (self.vf_coef >= 0, "--vf_coef must be >= 0"),
+            (self.value_clip_eps > 0, "--value_clip_eps must be > 0"),
+            (0 <= self.gamma <= 1 and 0 <= self.gae_lambda <= 1, "--gamma and --gae_lambda must be in [0, 1]"),
             (self.torch_dtype in ("float32", "bfloat16", "float16", "auto"),
              "--torch_dtype must be float32, bfloat16, float16 or auto"),
             (self.minibatch_pairs is None or self.minibatch_pairs >= 1, "--minibatch_pairs must be at least 1"),
@@ -103,13 +119,38 @@ class TrainConfig:
             if not ok:
                 raise UsageError(message)
 
+    def _resolve_algorithm_settings(self) -> None:
+        """Fill the settings left unset from the algorithm's defaults; refuse what it cannot use."""
+        from p3o.rl.algorithms import default_setting, get_algorithm
+
+        algorithm = get_algorithm(self.algo)
+        if self.loss_aggregation == "pair-mean":
+            self.loss_aggregation = "group-mean"
+        for name in ("beta", "epochs", "loss_aggregation", "num_generations"):
+            if getattr(self, name) is None:
+                setattr(self, name, default_setting(algorithm, name))
+        low, high = algorithm.samples
+        if self.num_generations < low or (high is not None and self.num_generations > high):
+            allowed = f"exactly {low}" if low == high else f"at least {low}"
+            raise UsageError(f"--algo {self.algo} takes {allowed} responses per prompt, got --num_generations "
+                             f"{self.num_generations}")
+        rewards = [f"--{n}" for n in ("reward_fn", "reward_model", "monitor_reward_fn") if getattr(self, n)]
+        if algorithm.from_dataset:
+            if rewards:
+                raise UsageError(f"--algo {self.algo} learns from the preference pairs of --dataset and samples "
+                                 f"nothing to score; drop {' and '.join(rewards)}, or use --algo online-dpo")
+        elif (self.reward_fn is None) == (self.reward_model is None):
+            raise UsageError("give exactly one of --reward_fn (package.module:fn or file.py:fn) and --reward_model (a directory)")
+        if self.kl_target is not None and not algorithm.kl_penalty:
+            raise UsageError(f"--kl_target adapts a KL penalty, but --algo {self.algo} has none (its --beta is beta_dpo)")
+
 
 @dataclass(frozen=True)
 class Sizes:
     """Batch sizes derived from a TrainConfig, all in one place."""
 
     pairs_per_step: int  # groups (prompts) per rollout in this process
-    samples_per_prompt: int  # responses per prompt: 2 for P3O
+    samples_per_prompt: int  # responses per prompt (k): 2 for P3O
     minibatch_pairs: int  # groups per optimiser step
     micro_pairs: int  # groups per forward/backward
     minibatches_per_epoch: int
@@ -121,7 +162,7 @@ def default_minibatch(pairs_per_step: int, cap: int = 8) -> int:
     return max(d for d in range(1, min(cap, pairs_per_step) + 1) if pairs_per_step % d == 0)
 
 
-def derive_sizes(cfg: TrainConfig, samples_per_prompt: int = 2) -> Sizes:
+def derive_sizes(cfg: TrainConfig) -> Sizes:
     minibatch = cfg.minibatch_pairs or default_minibatch(cfg.pairs_per_step)
     if minibatch < 1 or cfg.pairs_per_step % minibatch:
         raise UsageError(f"--pairs_per_step {cfg.pairs_per_step} must be a multiple of --minibatch_pairs {minibatch}; "
@@ -132,7 +173,7 @@ def derive_sizes(cfg: TrainConfig, samples_per_prompt: int = 2) -> Sizes:
     per_epoch = cfg.pairs_per_step // minibatch
     return Sizes(
         pairs_per_step=cfg.pairs_per_step,
-        samples_per_prompt=samples_per_prompt,
+        samples_per_prompt=cfg.num_generations,
         minibatch_pairs=minibatch,
         micro_pairs=minibatch // cfg.gradient_accumulation_steps,
         minibatches_per_epoch=per_epoch,

@@ -2,11 +2,13 @@
 
     repeat:  1. take a batch of prompts       2. sample k responses per prompt from pi_old
              3. score each response           4. log-probs under pi_old and pi_ref, KL per response
-             5. the algorithm's per-group quantities (P3O: Delta per pair)
+             5. the algorithm's own quantities (P3O: Delta per pair; RLOO: advantages; PPO: GAE)
              for each of K epochs: shuffle the groups (never split one), and per minibatch of
              groups take one optimiser step on the algorithm's loss
 
-Only the algorithm's `prepare`, `loss` and `normaliser` differ between algorithms.
+Only the algorithm's `prepare` and `loss` differ between algorithms, plus three pieces the engine
+adds when an algorithm asks: a value head (PPO), a greedy response per prompt (ReMax) and responses
+read from preference data instead of sampled (offline DPO). beta comes from a KL controller.
 Shape legend as in `p3o.rl.rollout`: G prompts, k responses each, B = G*k, T response tokens.
 """
 from __future__ import annotations
@@ -21,19 +23,22 @@ import torch
 
 from p3o.errors import UsageError
 from p3o.models.loading import disable_dropout, eos_token_ids
+from p3o.models.value_head import PolicyWithValueHead
 from p3o.rl.algorithms import get_algorithm
 from p3o.rl.config import TrainConfig, derive_sizes
+from p3o.rl.kl_control import KLController
 from p3o.rl.losses import aggregate
 from p3o.rl.rollout import (
     Rollout,
-    batched_token_logprobs,
+    batched_logprobs_and_values,
     decode_completions,
     generation_config,
     pad_prompts,
+    pad_responses,
     sample_responses,
     sequence_logprobs,
     supports_logits_to_keep,
-    token_logprobs,
+    token_logprobs_and_values,
 )
 from p3o.utils.seeding import generator, seed_global_rng
 
@@ -49,7 +54,7 @@ class TrainerState:
 class RolloutTexts:
     prompts: list  # (G,) raw prompts as in the dataset
     completions: list[str]  # (B,)
-    rewards: list[float]  # (B,)
+    rewards: list[float] | None  # (B,); None when nothing was scored (offline DPO)
 
 
 class Trainer:
@@ -62,30 +67,42 @@ class Trainer:
         self.cfg, self.tokenizer, self.reward, self.prompts = cfg, tokenizer, reward, prompts
         self.monitor_reward = monitor_reward  # scored and logged, never trained on
         self.algorithm = get_algorithm(cfg.algo)
-        self.sizes = derive_sizes(cfg, self.algorithm.samples_per_prompt)
+        self.sizes = derive_sizes(cfg)
         self.accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
         self.state = TrainerState()
+        self.kl_control = KLController(cfg.beta, cfg.kl_target, cfg.kl_horizon)
+        if self.algorithm.from_dataset and getattr(prompts, "responses", None) is None:
+            raise UsageError(f"--algo {cfg.algo} needs preference data (prompt, chosen, rejected)")
 
         disable_dropout(policy)  # log-ratios must be exact: rho is 1 at the first update
         self.ref_policy = (ref_policy or copy.deepcopy(policy)).requires_grad_(False).eval()
         disable_dropout(self.ref_policy)
         self.ref_policy.to(self.accelerator.device)
-        optimizer = torch.optim.AdamW(_param_groups(policy, cfg.weight_decay), lr=cfg.learning_rate,
+        model = PolicyWithValueHead(policy) if self.algorithm.value_head else policy  # PPO: critic on the trunk
+        optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
                                       betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
-        self.policy, self.optimizer = self.accelerator.prepare(policy, optimizer)
+        self.policy, self.optimizer = self.accelerator.prepare(model, optimizer)  # the trained module
         self.scheduler = _scheduler(cfg, self.optimizer, self.sizes.optimizer_steps)
 
         unwrapped = self.unwrapped_policy
         _check_vocabulary(tokenizer, unwrapped)
         self.eos_ids = eos_token_ids(tokenizer, unwrapped)
         self.gen_config = generation_config(cfg, tokenizer, self.eos_ids)
+        self.greedy_config = generation_config(cfg, tokenizer, self.eos_ids, greedy=True)
         self.max_prompt_length = _max_prompt_length(cfg, unwrapped.config)
         self.logits_to_keep = supports_logits_to_keep(unwrapped)
         self.long_prompts = sum(len(ids) > self.max_prompt_length for ids in prompts.token_ids)
 
     @property
-    def unwrapped_policy(self):
+    def trained_module(self):
+        """The unwrapped module the optimiser updates: the policy, or the policy with its value head."""
         return self.accelerator.unwrap_model(self.policy)
+
+    @property
+    def unwrapped_policy(self):
+        """The language model itself (what generates and what is saved)."""
+        module = self.trained_module
+        return module.policy if isinstance(module, PolicyWithValueHead) else module
 
     # --- the loop ----------------------------------------------------------------------------
 
@@ -100,13 +117,15 @@ class Trainer:
             timings["time_update"] = time.perf_counter() - t0
             self.state.step += 1
             metrics = self.step_metrics(rollout, update_stats, timings, time.perf_counter() - start)
+            if "kl" in metrics:  # beta for the next rollout
+                self.kl_control.update(metrics["kl"], rollout.num_groups * rollout.group_size * self.accelerator.num_processes)
             history.append(metrics)
             if on_step is not None:
                 on_step(metrics, texts)
         return history
 
     def collect_rollout(self, step: int) -> tuple[Rollout, RolloutTexts, dict[str, float]]:
-        cfg, k, timings = self.cfg, self.algorithm.samples_per_prompt, {}
+        cfg, k, timings = self.cfg, self.sizes.samples_per_prompt, {}
         device = self.accelerator.device
         # 1. The prompts of this step, each repeated k times (a group's rows are consecutive).
         indices = self.prompt_indices(step)
@@ -116,42 +135,81 @@ class Trainer:
         query_ids = query_ids.repeat_interleave(k, dim=0).to(device)  # (B, Lq)
         query_mask = query_mask.repeat_interleave(k, dim=0).to(device)  # (B, Lq)
 
-        # 2. Sample k responses per prompt from pi_old (the current policy).
+        # 2. Sample k responses per prompt from pi_old (the current policy); offline DPO reads its pairs.
         t0 = time.perf_counter()
-        seed_global_rng(cfg.seed, f"sample/{self.accelerator.process_index}", step)
-        with self.accelerator.autocast():
-            response_ids, response_mask = sample_responses(self.unwrapped_policy, query_ids, query_mask,
-                                                           self.gen_config, self.eos_ids)  # (B, T)
+        if self.algorithm.from_dataset:
+            given = [ids for i in indices for ids in self.prompts.responses[i]]  # chosen, rejected per prompt
+            response_ids, response_mask = (t.to(device) for t in pad_responses(given, self.tokenizer.pad_token_id))
+        else:
+            response_ids, response_mask = self.generate(query_ids, query_mask, self.gen_config,
+                                                        f"sample/{self.accelerator.process_index}", step)  # (B, T)
         timings["time_generate"] = time.perf_counter() - t0
 
         # 3. Score: raw rewards (B,) in float64, checked for count and finiteness.
         t0 = time.perf_counter()
         completions = decode_completions(self.tokenizer, query_ids, query_mask, response_ids, response_mask)
-        rewards = self.score(self.reward, rows, completions, response_ids, response_mask, k)
+        seq = {"query_ids": query_ids, "query_mask": query_mask, "response_ids": response_ids,
+               "response_mask": response_mask}
+        if not self.algorithm.from_dataset:
+            seq["rewards"] = self.score(self.reward, rows, completions, response_ids, response_mask, k)  # stays on the CPU
         timings["time_score"] = time.perf_counter() - t0
 
-        # 4. Sequence log-probs under pi_old and pi_ref; kl(y) = l_old(y) - l_ref(y) (P3O.md section 3).
-        seq = {"query_ids": query_ids, "query_mask": query_mask, "response_ids": response_ids,
-               "response_mask": response_mask, "rewards": rewards}  # rewards stay float64 on the CPU
-        t0 = time.perf_counter()
-        batch = self.sizes.micro_pairs * k  # sequences per no-grad forward, as in the update
-        with self.accelerator.autocast():
-            old_tokens = batched_token_logprobs(self.unwrapped_policy, seq, cfg.temperature, batch, self.logits_to_keep)
-            timings["time_old_logprobs"] = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            ref_tokens = batched_token_logprobs(self.ref_policy, seq, cfg.temperature, batch, self.logits_to_keep)
-            timings["time_reference"] = time.perf_counter() - t1
-        seq["old_logp"] = sequence_logprobs(old_tokens, response_mask)  # (B,)
-        seq["ref_logp"] = sequence_logprobs(ref_tokens, response_mask)  # (B,)
-        seq["kl"] = seq["old_logp"] - seq["ref_logp"]  # (B,)
+        # 4. Log-probs under pi_old (with values for PPO) and pi_ref; kl(y) = l_old(y) - l_ref(y) (P3O.md section 3).
+        seq.update(self.log_probs(seq, timings, old=not self.algorithm.from_dataset))
 
-        # 5. The algorithm's own per-group quantities (P3O: Delta per pair).
+        # 5. The algorithm's own quantities (P3O: Delta per pair), from the rollout and beta.
         rollout = Rollout(k, seq)
-        rollout.group.update(self.algorithm.prepare(rollout, cfg))
+        if self.algorithm.greedy_baseline:
+            t0 = time.perf_counter()
+            rollout.group.update(self.greedy_baseline(rows, query_ids[::k], query_mask[::k], step))
+            timings["time_baseline"] = time.perf_counter() - t0
+        prepared = self.algorithm.prepare(rollout, cfg, self.kl_control.value)
+        seq.update(prepared.seq)
+        rollout.group.update(prepared.group)
+        rollout.stats.update(prepared.stats)
         if self.monitor_reward is not None:  # stored only after `prepare`, which never sees it
             seq["monitor_rewards"] = self.score(self.monitor_reward, rows, completions, response_ids, response_mask, k)
-        texts = RolloutTexts([r[self.prompts.prompt_column] for r in rows], completions, rewards.tolist())
+        rewards = seq["rewards"].tolist() if "rewards" in seq else None
+        texts = RolloutTexts([r[self.prompts.prompt_column] for r in rows], completions, rewards)
         return rollout, texts, timings
+
+    def generate(self, query_ids, query_mask, gen_config, stream: str, step: int):
+        seed_global_rng(self.cfg.seed, stream, step)
+        with self.accelerator.autocast():
+            return sample_responses(self.unwrapped_policy, query_ids, query_mask, gen_config, self.eos_ids)
+
+    def log_probs(self, seq: dict, timings: dict, old: bool = True) -> dict[str, torch.Tensor]:
+        """Token and sequence log-probs under pi_ref and (if `old`) pi_old, the latter with the
+        values of PPO's head; the KL per response when both are there."""
+        cfg, out = self.cfg, {}
+        batch = self.sizes.micro_pairs * self.sizes.samples_per_prompt  # sequences per no-grad forward, as in the update
+        with self.accelerator.autocast():
+            if old:
+                t0 = time.perf_counter()
+                out["old_token_logp"], values = batched_logprobs_and_values(
+                    self.trained_module, seq, cfg.temperature, batch, self.logits_to_keep, self.algorithm.value_head)
+                if values is not None:
+                    out["old_values"] = values  # (B, T)
+                out["old_logp"] = sequence_logprobs(out["old_token_logp"], seq["response_mask"])  # (B,)
+                timings["time_old_logprobs"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            out["ref_token_logp"], _ = batched_logprobs_and_values(self.ref_policy, seq, cfg.temperature, batch,
+                                                                   self.logits_to_keep)
+            timings["time_reference"] = time.perf_counter() - t0
+        out["ref_logp"] = sequence_logprobs(out["ref_token_logp"], seq["response_mask"])  # (B,)
+        if old:
+            out["kl"] = out["old_logp"] - out["ref_logp"]  # (B,)
+        return out
+
+    def greedy_baseline(self, rows: list[dict], query_ids, query_mask, step: int) -> dict[str, torch.Tensor]:
+        """ReMax: each prompt's greedy response, scored and with its KL: (G,) rewards and kl."""
+        response_ids, response_mask = self.generate(query_ids, query_mask, self.greedy_config, "greedy", step)
+        completions = decode_completions(self.tokenizer, query_ids, query_mask, response_ids, response_mask)
+        rewards = self.score(self.reward, rows, completions, response_ids, response_mask, 1)  # (G,)
+        seq = {"query_ids": query_ids, "query_mask": query_mask, "response_ids": response_ids,
+               "response_mask": response_mask}
+        kl = self.log_probs(seq, {})["kl"]  # (G,)
+        return {"baseline_rewards": rewards, "baseline_kl": kl}
 
     def score(self, reward, rows: list[dict], completions: list[str], response_ids, response_mask, k: int) -> torch.Tensor:
         """Call the reward with the dataset's raw prompts (chat messages stay messages) and columns."""
@@ -179,16 +237,18 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         # DDP averages gradients over processes, so each divides by the processes' mean normaliser:
         # the result is the global sum over the global count (pairs or tokens).
-        normaliser = self._mean_across_processes({"n": self.algorithm.normaliser(minibatch, cfg)})["n"]
+        normaliser = self._mean_across_processes({"n": _normaliser(minibatch, cfg)})["n"]
         parts, stats, total_loss = minibatch.split(self.sizes.micro_pairs), [], 0.0
         for i, part in enumerate(parts):
             sync = contextlib.nullcontext() if i == len(parts) - 1 else acc.no_sync(self.policy)
             with sync:
                 with acc.autocast():
-                    token_logps = token_logprobs(self.policy, part.seq["query_ids"], part.seq["query_mask"],
-                                                 part.seq["response_ids"], part.seq["response_mask"],
-                                                 cfg.temperature, self.logits_to_keep)  # (b, T)
-                    unit_losses, part_stats = self.algorithm.loss(part, token_logps, cfg)
+                    token_logps, values = token_logprobs_and_values(
+                        self.policy, part.seq["query_ids"], part.seq["query_mask"], part.seq["response_ids"],
+                        part.seq["response_mask"], cfg.temperature, self.logits_to_keep,
+                        self.algorithm.value_head)  # (b, T) each
+                    unit_losses, part_stats = self.algorithm.loss(part, {"token_logps": token_logps, "values": values},
+                                                                  cfg)
                     loss = aggregate(unit_losses, normaliser)
                 acc.backward(loss)
             total_loss += loss.item()
@@ -229,17 +289,22 @@ class Trainer:
                      seconds: float) -> dict[str, float]:
         seq = rollout.seq
         local = {
-            "reward": seq["rewards"].mean().item(),
-            "reward_std": seq["rewards"].std().item() if len(seq["rewards"]) > 1 else 0.0,
-            "kl": seq["kl"].mean().item(),
+            **({"reward": seq["rewards"].mean().item(),
+                "reward_std": seq["rewards"].std().item() if len(seq["rewards"]) > 1 else 0.0} if "rewards" in seq else {}),
+            **({"kl": seq["kl"].mean().item()} if "kl" in seq else {}),
             **({"monitor_reward": seq["monitor_rewards"].mean().item()} if "monitor_rewards" in seq else {}),
+            **({"baseline_reward": rollout.group["baseline_rewards"].mean().item()}
+               if "baseline_rewards" in rollout.group else {}),
             "response_length": seq["response_mask"].sum(-1).float().mean().item(),
-            **{f"group_{n}_abs": t.abs().mean().item() for n, t in rollout.group.items()},
+            **rollout.stats,
             **update_stats,
         }
         metrics = {"step": self.state.step, **self._mean_across_processes(local)}
-        metrics["pairs_per_s"] = rollout.num_groups * self.accelerator.num_processes / seconds
+        metrics["pairs_per_s"] = rollout.num_groups * self.accelerator.num_processes / seconds  # prompt groups
+        metrics["responses_per_s"] = metrics["pairs_per_s"] * rollout.group_size
         metrics["lr"] = self.scheduler.get_last_lr()[0]
+        if self.algorithm.kl_penalty:
+            metrics["beta"] = self.kl_control.value  # the penalty this rollout was trained with
         metrics["skipped_updates"] = self.state.skipped_updates
         metrics["step_time"] = seconds
         metrics.update(timings)
@@ -251,6 +316,13 @@ class Trainer:
         stacked = torch.tensor(list(values.values()), device=self.accelerator.device, dtype=torch.float64)
         reduced = self.accelerator.reduce(stacked, reduction="mean")
         return dict(zip(values, reduced.tolist()))
+
+
+def _normaliser(batch: Rollout, cfg: TrainConfig) -> float:
+    """group-mean divides by the minibatch's prompt groups (pairs for P3O), token-mean by its response tokens."""
+    if cfg.loss_aggregation == "token-mean":
+        return float(batch.seq["response_mask"].sum())
+    return float(batch.num_groups)
 
 
 def _combine(stats: list[dict[str, float]]) -> dict[str, float]:

@@ -22,6 +22,7 @@ class Rollout:
     group_size: int
     seq: dict[str, torch.Tensor]
     group: dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)  # the algorithm's per-rollout statistics, logged
 
     @property
     def num_groups(self) -> int:
@@ -53,12 +54,15 @@ def pad_prompts(tokenizer, token_ids: list[list[int]], max_length: int) -> tuple
     return batch["input_ids"], batch["attention_mask"]
 
 
-def generation_config(cfg, tokenizer, eos_ids: list[int]):
-    """Sampling exactly from the (tempered) policy: no top-k/top-p unless asked, no other processors."""
+def generation_config(cfg, tokenizer, eos_ids: list[int], greedy: bool = False):
+    """Sampling exactly from the (tempered) policy: no top-k/top-p unless asked, no other processors.
+    `greedy`: the most likely token at each step instead (ReMax's baseline)."""
     from transformers import GenerationConfig
 
+    sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": cfg.temperature,
+                                                     "top_k": cfg.top_k, "top_p": cfg.top_p}
     return GenerationConfig(
-        do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+        **sampling,
         max_new_tokens=cfg.max_new_tokens, min_new_tokens=0, repetition_penalty=1.0,
         eos_token_id=eos_ids or None, pad_token_id=tokenizer.pad_token_id, use_cache=True,
     )
@@ -104,7 +108,16 @@ def supports_logits_to_keep(model) -> bool:
 def token_logprobs(model, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
                    response_mask: torch.Tensor, temperature: float = 1.0,
                    logits_to_keep: bool = True) -> torch.Tensor:
-    """log pi(y_t | x, y_<t) for every response token (B, T); 0 on padding.
+    """log pi(y_t | x, y_<t) for every response token (B, T); 0 on padding."""
+    return token_logprobs_and_values(model, query_ids, query_mask, response_ids, response_mask, temperature,
+                                     logits_to_keep)[0]
+
+
+def token_logprobs_and_values(model, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
+                              response_mask: torch.Tensor, temperature: float = 1.0, logits_to_keep: bool = True,
+                              with_values: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token log-probs (B, T), and with `with_values` (a `PolicyWithValueHead`) the values V(s_t) of
+    the states each response token was sampled in (B, T); both 0 on padding.
 
     Position ids follow the attention mask, as in `generate`, so left padding changes nothing.
     """
@@ -113,22 +126,43 @@ def token_logprobs(model, query_ids: torch.Tensor, query_mask: torch.Tensor, res
     position_ids = (attention.cumsum(-1) - 1).clamp(min=0)  # (B, Lq+T)
     T = response_ids.shape[1]
     kwargs = {"logits_to_keep": T + 1} if logits_to_keep else {}
-    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
-                   use_cache=False, **kwargs).logits  # (B, T+1, V) or (B, Lq+T, V)
-    logits = logits[:, -(T + 1):-1] / temperature  # (B, T, V): the logits that predicted each response token
+    outputs = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, use_cache=False,
+                    **kwargs)
+    outputs, values = outputs if with_values else (outputs, None)
+    logits = outputs.logits[:, -(T + 1):-1] / temperature  # (B, T, V): the logits that predicted each response token
     logps = selective_log_softmax(logits, response_ids)  # (B, T)
-    return torch.where(response_mask.bool(), logps, torch.zeros_like(logps))
+    mask = response_mask.bool()
+    if values is not None:
+        values = torch.where(mask, values[:, -(T + 1):-1], torch.zeros_like(logps))  # (B, T)
+    return torch.where(mask, logps, torch.zeros_like(logps)), values
+
+
+def batched_token_logprobs(model, rollout_seq: dict[str, torch.Tensor], temperature: float, batch_size: int,
+                           logits_to_keep: bool = True) -> torch.Tensor:
+    """`token_logprobs` without gradient over the whole rollout, `batch_size` sequences at a time (B, T)."""
+    return batched_logprobs_and_values(model, rollout_seq, temperature, batch_size, logits_to_keep)[0]
 
 
 @torch.no_grad()
-def batched_token_logprobs(model, rollout_seq: dict[str, torch.Tensor], temperature: float, batch_size: int,
-                           logits_to_keep: bool = True) -> torch.Tensor:
-    """`token_logprobs` without gradient over the whole rollout, `batch_size` sequences at a time."""
+def batched_logprobs_and_values(model, rollout_seq: dict[str, torch.Tensor], temperature: float, batch_size: int,
+                                logits_to_keep: bool = True,
+                                with_values: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`token_logprobs_and_values` without gradient over the whole rollout, `batch_size` sequences at a time."""
     keys = ("query_ids", "query_mask", "response_ids", "response_mask")
     B = rollout_seq["query_ids"].shape[0]
-    parts = [token_logprobs(model, *(rollout_seq[k][i:i + batch_size] for k in keys), temperature, logits_to_keep)
+    parts = [token_logprobs_and_values(model, *(rollout_seq[k][i:i + batch_size] for k in keys), temperature,
+                                       logits_to_keep, with_values)
              for i in range(0, B, batch_size)]
-    return torch.cat(parts)  # (B, T)
+    logps = torch.cat([p[0] for p in parts])  # (B, T)
+    return logps, (torch.cat([p[1] for p in parts]) if with_values else None)
+
+
+def pad_responses(responses: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Given responses (token lists) -> right-padded ids and mask (B, T), as `sample_responses` makes."""
+    T = max(1, max(len(r) for r in responses))
+    ids = torch.tensor([r + [pad_id] * (T - len(r)) for r in responses])  # (B, T)
+    mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in responses])  # (B, T)
+    return ids, mask
 
 
 def sequence_logprobs(token_logps: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:

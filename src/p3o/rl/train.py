@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from pathlib import Path
 
-from p3o.data.prompts import load_prompts
+from p3o.data.prompts import load_preference_pairs, load_prompts
 from p3o.models.loading import load_causal_lm, load_tokenizer
+from p3o.models.value_head import VALUE_HEAD_FILE, split_state_dict
 from p3o.reward import build_reward
 from p3o.rl.algorithms import get_algorithm
 from p3o.rl.config import TrainConfig, derive_sizes
@@ -32,15 +34,26 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     from accelerate.utils import set_seed
 
     algorithm = get_algorithm(cfg.algo)
-    derive_sizes(cfg, algorithm.samples_per_prompt)
+    derive_sizes(cfg)
     trackers = check_trackers(cfg.report_to)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=trackers or None,
                               project_dir=cfg.output_dir)
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)
-    prompts = load_prompts(cfg.dataset, tokenizer, cfg.dataset_split, cfg.dataset_config, cfg.prompt_column)
-    reward = build_reward(cfg.reward_fn, cfg.reward_model, cfg.trust_remote_code, cfg.reward_batch_size,
-                          accelerator.device)
+    if algorithm.from_dataset:
+        prompts = load_preference_pairs(cfg.dataset, tokenizer, cfg.dataset_split, cfg.dataset_config, cfg.prompt_column,
+                                        cfg.chosen_column, cfg.rejected_column, cfg.max_new_tokens)
+        reward = None
+    else:
+        prompts = load_prompts(cfg.dataset, tokenizer, cfg.dataset_split, cfg.dataset_config, cfg.prompt_column)
+        reward = build_reward(cfg.reward_fn, cfg.reward_model, cfg.trust_remote_code, cfg.reward_batch_size,
+                              accelerator.device)
+    if cfg.num_train_epochs is not None:  # the run's length in passes over the data
+        per_step = cfg.pairs_per_step * accelerator.num_processes
+        cfg = dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.num_train_epochs * len(prompts) / per_step)))
+    if cfg.algo == "grpo" and cfg.num_generations == 2:
+        log.warning("grpo with --num_generations 2 keeps only the sign of r1 - r2: both advantages are "
+                    "+-1/sqrt(2) whatever the reward gap; use k >= 4, or rloo / p3o for pairs")
     policy = load_causal_lm(cfg.model_name_or_path, cfg.trust_remote_code, cfg.torch_dtype, what="policy")
     ref = (load_causal_lm(cfg.ref_model_name_or_path, cfg.trust_remote_code, cfg.torch_dtype, what="reference model")
            if cfg.ref_model_name_or_path else None)
@@ -58,7 +71,7 @@ def run_train(cfg: TrainConfig) -> Path:
 
 def _train_into(cfg: TrainConfig, out: Path) -> Path:
     trainer = build_trainer(cfg)
-    acc = trainer.accelerator
+    cfg, acc = trainer.cfg, trainer.accelerator  # the config as resolved (e.g. max_steps from --num_train_epochs)
     acc.wait_for_everyone()  # every process has checked the output directory before anything is written
     writers = {}
     if acc.is_main_process:
@@ -70,8 +83,8 @@ def _train_into(cfg: TrainConfig, out: Path) -> Path:
     bar = _progress_bar(cfg, disable=not acc.is_main_process)
 
     def on_step(metrics, texts):
-        bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}",
-                        pairs_s=f"{metrics['pairs_per_s']:.1f}", refresh=False)  # drawn by update, at its pace
+        shown = {name: f"{metrics[name]:.3f}" for name in ("reward", "kl", "reward_accuracy") if name in metrics}
+        bar.set_postfix(**shown, pairs_s=f"{metrics['pairs_per_s']:.1f}", refresh=False)  # drawn by update, at its pace
         bar.update(1)
         acc.log(metrics, step=metrics["step"])
         if not writers:
@@ -91,9 +104,13 @@ def _train_into(cfg: TrainConfig, out: Path) -> Path:
         acc.end_training()
     acc.wait_for_everyone()
     state_dict = acc.get_state_dict(trainer.policy)  # a collective under FSDP/ZeRO-3: every process calls it
+    extra = {}
+    if trainer.algorithm.value_head:  # the policy directory stays a plain causal LM; the critic sits beside it
+        state_dict, extra[VALUE_HEAD_FILE] = split_state_dict(state_dict)
     if acc.is_main_process:
         _record_generation_ids(trainer)
-        save_pretrained_atomically(trainer.unwrapped_policy, trainer.tokenizer, out, state_dict=state_dict)
+        save_pretrained_atomically(trainer.unwrapped_policy, trainer.tokenizer, out, state_dict=state_dict,
+                                   extra_tensors=extra)
         log.info("saved the trained policy to %s", out)
     return out
 
@@ -131,17 +148,20 @@ def _start_line(trainer: Trainer) -> str:
     params = sum(p.numel() for p in trainer.unwrapped_policy.parameters())
     return (f"{cfg.algo}: {params:,}-parameter policy, {len(trainer.prompts)} prompts; per step {sizes.pairs_per_step} "
             f"prompts x {sizes.samples_per_prompt} responses, {cfg.epochs} epochs of {sizes.minibatches_per_epoch} "
-            f"minibatches of {sizes.minibatch_pairs} pairs; {sizes.optimizer_steps} optimiser steps in all")
+            f"minibatches of {sizes.minibatch_pairs} prompts; {sizes.optimizer_steps} optimiser steps in all")
 
 
 def _completion_records(step: int, texts, count: int):
     """The first `count` prompts of the step with their responses and raw rewards."""
     k = len(texts.completions) // len(texts.prompts)
     for g, prompt in enumerate(texts.prompts[:count]):
-        yield {"step": step, "prompt": prompt, "completions": texts.completions[g * k:(g + 1) * k],
-               "rewards": texts.rewards[g * k:(g + 1) * k]}
+        record = {"step": step, "prompt": prompt, "completions": texts.completions[g * k:(g + 1) * k]}
+        if texts.rewards is not None:
+            record["rewards"] = texts.rewards[g * k:(g + 1) * k]
+        yield record
 
 
 def _summary_line(m: dict) -> str:
-    return (f"step {m['step']:>5}  reward {m['reward']:+.4f}  kl {m['kl']:+.4f}  loss {m['loss']:+.4f}  "
-            f"clipfrac {m.get('clipfrac', 0.0):.3f}  pairs/s {m['pairs_per_s']:.1f}")
+    shown = [("reward", "+.4f"), ("kl", "+.4f"), ("loss", "+.4f"), ("clipfrac", ".3f"), ("reward_accuracy", ".3f"),
+             ("value_loss", ".4f"), ("pairs_per_s", ".1f")]
+    return f"step {m['step']:>5}  " + "  ".join(f"{name} {m[name]:{spec}}" for name, spec in shown if name in m)

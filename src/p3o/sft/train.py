@@ -28,14 +28,9 @@ class SFTConfig(SupervisedConfig):
 
 def tokenize_example(tokenizer, prompt, completion, max_length: int, where: str) -> dict[str, list[int]]:
     """input_ids = prompt tokens + completion tokens + EOS; labels = IGNORE on the prompt."""
-    from p3o.data.formats import render_example
+    from p3o.data.formats import example_token_ids
 
-    prompt_text, completion_text = render_example(prompt, completion, tokenizer, where)
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=isinstance(prompt, str))["input_ids"]
-    completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
-    if eos is not None and completion_ids[-1:] != [eos]:
-        completion_ids = completion_ids + [eos]
+    prompt_ids, completion_ids = example_token_ids(tokenizer, prompt, completion, where)
     # An over-long completion gives up its end, never all of its prompt: a quarter of the budget
     # (or the whole prompt, if shorter) stays for the prompt's last tokens.
     completion_ids = completion_ids[:max_length - min(len(prompt_ids), max(1, max_length // 4))]

@@ -94,8 +94,12 @@ class JsonlWriter:
         self.fh.close()
 
 
-def save_pretrained_atomically(model, tokenizer, out: Path, state_dict=None, save_function=None) -> None:
-    """`save_pretrained` (safetensors) into a temporary directory, then move each file into `out`."""
+def save_pretrained_atomically(model, tokenizer, out: Path, state_dict=None, save_function=None,
+                               extra_tensors: dict[str, dict] | None = None) -> None:
+    """`save_pretrained` (safetensors) into a temporary directory, then move each file into `out`.
+    `extra_tensors` maps further file names to state dicts saved beside it (e.g. PPO's value head)."""
+    from safetensors.torch import save_file
+
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".saving-"))
     try:
         kwargs = {"state_dict": state_dict} if state_dict is not None else {}
@@ -104,6 +108,8 @@ def save_pretrained_atomically(model, tokenizer, out: Path, state_dict=None, sav
         model.save_pretrained(tmp, safe_serialization=True, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, tensors in (extra_tensors or {}).items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
         for item in tmp.iterdir():
             target = out / item.name
             if target.is_dir():

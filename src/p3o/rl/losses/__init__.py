@@ -14,7 +14,7 @@ from p3o.errors import UsageError
 
 LOSSES: dict[str, Callable] = {}
 
-AGGREGATIONS = ("pair-mean", "token-mean")
+AGGREGATIONS = ("group-mean", "token-mean")
 
 
 def register_loss(name: str) -> Callable[[Callable], Callable]:
@@ -39,11 +39,13 @@ def get_loss(name: str) -> Callable:
 def aggregate(unit_losses: torch.Tensor, normaliser: float | torch.Tensor) -> torch.Tensor:
     """Sum of per-unit losses over a micro-batch divided by the whole minibatch's normaliser.
 
-    pair-mean: normaliser = pairs in the minibatch (P3O.md section 4, trajectory level);
+    group-mean: normaliser = prompt groups in the minibatch (pairs for P3O: P3O.md section 4, trajectory level);
     token-mean: normaliser = response tokens in the minibatch. Using the minibatch's count, not the
     micro-batch's, is what makes gradient accumulation equal to one large batch.
     """
     return unit_losses.sum() / normaliser
 
 
+from p3o.rl.losses import dpo as _dpo  # noqa: E402,F401  (registers dpo)
 from p3o.rl.losses import p3o as _p3o  # noqa: E402,F401  (registers p3o-v1 and p3o-v2)
+from p3o.rl.losses import policy_gradient as _pg  # noqa: E402,F401  (sequence-clip, token-clip, ppo)

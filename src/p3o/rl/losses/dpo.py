@@ -1,0 +1,38 @@
+"""DPO's loss (Rafailov et al. 2023; P3O.md section 5). A pure function.
+
+Shape legend: P = pairs; the trailing 2 indexes (chosen, rejected).
+    logp      (P, 2)  l(y): sequence log-probability under the policy being trained (has grad)
+    ref_logp  (P, 2)  l_ref(y): under the frozen reference policy
+    weight    (P,)    1 for a pair that carries a preference, 0 for a tie (online DPO)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from p3o.rl.losses import register_loss
+
+
+@register_loss("dpo")
+def dpo_loss(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    *,
+    beta: float = 0.1,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """L = -log sigmoid( beta * [ (l(y_w) - l_ref(y_w)) - (l(y_l) - l_ref(y_l)) ] ), per pair (P,).
+
+    With the policy equal to the reference every pair's loss is log 2.
+    """
+    implicit_rewards = beta * (logp - ref_logp.detach())  # (P, 2)
+    margin = implicit_rewards[:, 0] - implicit_rewards[:, 1]  # (P,)
+    losses = -F.logsigmoid(margin)  # (P,)
+    if weight is not None:
+        losses = losses * weight
+    implicit_rewards, margin = implicit_rewards.detach(), margin.detach()
+    stats = {"chosen_reward": implicit_rewards[:, 0].mean().item(),
+             "rejected_reward": implicit_rewards[:, 1].mean().item(),
+             "reward_margin": margin.mean().item(),
+             "reward_accuracy": (margin > 0).float().mean().item()}
+    return losses, stats
