@@ -91,9 +91,10 @@ def gradients_of_first_update(cfg) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("aggregation", ["group-mean", "token-mean"])
+@pytest.mark.parametrize("algo", ["p3o-v2", "ppo", "grpo", "rloo", "online-dpo"])
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\(\)` has been overridden")
-def test_gradient_accumulation_equals_one_large_minibatch(assets, tmp_path, aggregation):
-    kw = dict(max_steps=1, epochs=1, pairs_per_step=8, minibatch_pairs=8, loss_aggregation=aggregation)
+def test_gradient_accumulation_equals_one_large_minibatch(assets, tmp_path, aggregation, algo):
+    kw = dict(max_steps=1, epochs=1, pairs_per_step=8, minibatch_pairs=8, loss_aggregation=aggregation, algo=algo)
     one = gradients_of_first_update(train_config(assets, tmp_path, gradient_accumulation_steps=1, **kw))
     four = gradients_of_first_update(train_config(assets, tmp_path, gradient_accumulation_steps=4, **kw))
     assert any(g.abs().max() > 0 for g in one.values())

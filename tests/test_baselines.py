@@ -1,0 +1,256 @@
+"""Baselines on the shared engine (P3O.md section 5): PPO, RLOO, GRPO, ReMax, online and offline DPO."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+
+import pytest
+import torch
+from conftest import NOUNS, TARGETS, VERBS, prompt_rows, train_config, write_jsonl
+from test_engine import assert_bit_identical, gradients_of_first_update
+
+from p3o.cli import main
+from p3o.errors import UsageError
+from p3o.rl.algorithms import ALGORITHMS
+from p3o.rl.train import build_trainer
+
+SAMPLED = ["p3o-v1", "p3o-v2", "ppo", "rloo", "grpo", "remax", "online-dpo"]
+
+
+def preference_rows(n: int = 96, seed: int = 0) -> list[dict]:
+    """Pairs for the fruit task: the chosen completion names fruit, the rejected one does not."""
+    rng = random.Random(seed)
+    rows = []
+    for row in prompt_rows(n, seed):
+        plain = [rng.choice(NOUNS + VERBS) for _ in range(6)]
+        fruity = [rng.choice(TARGETS) if i % 2 else w for i, w in enumerate(plain)]
+        rows.append({"prompt": row["prompt"], "chosen": " " + " ".join(fruity), "rejected": " " + " ".join(plain)})
+    return rows
+
+
+@pytest.fixture()
+def preferences(tmp_path):
+    return write_jsonl(tmp_path / "prefs.jsonl", preference_rows())
+
+
+def dpo_config(assets, tmp_path, preferences, **kw):
+    return train_config(assets, tmp_path, algo="dpo", dataset=str(preferences), reward_fn=None, **kw)
+
+
+def test_every_algorithm_is_registered_and_unknown_ones_are_listed():
+    assert set(SAMPLED + ["dpo"]) == set(ALGORITHMS)
+    from p3o.rl.config import TrainConfig
+
+    with pytest.raises(UsageError, match="unknown --algo 'ppo2'; known algorithms: p3o-v1, p3o-v2, rloo"):
+        TrainConfig(model_name_or_path="m", dataset="d", output_dir="o", reward_fn="r.py:f", algo="ppo2")
+
+
+@pytest.mark.parametrize("algo", SAMPLED)
+def test_each_algorithm_runs_on_the_shared_engine(assets, tmp_path, algo):
+    trainer = build_trainer(train_config(assets, tmp_path, algo=algo, max_steps=2))
+    history = trainer.train()
+    assert len(history) == 2 and all(math.isfinite(m["loss"]) for m in history)
+    assert trainer.state.optimizer_steps == 2 * 2 * 2  # steps x epochs x minibatches, as for P3O
+    k = trainer.sizes.samples_per_prompt
+    assert k == {"grpo": 4, "ppo": 1, "remax": 1}.get(algo, 2)
+    assert history[0]["kl"] == 0.0 and "reward" in history[0]
+    # only PPO trains a value head, and only its loss reports a value loss
+    assert (trainer.trained_module is not trainer.unwrapped_policy) == (algo == "ppo")
+    assert ("value_loss" in history[0]) == (algo == "ppo")
+
+
+def test_settings_left_unset_come_from_the_algorithm(assets, tmp_path, preferences):
+    assert train_config(assets, tmp_path, algo="ppo").loss_aggregation == "token-mean"
+    rloo = train_config(assets, tmp_path, algo="rloo", epochs=None, beta=None)
+    assert (rloo.beta, rloo.epochs, rloo.loss_aggregation, rloo.num_generations) == (0.05, 4, "group-mean", 2)
+    dpo = dpo_config(assets, tmp_path, preferences, epochs=None, beta=None)
+    assert (dpo.beta, dpo.epochs, dpo.num_generations) == (0.1, 1, 2)
+    assert train_config(assets, tmp_path, loss_aggregation="pair-mean").loss_aggregation == "group-mean"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(algo="p3o-v2", num_generations=3), "takes exactly 2 responses per prompt"),
+    (dict(algo="rloo", num_generations=1), "takes at least 2 responses per prompt"),
+    (dict(algo="online-dpo", kl_target=3.0), "--kl_target adapts a KL penalty"),
+    (dict(algo="dpo"), "learns from the preference pairs of --dataset"),
+    (dict(algo="ppo", reward_fn=None), "give exactly one of --reward_fn"),
+    (dict(algo="grpo", scale_rewards="batch"), "--scale_rewards must be group or none"),
+])
+def test_settings_an_algorithm_cannot_use_are_refused(assets, tmp_path, overrides, message):
+    with pytest.raises(UsageError, match=message):
+        train_config(assets, tmp_path, **overrides)
+
+
+@pytest.mark.parametrize("algo", ["p3o-v1", "p3o-v2", "rloo", "grpo", "remax", "online-dpo"])
+def test_per_prompt_reward_shift_leaves_comparative_algorithms_bit_identical(assets, tmp_path, algo):
+    kw = dict(algo=algo, max_steps=3)
+    plain = build_trainer(train_config(assets, tmp_path, **kw))
+    plain_history = plain.train()
+    shifted = build_trainer(train_config(assets, tmp_path, reward_fn=f"{assets['rewards']}:shifted_fruit", **kw))
+    shifted_history = shifted.train()
+    assert plain_history[0]["reward"] != shifted_history[0]["reward"]  # the shift really was applied
+    assert_bit_identical(plain.unwrapped_policy.state_dict(), shifted.unwrapped_policy.state_dict())
+
+
+def test_per_prompt_reward_shift_changes_ppo(assets, tmp_path):
+    kw = dict(algo="ppo", max_steps=3)
+    plain = build_trainer(train_config(assets, tmp_path, **kw))
+    plain.train()
+    shifted = build_trainer(train_config(assets, tmp_path, reward_fn=f"{assets['rewards']}:shifted_fruit", **kw))
+    shifted.train()
+    a, b = plain.unwrapped_policy.state_dict(), shifted.unwrapped_policy.state_dict()
+    assert any(not torch.equal(a[name], b[name]) for name in a)
+
+
+@pytest.mark.parametrize("aggregation", ["group-mean", "token-mean"])
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_rloo_with_two_samples_and_one_on_policy_pass_has_the_p3o_v1_gradient(assets, tmp_path, aggregation):
+    kw = dict(max_steps=1, epochs=1, pairs_per_step=8, minibatch_pairs=8, loss_aggregation=aggregation, beta=0.2)
+    rloo = gradients_of_first_update(train_config(assets, tmp_path, algo="rloo", num_generations=2, **kw))
+    v1 = gradients_of_first_update(train_config(assets, tmp_path, algo="p3o-v1", **kw))
+    v2 = gradients_of_first_update(train_config(assets, tmp_path, algo="p3o-v2", **kw))
+    assert any(g.abs().max() > 1e-4 for g in v1.values())
+    for name in v1:
+        assert torch.allclose(rloo[name], v1[name], atol=1e-7, rtol=1e-4), name
+        assert torch.allclose(v2[name], v1[name], atol=1e-7, rtol=1e-4), name  # rho = 1: both are the PPG
+
+
+def test_rloo_with_more_samples_differs_from_p3o(assets, tmp_path):
+    kw = dict(max_steps=1, epochs=1, pairs_per_step=8, minibatch_pairs=8)
+    trainer = build_trainer(train_config(assets, tmp_path, algo="rloo", num_generations=4, **kw))
+    rollout, texts, _ = trainer.collect_rollout(0)
+    assert rollout.seq["response_ids"].shape[0] == 32 and rollout.seq["advantages"].shape == (32,)
+    assert torch.allclose(rollout.seq["advantages"].view(8, 4).sum(-1), torch.zeros(8), atol=1e-5)  # LOO sums to 0
+
+
+def test_ppo_rollout_has_token_level_advantages_returns_and_values(assets, tmp_path):
+    trainer = build_trainer(train_config(assets, tmp_path, algo="ppo", max_new_tokens=6))
+    rollout, _, _ = trainer.collect_rollout(0)
+    seq, mask = rollout.seq, rollout.seq["response_mask"].bool()
+    assert seq["advantages"].shape == seq["returns"].shape == seq["old_values"].shape == mask.shape
+    assert not seq["old_values"].any()  # the critic starts at zero
+    assert seq["advantages"][mask].mean().abs() < 1e-5 and not seq["advantages"][~mask].any()  # whitened
+    # V = 0 and pi_old = pi_ref, so the only reward is the score on the last token n - 1, and with
+    # gamma = 1 GAE gives token t the return lambda^(n - 1 - t) * score
+    n = mask.sum(-1, keepdim=True)
+    expected = 0.95 ** (n - 1 - torch.arange(mask.shape[1])).clamp(min=0) * seq["rewards"].float()[:, None]
+    assert torch.allclose(seq["returns"][mask], expected[mask], atol=1e-6)
+
+
+def test_ppo_saves_a_plain_policy_and_its_value_head_beside_it(assets, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "ppo"
+    args = ["train", "--algo", "ppo", "--model_name_or_path", str(assets["llama"]), "--dataset", str(assets["prompts"]),
+            "--reward_fn", f"{assets['rewards']}:fruit", "--output_dir", str(out), "--max_steps", "2",
+            "--pairs_per_step", "4", "--max_new_tokens", "4", "--learning_rate", "1e-3", "--disable_progress_bar"]
+    assert main(args) == 0
+    head = load_file(str(out / "value_head.safetensors"))
+    assert set(head) == {"weight", "bias"} and head["weight"].abs().sum() > 0  # the critic trained
+    model = AutoModelForCausalLM.from_pretrained(out)
+    original = AutoModelForCausalLM.from_pretrained(assets["llama"])
+    assert model.state_dict().keys() == original.state_dict().keys()
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"value_loss", "value_clipfrac", "explained_variance", "beta"} <= metrics[0].keys()
+
+
+@pytest.mark.parametrize("algo", ["ppo", "p3o-v2"])
+def test_the_adaptive_kl_controller_sets_each_rollouts_beta(assets, tmp_path, algo):
+    fixed = build_trainer(train_config(assets, tmp_path, algo=algo, max_steps=3)).train()
+    assert {m["beta"] for m in fixed} == {0.05}
+    target, horizon = 0.5, 100
+    history = build_trainer(train_config(assets, tmp_path, algo=algo, max_steps=4, kl_target=target,
+                                         kl_horizon=horizon)).train()
+    responses = 8 * (1 if algo == "ppo" else 2)
+    beta = 0.05
+    for m in history:  # each rollout's beta follows from the KL of the one before
+        assert m["beta"] == pytest.approx(beta, rel=1e-9)
+        beta *= 1 + min(max(m["kl"] / target - 1, -0.2), 0.2) * responses / horizon
+    assert len({m["beta"] for m in history}) == 4
+
+
+def test_grpo_with_two_samples_warns_that_only_the_sign_is_kept(assets, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="p3o"):
+        build_trainer(train_config(assets, tmp_path, algo="grpo", num_generations=2))
+    assert "keeps only the sign" in caplog.text
+
+
+def test_remax_scores_a_greedy_response_per_prompt(assets, tmp_path):
+    trainer = build_trainer(train_config(assets, tmp_path, algo="remax", num_generations=1))
+    rollout, _, _ = trainer.collect_rollout(0)
+    base, kl = rollout.group["baseline_rewards"], rollout.group["baseline_kl"]
+    assert base.shape == kl.shape == (8,) and base.dtype == torch.float64
+    expected = (rollout.seq["rewards"] - base).float() - trainer.cfg.beta * (rollout.seq["kl"] - kl)
+    assert torch.allclose(rollout.seq["advantages"], expected)
+    # greedy really is deterministic: the same prompts give the same baseline at another sampling seed
+    other = build_trainer(train_config(assets, tmp_path, algo="remax", num_generations=1, seed=5))
+    other.prompt_indices = trainer.prompt_indices
+    assert torch.equal(other.collect_rollout(0)[0].group["baseline_rewards"], base)
+
+
+def test_online_dpo_labels_pairs_by_reward_and_drops_ties(assets, tmp_path):
+    trainer = build_trainer(train_config(assets, tmp_path, algo="online-dpo"))
+    rollout, _, _ = trainer.collect_rollout(0)
+    r = rollout.seq["rewards"].view(-1, 2)
+    assert torch.equal(rollout.group["preference"], torch.sign(r[:, 0] - r[:, 1]).float())
+
+
+def test_offline_dpo_loss_is_log_two_at_the_start(assets, tmp_path, preferences):
+    trainer = build_trainer(dpo_config(assets, tmp_path, preferences, max_new_tokens=12))
+    rollout, texts, _ = trainer.collect_rollout(0)
+    seq = rollout.seq
+    assert "rewards" not in seq and "old_logp" not in seq  # nothing sampled, scored or re-computed
+    assert texts.completions[0].split()[1] in TARGETS and not set(texts.completions[1].split()) & set(TARGETS)
+    token_logps = trainer.log_probs(seq, {}, old=False)["ref_token_logp"]
+    losses, stats = trainer.algorithm.loss(rollout, {"token_logps": token_logps}, trainer.cfg)
+    assert torch.allclose(losses, torch.full((8,), math.log(2)))
+
+
+def test_offline_dpo_through_the_cli_sizes_the_run_by_epochs(assets, tmp_path, preferences):
+    out = tmp_path / "dpo"
+    args = ["train", "--algo", "dpo", "--model_name_or_path", str(assets["llama"]), "--dataset", str(preferences),
+            "--output_dir", str(out), "--num_train_epochs", "0.5", "--pairs_per_step", "8", "--max_new_tokens", "12",
+            "--learning_rate", "1e-3", "--disable_progress_bar"]
+    assert main(args) == 0
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 6  # ceil(0.5 * 96 / 8)
+    assert {"chosen_reward", "rejected_reward", "reward_margin", "reward_accuracy"} <= metrics[0].keys()
+    assert metrics[-1]["reward_margin"] > metrics[0]["reward_margin"]
+    assert (out / "model.safetensors").is_file() and "reward" not in metrics[0]
+
+
+def test_offline_dpo_refuses_prompt_only_data(assets, tmp_path):
+    with pytest.raises(UsageError, match="chosen"):
+        build_trainer(train_config(assets, tmp_path, algo="dpo", reward_fn=None))
+
+
+def held_out_fruit(assets, policy, reference, tokenizer, n=64):
+    """The fruit reward of `policy`'s samples on prompts no run trained on."""
+    from p3o.data.prompts import load_prompts
+    from p3o.eval.policy import evaluate_policy
+    from p3o.reward import build_reward
+
+    path = write_jsonl(assets["prompts"].parent / "held_out.jsonl", prompt_rows(n, seed=99))
+    prompts = load_prompts(str(path), tokenizer)
+    return evaluate_policy(policy, reference, tokenizer, prompts, {"fruit": build_reward(f"{assets['rewards']}:fruit", None)},
+                           max_new_tokens=8, seed=0)
+
+
+@pytest.mark.parametrize("algo", ["ppo", "rloo", "dpo"])
+def test_baselines_raise_the_reward_on_the_word_task(assets, tmp_path, preferences, algo):
+    """PPO and RLOO on the fruit reward, DPO on fruit preference pairs: 30 steps, judged on held-out prompts."""
+    kw = dict(max_steps=30, pairs_per_step=32, minibatch_pairs=8, max_new_tokens=8, learning_rate=1e-3)
+    if algo == "dpo":
+        cfg = dpo_config(assets, tmp_path, preferences, **{**kw, "max_new_tokens": 12, "max_steps": 12, "epochs": 1})
+    else:
+        cfg = train_config(assets, tmp_path, algo=algo, epochs=4, **kw)
+    trainer = build_trainer(cfg)
+    before = held_out_fruit(assets, trainer.unwrapped_policy, trainer.ref_policy, trainer.tokenizer)
+    trainer.train()
+    after = held_out_fruit(assets, trainer.unwrapped_policy, trainer.ref_policy, trainer.tokenizer)
+    gain, stderr = after["fruit"] - before["fruit"], math.hypot(after["fruit_stderr"], before["fruit_stderr"])
+    assert gain > 3 * stderr, (before["fruit"], after["fruit"], stderr)  # a rise well beyond sampling noise
+    assert after["kl"] > 0 and before["kl"] == 0
