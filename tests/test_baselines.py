@@ -239,7 +239,7 @@ def held_out_fruit(assets, policy, reference, tokenizer, n=64):
                            max_new_tokens=8, seed=0)
 
 
-@pytest.mark.parametrize("algo", ["ppo", "rloo", "dpo"])
+@pytest.mark.parametrize("algo", ["ppo", "rloo", "dpo", "grpo", "online-dpo"])
 def test_baselines_raise_the_reward_on_the_word_task(assets, tmp_path, preferences, algo):
     """PPO and RLOO on the fruit reward, DPO on fruit preference pairs: 30 steps, judged on held-out prompts."""
     kw = dict(max_steps=30, pairs_per_step=32, minibatch_pairs=8, max_new_tokens=8, learning_rate=1e-3)
