@@ -254,3 +254,32 @@ def test_baselines_raise_the_reward_on_the_word_task(assets, tmp_path, preferenc
     gain, stderr = after["fruit"] - before["fruit"], math.hypot(after["fruit_stderr"], before["fruit_stderr"])
     assert gain > 3 * stderr, (before["fruit"], after["fruit"], stderr)  # a rise well beyond sampling noise
     assert after["kl"] > 0 and before["kl"] == 0
+
+
+def test_chat_preference_pairs_are_tokenized_as_the_policy_continues_its_prompt(bos_tokenizer_model, tmp_path):
+    from conftest import bot, user
+
+    from p3o.data.prompts import load_preference_pairs
+    from p3o.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(str(bos_tokenizer_model))
+    rows = [{"prompt": [user("story : the cat .")], "chosen": [bot("apple pear")], "rejected": [bot("dog runs")]}]
+    data = load_preference_pairs(str(write_jsonl(tmp_path / "chat.jsonl", rows)), tokenizer, max_response_tokens=64)
+    prompt_ids, (chosen, rejected) = data.token_ids[0], data.responses[0]
+    assert prompt_ids[0] == tokenizer.bos_token_id and prompt_ids[1] != tokenizer.bos_token_id  # BOS once
+    assert chosen[-1] == rejected[-1] == tokenizer.eos_token_id  # each ends where the policy would stop
+    full = tokenizer.apply_chat_template(rows[0]["prompt"] + rows[0]["chosen"], tokenize=False)
+    assert tokenizer.decode(prompt_ids + chosen, skip_special_tokens=True) == \
+        tokenizer.decode(tokenizer(full, add_special_tokens=False)["input_ids"], skip_special_tokens=True)
+    cut = load_preference_pairs(str(tmp_path / "chat.jsonl"), tokenizer, max_response_tokens=2)
+    assert [len(r) for r in cut.responses[0]] == [2, 2]
+
+
+def test_dpo_data_without_a_rejected_column_is_one_clear_error(assets, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "story : the cat .", "chosen": " apple"}])
+    args = ["train", "--algo", "dpo", "--model_name_or_path", str(assets["llama"]), "--dataset", str(data),
+            "--output_dir", str(tmp_path / "out"), "--disable_progress_bar"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "rejected" in err[0], err
+    assert not (tmp_path / "out").exists()
