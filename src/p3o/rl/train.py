@@ -146,8 +146,12 @@ def _progress_bar(cfg: TrainConfig, disable: bool):
 def _start_line(trainer: Trainer) -> str:
     cfg, sizes = trainer.cfg, trainer.sizes
     params = sum(p.numel() for p in trainer.unwrapped_policy.parameters())
-    return (f"{cfg.algo}: {params:,}-parameter policy, {len(trainer.prompts)} prompts; per step {sizes.pairs_per_step} "
-            f"prompts x {sizes.samples_per_prompt} responses, {cfg.epochs} epochs of {sizes.minibatches_per_epoch} "
+    extras = {"value_head": " with a value head", "greedy_baseline": " (+1 greedy)",
+              "from_dataset": " from the data"}
+    critic, greedy, given = (extras[f] if getattr(trainer.algorithm, f) else "" for f in extras)
+    return (f"{cfg.algo}: {params:,}-parameter policy{critic}, {len(trainer.prompts)} prompts; per step "
+            f"{sizes.pairs_per_step} prompts x {sizes.samples_per_prompt}{greedy} responses{given}, "
+            f"{cfg.epochs} epochs of {sizes.minibatches_per_epoch} "
             f"minibatches of {sizes.minibatch_pairs} prompts; {sizes.optimizer_steps} optimiser steps in all")
 
 
