@@ -98,6 +98,16 @@ def test_group_normalised_advantages_and_the_sign_only_case():
         assert torch.allclose(pair, torch.tensor([[1.0, -1.0]]) / math.sqrt(2), atol=1e-3)
 
 
+def test_grpo_scales_the_reward_only_so_ties_leave_just_the_kl_penalty():
+    rewards = torch.tensor([[1.0, 2.0, 4.0, 9.0], [1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
+    kl = torch.tensor([[0.3, 0.1, 0.0, 0.2], [0.10, 0.12, 0.08, 0.11]])
+    got = adv.group_normalised(rewards, kl, beta=0.5)
+    r = rewards[0].float()
+    assert torch.allclose(got[0], (r - r.mean()) / (r.std() + 1e-4) - 0.5 * (kl[0] - kl[0].mean()), atol=1e-6)
+    # a tied group: no reward advantage, and the KL differences stay as small as they are
+    assert torch.allclose(got[1], -0.5 * (kl[1] - kl[1].mean()), atol=1e-7)
+
+
 def test_greedy_baseline_subtracts_the_greedy_score():
     got = adv.greedy_baseline(torch.tensor([[2.0], [0.0]], dtype=torch.float64), torch.tensor([[0.5], [0.0]]),
                               torch.tensor([1.0, 3.0], dtype=torch.float64), torch.tensor([0.1, 0.2]), beta=0.5)
@@ -107,9 +117,11 @@ def test_greedy_baseline_subtracts_the_greedy_score():
 @pytest.mark.parametrize("estimator", ["rloo", "grpo", "remax"])
 def test_group_estimators_ignore_a_huge_per_prompt_shift_bit_for_bit(estimator):
     g = torch.Generator().manual_seed(0)
-    rewards = torch.randint(-5, 6, (6, 4), generator=g).double()  # exact in float64 even after the shift
+    # Quarters stay exact in float64 after a shift of 1e12; k = 3 makes any mean taken before the
+    # differences (a division by 3 at the shifted scale) round differently.
+    rewards = torch.randint(-20, 21, (6, 3), generator=g).double() / 4
     shift = torch.tensor([1e12, -3e11, 0.0, 7e12, 2.5, -1e9], dtype=torch.float64)[:, None]
-    kl, base = torch.rand(6, 4, generator=g), torch.randint(-5, 6, (6,), generator=g).double()
+    kl, base = torch.rand(6, 3, generator=g), torch.randint(-5, 6, (6,), generator=g).double()
 
     def run(r, b):
         if estimator == "rloo":
@@ -177,6 +189,12 @@ def test_dpo_gradient_raises_the_chosen_and_lowers_the_rejected():
     assert torch.allclose(logp.grad, torch.tensor([[-0.25, 0.25]]))  # -beta * sigmoid(0) = -0.25
     tie, _ = dpo_loss(logp, torch.zeros(1, 2), torch.zeros(1), beta=0.5)
     assert tie.item() == 0.0
+
+
+def test_token_rewards_accept_a_float_mask():
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    rewards = adv.token_rewards(torch.tensor([2.0]), torch.zeros(1, 3), torch.zeros(1, 3), mask, beta=0.1)
+    assert torch.equal(rewards, torch.tensor([[0.0, 2.0, 0.0]]))
 
 
 def test_adaptive_kl_controller():

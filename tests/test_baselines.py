@@ -283,3 +283,85 @@ def test_dpo_data_without_a_rejected_column_is_one_clear_error(assets, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "rejected" in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def fake_rollout(k: int = 2, G: int = 3, T: int = 5, seed: int = 0):
+    """A rollout of random numbers with ragged response lengths, for checking adapters by hand."""
+    from p3o.rl.rollout import Rollout
+
+    g = torch.Generator().manual_seed(seed)
+    B = G * k
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).long()
+    seq = {"response_mask": mask, "rewards": torch.randint(0, 4, (B,), generator=g).double(),
+           "old_token_logp": -torch.rand(B, T, generator=g) * mask, "ref_token_logp": -torch.rand(B, T, generator=g) * mask,
+           "old_values": torch.randn(B, T, generator=g) * mask}
+    seq["old_logp"] = seq["old_token_logp"].sum(-1)
+    seq["kl"] = seq["old_logp"] - seq["ref_token_logp"].sum(-1)
+    return Rollout(k, seq)
+
+
+def test_ppo_prepare_runs_gae_with_the_configured_gamma_and_lambda(assets, tmp_path):
+    from p3o.rl.algorithms import get_algorithm
+    from test_advantages import naive_gae
+
+    cfg = train_config(assets, tmp_path, algo="ppo", gamma=0.9, gae_lambda=0.5)
+    rollout = fake_rollout(k=1, G=4)
+    prepared = get_algorithm("ppo").prepare(rollout, cfg, 0.2)
+    seq, mask = rollout.seq, rollout.seq["response_mask"]
+    rewards = -0.2 * (seq["old_token_logp"] - seq["ref_token_logp"]) * mask
+    lengths = mask.sum(-1).tolist()
+    for b, n in enumerate(lengths):
+        rewards[b, n - 1] += seq["rewards"][b].item()
+    expected = naive_gae(rewards.double(), seq["old_values"].double(), lengths, 0.9, 0.5)
+    assert torch.allclose(prepared.seq["returns"], (expected + seq["old_values"]).float() * mask, atol=1e-5)
+
+
+@pytest.mark.parametrize("aggregation", ["group-mean", "token-mean"])
+def test_token_losses_become_group_losses_by_hand(assets, tmp_path, aggregation):
+    from p3o.rl.algorithms import per_group_tokens
+
+    cfg = train_config(assets, tmp_path, algo="grpo", loss_aggregation=aggregation)
+    losses = torch.tensor([[1.0, 2.0, 0.0], [4.0, 0.0, 0.0], [1.0, 1.0, 1.0], [3.0, 5.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]])
+    got = per_group_tokens(losses, mask, 2, cfg)
+    if aggregation == "token-mean":  # summed over each group's tokens; the engine divides by all tokens
+        assert torch.equal(got, torch.tensor([7.0, 11.0]))
+    else:  # each response's token mean, averaged over its group
+        assert torch.allclose(got, torch.tensor([(1.5 + 4.0) / 2, (1.0 + 4.0) / 2]))
+
+
+def test_online_dpo_ties_carry_no_loss_and_no_statistics(assets, tmp_path):
+    from p3o.rl.algorithms import get_algorithm
+    from p3o.rl.rollout import Rollout
+
+    cfg = train_config(assets, tmp_path, algo="online-dpo", beta=0.5)
+    mask = torch.ones(4, 2)
+    ref = torch.tensor([[-1.0, -1.0], [-2.0, -2.0], [-1.0, -1.0], [-3.0, -3.0]])
+    batch = Rollout(2, {"response_mask": mask, "ref_logp": ref.sum(-1)}, {"preference": torch.tensor([0.0, -1.0])})
+    token_logps = ref + torch.tensor([[0.4], [0.0], [0.0], [0.6]])  # y1 of the tie and y2 of the second pair moved up
+    losses, stats = get_algorithm("online-dpo").loss(batch, {"token_logps": token_logps}, cfg)
+    assert losses[0] == 0.0
+    # pair 2 prefers y2, which rose by 2 * 0.6 = 1.2 nats relative to y1: margin 0.5 * 1.2
+    assert losses[1] == pytest.approx(-math.log(1 / (1 + math.exp(-0.6))), rel=1e-5)
+    assert stats["reward_accuracy"] == 1.0 and stats["reward_margin"] == pytest.approx(0.6, rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_values_are_read_at_the_state_before_each_response_token_under_left_padding(assets, arch):
+    from p3o.models.loading import load_causal_lm
+    from p3o.models.value_head import PolicyWithValueHead
+    from p3o.rl.rollout import token_logprobs_and_values
+
+    model = PolicyWithValueHead(load_causal_lm(str(assets[arch]))).eval()
+    torch.nn.init.normal_(model.value_head.weight, generator=torch.Generator().manual_seed(0))
+    prompt, response = torch.tensor([[5, 6, 7]]), torch.tensor([[8, 9, 10, 11]])
+    query = torch.cat([torch.zeros(1, 2, dtype=torch.long), prompt], 1)  # two pad tokens on the left
+    query_mask = torch.tensor([[0, 0, 1, 1, 1]])
+    with torch.no_grad():
+        _, values = token_logprobs_and_values(model, query, query_mask, response, torch.ones(1, 4, dtype=torch.long),
+                                              with_values=True)
+        full = torch.cat([prompt, response], 1)
+        hidden = model.policy(input_ids=full, output_hidden_states=True).hidden_states[-1]  # (1, 7, H) unpadded
+        expected = model.value_head(hidden).squeeze(-1)[:, 2:6]  # V at the prompt's last token .. y_3's state
+    assert torch.allclose(values, expected, atol=1e-5)

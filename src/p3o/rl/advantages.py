@@ -26,16 +26,17 @@ def leave_one_out(rewards: torch.Tensor, kl: torch.Tensor, beta: float) -> torch
 
 def group_normalised(rewards: torch.Tensor, kl: torch.Tensor, beta: float, scale: bool = True,
                      eps: float = 1e-4) -> torch.Tensor:
-    """GRPO: A_i = (s_i - mean(s)) / (std(s) + eps), s = r - beta * kl.  (G, k) -> (G, k).
+    """GRPO: A_i = (r_i - mean(r)) / (std(r) + eps) - beta * (kl_i - mean(kl)).  (G, k) -> (G, k).
 
-    With k = 2 the centred scores are +-(s1 - s2)/2 and their std |s1 - s2|/sqrt(2), so A = +-1/sqrt(2):
-    only the sign of the difference survives. `scale=False` skips the division (Dr. GRPO).
+    Only the reward is divided by its group std: a group whose rewards all tie gets no reward
+    advantage, and KL noise is never blown up to the size of a real win (KL enters unscaled, as a
+    per-response penalty, like TRL's separate KL term). With k = 2 the reward part is +-1/sqrt(2):
+    only the sign of r1 - r2 survives. `scale=False` skips the division (Dr. GRPO).
     """
-    reward_part = (rewards[:, :, None] - rewards[:, None, :]).mean(-1)  # (G, k) = r_i - mean(r), float64
-    centred = reward_part.to(kl.dtype) - beta * (kl - kl.mean(-1, keepdim=True))  # (G, k)
-    if not scale:
-        return centred
-    return centred / (centred.std(-1, keepdim=True) + eps)
+    centred = (rewards[:, :, None] - rewards[:, None, :]).mean(-1)  # (G, k) = r_i - mean(r), differences first
+    if scale:
+        centred = centred / (centred.std(-1, keepdim=True) + eps)
+    return centred.to(kl.dtype) - beta * (kl - kl.mean(-1, keepdim=True))
 
 
 def greedy_baseline(rewards: torch.Tensor, kl: torch.Tensor, baseline_rewards: torch.Tensor,
@@ -53,7 +54,7 @@ def token_rewards(scores: torch.Tensor, old_token_logp: torch.Tensor, ref_token_
     """PPO's per-token reward: -beta * (log pi_old(y_t) - log pi_ref(y_t)), plus the score r(x, y) on
     the last response token.  scores (B,), the rest (B, T) -> (B, T), zero on padding."""
     rewards = -beta * (old_token_logp - ref_token_logp)  # (B, T)
-    last = (mask.sum(-1) - 1).clamp(min=0)  # (B,) index of the last response token
+    last = (mask.sum(-1) - 1).clamp(min=0).long()  # (B,) index of the last response token
     rewards = rewards.scatter_add(1, last[:, None], scores.to(rewards.dtype)[:, None])
     return torch.where(mask.bool(), rewards, torch.zeros_like(rewards))
 

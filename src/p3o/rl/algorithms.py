@@ -221,8 +221,9 @@ def dpo_loss(batch: Rollout, outputs: dict, cfg):
     return get_loss("dpo")(logp, ref_logp, preference.abs(), beta=cfg.beta)
 
 
-_dpo_defaults = {"beta": 0.1}
-register_algorithm(Algorithm("dpo", dataset_preferences, dpo_loss, defaults={**_dpo_defaults, "epochs": 1},
+# One pass per batch by default: DPO has no importance weights for reusing the policy's own samples.
+_dpo_defaults = {"beta": 0.1, "epochs": 1}
+register_algorithm(Algorithm("dpo", dataset_preferences, dpo_loss, defaults=_dpo_defaults,
                              from_dataset=True, kl_penalty=False, description="DPO on preference data"))
 register_algorithm(Algorithm("online-dpo", online_preferences, dpo_loss, defaults=_dpo_defaults,
                              kl_penalty=False, description="DPO on the policy's own pairs, labelled by the reward"))

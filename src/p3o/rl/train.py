@@ -52,8 +52,8 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         per_step = cfg.pairs_per_step * accelerator.num_processes
         cfg = dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.num_train_epochs * len(prompts) / per_step)))
     if cfg.algo == "grpo" and cfg.num_generations == 2:
-        log.warning("grpo with --num_generations 2 keeps only the sign of r1 - r2: both advantages are "
-                    "+-1/sqrt(2) whatever the reward gap; use k >= 4, or rloo / p3o for pairs")
+        log.warning("grpo with --num_generations 2 keeps only the sign of r1 - r2: the reward advantages are "
+                    "+-1/sqrt(2) whatever the gap (and 0 for a tie); use k >= 4, or rloo / p3o for pairs")
     policy = load_causal_lm(cfg.model_name_or_path, cfg.trust_remote_code, cfg.torch_dtype, what="policy")
     ref = (load_causal_lm(cfg.ref_model_name_or_path, cfg.trust_remote_code, cfg.torch_dtype, what="reference model")
            if cfg.ref_model_name_or_path else None)

@@ -30,9 +30,12 @@ def dpo_loss(
     losses = -F.logsigmoid(margin)  # (P,)
     if weight is not None:
         losses = losses * weight
-    implicit_rewards, margin = implicit_rewards.detach(), margin.detach()
-    stats = {"chosen_reward": implicit_rewards[:, 0].mean().item(),
-             "rejected_reward": implicit_rewards[:, 1].mean().item(),
-             "reward_margin": margin.mean().item(),
-             "reward_accuracy": (margin > 0).float().mean().item()}
+    counted = torch.ones_like(margin, dtype=torch.bool) if weight is None else weight > 0  # ties say nothing
+    implicit_rewards, margin = implicit_rewards.detach()[counted], margin.detach()[counted]
+    stats = {"chosen_reward": _mean(implicit_rewards[:, 0]), "rejected_reward": _mean(implicit_rewards[:, 1]),
+             "reward_margin": _mean(margin), "reward_accuracy": _mean((margin > 0).float())}
     return losses, stats
+
+
+def _mean(values: torch.Tensor) -> float:
+    return values.mean().item() if values.numel() else 0.0
