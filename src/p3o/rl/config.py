@@ -38,7 +38,7 @@ class TrainConfig:
     num_train_epochs: float | None = option(None, "Passes over --dataset; when given, sets max_steps = ceil(passes * rows / (pairs_per_step * processes)). The usual way to size dpo.")
     minibatch_pairs: int | None = option(None, "Prompt groups per optimiser step; default: the largest divisor of pairs_per_step that is at most 8. Groups are never split.")
     gradient_accumulation_steps: int = option(1, "Micro-batches per optimiser step (minibatch_pairs must divide by it).")
-    epochs: int | None = option(None, "Passes (K) over each rollout; groups are reshuffled each pass. Default 4 (dpo: 1).")
+    epochs: int | None = option(None, "Passes (K) over each rollout; groups are reshuffled each pass. Default 4 (dpo and online-dpo: 1).")
     # --- generation ---------------------------------------------------------------------------
     max_new_tokens: int = option(64, "Tokens sampled per response; EOS ends a response early and counts as part of it. dpo: longer chosen/rejected completions are cut to it.")
     max_prompt_length: int | None = option(None, "Longer prompts keep their last tokens (left truncation, reported once). Default: the model's context minus max_new_tokens.")
