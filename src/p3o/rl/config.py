@@ -21,7 +21,10 @@ class TrainConfig:
     algo: str = option("p3o-v2", "Algorithm: p3o-v1, p3o-v2 (P3O with separate / joint clipping), ppo, rloo, grpo, remax, online-dpo, dpo (offline, on --dataset's preference pairs).")
     reward_fn: str | None = option(None, "Reward function `package.module:fn` or `path/file.py:fn`, called as fn(prompts, completions, **columns).")
     reward_model: str | None = option(None, "Sequence-classification reward model directory or hub name (one label).")
-    monitor_reward_fn: str | None = option(None, "A second reward function scored on every rollout for monitoring only (e.g. a gold reward), logged as monitor_reward; never trained on.")
+    monitor_reward_fn: str | None = option(None, "A second reward function scored on every rollout for monitoring only (e.g. a gold reward), logged as monitor_reward; never trained on. With it, an over-optimisation watch warns when the reward rises while it falls.")
+    eval_dataset: str | None = option(None, "Held-out prompts: the policy is evaluated on them before training, every --eval_steps and at the end (KL to the reference, reward, monitor reward, with standard errors) into eval.jsonl.")
+    eval_steps: int = option(0, "Evaluate on --eval_dataset every N steps (0: only before and after training).")
+    eval_max_prompts: int | None = option(None, "Use at most this many --eval_dataset prompts (the first ones).")
     ref_model_name_or_path: str | None = option(None, "Frozen reference policy; defaults to the initial policy.")
     tokenizer_name_or_path: str | None = option(None, "Tokenizer; defaults to the policy's.")
     dataset_split: str = option("train", "Split to read from a `datasets` name.")
@@ -84,6 +87,8 @@ class TrainConfig:
             if not getattr(self, name):
                 raise UsageError(f"--{name} is required")
         self._resolve_algorithm_settings()
+        if self.eval_steps < 0 or (self.eval_max_prompts is not None and self.eval_max_prompts < 1):
+            raise UsageError("--eval_steps must be >= 0 and --eval_max_prompts at least 1")
         for name in ("max_steps", "pairs_per_step", "gradient_accumulation_steps", "epochs", "max_new_tokens",
                      "logging_steps", "reward_batch_size", "kl_horizon"):
             if getattr(self, name) < 1:
@@ -136,9 +141,12 @@ class TrainConfig:
                              f"{self.num_generations}")
         rewards = [f"--{n}" for n in ("reward_fn", "reward_model", "monitor_reward_fn") if getattr(self, n)]
         if algorithm.from_dataset:
-            if rewards:
+            if rewards and self.eval_dataset is None:
                 raise UsageError(f"--algo {self.algo} learns from the preference pairs of --dataset and samples "
-                                 f"nothing to score; drop {' and '.join(rewards)}, or use --algo online-dpo")
+                                 f"nothing to score; drop {' and '.join(rewards)} (or give --eval_dataset, which "
+                                 "they then score), or use --algo online-dpo")
+            if self.reward_fn is not None and self.reward_model is not None:
+                raise UsageError("give at most one of --reward_fn and --reward_model")
         elif (self.reward_fn is None) == (self.reward_model is None):
             raise UsageError("give exactly one of --reward_fn (package.module:fn or file.py:fn) and --reward_model (a directory)")
         if self.kl_target is not None and not algorithm.kl_penalty:

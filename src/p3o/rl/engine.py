@@ -167,7 +167,7 @@ class Trainer:
         seq.update(prepared.seq)
         rollout.group.update(prepared.group)
         rollout.stats.update(prepared.stats)
-        if self.monitor_reward is not None:  # stored only after `prepare`, which never sees it
+        if self.monitor_reward is not None and "rewards" in seq:  # after `prepare`, which never sees it
             seq["monitor_rewards"] = self.score(self.monitor_reward, rows, completions, response_ids, response_mask, k)
         rewards = seq["rewards"].tolist() if "rewards" in seq else None
         texts = RolloutTexts([r[self.prompts.prompt_column] for r in rows], completions, rewards)
@@ -300,6 +300,8 @@ class Trainer:
             **update_stats,
         }
         metrics = {"step": self.state.step, **self._mean_across_processes(local)}
+        if "monitor_reward" in metrics and "reward" in metrics:  # how far the proxy has drifted from the monitored (gold) reward
+            metrics["proxy_gold_gap"] = metrics["reward"] - metrics["monitor_reward"]
         metrics["pairs_per_s"] = rollout.num_groups * self.accelerator.num_processes / seconds  # prompt groups
         metrics["responses_per_s"] = metrics["pairs_per_s"] * rollout.group_size
         metrics["lr"] = self.scheduler.get_last_lr()[0]

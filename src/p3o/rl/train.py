@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 from p3o.data.prompts import load_preference_pairs, load_prompts
+from p3o.eval.watch import OverOptimisationWatch, eval_points_diverge
 from p3o.models.loading import load_causal_lm, load_tokenizer
 from p3o.models.value_head import VALUE_HEAD_FILE, split_state_dict
 from p3o.reward import build_reward
@@ -43,11 +44,11 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     if algorithm.from_dataset:
         prompts = load_preference_pairs(cfg.dataset, tokenizer, cfg.dataset_split, cfg.dataset_config, cfg.prompt_column,
                                         cfg.chosen_column, cfg.rejected_column, cfg.max_new_tokens)
-        reward = None
     else:
         prompts = load_prompts(cfg.dataset, tokenizer, cfg.dataset_split, cfg.dataset_config, cfg.prompt_column)
-        reward = build_reward(cfg.reward_fn, cfg.reward_model, cfg.trust_remote_code, cfg.reward_batch_size,
-                              accelerator.device)
+    eval_prompts = _eval_prompts(cfg, tokenizer)
+    reward = (build_reward(cfg.reward_fn, cfg.reward_model, cfg.trust_remote_code, cfg.reward_batch_size,
+                           accelerator.device) if cfg.reward_fn or cfg.reward_model else None)  # dpo: for eval only
     if cfg.num_train_epochs is not None:  # the run's length in passes over the data
         per_step = cfg.pairs_per_step * accelerator.num_processes
         cfg = dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.num_train_epochs * len(prompts) / per_step)))
@@ -58,13 +59,23 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     ref = (load_causal_lm(cfg.ref_model_name_or_path, cfg.trust_remote_code, cfg.torch_dtype, what="reference model")
            if cfg.ref_model_name_or_path else None)
     monitor = build_reward(cfg.monitor_reward_fn, None) if cfg.monitor_reward_fn else None
-    return Trainer(cfg, policy, tokenizer, reward, prompts, ref_policy=ref, accelerator=accelerator,
-                   monitor_reward=monitor)
+    trainer = Trainer(cfg, policy, tokenizer, reward, prompts, ref_policy=ref, accelerator=accelerator,
+                      monitor_reward=monitor)
+    trainer.eval_prompts = eval_prompts
+    return trainer
+
+
+def _eval_prompts(cfg: TrainConfig, tokenizer):
+    if cfg.eval_dataset is None:
+        return None
+    prompts = load_prompts(cfg.eval_dataset, tokenizer, column=cfg.prompt_column)
+    n = cfg.eval_max_prompts or len(prompts)
+    return dataclasses.replace(prompts, rows=prompts.rows[:n], texts=prompts.texts[:n], token_ids=prompts.token_ids[:n])
 
 
 def run_train(cfg: TrainConfig) -> Path:
     inputs = {f: getattr(cfg, f) for f in ("model_name_or_path", "ref_model_name_or_path", "tokenizer_name_or_path",
-                                          "reward_model", "dataset")}
+                                          "reward_model", "dataset", "eval_dataset")}
     with run_directory(cfg.output_dir, cfg.overwrite, inputs) as out:
         return _train_into(cfg, out)
 
@@ -80,6 +91,10 @@ def _train_into(cfg: TrainConfig, out: Path) -> Path:
         log.info(_start_line(trainer))
         _warn_about_inputs(trainer)
     start_trackers(acc, cfg)
+    evaluator = HeldOutEvaluator(trainer, out / "eval.jsonl") if acc.is_main_process and trainer.eval_prompts else None
+    if evaluator is not None:
+        evaluator(step=0)  # the starting point: KL 0, the initial policy's rewards
+    watch = OverOptimisationWatch()
     bar = _progress_bar(cfg, disable=not acc.is_main_process)
 
     def on_step(metrics, texts):
@@ -90,6 +105,11 @@ def _train_into(cfg: TrainConfig, out: Path) -> Path:
         if not writers:
             return
         writers["metrics"].write(metrics)
+        if "monitor_reward" in metrics and (warning := watch.update(metrics["reward"], metrics["monitor_reward"])):
+            bar.write(f"WARNING step {metrics['step']}: {warning}")
+        step = metrics["step"]
+        if evaluator is not None and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps):
+            bar.write(evaluator(step))
         if metrics["step"] % cfg.logging_steps == 0 or metrics["step"] == cfg.max_steps:
             bar.write(_summary_line(metrics))
             for record in _completion_records(metrics["step"], texts, cfg.log_completions):
@@ -101,6 +121,8 @@ def _train_into(cfg: TrainConfig, out: Path) -> Path:
         bar.close()
         for writer in writers.values():
             writer.close()
+        if evaluator is not None:
+            evaluator.close()
         acc.end_training()
     acc.wait_for_everyone()
     state_dict = acc.get_state_dict(trainer.policy)  # a collective under FSDP/ZeRO-3: every process calls it
@@ -113,6 +135,38 @@ def _train_into(cfg: TrainConfig, out: Path) -> Path:
                                    extra_tensors=extra)
         log.info("saved the trained policy to %s", out)
     return out
+
+
+class HeldOutEvaluator:
+    """Evaluates the policy on --eval_dataset (KL to the reference, the reward, the monitor reward,
+    length, with standard errors) and appends one line per evaluation to eval.jsonl. Every evaluation
+    draws from the same seeded stream, so points along a run and across runs are comparable."""
+
+    SEED = 0
+
+    def __init__(self, trainer: Trainer, path: Path):
+        self.trainer, self.writer, self.previous = trainer, JsonlWriter(path), None
+        self.rewards = {name: r for name, r in (("reward", trainer.reward), ("monitor_reward", trainer.monitor_reward))
+                        if r is not None}
+
+    def __call__(self, step: int) -> str:
+        from p3o.eval.policy import evaluate_policy
+
+        t = self.trainer
+        result = evaluate_policy(t.unwrapped_policy, t.ref_policy, t.tokenizer, t.eval_prompts, self.rewards,
+                                 t.cfg.max_new_tokens, seed=self.SEED, temperature=t.cfg.temperature)
+        point = {"step": step, **{k: v for k, v in result.items() if k != "samples"}, "n": len(t.eval_prompts)}
+        self.writer.write(point)
+        line = f"eval  step {step:>5}  " + "  ".join(
+            f"{name} {point[name]:+.4f} ± {point[name + '_stderr']:.4f}" for name in ("kl", *self.rewards))
+        if self.previous is not None and "monitor_reward" in point and eval_points_diverge(self.previous, point):
+            line += ("\nWARNING over-optimisation on the held-out prompts: the reward rose and the monitor reward "
+                     "fell since the last evaluation, each beyond 2 standard errors")
+        self.previous = point
+        return line
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def _warn_about_inputs(trainer: Trainer) -> None:
