@@ -42,3 +42,37 @@ def plot_training(metrics_path: Path, out: Path, title: str) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+COLOURS = {"p3o-v1": "tab:blue", "p3o-v2": "tab:green", "ppo": "tab:red", "dpo": "tab:purple",
+           "rloo": "tab:orange", "grpo": "tab:brown", "remax": "tab:pink", "online-dpo": "tab:gray"}
+
+
+def plot_frontier(points: list[dict], summary: dict, out: Path, title: str) -> Path:
+    """KL on x, reward on y: every point faint, each algorithm's Pareto frontier as a line; a gold
+    panel beside the proxy panel when a gold reward was measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in ("gold", "reward") if points[0].get(k) is not None]
+    labels = {"gold": "gold reward (hidden labeller)", "reward": "proxy reward (reward model)"}
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for algo, s in summary.items():
+            colour = COLOURS.get(algo)
+            mine = [p for p in points if p["algo"] == algo]
+            ax.scatter([p["kl"] for p in mine], [p[key] for p in mine], s=10, alpha=0.25, color=colour)
+            front = s[key]["frontier"]
+            ax.plot([p["kl"] for p in front], [p[key] for p in front], marker="o", ms=4, color=colour, label=algo,
+                    drawstyle="steps-post")
+        ax.set_xlabel("KL to the SFT policy (nats)")
+        ax.set_ylabel(labels[key])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

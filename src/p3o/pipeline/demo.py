@@ -104,6 +104,25 @@ def _demo(cfg: DemoConfig, out: Path, preset: Preset) -> Path:
     return out
 
 
+def build_task_base(task_name: str, out: Path, seed: int = 0, quick: bool = True,
+                    disable_progress_bar: bool = False) -> dict[str, Path]:
+    """Steps 1-4 of the demo (task data, a tiny model, SFT, reward model) into `out`, skipping the
+    stages already finished there; for sweeps that train many policies from one SFT model and RM.
+    Returns the data files plus "sft" and "rm" model directories."""
+    from p3o.tasks import get_task, write_task
+
+    preset, task = PRESETS[quick], get_task(task_name)
+    cfg = DemoConfig(task=task_name, output_dir=str(out), seed=seed, quick=quick,
+                     disable_progress_bar=disable_progress_bar, overwrite=True)  # only unfinished stages are rerun
+    files = write_task(task_name, out / "data", seed=seed, n_sft=preset.n_sft, n_pref=preset.n_pref,
+                       n_prompts=max(preset.n_eval, preset.rl_steps * preset.pairs_per_step), n_eval=preset.n_eval)
+    if not (out / "sft" / "model.safetensors").is_file():
+        _sft(cfg, preset, _tiny_model(task, preset, seed, out / "init"), files, out / "sft")
+    if not (out / "rm" / "model.safetensors").is_file():
+        _rm(cfg, preset, out / "sft", files, out / "rm")
+    return {**files, "sft": out / "sft", "rm": out / "rm"}
+
+
 def _banner(text: str) -> None:
     print(f"\n== p3o demo {text}", flush=True)
 

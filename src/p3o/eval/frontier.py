@@ -1,0 +1,268 @@
+"""`p3o frontier`: sweep algorithms x beta x seeds, and draw each algorithm's KL-reward frontier.
+
+Every run is an ordinary `p3o train` (a subprocess with one thread, so independent runs fill the
+cores) that evaluates itself on held-out prompts before training, every `eval_steps` and at the end
+(eval.jsonl). Each evaluation is a point (KL to the reference, proxy reward, gold reward); an
+algorithm's frontier is the set of its points that no other point of the same algorithm beats with
+less or equal KL (P3O.md section 6). A finished run is never run again.
+
+Output directory: base/ (the embedded task's data, SFT model and reward model), runs/<run>/ (one
+`p3o train` run each, logs/<run>.log its output), points.csv (every point), frontier.png,
+frontier.md (the best reward each algorithm reaches within KL budgets) and frontier.json.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from p3o.cli.args import option
+from p3o.errors import UsageError
+
+log = logging.getLogger("p3o")
+KL_BUDGETS = (0.5, 1.0, 2.0, 5.0, 10.0)  # nats: the columns of frontier.md
+POINT_FIELDS = ("algo", "beta", "seed", "step", "kl", "kl_stderr", "reward", "reward_stderr", "gold", "gold_stderr",
+                "length", "run")
+
+
+@dataclass
+class FrontierConfig:
+    output_dir: str = option(None, "Sweep directory; run again to continue it (finished runs are kept).", required=True)
+    task: str | None = option("summarize", "Embedded task (summarize or dialogue): its data, SFT model and reward model are built in output_dir/base. Give an empty value to sweep your own models instead.")
+    model_name_or_path: str | None = option(None, "Your own SFT policy (when --task is empty).")
+    reward_model: str | None = option(None, "Your reward model (or --reward_fn).")
+    reward_fn: str | None = option(None, "Your reward function package.module:fn or file.py:fn.")
+    gold_reward_fn: str | None = option(None, "A gold reward function to plot beside the proxy (the embedded tasks have one).")
+    dataset: str | None = option(None, "Training prompts.")
+    eval_dataset: str | None = option(None, "Held-out prompts every point is measured on.")
+    preference_dataset: str | None = option(None, "Preference pairs for dpo.")
+    algos: str = option("p3o-v1,p3o-v2,ppo,dpo", "Algorithms to sweep, comma-separated.")
+    betas: str = option("0.01,0.05,0.2", "KL coefficients of the RL algorithms, comma-separated.")
+    dpo_betas: str = option("0.05,0.1,0.3", "beta_dpo values of dpo and online-dpo, comma-separated.")
+    seeds: str = option("0,1", "Seeds, comma-separated.")
+    max_steps: int = option(80, "Steps of every run.")
+    eval_steps: int = option(20, "Evaluate (add a point) every N steps of each run.")
+    eval_max_prompts: int | None = option(None, "Use at most this many held-out prompts per point.")
+    pairs_per_step: int = option(16, "Prompts per step of every run.")
+    max_new_tokens: int = option(32, "Tokens per response.")
+    learning_rate: float = option(5e-5, "Learning rate of the RL runs.")
+    dpo_learning_rate: float = option(5e-5, "Learning rate of the dpo runs.")
+    epochs: int = option(2, "Passes over each rollout (RL algorithms; dpo takes 1).")
+    train_config: str | None = option(None, "YAML of further `p3o train` settings for every run (keys are its flags).")
+    num_workers: int = option(0, "Runs in parallel, one thread each; 0: one per CPU core.")
+    judge: str | None = option(None, "Judge for the win-rate table (gold:TASK, reward_model:PATH, reward_fn:SPEC, ...); default gold:TASK for an embedded task.")
+    winrate_prompts: int = option(200, "Held-out prompts per win rate.")
+    disable_progress_bar: bool = option(False, "Hide progress bars.")
+
+    def __post_init__(self) -> None:
+        if not self.output_dir:
+            raise UsageError("--output_dir is required")
+        if not self.task:
+            missing = [f"--{n}" for n in ("model_name_or_path", "dataset", "eval_dataset") if not getattr(self, n)]
+            if missing or not (self.reward_model or self.reward_fn):
+                raise UsageError(f"without --task, give {', '.join(missing + ['--reward_model or --reward_fn'])}")
+            if "dpo" in self.algo_list and not self.preference_dataset:
+                raise UsageError("--algos includes dpo: give --preference_dataset (prompt, chosen, rejected)")
+        for name in ("betas", "dpo_betas", "seeds"):
+            try:
+                [float(x) for x in getattr(self, name).split(",")]
+            except ValueError:
+                raise UsageError(f"--{name} must be numbers separated by commas, got {getattr(self, name)!r}") from None
+        from p3o.rl.algorithms import get_algorithm
+
+        for algo in self.algo_list:
+            get_algorithm(algo)
+        if self.max_steps < 1 or self.eval_steps < 1:
+            raise UsageError("--max_steps and --eval_steps must be at least 1")
+
+    @property
+    def algo_list(self) -> list[str]:
+        return [a.strip() for a in self.algos.split(",") if a.strip()]
+
+
+@dataclass(frozen=True)
+class Run:
+    algo: str
+    beta: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.algo}-beta{self.beta:g}-seed{self.seed}"
+
+
+def plan_runs(cfg: FrontierConfig) -> list[Run]:
+    from p3o.rl.algorithms import get_algorithm
+
+    runs = []
+    for algo in cfg.algo_list:
+        betas = cfg.betas if get_algorithm(algo).kl_penalty else cfg.dpo_betas
+        runs += [Run(algo, float(b), int(s)) for b in betas.split(",") for s in cfg.seeds.split(",")]
+    return runs
+
+
+def run_frontier(cfg: FrontierConfig) -> dict:
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sources = _sources(cfg, out)
+    runs = plan_runs(cfg)
+    todo = [r for r in runs if not is_finished(out / "runs" / r.name, cfg.max_steps)]
+    log.info("frontier: %d runs (%d finished already, %d to train) in %s", len(runs), len(runs) - len(todo), len(todo), out)
+    failed = _train_all(cfg, out, todo, sources)
+    points = collect_points(out, [r for r in runs if r not in failed], has_gold=bool(sources["gold"]))
+    summary = summarise(points, cfg.algo_list)
+    write_outputs(out, points, summary, cfg)
+    if failed:
+        logs = ", ".join(str(out / "logs" / f"{r.name}.log") for r in failed)
+        raise UsageError(f"{len(failed)} of {len(runs)} runs failed (see {logs}); the frontier shows the others. "
+                         "Fix the cause and run the same command again: finished runs are kept")
+    return summary
+
+
+def _sources(cfg: FrontierConfig, out: Path) -> dict:
+    """Model, reward, data and gold of every run: the embedded task's base, or the user's own."""
+    if cfg.task:
+        from p3o.pipeline.demo import build_task_base
+
+        base = build_task_base(cfg.task, out / "base", disable_progress_bar=cfg.disable_progress_bar)
+        return {"model": str(base["sft"]), "reward_model": str(base["rm"]), "reward_fn": None,
+                "dataset": str(base["prompts_train"]), "eval_dataset": str(base["prompts_eval"]),
+                "preferences": str(base["prefs_train"]), "gold": f"p3o.tasks.{cfg.task}:gold_reward"}
+    return {"model": cfg.model_name_or_path, "reward_model": cfg.reward_model, "reward_fn": cfg.reward_fn,
+            "dataset": cfg.dataset, "eval_dataset": cfg.eval_dataset, "preferences": cfg.preference_dataset,
+            "gold": cfg.gold_reward_fn}
+
+
+def run_settings(cfg: FrontierConfig, run: Run, sources: dict, run_dir: Path) -> dict:
+    """The `p3o train` config of one run."""
+    from p3o.rl.algorithms import get_algorithm
+
+    offline = get_algorithm(run.algo).from_dataset
+    settings = dict(
+        algo=run.algo, beta=run.beta, seed=run.seed, model_name_or_path=sources["model"],
+        dataset=sources["preferences"] if offline else sources["dataset"],
+        reward_model=sources["reward_model"], reward_fn=sources["reward_fn"], monitor_reward_fn=sources["gold"],
+        eval_dataset=sources["eval_dataset"], eval_steps=cfg.eval_steps, eval_max_prompts=cfg.eval_max_prompts,
+        max_steps=cfg.max_steps, pairs_per_step=cfg.pairs_per_step, max_new_tokens=cfg.max_new_tokens,
+        learning_rate=cfg.dpo_learning_rate if offline else cfg.learning_rate,
+        epochs=1 if offline else cfg.epochs, output_dir=str(run_dir), overwrite=True, disable_progress_bar=True,
+        logging_steps=max(1, cfg.max_steps // 4), log_completions=1)
+    if cfg.train_config:
+        from p3o.cli.args import read_yaml_config
+
+        settings.update(read_yaml_config(cfg.train_config))
+    return {k: v for k, v in settings.items() if v is not None}
+
+
+def is_finished(run_dir: Path, max_steps: int) -> bool:
+    points = _read_jsonl(run_dir / "eval.jsonl")
+    return (run_dir / "model.safetensors").is_file() and bool(points) and points[-1]["step"] >= max_steps
+
+
+def _train_all(cfg: FrontierConfig, out: Path, todo: list[Run], sources: dict) -> list[Run]:
+    """Train the runs in parallel subprocesses, one thread each; returns the ones that failed."""
+    (out / "logs").mkdir(exist_ok=True)
+    (out / "configs").mkdir(exist_ok=True)
+    workers = cfg.num_workers or os.cpu_count() or 1
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+    def train(run: Run) -> Run | None:
+        config = out / "configs" / f"{run.name}.yaml"
+        config.write_text(yaml.safe_dump(run_settings(cfg, run, sources, out / "runs" / run.name), sort_keys=False))
+        with open(out / "logs" / f"{run.name}.log", "w") as logfile:
+            code = subprocess.run([sys.executable, "-m", "p3o", "train", "--config", str(config)], env=env,
+                                  stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+        log.info("frontier: %s %s", run.name, "done" if code == 0 else f"FAILED (exit {code})")
+        return None if code == 0 else run
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return [r for r in pool.map(train, todo) if r is not None]
+
+
+def collect_points(out: Path, runs: list[Run], has_gold: bool) -> list[dict]:
+    points = []
+    for run in runs:
+        for p in _read_jsonl(out / "runs" / run.name / "eval.jsonl"):
+            points.append({"algo": run.algo, "beta": run.beta, "seed": run.seed, "step": p["step"], "kl": p["kl"],
+                           "kl_stderr": p["kl_stderr"], "reward": p.get("reward"), "reward_stderr": p.get("reward_stderr"),
+                           "gold": p.get("monitor_reward") if has_gold else None,
+                           "gold_stderr": p.get("monitor_reward_stderr") if has_gold else None,
+                           "length": p["length"], "run": run.name})
+    return points
+
+
+def pareto_frontier(points: list[dict], key: str) -> list[dict]:
+    """The points no other point dominates (no more KL and at least as much `key`, one of them
+    strictly): sorted by KL, each with more `key` than every point before it. Naive version:
+    [p for p in points if not any(q["kl"] <= p["kl"] and q[key] >= p[key] and q != p for q in points)]."""
+    frontier, best = [], float("-inf")
+    for p in sorted(points, key=lambda p: (p["kl"], -p[key])):
+        if p[key] > best:
+            frontier.append(p)
+            best = p[key]
+    return frontier
+
+
+def best_within(points: list[dict], key: str, budget: float) -> dict | None:
+    """The point with the most `key` among those with KL <= budget."""
+    inside = [p for p in points if p["kl"] <= budget]
+    return max(inside, key=lambda p: p[key]) if inside else None
+
+
+def summarise(points: list[dict], algos: list[str]) -> dict:
+    keys = ["gold", "reward"] if points and points[0]["gold"] is not None else ["reward"]
+    summary = {}
+    for algo in algos:
+        mine = [p for p in points if p["algo"] == algo]
+        summary[algo] = {key: {"frontier": pareto_frontier(mine, key),
+                               "best_within": {str(b): best_within(mine, key, b) for b in KL_BUDGETS}}
+                         for key in keys}
+    return summary
+
+
+def write_outputs(out: Path, points: list[dict], summary: dict, cfg: FrontierConfig) -> None:
+    from p3o.utils.io import atomic_write_text
+
+    rows = [{k: p[k] for k in POINT_FIELDS} for p in points]
+    tmp = out / ".points.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=POINT_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, out / "points.csv")
+    atomic_write_text(out / "frontier.json", json.dumps(summary, indent=1))
+    atomic_write_text(out / "frontier.md", frontier_table(summary))
+    if points:
+        from p3o.eval.plots import plot_frontier
+
+        plot_frontier(points, summary, out / "frontier.png", title=f"KL-reward frontier ({cfg.task or 'your task'})")
+
+
+def frontier_table(summary: dict) -> str:
+    """Markdown: per algorithm, the best reward (gold, else proxy) within each KL budget."""
+    key = "gold" if any("gold" in s for s in summary.values()) else "reward"
+    lines = [f"Best held-out {'gold' if key == 'gold' else 'proxy'} reward within a KL budget (nats); "
+             "each cell is the best point (any beta, seed or checkpoint) with KL <= the budget.", "",
+             "| algorithm | " + " | ".join(f"KL <= {b:g}" for b in KL_BUDGETS) + " |",
+             "|---|" + "---|" * len(KL_BUDGETS)]
+    for algo, s in summary.items():
+        cells = []
+        for b in KL_BUDGETS:
+            p = s[key]["best_within"][str(b)]
+            cells.append("–" if p is None else f"{p[key]:.3f} ± {p[key + '_stderr']:.3f}")
+        lines.append(f"| {algo} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,117 @@
+"""Training-time evaluation, the over-optimisation watch, and `p3o frontier`."""
+from __future__ import annotations
+
+import csv
+import json
+import random
+
+import pytest
+from conftest import prompt_rows, train_config, write_jsonl
+from test_baselines import preference_rows
+
+from p3o.cli import main
+from p3o.errors import UsageError
+from p3o.eval.frontier import best_within, pareto_frontier
+from p3o.eval.watch import OverOptimisationWatch, eval_points_diverge
+
+
+def test_pareto_frontier_keeps_only_undominated_points():
+    points = [{"kl": kl, "r": r} for kl, r in [(0.0, 0.1), (1.0, 0.5), (1.5, 0.4), (2.0, 0.9), (0.5, 0.05), (3.0, 0.9)]]
+    front = pareto_frontier(points, "r")
+    assert [(p["kl"], p["r"]) for p in front] == [(0.0, 0.1), (1.0, 0.5), (2.0, 0.9)]
+    naive = [p for p in points if not any(q["kl"] <= p["kl"] and q["r"] >= p["r"] and (q["kl"], q["r"]) != (p["kl"], p["r"])
+                                          for q in points)]
+    assert sorted(map(id, naive)) == sorted(map(id, front))
+    assert best_within(points, "r", 1.6)["r"] == 0.5 and best_within(points, "r", -1) is None
+
+
+def test_the_watch_fires_when_the_proxy_rises_and_the_gold_falls():
+    rng = random.Random(0)
+    watch, fired = OverOptimisationWatch(window=10), []
+    for step in range(60):
+        proxy = 0.05 * step + rng.gauss(0, 0.1)
+        gold = (0.05 * step if step < 30 else 1.5 - 0.05 * (step - 30)) + rng.gauss(0, 0.1)
+        if watch.update(proxy, gold):
+            fired.append(step)
+    assert fired and fired[0] >= 30 and len(fired) == 1  # once, after the gold turned
+
+
+def test_the_watch_stays_quiet_when_both_rise_or_on_noise():
+    rng = random.Random(1)
+    both, noise = OverOptimisationWatch(window=10), OverOptimisationWatch(window=10)
+    assert not any(both.update(0.05 * s + rng.gauss(0, 0.1), 0.03 * s + rng.gauss(0, 0.1)) for s in range(80))
+    assert not any(noise.update(rng.gauss(0, 1), rng.gauss(0, 1)) for _ in range(80))
+
+
+def test_eval_points_diverge_needs_changes_beyond_their_standard_errors():
+    before = {"reward": 1.0, "reward_stderr": 0.05, "monitor_reward": 1.0, "monitor_reward_stderr": 0.05}
+    assert eval_points_diverge(before, {**before, "reward": 1.5, "monitor_reward": 0.5})
+    assert not eval_points_diverge(before, {**before, "reward": 1.05, "monitor_reward": 0.95})
+    assert not eval_points_diverge(before, {**before, "reward": 1.5, "monitor_reward": 1.5})
+
+
+def test_training_evaluates_on_held_out_prompts_into_eval_jsonl(assets, tmp_path):
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", prompt_rows(12, seed=5))
+    out = tmp_path / "run"
+    args = ["train", "--model_name_or_path", str(assets["llama"]), "--dataset", str(assets["prompts"]),
+            "--reward_fn", f"{assets['rewards']}:fruit", "--monitor_reward_fn", f"{assets['rewards']}:fruit",
+            "--eval_dataset", str(held_out), "--eval_steps", "2", "--output_dir", str(out), "--max_steps", "3",
+            "--pairs_per_step", "4", "--max_new_tokens", "4", "--learning_rate", "1e-3", "--disable_progress_bar"]
+    assert main(args) == 0
+    points = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert [p["step"] for p in points] == [0, 2, 3]
+    assert points[0]["kl"] == 0.0 and points[-1]["kl"] != 0.0 and all(p["n"] == 12 for p in points)
+    assert {"reward", "reward_stderr", "monitor_reward", "kl_stderr", "length"} <= points[0].keys()
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["proxy_gold_gap"] == pytest.approx(metrics[0]["reward"] - metrics[0]["monitor_reward"])
+
+
+def test_dpo_scores_a_reward_only_on_held_out_prompts(assets, tmp_path):
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(16))
+    with pytest.raises(UsageError, match="give --eval_dataset"):
+        train_config(assets, tmp_path, algo="dpo", dataset=str(prefs))
+    cfg = train_config(assets, tmp_path, algo="dpo", dataset=str(prefs), eval_dataset=str(assets["prompts"]))
+    assert cfg.reward_fn is not None
+
+
+def frontier_args(assets, tmp_path, out, *extra):
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", prompt_rows(8, seed=5))
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(32))
+    return ["frontier", "--task", "", "--output_dir", str(out), "--model_name_or_path", str(assets["llama"]),
+            "--reward_fn", f"{assets['rewards']}:fruit", "--gold_reward_fn", f"{assets['rewards']}:fruit",
+            "--dataset", str(assets["prompts"]), "--eval_dataset", str(held_out), "--preference_dataset", str(prefs),
+            "--algos", "p3o-v2,dpo", "--betas", "0.05", "--dpo_betas", "0.1,0.3", "--seeds", "0",
+            "--max_steps", "4", "--eval_steps", "2", "--pairs_per_step", "4", "--max_new_tokens", "4",
+            "--learning_rate", "1e-3", "--dpo_learning_rate", "1e-3", "--num_workers", "2", *extra]
+
+
+def test_frontier_sweeps_draws_and_skips_finished_runs(assets, tmp_path):
+    out = tmp_path / "sweep"
+    assert main(frontier_args(assets, tmp_path, out)) == 0
+    with open(out / "points.csv") as f:
+        points = list(csv.DictReader(f))
+    runs = {p["run"] for p in points}
+    assert runs == {"p3o-v2-beta0.05-seed0", "dpo-beta0.1-seed0", "dpo-beta0.3-seed0"}
+    assert len(points) == 3 * 3  # steps 0, 2 and 4 of each run
+    assert {p["step"] for p in points} == {"0", "2", "4"} and all(p["gold"] for p in points)
+    assert (out / "frontier.png").stat().st_size > 0 and "| p3o-v2 |" in (out / "frontier.md").read_text()
+    summary = json.loads((out / "frontier.json").read_text())
+    assert set(summary) == {"p3o-v2", "dpo"} and summary["dpo"]["gold"]["frontier"]
+    stamp = (out / "runs" / "dpo-beta0.1-seed0" / "model.safetensors").stat().st_mtime_ns
+    assert main(frontier_args(assets, tmp_path, out)) == 0  # again: nothing to train
+    assert (out / "runs" / "dpo-beta0.1-seed0" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_frontier_reports_failed_runs_and_keeps_the_rest(assets, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = frontier_args(assets, tmp_path, out)
+    args[args.index("--dpo_betas") + 1] = "-1"  # refused by p3o train: that run fails, the others finish
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "1 of 2 runs failed" in err[0] and "dpo-beta-1-seed0.log" in err[0]
+    assert (out / "points.csv").is_file() and (out / "runs" / "p3o-v2-beta0.05-seed0" / "model.safetensors").is_file()
+
+
+def test_frontier_without_a_task_needs_the_users_models(tmp_path, capsys):
+    assert main(["frontier", "--task", "", "--output_dir", str(tmp_path / "o")]) == 2
+    assert "without --task, give --model_name_or_path" in capsys.readouterr().err
