@@ -37,6 +37,7 @@ POINT_FIELDS = ("algo", "beta", "seed", "step", "kl", "kl_stderr", "reward", "re
 class FrontierConfig:
     output_dir: str = option(None, "Sweep directory; run again to continue it (finished runs are kept).", required=True)
     task: str | None = option("summarize", "Embedded task (summarize or dialogue): its data, SFT model and reward model are built in output_dir/base. Give an empty value to sweep your own models instead.")
+    quick_base: bool = option(False, "Build the embedded task's SFT model and reward model with the demo's quick sizes (faster, weaker) instead of its full ones.")
     model_name_or_path: str | None = option(None, "Your own SFT policy (when --task is empty).")
     reward_model: str | None = option(None, "Your reward model (or --reward_fn).")
     reward_fn: str | None = option(None, "Your reward function package.module:fn or file.py:fn.")
@@ -132,7 +133,7 @@ def _sources(cfg: FrontierConfig, out: Path) -> dict:
     if cfg.task:
         from p3o.pipeline.demo import build_task_base
 
-        base = build_task_base(cfg.task, out / "base", disable_progress_bar=cfg.disable_progress_bar)
+        base = build_task_base(cfg.task, out / "base", quick=cfg.quick_base, disable_progress_bar=cfg.disable_progress_bar)
         return {"model": str(base["sft"]), "reward_model": str(base["rm"]), "reward_fn": None,
                 "dataset": str(base["prompts_train"]), "eval_dataset": str(base["prompts_eval"]),
                 "preferences": str(base["prefs_train"]), "gold": f"p3o.tasks.{cfg.task}:gold_reward"}
