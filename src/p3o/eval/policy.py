@@ -32,12 +32,14 @@ def mean_and_stderr(values: list[float]) -> tuple[float, float]:
 def evaluate_policy(policy, reference, tokenizer, prompts, rewards: dict, max_new_tokens: int, seed: int = 0,
                     batch_size: int = 64, temperature: float = 1.0) -> dict:
     """Metrics of `policy` on `prompts` (a PromptDataset): `kl`, `length` and one entry per reward,
-    each with its standard error (`*_stderr`), plus the samples themselves."""
+    each with its standard error (`*_stderr`), plus the samples themselves (each with its own values).
+
+    Rewards are called as in training: raw prompts, the dataset's other columns and `completion_ids`."""
     eos = eos_token_ids(tokenizer, policy)
     config = generation_config(SimpleNamespace(temperature=temperature, top_k=0, top_p=1.0,
                                                max_new_tokens=max_new_tokens), tokenizer, eos)
     device = next(policy.parameters()).device
-    kl, lengths, completions = [], [], []
+    kl, lengths, completions, completion_ids = [], [], [], []
     for first in range(0, len(prompts), batch_size):
         ids, mask = pad_prompts(tokenizer, prompts.token_ids[first:first + batch_size], 10**9)
         ids, mask = ids.to(device), mask.to(device)
@@ -49,14 +51,20 @@ def evaluate_policy(policy, reference, tokenizer, prompts, rewards: dict, max_ne
         kl += (logp - ref).tolist()
         lengths += response_mask.sum(-1).tolist()
         completions += decode_completions(tokenizer, ids, mask, response, response_mask)
+        completion_ids += [r[:n] for r, n in zip(response.tolist(), response_mask.sum(-1).tolist())]
     raw = [row[prompts.prompt_column] for row in prompts.rows]
     if raw and not isinstance(raw[0], str):
         completions_for_reward = [[{"role": "assistant", "content": c}] for c in completions]
     else:
         completions_for_reward = completions
+    reserved = {prompts.prompt_column, "prompts", "completions", "completion_ids"}
+    columns = {name: [row.get(name) for row in prompts.rows] for name in prompts.rows[0] if name not in reserved}
+    values = {"kl": kl, "length": [float(x) for x in lengths]}
+    for name, reward in rewards.items():
+        values[name] = reward(raw, completions_for_reward, completion_ids=completion_ids, **columns).tolist()
     metrics = {}
-    for name, values in [("kl", kl), ("length", [float(x) for x in lengths])] + [
-            (name, reward(raw, completions_for_reward).tolist()) for name, reward in rewards.items()]:
-        metrics[name], metrics[f"{name}_stderr"] = mean_and_stderr(values)
-    metrics["samples"] = [{"prompt": p, "completion": c} for p, c in zip(raw, completions)]
+    for name, v in values.items():
+        metrics[name], metrics[f"{name}_stderr"] = mean_and_stderr(v)
+    metrics["samples"] = [{"prompt": p, "completion": c, **{name: v[i] for name, v in values.items()}}
+                          for i, (p, c) in enumerate(zip(raw, completions))]
     return metrics
