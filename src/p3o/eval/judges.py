@@ -23,10 +23,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -77,6 +78,8 @@ class JudgeSettings:
     timeout: float = 60.0
     workers: int = 4
     backoff: float = 1.0  # seconds before the first retry; doubled after each one
+    dtype: str = "auto"  # weights of an hf: judge
+    progress: bool = False  # progress bars over the judging
 
 
 @dataclass
@@ -262,7 +265,7 @@ class ReplyCache:
                 fh.write(json.dumps({"key": key, **entry}, ensure_ascii=False) + "\n")
 
 
-RETRIED_STATUS = {408, 409, 429}  # and every 5xx
+RETRIED_STATUS = {408, 429}  # and every 5xx
 
 
 class LLMJudge:
@@ -300,8 +303,10 @@ class LLMJudge:
             log.info("asking %s for %d verdicts (%d cached)", self.name, len(todo), len(keys) - len(todo))
             pool = ThreadPoolExecutor(self.settings.workers)
             try:
-                for key, reply in zip(todo, pool.map(self.request, todo.values())):
-                    self.cache.put(key, {"model": self.model, "reply": reply})
+                with _progress(len(todo), f"judging with {self.name}", "request", self.settings) as bar:
+                    for key, reply in zip(todo, pool.map(self.request, todo.values())):
+                        self.cache.put(key, {"model": self.model, "reply": reply})
+                        bar.update()
             finally:
                 pool.shutdown(cancel_futures=True)  # after a fatal error, ask nothing more
         return [self.cache.replies[k] for k in keys]
@@ -331,10 +336,11 @@ class LLMJudge:
                     raise UsageError(f"cannot reach the judge API at {self.url} ({reason}); check --judge_base_url "
                                      "and that the server is running") from None
                 problem = f"{type(reason).__name__}: {reason}" if str(reason) else type(reason).__name__
+            wait = min(wait, 60.0)
             if attempt + 1 < attempts:
                 log.warning("judge API %s: %s; retrying in %.1f s (%d of %d)", self.url, problem, wait,
                             attempt + 1, self.settings.max_retries)
-                time.sleep(min(wait, 60.0))
+                time.sleep(wait)
         raise UsageError(f"the judge API at {self.url} failed {attempts} times (last: {problem}); check the server, "
                          "or raise --judge_max_retries / --judge_timeout")
 
@@ -353,6 +359,12 @@ class LLMJudge:
             return (f"the judge API at {self.url} refused the key (HTTP {exc.code}{detail}); put the key in the "
                     f"environment variable {self.settings.api_key_env} or name another with --judge_api_key_env")
         return f"the judge API at {self.url} refused the request (HTTP {exc.code}{detail}); check --judge_model"
+
+
+def _progress(total: int, desc: str, unit: str, settings: JudgeSettings):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, disable=not settings.progress)
 
 
 def _retry_after(exc: urllib.error.HTTPError, default: float) -> float:
@@ -399,8 +411,12 @@ class HFJudge:
             log.warning("judge %s: %d of %d judging prompts exceed its %d-token context and lose their start",
                         self.name, truncated, len(token_ids), self.max_length)
         self.stats["truncated"] += truncated
-        size = self.settings.batch_size
-        d = torch.cat([self._label_margin(token_ids[i:i + size]) for i in range(0, len(token_ids), size)])  # (2N,)
+        size, parts = self.settings.batch_size, []
+        with _progress(len(token_ids), f"judging with {self.name}", "prompt", self.settings) as bar:
+            for first in range(0, len(token_ids), size):
+                parts.append(self._label_margin(token_ids[first:first + size]))  # (b,)
+                bar.update(len(parts[-1]))
+        d = torch.cat(parts)  # (2N,)
         n = len(prompts)
         margins = ((d[:n] - d[n:]) / 2).tolist()  # (N,) preference for policy A, position lean cancelled
         return [Verdict(by_margin(m, self.settings.tie_margin), {"margin": m, "d_ab": ab, "d_ba": ba})
@@ -448,5 +464,5 @@ def _hf_judge(path: str, settings: JudgeSettings) -> HFJudge:
     from p3o.models.loading import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(path, settings.trust_remote_code)
-    model = load_causal_lm(path, settings.trust_remote_code, "auto", what="judge model").to(settings.device).eval()
+    model = load_causal_lm(path, settings.trust_remote_code, settings.dtype, what="judge model").to(settings.device).eval()
     return HFJudge(model, tokenizer, f"hf:{path}", settings)
