@@ -87,7 +87,8 @@ def frontier_args(assets, tmp_path, out, *extra):
 
 def test_frontier_sweeps_draws_and_skips_finished_runs(assets, tmp_path):
     out = tmp_path / "sweep"
-    assert main(frontier_args(assets, tmp_path, out)) == 0
+    judge = ["--judge", f"reward_fn:{assets['rewards']}:fruit", "--winrate_prompts", "8"]
+    assert main(frontier_args(assets, tmp_path, out, *judge)) == 0
     with open(out / "points.csv") as f:
         points = list(csv.DictReader(f))
     runs = {p["run"] for p in points}
@@ -97,9 +98,15 @@ def test_frontier_sweeps_draws_and_skips_finished_runs(assets, tmp_path):
     assert (out / "frontier.png").stat().st_size > 0 and "| p3o-v2 |" in (out / "frontier.md").read_text()
     summary = json.loads((out / "frontier.json").read_text())
     assert set(summary) == {"p3o-v2", "dpo"} and summary["dpo"]["gold"]["frontier"]
-    stamp = (out / "runs" / "dpo-beta0.1-seed0" / "model.safetensors").stat().st_mtime_ns
-    assert main(frontier_args(assets, tmp_path, out)) == 0  # again: nothing to train
-    assert (out / "runs" / "dpo-beta0.1-seed0" / "model.safetensors").stat().st_mtime_ns == stamp
+    table = (out / "winrates.md").read_text()  # the default-beta policies against the SFT policy
+    assert "| p3o-v2 | 0." in table and "| dpo | 0." in table and "dpo: dpo-beta0.1-seed0" in table
+    result = json.loads((out / "winrates" / "p3o-v2-vs-sft.json").read_text())
+    assert result["n"] == 8 and 0 <= result["ci_low"] <= result["win_rate"] <= result["ci_high"] <= 1
+    stamps = [(out / "runs" / "dpo-beta0.1-seed0" / "model.safetensors").stat().st_mtime_ns,
+              (out / "winrates" / "p3o-v2-vs-sft.json").stat().st_mtime_ns]
+    assert main(frontier_args(assets, tmp_path, out, *judge)) == 0  # again: nothing to train or judge
+    assert stamps == [(out / "runs" / "dpo-beta0.1-seed0" / "model.safetensors").stat().st_mtime_ns,
+                      (out / "winrates" / "p3o-v2-vs-sft.json").stat().st_mtime_ns]
 
 
 def test_frontier_reports_failed_runs_and_keeps_the_rest(assets, tmp_path, capsys):

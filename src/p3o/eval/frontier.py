@@ -121,6 +121,9 @@ def run_frontier(cfg: FrontierConfig) -> dict:
     points = collect_points(out, [r for r in runs if r not in failed], has_gold=bool(sources["gold"]))
     summary = summarise(points, cfg.algo_list)
     write_outputs(out, points, summary, cfg)
+    judge = cfg.judge or (f"gold:{cfg.task}" if cfg.task else None)
+    if judge and not failed:
+        win_rates(cfg, out, sources, judge)
     if failed:
         logs = ", ".join(str(out / "logs" / f"{r.name}.log") for r in failed)
         raise UsageError(f"{len(failed)} of {len(runs)} runs failed (see {logs}); the frontier shows the others. "
@@ -261,6 +264,49 @@ def frontier_table(summary: dict) -> str:
             cells.append("–" if p is None else f"{p[key]:.3f} ± {p[key + '_stderr']:.3f}")
         lines.append(f"| {algo} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def representative(cfg: FrontierConfig, algo: str) -> Run:
+    """The run that stands for `algo` in the win-rate table: its default beta if swept (else the
+    middle one), the first seed, the final policy."""
+    from p3o.rl.algorithms import default_setting, get_algorithm
+
+    algorithm = get_algorithm(algo)
+    betas = [float(b) for b in (cfg.betas if algorithm.kl_penalty else cfg.dpo_betas).split(",")]
+    default = default_setting(algorithm, "beta")
+    beta = default if default in betas else betas[len(betas) // 2]
+    return Run(algo, beta, int(cfg.seeds.split(",")[0]))
+
+
+def win_rates(cfg: FrontierConfig, out: Path, sources: dict, judge: str) -> dict:
+    """Each algorithm's representative policy against the SFT policy and against PPO's (when swept),
+    on the held-out prompts; winrates/*.json (kept across reruns) and winrates.md."""
+    from p3o.eval.winrate import WinrateConfig, run_winrate
+    from p3o.utils.io import atomic_write_text
+
+    policies = {algo: str(out / "runs" / representative(cfg, algo).name) for algo in cfg.algo_list}
+    opponents = {"SFT": sources["model"], **({"PPO": policies["ppo"]} if "ppo" in policies else {})}
+    table = {}
+    for algo, path in policies.items():
+        for name, opponent in opponents.items():
+            if path == opponent:
+                continue
+            result_file = out / "winrates" / f"{algo}-vs-{name.lower()}.json"
+            if not result_file.is_file():
+                run_winrate(WinrateConfig(model_a=path, model_b=opponent, dataset=sources["eval_dataset"],
+                                          judge=judge, output_file=str(result_file), max_new_tokens=cfg.max_new_tokens,
+                                          max_prompts=cfg.winrate_prompts, disable_progress_bar=cfg.disable_progress_bar))
+            table[(algo, name)] = json.loads(result_file.read_text())
+    lines = [f"Win rate of each algorithm's policy ({', '.join(f'{a}: {Path(p).name}' for a, p in policies.items())}) "
+             f"against the SFT policy and against PPO's, judged by {judge} on {cfg.winrate_prompts} held-out prompts "
+             "(ties count one half; 95% interval).", "",
+             "| algorithm | " + " | ".join(f"vs {n}" for n in opponents) + " |", "|---|" + "---|" * len(opponents)]
+    for algo in policies:
+        cells = [(f"{r['win_rate']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]" if (r := table.get((algo, n))) else "–")
+                 for n in opponents]
+        lines.append(f"| {algo} | " + " | ".join(cells) + " |")
+    atomic_write_text(out / "winrates.md", "\n".join(lines) + "\n")
+    return table
 
 
 def _read_jsonl(path: Path) -> list[dict]:
