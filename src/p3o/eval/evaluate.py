@@ -53,7 +53,7 @@ class EvalSettings:
 @dataclass
 class EvalConfig(EvalSettings):
     # A list, which the dataclass-to-flags helper cannot express: `p3o eval` adds it by hand (nargs="+").
-    model_name_or_path: list[str] = option(None, "Policies to evaluate, one or more: local directories or hub names (each against --ref_model).", required=True)
+    model_name_or_path: list[str] = option(None, "Policies to evaluate, one or more: local directories or hub names (each against --ref_model).", required=True)  # noqa: RUF009 (the default is None, not shared)
 
     def __post_init__(self) -> None:
         if isinstance(self.model_name_or_path, str):
@@ -151,7 +151,7 @@ def evaluate_models(cfg: EvalConfig) -> dict[str, dict]:
         prompts.rows, prompts.texts, prompts.token_ids = (prompts.rows[:cfg.max_prompts], prompts.texts[:cfg.max_prompts],
                                                           prompts.token_ids[:cfg.max_prompts])
     # 2. the reference once, then each policy in turn (one policy in memory at a time)
-    load = dict(trust_remote_code=cfg.trust_remote_code, dtype=cfg.torch_dtype)
+    load = {"trust_remote_code": cfg.trust_remote_code, "dtype": cfg.torch_dtype}
     reference = load_causal_lm(cfg.ref_model, what="reference model", **load).to(device).eval()
     log.info("eval: %d policies on %d prompts of %s, KL to %s", len(cfg.model_name_or_path), len(prompts),
              cfg.dataset, cfg.ref_model)
@@ -176,9 +176,10 @@ def markdown_table(results: dict[str, dict], cfg: EvalConfig) -> str:
     """One row per policy: mean ± standard error of each metric (columns only for rewards given)."""
     names = [name for name in COLUMNS if any(r.get(name) is not None for r in results.values())]
     n = next(iter(results.values()))["n"] if results else 0
-    lines = [f"KL to {cfg.ref_model} (nats) and rewards on {n} prompts of {cfg.dataset}: mean ± standard error, "
-             f"one sample per prompt (seed {cfg.seed}, max_new_tokens {cfg.max_new_tokens}, "
-             f"temperature {cfg.temperature:g}).", "",
+    caption = (f"KL to {cfg.ref_model} (nats) and rewards on {n} prompts of {cfg.dataset}: mean ± standard error, "
+               f"one sample per prompt (seed {cfg.seed}, max_new_tokens {cfg.max_new_tokens}, "
+               f"temperature {cfg.temperature:g}).")
+    lines = [caption, "",
              "| model | " + " | ".join(COLUMNS[name] for name in names) + " | n |",
              "|---|" + "---:|" * (len(names) + 1)]
     for path, r in results.items():
