@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"p3o {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"p3o {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # a run that saved a checkpoint says how to resume
+        print(f"p3o {args.command}: {exc or 'interrupted'}", file=sys.stderr)
         return 130
     return 0
 

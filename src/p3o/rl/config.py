@@ -80,6 +80,10 @@ class TrainConfig:
     mixed_precision: str = option("no", "no, bf16 or fp16 (passed to accelerate).")
     report_to: str = option("none", "Also log metrics to: none, tensorboard, wandb, or several joined by commas (metrics.jsonl is always written).")
     overwrite: bool = option(False, "Allow a non-empty output_dir; files of the same name are replaced.")
+    save_steps: int = option(0, "Write a checkpoint (policy, optimiser, scheduler, RNG, counters) every N steps into output_dir/checkpoint-N; 0: only on Ctrl-C/SIGTERM.")
+    save_total_limit: int | None = option(None, "Keep only the newest N checkpoints (default: all).")
+    resume: bool = option(False, "Continue from the latest complete checkpoint in --output_dir, bit-for-bit as if never stopped (same settings required); starts afresh if the directory is empty.")
+    max_consecutive_skips: int = option(5, "Stop the run when this many optimiser steps in a row are skipped for a non-finite loss or gradient.")
     disable_progress_bar: bool = option(False, "Hide the progress bar (summary lines are still printed).")
 
     def __post_init__(self) -> None:
@@ -87,10 +91,12 @@ class TrainConfig:
             if not getattr(self, name):
                 raise UsageError(f"--{name} is required")
         self._resolve_algorithm_settings()
+        if self.save_steps < 0 or (self.save_total_limit is not None and self.save_total_limit < 1):
+            raise UsageError("--save_steps must be >= 0 and --save_total_limit at least 1")
         if self.eval_steps < 0 or (self.eval_max_prompts is not None and self.eval_max_prompts < 1):
             raise UsageError("--eval_steps must be >= 0 and --eval_max_prompts at least 1")
         for name in ("max_steps", "pairs_per_step", "gradient_accumulation_steps", "epochs", "max_new_tokens",
-                     "logging_steps", "reward_batch_size", "kl_horizon"):
+                     "logging_steps", "reward_batch_size", "kl_horizon", "max_consecutive_skips"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.log_completions < 0:

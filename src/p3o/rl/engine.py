@@ -48,6 +48,16 @@ class TrainerState:
     step: int = 0  # rollout-and-update iterations done
     optimizer_steps: int = 0
     skipped_updates: int = 0  # optimiser steps dropped for a non-finite gradient
+    consecutive_skips: int = 0  # of them, the ones since the last good optimiser step
+
+
+class NonFiniteTraining(UsageError):
+    """Too many updates in a row were skipped for NaN/inf: training has diverged."""
+
+    def __init__(self, skips: int, step: int):
+        super().__init__(f"{skips} optimiser steps in a row had a non-finite loss or gradient (step {step}); training "
+                         "has diverged. Lower --learning_rate or check the reward for huge values, then resume from "
+                         "the last good checkpoint with --resume (or start again)")
 
 
 @dataclass
@@ -260,8 +270,12 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()
             self.state.optimizer_steps += 1
+            self.state.consecutive_skips = 0
         else:  # a non-finite gradient would poison the weights and Adam's moments: drop this update
             self.state.skipped_updates += 1
+            self.state.consecutive_skips += 1
+            if self.state.consecutive_skips >= self.cfg.max_consecutive_skips:
+                raise NonFiniteTraining(self.state.consecutive_skips, self.state.step + 1)
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": total_loss, "grad_norm": grad_norm, **_combine(stats)}
 

@@ -5,15 +5,21 @@ and tokenizer (`save_pretrained`, safetensors). Only the main process writes.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
+import signal
 from pathlib import Path
 
 from p3o.data.prompts import load_preference_pairs, load_prompts
 from p3o.eval.watch import OverOptimisationWatch, eval_points_diverge
 from p3o.models.loading import load_causal_lm, load_tokenizer
+import yaml
+
+from p3o.errors import UsageError
 from p3o.models.value_head import VALUE_HEAD_FILE, split_state_dict
+from p3o.rl.checkpoint import STATE_FILE, check_resumable, latest_checkpoint, load_training_state, save_checkpoint
 from p3o.reward import build_reward
 from p3o.rl.algorithms import get_algorithm
 from p3o.rl.config import TrainConfig, derive_sizes
@@ -22,6 +28,7 @@ from p3o.utils.io import (
     JsonlWriter,
     run_directory,
     save_pretrained_atomically,
+    truncate_jsonl,
     write_yaml,
 )
 from p3o.utils.tracking import check_trackers, start_trackers
@@ -29,8 +36,9 @@ from p3o.utils.tracking import check_trackers, start_trackers
 log = logging.getLogger("p3o")
 
 
-def build_trainer(cfg: TrainConfig) -> Trainer:
-    """Everything cheap is checked before anything expensive is loaded."""
+def build_trainer(cfg: TrainConfig, checkpoint: Path | None = None) -> Trainer:
+    """Everything cheap is checked before anything expensive is loaded. With `checkpoint`, the policy
+    and the whole training state come from it (the reference stays the initial policy)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -55,13 +63,16 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     if cfg.algo == "grpo" and cfg.num_generations == 2:
         log.warning("grpo with --num_generations 2 keeps only the sign of r1 - r2: the reward advantages are "
                     "+-1/sqrt(2) whatever the gap (and 0 for a tie); use k >= 4, or rloo / p3o for pairs")
-    policy = load_causal_lm(cfg.model_name_or_path, cfg.trust_remote_code, cfg.torch_dtype, what="policy")
-    ref = (load_causal_lm(cfg.ref_model_name_or_path, cfg.trust_remote_code, cfg.torch_dtype, what="reference model")
-           if cfg.ref_model_name_or_path else None)
+    policy = load_causal_lm(str(checkpoint or cfg.model_name_or_path), cfg.trust_remote_code, cfg.torch_dtype,
+                            what="policy")
+    ref_path = cfg.ref_model_name_or_path or (cfg.model_name_or_path if checkpoint else None)
+    ref = load_causal_lm(ref_path, cfg.trust_remote_code, cfg.torch_dtype, what="reference model") if ref_path else None
     monitor = build_reward(cfg.monitor_reward_fn, None) if cfg.monitor_reward_fn else None
     trainer = Trainer(cfg, policy, tokenizer, reward, prompts, ref_policy=ref, accelerator=accelerator,
                       monitor_reward=monitor)
     trainer.eval_prompts = eval_prompts
+    if checkpoint is not None:
+        load_training_state(trainer, checkpoint)
     return trainer
 
 
@@ -76,34 +87,65 @@ def _eval_prompts(cfg: TrainConfig, tokenizer):
 def run_train(cfg: TrainConfig) -> Path:
     inputs = {f: getattr(cfg, f) for f in ("model_name_or_path", "ref_model_name_or_path", "tokenizer_name_or_path",
                                           "reward_model", "dataset", "eval_dataset")}
-    with run_directory(cfg.output_dir, cfg.overwrite, inputs) as out:
-        return _train_into(cfg, out)
+    checkpoint = _resume_point(cfg) if cfg.resume else None
+    resuming = checkpoint is not None
+    with run_directory(cfg.output_dir, cfg.overwrite or resuming, inputs, clean_up=not resuming) as out:
+        return _train_into(cfg, out, checkpoint)
 
 
-def _train_into(cfg: TrainConfig, out: Path) -> Path:
-    trainer = build_trainer(cfg)
+def _resume_point(cfg: TrainConfig) -> Path | None:
+    """The latest complete checkpoint of the run in --output_dir, checked against the settings given."""
+    out = Path(cfg.output_dir)
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is None:
+        if out.is_dir() and any(out.iterdir()):
+            raise UsageError(f"--resume: {out} holds no complete checkpoint (checkpoint-N with {STATE_FILE}) to "
+                             "continue from; run without --resume and with --overwrite to start again")
+        log.info("--resume: %s has no checkpoint yet; starting from the beginning", out)
+        return None
+    if (out / "config.yaml").is_file():
+        check_resumable(yaml.safe_load((out / "config.yaml").read_text()), dataclasses.asdict(cfg))
+    log.info("resuming from %s", checkpoint)
+    return checkpoint
+
+
+def _train_into(cfg: TrainConfig, out: Path, checkpoint: Path | None = None) -> Path:
+    trainer = build_trainer(cfg, checkpoint)
     cfg, acc = trainer.cfg, trainer.accelerator  # the config as resolved (e.g. max_steps from --num_train_epochs)
     acc.wait_for_everyone()  # every process has checked the output directory before anything is written
-    writers = {}
+    writers, resumed_at = {}, trainer.state.step
     if acc.is_main_process:
+        if checkpoint is not None:  # drop what the run wrote after its checkpoint
+            for name in ("metrics.jsonl", "completions.jsonl", "eval.jsonl"):
+                truncate_jsonl(out / name, resumed_at)
         write_yaml(out / "config.yaml", dataclasses.asdict(cfg))
-        writers = {"metrics": JsonlWriter(out / "metrics.jsonl"), "completions": JsonlWriter(out / "completions.jsonl")}
+        writers = {name: JsonlWriter(out / f"{name}.jsonl", append=checkpoint is not None)
+                   for name in ("metrics", "completions")}
         log.info(_start_line(trainer))
         _warn_about_inputs(trainer)
     start_trackers(acc, cfg)
-    evaluator = HeldOutEvaluator(trainer, out / "eval.jsonl") if acc.is_main_process and trainer.eval_prompts else None
-    if evaluator is not None:
+    evaluator = (HeldOutEvaluator(trainer, out / "eval.jsonl", append=checkpoint is not None)
+                 if acc.is_main_process and trainer.eval_prompts else None)
+    if evaluator is not None and checkpoint is None:
         evaluator(step=0)  # the starting point: KL 0, the initial policy's rewards
-    watch = OverOptimisationWatch()
-    bar = _progress_bar(cfg, disable=not acc.is_main_process)
+    watch, stop = OverOptimisationWatch(), StopRequest()
+    bar = _progress_bar(cfg, disable=not acc.is_main_process, initial=resumed_at)
 
     def on_step(metrics, texts):
         shown = {name: f"{metrics[name]:.3f}" for name in ("reward", "kl", "reward_accuracy") if name in metrics}
         bar.set_postfix(**shown, pairs_s=f"{metrics['pairs_per_s']:.1f}", refresh=False)  # drawn by update, at its pace
         bar.update(1)
         acc.log(metrics, step=metrics["step"])
-        if not writers:
-            return
+        if writers:
+            _write_step(metrics, texts)
+        step = metrics["step"]
+        if step < cfg.max_steps and ((cfg.save_steps and step % cfg.save_steps == 0) or stop.requested):
+            path = save_checkpoint(trainer, out, cfg.save_total_limit)
+            if stop.requested:
+                raise TrainingInterrupted(f"stopped by {stop.requested} after step {step}; checkpoint saved to {path}. "
+                                          "Continue with the same command plus --resume")
+
+    def _write_step(metrics, texts):
         writers["metrics"].write(metrics)
         if "monitor_reward" in metrics and (warning := watch.update(metrics["reward"], metrics["monitor_reward"])):
             bar.write(f"WARNING step {metrics['step']}: {warning}")
@@ -116,7 +158,8 @@ def _train_into(cfg: TrainConfig, out: Path) -> Path:
                 writers["completions"].write(record)
 
     try:
-        trainer.train(on_step)
+        with stop.installed():
+            trainer.train(on_step)
     finally:
         bar.close()
         for writer in writers.values():
@@ -137,6 +180,40 @@ def _train_into(cfg: TrainConfig, out: Path) -> Path:
     return out
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM: a checkpoint was saved; the message says how to resume."""
+
+
+class StopRequest:
+    """SIGINT/SIGTERM ask the run to stop after the current step (and save a checkpoint); a second
+    Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested: str | None = None
+
+    @contextlib.contextmanager
+    def installed(self):
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield self
+            return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in previous:
+            signal.signal(s, self._handle)
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        log.warning("%s: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)", self.requested)
+
+
 class HeldOutEvaluator:
     """Evaluates the policy on --eval_dataset (KL to the reference, the reward, the monitor reward,
     length, with standard errors) and appends one line per evaluation to eval.jsonl. Every evaluation
@@ -144,8 +221,8 @@ class HeldOutEvaluator:
 
     SEED = 0
 
-    def __init__(self, trainer: Trainer, path: Path):
-        self.trainer, self.writer, self.previous = trainer, JsonlWriter(path), None
+    def __init__(self, trainer: Trainer, path: Path, append: bool = False):
+        self.trainer, self.writer, self.previous = trainer, JsonlWriter(path, append), None
         self.rewards = {name: r for name, r in (("reward", trainer.reward), ("monitor_reward", trainer.monitor_reward))
                         if r is not None}
 
@@ -190,10 +267,10 @@ def _record_generation_ids(trainer: Trainer) -> None:
     config.pad_token_id = trainer.tokenizer.pad_token_id
 
 
-def _progress_bar(cfg: TrainConfig, disable: bool):
+def _progress_bar(cfg: TrainConfig, disable: bool, initial: int = 0):
     from tqdm.auto import tqdm
 
-    return tqdm(total=cfg.max_steps, desc=f"p3o train {cfg.algo}", unit="step", mininterval=0.5,
+    return tqdm(total=cfg.max_steps, initial=initial, desc=f"p3o train {cfg.algo}", unit="step", mininterval=0.5,
                 disable=disable or cfg.disable_progress_bar, dynamic_ncols=True)
 
 

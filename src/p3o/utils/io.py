@@ -80,11 +80,12 @@ def write_yaml(path: Path, data: dict[str, Any]) -> None:
 
 
 class JsonlWriter:
-    """Appends one JSON object per line and flushes it, so a crash loses at most the current line."""
+    """Appends one JSON object per line and flushes it, so a crash loses at most the current line.
+    A new file unless `append` (a resumed run continues its files)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, append: bool = False):
         self.path = path
-        self.fh = path.open("w", encoding="utf-8")
+        self.fh = path.open("a" if append else "w", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
         self.fh.write(json.dumps(record) + "\n")
@@ -117,3 +118,19 @@ def save_pretrained_atomically(model, tokenizer, out: Path, state_dict=None, sav
             os.replace(item, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def truncate_jsonl(path: Path, max_step: int) -> None:
+    """Keep the lines of a run's JSONL file up to `max_step` (a resumed run rewrites what came after
+    its checkpoint); a torn last line from a crash is dropped too."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) <= max_step:
+            kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))

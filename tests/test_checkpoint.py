@@ -1,0 +1,159 @@
+"""Never lose a run: atomic checkpoints, exact resume after SIGKILL, SIGTERM, non-finite training."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import train_config
+from safetensors.torch import load_file
+
+from p3o.cli import main
+from p3o.errors import UsageError
+from p3o.rl.checkpoint import checkpoints, latest_checkpoint
+from p3o.rl.train import build_trainer, run_train
+
+
+def cli_args(assets, out, *extra):
+    return ["train", "--model_name_or_path", str(assets["llama"]), "--dataset", str(assets["prompts"]),
+            "--reward_fn", f"{assets['rewards']}:fruit", "--output_dir", str(out), "--max_steps", "6",
+            "--pairs_per_step", "4", "--minibatch_pairs", "2", "--epochs", "2", "--max_new_tokens", "5",
+            "--learning_rate", "1e-3", "--seed", "3", "--disable_progress_bar", *extra]
+
+
+def weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / "model.safetensors"))
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs"
+
+
+@pytest.mark.parametrize("algo", ["p3o-v2", "ppo"])
+def test_checkpoints_hold_the_whole_state_and_rotate(assets, tmp_path, algo):
+    out = tmp_path / "run"
+    assert main(cli_args(assets, out, "--algo", algo, "--save_steps", "2", "--save_total_limit", "2")) == 0
+    found = checkpoints(out)
+    assert [p.name for p in found] == ["checkpoint-2", "checkpoint-4"]  # checkpoint-6 is the final model itself
+    names = {p.name for p in found[-1].iterdir()}
+    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json", "config.json",
+            "tokenizer.json"} <= names
+    assert ("value_head.safetensors" in names) == (algo == "ppo")
+    state = json.loads((found[-1] / "trainer_state.json").read_text())
+    assert state["step"] == 4 and state["optimizer_steps"] == 4 * 2 * 2 and state["kl_control"]["value"] == 0.05
+    torch.load(found[-1] / "optimizer.pt", weights_only=True)  # loadable without unpickling code
+    torch.load(found[-1] / "rng.pt", weights_only=True)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+
+@pytest.mark.parametrize("algo", ["p3o-v2", "ppo"])
+def test_resume_from_a_checkpoint_is_bit_identical(assets, tmp_path, algo):
+    whole = tmp_path / "whole"
+    assert main(cli_args(assets, whole, "--algo", algo)) == 0
+    part = tmp_path / "part"
+    assert main(cli_args(assets, part, "--algo", algo, "--save_steps", "2")) == 0
+    for name in ("model.safetensors", "metrics.jsonl"):
+        (part / name).unlink()
+    import shutil
+
+    shutil.rmtree(part / "checkpoint-4")  # as if the run had died between steps 2 and 4
+    assert main(cli_args(assets, part, "--algo", algo, "--save_steps", "2", "--resume")) == 0
+    assert_same_weights(weights(whole), weights(part))
+    if algo == "ppo":
+        assert_same_weights(load_file(str(whole / "value_head.safetensors")), load_file(str(part / "value_head.safetensors")))
+
+
+def test_sigkill_at_any_moment_then_resume_is_bit_identical(assets, tmp_path):
+    """A real `kill -9` of the training process, twice, at different moments; then --resume."""
+    whole = tmp_path / "whole"
+    assert main(cli_args(assets, whole, "--max_steps", "8")) == 0
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "p3o", *cli_args(assets, out, "--max_steps", "8", "--save_steps", "1", "--resume")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for kill_after in ("checkpoint-2", "checkpoint-5"):
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while not (out / kill_after).exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)  # mid-step, maybe mid-checkpoint: whatever it was doing
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    finished = subprocess.run(args, env=env, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert_same_weights(weights(whole), weights(out))
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))  # lines after the checkpoint were rewritten, not duplicated
+
+
+def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(assets, tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "p3o", *cli_args(assets, out, "--max_steps", "200")]
+    proc = subprocess.Popen(args, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size) and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    last = err.strip().splitlines()[-1]
+    assert "stopped by SIGTERM" in last and "--resume" in last
+    checkpoint = latest_checkpoint(out)
+    assert checkpoint is not None and 0 < json.loads((checkpoint / "trainer_state.json").read_text())["step"] < 200
+
+
+def test_resume_refuses_changed_settings_and_a_directory_without_checkpoints(assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(cli_args(assets, out, "--save_steps", "2")) == 0
+    assert main(cli_args(assets, out, "--save_steps", "2", "--resume", "--learning_rate", "5e-4")) == 2
+    assert "--learning_rate 0.001 -> 0.0005" in capsys.readouterr().err
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert main(cli_args(assets, other, "--resume")) == 2
+    assert "holds no complete checkpoint" in capsys.readouterr().err and (other / "notes.txt").read_text() == "mine"
+    fresh = tmp_path / "fresh"  # nothing there yet: --resume starts from the beginning
+    assert main(cli_args(assets, fresh, "--resume", "--max_steps", "2")) == 0
+
+
+def test_a_half_written_checkpoint_is_never_taken_for_a_complete_one(assets, tmp_path):
+    out = tmp_path / "run"
+    assert main(cli_args(assets, out, "--save_steps", "2", "--max_steps", "4")) == 0
+    torn = out / "checkpoint-3"  # a directory without its state file: a crash before the rename cannot make it
+    torn.mkdir()
+    (torn / "model.safetensors").write_bytes(b"garbage")
+    (out / ".checkpoint-4.tmp").mkdir()
+    assert latest_checkpoint(out).name == "checkpoint-2"
+
+
+def test_repeated_non_finite_updates_stop_the_run_with_a_clear_error(assets, tmp_path):
+    import dataclasses
+
+    cfg = train_config(assets, tmp_path, max_steps=5, max_consecutive_skips=3, epochs=1)
+    trainer = build_trainer(cfg)
+    algorithm = trainer.algorithm
+
+    def poisoned(batch, outputs, cfg):
+        losses, stats = algorithm.loss(batch, outputs, cfg)
+        return losses * float("nan"), stats
+
+    trainer.algorithm = dataclasses.replace(algorithm, loss=poisoned)
+    with pytest.raises(UsageError, match="3 optimiser steps in a row had a non-finite"):
+        trainer.train()
+    assert trainer.state.optimizer_steps == 0
+
+
+def test_the_config_flags_of_checkpointing_are_validated(assets, tmp_path):
+    with pytest.raises(UsageError, match="--save_steps must be >= 0"):
+        train_config(assets, tmp_path, save_steps=-1)
+    with pytest.raises(UsageError, match="max_consecutive_skips must be at least 1"):
+        train_config(assets, tmp_path, max_consecutive_skips=0)
+    assert run_train  # the Python entry point used by the pipeline stays importable
