@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from p3o.cli import main
 from p3o.errors import UsageError
-from p3o.rl.checkpoint import checkpoints, latest_checkpoint
+from p3o.utils.checkpoints import checkpoints, latest_checkpoint
 from p3o.rl.train import build_trainer, run_train
 
 

@@ -5,25 +5,30 @@ and tokenizer (`save_pretrained`, safetensors). Only the main process writes.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
-import signal
 from pathlib import Path
 
-from p3o.data.prompts import load_preference_pairs, load_prompts
-from p3o.eval.watch import OverOptimisationWatch, eval_points_diverge
-from p3o.models.loading import load_causal_lm, load_tokenizer
 import yaml
 
+from p3o.data.prompts import load_preference_pairs, load_prompts
 from p3o.errors import UsageError
+from p3o.eval.watch import OverOptimisationWatch, eval_points_diverge
+from p3o.models.loading import load_causal_lm, load_tokenizer
 from p3o.models.value_head import VALUE_HEAD_FILE, split_state_dict
-from p3o.rl.checkpoint import STATE_FILE, check_resumable, latest_checkpoint, load_training_state, save_checkpoint
 from p3o.reward import build_reward
 from p3o.rl.algorithms import get_algorithm
+from p3o.rl.checkpoint import (
+    STATE_FILE,
+    check_resumable,
+    latest_checkpoint,
+    load_training_state,
+    save_checkpoint,
+)
 from p3o.rl.config import TrainConfig, derive_sizes
 from p3o.rl.engine import Trainer
+from p3o.utils.checkpoints import StopRequest
 from p3o.utils.io import (
     JsonlWriter,
     run_directory,
@@ -142,8 +147,7 @@ def _train_into(cfg: TrainConfig, out: Path, checkpoint: Path | None = None) -> 
         if step < cfg.max_steps and ((cfg.save_steps and step % cfg.save_steps == 0) or stop.requested):
             path = save_checkpoint(trainer, out, cfg.save_total_limit)
             if stop.requested:
-                raise TrainingInterrupted(f"stopped by {stop.requested} after step {step}; checkpoint saved to {path}. "
-                                          "Continue with the same command plus --resume")
+                raise stop.interrupted(step, path)
 
     def _write_step(metrics, texts):
         writers["metrics"].write(metrics)
@@ -178,40 +182,6 @@ def _train_into(cfg: TrainConfig, out: Path, checkpoint: Path | None = None) -> 
                                    extra_tensors=extra)
         log.info("saved the trained policy to %s", out)
     return out
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM: a checkpoint was saved; the message says how to resume."""
-
-
-class StopRequest:
-    """SIGINT/SIGTERM ask the run to stop after the current step (and save a checkpoint); a second
-    Ctrl-C stops at once."""
-
-    def __init__(self):
-        self.requested: str | None = None
-
-    @contextlib.contextmanager
-    def installed(self):
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-            yield self
-            return
-        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        for s in previous:
-            signal.signal(s, self._handle)
-        try:
-            yield self
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-        log.warning("%s: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)", self.requested)
 
 
 class HeldOutEvaluator:

@@ -1,0 +1,137 @@
+"""Checkpoint directories shared by every training command: found, written atomically, rotated.
+
+A checkpoint is `output_dir/checkpoint-<step>/`, complete only once its state file exists; it is
+written into a hidden temporary directory, every file fsynced, then renamed into place, so a crash
+mid-write never leaves a directory that looks complete.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+STATE_FILE = "trainer_state.json"
+PATTERN = re.compile(r"^checkpoint-(\d+)$")
+log = logging.getLogger("p3o")
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints in `out`, oldest first (a temporary or half-written one never matches)."""
+    found = [(int(m.group(1)), p) for p in out.iterdir() if p.is_dir() and (m := PATTERN.match(p.name))
+             and (p / STATE_FILE).is_file()] if out.is_dir() else []
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = checkpoints(out)
+    return found[-1] if found else None
+
+
+def write_checkpoint(out: Path, step: int, write: Callable[[Path], None], limit: int | None) -> Path:
+    """`write(tmp)` fills a temporary directory (the state file last); it is fsynced and renamed to
+    checkpoint-<step>, and only the newest `limit` checkpoints are kept."""
+    final = out / f"checkpoint-{step}"
+    tmp = out / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write(tmp)
+    _fsync_tree(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _fsync_dir(out)
+    for old in checkpoints(out)[:-limit] if limit else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def rng_state() -> dict:
+    """Global RNG states as plain lists and tensors, so that `torch.load(weights_only=True)` reads them."""
+    import numpy as np
+
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(internal), gauss], "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+            "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+
+
+def check_resumable(saved: dict, current: dict, changeable: set[str]) -> None:
+    """Refuse to resume with settings that would change the trajectory."""
+    from p3o.errors import UsageError
+
+    changed = sorted(k for k in set(saved) | set(current) if k not in changeable and saved.get(k) != current.get(k))
+    if changed:
+        detail = ", ".join(f"--{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in changed[:4])
+        raise UsageError(f"--resume: the run was started with other settings ({detail}); resume with the "
+                         "settings in its config.yaml, or start a new --output_dir")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM: a checkpoint was saved; the message says how to resume."""
+
+
+class StopRequest:
+    """SIGINT/SIGTERM ask the run to stop after the current step (and save a checkpoint); a second
+    Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested: str | None = None
+
+    @contextlib.contextmanager
+    def installed(self):
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield self
+            return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in previous:
+            signal.signal(s, self._handle)
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def interrupted(self, step: int, path: Path) -> TrainingInterrupted:
+        return TrainingInterrupted(f"stopped by {self.requested} after step {step}; checkpoint saved to {path}. "
+                                   "Continue with the same command plus --resume")
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        log.warning("%s: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)", self.requested)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
