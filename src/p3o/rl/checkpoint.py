@@ -16,11 +16,11 @@ import torch
 
 from p3o.models.value_head import VALUE_HEAD_FILE, split_state_dict
 from p3o.utils import checkpoints as ckpt
-from p3o.utils.checkpoints import STATE_FILE, latest_checkpoint  # noqa: F401  (re-exported for the run)
+from p3o.utils.checkpoints import STATE_FILE
 from p3o.utils.io import atomic_write_text, save_pretrained_atomically
 
 # Settings a resumed run may change; any other difference would change the trajectory.
-RESUMABLE_CHANGES = {"max_steps", "save_steps", "save_total_limit", "resume", "overwrite", "logging_steps",
+RESUMABLE_CHANGES = {"output_dir", "max_steps", "save_steps", "save_total_limit", "resume", "overwrite", "logging_steps",
                      "log_completions", "disable_progress_bar", "report_to", "max_consecutive_skips", "eval_steps"}
 
 
@@ -68,7 +68,3 @@ def load_training_state(trainer, path: Path) -> None:
         setattr(trainer.state, name, state[name])
     trainer.kl_control.load_state_dict(state["kl_control"])
     ckpt.set_rng_state(torch.load(path / "rng.pt", weights_only=True))
-
-
-def check_resumable(saved: dict, current: dict) -> None:
-    ckpt.check_resumable(saved, current, RESUMABLE_CHANGES)

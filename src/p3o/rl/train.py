@@ -10,25 +10,16 @@ import logging
 import math
 from pathlib import Path
 
-import yaml
-
 from p3o.data.prompts import load_preference_pairs, load_prompts
-from p3o.errors import UsageError
 from p3o.eval.watch import OverOptimisationWatch, eval_points_diverge
 from p3o.models.loading import load_causal_lm, load_tokenizer
 from p3o.models.value_head import VALUE_HEAD_FILE, split_state_dict
 from p3o.reward import build_reward
 from p3o.rl.algorithms import get_algorithm
-from p3o.rl.checkpoint import (
-    STATE_FILE,
-    check_resumable,
-    latest_checkpoint,
-    load_training_state,
-    save_checkpoint,
-)
+from p3o.rl.checkpoint import RESUMABLE_CHANGES, load_training_state, save_checkpoint
 from p3o.rl.config import TrainConfig, derive_sizes
 from p3o.rl.engine import Trainer
-from p3o.utils.checkpoints import StopRequest
+from p3o.utils.checkpoints import StopRequest, resume_point
 from p3o.utils.io import (
     JsonlWriter,
     run_directory,
@@ -99,19 +90,7 @@ def run_train(cfg: TrainConfig) -> Path:
 
 
 def _resume_point(cfg: TrainConfig) -> Path | None:
-    """The latest complete checkpoint of the run in --output_dir, checked against the settings given."""
-    out = Path(cfg.output_dir)
-    checkpoint = latest_checkpoint(out)
-    if checkpoint is None:
-        if out.is_dir() and any(out.iterdir()):
-            raise UsageError(f"--resume: {out} holds no complete checkpoint (checkpoint-N with {STATE_FILE}) to "
-                             "continue from; run without --resume and with --overwrite to start again")
-        log.info("--resume: %s has no checkpoint yet; starting from the beginning", out)
-        return None
-    if (out / "config.yaml").is_file():
-        check_resumable(yaml.safe_load((out / "config.yaml").read_text()), dataclasses.asdict(cfg))
-    log.info("resuming from %s", checkpoint)
-    return checkpoint
+    return resume_point(cfg.output_dir, dataclasses.asdict(cfg), RESUMABLE_CHANGES)
 
 
 def _train_into(cfg: TrainConfig, out: Path, checkpoint: Path | None = None) -> Path:

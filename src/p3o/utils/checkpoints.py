@@ -83,6 +83,27 @@ def check_resumable(saved: dict, current: dict, changeable: set[str]) -> None:
                          "settings in its config.yaml, or start a new --output_dir")
 
 
+def resume_point(output_dir: str, current: dict, changeable: set[str]) -> Path | None:
+    """The latest complete checkpoint in `output_dir` for --resume, its run's config.yaml checked
+    against `current`; None (start from the beginning) when the directory is empty or absent."""
+    import yaml
+
+    from p3o.errors import UsageError
+
+    out = Path(output_dir)
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is None:
+        if out.is_dir() and any(out.iterdir()):
+            raise UsageError(f"--resume: {out} holds no complete checkpoint (checkpoint-N with {STATE_FILE}) to "
+                             "continue from; run without --resume and with --overwrite to start again")
+        log.info("--resume: %s has no checkpoint yet; starting from the beginning", out)
+        return None
+    if (out / "config.yaml").is_file():
+        check_resumable(yaml.safe_load((out / "config.yaml").read_text()), current, changeable)
+    log.info("resuming from %s", checkpoint)
+    return checkpoint
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM: a checkpoint was saved; the message says how to resume."""
 

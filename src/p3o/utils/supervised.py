@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -51,13 +52,17 @@ class SupervisedConfig:
     report_to: str = option("none", "Also log metrics to: none, tensorboard, wandb, ... (comma-separated).")
     overwrite: bool = option(False, "Allow a non-empty output_dir; files of the same name are replaced.")
     disable_progress_bar: bool = option(False, "Hide the progress bar.")
+    save_steps: int = option(0, "Write a checkpoint (weights, optimiser, scheduler, RNG, position) every N optimiser steps into output_dir/checkpoint-N; 0: only on Ctrl-C/SIGTERM.")
+    save_total_limit: int | None = option(None, "Keep only the newest N checkpoints (default: all).")
+    resume: bool = option(False, "Continue from the latest complete checkpoint in --output_dir, exactly as if never stopped (same settings required).")
+    max_consecutive_skips: int = option(5, "Stop when this many optimiser steps in a row are skipped for a non-finite loss or gradient.")
 
     def __post_init__(self) -> None:
         for name in ("model_name_or_path", "dataset", "output_dir"):
             if not getattr(self, name):
                 raise UsageError(f"--{name} is required")
         for name in ("num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
-                     "gradient_accumulation_steps", "max_length", "logging_steps"):
+                     "gradient_accumulation_steps", "max_length", "logging_steps", "max_consecutive_skips"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name} must be at least 1, got {getattr(self, name)}")
         checks = [
@@ -67,10 +72,17 @@ class SupervisedConfig:
             (self.max_grad_norm >= 0, "--max_grad_norm must be >= 0 (0 disables clipping)"),
             (self.torch_dtype in ("float32", "bfloat16", "float16", "auto"), "--torch_dtype must be float32, bfloat16, float16 or auto"),
             (self.mixed_precision in ("no", "bf16", "fp16"), "--mixed_precision must be no, bf16 or fp16"),
+            (self.save_steps >= 0, "--save_steps must be >= 0"),
+            (self.save_total_limit is None or self.save_total_limit >= 1, "--save_total_limit must be at least 1"),
         ]
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
+
+
+# Settings a resumed run may change; any other difference would change its course.
+RESUMABLE_CHANGES = {"output_dir", "save_steps", "save_total_limit", "resume", "overwrite", "logging_steps", "disable_progress_bar",
+                     "report_to", "max_consecutive_skips", "per_device_eval_batch_size"}
 
 
 @dataclass
@@ -83,10 +95,21 @@ class Stage:
     evaluate: Callable[[torch.nn.Module, list[dict]], dict[str, float]]
 
 
+@dataclass
+class FitState:
+    """Where a supervised run is: saved in every checkpoint as trainer_state.json."""
+
+    step: int = 0  # optimiser steps taken (including skipped ones): the data position
+    skipped_updates: int = 0
+    consecutive_skips: int = 0
+    evaluations: list = dataclasses.field(default_factory=list)
+
+
 def fit(cfg: SupervisedConfig, model, train: list[dict], held_out: list[dict], stage: Stage, accelerator,
-        on_log: Callable[[dict], None]) -> list[dict]:
+        on_log: Callable[[dict], None], out=None, checkpoint=None, stop=None) -> list[dict]:
     """Train `model` in place; `on_log` gets every step's metrics and each evaluation; returns the
-    evaluation metrics after each epoch."""
+    evaluation metrics after each epoch. With `out`, checkpoints go there every `save_steps` and when
+    `stop` is requested; with `checkpoint`, training continues from it exactly."""
     from transformers import get_scheduler
 
     batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
@@ -99,27 +122,76 @@ def fit(cfg: SupervisedConfig, model, train: list[dict], held_out: list[dict], s
     total = steps_per_epoch * cfg.num_train_epochs
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * total),
                               num_training_steps=total)
-    evaluations, step, start = [], 0, time.perf_counter()
+    state = _load_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler) if checkpoint else FitState()
+    start = time.perf_counter()
+
+    def save_if_due(last_of_epoch: bool = False) -> None:
+        due = (cfg.save_steps and state.step % cfg.save_steps == 0) or (stop is not None and stop.requested)
+        if out is None or not due or state.step >= total or last_of_epoch:  # an epoch's end waits for its evaluation
+            return
+        path = _save_checkpoint(out, cfg, state, accelerator, model, optimizer, scheduler)
+        if stop is not None and stop.requested:
+            raise stop.interrupted(state.step, path)
+
     for epoch in range(cfg.num_train_epochs):
         model.train()
         order = torch.randperm(len(train), generator=generator(cfg.seed, "supervised-shuffle", epoch)).tolist()
-        for first in range(0, len(train), batch):
+        for index, first in enumerate(range(0, len(train), batch)):
+            if epoch * steps_per_epoch + index < state.step:
+                continue  # taken before the checkpoint this run resumed from
             examples = [train[i] for i in order[first:first + batch]]
-            stats = _optimizer_step(cfg, model, optimizer, examples, stage, accelerator)
-            scheduler.step()
-            step += 1
-            on_log({"step": step, "epoch": step / steps_per_epoch, "lr": scheduler.get_last_lr()[0],
+            stats = _optimizer_step(cfg, model, optimizer, scheduler, examples, stage, accelerator, state)
+            state.step += 1
+            on_log({"step": state.step, "epoch": state.step / steps_per_epoch, "lr": scheduler.get_last_lr()[0],
                     "elapsed": time.perf_counter() - start, **stats})
-        model.eval()
-        with torch.no_grad():
-            evaluations.append({"step": step, "epoch": epoch + 1, **stage.evaluate(accelerator.unwrap_model(model), held_out)})
-        on_log(evaluations[-1])
-    return evaluations
+            save_if_due(last_of_epoch=index == steps_per_epoch - 1)
+        if len(state.evaluations) <= epoch:
+            model.eval()
+            with torch.no_grad():
+                metrics = stage.evaluate(accelerator.unwrap_model(model), held_out)
+            state.evaluations.append({"step": state.step, "epoch": epoch + 1, **metrics})
+            on_log(state.evaluations[-1])
+            save_if_due()
+    return state.evaluations
 
 
-def _optimizer_step(cfg, model, optimizer, examples: list[dict], stage: Stage, accelerator) -> dict[str, float]:
+def _save_checkpoint(out, cfg, state: FitState, accelerator, model, optimizer, scheduler):
+    from safetensors.torch import save_model
+
+    from p3o.utils.checkpoints import STATE_FILE, rng_state, write_checkpoint
+    from p3o.utils.io import atomic_write_text
+
+    def write(tmp) -> None:
+        save_model(accelerator.unwrap_model(model), str(tmp / "model.safetensors"))  # tied weights stored once
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        atomic_write_text(tmp / STATE_FILE, json.dumps(dataclasses.asdict(state), indent=1))  # last: marks it complete
+
+    path = out / f"checkpoint-{state.step}"
+    if accelerator.is_main_process:
+        path = write_checkpoint(out, state.step, write, cfg.save_total_limit)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def _load_checkpoint(path, model, optimizer, scheduler) -> FitState:
+    from safetensors.torch import load_model
+
+    from p3o.utils.checkpoints import STATE_FILE, set_rng_state
+
+    load_model(model, str(path / "model.safetensors"))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    return FitState(**json.loads((path / STATE_FILE).read_text()))
+
+
+def _optimizer_step(cfg, model, optimizer, scheduler, examples: list[dict], stage: Stage, accelerator,
+                    state: FitState) -> dict[str, float]:
     """One optimiser step over `examples`, accumulated in micro-batches; the loss is divided by the
-    units (tokens or pairs) of the whole step, so accumulation equals one large batch."""
+    units (tokens or pairs) of the whole step, so accumulation equals one large batch. A non-finite
+    loss or gradient skips the step; `max_consecutive_skips` of them in a row stop the run."""
     size = cfg.per_device_train_batch_size
     parts = [examples[i:i + size] for i in range(0, len(examples), size)]
     normaliser = stage.units(examples)
@@ -134,20 +206,31 @@ def _optimizer_step(cfg, model, optimizer, examples: list[dict], stage: Stage, a
         total += loss.item()
         for name, value in part_stats.items():
             stats[name] = stats.get(name, 0.0) + value / len(parts)
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-    optimizer.step()
+    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf))
+    if math.isfinite(grad_norm) and math.isfinite(total):
+        optimizer.step()
+        scheduler.step()
+        state.consecutive_skips = 0
+    else:
+        state.skipped_updates += 1
+        state.consecutive_skips += 1
+        if state.consecutive_skips >= cfg.max_consecutive_skips:
+            raise UsageError(f"{state.consecutive_skips} optimiser steps in a row had a non-finite loss or gradient "
+                             f"(step {state.step + 1}); training has diverged. Lower --learning_rate, then resume from "
+                             "the last good checkpoint with --resume (or start again)")
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": total, "grad_norm": float(grad_norm), **stats}
+    return {"loss": total, "grad_norm": grad_norm, "skipped_updates": state.skipped_updates, **stats}
 
 
 def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_out: list[dict], stage: Stage, out,
-              title: str, saved_model=None) -> list[dict]:
+              title: str, saved_model=None, checkpoint=None) -> list[dict]:
     """Everything around `fit` for one command: accelerate, config.yaml, metrics.jsonl (every
     `logging_steps` steps and every evaluation), a progress bar, and the saved model and tokenizer."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    from p3o.utils.io import JsonlWriter, save_pretrained_atomically, write_yaml
+    from p3o.utils.checkpoints import STATE_FILE, StopRequest
+    from p3o.utils.io import JsonlWriter, save_pretrained_atomically, truncate_jsonl, write_yaml
     from p3o.utils.tracking import check_trackers, start_trackers
 
     if not train:
@@ -155,13 +238,15 @@ def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_o
     trackers = check_trackers(cfg.report_to)
     acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=trackers or None, project_dir=str(out))
     acc.wait_for_everyone()
-    writer = None
+    writer, done = None, json.loads((checkpoint / STATE_FILE).read_text())["step"] if checkpoint else 0
     if acc.is_main_process:
+        if checkpoint is not None:
+            truncate_jsonl(out / "metrics.jsonl", done)  # what the run wrote after its checkpoint goes
         write_yaml(out / "config.yaml", dataclasses.asdict(cfg))
-        writer = JsonlWriter(out / "metrics.jsonl")
+        writer = JsonlWriter(out / "metrics.jsonl", append=checkpoint is not None)
     start_trackers(acc, cfg)
     total = math.ceil(len(train) / (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps)) * cfg.num_train_epochs
-    bar = tqdm(total=total, desc=title, unit="step", mininterval=0.5, dynamic_ncols=True,
+    bar = tqdm(total=total, initial=done, desc=title, unit="step", mininterval=0.5, dynamic_ncols=True,
                disable=not acc.is_main_process or cfg.disable_progress_bar)
 
     def on_log(metrics):
@@ -175,8 +260,10 @@ def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_o
             bar.write(f"{title} epoch {metrics['epoch']}: " + "  ".join(
                 f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("eval_")))
 
+    stop = StopRequest()
     try:
-        evaluations = fit(cfg, model, train, held_out, stage, acc, on_log)
+        with stop.installed():
+            evaluations = fit(cfg, model, train, held_out, stage, acc, on_log, out=out, checkpoint=checkpoint, stop=stop)
     finally:
         bar.close()
         if writer is not None:
@@ -202,11 +289,13 @@ def run_supervised(cfg: SupervisedConfig, title: str, load_rows: Callable, token
     from accelerate.utils import set_seed
 
     from p3o.models.loading import load_tokenizer
+    from p3o.utils.checkpoints import resume_point
     from p3o.utils.io import run_directory
 
     inputs = {"model_name_or_path": cfg.model_name_or_path, "tokenizer_name_or_path": cfg.tokenizer_name_or_path,
               "dataset": cfg.dataset, "eval_dataset": cfg.eval_dataset}
-    with run_directory(cfg.output_dir, cfg.overwrite, inputs) as out:
+    checkpoint = resume_point(cfg.output_dir, dataclasses.asdict(cfg), RESUMABLE_CHANGES) if cfg.resume else None
+    with run_directory(cfg.output_dir, cfg.overwrite or checkpoint is not None, inputs, clean_up=checkpoint is None) as out:
         set_seed(cfg.seed)  # also seeds any new weights, such as a reward head
         tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)
         train_rows, eval_rows = load_rows(cfg)
@@ -214,4 +303,5 @@ def run_supervised(cfg: SupervisedConfig, title: str, load_rows: Callable, token
         held_out = [tokenize(tokenizer, row, f"held-out row {i + 1}") for i, row in enumerate(eval_rows)]
         model, saved = build_model(cfg, tokenizer)
         stage = make_stage(tokenizer, cfg.per_device_eval_batch_size)
-        return run_stage(cfg, model, tokenizer, train, held_out, stage, out, title, saved_model=saved)
+        return run_stage(cfg, model, tokenizer, train, held_out, stage, out, title, saved_model=saved,
+                         checkpoint=checkpoint)
