@@ -107,6 +107,14 @@ def test_frontier_sweeps_draws_and_skips_finished_runs(assets, tmp_path):
     assert main(frontier_args(assets, tmp_path, out, *judge)) == 0  # again: nothing to train or judge
     assert stamps == [(out / "runs" / "dpo-beta0.1-seed0" / "model.safetensors").stat().st_mtime_ns,
                       (out / "winrates" / "p3o-v2-vs-sft.json").stat().st_mtime_ns]
+    with open(out / "runs" / "dpo-beta0.3-seed0" / "eval.jsonl", "a") as f:
+        f.write('{"step": 5, "kl"')  # a line torn by a crash is not fatal
+    args = frontier_args(assets, tmp_path, out, *judge)
+    args[args.index("--dpo_learning_rate") + 1] = "5e-4"  # other settings: the dpo runs and their win rate are redone
+    assert main(args) == 0
+    assert (out / "runs" / "dpo-beta0.1-seed0" / "model.safetensors").stat().st_mtime_ns != stamps[0]
+    assert (out / "winrates" / "p3o-v2-vs-sft.json").stat().st_mtime_ns == stamps[1]  # p3o-v2 untouched
+    assert json.loads((out / "winrates" / "dpo-vs-sft.json").read_text())["config"]["model_a"].endswith("dpo-beta0.1-seed0")
 
 
 def test_frontier_reports_failed_runs_and_keeps_the_rest(assets, tmp_path, capsys):
@@ -117,6 +125,13 @@ def test_frontier_reports_failed_runs_and_keeps_the_rest(assets, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "1 of 2 runs failed" in err[0] and "dpo-beta-1-seed0.log" in err[0]
     assert (out / "points.csv").is_file() and (out / "runs" / "p3o-v2-beta0.05-seed0" / "model.safetensors").is_file()
+
+
+def test_frontier_refuses_a_train_config_that_sets_what_it_sweeps(assets, tmp_path, capsys):
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("beta: 0.5\nlearning_rate: 0.01\n")
+    assert main(frontier_args(assets, tmp_path, tmp_path / "sweep", "--train_config", str(extra))) == 2
+    assert "sets beta, which the sweep sets" in capsys.readouterr().err
 
 
 def test_frontier_without_a_task_needs_the_users_models(tmp_path, capsys):

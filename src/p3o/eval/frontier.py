@@ -72,11 +72,11 @@ class FrontierConfig:
                 raise UsageError(f"without --task, give {', '.join(missing + ['--reward_model or --reward_fn'])}")
             if "dpo" in self.algo_list and not self.preference_dataset:
                 raise UsageError("--algos includes dpo: give --preference_dataset (prompt, chosen, rejected)")
-        for name in ("betas", "dpo_betas", "seeds"):
+        for name, kind in (("betas", float), ("dpo_betas", float), ("seeds", int)):
             try:
-                [float(x) for x in getattr(self, name).split(",")]
+                [kind(x) for x in getattr(self, name).split(",")]
             except ValueError:
-                raise UsageError(f"--{name} must be numbers separated by commas, got {getattr(self, name)!r}") from None
+                raise UsageError(f"--{name} must be {kind.__name__}s separated by commas, got {getattr(self, name)!r}") from None
         from p3o.rl.algorithms import get_algorithm
 
         for algo in self.algo_list:
@@ -115,15 +115,16 @@ def run_frontier(cfg: FrontierConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     sources = _sources(cfg, out)
     runs = plan_runs(cfg)
-    todo = [r for r in runs if not is_finished(out / "runs" / r.name, cfg.max_steps)]
+    settings = {r: run_settings(cfg, r, sources, out / "runs" / r.name) for r in runs}
+    todo = [r for r in runs if not is_finished(out / "runs" / r.name, settings[r])]
     log.info("frontier: %d runs (%d finished already, %d to train) in %s", len(runs), len(runs) - len(todo), len(todo), out)
-    failed = _train_all(cfg, out, todo, sources)
+    failed = _train_all(cfg, out, todo, settings)
     points = collect_points(out, [r for r in runs if r not in failed], has_gold=bool(sources["gold"]))
     summary = summarise(points, cfg.algo_list)
     write_outputs(out, points, summary, cfg)
     judge = cfg.judge or (f"gold:{cfg.task}" if cfg.task else None)
     if judge and not failed:
-        win_rates(cfg, out, sources, judge)
+        win_rates(cfg, out, sources, judge, retrained={r.name for r in todo})
     if failed:
         logs = ", ".join(str(out / "logs" / f"{r.name}.log") for r in failed)
         raise UsageError(f"{len(failed)} of {len(runs)} runs failed (see {logs}); the frontier shows the others. "
@@ -136,6 +137,7 @@ def _sources(cfg: FrontierConfig, out: Path) -> dict:
     if cfg.task:
         from p3o.pipeline.demo import build_task_base
 
+        _check_base(out / "base", {"task": cfg.task, "seed": 0, "quick": cfg.quick_base})
         base = build_task_base(cfg.task, out / "base", quick=cfg.quick_base, disable_progress_bar=cfg.disable_progress_bar)
         return {"model": str(base["sft"]), "reward_model": str(base["rm"]), "reward_fn": None,
                 "dataset": str(base["prompts_train"]), "eval_dataset": str(base["prompts_eval"]),
@@ -145,11 +147,32 @@ def _sources(cfg: FrontierConfig, out: Path) -> dict:
             "gold": cfg.gold_reward_fn}
 
 
+def _check_base(base: Path, identity: dict) -> None:
+    """The base models are reused only for the task and sizes they were built with."""
+    from p3o.utils.io import atomic_write_text
+
+    marker = base / "base.json"
+    if marker.is_file() and json.loads(marker.read_text()) != identity:
+        raise UsageError(f"{base} was built with {marker.read_text().strip()}, not {json.dumps(identity)}; "
+                         "use a new --output_dir for another task or base size")
+    base.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(marker, json.dumps(identity))
+
+
+# Keys the sweep sets for each run, which --train_config may not override.
+SWEPT = {"algo", "beta", "seed", "output_dir", "model_name_or_path", "dataset", "eval_dataset", "reward_model",
+         "reward_fn", "monitor_reward_fn", "resume", "overwrite"}
+# Keys of a run's settings that do not change its results.
+COSMETIC = {"output_dir", "overwrite", "resume", "save_steps", "save_total_limit", "disable_progress_bar",
+            "logging_steps", "log_completions"}
+
+
 def run_settings(cfg: FrontierConfig, run: Run, sources: dict, run_dir: Path) -> dict:
     """The `p3o train` config of one run."""
     from p3o.rl.algorithms import get_algorithm
 
-    offline = get_algorithm(run.algo).from_dataset
+    algorithm = get_algorithm(run.algo)
+    offline = algorithm.from_dataset
     settings = dict(
         algo=run.algo, beta=run.beta, seed=run.seed, model_name_or_path=sources["model"],
         dataset=sources["preferences"] if offline else sources["dataset"],
@@ -157,31 +180,52 @@ def run_settings(cfg: FrontierConfig, run: Run, sources: dict, run_dir: Path) ->
         eval_dataset=sources["eval_dataset"], eval_steps=cfg.eval_steps, eval_max_prompts=cfg.eval_max_prompts,
         max_steps=cfg.max_steps, pairs_per_step=cfg.pairs_per_step, max_new_tokens=cfg.max_new_tokens,
         learning_rate=cfg.dpo_learning_rate if offline else cfg.learning_rate,
-        epochs=1 if offline else cfg.epochs, output_dir=str(run_dir), overwrite=True, disable_progress_bar=True,
-        logging_steps=max(1, cfg.max_steps // 4), log_completions=1)
+        epochs=algorithm.defaults.get("epochs", cfg.epochs), output_dir=str(run_dir), disable_progress_bar=True,
+        logging_steps=max(1, cfg.max_steps // 4), log_completions=1,
+        save_steps=cfg.eval_steps, save_total_limit=1, resume=True)  # a killed sweep continues each run
     if cfg.train_config:
         from p3o.cli.args import read_yaml_config
 
-        settings.update(read_yaml_config(cfg.train_config))
+        extra = read_yaml_config(cfg.train_config)
+        if clash := sorted(SWEPT & set(extra)):
+            raise UsageError(f"--train_config {cfg.train_config} sets {', '.join(clash)}, which the sweep sets for "
+                             "each run; remove them (use --algos, --betas, --seeds and the model/data flags)")
+        settings.update(extra)
     return {k: v for k, v in settings.items() if v is not None}
 
 
-def is_finished(run_dir: Path, max_steps: int) -> bool:
+def is_finished(run_dir: Path, settings: dict) -> bool:
+    """Trained to the end with these settings (a run trained with others is not reused)."""
     points = _read_jsonl(run_dir / "eval.jsonl")
-    return (run_dir / "model.safetensors").is_file() and bool(points) and points[-1]["step"] >= max_steps
+    done = (run_dir / "model.safetensors").is_file() and bool(points) and points[-1]["step"] == settings["max_steps"]
+    return done and _same_settings(run_dir, settings)
 
 
-def _train_all(cfg: FrontierConfig, out: Path, todo: list[Run], sources: dict) -> list[Run]:
-    """Train the runs in parallel subprocesses, one thread each; returns the ones that failed."""
+def _same_settings(run_dir: Path, settings: dict) -> bool:
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        return False
+    saved = yaml.safe_load(config.read_text())
+    return all(saved.get(k) == v for k, v in settings.items() if k not in COSMETIC)
+
+
+def _train_all(cfg: FrontierConfig, out: Path, todo: list[Run], settings: dict) -> list[Run]:
+    """Train the runs in parallel subprocesses, one thread each; returns the ones that failed. A run
+    left unfinished continues from its checkpoint; one made with other settings starts again."""
+    import shutil
+
     (out / "logs").mkdir(exist_ok=True)
     (out / "configs").mkdir(exist_ok=True)
-    workers = cfg.num_workers or os.cpu_count() or 1
+    workers = cfg.num_workers or len(os.sched_getaffinity(0))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
     def train(run: Run) -> Run | None:
+        run_dir = out / "runs" / run.name
+        if run_dir.exists() and not _same_settings(run_dir, settings[run]):
+            shutil.rmtree(run_dir)
         config = out / "configs" / f"{run.name}.yaml"
-        config.write_text(yaml.safe_dump(run_settings(cfg, run, sources, out / "runs" / run.name), sort_keys=False))
-        with open(out / "logs" / f"{run.name}.log", "w") as logfile:
+        config.write_text(yaml.safe_dump(settings[run], sort_keys=False))
+        with open(out / "logs" / f"{run.name}.log", "a") as logfile:
             code = subprocess.run([sys.executable, "-m", "p3o", "train", "--config", str(config)], env=env,
                                   stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
         log.info("frontier: %s %s", run.name, "done" if code == 0 else f"FAILED (exit {code})")
@@ -278,7 +322,7 @@ def representative(cfg: FrontierConfig, algo: str) -> Run:
     return Run(algo, beta, int(cfg.seeds.split(",")[0]))
 
 
-def win_rates(cfg: FrontierConfig, out: Path, sources: dict, judge: str) -> dict:
+def win_rates(cfg: FrontierConfig, out: Path, sources: dict, judge: str, retrained: set[str] = frozenset()) -> dict:
     """Each algorithm's representative policy against the SFT policy and against PPO's (when swept),
     on the held-out prompts; winrates/*.json (kept across reruns) and winrates.md."""
     from p3o.eval.winrate import WinrateConfig, run_winrate
@@ -292,10 +336,12 @@ def win_rates(cfg: FrontierConfig, out: Path, sources: dict, judge: str) -> dict
             if path == opponent:
                 continue
             result_file = out / "winrates" / f"{algo}-vs-{name.lower()}.json"
-            if not result_file.is_file():
-                run_winrate(WinrateConfig(model_a=path, model_b=opponent, dataset=sources["eval_dataset"],
-                                          judge=judge, output_file=str(result_file), max_new_tokens=cfg.max_new_tokens,
-                                          max_prompts=cfg.winrate_prompts, disable_progress_bar=cfg.disable_progress_bar))
+            wanted = WinrateConfig(model_a=path, model_b=opponent, dataset=sources["eval_dataset"], judge=judge,
+                                   output_file=str(result_file), max_new_tokens=cfg.max_new_tokens,
+                                   max_prompts=cfg.winrate_prompts, disable_progress_bar=cfg.disable_progress_bar,
+                                   overwrite=True)
+            if _stale(result_file, wanted, {Path(path).name, Path(opponent).name} & retrained):
+                run_winrate(wanted)
             table[(algo, name)] = json.loads(result_file.read_text())
     lines = [f"Win rate of each algorithm's policy ({', '.join(f'{a}: {Path(p).name}' for a, p in policies.items())}) "
              f"against the SFT policy and against PPO's, judged by {judge} on {cfg.winrate_prompts} held-out prompts "
@@ -309,7 +355,24 @@ def win_rates(cfg: FrontierConfig, out: Path, sources: dict, judge: str) -> dict
     return table
 
 
+def _stale(result_file: Path, wanted, retrained: set[str]) -> bool:
+    """A win rate needs judging again unless one was made with the same judge, prompts and policies,
+    and neither policy was retrained since."""
+    if retrained or not result_file.is_file():
+        return True
+    saved = json.loads(result_file.read_text()).get("config", {})
+    return any(saved.get(k) != getattr(wanted, k) for k in ("model_a", "model_b", "dataset", "judge", "max_prompts",
+                                                            "max_new_tokens", "temperature", "seed"))
+
+
 def _read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL file; a line cut off by a crash is skipped."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records

@@ -28,6 +28,13 @@ def mean_and_stderr(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
+def _prompt_budget(model_config, max_new_tokens: int) -> int:
+    """Prompt tokens that fit beside the response in the model's context (longer prompts keep their
+    last tokens, as in training)."""
+    context = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+    return max(1, context - max_new_tokens) if context else 10**9
+
+
 @torch.no_grad()
 def evaluate_policy(policy, reference, tokenizer, prompts, rewards: dict, max_new_tokens: int, seed: int = 0,
                     batch_size: int = 64, temperature: float = 1.0) -> dict:
@@ -39,9 +46,10 @@ def evaluate_policy(policy, reference, tokenizer, prompts, rewards: dict, max_ne
     config = generation_config(SimpleNamespace(temperature=temperature, top_k=0, top_p=1.0,
                                                max_new_tokens=max_new_tokens), tokenizer, eos)
     device = next(policy.parameters()).device
+    prompt_budget = _prompt_budget(policy.config, max_new_tokens)
     kl, lengths, completions, completion_ids = [], [], [], []
     for first in range(0, len(prompts), batch_size):
-        ids, mask = pad_prompts(tokenizer, prompts.token_ids[first:first + batch_size], 10**9)
+        ids, mask = pad_prompts(tokenizer, prompts.token_ids[first:first + batch_size], prompt_budget)
         ids, mask = ids.to(device), mask.to(device)
         seed_global_rng(seed, "eval", first)  # the same prompts get the same random stream for every policy
         response, response_mask = sample_responses(policy, ids, mask, config, eos)

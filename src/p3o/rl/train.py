@@ -179,8 +179,9 @@ class HeldOutEvaluator:
         from p3o.eval.policy import evaluate_policy
 
         t = self.trainer
-        result = evaluate_policy(t.unwrapped_policy, t.ref_policy, t.tokenizer, t.eval_prompts, self.rewards,
-                                 t.cfg.max_new_tokens, seed=self.SEED, temperature=t.cfg.temperature)
+        with t.accelerator.autocast():  # as in training, so the initial policy's KL is exactly 0 under bf16 too
+            result = evaluate_policy(t.unwrapped_policy, t.ref_policy, t.tokenizer, t.eval_prompts, self.rewards,
+                                     t.cfg.max_new_tokens, seed=self.SEED, temperature=t.cfg.temperature)
         point = {"step": step, **{k: v for k, v in result.items() if k != "samples"}, "n": len(t.eval_prompts)}
         self.writer.write(point)
         line = f"eval  step {step:>5}  " + "  ".join(

@@ -111,7 +111,8 @@ def save_pretrained_atomically(model, tokenizer, out: Path, state_dict=None, sav
             tokenizer.save_pretrained(tmp)
         for name, tensors in (extra_tensors or {}).items():
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
-        for item in tmp.iterdir():
+        # Weights last: a directory whose weights file exists has everything else already.
+        for item in sorted(tmp.iterdir(), key=lambda p: p.name.endswith((".safetensors", ".safetensors.index.json"))):
             target = out / item.name
             if target.is_dir():
                 shutil.rmtree(target)
