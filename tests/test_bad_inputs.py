@@ -1,0 +1,380 @@
+"""Bad-input audit across the commands: one line on stderr (what is wrong, how to fix it), exit code 2,
+no traceback (unless --debug), and the output directory or file left as it was.
+
+Cases already tested elsewhere for the same command (tests/test_cli.py, test_eval.py, test_winrate.py,
+test_supervised.py, test_pipeline.py, test_converters.py, test_frontier.py) are not repeated here.
+Also: a tokenizer without a pad token works, and a prompt longer than the context is reported.
+A case marked xfail(strict=True) is a known gap: its reason says what happens now and where the fix belongs.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import yaml
+from conftest import NOUNS, VOCAB, prompt_rows, write_jsonl
+
+from p3o.cli import main
+from p3o.errors import UsageError
+
+# ~240 tokens of the test vocabulary: longer than the tiny models' 128-position context.
+LONG_PROMPT = "story : " + " ".join(["the big cat sees a small dog ."] * 30)
+
+
+@pytest.fixture(scope="module")
+def paths(assets, tmp_path_factory):
+    """Inputs, good and bad, named for the `{placeholders}` of the argument templates below."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification, ViTConfig
+
+    from p3o.models.tiny import build_word_tokenizer
+
+    root = tmp_path_factory.mktemp("bad-inputs")
+    (root / "malformed.jsonl").write_text('{"prompt": "cat"}\n{"prompt": "dog"\n')
+    (root / "empty.jsonl").write_text("")
+    (root / "bad.yaml").write_text("a: [1, 2\n")
+    rows = [{"prompt": f"story : the {n} sees", "completion": " the cat .", "chosen": " the apple .",
+             "rejected": " the dog ."} for n in NOUNS]
+    write_jsonl(root / "sft.jsonl", [{k: r[k] for k in ("prompt", "completion")} for r in rows])
+    write_jsonl(root / "prefs.jsonl", [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+    short = [r["prompt"] for r in prompt_rows(7)]
+    write_jsonl(root / "long_prompts.jsonl", [{"prompt": p} for p in [LONG_PROMPT, *short]])
+    write_jsonl(root / "long_sft.jsonl", [{"prompt": p, "completion": " the cat ."} for p in [LONG_PROMPT, *short]])
+    write_jsonl(root / "long_prefs.jsonl", [{"prompt": p, "chosen": " the apple .", "rejected": " a dog ."}
+                                            for p in [LONG_PROMPT, *short]])
+
+    tokenizer = build_word_tokenizer(VOCAB)
+    vit = root / "vit"  # a model directory, with a tokenizer, that is no language model at all
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(vit)
+    tokenizer.save_pretrained(vit)
+    rm = root / "rm"  # a reward model (sequence classifier): not a causal LM either
+    LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                               num_labels=1, pad_token_id=tokenizer.pad_token_id)).save_pretrained(rm)
+    tokenizer.save_pretrained(rm)
+    nopad = shutil.copytree(assets["llama"], root / "nopad")
+    no_pad_tokenizer = build_word_tokenizer(VOCAB)
+    no_pad_tokenizer.pad_token = None
+    no_pad_tokenizer.save_pretrained(nopad)
+
+    sft_section = {"model_name_or_path": str(assets["llama"]), "dataset": str(root / "sft.jsonl"), "max_length": 32,
+                   "learning_rate": 1e-3, "eval_fraction": 0.2, "disable_progress_bar": True}
+    train_section = {"dataset": str(assets["prompts"]), "reward_fn": f"{assets['rewards']}:fruit", "max_steps": 1,
+                     "pairs_per_step": 2, "max_new_tokens": 2, "disable_progress_bar": True}
+    recipes = {"ok": {}, "algo": {"algo": "ppo-ish"}, "train_data": {"dataset": str(root / "missing.jsonl")},
+               "sizes": {"pairs_per_step": 6, "minibatch_pairs": 4}, "reward_fn": {"reward_fn": f"{assets['rewards']}:nope"}}
+    for name, change in recipes.items():
+        (root / f"recipe_{name}.yaml").write_text(yaml.safe_dump({"sft": sft_section, "train": {**train_section, **change}}))
+    return {"F": str(root), "llama": str(assets["llama"]), "gpt2": str(assets["gpt2"]), "prompts": str(assets["prompts"]),
+            "rewards": str(assets["rewards"])}
+
+
+# --- argument templates: `{name}` is filled from `paths`, `{out}` is the output directory ------------------------
+
+def train(*extra):
+    return ["train", "--model_name_or_path", "{llama}", "--dataset", "{prompts}", "--reward_fn", "{rewards}:fruit",
+            "--output_dir", "{out}", "--overwrite", "--max_steps", "1", "--pairs_per_step", "2", "--max_new_tokens", "2",
+            "--disable_progress_bar", *extra]
+
+
+def sft(*extra):
+    return ["sft", "--model_name_or_path", "{llama}", "--dataset", "{F}/sft.jsonl", "--output_dir", "{out}", "--overwrite",
+            "--max_length", "32", "--disable_progress_bar", *extra]
+
+
+def rm(*extra):
+    return ["rm", "--model_name_or_path", "{llama}", "--dataset", "{F}/prefs.jsonl", "--output_dir", "{out}", "--overwrite",
+            "--max_length", "32", "--disable_progress_bar", *extra]
+
+
+def evaluate(*extra):
+    return ["eval", "--model_name_or_path", "{llama}", "--ref_model", "{llama}", "--dataset", "{prompts}",
+            "--reward_fn", "{rewards}:fruit", "--max_new_tokens", "2", "--max_prompts", "4",
+            "--output_file", "{out}/results.json", "--disable_progress_bar", *extra]
+
+
+def winrate(*extra):
+    return ["winrate", "--model_a", "{llama}", "--model_b", "{gpt2}", "--dataset", "{prompts}",
+            "--judge", "reward_fn:{rewards}:fruit", "--max_new_tokens", "2", "--max_prompts", "4",
+            "--output_file", "{out}/winrate.json", "--disable_progress_bar", *extra]
+
+
+def frontier(*extra):
+    return ["frontier", "--task", "", "--model_name_or_path", "{llama}", "--dataset", "{prompts}",
+            "--eval_dataset", "{prompts}", "--reward_fn", "{rewards}:fruit", "--algos", "p3o-v2", "--betas", "0.05",
+            "--seeds", "0", "--max_steps", "1", "--eval_steps", "1", "--pairs_per_step", "2", "--max_new_tokens", "2",
+            "--eval_max_prompts", "2", "--num_workers", "1", "--output_dir", "{out}", "--disable_progress_bar", *extra]
+
+
+def pipeline(recipe):
+    return ["pipeline", "--config", f"{{F}}/recipe_{recipe}.yaml", "--output_dir", "{out}"]
+
+
+def convert(*extra):
+    return ["convert", "--format", "hh", "--input", "{F}/prefs.jsonl", "--output", "{out}/converted.jsonl", *extra]
+
+
+def with_(args, flag, value):
+    """`args` with `flag` set to `value` (replacing it where present); value None drops the flag."""
+    args = list(args)
+    if flag in args:
+        i = args.index(flag)
+        takes_value = i + 1 < len(args) and not args[i + 1].startswith("--")
+        del args[i:i + 1 + takes_value]
+        if value is not None:
+            args[i:i] = [flag, value]
+    elif value is not None:
+        args += [flag, value]
+    return args
+
+
+def gap(reason):
+    return pytest.mark.xfail(strict=True, reason=reason)
+
+
+GAP_RM_AS_POLICY = gap("load_causal_lm (src/p3o/models/loading.py) loads a LlamaForSequenceClassification checkpoint "
+                       "as a causal LM with a newly initialised lm_head and the run succeeds (exit 0); it should "
+                       "check config.architectures / the missing lm_head weights and refuse")
+GAP_TOKENIZER_FIRST = gap("run_supervised (src/p3o/utils/supervised.py) loads the tokenizer first, so a missing "
+                          "--model_name_or_path is reported as 'tokenizer ./no/such/dir does not exist'; check the "
+                          "model path (_check_exists(..., 'model')) before the tokenizer")
+GAP_FRONTIER_INPUTS = gap("run_frontier (src/p3o/eval/frontier.py) checks no input before launching `p3o train` "
+                          "subprocesses: the one line is '1 of 1 runs failed (see logs/...log)', not what is wrong, and "
+                          "configs/, logs/, runs/, points.csv, frontier.json/.md are written into --output_dir; check "
+                          "model/dataset/reward paths (load_reward_function, read_rows) in FrontierConfig or before _train_all")
+GAP_PIPELINE_LATE = gap("load_recipe (src/p3o/pipeline/recipe.py) only builds the stage configs: dataset files, reward "
+                        "functions, derive_sizes and stage output directories are checked when each stage starts, so "
+                        "the sft stage has already run and written out/sft; check every stage (derive_sizes, read_rows "
+                        "of local files, load_reward_function, prepare_output_dir's emptiness test) before the first one")
+GAP_ARGPARSE = gap("argparse prints the 3-line usage before 'error: argument --format: invalid choice' and exits via "
+                   "SystemExit; give the subparsers an error() that prints one line (src/p3o/cli/__init__.py build_parser)")
+
+CASES = [
+    # p3o train (its missing files, malformed/missing-column/empty data, unknown --algo, pairs/minibatch, NaN and
+    # raising rewards, a non-empty --output_dir are in test_cli.py)
+    pytest.param(with_(train(), "--reward_fn", "p3o.no_such_module:fn"), ["cannot import module 'p3o.no_such_module'"],
+                 id="train-reward-module-missing"),
+    pytest.param(with_(train(), "--reward_fn", "{rewards}:no_such_fn"), ["has no attribute 'no_such_fn'"],
+                 id="train-reward-name-missing"),
+    pytest.param(with_(train(), "--reward_fn", "{rewards}:wrong_length"),
+                 ["wrong_length", "returned 3 values for 4 completions", "one float per completion"],
+                 id="train-reward-wrong-length"),
+    pytest.param(with_(train(), "--monitor_reward_fn", "{F}/missing.py:fn"), ["file", "missing.py does not exist"],
+                 id="train-monitor-reward-missing"),
+    pytest.param(with_(with_(train(), "--reward_fn", None), "--reward_model", "./no/such/rm"),
+                 ["reward model ./no/such/rm does not exist"], id="train-reward-model-missing"),
+    pytest.param(with_(train(), "--model_name_or_path", "{F}/vit"), ["not a causal language model"], id="train-model-not-lm"),
+    pytest.param(with_(train(), "--model_name_or_path", "{F}/rm"), ["causal"], id="train-model-is-a-reward-model",
+                 marks=GAP_RM_AS_POLICY),
+    pytest.param(with_(train(), "--ref_model_name_or_path", "./no/such/ref"), ["reference model ./no/such/ref does not exist"],
+                 id="train-ref-model-missing"),
+    pytest.param(with_(train(), "--tokenizer_name_or_path", "./no/such/tok"), ["tokenizer ./no/such/tok does not exist"],
+                 id="train-tokenizer-missing"),
+    pytest.param(with_(train(), "--eval_dataset", "{F}/missing.jsonl"), ["dataset file", "missing.jsonl does not exist"],
+                 id="train-eval-dataset-missing"),
+    pytest.param(with_(train("--algo", "dpo"), "--reward_fn", None), ["no column 'chosen'", "columns found: prompt, topic"],
+                 id="train-dpo-missing-column"),
+    pytest.param(train("--pairs_per_step", "4", "--minibatch_pairs", "4", "--gradient_accumulation_steps", "3"),
+                 ["--minibatch_pairs 4 must be a multiple of --gradient_accumulation_steps 3"], id="train-accumulation-not-dividing"),
+    pytest.param(train("--config", "{F}/missing.yaml"), ["config file", "missing.yaml does not exist"], id="train-config-missing"),
+    pytest.param(train("--config", "{F}/bad.yaml"), ["bad.yaml is not valid YAML"], id="train-config-malformed"),
+    # p3o sft
+    pytest.param(with_(sft(), "--dataset", "{F}/missing.jsonl"), ["dataset file", "missing.jsonl does not exist"],
+                 id="sft-dataset-missing"),
+    pytest.param(with_(sft(), "--dataset", "{F}/malformed.jsonl"), ["malformed.jsonl:2: malformed JSON"], id="sft-malformed-json"),
+    pytest.param(sft("--completion_column", "answer"), ["no column 'answer'", "columns found: prompt, completion"],
+                 id="sft-missing-column"),
+    pytest.param(with_(sft(), "--dataset", "{F}/empty.jsonl"), ["empty.jsonl has no rows"], id="sft-empty-dataset"),
+    pytest.param(sft("--eval_dataset", "{F}/missing.jsonl"), ["dataset file", "missing.jsonl does not exist"],
+                 id="sft-eval-dataset-missing"),
+    pytest.param(with_(sft(), "--model_name_or_path", "./no/such/dir"), ["model ./no/such/dir does not exist"],
+                 id="sft-model-missing", marks=GAP_TOKENIZER_FIRST),
+    pytest.param(with_(sft(), "--model_name_or_path", "{F}/vit"), ["not a causal language model"], id="sft-model-not-lm"),
+    pytest.param(with_(sft(), "--model_name_or_path", "{F}/rm"), ["causal"], id="sft-model-is-a-reward-model",
+                 marks=GAP_RM_AS_POLICY),
+    # p3o rm
+    pytest.param(with_(rm(), "--dataset", "{F}/missing.jsonl"), ["dataset file", "missing.jsonl does not exist"],
+                 id="rm-dataset-missing"),
+    pytest.param(with_(rm(), "--dataset", "{F}/malformed.jsonl"), ["malformed.jsonl:2: malformed JSON"], id="rm-malformed-json"),
+    pytest.param(with_(rm(), "--dataset", "{F}/empty.jsonl"), ["empty.jsonl has no rows"], id="rm-empty-dataset"),
+    pytest.param(with_(rm(), "--model_name_or_path", "./no/such/dir"), ["model ./no/such/dir does not exist"],
+                 id="rm-model-missing", marks=GAP_TOKENIZER_FIRST),
+    pytest.param(with_(rm(), "--model_name_or_path", "{F}/vit"), ["could not load", "as a sequence classifier"],
+                 id="rm-model-not-a-classifier-trunk"),
+    # p3o eval (missing model/dataset, no reward, NaN reward, existing output are in test_eval.py)
+    pytest.param(with_(evaluate(), "--dataset", "{F}/malformed.jsonl"), ["malformed.jsonl:2: malformed JSON"],
+                 id="eval-malformed-json"),
+    pytest.param(evaluate("--prompt_column", "question"), ["no column 'question'", "columns found: prompt, topic"],
+                 id="eval-missing-column"),
+    pytest.param(with_(evaluate(), "--dataset", "{F}/empty.jsonl"), ["empty.jsonl has no rows"], id="eval-empty-dataset"),
+    pytest.param(with_(evaluate(), "--reward_fn", "{rewards}:no_such_fn"), ["has no attribute 'no_such_fn'"],
+                 id="eval-reward-name-missing"),
+    pytest.param(with_(evaluate(), "--reward_fn", "{rewards}:raises"), ["raises raised RuntimeError: reward server is down"],
+                 id="eval-reward-raises"),
+    pytest.param(with_(evaluate(), "--reward_fn", "{rewards}:wrong_length"), ["returned 3 values for 4 completions"],
+                 id="eval-reward-wrong-length"),
+    pytest.param(evaluate("--gold_reward_fn", "{F}/missing.py:fn"), ["missing.py does not exist"], id="eval-gold-reward-missing"),
+    pytest.param(with_(evaluate(), "--ref_model", "./no/such/ref"), ["./no/such/ref does not exist"], id="eval-ref-missing"),
+    pytest.param(with_(evaluate(), "--model_name_or_path", "{F}/vit"), ["not a causal language model"], id="eval-model-not-lm"),
+    # p3o winrate (unknown judge, missing model_a, missing reward file, existing output are in test_winrate.py)
+    pytest.param(with_(winrate(), "--dataset", "{F}/missing.jsonl"), ["dataset file", "missing.jsonl does not exist"],
+                 id="winrate-dataset-missing"),
+    pytest.param(with_(winrate(), "--dataset", "{F}/malformed.jsonl"), ["malformed.jsonl:2: malformed JSON"],
+                 id="winrate-malformed-json"),
+    pytest.param(winrate("--prompt_column", "question"), ["no column 'question'", "columns found: prompt, topic"],
+                 id="winrate-missing-column"),
+    pytest.param(with_(winrate(), "--dataset", "{F}/empty.jsonl"), ["empty.jsonl has no rows"], id="winrate-empty-dataset"),
+    pytest.param(with_(winrate(), "--judge", "reward_fn:{rewards}:no_such_fn"), ["has no attribute 'no_such_fn'"],
+                 id="winrate-reward-name-missing"),
+    pytest.param(with_(winrate(), "--judge", "reward_fn:{rewards}:raises"), ["raised RuntimeError: reward server is down"],
+                 id="winrate-reward-raises"),
+    pytest.param(with_(winrate(), "--judge", "reward_fn:{rewards}:wrong_length"), ["returned 3 values for 4 completions"],
+                 id="winrate-reward-wrong-length"),
+    pytest.param(with_(winrate(), "--judge", "reward_fn:{rewards}:nan_reward"), ["nan_reward", "non-finite"],
+                 id="winrate-reward-nan"),
+    pytest.param(with_(winrate(), "--model_b", "./no/such/b"), ["--model_b ./no/such/b does not exist"], id="winrate-model-b-missing"),
+    pytest.param(with_(winrate(), "--model_b", "{F}/vit"), ["--model_b", "not a causal language model"], id="winrate-model-not-lm"),
+    # p3o frontier (a failing run and a missing --model_name_or_path without --task are in test_frontier.py)
+    pytest.param(with_(frontier(), "--algos", "p3o-v2,ppo-ish"), ["unknown --algo 'ppo-ish'; known algorithms: p3o-v1"],
+                 id="frontier-unknown-algo"),
+    pytest.param(with_(frontier(), "--betas", "0.05,x"), ["--betas must be", "separated by commas, got '0.05,x'"], id="frontier-betas-not-numbers"),
+    pytest.param(with_(frontier(), "--dataset", "{F}/missing.jsonl"), ["missing.jsonl does not exist"],
+                 id="frontier-dataset-missing", marks=GAP_FRONTIER_INPUTS),
+    pytest.param(with_(frontier(), "--reward_fn", "{F}/missing.py:fn"), ["missing.py does not exist"],
+                 id="frontier-reward-missing", marks=GAP_FRONTIER_INPUTS),
+    pytest.param(frontier("--train_config", "{F}/missing.yaml"), ["config file", "missing.yaml does not exist"],
+                 id="frontier-train-config-missing"),
+    # p3o pipeline (unknown option and unknown section are in test_pipeline.py)
+    pytest.param(with_(pipeline("ok"), "--config", "{F}/missing.yaml"), ["config file", "missing.yaml does not exist"],
+                 id="pipeline-recipe-missing"),
+    pytest.param(with_(pipeline("ok"), "--config", "{F}/bad.yaml"), ["bad.yaml is not valid YAML"], id="pipeline-recipe-malformed"),
+    pytest.param(pipeline("algo"), ["unknown --algo 'ppo-ish'; known algorithms: p3o-v1"], id="pipeline-unknown-algo"),
+    pytest.param(pipeline("train_data"), ["missing.jsonl does not exist"], id="pipeline-train-dataset-missing",
+                 marks=GAP_PIPELINE_LATE),
+    pytest.param(pipeline("sizes"), ["--pairs_per_step 6 must be a multiple of --minibatch_pairs 4"],
+                 id="pipeline-sizes-not-dividing", marks=GAP_PIPELINE_LATE),
+    pytest.param(pipeline("reward_fn"), ["has no attribute 'nope'"], id="pipeline-reward-name-missing", marks=GAP_PIPELINE_LATE),
+    # p3o convert (output exists, input is output, nothing convertible, missing field are in test_converters.py)
+    pytest.param(with_(convert(), "--input", "{F}/missing.jsonl"), ["dataset file", "missing.jsonl does not exist"],
+                 id="convert-input-missing"),
+    pytest.param(with_(convert(), "--input", "{F}/malformed.jsonl"), ["malformed.jsonl:2: malformed JSON"],
+                 id="convert-malformed-json"),
+    pytest.param(with_(convert(), "--input", "{F}/empty.jsonl"), ["empty.jsonl has no rows"], id="convert-empty-input"),
+    pytest.param(with_(convert(), "--format", "shp"), ["--format", "shp", "hh", "tldr"], id="convert-unknown-format",
+                 marks=GAP_ARGPARSE),
+]
+
+# A non-empty output directory without --overwrite/--resume: refused, nothing touched (train's is in test_cli.py).
+NON_EMPTY = [
+    pytest.param(with_(sft(), "--overwrite", None), "keep.txt", id="sft"),
+    pytest.param(with_(rm(), "--overwrite", None), "keep.txt", id="rm"),
+    pytest.param(pipeline("ok"), "train/keep.txt", id="pipeline-stage-dir", marks=GAP_PIPELINE_LATE),
+]
+
+
+def fill(template, paths, out):
+    return [arg.format(**paths, out=out) for arg in template]
+
+
+def run_cli(argv, capsys):
+    """(exit code, stderr lines) of `p3o ARGV` run in-process; argparse exits through SystemExit."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def files_under(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def assert_one_line_and_untouched(argv, capsys, tmp_path, marker, expected_words=()):
+    """Exit 2, one stderr line `p3o CMD: error: ...` holding the expected words, and tmp_path holding only
+    the output directory with its marker file, unchanged."""
+    marker_file = tmp_path / "out" / marker
+    marker_file.parent.mkdir(parents=True)
+    marker_file.write_text("keep me")
+    before = files_under(tmp_path)
+    code, err = run_cli(argv, capsys)
+    assert code == 2, (code, err)
+    assert len(err) == 1, err
+    assert err[0].startswith(f"p3o {argv[0]}: error: ") and "Traceback" not in err[0], err
+    for words in expected_words:
+        assert words in err[0], (words, err[0])
+    assert files_under(tmp_path) == before and marker_file.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("template, expected", CASES)
+def test_bad_input_is_one_clear_line_exit_2_and_nothing_written(paths, tmp_path, capsys, template, expected):
+    assert_one_line_and_untouched(fill(template, paths, tmp_path / "out"), capsys, tmp_path, "keep.txt", expected)
+
+
+@pytest.mark.parametrize("template, marker", NON_EMPTY)
+def test_a_non_empty_output_dir_is_refused_and_left_untouched(paths, tmp_path, capsys, template, marker):
+    assert_one_line_and_untouched(fill(template, paths, tmp_path / "out"), capsys, tmp_path, marker,
+                                  ["not empty", "--overwrite"])
+
+
+def test_debug_shows_the_traceback_for_other_commands_too(paths, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(UsageError, match="missing.jsonl does not exist"):
+        main(fill(with_(sft("--debug"), "--dataset", "{F}/missing.jsonl"), paths, out))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("template, produced", [
+    pytest.param(train(), "model.safetensors", id="train"),
+    pytest.param(sft(), "model.safetensors", id="sft"),
+    pytest.param(rm(), "model.safetensors", id="rm"),
+    pytest.param(evaluate(), "results.json", id="eval"),
+])
+def test_a_tokenizer_without_a_pad_token_is_handled(paths, tmp_path, caplog, template, produced):
+    args = template
+    for flag in ("--model_name_or_path", "--ref_model"):
+        if flag in args:
+            args = with_(args, flag, "{F}/nopad")
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO):
+        assert main(fill(args, paths, out)) == 0
+    assert (out / produced).is_file()
+    assert "has no pad token; padding with '</s>'" in caplog.text
+
+
+GAP_LONG_EVAL = ("evaluate_policy (src/p3o/eval/policy.py) cuts a prompt longer than the context to its last "
+                 "context - max_new_tokens tokens without saying so (before that change, still uncommitted, it was an "
+                 "IndexError traceback); log the count, as train's _warn_about_inputs does")
+GAP_SILENT_MAX_LENGTH = ("tokenize_example / reward_input_ids cut examples to --max_length without saying so; log "
+                         "'N of M examples are longer than --max_length ... and lose the start of their prompt' "
+                         "(src/p3o/utils/supervised.py run_supervised)")
+GAP_MAX_LENGTH_OVER_CONTEXT = ("the default --max_length 512 exceeds the 128-position GPT-2 context and is not "
+                               "checked: IndexError: index out of range in the forward (traceback); cap it at the "
+                               "model's context with a warning, or refuse with one line (run_supervised)")
+
+
+@pytest.mark.parametrize("template", [
+    pytest.param(with_(train(), "--dataset", "{F}/long_prompts.jsonl"), id="train-default-context"),
+    pytest.param(with_(train("--eval_dataset", "{F}/long_prompts.jsonl"), "--model_name_or_path", "{gpt2}"),
+                 id="train-held-out-prompts", marks=gap("train's HeldOutEvaluator calls evaluate_policy: " + GAP_LONG_EVAL)),
+    pytest.param(with_(evaluate("--model_name_or_path", "{gpt2}", "--ref_model", "{gpt2}"), "--dataset",
+                       "{F}/long_prompts.jsonl"), id="eval", marks=gap(GAP_LONG_EVAL)),
+    pytest.param(with_(winrate(), "--dataset", "{F}/long_prompts.jsonl"), id="winrate",
+                 marks=gap("sample_completions (src/p3o/eval/winrate.py) keeps the last context - max_new_tokens "
+                           "tokens of a long prompt without saying so; warn with the count")),
+    pytest.param(with_(sft(), "--dataset", "{F}/long_sft.jsonl"), id="sft-max-length", marks=gap(GAP_SILENT_MAX_LENGTH)),
+    pytest.param(with_(rm(), "--dataset", "{F}/long_prefs.jsonl"), id="rm-max-length", marks=gap(GAP_SILENT_MAX_LENGTH)),
+    pytest.param(with_(with_(with_(sft(), "--dataset", "{F}/long_sft.jsonl"), "--max_length", None),
+                       "--model_name_or_path", "{gpt2}"), id="sft-context", marks=gap(GAP_MAX_LENGTH_OVER_CONTEXT)),
+    pytest.param(with_(with_(with_(rm(), "--dataset", "{F}/long_prefs.jsonl"), "--max_length", None),
+                       "--model_name_or_path", "{gpt2}"), id="rm-context", marks=gap(GAP_MAX_LENGTH_OVER_CONTEXT)),
+])
+def test_a_prompt_longer_than_the_context_is_reported(paths, tmp_path, capsys, caplog, template):
+    """Either the run goes on and a warning says how many prompts were cut and how, or it stops with one line."""
+    with caplog.at_level(logging.INFO):
+        code, err = run_cli(fill(template, paths, tmp_path / "out"), capsys)
+    if code == 0:
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert any("longer than" in w and ("keep their last tokens" in w or "lose" in w or "cut" in w)
+                   for w in warnings), warnings
+    else:
+        assert code == 2 and len(err) == 1 and "context" in err[0], (code, err)
