@@ -12,7 +12,7 @@ from test_baselines import preference_rows
 from p3o.cli import main
 from p3o.errors import UsageError
 from p3o.eval.frontier import best_within, pareto_frontier
-from p3o.eval.watch import OverOptimisationWatch, eval_points_diverge
+from p3o.eval.watch import Block, OverOptimisationWatch
 
 
 def test_pareto_frontier_keeps_only_undominated_points():
@@ -25,29 +25,36 @@ def test_pareto_frontier_keeps_only_undominated_points():
     assert best_within(points, "r", 1.6)["r"] == 0.5 and best_within(points, "r", -1) is None
 
 
-def test_the_watch_fires_when_the_proxy_rises_and_the_gold_falls():
-    rng = random.Random(0)
-    watch, fired = OverOptimisationWatch(window=10), []
-    for step in range(60):
-        proxy = 0.05 * step + rng.gauss(0, 0.1)
-        gold = (0.05 * step if step < 30 else 1.5 - 0.05 * (step - 30)) + rng.gauss(0, 0.1)
-        if watch.update(proxy, gold):
-            fired.append(step)
-    assert fired and fired[0] >= 30 and len(fired) == 1  # once, after the gold turned
+def simulated_runs(gold_after_turn: float, runs: int = 200, steps: int = 500, seed: int = 0):
+    """Runs whose proxy rises by 0.05 a step (noise sd 1); the gold reward rises with it for 150
+    steps and then moves by `gold_after_turn` per step. Yields the step each run first warned at (or None)."""
+    rng = random.Random(seed)
+    for _ in range(runs):
+        watch, fired = OverOptimisationWatch(), None
+        for step in range(steps):
+            gold = 0.05 * min(step, 150) + gold_after_turn * max(0, step - 150)
+            if watch.update(0.05 * step + rng.gauss(0, 1), gold + rng.gauss(0, 1)) and fired is None:
+                fired = step
+        yield fired
 
 
-def test_the_watch_stays_quiet_when_both_rise_or_on_noise():
-    rng = random.Random(1)
-    both, noise = OverOptimisationWatch(window=10), OverOptimisationWatch(window=10)
-    assert not any(both.update(0.05 * s + rng.gauss(0, 0.1), 0.03 * s + rng.gauss(0, 0.1)) for s in range(80))
-    assert not any(noise.update(rng.gauss(0, 1), rng.gauss(0, 1)) for _ in range(80))
+def test_the_watch_fires_once_the_gold_reward_turns_down():
+    fired = list(simulated_runs(gold_after_turn=-0.05, runs=50))
+    assert all(f is not None and f > 150 for f in fired)  # every run, and never before the turn
+    assert sorted(fired)[len(fired) // 2] < 300  # within about 150 steps of it, typically
 
 
-def test_eval_points_diverge_needs_changes_beyond_their_standard_errors():
-    before = {"reward": 1.0, "reward_stderr": 0.05, "monitor_reward": 1.0, "monitor_reward_stderr": 0.05}
-    assert eval_points_diverge(before, {**before, "reward": 1.5, "monitor_reward": 0.5})
-    assert not eval_points_diverge(before, {**before, "reward": 1.05, "monitor_reward": 0.95})
-    assert not eval_points_diverge(before, {**before, "reward": 1.5, "monitor_reward": 1.5})
+def test_the_watch_stays_quiet_while_the_gold_reward_only_stops_rising():
+    false_alarms = sum(f is not None for f in simulated_runs(gold_after_turn=0.0))
+    assert false_alarms <= 10  # under 5% of 200 runs of 500 noisy steps with a flat gold reward (measured: 5)
+
+
+def test_held_out_points_catch_a_slow_steady_decline():
+    watch = OverOptimisationWatch(patience=2)
+    warnings = [watch.update_block(Block(proxy=1.0 + 0.1 * i, proxy_se=0.05, gold=1.0 - 0.05 * max(0, i - 3),
+                                         gold_se=0.05)) for i in range(12)]
+    first = next(i for i, w in enumerate(warnings) if w)
+    assert 5 <= first <= 9 and sum(bool(w) for w in warnings) == 1  # each step is 1 SE: the drift adds up
 
 
 def test_training_evaluates_on_held_out_prompts_into_eval_jsonl(assets, tmp_path):

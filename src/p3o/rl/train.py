@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from p3o.data.prompts import load_preference_pairs, load_prompts
-from p3o.eval.watch import OverOptimisationWatch, eval_points_diverge
+from p3o.eval.watch import Block, OverOptimisationWatch
 from p3o.models.loading import load_causal_lm, load_tokenizer
 from p3o.models.value_head import VALUE_HEAD_FILE, split_state_dict
 from p3o.reward import build_reward
@@ -171,7 +171,8 @@ class HeldOutEvaluator:
     SEED = 0
 
     def __init__(self, trainer: Trainer, path: Path, append: bool = False):
-        self.trainer, self.writer, self.previous = trainer, JsonlWriter(path, append), None
+        self.trainer, self.writer = trainer, JsonlWriter(path, append)
+        self.watch = OverOptimisationWatch(patience=2)  # held-out points are few and each already averaged
         self.rewards = {name: r for name, r in (("reward", trainer.reward), ("monitor_reward", trainer.monitor_reward))
                         if r is not None}
 
@@ -186,10 +187,9 @@ class HeldOutEvaluator:
         self.writer.write(point)
         line = f"eval  step {step:>5}  " + "  ".join(
             f"{name} {point[name]:+.4f} ± {point[name + '_stderr']:.4f}" for name in ("kl", *self.rewards))
-        if self.previous is not None and "monitor_reward" in point and eval_points_diverge(self.previous, point):
-            line += ("\nWARNING over-optimisation on the held-out prompts: the reward rose and the monitor reward "
-                     "fell since the last evaluation, each beyond 2 standard errors")
-        self.previous = point
+        if "monitor_reward" in point and "reward" in point and (warning := self.watch.update_block(Block(
+                point["reward"], point["reward_stderr"], point["monitor_reward"], point["monitor_reward_stderr"]))):
+            line += f"\nWARNING on the held-out prompts: {warning}"
         return line
 
     def close(self) -> None:
