@@ -268,6 +268,17 @@ class ReplyCache:
 RETRIED_STATUS = {408, 429}  # and every 5xx
 
 
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect would resend the Authorization header to wherever it points: refuse it (the 3xx
+    then surfaces as an HTTPError naming the base URL to fix)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_NO_REDIRECTS = urllib.request.build_opener(_RefuseRedirects)
+
+
 class LLMJudge:
     """An LLM judge behind an OpenAI-compatible chat-completions API (POST {base_url}/chat/completions,
     temperature 0), standard library only. The API key is read from an environment variable and goes
@@ -288,6 +299,10 @@ class LLMJudge:
                             for text in judging_prompts(prompts, responses_a, responses_b)])  # 2N
         answers = [parse_answer(r) for r in replies]
         self.stats["unparsed"] += sum(a is None for a in answers)
+        if answers and self.stats["unparsed"] > 0.1 * len(answers):  # unread replies count as ties
+            log.warning("%s: %d of %d replies named neither response (they count as abstentions, pulling the win "
+                        "rate towards 0.5); see reply_ab/reply_ba in the output and adjust the judge or prompt",
+                        self.name, self.stats["unparsed"], len(answers))
         n = len(prompts)
         return [Verdict(combine_orders(answers[i], answers[n + i]),
                         {"answer_ab": answers[i], "answer_ba": answers[n + i],
@@ -296,7 +311,7 @@ class LLMJudge:
 
     def ask(self, conversations: list[list[dict]]) -> list[str]:
         """Each conversation's reply, from the cache or the API (`workers` requests at a time)."""
-        keys = [ReplyCache.key(self.model, c) for c in conversations]
+        keys = [ReplyCache.key(f"{self.url} {self.model}", c) for c in conversations]  # two servers never share replies
         todo = {k: c for k, c in zip(keys, conversations) if k not in self.cache.replies}
         self.stats["cached"] += len(keys) - len(todo)
         if todo:
@@ -324,7 +339,7 @@ class LLMJudge:
             wait = self.settings.backoff * 2 ** attempt
             try:
                 request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(request, timeout=self.settings.timeout) as response:
+                with _NO_REDIRECTS.open(request, timeout=self.settings.timeout) as response:
                     return self._reply_text(response.read())
             except urllib.error.HTTPError as exc:
                 if exc.code not in RETRIED_STATUS and exc.code < 500:
