@@ -342,8 +342,8 @@ def test_a_tokenizer_without_a_pad_token_is_handled(paths, tmp_path, caplog, tem
 
 
 GAP_LONG_EVAL = ("evaluate_policy (src/p3o/eval/policy.py) cuts a prompt longer than the context to its last "
-                 "context - max_new_tokens tokens without saying so (before that change, still uncommitted, it was an "
-                 "IndexError traceback); log the count, as train's _warn_about_inputs does")
+                 "context - max_new_tokens tokens without saying so (since 95ac076; before, an IndexError traceback); "
+                 "log the count, as train's _warn_about_inputs does")
 GAP_SILENT_MAX_LENGTH = ("tokenize_example / reward_input_ids cut examples to --max_length without saying so; log "
                          "'N of M examples are longer than --max_length ... and lose the start of their prompt' "
                          "(src/p3o/utils/supervised.py run_supervised)")
