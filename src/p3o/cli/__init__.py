@@ -26,10 +26,17 @@ COMMANDS = {
 }
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Flag errors in one line, like every other error, with the exit code 2 argparse uses."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
-    parser = argparse.ArgumentParser(prog="p3o", description="Pairwise Proximal Policy Optimization for RLHF.")
+    parser = _OneLineParser(prog="p3o", description="Pairwise Proximal Policy Optimization for RLHF.")
     parser.add_argument("--version", action="version", version=f"p3o {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():

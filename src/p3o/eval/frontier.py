@@ -100,6 +100,23 @@ class Run:
         return f"{self.algo}-beta{self.beta:g}-seed{self.seed}"
 
 
+def check_inputs(cfg: FrontierConfig) -> None:
+    """Your models, data and reward functions exist (hub names are left to the runs)."""
+    from p3o.models.loading import _check_exists, _looks_local
+    from p3o.reward import load_reward_function
+
+    for flag in ("model_name_or_path", "reward_model"):
+        if getattr(cfg, flag):
+            _check_exists(getattr(cfg, flag), f"--{flag}")
+    for flag in ("dataset", "eval_dataset", "preference_dataset"):
+        path = getattr(cfg, flag)
+        if path and _looks_local(path) and not Path(path).exists():
+            raise UsageError(f"--{flag} {path} does not exist; give a data file or a `datasets` name")
+    for flag in ("reward_fn", "gold_reward_fn"):
+        if getattr(cfg, flag):
+            load_reward_function(getattr(cfg, flag))
+
+
 def plan_runs(cfg: FrontierConfig) -> list[Run]:
     from p3o.rl.algorithms import get_algorithm
 
@@ -112,6 +129,8 @@ def plan_runs(cfg: FrontierConfig) -> list[Run]:
 
 def run_frontier(cfg: FrontierConfig) -> dict:
     out = Path(cfg.output_dir)
+    if not cfg.task:
+        check_inputs(cfg)  # before anything is written: a bad path is one clear line, not N failed runs
     out.mkdir(parents=True, exist_ok=True)
     sources = _sources(cfg, out)
     runs = plan_runs(cfg)

@@ -4,6 +4,7 @@ KL = mean of l(y) - l_ref(y) with y sampled from the policy (nats; exactly 0 for
 """
 from __future__ import annotations
 
+import logging
 import math
 from types import SimpleNamespace
 
@@ -19,6 +20,8 @@ from p3o.rl.rollout import (
     sequence_logprobs,
 )
 from p3o.utils.seeding import seed_global_rng
+
+log = logging.getLogger("p3o")
 
 
 def mean_and_stderr(values: list[float]) -> tuple[float, float]:
@@ -47,6 +50,9 @@ def evaluate_policy(policy, reference, tokenizer, prompts, rewards: dict, max_ne
                                                max_new_tokens=max_new_tokens), tokenizer, eos)
     device = next(policy.parameters()).device
     prompt_budget = _prompt_budget(policy.config, max_new_tokens)
+    if long := sum(len(ids) > prompt_budget for ids in prompts.token_ids):
+        log.warning("%d of %d prompts are longer than the %d tokens the context leaves beside %d new ones; they "
+                    "keep their last tokens (and BOS)", long, len(prompts), prompt_budget, max_new_tokens)
     kl, lengths, completions, completion_ids = [], [], [], []
     for first in range(0, len(prompts), batch_size):
         ids, mask = pad_prompts(tokenizer, prompts.token_ids[first:first + batch_size], prompt_budget)

@@ -159,6 +159,9 @@ def sample_completions(policy, tokenizer, prompts, max_new_tokens: int, temperat
     if max_length < 1:
         raise UsageError(f"--max_new_tokens {max_new_tokens} leaves no room for the prompt in the policy's "
                          f"{_context_length(policy)}-token context; lower it")
+    if long := sum(len(ids) > max_length for ids in prompts.token_ids):
+        log.warning("%d of %d prompts are longer than the %d tokens the context leaves beside %d new ones; they "
+                    "keep their last tokens (and BOS)", long, len(prompts), max_length, max_new_tokens)
     completions = []
     for first in range(0, len(prompts), batch_size):
         ids, mask = pad_prompts(tokenizer, prompts.token_ids[first:first + batch_size], max_length)  # (G, Lq)

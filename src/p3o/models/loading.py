@@ -59,6 +59,11 @@ def load_causal_lm(name: str, trust_remote_code: bool = False, dtype: str = "flo
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise _not_found(name, what, exc) from None
+    saved = getattr(config, "architectures", None) or []
+    if saved and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in saved):
+        # e.g. a reward model: it would load with a fresh, random language-model head
+        raise UsageError(f"{what} {name} was saved as {', '.join(saved)}, not a causal language model; give a "
+                         "policy (an *ForCausalLM checkpoint such as the SFT model)")
     try:
         model = AutoModelForCausalLM.from_pretrained(name, config=config, trust_remote_code=trust_remote_code,
                                                      dtype=dtype if dtype == "auto" else getattr(torch, dtype))

@@ -279,6 +279,20 @@ def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_o
     return evaluations
 
 
+def _fit_context(cfg: SupervisedConfig, model) -> None:
+    """--max_length beyond the model's context would crash the forward pass: cap it in `cfg` (which
+    the stage's tokenizer reads), and say so."""
+    import logging
+
+    config = getattr(model, "config", None)
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if context is None or cfg.max_length <= context:
+        return
+    logging.getLogger("p3o").warning("--max_length %d exceeds the model's context of %d tokens; using %d: examples "
+                                     "longer than that lose the start of their prompt", cfg.max_length, context, context)
+    cfg.max_length = context
+
+
 def run_supervised(cfg: SupervisedConfig, title: str, load_rows: Callable, tokenize: Callable, build_model: Callable,
                    make_stage: Callable[[object, int], Stage]) -> list[dict]:
     """One supervised command from its config: check the output directory, load the tokenizer and
@@ -288,7 +302,7 @@ def run_supervised(cfg: SupervisedConfig, title: str, load_rows: Callable, token
     build_model(cfg, tokenizer) -> (module to train, model to save)."""
     from accelerate.utils import set_seed
 
-    from p3o.models.loading import load_tokenizer
+    from p3o.models.loading import _check_exists, load_tokenizer
     from p3o.utils.checkpoints import resume_point
     from p3o.utils.io import run_directory
 
@@ -297,11 +311,13 @@ def run_supervised(cfg: SupervisedConfig, title: str, load_rows: Callable, token
     checkpoint = resume_point(cfg.output_dir, dataclasses.asdict(cfg), RESUMABLE_CHANGES) if cfg.resume else None
     with run_directory(cfg.output_dir, cfg.overwrite or checkpoint is not None, inputs, clean_up=checkpoint is None) as out:
         set_seed(cfg.seed)  # also seeds any new weights, such as a reward head
+        _check_exists(cfg.model_name_or_path, "model")  # named as the model, not as its tokenizer
         tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)
         train_rows, eval_rows = load_rows(cfg)
+        model, saved = build_model(cfg, tokenizer)
+        _fit_context(cfg, saved if saved is not None else model)
         train = [tokenize(tokenizer, row, f"{cfg.dataset}: row {i + 1}") for i, row in enumerate(train_rows)]
         held_out = [tokenize(tokenizer, row, f"held-out row {i + 1}") for i, row in enumerate(eval_rows)]
-        model, saved = build_model(cfg, tokenizer)
         stage = make_stage(tokenizer, cfg.per_device_eval_batch_size)
         return run_stage(cfg, model, tokenizer, train, held_out, stage, out, title, saved_model=saved,
                          checkpoint=checkpoint)
