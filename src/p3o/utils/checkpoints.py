@@ -83,9 +83,10 @@ def check_resumable(saved: dict, current: dict, changeable: set[str]) -> None:
                          "settings in its config.yaml, or start a new --output_dir")
 
 
-def resume_point(output_dir: str, current: dict, changeable: set[str]) -> Path | None:
+def resume_point(output_dir: str, current: dict | None, changeable: set[str]) -> Path | None:
     """The latest complete checkpoint in `output_dir` for --resume, its run's config.yaml checked
-    against `current`; None (start from the beginning) when the directory is empty or absent."""
+    against `current` (unless None: the caller checks later); None (start from the beginning) when
+    the directory is empty or absent."""
     import yaml
 
     from p3o.errors import UsageError
@@ -98,7 +99,7 @@ def resume_point(output_dir: str, current: dict, changeable: set[str]) -> Path |
                              "continue from; run without --resume and with --overwrite to start again")
         log.info("--resume: %s has no checkpoint yet; starting from the beginning", out)
         return None
-    if (out / "config.yaml").is_file():
+    if current is not None and (out / "config.yaml").is_file():
         check_resumable(yaml.safe_load((out / "config.yaml").read_text()), current, changeable)
     log.info("resuming from %s", checkpoint)
     return checkpoint

@@ -230,7 +230,12 @@ def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_o
     from tqdm.auto import tqdm
 
     from p3o.utils.checkpoints import STATE_FILE, StopRequest
-    from p3o.utils.io import JsonlWriter, save_pretrained_atomically, truncate_jsonl, write_yaml
+    from p3o.utils.io import (
+        JsonlWriter,
+        save_pretrained_atomically,
+        truncate_jsonl,
+        write_yaml,
+    )
     from p3o.utils.tracking import check_trackers, start_trackers
 
     if not train:
@@ -300,15 +305,16 @@ def run_supervised(cfg: SupervisedConfig, title: str, load_rows: Callable, token
 
     load_rows(cfg) -> (train rows, held-out rows); tokenize(tokenizer, row, where) -> example;
     build_model(cfg, tokenizer) -> (module to train, model to save)."""
+    import yaml
     from accelerate.utils import set_seed
 
     from p3o.models.loading import _check_exists, load_tokenizer
-    from p3o.utils.checkpoints import resume_point
+    from p3o.utils.checkpoints import check_resumable, resume_point
     from p3o.utils.io import run_directory
 
     inputs = {"model_name_or_path": cfg.model_name_or_path, "tokenizer_name_or_path": cfg.tokenizer_name_or_path,
               "dataset": cfg.dataset, "eval_dataset": cfg.eval_dataset}
-    checkpoint = resume_point(cfg.output_dir, dataclasses.asdict(cfg), RESUMABLE_CHANGES) if cfg.resume else None
+    checkpoint = resume_point(cfg.output_dir, None, RESUMABLE_CHANGES) if cfg.resume else None  # checked below
     with run_directory(cfg.output_dir, cfg.overwrite or checkpoint is not None, inputs, clean_up=checkpoint is None) as out:
         set_seed(cfg.seed)  # also seeds any new weights, such as a reward head
         _check_exists(cfg.model_name_or_path, "model")  # named as the model, not as its tokenizer
@@ -316,6 +322,8 @@ def run_supervised(cfg: SupervisedConfig, title: str, load_rows: Callable, token
         train_rows, eval_rows = load_rows(cfg)
         model, saved = build_model(cfg, tokenizer)
         _fit_context(cfg, saved if saved is not None else model)
+        if checkpoint is not None and (out / "config.yaml").is_file():  # against the settings as the run used them
+            check_resumable(yaml.safe_load((out / "config.yaml").read_text()), dataclasses.asdict(cfg), RESUMABLE_CHANGES)
         train = [tokenize(tokenizer, row, f"{cfg.dataset}: row {i + 1}") for i, row in enumerate(train_rows)]
         held_out = [tokenize(tokenizer, row, f"held-out row {i + 1}") for i, row in enumerate(eval_rows)]
         stage = make_stage(tokenizer, cfg.per_device_eval_batch_size)
