@@ -164,3 +164,24 @@ def test_sft_and_rm_resume_from_a_checkpoint_bit_for_bit(word_task, tmp_path, co
             return [(row["step"], sorted(row)) for row in rows]
 
         assert shape(part) == shape(tmp_path / "whole")
+
+
+def test_sft_skips_non_finite_steps_and_stops_after_too_many(tokenizer, tmp_path):
+    """A NaN loss skips the optimiser step (weights and Adam untouched); max_consecutive_skips in a row stop."""
+    from accelerate import Accelerator
+
+    from p3o.errors import UsageError
+    from p3o.models.tiny import build_tiny_model
+    from p3o.sft.train import SFTConfig, sft_stage, tokenize_example
+    from p3o.utils.supervised import Stage, fit
+
+    cfg = SFTConfig(model_name_or_path="m", dataset="d", output_dir=str(tmp_path), per_device_train_batch_size=2,
+                    max_consecutive_skips=3, learning_rate=1e-3)
+    model = build_tiny_model(tokenizer, "llama", num_layers=1, hidden_size=16, num_heads=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    examples = [tokenize_example(tokenizer, "story : the cat .", " apple pear", 32, "row") for _ in range(8)]
+    stage = sft_stage(tokenizer)
+    poisoned = Stage(stage.collate, stage.units, lambda m, b: (stage.loss(m, b)[0] * float("nan"), {}), stage.evaluate)
+    with pytest.raises(UsageError, match="3 optimiser steps in a row had a non-finite loss"):
+        fit(cfg, model, examples, examples[:2], poisoned, Accelerator(), lambda metrics: None)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
