@@ -132,10 +132,6 @@ def gap(reason):
     return pytest.mark.xfail(strict=True, reason=reason)
 
 
-GAP_PIPELINE_LATE = gap("load_recipe (src/p3o/pipeline/recipe.py) only builds the stage configs: dataset files, reward "
-                        "functions, derive_sizes and stage output directories are checked when each stage starts, so "
-                        "the sft stage has already run and written out/sft; check every stage (derive_sizes, read_rows "
-                        "of local files, load_reward_function, prepare_output_dir's emptiness test) before the first one")
 
 CASES = [
     # p3o train (its missing files, malformed/missing-column/empty data, unknown --algo, pairs/minibatch, NaN and
@@ -235,11 +231,10 @@ CASES = [
                  id="pipeline-recipe-missing"),
     pytest.param(with_(pipeline("ok"), "--config", "{F}/bad.yaml"), ["bad.yaml is not valid YAML"], id="pipeline-recipe-malformed"),
     pytest.param(pipeline("algo"), ["unknown --algo 'ppo-ish'; known algorithms: p3o-v1"], id="pipeline-unknown-algo"),
-    pytest.param(pipeline("train_data"), ["missing.jsonl does not exist"], id="pipeline-train-dataset-missing",
-                 marks=GAP_PIPELINE_LATE),
+    pytest.param(pipeline("train_data"), ["missing.jsonl does not exist"], id="pipeline-train-dataset-missing"),
     pytest.param(pipeline("sizes"), ["--pairs_per_step 6 must be a multiple of --minibatch_pairs 4"],
-                 id="pipeline-sizes-not-dividing", marks=GAP_PIPELINE_LATE),
-    pytest.param(pipeline("reward_fn"), ["has no attribute 'nope'"], id="pipeline-reward-name-missing", marks=GAP_PIPELINE_LATE),
+                 id="pipeline-sizes-not-dividing"),
+    pytest.param(pipeline("reward_fn"), ["has no attribute 'nope'"], id="pipeline-reward-name-missing"),
     # p3o convert (output exists, input is output, nothing convertible, missing field are in test_converters.py)
     pytest.param(with_(convert(), "--input", "{F}/missing.jsonl"), ["dataset file", "missing.jsonl does not exist"],
                  id="convert-input-missing"),
@@ -253,7 +248,7 @@ CASES = [
 NON_EMPTY = [
     pytest.param(with_(sft(), "--overwrite", None), "keep.txt", id="sft"),
     pytest.param(with_(rm(), "--overwrite", None), "keep.txt", id="rm"),
-    pytest.param(pipeline("ok"), "train/keep.txt", id="pipeline-stage-dir", marks=GAP_PIPELINE_LATE),
+    pytest.param(pipeline("ok"), "train/keep.txt", id="pipeline-stage-dir"),
 ]
 
 

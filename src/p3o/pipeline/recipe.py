@@ -81,6 +81,7 @@ def run_recipe(path: str, overrides: dict[str, Any] | None = None) -> Path:
 
     recipe = load_recipe(path, overrides)
     out = recipe["output_dir"]
+    _check_stages(recipe, out)
     runners = {"sft": run_sft, "rm": run_rm, "train": run_train}
     for name in STAGES:
         if name in recipe:
@@ -90,6 +91,35 @@ def run_recipe(path: str, overrides: dict[str, Any] | None = None) -> Path:
             print(f"\n== p3o pipeline: {name} -> {cfg.output_dir}", flush=True)
             runners[name](cfg)
     return out
+
+
+def _check_stages(recipe: dict, out: Path) -> None:
+    """What each stage will read and write, checked before the first stage runs: a mistake in the
+    train section is reported before hours of SFT, not after."""
+    from p3o.models.loading import _check_exists, _looks_local
+    from p3o.reward import load_reward_function
+    from p3o.rl.config import TrainConfig, derive_sizes
+
+    for name in STAGES:
+        if name not in recipe:
+            continue
+        cfg, _ = recipe[name]
+        model = cfg.model_name_or_path
+        if not model.startswith(str(out)):  # not made by an earlier stage of this recipe
+            _check_exists(model, f"{name}: model")
+        for flag in ("dataset", "eval_dataset"):
+            data = getattr(cfg, flag, None)
+            if data and _looks_local(data) and not Path(data).exists():
+                raise UsageError(f"{name}: --{flag} {data} does not exist; give a data file or a `datasets` name")
+        for flag in ("reward_fn", "monitor_reward_fn"):
+            if getattr(cfg, flag, None):
+                load_reward_function(getattr(cfg, flag))
+        if isinstance(cfg, TrainConfig):
+            derive_sizes(cfg)
+        stage_out = Path(cfg.output_dir)
+        if stage_out.is_dir() and any(stage_out.iterdir()) and not (cfg.overwrite or getattr(cfg, "resume", False)):
+            raise UsageError(f"{name}: {stage_out} is not empty; pass --overwrite to replace its files, or choose "
+                             "another --output_dir")
 
 
 def _with_converted_data(cfg, fmt: str, stage: str, data_dir: Path):
