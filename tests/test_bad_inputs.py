@@ -4,7 +4,6 @@ no traceback (unless --debug), and the output directory or file left as it was.
 Cases already tested elsewhere for the same command (tests/test_cli.py, test_eval.py, test_winrate.py,
 test_supervised.py, test_pipeline.py, test_converters.py, test_frontier.py) are not repeated here.
 Also: a tokenizer without a pad token works, and a prompt longer than the context is reported.
-A case marked xfail(strict=True) is a known gap: its reason says what happens now and where the fix belongs.
 """
 from __future__ import annotations
 
@@ -126,10 +125,6 @@ def with_(args, flag, value):
     elif value is not None:
         args += [flag, value]
     return args
-
-
-def gap(reason):
-    return pytest.mark.xfail(strict=True, reason=reason)
 
 
 
@@ -321,9 +316,6 @@ def test_a_tokenizer_without_a_pad_token_is_handled(paths, tmp_path, caplog, tem
     assert "has no pad token; padding with '</s>'" in caplog.text
 
 
-GAP_SILENT_MAX_LENGTH = ("tokenize_example / reward_input_ids cut examples to --max_length without saying so; log "
-                         "'N of M examples are longer than --max_length ... and lose the start of their prompt' "
-                         "(src/p3o/utils/supervised.py run_supervised)")
 
 
 @pytest.mark.parametrize("template", [
@@ -333,8 +325,8 @@ GAP_SILENT_MAX_LENGTH = ("tokenize_example / reward_input_ids cut examples to --
     pytest.param(with_(evaluate("--model_name_or_path", "{gpt2}", "--ref_model", "{gpt2}"), "--dataset",
                        "{F}/long_prompts.jsonl"), id="eval"),
     pytest.param(with_(winrate(), "--dataset", "{F}/long_prompts.jsonl"), id="winrate"),
-    pytest.param(with_(sft(), "--dataset", "{F}/long_sft.jsonl"), id="sft-max-length", marks=gap(GAP_SILENT_MAX_LENGTH)),
-    pytest.param(with_(rm(), "--dataset", "{F}/long_prefs.jsonl"), id="rm-max-length", marks=gap(GAP_SILENT_MAX_LENGTH)),
+    pytest.param(with_(sft(), "--dataset", "{F}/long_sft.jsonl"), id="sft-max-length"),
+    pytest.param(with_(rm(), "--dataset", "{F}/long_prefs.jsonl"), id="rm-max-length"),
     pytest.param(with_(with_(with_(sft(), "--dataset", "{F}/long_sft.jsonl"), "--max_length", None),
                        "--model_name_or_path", "{gpt2}"), id="sft-context"),
     pytest.param(with_(with_(with_(rm(), "--dataset", "{F}/long_prefs.jsonl"), "--max_length", None),

@@ -25,8 +25,11 @@ class RMConfig(SupervisedConfig):
 
 
 def tokenize_pair(tokenizer, row: dict, max_length: int, where: str = "row") -> dict[str, list[int]]:
-    return {"chosen": reward_input_ids(tokenizer, row["prompt"], row["chosen"], max_length, where),
-            "rejected": reward_input_ids(tokenizer, row["prompt"], row["rejected"], max_length, where)}
+    """Both sides' reward-model inputs; a pair with a side over `max_length` (which keeps its end) is
+    marked `"cut": True` (for the run's count)."""
+    full = {side: reward_input_ids(tokenizer, row["prompt"], row[side], None, where) for side in ("chosen", "rejected")}
+    pair = {side: ids[-max_length:] for side, ids in full.items()}
+    return {**pair, "cut": True} if any(len(ids) > max_length for ids in full.values()) else pair
 
 
 def rm_stage(tokenizer, eval_batch_size: int = 16) -> Stage:

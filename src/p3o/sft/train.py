@@ -27,10 +27,12 @@ class SFTConfig(SupervisedConfig):
 
 
 def tokenize_example(tokenizer, prompt, completion, max_length: int, where: str) -> dict[str, list[int]]:
-    """input_ids = prompt tokens + completion tokens + EOS; labels = IGNORE on the prompt."""
+    """input_ids = prompt tokens + completion tokens + EOS; labels = IGNORE on the prompt. An example
+    that had to be cut to `max_length` is marked `"cut": True` (for the run's count)."""
     from p3o.data.formats import example_token_ids
 
     prompt_ids, completion_ids = example_token_ids(tokenizer, prompt, completion, where)
+    cut = len(prompt_ids) + len(completion_ids) > max_length
     # An over-long completion gives up its end, never all of its prompt: a quarter of the budget
     # (or the whole prompt, if shorter) stays for the prompt's last tokens.
     completion_ids = completion_ids[:max_length - min(len(prompt_ids), max(1, max_length // 4))]
@@ -38,7 +40,8 @@ def tokenize_example(tokenizer, prompt, completion, max_length: int, where: str)
     if len(prompt_ids) > keep:
         bos = prompt_ids[:1] if keep and prompt_ids[0] == tokenizer.bos_token_id else []
         prompt_ids = bos + prompt_ids[len(prompt_ids) - keep + len(bos):] if keep else []
-    return {"input_ids": prompt_ids + completion_ids, "labels": [IGNORE] * len(prompt_ids) + completion_ids}
+    example = {"input_ids": prompt_ids + completion_ids, "labels": [IGNORE] * len(prompt_ids) + completion_ids}
+    return {**example, "cut": True} if cut else example
 
 
 def sft_stage(tokenizer, eval_batch_size: int = 16) -> Stage:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -287,8 +288,6 @@ def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_o
 def _fit_context(cfg: SupervisedConfig, model) -> None:
     """--max_length beyond the model's context would crash the forward pass: cap it in `cfg` (which
     the stage's tokenizer reads), and say so."""
-    import logging
-
     config = getattr(model, "config", None)
     context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if context is None or cfg.max_length <= context:
@@ -326,6 +325,10 @@ def run_supervised(cfg: SupervisedConfig, title: str, load_rows: Callable, token
             check_resumable(yaml.safe_load((out / "config.yaml").read_text()), dataclasses.asdict(cfg), RESUMABLE_CHANGES)
         train = [tokenize(tokenizer, row, f"{cfg.dataset}: row {i + 1}") for i, row in enumerate(train_rows)]
         held_out = [tokenize(tokenizer, row, f"held-out row {i + 1}") for i, row in enumerate(eval_rows)]
+        if cut := sum(bool(example.pop("cut", False)) for example in train + held_out):
+            logging.getLogger("p3o").warning("%d of %d examples are longer than --max_length %d and lose the start of "
+                                             "their prompt (SFT keeps at least a quarter of the budget for it)", cut,
+                                             len(train) + len(held_out), cfg.max_length)
         stage = make_stage(tokenizer, cfg.per_device_eval_batch_size)
         return run_stage(cfg, model, tokenizer, train, held_out, stage, out, title, saved_model=saved,
                          checkpoint=checkpoint)
