@@ -131,3 +131,22 @@ def bos_tokenizer_model(tmp_path_factory):
     build_tiny_model(tok, "llama", num_layers=2, hidden_size=32, num_heads=2, max_positions=128).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def sigterm_after_first_step(args: list[str], out: Path) -> tuple[int, str]:
+    """Run `python -m p3o *args` in a subprocess, send SIGTERM once its first metrics line is written,
+    and return (exit code, last stderr line)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "p3o", *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size) and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    lines = err.strip().splitlines()
+    return proc.returncode, lines[-1] if lines else ""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import train_config
+from conftest import sigterm_after_first_step, train_config
 from safetensors.torch import load_file
 
 from p3o.cli import main
@@ -95,16 +95,8 @@ def test_sigkill_at_any_moment_then_resume_is_bit_identical(assets, tmp_path):
 
 def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(assets, tmp_path):
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "p3o", *cli_args(assets, out, "--max_steps", "200")]
-    proc = subprocess.Popen(args, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size) and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
-    last = err.strip().splitlines()[-1]
+    code, last = sigterm_after_first_step(cli_args(assets, out, "--max_steps", "200"), out)
+    assert code == 130
     assert "stopped by SIGTERM" in last and "--resume" in last
     checkpoint = latest_checkpoint(out)
     assert checkpoint is not None and 0 < json.loads((checkpoint / "trainer_state.json").read_text())["step"] < 200

@@ -188,29 +188,17 @@ def test_sft_skips_non_finite_steps_and_stops_after_too_many(tokenizer, tmp_path
 
 
 def test_sft_sigterm_saves_a_checkpoint_and_says_how_to_resume(word_task, tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
+    from conftest import sigterm_after_first_step
 
     from p3o.utils.checkpoints import latest_checkpoint
 
     out = tmp_path / "sft"
-    args = [sys.executable, "-m", "p3o", "sft", "--model_name_or_path", str(word_task["root"] / "init"), "--dataset",
-            str(word_task["sft"]), "--output_dir", str(out), "--num_train_epochs", "200",
-            "--per_device_train_batch_size", "32", "--learning_rate", "1e-3", "--disable_progress_bar",
-            "--logging_steps", "1"]
-    proc = subprocess.Popen(args, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size) and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "stopped by SIGTERM" in err.strip().splitlines()[-1]
+    args = ["sft", "--model_name_or_path", str(word_task["root"] / "init"), "--dataset", str(word_task["sft"]),
+            "--output_dir", str(out), "--num_train_epochs", "200", "--per_device_train_batch_size", "32",
+            "--learning_rate", "1e-3", "--disable_progress_bar", "--logging_steps", "1"]
+    code, last = sigterm_after_first_step(args, out)
+    assert code == 130 and "stopped by SIGTERM" in last and "--resume" in last
     checkpoint = latest_checkpoint(out)
     assert checkpoint is not None and (checkpoint / "optimizer.pt").is_file()
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert state["step"] >= 1 and checkpoint.name == f"checkpoint-{state['step']}"
-    assert "--resume" in err.strip().splitlines()[-1]

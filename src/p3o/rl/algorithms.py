@@ -40,7 +40,6 @@ class Algorithm:
     loss: Callable[[Rollout, dict, object], tuple[torch.Tensor, dict[str, float]]]  # -> (G',) losses, stats
     samples: tuple[int, int | None] = (2, 2)  # allowed responses per prompt (min, max); None: no maximum
     defaults: dict = field(default_factory=dict)  # TrainConfig fields it sets when left unset
-    description: str = ""
     value_head: bool = False  # PPO: the trained module carries a critic head
     greedy_baseline: bool = False  # ReMax: a greedy response per prompt is scored as the baseline
     from_dataset: bool = False  # offline DPO: responses are the dataset's chosen/rejected, not sampled
@@ -120,8 +119,8 @@ def pairwise_loss(loss_name: str) -> Callable:
     return loss
 
 
-for _name, _what in (("p3o-v1", "P3O, separate clipping"), ("p3o-v2", "P3O, joint clipping")):
-    register_algorithm(Algorithm(_name, pair_delta, pairwise_loss(_name), description=_what))
+for _name in ("p3o-v1", "p3o-v2"):  # separate / joint clipping
+    register_algorithm(Algorithm(_name, pair_delta, pairwise_loss(_name)))
 
 
 # --- RLOO, GRPO, ReMax: one advantage per response, a clipped sequence or token loss -----------
@@ -160,13 +159,11 @@ def token_clip_loss(batch: Rollout, outputs: dict, cfg):
     return per_group_tokens(losses, mask, batch.group_size, cfg), stats
 
 
-register_algorithm(Algorithm("rloo", group_advantages("rloo"), sequence_clip_loss, samples=(2, None),
-                             description="REINFORCE leave-one-out, k responses per prompt"))
+register_algorithm(Algorithm("rloo", group_advantages("rloo"), sequence_clip_loss, samples=(2, None)))
 register_algorithm(Algorithm("grpo", group_advantages("grpo"), token_clip_loss, samples=(2, None),
-                             defaults={"num_generations": 4},
-                             description="group-normalised advantages, token-level clipping"))
+                             defaults={"num_generations": 4}))
 register_algorithm(Algorithm("remax", group_advantages("remax"), sequence_clip_loss, samples=(1, None),
-                             greedy_baseline=True, description="REINFORCE with a greedy-response baseline"))
+                             greedy_baseline=True))
 
 
 # --- PPO with a critic (P3O.md section 5) -----------------------------------------------------
@@ -194,8 +191,7 @@ def ppo_loss(batch: Rollout, outputs: dict, cfg):
 
 
 register_algorithm(Algorithm("ppo", ppo_advantages, ppo_loss, samples=(1, None), value_head=True,
-                             defaults={"loss_aggregation": "token-mean"},
-                             description="PPO with a value head, GAE and clipped value loss"))
+                             defaults={"loss_aggregation": "token-mean"}))
 
 
 # --- DPO, offline on preference data and online on the policy's own pairs ----------------------
@@ -224,6 +220,6 @@ def dpo_loss(batch: Rollout, outputs: dict, cfg):
 # One pass per batch by default: DPO has no importance weights for reusing the policy's own samples.
 _dpo_defaults = {"beta": 0.1, "epochs": 1}
 register_algorithm(Algorithm("dpo", dataset_preferences, dpo_loss, defaults=_dpo_defaults,
-                             from_dataset=True, kl_penalty=False, description="DPO on preference data"))
+                             from_dataset=True, kl_penalty=False))
 register_algorithm(Algorithm("online-dpo", online_preferences, dpo_loss, defaults=_dpo_defaults,
-                             kl_penalty=False, description="DPO on the policy's own pairs, labelled by the reward"))
+                             kl_penalty=False))
