@@ -107,7 +107,7 @@ def test_rloo_with_two_samples_and_one_on_policy_pass_has_the_p3o_v1_gradient(as
 
 
 def test_rloo_with_more_samples_differs_from_p3o(assets, tmp_path):
-    kw = dict(max_steps=1, epochs=1, pairs_per_step=8, minibatch_pairs=8)
+    kw = dict(max_steps=1, epochs=2, pairs_per_step=8, minibatch_pairs=8)  # epochs 2: advantages before the update
     trainer = build_trainer(train_config(assets, tmp_path, algo="rloo", num_generations=4, **kw))
     rollout, texts, _ = trainer.collect_rollout(0)
     assert rollout.seq["response_ids"].shape[0] == 32 and rollout.seq["advantages"].shape == (32,)

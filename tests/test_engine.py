@@ -79,10 +79,12 @@ def trained_with_and_without_shift(assets, tmp_path, **kw) -> tuple[dict, dict]:
     return plain.unwrapped_policy.state_dict(), shifted.unwrapped_policy.state_dict()
 
 
-def gradients_of_first_update(cfg) -> dict[str, torch.Tensor]:
+def gradients_of_first_update(cfg, fuse_old_pass: bool | None = None) -> dict[str, torch.Tensor]:
     """The accumulated gradient at the first optimiser step (compared before Adam, whose first step
     is sign-like and would amplify float round-off in near-zero components)."""
     trainer = build_trainer(cfg)
+    if fuse_old_pass is not None:
+        trainer.fuse_old_pass = fuse_old_pass
     grads, step = {}, trainer.optimizer.step
 
     def record_then_step(*args, **kwargs):
@@ -105,6 +107,50 @@ def test_gradient_accumulation_equals_one_large_minibatch(assets, tmp_path, aggr
     assert any(g.abs().max() > 0 for g in one.values())
     for name in one:
         assert torch.allclose(one[name], four[name], atol=1e-7, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("algo", ["p3o-v1", "p3o-v2", "rloo", "grpo", "remax", "online-dpo"])
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_one_on_policy_pass_takes_pi_old_from_the_training_forward(assets, tmp_path, algo, monkeypatch):
+    """epochs 1 and one minibatch: no separate no-grad pass of the policy, and the same gradient,
+    KL and algorithm statistics as with that pass."""
+    import p3o.rl.engine as engine
+
+    kw = dict(max_steps=2, epochs=1, pairs_per_step=8, minibatch_pairs=8, gradient_accumulation_steps=2, algo=algo)
+    rows, original = [], engine.batched_logprobs_and_values
+
+    def counting(model, seq, *args, **kwargs):  # rows the policy itself scores without gradient
+        rows.append(0 if model is runs[-1].ref_policy else seq["query_ids"].shape[0])
+        return original(model, seq, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "batched_logprobs_and_values", counting)
+    runs, histories = [], []
+    for fuse in (True, False):
+        runs.append(build_trainer(train_config(assets, tmp_path, **kw)))
+        assert runs[-1].fuse_old_pass
+        runs[-1].fuse_old_pass = fuse
+        rows.clear()
+        histories.append(runs[-1].train())
+        histories[-1].append(sum(rows))
+    fused, separate = histories
+    k = runs[0].sizes.samples_per_prompt
+    assert separate[-1] - fused[-1] == 2 * 8 * k  # exactly the old pass over both steps' rollouts is gone
+    for name in ("kl", "loss", "delta_abs", "advantage_abs", "tie_fraction"):
+        if name in separate[0]:
+            assert fused[0][name] == pytest.approx(separate[0][name], rel=1e-4, abs=1e-6), name
+    assert "time_old_logprobs" in separate[0] and "time_old_logprobs" not in fused[0]
+    one = gradients_of_first_update(train_config(assets, tmp_path, **kw), fuse_old_pass=True)
+    two = gradients_of_first_update(train_config(assets, tmp_path, **kw), fuse_old_pass=False)
+    assert any(g.abs().max() > 0 for g in one.values())
+    for name in one:
+        assert torch.allclose(one[name], two[name], atol=1e-7, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("change", [dict(epochs=2), dict(minibatch_pairs=4), dict(algo="ppo"),
+                                    dict(delta_normalization="rms")])
+def test_the_old_pass_stays_when_the_rollout_is_reused_or_prepared_as_a_whole(assets, tmp_path, change):
+    kw = dict(max_steps=1, epochs=1, pairs_per_step=8, minibatch_pairs=8) | change
+    assert not build_trainer(train_config(assets, tmp_path, **kw)).fuse_old_pass
 
 
 def test_minibatches_never_split_pairs_and_count_optimizer_steps(assets, tmp_path):

@@ -44,6 +44,7 @@ class Algorithm:
     greedy_baseline: bool = False  # ReMax: a greedy response per prompt is scored as the baseline
     from_dataset: bool = False  # offline DPO: responses are the dataset's chosen/rejected, not sampled
     kl_penalty: bool = True  # beta penalises KL in the reward (False: DPO's beta is beta_dpo)
+    groupwise_prepare: bool = True  # `prepare` reads only each group's own rows (so it can run per micro-batch)
 
 
 ALGORITHMS: dict[str, Algorithm] = {}
@@ -191,7 +192,7 @@ def ppo_loss(batch: Rollout, outputs: dict, cfg):
 
 
 register_algorithm(Algorithm("ppo", ppo_advantages, ppo_loss, samples=(1, None), value_head=True,
-                             defaults={"loss_aggregation": "token-mean"}))
+                             groupwise_prepare=False, defaults={"loss_aggregation": "token-mean"}))
 
 
 # --- DPO, offline on preference data and online on the policy's own pairs ----------------------

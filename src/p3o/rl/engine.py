@@ -102,6 +102,7 @@ class Trainer:
         self.max_prompt_length = _max_prompt_length(cfg, unwrapped.config)
         self.logits_to_keep = supports_logits_to_keep(unwrapped)
         self.long_prompts = sum(len(ids) > self.max_prompt_length for ids in prompts.token_ids)
+        self.fuse_old_pass = _old_pass_is_redundant(cfg, self.sizes, self.algorithm)
 
     @property
     def trained_module(self):
@@ -165,7 +166,8 @@ class Trainer:
         timings["time_score"] = time.perf_counter() - t0
 
         # 4. Log-probs under pi_old (with values for PPO) and pi_ref; kl(y) = l_old(y) - l_ref(y) (P3O.md section 3).
-        seq.update(self.log_probs(seq, timings, old=not self.algorithm.from_dataset))
+        #    When the rollout is used once on-policy, pi_old's come from the training forward instead.
+        seq.update(self.log_probs(seq, timings, old=not (self.algorithm.from_dataset or self.fuse_old_pass)))
 
         # 5. The algorithm's own quantities (P3O: Delta per pair), from the rollout and beta.
         rollout = Rollout(k, seq)
@@ -173,15 +175,27 @@ class Trainer:
             t0 = time.perf_counter()
             rollout.group.update(self.greedy_baseline(rows, query_ids[::k], query_mask[::k], step))
             timings["time_baseline"] = time.perf_counter() - t0
-        prepared = self.algorithm.prepare(rollout, cfg, self.kl_control.value)
-        seq.update(prepared.seq)
-        rollout.group.update(prepared.group)
-        rollout.stats.update(prepared.stats)
+        if not self.fuse_old_pass:
+            self.prepare(rollout)
         if self.monitor_reward is not None and "rewards" in seq:  # after `prepare`, which never sees it
             seq["monitor_rewards"] = self.score(self.monitor_reward, rows, completions, response_ids, response_mask, k)
         rewards = seq["rewards"].tolist() if "rewards" in seq else None
         texts = RolloutTexts([r[self.prompts.prompt_column] for r in rows], completions, rewards)
         return rollout, texts, timings
+
+    def prepare(self, rollout: Rollout, old_token_logp: torch.Tensor | None = None) -> dict[str, float]:
+        """Add the algorithm's quantities to `rollout` in place. `old_token_logp` (B, T): pi_old's
+        token log-probs taken from the training forward (fused pass), with the KL they give."""
+        seq = rollout.seq
+        if old_token_logp is not None:
+            seq["old_token_logp"] = old_token_logp
+            seq["old_logp"] = sequence_logprobs(old_token_logp, seq["response_mask"])  # (B,)
+            seq["kl"] = seq["old_logp"] - seq["ref_logp"]  # (B,)
+        prepared = self.algorithm.prepare(rollout, self.cfg, self.kl_control.value)
+        seq.update(prepared.seq)
+        rollout.group.update(prepared.group)
+        rollout.stats.update(prepared.stats)
+        return prepared.stats
 
     def generate(self, query_ids, query_mask, gen_config, stream: str, step: int):
         seed_global_rng(self.cfg.seed, stream, step)
@@ -234,6 +248,10 @@ class Trainer:
 
     def update(self, rollout: Rollout, step: int) -> dict[str, float]:
         """K epochs over the rollout; each epoch shuffles whole groups into minibatches."""
+        if self.fuse_old_pass:  # one minibatch of every group: its order cannot change the gradient
+            stats = self.optimizer_step(rollout)
+            rollout.seq.update(stats.pop("fused"))  # pi_old's log-probs and the KL, for the step's metrics
+            return stats
         shuffle = generator(self.cfg.seed, "shuffle", step)
         stats = []
         for _ in range(self.cfg.epochs):
@@ -257,12 +275,14 @@ class Trainer:
                         self.policy, part.seq["query_ids"], part.seq["query_mask"], part.seq["response_ids"],
                         part.seq["response_mask"], cfg.temperature, self.logits_to_keep,
                         self.algorithm.value_head)  # (b, T) each
+                    if self.fuse_old_pass:  # pi_old is this very forward: the ratio is 1, its gradient exact
+                        self.prepare(part, old_token_logp=token_logps.detach())
                     unit_losses, part_stats = self.algorithm.loss(part, {"token_logps": token_logps, "values": values},
                                                                   cfg)
                     loss = aggregate(unit_losses, normaliser)
                 acc.backward(loss)
             total_loss += loss.item()
-            stats.append(part_stats)
+            stats.append({**part_stats, **part.stats})
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         grad_norm = float(acc.clip_grad_norm_(self.policy.parameters(), max_norm))
         finite = math.isfinite(grad_norm) and math.isfinite(total_loss)
@@ -277,7 +297,10 @@ class Trainer:
             if self.state.consecutive_skips >= self.cfg.max_consecutive_skips:
                 raise NonFiniteTraining(self.state.consecutive_skips, self.state.step + 1)
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": total_loss, "grad_norm": grad_norm, **_combine(stats)}
+        result = {"loss": total_loss, "grad_norm": grad_norm, **_combine(stats)}
+        if self.fuse_old_pass:
+            result["fused"] = {n: torch.cat([p.seq[n] for p in parts]) for n in ("old_token_logp", "old_logp", "kl")}
+        return result
 
     # --- data order and metrics ----------------------------------------------------------------
 
@@ -332,6 +355,15 @@ class Trainer:
         stacked = torch.tensor(list(values.values()), device=self.accelerator.device, dtype=torch.float64)
         reduced = self.accelerator.reduce(stacked, reduction="mean")
         return dict(zip(values, reduced.tolist()))
+
+
+def _old_pass_is_redundant(cfg: TrainConfig, sizes, algorithm) -> bool:
+    """One optimiser step per rollout, used once: the policy that sampled the rollout is the one the
+    training forward runs, so pi_old's log-probs are that forward's, detached (TRL does the same
+    when num_iterations is 1). `prepare` then runs per micro-batch, which needs one that reads only
+    each group's own rows: not PPO's (whitening over the rollout) nor P3O's rms normalisation."""
+    return (cfg.epochs == 1 and sizes.minibatches_per_epoch == 1 and algorithm.groupwise_prepare
+            and not algorithm.from_dataset and cfg.delta_normalization == "none")
 
 
 def _normaliser(batch: Rollout, cfg: TrainConfig) -> float:
