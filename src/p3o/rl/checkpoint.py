@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from p3o.models.lora import is_lora, load_adapter
 from p3o.models.value_head import VALUE_HEAD_FILE, split_state_dict
 from p3o.utils import checkpoints as ckpt
 from p3o.utils.checkpoints import STATE_FILE
@@ -56,10 +57,12 @@ def training_state(trainer) -> dict:
 
 def load_training_state(trainer, path: Path) -> None:
     """Optimiser, scheduler, counters, beta and RNG from `path`; the policy weights were loaded from
-    it already, when the trainer was built, and PPO's value head is loaded here."""
+    it already, when the trainer was built (except a LoRA adapter), and PPO's value head is loaded here."""
     from safetensors.torch import load_file
 
     state = json.loads((path / STATE_FILE).read_text())
+    if is_lora(trainer.unwrapped_policy):  # the base is the initial policy; the checkpoint holds the adapter
+        load_adapter(trainer.unwrapped_policy, path)
     trainer.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     trainer.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     if trainer.algorithm.value_head:

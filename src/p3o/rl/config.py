@@ -34,6 +34,11 @@ class TrainConfig:
     rejected_column: str = option("rejected", "dpo: column holding the other completion.")
     torch_dtype: str = option("float32", "Weights of the policy and reference: float32 (AdamW needs full-precision master weights), bfloat16, float16 or auto (as saved). Use --mixed_precision for fast half-precision compute.")
     trust_remote_code: bool = option(False, "Allow model repositories to run their own code. Off unless asked for.")
+    use_peft: bool = option(False, "Train LoRA adapters (peft) instead of every weight; the reference is the same model with the adapters off, so one copy of the weights is held. Saves the merged model, and the adapter under adapter/.")
+    lora_r: int = option(16, "LoRA rank (with --use_peft).")
+    lora_alpha: float = option(32.0, "LoRA scale numerator: updates are scaled by lora_alpha / lora_r (with --use_peft).")
+    lora_target_modules: str = option("all-linear", "Modules that get adapters: all-linear (every linear layer but the output head) or comma-separated names such as q_proj,v_proj (with --use_peft).")
+    gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass instead of storing them: less memory for longer sequences and bigger batches, at about one more forward's time.")
     # --- sizes --------------------------------------------------------------------------------
     max_steps: int = option(100, "Rollout-and-update iterations.")
     pairs_per_step: int = option(64, "Prompts per rollout in this process, each with its group of responses (a pair for P3O and DPO, num_generations for the others).")
@@ -96,7 +101,7 @@ class TrainConfig:
         if self.eval_steps < 0 or (self.eval_max_prompts is not None and self.eval_max_prompts < 1):
             raise UsageError("--eval_steps must be >= 0 and --eval_max_prompts at least 1")
         for name in ("max_steps", "pairs_per_step", "gradient_accumulation_steps", "epochs", "max_new_tokens",
-                     "logging_steps", "reward_batch_size", "kl_horizon", "max_consecutive_skips"):
+                     "logging_steps", "reward_batch_size", "kl_horizon", "max_consecutive_skips", "lora_r"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.log_completions < 0:

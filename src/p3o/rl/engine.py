@@ -23,6 +23,7 @@ import torch
 
 from p3o.errors import UsageError
 from p3o.models.loading import disable_dropout, eos_token_ids
+from p3o.models.lora import AdaptersDisabled, add_lora, is_lora
 from p3o.models.value_head import PolicyWithValueHead
 from p3o.rl.algorithms import get_algorithm
 from p3o.rl.config import TrainConfig, derive_sizes
@@ -84,10 +85,12 @@ class Trainer:
         if self.algorithm.from_dataset and getattr(prompts, "responses", None) is None:
             raise UsageError(f"--algo {cfg.algo} needs preference data (prompt, chosen, rejected)")
 
+        if cfg.use_peft:
+            policy = add_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules)
         disable_dropout(policy)  # log-ratios must be exact: rho is 1 at the first update
-        self.ref_policy = (ref_policy or copy.deepcopy(policy)).requires_grad_(False).eval()
-        disable_dropout(self.ref_policy)
-        self.ref_policy.to(self.accelerator.device)
+        self.ref_policy = self._reference(policy, ref_policy)
+        if cfg.gradient_checkpointing:  # acts in the training forward only (see `optimizer_step`)
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = PolicyWithValueHead(policy) if self.algorithm.value_head else policy  # PPO: critic on the trunk
         optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
                                       betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
@@ -103,6 +106,15 @@ class Trainer:
         self.logits_to_keep = supports_logits_to_keep(unwrapped)
         self.long_prompts = sum(len(ids) > self.max_prompt_length for ids in prompts.token_ids)
         self.fuse_old_pass = _old_pass_is_redundant(cfg, self.sizes, self.algorithm)
+
+    def _reference(self, policy, given):
+        """The frozen reference: `given`, else the initial policy; under LoRA that is the policy itself
+        with its adapters off (no second copy of the weights)."""
+        if given is None and is_lora(policy):
+            return AdaptersDisabled(policy)
+        reference = (given or copy.deepcopy(policy)).requires_grad_(False).eval()
+        disable_dropout(reference)
+        return reference.to(self.accelerator.device)
 
     @property
     def trained_module(self):
@@ -269,7 +281,7 @@ class Trainer:
         parts, stats, total_loss = minibatch.split(self.sizes.micro_pairs), [], 0.0
         for i, part in enumerate(parts):
             sync = contextlib.nullcontext() if i == len(parts) - 1 else acc.no_sync(self.policy)
-            with sync:
+            with sync, training_mode(self.policy, cfg.gradient_checkpointing):
                 with acc.autocast():
                     token_logps, values = token_logprobs_and_values(
                         self.policy, part.seq["query_ids"], part.seq["query_mask"], part.seq["response_ids"],
@@ -355,6 +367,21 @@ class Trainer:
         stacked = torch.tensor(list(values.values()), device=self.accelerator.device, dtype=torch.float64)
         reduced = self.accelerator.reduce(stacked, reduction="mean")
         return dict(zip(values, reduced.tolist()))
+
+
+@contextlib.contextmanager
+def training_mode(model, enabled: bool = True):
+    """`model.train()` for the block. The policy otherwise stays in eval mode (its dropout is off
+    either way): gradient checkpointing acts only in training mode, and `generate` must not see it,
+    or it would drop the KV cache."""
+    if not enabled or model.training:
+        yield
+        return
+    model.train()
+    try:
+        yield
+    finally:
+        model.eval()
 
 
 def _old_pass_is_redundant(cfg: TrainConfig, sizes, algorithm) -> bool:

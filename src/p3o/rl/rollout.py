@@ -77,6 +77,8 @@ def sample_responses(model, query_ids: torch.Tensor, query_mask: torch.Tensor, g
     """
     from transformers import GenerationConfig
 
+    if hasattr(model, "get_base_model"):  # peft: the base model carries the adapters, and the generation config
+        model = model.get_base_model()
     # `generate` fills every unset option from the model's own generation_config (a hub model may
     # carry repetition penalties, bad words, top-k ...); a blank one keeps sampling exact.
     saved, model.generation_config = model.generation_config, GenerationConfig()
@@ -102,6 +104,7 @@ def decode_completions(tokenizer, query_ids: torch.Tensor, query_mask: torch.Ten
 
 
 def supports_logits_to_keep(model) -> bool:
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft passes it through
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from p3o.data.prompts import load_preference_pairs, load_prompts
 from p3o.eval.watch import Block, OverOptimisationWatch
 from p3o.models.loading import load_causal_lm, load_tokenizer
+from p3o.models.lora import ADAPTER_DIR, is_lora
 from p3o.models.value_head import VALUE_HEAD_FILE, split_state_dict
 from p3o.reward import build_reward
 from p3o.rl.algorithms import get_algorithm
@@ -59,9 +60,10 @@ def build_trainer(cfg: TrainConfig, checkpoint: Path | None = None) -> Trainer:
     if cfg.algo == "grpo" and cfg.num_generations == 2:
         log.warning("grpo with --num_generations 2 keeps only the sign of r1 - r2: the reward advantages are "
                     "+-1/sqrt(2) whatever the gap (and 0 for a tie); use k >= 4, or rloo / p3o for pairs")
-    policy = load_causal_lm(str(checkpoint or cfg.model_name_or_path), cfg.trust_remote_code, cfg.torch_dtype,
+    full_weights = checkpoint if checkpoint and not cfg.use_peft else None  # a LoRA checkpoint holds the adapter only
+    policy = load_causal_lm(str(full_weights or cfg.model_name_or_path), cfg.trust_remote_code, cfg.torch_dtype,
                             what="policy")
-    ref_path = cfg.ref_model_name_or_path or (cfg.model_name_or_path if checkpoint else None)
+    ref_path = cfg.ref_model_name_or_path or (cfg.model_name_or_path if full_weights else None)
     ref = load_causal_lm(ref_path, cfg.trust_remote_code, cfg.torch_dtype, what="reference model") if ref_path else None
     monitor = build_reward(cfg.monitor_reward_fn, None) if cfg.monitor_reward_fn else None
     trainer = Trainer(cfg, policy, tokenizer, reward, prompts, ref_policy=ref, accelerator=accelerator,
@@ -151,6 +153,15 @@ def _train_into(cfg: TrainConfig, out: Path, checkpoint: Path | None = None) -> 
             evaluator.close()
         acc.end_training()
     acc.wait_for_everyone()
+    if is_lora(trainer.unwrapped_policy):
+        _save_lora_policy(trainer, out)
+    else:
+        _save_policy(trainer, out)
+    return out
+
+
+def _save_policy(trainer: Trainer, out: Path) -> None:
+    acc = trainer.accelerator
     state_dict = acc.get_state_dict(trainer.policy)  # a collective under FSDP/ZeRO-3: every process calls it
     extra = {}
     if trainer.algorithm.value_head:  # the policy directory stays a plain causal LM; the critic sits beside it
@@ -160,7 +171,20 @@ def _train_into(cfg: TrainConfig, out: Path, checkpoint: Path | None = None) -> 
         save_pretrained_atomically(trainer.unwrapped_policy, trainer.tokenizer, out, state_dict=state_dict,
                                    extra_tensors=extra)
         log.info("saved the trained policy to %s", out)
-    return out
+
+
+def _save_lora_policy(trainer: Trainer, out: Path) -> None:
+    """The adapter under adapter/, then the merged model as the run's policy (a plain causal LM).
+    Merging changes the weights in place, so this is the last thing a run does."""
+    if not trainer.accelerator.is_main_process:
+        return
+    peft_model = trainer.unwrapped_policy
+    _record_generation_ids(trainer)
+    (out / ADAPTER_DIR).mkdir(exist_ok=True)
+    save_pretrained_atomically(peft_model, None, out / ADAPTER_DIR)
+    extra = {VALUE_HEAD_FILE: trainer.trained_module.value_head.state_dict()} if trainer.algorithm.value_head else {}
+    save_pretrained_atomically(peft_model.merge_and_unload(), trainer.tokenizer, out, extra_tensors=extra)
+    log.info("saved the trained policy (LoRA merged) to %s and its adapter to %s", out, out / ADAPTER_DIR)
 
 
 class HeldOutEvaluator:
@@ -227,10 +251,12 @@ def _progress_bar(cfg: TrainConfig, disable: bool, initial: int = 0):
 def _start_line(trainer: Trainer) -> str:
     cfg, sizes = trainer.cfg, trainer.sizes
     params = sum(p.numel() for p in trainer.unwrapped_policy.parameters())
+    trained = sum(p.numel() for p in trainer.unwrapped_policy.parameters() if p.requires_grad)
     extras = {"value_head": " with a value head", "greedy_baseline": " (+1 greedy)",
               "from_dataset": " from the data"}
     critic, greedy, given = (extras[f] if getattr(trainer.algorithm, f) else "" for f in extras)
-    return (f"{cfg.algo}: {params:,}-parameter policy{critic}, {len(trainer.prompts)} prompts; per step "
+    lora = f" ({trained:,} in LoRA adapters trained)" if trained < params else ""
+    return (f"{cfg.algo}: {params:,}-parameter policy{lora}{critic}, {len(trainer.prompts)} prompts; per step "
             f"{sizes.pairs_per_step} prompts x {sizes.samples_per_prompt}{greedy} responses{given}, "
             f"{cfg.epochs} epochs of {sizes.minibatches_per_epoch} "
             f"minibatches of {sizes.minibatch_pairs} prompts; {sizes.optimizer_steps} optimiser steps in all")

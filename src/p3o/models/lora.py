@@ -1,0 +1,58 @@
+"""LoRA through `peft`: train low-rank adapters on a frozen policy, and use the same model with its
+adapters switched off as the reference, so a LoRA run holds one copy of the weights (the full
+fine-tune holds two: policy and reference) and optimiser state only for the adapters.
+
+Checkpoints hold the adapter (`adapter_model.safetensors`, `adapter_config.json`); the final run
+directory holds the merged model (a plain causal LM, so `p3o eval` and later stages read it like
+any other) with the adapter itself under `adapter/`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from p3o.errors import UsageError
+
+ADAPTER_DIR = "adapter"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def add_lora(model, r: int, alpha: float, target_modules: str):
+    """`model` wrapped in fresh LoRA adapters (B = 0, so it starts as `model` exactly)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise UsageError("--use_peft needs peft: pip install 'p3o[lora]'") from None
+    targets = target_modules if target_modules == "all-linear" else [m.strip() for m in target_modules.split(",")]
+    # No LoRA dropout: importance ratios must be exactly 1 at the first update (P3O.md section 4).
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise UsageError(f"--lora_target_modules {target_modules!r}: {str(exc).splitlines()[0]}") from None
+
+
+def is_lora(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+
+
+class AdaptersDisabled:
+    """The reference policy of a LoRA run: `peft_model` called with its adapters off. Not a module
+    of its own, so freezing or moving "the reference" can never touch the trained adapters."""
+
+    def __init__(self, peft_model):
+        self.model = peft_model
+
+    def __call__(self, *args, **kwargs):
+        with self.model.disable_adapter():
+            return self.model(*args, **kwargs)
+
+
+def load_adapter(peft_model, directory: Path) -> None:
+    """The adapter weights a checkpoint saved, into `peft_model` (whose base is the initial policy)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    result = set_peft_model_state_dict(peft_model, load_file(str(directory / ADAPTER_WEIGHTS)))
+    if getattr(result, "unexpected_keys", None):
+        raise UsageError(f"{directory} holds adapter weights this run has no place for "
+                         f"({result.unexpected_keys[0]}, ...): was it trained with other --lora_* settings?")

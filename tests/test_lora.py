@@ -1,0 +1,112 @@
+"""LoRA through peft (the reference is the policy with its adapters off) and gradient checkpointing."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from conftest import train_config
+from safetensors.torch import load_file
+from test_checkpoint import assert_same_weights, cli_args, weights
+
+from p3o.cli import main
+from p3o.models.loading import load_causal_lm
+from p3o.models.lora import AdaptersDisabled
+from p3o.rl.rollout import batched_token_logprobs
+from p3o.rl.train import build_trainer
+
+
+def distinct_parameter_count(*models) -> int:
+    """Parameters held in memory by `models` together, each storage counted once."""
+    seen = {}
+    for model in models:
+        model = model.model if isinstance(model, AdaptersDisabled) else model
+        for p in model.parameters():
+            seen[p.data_ptr()] = p.numel()
+    return sum(seen.values())
+
+
+def test_lora_holds_one_copy_of_the_weights_and_trains_only_the_adapters(assets, tmp_path):
+    full = build_trainer(train_config(assets, tmp_path))
+    lora = build_trainer(train_config(assets, tmp_path, use_peft=True, lora_r=4))
+    n = distinct_parameter_count(full.unwrapped_policy)
+    assert distinct_parameter_count(full.unwrapped_policy, full.ref_policy) == 2 * n
+    adapters = sum(p.numel() for p in lora.trained_module.parameters() if p.requires_grad)
+    assert 0 < adapters < n / 5
+    assert distinct_parameter_count(lora.unwrapped_policy, lora.ref_policy) == n + adapters
+    optimised = sum(p.numel() for group in lora.optimizer.param_groups for p in group["params"])
+    assert optimised == adapters  # Adam's moments for the adapters only
+
+
+def test_lora_reference_is_the_initial_policy_and_the_merged_model_is_what_was_trained(assets, tmp_path):
+    cfg = train_config(assets, tmp_path, use_peft=True, lora_r=4, max_steps=3, learning_rate=1e-2)
+    trainer = build_trainer(cfg)
+    rollout, _, _ = trainer.collect_rollout(0)
+    initial = load_causal_lm(str(assets["llama"]))
+    seq = rollout.seq
+    before = batched_token_logprobs(initial, seq, 1.0, 16)
+    assert torch.allclose(seq["ref_token_logp"], before, atol=1e-6)  # adapters off = the initial policy
+    assert torch.allclose(seq["old_token_logp"], before, atol=1e-6)  # B = 0: LoRA starts as the policy
+    trainer.train()
+    trained = batched_token_logprobs(trainer.unwrapped_policy, seq, 1.0, 16)
+    assert not torch.allclose(trained, before, atol=1e-3)  # it learned something
+    assert torch.allclose(batched_token_logprobs(trainer.ref_policy, seq, 1.0, 16), before, atol=1e-6)
+
+    from p3o.rl.train import _save_lora_policy
+
+    out = tmp_path / "saved"
+    out.mkdir()
+    _save_lora_policy(trainer, out)
+    merged = load_causal_lm(str(out))  # a plain causal LM
+    assert torch.allclose(batched_token_logprobs(merged, seq, 1.0, 16), trained, atol=1e-5)
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("algo", ["p3o-v2", "ppo"])
+def test_lora_resume_is_bit_identical(assets, tmp_path, algo):
+    lora = ("--algo", algo, "--use_peft", "--lora_r", "4")
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert main(cli_args(assets, whole, *lora)) == 0
+    assert main(cli_args(assets, part, *lora, "--save_steps", "2")) == 0
+    checkpoint = part / "checkpoint-2"
+    assert (checkpoint / "adapter_model.safetensors").is_file() and not (checkpoint / "model.safetensors").exists()
+    shutil.rmtree(part / "checkpoint-4")
+    for name in ("model.safetensors", "metrics.jsonl"):
+        (part / name).unlink()
+    assert main(cli_args(assets, part, *lora, "--save_steps", "2", "--resume")) == 0
+    assert_same_weights(weights(whole), weights(part))
+    if algo == "ppo":
+        assert_same_weights(load_file(str(whole / "value_head.safetensors")), load_file(str(part / "value_head.safetensors")))
+
+
+def saved_activation_numel(cfg) -> int:
+    """Elements autograd keeps for the backward pass in the first training forward."""
+    trainer = build_trainer(cfg)
+    rollout, _, _ = trainer.collect_rollout(0)
+    if not trainer.fuse_old_pass:
+        raise AssertionError("expected the fused pass in this configuration")
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        trainer.update(rollout, 0)
+    return sum(saved)
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_gradient_checkpointing_keeps_less_and_gives_the_same_gradient(assets, tmp_path):
+    from test_engine import gradients_of_first_update
+
+    kw = dict(max_steps=1, epochs=1, pairs_per_step=8, minibatch_pairs=8, max_new_tokens=8)
+    plain = saved_activation_numel(train_config(assets, tmp_path, **kw))
+    checkpointed = saved_activation_numel(train_config(assets, tmp_path, gradient_checkpointing=True, **kw))
+    assert checkpointed < 0.7 * plain, (checkpointed, plain)
+    one = gradients_of_first_update(train_config(assets, tmp_path, **kw))
+    two = gradients_of_first_update(train_config(assets, tmp_path, gradient_checkpointing=True, **kw))
+    for name in one:
+        assert torch.allclose(one[name], two[name], atol=1e-7, rtol=1e-4), name
+    trainer = build_trainer(train_config(assets, tmp_path, gradient_checkpointing=True, **kw))
+    assert not trainer.unwrapped_policy.training  # generation keeps its KV cache
