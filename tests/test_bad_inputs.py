@@ -133,6 +133,9 @@ CASES = [
     # raising rewards, a non-empty --output_dir are in test_cli.py)
     pytest.param(with_(train(), "--reward_fn", "p3o.no_such_module:fn"), ["cannot import module 'p3o.no_such_module'"],
                  id="train-reward-module-missing"),
+    pytest.param(train("--use_peft", "--lora_target_modules", "no_such_proj"), ["--lora_target_modules", "no_such_proj"],
+                 id="train-lora-target-missing"),
+    pytest.param(train("--use_peft", "--lora_r", "0"), ["--lora_r must be at least 1"], id="train-lora-rank-zero"),
     pytest.param(with_(train(), "--reward_fn", "{rewards}:no_such_fn"), ["has no attribute 'no_such_fn'"],
                  id="train-reward-name-missing"),
     pytest.param(with_(train(), "--reward_fn", "{rewards}:wrong_length"),
