@@ -50,6 +50,8 @@ class TrainConfig:
     # --- generation ---------------------------------------------------------------------------
     max_new_tokens: int = option(64, "Tokens sampled per response; EOS ends a response early and counts as part of it. dpo: longer chosen/rejected completions are cut to it.")
     max_prompt_length: int | None = option(None, "Longer prompts keep their last tokens (left truncation, reported once). Default: the model's context minus max_new_tokens.")
+    generation_backend: str = option("transformers", "transformers (batched, KV-cached `generate`) or vllm (GPU; imported only when asked for; the policy's weights are pushed into it before each rollout, and log-probabilities still come from the training model).")
+    vllm_gpu_memory_utilization: float = option(0.3, "Fraction of the GPU's memory vLLM may take (with --generation_backend vllm; training shares the device).")
     temperature: float = option(1.0, "Sampling temperature; log-probabilities use the same tempered distribution.")
     top_k: int = option(0, "Top-k sampling; 0 disables it (the default, as P3O assumes the policy's own distribution).")
     top_p: float = option(1.0, "Nucleus sampling; 1.0 disables it.")
@@ -130,6 +132,8 @@ class TrainConfig:
             (self.max_prompt_length is None or self.max_prompt_length >= 1, "--max_prompt_length must be at least 1"),
             (self.delta_normalization in ("none", "rms"), "--delta_normalization must be none or rms"),
             (self.mixed_precision in ("no", "bf16", "fp16"), "--mixed_precision must be no, bf16 or fp16"),
+            (self.generation_backend in ("transformers", "vllm"), "--generation_backend must be transformers or vllm"),
+            (0 < self.vllm_gpu_memory_utilization <= 1, "--vllm_gpu_memory_utilization must be in (0, 1]"),
         ]
         for ok, message in checks:
             if not ok:

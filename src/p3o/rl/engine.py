@@ -106,6 +106,12 @@ class Trainer:
         self.logits_to_keep = supports_logits_to_keep(unwrapped)
         self.long_prompts = sum(len(ids) > self.max_prompt_length for ids in prompts.token_ids)
         self.fuse_old_pass = _old_pass_is_redundant(cfg, self.sizes, self.algorithm)
+        self.vllm = None
+        if cfg.generation_backend == "vllm" and not self.algorithm.from_dataset:
+            from p3o.rl.vllm_backend import VLLMGenerator
+
+            self.vllm = VLLMGenerator(cfg, cfg.model_name_or_path, self.eos_ids,
+                                      self.max_prompt_length + cfg.max_new_tokens)
 
     def _reference(self, policy, given):
         """The frozen reference: `given`, else the initial policy; under LoRA that is the policy itself
@@ -148,7 +154,7 @@ class Trainer:
         return history
 
     def collect_rollout(self, step: int) -> tuple[Rollout, RolloutTexts, dict[str, float]]:
-        cfg, k, timings = self.cfg, self.sizes.samples_per_prompt, {}
+        k, timings = self.sizes.samples_per_prompt, {}
         device = self.accelerator.device
         # 1. The prompts of this step, each repeated k times (a group's rows are consecutive).
         indices = self.prompt_indices(step)
@@ -164,8 +170,10 @@ class Trainer:
             given = [ids for i in indices for ids in self.prompts.responses[i]]  # chosen, rejected per prompt
             response_ids, response_mask = (t.to(device) for t in pad_responses(given, self.tokenizer.pad_token_id))
         else:
+            if self.vllm is not None:  # it samples from pi_old: the policy as it is now
+                self.vllm.sync_weights(self.unwrapped_policy)
             response_ids, response_mask = self.generate(query_ids, query_mask, self.gen_config,
-                                                        f"sample/{self.accelerator.process_index}", step)  # (B, T)
+                                                        f"sample/{self.accelerator.process_index}", step, k)  # (B, T)
         timings["time_generate"] = time.perf_counter() - t0
 
         # 3. Score: raw rewards (B,) in float64, checked for count and finiteness.
@@ -209,7 +217,10 @@ class Trainer:
         rollout.stats.update(prepared.stats)
         return prepared.stats
 
-    def generate(self, query_ids, query_mask, gen_config, stream: str, step: int):
+    def generate(self, query_ids, query_mask, gen_config, stream: str, step: int, k: int = 1):
+        """(B, Lq) prompts, each repeated k times in consecutive rows -> response ids and mask (B, T)."""
+        if self.vllm is not None:
+            return self.vllm.sample(query_ids, query_mask, k, stream, step, greedy=not gen_config.do_sample)
         seed_global_rng(self.cfg.seed, stream, step)
         with self.accelerator.autocast():
             return sample_responses(self.unwrapped_policy, query_ids, query_mask, gen_config, self.eos_ids)

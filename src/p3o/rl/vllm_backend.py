@@ -1,0 +1,77 @@
+"""Optional generation on vLLM (GPU users): `--generation_backend vllm`.
+
+One vLLM engine per process, colocated with training on the same device. Before each rollout the
+trained policy's current weights are pushed into it (LoRA adapters merged first, as TRL does), so
+it samples from pi_old. Log-probabilities are still computed by the training model, so importance
+ratios and KLs are exactly what the algorithms define; vLLM only proposes the tokens.
+
+vLLM is imported only when this backend is asked for; it is not a dependency of p3o.
+"""
+from __future__ import annotations
+
+import torch
+
+from p3o.errors import UsageError
+from p3o.models.lora import is_lora
+from p3o.rl.rollout import pad_responses
+from p3o.utils.ops import response_mask_from_eos
+from p3o.utils.seeding import derived_seed
+
+
+class VLLMGenerator:
+    def __init__(self, cfg, model_name_or_path: str, eos_ids: list[int], max_model_len: int):
+        try:
+            import vllm
+        except ImportError:
+            raise UsageError("--generation_backend vllm needs vLLM, which runs on GPUs: pip install vllm "
+                             "(or use the default --generation_backend transformers)") from None
+        self.vllm, self.cfg, self.eos_ids = vllm, cfg, eos_ids
+        self.llm = vllm.LLM(model=model_name_or_path, tokenizer=cfg.tokenizer_name_or_path or model_name_or_path,
+                            dtype=cfg.torch_dtype if cfg.torch_dtype != "float32" else "auto",
+                            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, max_model_len=max_model_len,
+                            seed=cfg.seed, trust_remote_code=cfg.trust_remote_code, enable_prefix_caching=True)
+
+    def sync_weights(self, policy) -> None:
+        """Push `policy`'s current weights (names as in its Hugging Face checkpoint) into vLLM."""
+        engine_model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
+        if is_lora(policy):
+            policy.merge_adapter()
+            try:
+                engine_model.load_weights(_merged_lora_weights(policy))
+            finally:
+                policy.unmerge_adapter()
+        else:
+            engine_model.load_weights((name, p.data) for name, p in policy.named_parameters())
+        self.llm.reset_prefix_cache()
+
+    def sample(self, query_ids: torch.Tensor, query_mask: torch.Tensor, k: int, stream: str, step: int,
+               greedy: bool = False):
+        """(B, Lq) prompts, each repeated k times in consecutive rows -> response ids and mask (B, T)."""
+        cfg = self.cfg
+        prompts = [q[m.bool()].tolist() for q, m in zip(query_ids[::k], query_mask[::k])]  # (G,) unpadded
+        params = self.vllm.SamplingParams(
+            n=k, max_tokens=cfg.max_new_tokens, stop_token_ids=self.eos_ids or None, seed=derived_seed(cfg.seed, stream, step),
+            **({"temperature": 0.0} if greedy else {"temperature": cfg.temperature, "top_k": cfg.top_k or -1,
+                                                    "top_p": cfg.top_p}))
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
+        responses = [list(c.token_ids) for out in outputs for c in out.outputs]  # (B,) group by group
+        if len(responses) != query_ids.shape[0]:
+            raise RuntimeError(f"vLLM returned {len(responses)} responses for {query_ids.shape[0]} rows")
+        ids, _ = pad_responses(responses, pad_id=0)  # (B, T); the mask comes from EOS positions, as for generate
+        ids = ids.to(query_ids.device)
+        return ids, _mask(ids, responses, self.eos_ids)
+
+
+def _mask(ids: torch.Tensor, responses: list[list[int]], eos_ids: list[int]) -> torch.Tensor:
+    """Up to and including the first EOS, and never beyond the response's own length."""
+    lengths = torch.tensor([len(r) for r in responses], device=ids.device)  # (B,)
+    within = torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]  # (B, T)
+    return response_mask_from_eos(ids, eos_ids) * within.long()
+
+
+def _merged_lora_weights(peft_model):
+    """The merged base weights of a peft model under their plain checkpoint names."""
+    for name, param in peft_model.named_parameters():
+        if "lora_" in name:
+            continue
+        yield name.removeprefix("base_model.model.").replace(".base_layer", ""), param.data

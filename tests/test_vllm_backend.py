@@ -1,0 +1,96 @@
+"""The optional vLLM generation backend, against a stand-in `vllm` module (vLLM itself needs a GPU):
+weights pushed before each rollout, groups kept whole, masks from EOS, imported only when asked."""
+from __future__ import annotations
+
+import sys
+import types
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import train_config
+
+from p3o.errors import UsageError
+from p3o.rl.train import build_trainer
+
+
+class FakeLLM:
+    """Records what p3o gives vLLM; answers each prompt with its own tokens reversed, cut to lengths
+    that differ between a prompt's k responses."""
+
+    def __init__(self, model, **kwargs):
+        self.model, self.kwargs, self.loaded, self.calls, self.resets = model, kwargs, [], [], 0
+        runner = SimpleNamespace(model=self)
+        self.llm_engine = SimpleNamespace(model_executor=SimpleNamespace(driver_worker=SimpleNamespace(model_runner=runner)))
+
+    def load_weights(self, weights):
+        self.loaded.append({name: t.detach().clone() for name, t in weights})
+
+    def reset_prefix_cache(self):
+        self.resets += 1
+
+    def generate(self, prompts, params, use_tqdm):
+        self.calls.append(([p["prompt_token_ids"] for p in prompts], params))
+        return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=tuple(p["prompt_token_ids"][::-1][:1 + j + i % 3]))
+                                         for j in range(params.n)])
+                for i, p in enumerate(prompts)]
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    module = types.ModuleType("vllm")
+    module.LLM, module.SamplingParams = FakeLLM, lambda **kw: SimpleNamespace(**kw)
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    return module
+
+
+def test_vllm_samples_from_the_current_policy_and_keeps_groups_whole(assets, tmp_path, fake_vllm):
+    trainer = build_trainer(train_config(assets, tmp_path, generation_backend="vllm", max_steps=2))
+    llm = trainer.vllm.llm
+    policy_before = {n: p.detach().clone() for n, p in trainer.unwrapped_policy.named_parameters()}
+    rollout, _, _ = trainer.collect_rollout(0)
+    assert llm.loaded[-1].keys() == policy_before.keys() and llm.resets == 1
+    assert all(torch.equal(llm.loaded[-1][n], policy_before[n]) for n in policy_before)
+    prompts, params = llm.calls[-1]
+    seq = rollout.seq
+    assert params.n == 2 and params.max_tokens == 6 and params.temperature == 1.0 and params.top_k == -1
+    assert prompts == [q[m.bool()].tolist() for q, m in zip(seq["query_ids"][::2], seq["query_mask"][::2])]
+    for row in range(seq["query_ids"].shape[0]):
+        g, j = divmod(row, 2)
+        expected = prompts[g][::-1][:1 + j + g % 3]
+        eos = [i for i, t in enumerate(expected) if t in trainer.eos_ids]
+        n = min(len(expected), eos[0] + 1 if eos else len(expected))
+        assert seq["response_ids"][row, :n].tolist() == expected[:n] and seq["response_mask"][row].sum() == n
+    assert seq["kl"].abs().max() < 1e-6  # log-probs come from the training model: pi_old = pi_ref at the start
+    with torch.no_grad():  # as an update would
+        trainer.unwrapped_policy.get_input_embeddings().weight.mul_(1.5)
+    trainer.collect_rollout(1)
+    assert llm.resets == 2 and len(llm.loaded) == 2
+    assert all(torch.equal(llm.loaded[-1][n], p) for n, p in trainer.unwrapped_policy.named_parameters())
+
+
+def test_vllm_gets_merged_lora_weights_under_plain_names(assets, tmp_path, fake_vllm):
+    trainer = build_trainer(train_config(assets, tmp_path, generation_backend="vllm", use_peft=True, lora_r=4))
+    with torch.no_grad():
+        for name, p in trainer.unwrapped_policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_()  # adapters that change the weights
+    before = {n: p.detach().clone() for n, p in trainer.unwrapped_policy.named_parameters()}
+    trainer.collect_rollout(0)
+    loaded = trainer.vllm.llm.loaded[-1]
+    from p3o.models.loading import load_causal_lm
+
+    names = set(load_causal_lm(str(assets["llama"])).state_dict()) - {"lm_head.weight"}  # tied to the embeddings
+    assert set(loaded) == names
+    q = "model.layers.0.self_attn.q_proj.weight"
+    base = before[f"base_model.model.{q}".replace("q_proj.weight", "q_proj.base_layer.weight")]
+    assert not torch.allclose(loaded[q], base)  # merged, not the bare base weight
+    after = {n: p.detach() for n, p in trainer.unwrapped_policy.named_parameters()}
+    assert all(torch.allclose(after[n], before[n], atol=1e-6) for n in before)  # unmerged again afterwards
+
+
+def test_vllm_is_imported_only_when_asked_for(assets, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as if not installed: importing it raises ImportError
+    assert build_trainer(train_config(assets, tmp_path)).vllm is None
+    with pytest.raises(UsageError, match="--generation_backend vllm needs vLLM"):
+        build_trainer(train_config(assets, tmp_path, generation_backend="vllm"))
