@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install clean
+.PHONY: demo test install bench clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,5 +21,19 @@ demo: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -n 2 -q
 
+# `make bench`: p3o against TRL on identical work (benchmarks/README.md). TRL lives in its own
+# venv so the test venv never sees it; BENCH_ARGS passes flags, e.g. BENCH_ARGS=--quick.
+BENCH_VENV ?= .venv-bench
+BENCH_BIN := $(BENCH_VENV)/bin
+
+$(BENCH_BIN)/.installed: pyproject.toml constraints.txt benchmarks/requirements.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_BIN)/python -m pip install --quiet --upgrade pip
+	$(BENCH_BIN)/python -m pip install --quiet -c constraints.txt -e . -r benchmarks/requirements.txt
+	touch $@
+
+bench: $(BENCH_BIN)/.installed
+	$(BENCH_BIN)/python benchmarks/vs_trl.py $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(BENCH_VENV) runs
