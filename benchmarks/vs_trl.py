@@ -46,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--max_other_load", type=float, default=0.15,
                    help="A job during which other processes used more cores than this on average is rerun.")
     p.add_argument("--retries", type=int, default=2, help="Reruns of a disturbed job before keeping it anyway.")
+    p.add_argument("--idle_wait", type=float, default=300,
+                   help="Seconds to wait, before each job, for other processes to leave the CPU idle.")
     p.add_argument("--no_warmup", action="store_true", help="Skip the untimed first job of each implementation.")
     p.add_argument("--quick", action="store_true",
                    help="Smoke run: 1 repeat, 1 vs 3 steps, 4 pairs, 8 new tokens; numbers mean nothing.")
@@ -71,6 +73,7 @@ def job_env(threads: int) -> dict:
 def run_job(args, impl: str, pairing: str, size: str, steps: int, tag: str) -> dict:
     """`spawn`, again (up to --retries times) while other processes took CPU time during the job."""
     for attempt in range(args.retries + 1):
+        wait_for_idle(args.max_other_load, args.idle_wait)
         result = spawn(args, impl, pairing, size, steps, tag)
         if result["other_load_cores"] <= args.max_other_load:
             break
@@ -104,6 +107,19 @@ def spawn(args, impl: str, pairing: str, size: str, steps: int, tag: str) -> dic
     print(f"  {name:34s} {wall:7.2f} s  {usage.ru_maxrss / 1024:7.1f} MiB  "
           f"mean response length {result['mean_response_length']:4.1f}  other load {foreign:4.2f} cores", flush=True)
     return {**result, "wall_seconds": wall, "max_rss_kib": usage.ru_maxrss, "other_load_cores": foreign}
+
+
+def wait_for_idle(max_load: float, patience: float) -> None:
+    """Start no job while other processes keep the CPU busy (up to `patience` seconds): on 2 cores,
+    one busy core elsewhere slowed a 2-thread job here by up to 50x."""
+    deadline = time.monotonic() + patience
+    while True:
+        before = busy_cpu_seconds()
+        time.sleep(1.0)
+        if busy_cpu_seconds() - before <= max_load or time.monotonic() > deadline:
+            return
+        print("    waiting for the machine to become idle", flush=True)
+        time.sleep(10)
 
 
 def busy_cpu_seconds() -> float:
@@ -172,7 +188,7 @@ def settings(args) -> dict:
     return {"pairs_per_step": args.pairs, "new_tokens": args.new_tokens, "grad_accum": args.grad_accum,
             "learning_rate": args.lr, "beta": 0.05, "threads": args.threads, "repeats": args.repeats,
             "short_steps": args.short_steps, "long_steps": args.long_steps, "quick": args.quick,
-            "max_other_load": args.max_other_load, "retries": args.retries,
+            "max_other_load": args.max_other_load, "retries": args.retries, "idle_wait": args.idle_wait,
             "versions": {pkg: version(pkg) for pkg in ("p3o", "trl", "torch", "transformers", "accelerate")},
             "commit": commit()}
 
