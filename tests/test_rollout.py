@@ -150,3 +150,39 @@ def test_completions_keep_the_space_that_separates_them_from_the_prompt(tokenize
     response_mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
     # a word tokenizer joins words with spaces: the completion continues the prompt after a space
     assert decode_completions(tokenizer, ids, mask, response, response_mask) == [" runs", " sees the"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_the_preallocated_kv_cache_samples_what_the_concatenating_one_does(assets, tokenizer, arch):
+    from p3o.rl.kv_cache import PreallocatedLayer, preallocated_cache
+
+    model = load_causal_lm(str(assets[arch]))
+    ids, mask = tokenize_prompts(tokenizer, PROMPTS, 64)
+    config = generation_config(sampling(max_new_tokens=12), tokenizer, [tokenizer.eos_token_id])
+    config.output_logits, config.return_dict_in_generate = True, True
+    runs = []
+    for cache in (None, preallocated_cache(model, ids.shape[1] + 12)):
+        torch.manual_seed(3)
+        runs.append(model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                                   **({"past_key_values": cache} if cache is not None else {})))
+    plain, preallocated = runs
+    assert torch.equal(plain.sequences, preallocated.sequences)
+    for a, b in zip(plain.logits, preallocated.logits):
+        assert torch.allclose(a, b, atol=1e-6)
+    layer = preallocated.past_key_values.layers[0]
+    assert isinstance(layer, PreallocatedLayer) and layer.keys.data_ptr() == layer.key_buffer.data_ptr()
+
+
+def test_the_preallocated_kv_cache_falls_back_to_concatenation_beyond_its_buffers():
+    from p3o.rl.kv_cache import PreallocatedLayer
+
+    layer, chunks = PreallocatedLayer(capacity=4), [torch.randn(2, 3, n, 5) for n in (3, 1, 2)]
+    for i, chunk in enumerate(chunks):
+        keys, values = layer.update(chunk, -chunk)
+        expected = torch.cat(chunks[:i + 1], dim=-2)
+        assert torch.equal(keys, expected) and torch.equal(values, -expected)
+    layer, (first, second) = PreallocatedLayer(capacity=8), chunks[:2]
+    layer.update(first, first)
+    layer.batch_select_indices(torch.tensor([1]))  # replaces the views: the buffers no longer hold the cache
+    keys, _ = layer.update(second[1:], second[1:])
+    assert torch.equal(keys, torch.cat([first[1:], second[1:]], dim=-2))

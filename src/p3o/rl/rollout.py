@@ -81,9 +81,13 @@ def sample_responses(model, query_ids: torch.Tensor, query_mask: torch.Tensor, g
         model = model.get_base_model()
     # `generate` fills every unset option from the model's own generation_config (a hub model may
     # carry repetition penalties, bad words, top-k ...); a blank one keeps sampling exact.
+    from p3o.rl.kv_cache import preallocated_cache
+
+    cache = preallocated_cache(model, query_ids.shape[1] + gen_config.max_new_tokens) if gen_config.use_cache else None
     saved, model.generation_config = model.generation_config, GenerationConfig()
     try:
-        out = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=gen_config)  # (B, Lq+T)
+        out = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=gen_config,
+                             **({"past_key_values": cache} if cache is not None else {}))  # (B, Lq+T)
     finally:
         model.generation_config = saved
     response_ids = out[:, query_ids.shape[1]:]  # (B, T)

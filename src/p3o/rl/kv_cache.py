@@ -1,0 +1,54 @@
+"""A KV cache for sampling that writes each new token into buffers sized for the whole response,
+instead of `DynamicCache`'s concatenation, which copies the entire cache at every token of every
+layer: O(T^2) copying per response, and on a CPU the largest single cost of generating.
+Imported when sampling starts (it subclasses a `transformers` class)."""
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+def preallocated_cache(model, capacity: int):
+    """A `DynamicCache` for `model` whose full-attention layers hold `capacity` positions up front
+    (sliding-window and other special layers are left as `transformers` builds them). None when the
+    model does not take a `DynamicCache`: `generate` then builds its own."""
+    try:
+        cache = DynamicCache(config=model.config)
+    except Exception:  # an architecture with a cache of its own (state-space, encoder-decoder, ...)
+        return None
+    if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return cache if cache.layers else None
+    cache.layers = [PreallocatedLayer(capacity) for _ in cache.layers]
+    return cache
+
+
+class PreallocatedLayer(DynamicLayer):
+    """keys/values are views of (B, H, capacity, D) buffers; a token is written, never copied again.
+    Anything that replaces the views (beam reordering, cropping) falls back to concatenation."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.key_buffer = self.value_buffer = self.view = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        B, H, _, _ = key_states.shape
+        self.key_buffer = key_states.new_empty(B, H, self.capacity, key_states.shape[-1])
+        self.value_buffer = value_states.new_empty(B, H, self.capacity, value_states.shape[-1])
+        self.keys, self.values = self.key_buffer[:, :, :0], self.value_buffer[:, :, :0]
+        self.view = self.keys  # replaced by anything but `update`: then the buffers are stale
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, end = self.keys.shape[-2], self.keys.shape[-2] + key_states.shape[-2]
+        if end > self.capacity or self.keys is not self.view or key_states.shape[0] != self.key_buffer.shape[0]:
+            return super().update(key_states, value_states)
+        self.key_buffer[:, :, start:end] = key_states
+        self.value_buffer[:, :, start:end] = value_states
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        self.view = self.keys
+        return self.keys, self.values
