@@ -9,6 +9,7 @@ step / sum of parts (target: at most 1.15).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -32,6 +33,9 @@ def parse_args(argv=None):
     p.add_argument("--grad_accum", type=int, default=1)
     p.add_argument("--steps", type=int, default=8, help="Measured steps (after one warm-up step).")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--separate_old_pass", action="store_true",
+                   help="Run the no-grad pass for pi_old even when the training forward could give it (to measure the saving).")
+    p.add_argument("--json", help="Also write the result here.")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="More TrainConfig flags, e.g. --use_peft.")
     return p.parse_args(argv)
 
@@ -91,13 +95,15 @@ def parts_alone(trainer, rollout, texts, step: int) -> dict[str, float]:
     }
 
 
-def main(argv=None) -> None:
+def measure(args) -> dict:
+    """Median seconds of a step, of each part alone and of each engine phase, over `args.steps`
+    steps after one warm-up step; also the parameter count and whether the old pass was fused."""
     import torch
 
-    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as workdir:
         trainer, assets = build(args, workdir)
+        trainer.fuse_old_pass = trainer.fuse_old_pass and not args.separate_old_pass
         steps, parts, phases = [], {p: [] for p in PARTS}, {}
         for step in range(args.steps + 1):
             start = time.perf_counter()
@@ -115,16 +121,25 @@ def main(argv=None) -> None:
             for name, seconds in timings.items():
                 phases.setdefault(name, []).append(seconds)
     median = statistics.median
-    floor = sum(median(v) for v in parts.values())
-    print(f"{args.algo} on the {args.size} model ({assets['policy_params']:,} parameters): {args.pairs} pairs x "
+    return {"params": assets["policy_params"], "fused_old_pass": trainer.fuse_old_pass, "step": median(steps),
+            "parts": {n: median(v) for n, v in parts.items()}, "phases": {n: median(v) for n, v in phases.items()}}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    result = measure(args)
+    floor = sum(result["parts"].values())
+    print(f"{args.algo} on the {args.size} model ({result['params']:,} parameters): {args.pairs} pairs x "
           f"{args.new_tokens} new tokens per step, {args.steps} steps, torch threads {args.threads}; "
-          f"fused old pass: {trainer.fuse_old_pass}")
-    print(f"{'step (median)':<28}{median(steps):8.3f} s")
-    for name, values in parts.items():
-        print(f"  {name + ' alone':<26}{median(values):8.3f} s")
-    print(f"{'sum of the parts':<28}{floor:8.3f} s")
-    print(f"step / sum of parts: {median(steps) / floor:.3f}  (target <= 1.15)")
-    print("engine phases (metrics.jsonl): " + ", ".join(f"{n} {median(v):.3f} s" for n, v in phases.items()))
+          f"fused old pass: {result['fused_old_pass']}")
+    print(f"{'step (median)':<30}{result['step']:8.3f} s")
+    for name, seconds in result["parts"].items():
+        print(f"  {name + ' alone':<28}{seconds:8.3f} s")
+    print(f"{'sum of the parts':<30}{floor:8.3f} s")
+    print(f"step / sum of parts: {result['step'] / floor:.3f}  (target <= 1.15)")
+    print("engine phases (metrics.jsonl): " + ", ".join(f"{n} {v:.3f} s" for n, v in result["phases"].items()))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ TARGET = "good"  # the word the reward counts
 SIZES = {
     "1m": dict(num_layers=6, hidden_size=128, num_heads=4),
     "10m": dict(num_layers=10, hidden_size=320, num_heads=5),
+    "40m": dict(num_layers=10, hidden_size=640, num_heads=10),  # scaling.py's memory rows
 }
 MAX_POSITIONS = 128  # prompts of at most 16 words + up to 64 new tokens fit easily
 

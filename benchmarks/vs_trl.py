@@ -23,6 +23,9 @@ from importlib.metadata import version
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from task import asset_dir  # noqa: E402  (imports nothing heavy)
+
 IMPLS = ("p3o", "trl")
 # Pairs-per-second ratio p3o/TRL that each (pairing, size) should reach; memory: p3o <= TRL everywhere.
 SPEED_TARGETS = {("rloo", "1m"): 1.3, ("rloo", "10m"): 1.15, ("ppo", "1m"): 1.5, ("ppo", "10m"): 1.5}
@@ -208,7 +211,7 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, str(HERE / "task.py"), *args.sizes], check=True, env=job_env(args.threads),
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # built once, outside every timing
-    infos = {s: json.loads((out / "assets" / s / "info.json").read_text()) for s in args.sizes}
+    infos = {s: json.loads((asset_dir(s) / "info.json").read_text()) for s in args.sizes}
     if not args.no_warmup:  # the first process after a while pays for a cold disk cache: keep it out
         print("warm-up (untimed)")
         for impl in IMPLS:

@@ -186,3 +186,39 @@ def test_the_preallocated_kv_cache_falls_back_to_concatenation_beyond_its_buffer
     layer.batch_select_indices(torch.tensor([1]))  # replaces the views: the buffers no longer hold the cache
     keys, _ = layer.update(second[1:], second[1:])
     assert torch.equal(keys, torch.cat([first[1:], second[1:]], dim=-2))
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_pairs_sharing_their_prompt_give_the_same_logprobs_and_gradients(assets, tokenizer, arch, attention):
+    from transformers import AutoModelForCausalLM
+
+    from p3o.rl.rollout import pair_token_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(str(assets[arch]), attn_implementation=attention)
+    ids, mask = tokenize_prompts(tokenizer, PROMPTS, 64)  # left-padded prompts of different lengths
+    ids, mask = ids.repeat_interleave(2, 0), mask.repeat_interleave(2, 0)  # (6, Lq): three pairs
+    torch.manual_seed(0)
+    response = torch.randint(5, len(tokenizer), (6, 7))
+    response_mask = (torch.arange(7)[None] < torch.tensor([7, 3, 5, 7, 1, 6])[:, None]).long()  # ragged lengths
+    grads = []
+    for fn in (token_logprobs, pair_token_logprobs):
+        model.zero_grad()
+        logps = fn(model, ids, mask, response, response_mask, 0.8)
+        (logps * torch.linspace(1, 2, 6)[:, None]).sum().backward()  # weights differ between a pair's two rows
+        grads.append((logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (plain, plain_grad), (paired, paired_grad) = grads
+    assert torch.allclose(plain, paired, atol=1e-5) and not paired[response_mask == 0].any()
+    assert plain_grad.keys() == paired_grad.keys()
+    for name in plain_grad:
+        assert torch.allclose(plain_grad[name], paired_grad[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_the_engine_shares_prompts_only_between_the_two_responses_of_a_pair(assets, tmp_path):
+    from conftest import train_config
+
+    from p3o.rl.train import build_trainer
+
+    expected = {"p3o-v2": True, "rloo": True, "grpo": False, "ppo": False, "remax": False}
+    for algo, shares in expected.items():
+        assert build_trainer(train_config(assets, tmp_path, algo=algo)).pairs_share_prompt is shares, algo

@@ -42,6 +42,10 @@ class AdaptersDisabled:
     def __init__(self, peft_model):
         self.model = peft_model
 
+    @property
+    def config(self):
+        return self.model.config
+
     def __call__(self, *args, **kwargs):
         with self.model.disable_adapter():
             return self.model(*args, **kwargs)

@@ -38,6 +38,7 @@ from p3o.rl.rollout import (
     pad_responses,
     sample_responses,
     sequence_logprobs,
+    shares_prompt_forward,
     supports_logits_to_keep,
     token_logprobs_and_values,
 )
@@ -106,6 +107,10 @@ class Trainer:
         self.logits_to_keep = supports_logits_to_keep(unwrapped)
         self.long_prompts = sum(len(ids) > self.max_prompt_length for ids in prompts.token_ids)
         self.fuse_old_pass = _old_pass_is_redundant(cfg, self.sizes, self.algorithm)
+        # Pairs (P3O, DPO, RLOO k=2) run their shared prompt once in every forward pass.
+        self.pairs_share_prompt = (self.sizes.samples_per_prompt == 2 and not self.algorithm.value_head
+                                   and self.logits_to_keep and shares_prompt_forward(unwrapped)
+                                   and shares_prompt_forward(self.ref_policy))
         self.vllm = None
         if cfg.generation_backend == "vllm" and not self.algorithm.from_dataset:
             from p3o.rl.vllm_backend import VLLMGenerator
@@ -225,23 +230,26 @@ class Trainer:
         with self.accelerator.autocast():
             return sample_responses(self.unwrapped_policy, query_ids, query_mask, gen_config, self.eos_ids)
 
-    def log_probs(self, seq: dict, timings: dict, old: bool = True) -> dict[str, torch.Tensor]:
+    def log_probs(self, seq: dict, timings: dict, old: bool = True, paired: bool = True) -> dict[str, torch.Tensor]:
         """Token and sequence log-probs under pi_ref and (if `old`) pi_old, the latter with the
-        values of PPO's head; the KL per response when both are there."""
+        values of PPO's head; the KL per response when both are there. `paired`: `seq` is the
+        rollout's groups (not ReMax's one greedy response per prompt)."""
         cfg, out = self.cfg, {}
         batch = self.sizes.micro_pairs * self.sizes.samples_per_prompt  # sequences per no-grad forward, as in the update
+        paired = paired and self.pairs_share_prompt
         with self.accelerator.autocast():
             if old:
                 t0 = time.perf_counter()
                 out["old_token_logp"], values = batched_logprobs_and_values(
-                    self.trained_module, seq, cfg.temperature, batch, self.logits_to_keep, self.algorithm.value_head)
+                    self.trained_module, seq, cfg.temperature, batch, self.logits_to_keep, self.algorithm.value_head,
+                    paired)
                 if values is not None:
                     out["old_values"] = values  # (B, T)
                 out["old_logp"] = sequence_logprobs(out["old_token_logp"], seq["response_mask"])  # (B,)
                 timings["time_old_logprobs"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             out["ref_token_logp"], _ = batched_logprobs_and_values(self.ref_policy, seq, cfg.temperature, batch,
-                                                                   self.logits_to_keep)
+                                                                   self.logits_to_keep, paired=paired)
             timings["time_reference"] = time.perf_counter() - t0
         out["ref_logp"] = sequence_logprobs(out["ref_token_logp"], seq["response_mask"])  # (B,)
         if old:
@@ -255,7 +263,7 @@ class Trainer:
         rewards = self.score(self.reward, rows, completions, response_ids, response_mask, 1)  # (G,)
         seq = {"query_ids": query_ids, "query_mask": query_mask, "response_ids": response_ids,
                "response_mask": response_mask}
-        kl = self.log_probs(seq, {})["kl"]  # (G,)
+        kl = self.log_probs(seq, {}, paired=False)["kl"]  # (G,)
         return {"baseline_rewards": rewards, "baseline_kl": kl}
 
     def score(self, reward, rows: list[dict], completions: list[str], response_ids, response_mask, k: int) -> torch.Tensor:
@@ -297,7 +305,7 @@ class Trainer:
                     token_logps, values = token_logprobs_and_values(
                         self.policy, part.seq["query_ids"], part.seq["query_mask"], part.seq["response_ids"],
                         part.seq["response_mask"], cfg.temperature, self.logits_to_keep,
-                        self.algorithm.value_head)  # (b, T) each
+                        self.algorithm.value_head, self.pairs_share_prompt)  # (b, T) each
                     if self.fuse_old_pass:  # pi_old is this very forward: the ratio is 1, its gradient exact
                         self.prepare(part, old_token_logp=token_logps.detach())
                     unit_losses, part_stats = self.algorithm.loss(part, {"token_logps": token_logps, "values": values},

@@ -122,12 +122,15 @@ def token_logprobs(model, query_ids: torch.Tensor, query_mask: torch.Tensor, res
 
 def token_logprobs_and_values(model, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
                               response_mask: torch.Tensor, temperature: float = 1.0, logits_to_keep: bool = True,
-                              with_values: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                              with_values: bool = False, paired: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token log-probs (B, T), and with `with_values` (a `PolicyWithValueHead`) the values V(s_t) of
-    the states each response token was sampled in (B, T); both 0 on padding.
+    the states each response token was sampled in (B, T); both 0 on padding. `paired`: rows 2p and
+    2p+1 share their prompt, which then runs once (`pair_token_logprobs`).
 
     Position ids follow the attention mask, as in `generate`, so left padding changes nothing.
     """
+    if paired and not with_values:
+        return pair_token_logprobs(model, query_ids, query_mask, response_ids, response_mask, temperature), None
     input_ids = torch.cat([query_ids, response_ids], dim=1)  # (B, Lq+T)
     attention = torch.cat([query_mask, response_mask], dim=1)  # (B, Lq+T)
     position_ids = (attention.cumsum(-1) - 1).clamp(min=0)  # (B, Lq+T)
@@ -152,13 +155,14 @@ def batched_token_logprobs(model, rollout_seq: dict[str, torch.Tensor], temperat
 
 @torch.no_grad()
 def batched_logprobs_and_values(model, rollout_seq: dict[str, torch.Tensor], temperature: float, batch_size: int,
-                                logits_to_keep: bool = True,
-                                with_values: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`token_logprobs_and_values` without gradient over the whole rollout, `batch_size` sequences at a time."""
+                                logits_to_keep: bool = True, with_values: bool = False,
+                                paired: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`token_logprobs_and_values` without gradient over the whole rollout, `batch_size` sequences
+    at a time (an even number when `paired`)."""
     keys = ("query_ids", "query_mask", "response_ids", "response_mask")
     B = rollout_seq["query_ids"].shape[0]
     parts = [token_logprobs_and_values(model, *(rollout_seq[k][i:i + batch_size] for k in keys), temperature,
-                                       logits_to_keep, with_values)
+                                       logits_to_keep, with_values, paired)
              for i in range(0, B, batch_size)]
     logps = torch.cat([p[0] for p in parts])  # (B, T)
     return logps, (torch.cat([p[1] for p in parts]) if with_values else None)
@@ -175,3 +179,39 @@ def pad_responses(responses: list[list[int]], pad_id: int) -> tuple[torch.Tensor
 def sequence_logprobs(token_logps: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """l(y) = sum over response tokens of log pi(y_t | ...): (B, T) -> (B,)."""
     return masked_sum(token_logps, response_mask, dim=-1)
+
+
+def shares_prompt_forward(model) -> bool:
+    """Whether `pair_token_logprobs` can run on `model`: its attention must take a custom 4D mask."""
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
+
+
+def pair_token_logprobs(model, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
+                        response_mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """`token_logprobs` for pairs, rows 2p and 2p+1 sharing a prompt, with the prompt run once: one
+    sequence [prompt, y1, y2] per pair, y2 attending to the prompt and to itself, never to y1, at
+    the positions it would have alone. The same log-probs (up to float rounding) from
+    Lq + 2T tokens instead of 2(Lq + T). (B, Lq), (B, T) -> (B, T); 0 on padding."""
+    B, T = response_ids.shape
+    query, prompt_mask = query_ids[::2], query_mask[::2]  # (P, Lq)
+    P, Lq = query.shape
+    L, device = Lq + 2 * T, query.device
+    input_ids = torch.cat([query, response_ids.reshape(P, 2 * T)], dim=1)  # (P, L)
+    real = torch.cat([prompt_mask, response_mask.reshape(P, 2 * T)], dim=1).bool()  # (P, L)
+    steps = torch.arange(T, device=device).repeat(2)  # (2T,)
+    position_ids = torch.cat([(prompt_mask.cumsum(-1) - 1).clamp(min=0),
+                              prompt_mask.sum(-1, keepdim=True) + steps], dim=1)  # (P, L)
+    block = torch.cat([torch.full((Lq,), -1, device=device), torch.arange(2, device=device).repeat_interleave(T)])
+    visible = ((block[None, :] == -1) | (block[:, None] == block[None, :])) & torch.ones(L, L, dtype=torch.bool,
+                                                                                          device=device).tril()
+    allowed = (visible[None] & real[:, None, :]) | torch.eye(L, dtype=torch.bool, device=device)  # (P, L, L)
+    mask = allowed[:, None]  # (P, 1, L, L); a padding row sees itself only, so no row is empty
+    if model.config._attn_implementation == "eager":  # eager attention adds the mask to its scores
+        mask = torch.zeros(mask.shape, device=device).masked_fill(~mask, torch.finfo(torch.float32).min)
+    # y1's token t is predicted at Lq-1+t; y2's first token at the prompt's end, its others at Lq+T-1+t
+    keep = torch.cat([torch.arange(Lq - 1, Lq + T - 1), torch.tensor([Lq - 1]), torch.arange(Lq + T, L - 1)]).to(device)
+    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
+                   logits_to_keep=keep).logits  # (P, 2T, V)
+    logps = selective_log_softmax(logits / temperature, input_ids[:, Lq:]).reshape(B, T)  # (B, T)
+    return torch.where(response_mask.bool(), logps, torch.zeros_like(logps))
