@@ -64,9 +64,11 @@ def timed(fn) -> float:
 
 
 def parts_alone(trainer, rollout, texts, step: int) -> dict[str, float]:
-    """Each necessary part of `step`, run alone on that step's rollout."""
+    """Each necessary part of `step`, run alone on that step's rollout, as the engine runs it (under
+    its autocast and checkpointing; a pair's prompt once, when the engine does so)."""
     import torch
 
+    from p3o.rl.engine import training_mode
     from p3o.rl.rollout import batched_logprobs_and_values, token_logprobs_and_values
 
     seq, cfg = rollout.seq, trainer.cfg
@@ -74,9 +76,18 @@ def parts_alone(trainer, rollout, texts, step: int) -> dict[str, float]:
     keys = ("query_ids", "query_mask", "response_ids", "response_mask")
 
     def train_forward_backward():
+        with training_mode(trainer.policy, cfg.gradient_checkpointing), trainer.accelerator.autocast():
+            forward_backward()
+
+    def reference():
+        with torch.no_grad(), trainer.accelerator.autocast():
+            batched_logprobs_and_values(trainer.ref_policy, seq, cfg.temperature, batch, trainer.logits_to_keep,
+                                        paired=trainer.pairs_share_prompt)
+
+    def forward_backward():
         for part in rollout.split(trainer.sizes.micro_pairs):
             logps, _ = token_logprobs_and_values(trainer.policy, *(part.seq[k] for k in keys), cfg.temperature,
-                                                 trainer.logits_to_keep)
+                                                 trainer.logits_to_keep, paired=trainer.pairs_share_prompt)
             (logps.sum() / rollout.num_groups).backward()
 
     def optimizer_step():
@@ -88,8 +99,7 @@ def parts_alone(trainer, rollout, texts, step: int) -> dict[str, float]:
         "generate": timed(lambda: trainer.generate(seq["query_ids"], seq["query_mask"], trainer.gen_config,
                                                    "floor", step)),
         "score": timed(lambda: trainer.reward(prompts, texts.completions)),
-        "reference": timed(lambda: torch.no_grad()(batched_logprobs_and_values)(
-            trainer.ref_policy, seq, cfg.temperature, batch, trainer.logits_to_keep)),
+        "reference": timed(reference),
         "train_forward_backward": timed(train_forward_backward),
         "optimizer_step": timed(optimizer_step),
     }

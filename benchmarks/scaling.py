@@ -28,8 +28,16 @@ TABLES = {
         {"size": "10m", "label": "LoRA r=16 (--use_peft): reference = adapters off", "extra": ["--use_peft"]},
         {"size": "10m", "label": "--gradient_checkpointing", "extra": ["--gradient_checkpointing"]},
         {"size": "10m", "label": "--mixed_precision bf16 (autocast)", "extra": ["--mixed_precision", "bf16"]},
-        {"size": "40m", "label": "40m, full fine-tune"},
-        {"size": "40m", "label": "40m, LoRA r=16 (--use_peft)", "extra": ["--use_peft"]},
+    ],
+    "memory levers": [
+        {"size": "40m", "pairs": 4, "new_tokens": 16, "label": "40m, 4 pairs x 16 tokens, full fine-tune"},
+        {"size": "40m", "pairs": 4, "new_tokens": 16, "label": "40m, 4 pairs x 16 tokens, LoRA r=16",
+         "extra": ["--use_peft"]},
+        {"size": "40m", "label": "40m, 16 pairs x 32 tokens, full fine-tune"},
+        {"size": "40m", "label": "40m, 16 pairs x 32 tokens, LoRA r=16", "extra": ["--use_peft"]},
+        {"size": "10m", "pairs": 64, "new_tokens": 64, "label": "10m, 64 pairs x 64 tokens"},
+        {"size": "10m", "pairs": 64, "new_tokens": 64, "label": "10m, 64 pairs x 64 tokens, --gradient_checkpointing",
+         "extra": ["--gradient_checkpointing"]},
     ],
 }
 PHASES = ("time_generate", "time_score", "time_old_logprobs", "time_reference", "time_update")
