@@ -222,3 +222,58 @@ def test_the_engine_shares_prompts_only_between_the_two_responses_of_a_pair(asse
     expected = {"p3o-v2": True, "rloo": True, "grpo": False, "ppo": False, "remax": False}
     for algo, shares in expected.items():
         assert build_trainer(train_config(assets, tmp_path, algo=algo)).pairs_share_prompt is shares, algo
+
+
+def tiny(config_class, model_class, **kw):
+    config = config_class(vocab_size=60, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=2, **kw)
+    return model_class(config)
+
+
+def test_pairs_share_a_prompt_only_where_one_packed_sequence_is_exact():
+    from transformers import (
+        MambaConfig,
+        MambaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    from p3o.rl.rollout import pair_token_logprobs, shares_prompt_forward
+
+    windowed = tiny(MistralConfig, MistralForCausalLM, sliding_window=4)  # y1 would leak into y2's window
+    assert not shares_prompt_forward(windowed)
+    assert shares_prompt_forward(tiny(MistralConfig, MistralForCausalLM, sliding_window=None))
+    assert shares_prompt_forward(tiny(Qwen2Config, Qwen2ForCausalLM))  # its window is off by default
+    assert not shares_prompt_forward(MambaForCausalLM(MambaConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2)))
+
+    class Wrapped(torch.nn.Module):  # as DistributedDataParallel holds the model: as `.module`, no `.config`
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, **kwargs):
+            return self.module(**kwargs)
+
+    model = tiny(Qwen2Config, Qwen2ForCausalLM)
+    ids = torch.randint(3, 60, (4, 5))
+    ids[1], ids[3] = ids[0], ids[2]  # two pairs
+    mask, response = torch.ones_like(ids), torch.randint(3, 60, (4, 6))
+    response_mask = torch.ones_like(response)
+    assert shares_prompt_forward(Wrapped(model))
+    assert torch.allclose(pair_token_logprobs(Wrapped(model), ids, mask, response, response_mask),
+                          token_logprobs(model, ids, mask, response, response_mask), atol=1e-5)
+
+
+def test_models_with_a_cache_of_their_own_sample_with_it():
+    from transformers import MambaConfig, MambaForCausalLM
+
+    from p3o.rl.kv_cache import preallocated_cache
+
+    model = MambaForCausalLM(MambaConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2))
+    assert preallocated_cache(model, 12) is None
+    ids = torch.randint(3, 60, (2, 4))
+    config = generation_config(sampling(max_new_tokens=5), SimpleNamespace(pad_token_id=0), [1])
+    response, _ = sample_responses(model, ids, torch.ones_like(ids), config, [1])
+    assert response.shape[0] == 2 and 1 <= response.shape[1] <= 5

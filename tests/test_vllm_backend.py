@@ -30,17 +30,30 @@ class FakeLLM:
         self.resets += 1
 
     def generate(self, prompts, params, use_tqdm):
+        assert len(params) == len(prompts)  # one SamplingParams per prompt
         self.calls.append(([p["prompt_token_ids"] for p in prompts], params))
         return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=tuple(p["prompt_token_ids"][::-1][:1 + j + i % 3]))
-                                         for j in range(params.n)])
+                                         for j in range(params[i].n)])
                 for i, p in enumerate(prompts)]
+
+
+# vLLM's SamplingParams fields that p3o may set; a misspelt one would be refused as by vLLM itself.
+SAMPLING_FIELDS = {"n", "max_tokens", "stop_token_ids", "ignore_eos", "seed", "temperature", "top_k", "top_p"}
+
+
+def sampling_params(**kwargs):
+    unknown = set(kwargs) - SAMPLING_FIELDS
+    assert not unknown, f"not a SamplingParams field: {unknown}"
+    return SimpleNamespace(**kwargs)
 
 
 @pytest.fixture
 def fake_vllm(monkeypatch):
     module = types.ModuleType("vllm")
-    module.LLM, module.SamplingParams = FakeLLM, lambda **kw: SimpleNamespace(**kw)
+    module.LLM, module.SamplingParams = FakeLLM, sampling_params
     monkeypatch.setitem(sys.modules, "vllm", module)
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
     return module
 
 
@@ -51,9 +64,12 @@ def test_vllm_samples_from_the_current_policy_and_keeps_groups_whole(assets, tmp
     rollout, _, _ = trainer.collect_rollout(0)
     assert llm.loaded[-1].keys() == policy_before.keys() and llm.resets == 1
     assert all(torch.equal(llm.loaded[-1][n], policy_before[n]) for n in policy_before)
-    prompts, params = llm.calls[-1]
-    seq = rollout.seq
+    prompts, per_prompt = llm.calls[-1]
+    seq, params = rollout.seq, per_prompt[0]
     assert params.n == 2 and params.max_tokens == 6 and params.temperature == 1.0 and params.top_k == -1
+    assert params.stop_token_ids == trainer.eos_ids and params.ignore_eos  # p3o's EOS ids, and only those
+    assert len({p.seed for p in per_prompt}) == len(per_prompt)  # no two prompts share their sampling noise
+    assert llm.kwargs["distributed_executor_backend"] == "external_launcher" and llm.kwargs["dtype"] == "float32"
     assert prompts == [q[m.bool()].tolist() for q, m in zip(seq["query_ids"][::2], seq["query_mask"][::2])]
     for row in range(seq["query_ids"].shape[0]):
         g, j = divmod(row, 2)

@@ -116,7 +116,7 @@ class Trainer:
             from p3o.rl.vllm_backend import VLLMGenerator
 
             self.vllm = VLLMGenerator(cfg, cfg.model_name_or_path, self.eos_ids,
-                                      self.max_prompt_length + cfg.max_new_tokens)
+                                      self.max_prompt_length + cfg.max_new_tokens, self.accelerator)
 
     def _reference(self, policy, given):
         """The frozen reference: `given`, else the initial policy; under LoRA that is the policy itself

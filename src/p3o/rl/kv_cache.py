@@ -10,15 +10,17 @@ from transformers.cache_utils import DynamicLayer
 
 
 def preallocated_cache(model, capacity: int):
-    """A `DynamicCache` for `model` whose full-attention layers hold `capacity` positions up front
-    (sliding-window and other special layers are left as `transformers` builds them). None when the
-    model does not take a `DynamicCache`: `generate` then builds its own."""
+    """A `DynamicCache` for `model` whose layers hold `capacity` positions up front. None unless
+    every layer is a plain full-attention one: `generate` then builds the cache the model needs."""
+    supports = getattr(model, "_supports_default_dynamic_cache", None)
+    if supports is None or not supports() or getattr(model.config, "is_encoder_decoder", False):
+        return None  # an architecture with a cache of its own (state-space, encoder-decoder, ...)
     try:
         cache = DynamicCache(config=model.config)
-    except Exception:  # an architecture with a cache of its own (state-space, encoder-decoder, ...)
+    except Exception:
         return None
     if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
-        return cache if cache.layers else None
+        return None  # sliding windows, linear attention, ...: `generate` builds the cache it needs
     cache.layers = [PreallocatedLayer(capacity) for _ in cache.layers]
     return cache
 

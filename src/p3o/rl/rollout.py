@@ -181,10 +181,26 @@ def sequence_logprobs(token_logps: torch.Tensor, response_mask: torch.Tensor) ->
     return masked_sum(token_logps, response_mask, dim=-1)
 
 
+# Architectures whose every layer is full attention that honours a custom 4D mask (checked against
+# two separate forwards); others (state-space, linear attention, local windows) would leak y1 into
+# y2 or crash, so their pairs run as two sequences.
+PACKABLE_MODEL_TYPES = {"llama", "gpt2", "gpt_neox", "phi3", "opt", "falcon", "mistral", "qwen2", "qwen3"}
+
+
 def shares_prompt_forward(model) -> bool:
-    """Whether `pair_token_logprobs` can run on `model`: its attention must take a custom 4D mask."""
-    config = getattr(model, "config", None)
-    return getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
+    """Whether `pair_token_logprobs` is exact on `model`: a packable architecture, full attention in
+    every layer (no sliding window), and an attention that takes a custom 4D mask."""
+    config = _config_of(model)
+    layer_types = getattr(config, "layer_types", None)
+    full_attention = (all(t == "full_attention" for t in layer_types) if layer_types
+                      else getattr(config, "sliding_window", None) is None)
+    return (getattr(config, "model_type", None) in PACKABLE_MODEL_TYPES and full_attention
+            and getattr(config, "_attn_implementation", None) in ("sdpa", "eager"))
+
+
+def _config_of(model):
+    """The model config through a DDP/FSDP wrapper (`.module`) or a peft/reference wrapper."""
+    return getattr(getattr(model, "module", model), "config", None)
 
 
 def pair_token_logprobs(model, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
@@ -207,7 +223,7 @@ def pair_token_logprobs(model, query_ids: torch.Tensor, query_mask: torch.Tensor
                                                                                           device=device).tril()
     allowed = (visible[None] & real[:, None, :]) | torch.eye(L, dtype=torch.bool, device=device)  # (P, L, L)
     mask = allowed[:, None]  # (P, 1, L, L); a padding row sees itself only, so no row is empty
-    if model.config._attn_implementation == "eager":  # eager attention adds the mask to its scores
+    if _config_of(model)._attn_implementation == "eager":  # eager attention adds the mask to its scores
         mask = torch.zeros(mask.shape, device=device).masked_fill(~mask, torch.finfo(torch.float32).min)
     # y1's token t is predicted at Lq-1+t; y2's first token at the prompt's end, its others at Lq+T-1+t
     keep = torch.cat([torch.arange(Lq - 1, Lq + T - 1), torch.tensor([Lq - 1]), torch.arange(Lq + T, L - 1)]).to(device)

@@ -9,6 +9,8 @@ vLLM is imported only when this backend is asked for; it is not a dependency of 
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from p3o.errors import UsageError
@@ -19,17 +21,25 @@ from p3o.utils.seeding import derived_seed
 
 
 class VLLMGenerator:
-    def __init__(self, cfg, model_name_or_path: str, eos_ids: list[int], max_model_len: int):
+    def __init__(self, cfg, model_name_or_path: str, eos_ids: list[int], max_model_len: int, accelerator):
         try:
             import vllm
         except ImportError:
             raise UsageError("--generation_backend vllm needs vLLM, which runs on GPUs: pip install vllm "
                              "(or use the default --generation_backend transformers)") from None
         self.vllm, self.cfg, self.eos_ids = vllm, cfg, eos_ids
+        # As TRL's colocate mode: the engine runs inside this process ("external_launcher", which is
+        # also what exposes its model for `load_weights`), one per training process.
+        os.environ.setdefault("RANK", str(accelerator.process_index))
+        os.environ.setdefault("LOCAL_RANK", str(accelerator.local_process_index))
+        os.environ.setdefault("WORLD_SIZE", str(accelerator.num_processes))
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29511")
         self.llm = vllm.LLM(model=model_name_or_path, tokenizer=cfg.tokenizer_name_or_path or model_name_or_path,
-                            dtype=cfg.torch_dtype if cfg.torch_dtype != "float32" else "auto",
+                            dtype=cfg.torch_dtype,  # sample from the weights the policy trains, not a cast of them
                             gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, max_model_len=max_model_len,
-                            seed=cfg.seed, trust_remote_code=cfg.trust_remote_code, enable_prefix_caching=True)
+                            distributed_executor_backend="external_launcher", seed=cfg.seed + accelerator.process_index,
+                            trust_remote_code=cfg.trust_remote_code, enable_prefix_caching=True)
 
     def sync_weights(self, policy) -> None:
         """Push `policy`'s current weights (names as in its Hugging Face checkpoint) into vLLM."""
@@ -49,10 +59,15 @@ class VLLMGenerator:
         """(B, Lq) prompts, each repeated k times in consecutive rows -> response ids and mask (B, T)."""
         cfg = self.cfg
         prompts = [q[m.bool()].tolist() for q, m in zip(query_ids[::k], query_mask[::k])]  # (G,) unpadded
-        params = self.vllm.SamplingParams(
-            n=k, max_tokens=cfg.max_new_tokens, stop_token_ids=self.eos_ids or None, seed=derived_seed(cfg.seed, stream, step),
-            **({"temperature": 0.0} if greedy else {"temperature": cfg.temperature, "top_k": cfg.top_k or -1,
-                                                    "top_p": cfg.top_p}))
+        sampling = {"temperature": 0.0} if greedy else {"temperature": cfg.temperature, "top_k": cfg.top_k or -1,
+                                                        "top_p": cfg.top_p}
+        # One seed per prompt: vLLM derives its k responses' streams from it, so a seed shared by all
+        # prompts would give every prompt's j-th response the same noise. Responses end at p3o's EOS
+        # ids only (ignore_eos drops vLLM's own choice, which may include ordinary words).
+        params = [self.vllm.SamplingParams(n=k, max_tokens=cfg.max_new_tokens, stop_token_ids=self.eos_ids or None,
+                                           ignore_eos=True, seed=derived_seed(cfg.seed, f"{stream}/{g}", step),
+                                           **sampling)
+                  for g in range(len(prompts))]
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
         responses = [list(c.token_ids) for out in outputs for c in out.outputs]  # (B,) group by group
         if len(responses) != query_ids.shape[0]:
