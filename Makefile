@@ -29,7 +29,7 @@ BENCH_BIN := $(BENCH_VENV)/bin
 $(BENCH_BIN)/.installed: pyproject.toml constraints.txt benchmarks/requirements.txt
 	$(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_BIN)/python -m pip install --quiet --upgrade pip
-	$(BENCH_BIN)/python -m pip install --quiet -c constraints.txt -e . -r benchmarks/requirements.txt
+	$(BENCH_BIN)/python -m pip install --quiet -c constraints.txt -e '.[lora]' -r benchmarks/requirements.txt
 	touch $@
 
 bench: $(BENCH_BIN)/.installed
