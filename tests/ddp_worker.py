@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+import torch.distributed
 from safetensors.torch import save_file
 
 from p3o.cli.args import add_dataclass_arguments, build_config
@@ -25,6 +26,8 @@ def main() -> None:
     record = {"processes": acc.num_processes, "prompts": [trainer.prompt_indices(s) for s in range(trainer.cfg.max_steps)],
               "reward": [m["reward"] for m in history]}
     (out / f"rank{rank}.json").write_text(json.dumps(record))
+    acc.wait_for_everyone()
+    torch.distributed.destroy_process_group()  # gloo's threads would otherwise abort the exit now and then
 
 
 if __name__ == "__main__":
