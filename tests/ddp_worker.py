@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 import torch.distributed
 from safetensors.torch import save_file
 
@@ -13,18 +14,58 @@ from p3o.rl.config import TrainConfig
 from p3o.rl.train import build_trainer
 
 
+def fixed_responses(trainer):
+    """Replace sampling with a function of each prompt and the response's place in its group, so
+    that runs on different numbers of processes see the same rollouts."""
+    from p3o.utils.ops import response_mask_from_eos
+
+    vocab = trainer.unwrapped_policy.get_input_embeddings().num_embeddings
+
+    def generate(query_ids, query_mask, gen_config, stream, step, k=1):
+        T = trainer.cfg.max_new_tokens
+        sums = (query_ids * query_mask).sum(-1, keepdim=True)  # (B, 1)
+        place = torch.arange(query_ids.shape[0], device=query_ids.device)[:, None] % k  # (B, 1)
+        steps = torch.arange(T, device=query_ids.device)
+        ids = (sums * (place + 1) + 7 * steps) % (vocab - 4) + 4  # (B, T), never a special token
+        ends = (sums * (place + 2)) % (T + 2)  # an EOS at a prompt-dependent place (or none): ragged lengths
+        ids = torch.where(steps == ends, torch.full_like(ids, trainer.eos_ids[0]), ids)
+        mask = response_mask_from_eos(ids, trainer.eos_ids)
+        trainer.local_tokens.append(int(mask.sum()))
+        return ids, mask
+
+    trainer.generate = generate
+    trainer.local_tokens = []
+
+
+def record_first_gradient(trainer, out: Path, rank: int):
+    """Write the (synchronised) gradient at the first optimiser step, before Adam's sign-like step."""
+    step, module = trainer.optimizer.step, trainer.trained_module
+
+    def record_then_step(*args, **kwargs):
+        path = out / f"grad{rank}.safetensors"
+        if not path.exists():
+            save_file({n: p.grad.detach().contiguous().clone() for n, p in module.named_parameters()
+                       if p.grad is not None}, str(path))
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = record_then_step
+
+
 def main() -> None:
-    out, argv = Path(sys.argv[1]), sys.argv[2:]
+    out, fixed, argv = Path(sys.argv[1]), sys.argv[2] == "fixed", sys.argv[3:]
     parser = argparse.ArgumentParser()
     add_dataclass_arguments(parser, TrainConfig)
     trainer = build_trainer(build_config(TrainConfig, parser.parse_args(argv)))
-    history = trainer.train()
     acc = trainer.accelerator
+    if fixed:
+        fixed_responses(trainer)
+        record_first_gradient(trainer, out, acc.process_index)
+    history = trainer.train()
     rank = acc.process_index
     state = {k: v.detach().contiguous().clone() for k, v in trainer.trained_module.state_dict().items()}
     save_file(state, str(out / f"rank{rank}.safetensors"))
     record = {"processes": acc.num_processes, "prompts": [trainer.prompt_indices(s) for s in range(trainer.cfg.max_steps)],
-              "reward": [m["reward"] for m in history]}
+              "reward": [m["reward"] for m in history], "local_tokens": getattr(trainer, "local_tokens", None)}
     (out / f"rank{rank}.json").write_text(json.dumps(record))
     acc.wait_for_everyone()
     torch.distributed.destroy_process_group()  # gloo's threads would otherwise abort the exit now and then
