@@ -41,7 +41,7 @@ def parse_args(argv=None):
 
 
 def build(args, workdir: str):
-    from p3o.cli.args import add_dataclass_arguments, build_config
+    from p3o.cli.args import config_from_argv
     from p3o.rl.config import TrainConfig
     from p3o.rl.train import build_trainer
 
@@ -51,10 +51,7 @@ def build(args, workdir: str):
             "--max_steps", "1000", "--pairs_per_step", str(args.pairs), "--minibatch_pairs", str(args.pairs),
             "--epochs", "1", "--gradient_accumulation_steps", str(args.grad_accum),
             "--max_new_tokens", str(args.new_tokens), "--learning_rate", "1e-4", "--seed", "0", *args.extra]
-    parser = argparse.ArgumentParser()
-    add_dataclass_arguments(parser, TrainConfig)
-    cfg = build_config(TrainConfig, parser.parse_args(argv + ["--disable_progress_bar"]))
-    return build_trainer(cfg), assets
+    return build_trainer(config_from_argv(TrainConfig, argv + ["--disable_progress_bar"])), assets
 
 
 def timed(fn) -> float:

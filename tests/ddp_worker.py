@@ -1,6 +1,5 @@
 """Run under torchrun by test_distributed.py: `p3o train`'s trainer, then every process writes its
 own copy of the weights and the prompts it drew, so the test can compare processes."""
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -9,7 +8,7 @@ import torch
 import torch.distributed
 from safetensors.torch import save_file
 
-from p3o.cli.args import add_dataclass_arguments, build_config
+from p3o.cli.args import config_from_argv
 from p3o.rl.config import TrainConfig
 from p3o.rl.train import build_trainer
 
@@ -53,9 +52,7 @@ def record_first_gradient(trainer, out: Path, rank: int):
 
 def main() -> None:
     out, fixed, argv = Path(sys.argv[1]), sys.argv[2] == "fixed", sys.argv[3:]
-    parser = argparse.ArgumentParser()
-    add_dataclass_arguments(parser, TrainConfig)
-    trainer = build_trainer(build_config(TrainConfig, parser.parse_args(argv)))
+    trainer = build_trainer(config_from_argv(TrainConfig, argv))
     acc = trainer.accelerator
     if fixed:
         fixed_responses(trainer)

@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
-# Opt-in for now: about one torchrun in ten ends with rank 0 aborting ("terminate called without an
-# active exception", SIGABRT) in gloo/c10d, which is being investigated (issue 7); the suite must not flake.
+# Opt-in until understood: in 2 of 4 clean-clone CI runs, rank 0 of one torchrun aborted under gloo
+# ("terminate called without an active exception", SIGABRT); the default suite must not flake.
 pytestmark = pytest.mark.skipif(os.environ.get("P3O_DISTRIBUTED_TESTS") != "1",
-                                reason="set P3O_DISTRIBUTED_TESTS=1 to run the torchrun tests")
+                                reason="rank 0 sometimes aborts under gloo (issue 7); P3O_DISTRIBUTED_TESTS=1 runs them")
 
 
 def torchrun(out: Path, processes: int, *args: str, fixed: bool = False) -> list[dict]:

@@ -92,3 +92,10 @@ def build_config(cls: type[C], namespace: argparse.Namespace) -> C:
         if key in fields:
             values[key] = _coerce(fields[key], value, f"--{key}")
     return cls(**values)
+
+
+def config_from_argv(cls: type[C], argv: list[str]) -> C:
+    """`cls` from command-line flags alone, as its `p3o` subcommand would build it (for scripts)."""
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, cls)
+    return build_config(cls, parser.parse_args(argv))

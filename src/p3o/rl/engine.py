@@ -208,7 +208,7 @@ class Trainer:
         texts = RolloutTexts([r[self.prompts.prompt_column] for r in rows], completions, rewards)
         return rollout, texts, timings
 
-    def prepare(self, rollout: Rollout, old_token_logp: torch.Tensor | None = None) -> dict[str, float]:
+    def prepare(self, rollout: Rollout, old_token_logp: torch.Tensor | None = None) -> None:
         """Add the algorithm's quantities to `rollout` in place. `old_token_logp` (B, T): pi_old's
         token log-probs taken from the training forward (fused pass), with the KL they give."""
         seq = rollout.seq
@@ -220,7 +220,6 @@ class Trainer:
         seq.update(prepared.seq)
         rollout.group.update(prepared.group)
         rollout.stats.update(prepared.stats)
-        return prepared.stats
 
     def generate(self, query_ids, query_mask, gen_config, stream: str, step: int, k: int = 1):
         """(B, Lq) prompts, each repeated k times in consecutive rows -> response ids and mask (B, T)."""
