@@ -5,12 +5,12 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed
 from safetensors.torch import save_file
 
 from p3o.cli.args import config_from_argv
 from p3o.rl.config import TrainConfig
 from p3o.rl.train import build_trainer
+from p3o.utils.distributed import shut_down
 
 
 def fixed_responses(trainer):
@@ -65,7 +65,8 @@ def main() -> None:
               "reward": [m["reward"] for m in history], "local_tokens": getattr(trainer, "local_tokens", None)}
     (out / f"rank{rank}.json").write_text(json.dumps(record))
     acc.wait_for_everyone()
-    torch.distributed.destroy_process_group()  # gloo's threads would otherwise abort the exit now and then
+    del trainer, acc
+    shut_down()  # as `p3o` does: a gloo group freed while Python finalises may abort the process
 
 
 if __name__ == "__main__":

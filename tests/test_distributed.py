@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("P3O_DISTRIBUTED_TESTS") != "1",
 
 def torchrun(out: Path, processes: int, *args: str, fixed: bool = False) -> list[dict]:
     """ddp_worker.py on `processes` processes; `fixed`: sampling replaced by a fixed function."""
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent)}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", "PYTHONPATH": str(WORKER.parent)}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                "--master_port", str(29500 + os.getpid() % 1000), str(WORKER), str(out),
                "fixed" if fixed else "sampled", *args]
@@ -38,7 +38,7 @@ def run_args(assets, out: Path, algo: str, pairs: int, steps: int = 2) -> list[s
 
 @pytest.mark.parametrize("algo", ["p3o-v2", "ppo"])
 def test_two_processes_draw_different_prompts_and_keep_identical_weights(assets, tmp_path, algo):
-    records = torchrun(tmp_path, 2, *run_args(assets, tmp_path, algo, pairs=4))
+    records = torchrun(tmp_path, 2, *run_args(assets, tmp_path, algo, pairs=8))
     assert [r["processes"] for r in records] == [2, 2]
     first, second = (set(i for step in r["prompts"] for i in step) for r in records)
     assert not first & second  # each process its own prompts
@@ -62,7 +62,7 @@ def test_one_update_on_two_processes_equals_one_process_with_the_same_global_bat
     extra = ["--epochs", "1", "--loss_aggregation", aggregation]
     single_run = torchrun(one, 1, *run_args(assets, one, algo, pairs=8, steps=1), *extra, "--minibatch_pairs", "8",
                           fixed=True)
-    records = torchrun(two, 2, *run_args(assets, two, algo, pairs=4, steps=1), *extra, "--minibatch_pairs", "4",
+    records = torchrun(two, 2, *run_args(assets, two, algo, pairs=8, steps=1), *extra, "--minibatch_pairs", "8",
                        fixed=True)
     assert sorted(records[0]["prompts"][0] + records[1]["prompts"][0]) == sorted(single_run[0]["prompts"][0])
     assert records[0]["local_tokens"] != records[1]["local_tokens"]  # token counts differ between the processes

@@ -181,7 +181,8 @@ def test_sft_skips_non_finite_steps_and_stops_after_too_many(tokenizer, tmp_path
     before = {k: v.clone() for k, v in model.state_dict().items()}
     examples = [tokenize_example(tokenizer, "story : the cat .", " apple pear", 32, "row") for _ in range(8)]
     stage = sft_stage(tokenizer)
-    poisoned = Stage(stage.collate, stage.units, lambda m, b: (stage.loss(m, b)[0] * float("nan"), {}), stage.evaluate)
+    poisoned = Stage(stage.collate, stage.units, lambda m, b: (stage.loss(m, b)[0] * float("nan"), {}),
+                     stage.eval_totals, stage.eval_metrics)
     with pytest.raises(UsageError, match="3 optimiser steps in a row had a non-finite loss"):
         fit(cfg, model, examples, examples[:2], poisoned, Accelerator(), lambda metrics: None)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

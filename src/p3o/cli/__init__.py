@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import importlib
 
+    from p3o.utils.distributed import shut_down
+
     args = build_parser().parse_args(argv)
     _setup_logging()
     try:
@@ -62,12 +64,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:  # a run that saved a checkpoint says how to resume
         print(f"p3o {args.command}: {exc or 'interrupted'}", file=sys.stderr)
         return 130
+    finally:
+        shut_down()  # under torchrun / accelerate launch: before Python finalises (see shut_down)
     return 0
 
 
 def _setup_logging() -> None:
+    from p3o.utils.distributed import launched_rank
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # One process of several speaks for all; the others report only warnings and errors.
+    level = logging.INFO if launched_rank() == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "accelerate", "datasets", "huggingface_hub", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

@@ -40,9 +40,11 @@ def _prompt_budget(model_config, max_new_tokens: int) -> int:
 
 @torch.no_grad()
 def evaluate_policy(policy, reference, tokenizer, prompts, rewards: dict, max_new_tokens: int, seed: int = 0,
-                    batch_size: int = 64, temperature: float = 1.0) -> dict:
+                    batch_size: int = 64, temperature: float = 1.0, first_index: int = 0) -> dict:
     """Metrics of `policy` on `prompts` (a PromptDataset): `kl`, `length` and one entry per reward,
     each with its standard error (`*_stderr`), plus the samples themselves (each with its own values).
+    `first_index`: where `prompts` start in a larger set split between processes (it seeds the
+    sampling, so each share draws its own noise).
 
     Rewards are called as in training: raw prompts, the dataset's other columns and `completion_ids`."""
     eos = eos_token_ids(tokenizer, policy)
@@ -57,7 +59,7 @@ def evaluate_policy(policy, reference, tokenizer, prompts, rewards: dict, max_ne
     for first in range(0, len(prompts), batch_size):
         ids, mask = pad_prompts(tokenizer, prompts.token_ids[first:first + batch_size], prompt_budget)
         ids, mask = ids.to(device), mask.to(device)
-        seed_global_rng(seed, "eval", first)  # the same prompts get the same random stream for every policy
+        seed_global_rng(seed, "eval", first_index + first)  # the same prompts get the same random stream for every policy
         response, response_mask = sample_responses(policy, ids, mask, config, eos)
         seq = {"query_ids": ids, "query_mask": mask, "response_ids": response, "response_mask": response_mask}
         logp = sequence_logprobs(batched_token_logprobs(policy, seq, temperature, batch_size), response_mask)
@@ -76,9 +78,14 @@ def evaluate_policy(policy, reference, tokenizer, prompts, rewards: dict, max_ne
     values = {"kl": kl, "length": [float(x) for x in lengths]}
     for name, reward in rewards.items():
         values[name] = reward(raw, completions_for_reward, completion_ids=completion_ids, **columns).tolist()
+    samples = [{"prompt": p, "completion": c, **{name: v[i] for name, v in values.items()}}
+               for i, (p, c) in enumerate(zip(raw, completions))]
+    return {**summarise(samples, list(values)), "samples": samples}
+
+
+def summarise(samples: list[dict], names: list[str]) -> dict[str, float]:
+    """Each named value's mean over the samples and its standard error (`<name>_stderr`)."""
     metrics = {}
-    for name, v in values.items():
-        metrics[name], metrics[f"{name}_stderr"] = mean_and_stderr(v)
-    metrics["samples"] = [{"prompt": p, "completion": c, **{name: v[i] for name, v in values.items()}}
-                          for i, (p, c) in enumerate(zip(raw, completions))]
+    for name in names:
+        metrics[name], metrics[f"{name}_stderr"] = mean_and_stderr([sample[name] for sample in samples])
     return metrics

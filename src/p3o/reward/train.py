@@ -49,15 +49,19 @@ def rm_stage(tokenizer, eval_batch_size: int = 16) -> Stage:
         margin = margins(scorer, batch)
         return -F.logsigmoid(margin).sum(), {"accuracy": (margin > 0).float().mean().item()}
 
-    def evaluate(scorer, examples):
+    def eval_totals(scorer, examples):
         device = next(scorer.parameters()).device
         all_margins = torch.cat([margins(scorer, {k: v.to(device) for k, v in collate(examples[i:i + eval_batch_size]).items()})
-                                 for i in range(0, len(examples), eval_batch_size)])
-        return {"eval_loss": -F.logsigmoid(all_margins).mean().item(),
-                "eval_accuracy": (all_margins > 0).float().mean().item(),
-                "eval_margin": all_margins.mean().item()}
+                                 for i in range(0, len(examples), eval_batch_size)] or [torch.zeros(0, device=device)])
+        return {"loss": -F.logsigmoid(all_margins).sum().item(), "correct": (all_margins > 0).sum().item(),
+                "margin": all_margins.sum().item(), "pairs": float(len(all_margins))}
 
-    return Stage(collate, units, loss, evaluate)
+    def eval_metrics(totals):
+        pairs = max(totals["pairs"], 1.0)
+        return {"eval_loss": totals["loss"] / pairs, "eval_accuracy": totals["correct"] / pairs,
+                "eval_margin": totals["margin"] / pairs}
+
+    return Stage(collate, units, loss, eval_totals, eval_metrics)
 
 
 def load_reward_trunk(cfg: RMConfig, tokenizer):

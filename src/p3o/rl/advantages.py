@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from p3o.utils.ops import masked_mean
+from p3o.utils.ops import masked_sum
 
 
 def leave_one_out(rewards: torch.Tensor, kl: torch.Tensor, beta: float) -> torch.Tensor:
@@ -87,8 +87,12 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages * mask, (advantages + values) * mask
 
 
-def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(values - mean) / std over the masked entries of the whole batch; zero on padding."""
-    mean = masked_mean(values, mask)
-    var = masked_mean((values - mean).pow(2), mask)
+def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, total=lambda sums: sums) -> torch.Tensor:
+    """(values - mean) / std over the masked entries of the whole batch; zero on padding.
+
+    `total` sums a tensor over every process holding part of the batch (identity for one), so the
+    moments are the global batch's: `p3o.utils.distributed.sum_across_processes`."""
+    count = total(mask.sum().to(values.dtype))
+    mean = total(masked_sum(values, mask)) / count.clamp(min=1)
+    var = total(masked_sum((values - mean).pow(2), mask)) / count.clamp(min=1)
     return torch.where(mask.bool(), (values - mean) * torch.rsqrt(var + eps), torch.zeros_like(values))

@@ -20,6 +20,7 @@ from p3o.errors import UsageError
 from p3o.rl import advantages as adv
 from p3o.rl.losses import get_loss
 from p3o.rl.rollout import Rollout, sequence_logprobs
+from p3o.utils.distributed import sum_across_processes
 from p3o.utils.ops import masked_mean
 
 
@@ -101,8 +102,10 @@ def pair_delta(rollout: Rollout, cfg, beta: float) -> Prepared:
     kl = rollout.seq["kl"].view(-1, 2)  # (P, 2)
     reward_diff = (rewards[:, 0] - rewards[:, 1]).to(kl.dtype).to(kl.device)  # (P,) exact, then float32
     delta = reward_diff - beta * (kl[:, 0] - kl[:, 1])  # (P,)
-    if cfg.delta_normalization == "rms":
-        delta = delta / delta.pow(2).mean().sqrt().clamp(min=1e-8)
+    if cfg.delta_normalization == "rms":  # over the whole rollout, on every process
+        count = torch.tensor(float(len(delta)), dtype=delta.dtype, device=delta.device)
+        squares = sum_across_processes(torch.stack([delta.pow(2).sum(), count]))
+        delta = delta / (squares[0] / squares[1]).sqrt().clamp(min=1e-8)
     if cfg.delta_clip is not None:
         delta = delta.clamp(-cfg.delta_clip, cfg.delta_clip)
     return Prepared(group={"delta": delta}, stats={"delta_abs": delta.abs().mean().item()})
@@ -170,7 +173,8 @@ register_algorithm(Algorithm("remax", group_advantages("remax"), sequence_clip_l
 # --- PPO with a critic (P3O.md section 5) -----------------------------------------------------
 
 def ppo_advantages(rollout: Rollout, cfg, beta: float) -> Prepared:
-    """Per-token KL penalty plus the score on the last token; GAE; advantages whitened over the rollout."""
+    """Per-token KL penalty plus the score on the last token; GAE; advantages whitened over the
+    rollout (all processes' share of it)."""
     seq = rollout.seq
     mask, values = seq["response_mask"], seq["old_values"]
     scores = seq["rewards"].to(values.device)  # (B,) float64 -> the per-token rewards' dtype
@@ -180,7 +184,8 @@ def ppo_advantages(rollout: Rollout, cfg, beta: float) -> Prepared:
     explained = 1 - masked_mean((returns - values).pow(2), mask) / returns_var.clamp(min=1e-8)
     stats = {"value_mean": masked_mean(values, mask).item(), "return_mean": masked_mean(returns, mask).item(),
              "explained_variance": explained.item()}
-    return Prepared(seq={"advantages": adv.whiten(advantages, mask), "returns": returns}, stats=stats)
+    whitened = adv.whiten(advantages, mask, total=sum_across_processes)  # over the global rollout
+    return Prepared(seq={"advantages": whitened, "returns": returns}, stats=stats)
 
 
 def ppo_loss(batch: Rollout, outputs: dict, cfg):

@@ -41,11 +41,11 @@ class TrainConfig:
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass instead of storing them: less memory for longer sequences and bigger batches, at about one more forward's time.")
     # --- sizes --------------------------------------------------------------------------------
     max_steps: int = option(100, "Rollout-and-update iterations.")
-    pairs_per_step: int = option(64, "Prompts per rollout in this process, each with its group of responses (a pair for P3O and DPO, num_generations for the others).")
+    pairs_per_step: int = option(64, "Prompts per rollout over all processes (each samples an equal share), each with its group of responses (a pair for P3O and DPO, num_generations for the others). Global, so a config means the same run on 1 or N processes.")
     num_generations: int | None = option(None, "Responses sampled per prompt (k): rloo (default 2) and grpo (default 4) take k >= 2, ppo and remax k >= 1 (default 1; remax adds a greedy response); p3o and dpo always use 2.")
-    num_train_epochs: float | None = option(None, "Passes over --dataset; when given, sets max_steps = ceil(passes * rows / (pairs_per_step * processes)). The usual way to size dpo.")
-    minibatch_pairs: int | None = option(None, "Prompt groups per optimiser step; default: the largest divisor of pairs_per_step that is at most 8. Groups are never split.")
-    gradient_accumulation_steps: int = option(1, "Micro-batches per optimiser step (minibatch_pairs must divide by it).")
+    num_train_epochs: float | None = option(None, "Passes over --dataset; when given, sets max_steps = ceil(passes * rows / pairs_per_step). The usual way to size dpo.")
+    minibatch_pairs: int | None = option(None, "Prompt groups per optimiser step over all processes; default: the processes times the largest divisor of their share of pairs_per_step that is at most 8. Groups are never split.")
+    gradient_accumulation_steps: int = option(1, "Micro-batches per optimiser step in each process (each process's share of minibatch_pairs must divide by it); the result is the same, the memory smaller.")
     epochs: int | None = option(None, "Passes (K) over each rollout; groups are reshuffled each pass. Default 4 (dpo and online-dpo: 1).")
     # --- generation ---------------------------------------------------------------------------
     max_new_tokens: int = option(64, "Tokens sampled per response; EOS ends a response early and counts as part of it. dpo: longer chosen/rejected completions are cut to it.")
@@ -170,14 +170,26 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class Sizes:
-    """Batch sizes derived from a TrainConfig, all in one place."""
+    """Batch sizes derived from a TrainConfig, all in one place. The rollout and its minibatches
+    are global (shared by all processes); micro-batches are per process."""
 
-    pairs_per_step: int  # groups (prompts) per rollout in this process
+    pairs_per_step: int  # groups (prompts) per rollout, over all processes
     samples_per_prompt: int  # responses per prompt (k): 2 for P3O
-    minibatch_pairs: int  # groups per optimiser step
-    micro_pairs: int  # groups per forward/backward
+    minibatch_pairs: int  # groups per optimiser step, over all processes
+    micro_pairs: int  # groups per forward/backward in one process
     minibatches_per_epoch: int
     optimizer_steps: int  # over the whole run
+    processes: int = 1
+
+    @property
+    def local_pairs(self) -> int:
+        """Groups each process samples per rollout."""
+        return self.pairs_per_step // self.processes
+
+    @property
+    def local_minibatch(self) -> int:
+        """Groups each process holds per optimiser step."""
+        return self.minibatch_pairs // self.processes
 
 
 def default_minibatch(pairs_per_step: int, cap: int = 8) -> int:
@@ -185,20 +197,28 @@ def default_minibatch(pairs_per_step: int, cap: int = 8) -> int:
     return max(d for d in range(1, min(cap, pairs_per_step) + 1) if pairs_per_step % d == 0)
 
 
-def derive_sizes(cfg: TrainConfig) -> Sizes:
-    minibatch = cfg.minibatch_pairs or default_minibatch(cfg.pairs_per_step)
+def derive_sizes(cfg: TrainConfig, processes: int = 1) -> Sizes:
+    """`processes` share each rollout and each minibatch equally (groups are never split), so the
+    same config is the same experiment on 1 or N processes."""
+    if cfg.pairs_per_step % processes:
+        raise UsageError(f"--pairs_per_step {cfg.pairs_per_step} is the whole rollout, shared equally by the "
+                         f"{processes} processes: make it a multiple of {processes}")
+    local = cfg.pairs_per_step // processes
+    minibatch = cfg.minibatch_pairs or processes * default_minibatch(local)  # default: at most 8 per process
     if minibatch < 1 or cfg.pairs_per_step % minibatch:
         raise UsageError(f"--pairs_per_step {cfg.pairs_per_step} must be a multiple of --minibatch_pairs {minibatch}; "
-                         f"try --minibatch_pairs {default_minibatch(cfg.pairs_per_step)}")
-    if minibatch % cfg.gradient_accumulation_steps:
+                         f"try --minibatch_pairs {processes * default_minibatch(local)}")
+    if minibatch % (processes * cfg.gradient_accumulation_steps):
+        shared = f" times the {processes} processes sharing it" if processes > 1 else ""
         raise UsageError(f"--minibatch_pairs {minibatch} must be a multiple of --gradient_accumulation_steps "
-                         f"{cfg.gradient_accumulation_steps}")
+                         f"{cfg.gradient_accumulation_steps}{shared}")
     per_epoch = cfg.pairs_per_step // minibatch
     return Sizes(
         pairs_per_step=cfg.pairs_per_step,
         samples_per_prompt=cfg.num_generations,
         minibatch_pairs=minibatch,
-        micro_pairs=minibatch // cfg.gradient_accumulation_steps,
+        micro_pairs=minibatch // processes // cfg.gradient_accumulation_steps,
         minibatches_per_epoch=per_epoch,
         optimizer_steps=cfg.max_steps * cfg.epochs * per_epoch,
+        processes=processes,
     )

@@ -79,8 +79,8 @@ class Trainer:
         self.cfg, self.tokenizer, self.reward, self.prompts = cfg, tokenizer, reward, prompts
         self.monitor_reward = monitor_reward  # scored and logged, never trained on
         self.algorithm = get_algorithm(cfg.algo)
-        self.sizes = derive_sizes(cfg)
         self.accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
+        self.sizes = derive_sizes(cfg, self.accelerator.num_processes)
         self.state = TrainerState()
         self.kl_control = KLController(cfg.beta, cfg.kl_target, cfg.kl_horizon)
         if self.algorithm.from_dataset and getattr(prompts, "responses", None) is None:
@@ -286,7 +286,7 @@ class Trainer:
         stats = []
         for _ in range(self.cfg.epochs):
             order = torch.randperm(rollout.num_groups, generator=shuffle)  # (G,)
-            for groups in order.split(self.sizes.minibatch_pairs):
+            for groups in order.split(self.sizes.local_minibatch):
                 stats.append(self.optimizer_step(rollout.select(groups)))
         return _combine(stats)
 
@@ -336,11 +336,12 @@ class Trainer:
 
     def prompt_indices(self, step: int) -> list[int]:
         """This process's prompts for `step`: consecutive slots of an endless stream of seeded
-        dataset permutations; each step takes G slots per process, process r the r-th block."""
-        n, G = len(self.prompts), self.sizes.pairs_per_step
-        first = (step * self.accelerator.num_processes + self.accelerator.process_index) * G
+        dataset permutations. Step s takes slots [s*G, (s+1)*G) whatever the number of processes
+        (so a run resumes on another number of processes where it stopped); process r the r-th block."""
+        n, local = len(self.prompts), self.sizes.local_pairs
+        first = step * self.sizes.pairs_per_step + self.accelerator.process_index * local
         indices = []
-        for slot in range(first, first + G):
+        for slot in range(first, first + local):
             epoch, position = divmod(slot, n)
             indices.append(int(self._permutation(epoch)[position]))
         return indices

@@ -28,7 +28,7 @@ from p3o.utils.io import (
     truncate_jsonl,
     write_yaml,
 )
-from p3o.utils.tracking import check_trackers, start_trackers
+from p3o.utils.tracking import check_trackers, finish_trackers, start_trackers
 
 log = logging.getLogger("p3o")
 
@@ -40,10 +40,10 @@ def build_trainer(cfg: TrainConfig, checkpoint: Path | None = None) -> Trainer:
     from accelerate.utils import set_seed
 
     algorithm = get_algorithm(cfg.algo)
-    derive_sizes(cfg)
     trackers = check_trackers(cfg.report_to)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=trackers or None,
                               project_dir=cfg.output_dir)
+    derive_sizes(cfg, accelerator.num_processes)
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)
     if algorithm.from_dataset:
@@ -55,8 +55,7 @@ def build_trainer(cfg: TrainConfig, checkpoint: Path | None = None) -> Trainer:
     reward = (build_reward(cfg.reward_fn, cfg.reward_model, cfg.trust_remote_code, cfg.reward_batch_size,
                            accelerator.device) if cfg.reward_fn or cfg.reward_model else None)  # dpo: for eval only
     if cfg.num_train_epochs is not None:  # the run's length in passes over the data
-        per_step = cfg.pairs_per_step * accelerator.num_processes
-        cfg = dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.num_train_epochs * len(prompts) / per_step)))
+        cfg = dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.num_train_epochs * len(prompts) / cfg.pairs_per_step)))
     if cfg.algo == "grpo" and cfg.num_generations == 2:
         log.warning("grpo with --num_generations 2 keeps only the sign of r1 - r2: the reward advantages are "
                     "+-1/sqrt(2) whatever the gap (and 0 for a tie); use k >= 4, or rloo / p3o for pairs")
@@ -78,8 +77,7 @@ def _eval_prompts(cfg: TrainConfig, tokenizer):
     if cfg.eval_dataset is None:
         return None
     prompts = load_prompts(cfg.eval_dataset, tokenizer, column=cfg.prompt_column)
-    n = cfg.eval_max_prompts or len(prompts)
-    return dataclasses.replace(prompts, rows=prompts.rows[:n], texts=prompts.texts[:n], token_ids=prompts.token_ids[:n])
+    return _subset(prompts, 0, cfg.eval_max_prompts or len(prompts))
 
 
 def run_train(cfg: TrainConfig) -> Path:
@@ -111,7 +109,7 @@ def _train_into(cfg: TrainConfig, out: Path, checkpoint: Path | None = None) -> 
         _warn_about_inputs(trainer)
     start_trackers(acc, cfg)
     evaluator = (HeldOutEvaluator(trainer, out / "eval.jsonl", append=checkpoint is not None)
-                 if acc.is_main_process and trainer.eval_prompts else None)
+                 if trainer.eval_prompts else None)
     if evaluator is not None and checkpoint is None:
         evaluator(step=0)  # the starting point: KL 0, the initial policy's rewards
     watch, stop = OverOptimisationWatch(), StopRequest()
@@ -122,21 +120,22 @@ def _train_into(cfg: TrainConfig, out: Path, checkpoint: Path | None = None) -> 
         bar.set_postfix(**shown, pairs_s=f"{metrics['pairs_per_s']:.1f}", refresh=False)  # drawn by update, at its pace
         bar.update(1)
         acc.log(metrics, step=metrics["step"])
-        if writers:
-            _write_step(metrics, texts)
         step = metrics["step"]
+        evaluation = (evaluator(step) if evaluator is not None
+                      and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps) else None)
+        if writers:
+            _write_step(metrics, texts, evaluation)
         if step < cfg.max_steps and ((cfg.save_steps and step % cfg.save_steps == 0) or stop.requested):
             path = save_checkpoint(trainer, out, cfg.save_total_limit)
             if stop.requested:
                 raise stop.interrupted(step, path)
 
-    def _write_step(metrics, texts):
+    def _write_step(metrics, texts, evaluation: str | None):
         writers["metrics"].write(metrics)
         if "monitor_reward" in metrics and (warning := watch.update(metrics["reward"], metrics["monitor_reward"])):
             bar.write(f"WARNING step {metrics['step']}: {warning}")
-        step = metrics["step"]
-        if evaluator is not None and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps):
-            bar.write(evaluator(step))
+        if evaluation is not None:
+            bar.write(evaluation)
         if metrics["step"] % cfg.logging_steps == 0 or metrics["step"] == cfg.max_steps:
             bar.write(_summary_line(metrics))
             for record in _completion_records(metrics["step"], texts, cfg.log_completions):
@@ -151,7 +150,7 @@ def _train_into(cfg: TrainConfig, out: Path, checkpoint: Path | None = None) -> 
             writer.close()
         if evaluator is not None:
             evaluator.close()
-        acc.end_training()
+        finish_trackers(acc)
     acc.wait_for_everyone()
     if is_lora(trainer.unwrapped_policy):
         _save_lora_policy(trainer, out)
@@ -190,34 +189,54 @@ def _save_lora_policy(trainer: Trainer, out: Path) -> None:
 class HeldOutEvaluator:
     """Evaluates the policy on --eval_dataset (KL to the reference, the reward, the monitor reward,
     length, with standard errors) and appends one line per evaluation to eval.jsonl. Every evaluation
-    draws from the same seeded stream, so points along a run and across runs are comparable."""
+    draws from the same seeded stream, so points along a run and across runs are comparable. Every
+    process evaluates its share of the prompts (a collective: all call it); the main one writes."""
 
     SEED = 0
 
     def __init__(self, trainer: Trainer, path: Path, append: bool = False):
-        self.trainer, self.writer = trainer, JsonlWriter(path, append)
+        acc = trainer.accelerator
+        self.trainer = trainer
+        self.writer = JsonlWriter(path, append) if acc.is_main_process else None
         self.watch = OverOptimisationWatch(patience=2)  # held-out points are few and each already averaged
         self.rewards = {name: r for name, r in (("reward", trainer.reward), ("monitor_reward", trainer.monitor_reward))
                         if r is not None}
+        n, share = len(trainer.eval_prompts), math.ceil(len(trainer.eval_prompts) / acc.num_processes)
+        self.first = min(n, acc.process_index * share)  # this process's contiguous share of the prompts
+        self.prompts = _subset(trainer.eval_prompts, self.first, min(n, self.first + share))
 
     def __call__(self, step: int) -> str:
-        from p3o.eval.policy import evaluate_policy
+        from accelerate.utils import gather_object
 
-        t = self.trainer
-        with t.accelerator.autocast():  # as in training, so the initial policy's KL is exactly 0 under bf16 too
-            result = evaluate_policy(t.unwrapped_policy, t.ref_policy, t.tokenizer, t.eval_prompts, self.rewards,
-                                     t.cfg.max_new_tokens, seed=self.SEED, temperature=t.cfg.temperature)
-        point = {"step": step, **{k: v for k, v in result.items() if k != "samples"}, "n": len(t.eval_prompts)}
-        self.writer.write(point)
+        from p3o.eval.policy import evaluate_policy, summarise
+
+        t, names = self.trainer, ["kl", "length", *self.rewards]
+        samples = []
+        if len(self.prompts):
+            with t.accelerator.autocast():  # as in training, so the initial policy's KL is exactly 0 under bf16 too
+                samples = evaluate_policy(t.unwrapped_policy, t.ref_policy, t.tokenizer, self.prompts, self.rewards,
+                                          t.cfg.max_new_tokens, seed=self.SEED, temperature=t.cfg.temperature,
+                                          first_index=self.first)["samples"]
+        if t.accelerator.num_processes > 1:
+            samples = gather_object([{name: sample[name] for name in names} for sample in samples])
+        point = {"step": step, **summarise(samples, names), "n": len(samples)}
         line = f"eval  step {step:>5}  " + "  ".join(
             f"{name} {point[name]:+.4f} ± {point[name + '_stderr']:.4f}" for name in ("kl", *self.rewards))
         if "monitor_reward" in point and "reward" in point and (warning := self.watch.update_block(Block(
                 point["reward"], point["reward_stderr"], point["monitor_reward"], point["monitor_reward_stderr"]))):
             line += f"\nWARNING on the held-out prompts: {warning}"
+        if self.writer is not None:
+            self.writer.write(point)
         return line
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _subset(prompts, start: int, stop: int):
+    return dataclasses.replace(prompts, rows=prompts.rows[start:stop], texts=prompts.texts[start:stop],
+                               token_ids=prompts.token_ids[start:stop])
 
 
 def _warn_about_inputs(trainer: Trainer) -> None:
@@ -256,8 +275,9 @@ def _start_line(trainer: Trainer) -> str:
               "from_dataset": " from the data"}
     critic, greedy, given = (extras[f] if getattr(trainer.algorithm, f) else "" for f in extras)
     lora = f" ({trained:,} in LoRA adapters trained)" if trained < params else ""
+    shared = f" ({sizes.local_pairs} in each of {sizes.processes} processes)" if sizes.processes > 1 else ""
     return (f"{cfg.algo}: {params:,}-parameter policy{lora}{critic}, {len(trainer.prompts)} prompts; per step "
-            f"{sizes.pairs_per_step} prompts x {sizes.samples_per_prompt}{greedy} responses{given}, "
+            f"{sizes.pairs_per_step} prompts{shared} x {sizes.samples_per_prompt}{greedy} responses{given}, "
             f"{cfg.epochs} epochs of {sizes.minibatches_per_epoch} "
             f"minibatches of {sizes.minibatch_pairs} prompts; {sizes.optimizer_steps} optimiser steps in all")
 

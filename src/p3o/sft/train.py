@@ -66,16 +66,20 @@ def sft_stage(tokenizer, eval_batch_size: int = 16) -> Stage:
         logps = selective_log_softmax(logits, targets.clamp(min=0))  # (b, L-1)
         return -masked_sum(logps, mask), {}
 
-    def evaluate(model, examples):
+    def eval_totals(model, examples):
         total, tokens = 0.0, 0.0
         for first in range(0, len(examples), eval_batch_size):
             part = examples[first:first + eval_batch_size]
             batch = {k: v.to(next(model.parameters()).device) for k, v in collate(part).items()}
             loss_sum, _ = loss(model, batch)
             total, tokens = total + loss_sum.item(), tokens + units(part)
-        return {"eval_loss": total / tokens, "eval_perplexity": math.exp(min(total / tokens, 50.0))}
+        return {"loss": total, "tokens": tokens}
 
-    return Stage(collate, units, loss, evaluate)
+    def eval_metrics(totals):
+        mean = totals["loss"] / max(totals["tokens"], 1.0)
+        return {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50.0))}
+
+    return Stage(collate, units, loss, eval_totals, eval_metrics)
 
 
 def run_sft(cfg: SFTConfig) -> list[dict]:

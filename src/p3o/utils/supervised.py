@@ -3,7 +3,13 @@ accumulation, AdamW with a schedule, a held-out evaluation after every epoch, on
 
 A stage supplies its examples (pre-tokenized dicts), `collate` (examples -> tensors), `units`
 (examples -> how many loss terms they hold: completion tokens for SFT, pairs for RM), `loss`
-(model, batch -> summed loss and stats) and `evaluate` (model, examples -> metrics).
+(model, batch -> summed loss and stats), `eval_totals` (model, examples -> additive totals) and
+`eval_metrics` (totals -> metrics).
+
+On several processes (torchrun, accelerate launch) each optimiser step takes one global batch of
+per_device_train_batch_size x gradient_accumulation_steps x processes examples, each process its
+block of it, and the loss is divided by the whole batch's units, so the step is the one a single
+process would take on that batch. The held-out examples are split between the processes too.
 """
 from __future__ import annotations
 
@@ -36,7 +42,7 @@ class SupervisedConfig:
     dataset_config: str | None = option(None, "Configuration name of a `datasets` dataset.")
     tokenizer_name_or_path: str | None = option(None, "Tokenizer; defaults to the model's.")
     num_train_epochs: int = option(1, "Passes over the training data.")
-    per_device_train_batch_size: int = option(8, "Examples per forward/backward pass.")
+    per_device_train_batch_size: int = option(8, "Examples per forward/backward pass in each process (an optimiser step takes this x gradient_accumulation_steps x processes).")
     per_device_eval_batch_size: int = option(16, "Examples per evaluation forward pass.")
     gradient_accumulation_steps: int = option(1, "Forward/backward passes per optimiser step.")
     max_length: int = option(512, "Tokens per example; longer ones lose the start of the prompt.")
@@ -82,8 +88,11 @@ class SupervisedConfig:
 
 
 # Settings a resumed run may change; any other difference would change its course.
+# The per-process batch settings may change (to resume on another number of processes) as long as
+# the global batch stays the same; `fit` checks that.
 RESUMABLE_CHANGES = {"output_dir", "save_steps", "save_total_limit", "resume", "overwrite", "logging_steps", "disable_progress_bar",
-                     "report_to", "max_consecutive_skips", "per_device_eval_batch_size"}
+                     "report_to", "max_consecutive_skips", "per_device_eval_batch_size", "per_device_train_batch_size",
+                     "gradient_accumulation_steps"}
 
 
 @dataclass
@@ -93,7 +102,8 @@ class Stage:
     collate: Callable[[list[dict]], dict[str, torch.Tensor]]
     units: Callable[[list[dict]], float]
     loss: Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
-    evaluate: Callable[[torch.nn.Module, list[dict]], dict[str, float]]
+    eval_totals: Callable[[torch.nn.Module, list[dict]], dict[str, float]]  # sums, added up over processes
+    eval_metrics: Callable[[dict[str, float]], dict[str, float]]
 
 
 @dataclass
@@ -101,6 +111,7 @@ class FitState:
     """Where a supervised run is: saved in every checkpoint as trainer_state.json."""
 
     step: int = 0  # optimiser steps taken (including skipped ones): the data position
+    examples_per_step: int = 0  # the global batch, which a resumed run must keep (0: not recorded)
     skipped_updates: int = 0
     consecutive_skips: int = 0
     evaluations: list = dataclasses.field(default_factory=list)
@@ -113,7 +124,7 @@ def fit(cfg: SupervisedConfig, model, train: list[dict], held_out: list[dict], s
     `stop` is requested; with `checkpoint`, training continues from it exactly."""
     from transformers import get_scheduler
 
-    batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes  # global
     steps_per_epoch = math.ceil(len(train) / batch)
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
@@ -124,6 +135,8 @@ def fit(cfg: SupervisedConfig, model, train: list[dict], held_out: list[dict], s
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * total),
                               num_training_steps=total)
     state = _load_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler) if checkpoint else FitState()
+    _check_same_global_batch(state, cfg, accelerator.num_processes, checkpoint)
+    state.examples_per_step = batch
     start = time.perf_counter()
 
     def save_if_due(last_of_epoch: bool = False) -> None:
@@ -148,12 +161,38 @@ def fit(cfg: SupervisedConfig, model, train: list[dict], held_out: list[dict], s
             save_if_due(last_of_epoch=index == steps_per_epoch - 1)
         if len(state.evaluations) <= epoch:
             model.eval()
-            with torch.no_grad():
-                metrics = stage.evaluate(accelerator.unwrap_model(model), held_out)
+            metrics = _evaluate(stage, accelerator, model, held_out)
             state.evaluations.append({"step": state.step, "epoch": epoch + 1, **metrics})
             on_log(state.evaluations[-1])
             save_if_due()
     return state.evaluations
+
+
+def _check_same_global_batch(state: FitState, cfg: SupervisedConfig, processes: int, checkpoint) -> None:
+    batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * processes
+    if state.examples_per_step and state.examples_per_step != batch:
+        raise UsageError(
+            f"{checkpoint} was written with {state.examples_per_step} examples per optimiser step, but "
+            f"--per_device_train_batch_size {cfg.per_device_train_batch_size} x --gradient_accumulation_steps "
+            f"{cfg.gradient_accumulation_steps} x {processes} processes make {batch}; choose the two flags so that "
+            f"they make {state.examples_per_step} on {processes} processes")
+
+
+def _share(examples: list, part: int, parts: int) -> list:
+    """The `part`-th of `parts` near-equal contiguous blocks of `examples`."""
+    size = math.ceil(len(examples) / parts)
+    return examples[part * size:(part + 1) * size]
+
+
+@torch.no_grad()
+def _evaluate(stage: Stage, accelerator, model, held_out: list[dict]) -> dict[str, float]:
+    """Each process its share of the held-out examples; totals added up over the processes."""
+    from p3o.utils.distributed import sum_across_processes
+
+    share = _share(held_out, accelerator.process_index, accelerator.num_processes)
+    totals = stage.eval_totals(accelerator.unwrap_model(model), share)  # zeros for an empty share
+    summed = sum_across_processes(torch.tensor(list(totals.values()), dtype=torch.float64, device=accelerator.device))
+    return stage.eval_metrics(dict(zip(totals, summed.tolist())))
 
 
 def _save_checkpoint(out, cfg, state: FitState, accelerator, model, optimizer, scheduler):
@@ -190,25 +229,41 @@ def _load_checkpoint(path, model, optimizer, scheduler) -> FitState:
 
 def _optimizer_step(cfg, model, optimizer, scheduler, examples: list[dict], stage: Stage, accelerator,
                     state: FitState) -> dict[str, float]:
-    """One optimiser step over `examples`, accumulated in micro-batches; the loss is divided by the
-    units (tokens or pairs) of the whole step, so accumulation equals one large batch. A non-finite
-    loss or gradient skips the step; `max_consecutive_skips` of them in a row stop the run."""
+    """One optimiser step over the global batch `examples`: this process takes its block, in
+    micro-batches. The loss is divided by the units (tokens or pairs) of the whole global batch (DDP
+    averages over processes, hence the factor), so accumulation and processes equal one large batch.
+    A non-finite loss or gradient on any process skips the step on all; `max_consecutive_skips` of
+    them in a row stop the run."""
+    from p3o.utils.distributed import sum_across_processes
+
+    processes = accelerator.num_processes
+    local = _share(examples, accelerator.process_index, processes)
+    weight = 1.0 if local else 0.0  # a process left without examples (the epoch's last batch) adds a zero gradient
+    local = local or examples[:1]
     size = cfg.per_device_train_batch_size
-    parts = [examples[i:i + size] for i in range(0, len(examples), size)]
-    normaliser = stage.units(examples)
+    parts = [local[i:i + size] for i in range(0, len(local), size)]
+    normaliser = stage.units(examples) / processes
     total, stats = 0.0, {}
     for i, part in enumerate(parts):
         sync = contextlib.nullcontext() if i == len(parts) - 1 else accelerator.no_sync(model)
         with sync:
             with accelerator.autocast():
                 loss_sum, part_stats = stage.loss(model, {k: v.to(accelerator.device) for k, v in stage.collate(part).items()})
-                loss = loss_sum / normaliser
+                loss = loss_sum * (weight / normaliser)
             accelerator.backward(loss)
         total += loss.item()
         for name, value in part_stats.items():
-            stats[name] = stats.get(name, 0.0) + value / len(parts)
+            stats[name] = stats.get(name, 0.0) + weight * value * len(part)
     grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf))
-    if math.isfinite(grad_norm) and math.isfinite(total):
+    # One sum over the processes: the loss (each process holds its share), the statistics (weighted
+    # by examples) and the count of processes with a non-finite loss or gradient.
+    names = sorted(stats)
+    local_values = [total, float(not (math.isfinite(grad_norm) and math.isfinite(total))), weight * len(local),
+                    *(stats[n] for n in names)]
+    summed = sum_across_processes(torch.tensor(local_values, dtype=torch.float64, device=accelerator.device)).tolist()
+    total, non_finite, counted = summed[0] / processes, summed[1], summed[2]
+    stats = {n: v / counted for n, v in zip(names, summed[3:])}
+    if non_finite == 0:
         optimizer.step()
         scheduler.step()
         state.consecutive_skips = 0
@@ -237,7 +292,7 @@ def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_o
         truncate_jsonl,
         write_yaml,
     )
-    from p3o.utils.tracking import check_trackers, start_trackers
+    from p3o.utils.tracking import check_trackers, finish_trackers, start_trackers
 
     if not train:
         raise UsageError(f"{cfg.dataset} leaves no training examples after the held-out split")
@@ -274,7 +329,7 @@ def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_o
         bar.close()
         if writer is not None:
             writer.close()
-        acc.end_training()
+        finish_trackers(acc)
     acc.wait_for_everyone()
     model = saved_model if saved_model is not None else acc.unwrap_model(model)
     if acc.is_main_process:

@@ -26,3 +26,10 @@ def start_trackers(acc, cfg) -> None:
     """Start the trackers `check_trackers` accepted, with the run's config."""
     if acc.log_with:
         acc.init_trackers("p3o", config={k: v for k, v in dataclasses.asdict(cfg).items() if v is not None})
+
+
+def finish_trackers(acc) -> None:
+    """Close the trackers. Not `acc.end_training()`: that also destroys the process group, which the
+    final save still needs (`p3o.cli` destroys it once the command is done)."""
+    for tracker in acc.trackers:
+        tracker.finish()
