@@ -1,5 +1,6 @@
 """Run under torchrun by test_distributed.py: `p3o train`'s trainer, then every process writes its
-own copy of the weights and the prompts it drew, so the test can compare processes."""
+own copy of the weights and the prompts it drew (and, with fixed responses, its first synchronised
+gradient), so the tests can compare processes and process counts."""
 import json
 import sys
 from pathlib import Path
@@ -50,8 +51,8 @@ def record_first_gradient(trainer, out: Path, rank: int):
     trainer.optimizer.step = record_then_step
 
 
-def main() -> None:
-    out, fixed, argv = Path(sys.argv[1]), sys.argv[2] == "fixed", sys.argv[3:]
+def run(out: Path, fixed: bool, argv: list[str]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
     trainer = build_trainer(config_from_argv(TrainConfig, argv))
     acc = trainer.accelerator
     if fixed:
@@ -65,7 +66,14 @@ def main() -> None:
               "reward": [m["reward"] for m in history], "local_tokens": getattr(trainer, "local_tokens", None)}
     (out / f"rank{rank}.json").write_text(json.dumps(record))
     acc.wait_for_everyone()
-    del trainer, acc
+
+
+def main() -> None:
+    """argv: an output directory and a JSON file of runs, each {"name", "fixed", "argv"}: one launch
+    runs them all in turn (a launch costs seconds of imports; a tiny run far less)."""
+    out, runs = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
+    for spec in runs:
+        run(out / spec["name"], spec["fixed"], spec["argv"])
     shut_down()  # as `p3o` does: a gloo group freed while Python finalises may abort the process
 
 

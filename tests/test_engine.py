@@ -187,6 +187,30 @@ def test_every_prompt_is_used_once_per_pass(assets, tmp_path):
     assert trainer.prompt_indices(6) != first_pass[:8]  # the next pass is reshuffled
 
 
+def test_a_step_takes_the_same_prompts_on_any_number_of_processes():
+    """--pairs_per_step is global: step s takes slots [sG, (s+1)G) of the data stream, process r the
+    r-th block of them, so 1, 2 or 4 processes (or a run resumed on another number) see the same data."""
+    import types
+
+    from p3o.rl.config import Sizes
+    from p3o.rl.engine import Trainer
+
+    def step_prompts(step: int, processes: int) -> list[int]:
+        drawn = []
+        for rank in range(processes):
+            process = types.SimpleNamespace(prompts=range(10), cfg=types.SimpleNamespace(seed=3),
+                                            sizes=Sizes(12, 2, 12, 12 // processes, 1, 1, processes),
+                                            accelerator=types.SimpleNamespace(process_index=rank, num_processes=processes))
+            process._permutation = types.MethodType(Trainer._permutation, process)
+            drawn.append(Trainer.prompt_indices(process, step))
+        assert all(len(block) == 12 // processes for block in drawn)
+        return [i for block in drawn for i in block]
+
+    for step in range(5):  # 12 prompts a step from 10: every step crosses into the next reshuffled pass
+        assert step_prompts(step, 1) == step_prompts(step, 2) == step_prompts(step, 4)
+    assert step_prompts(0, 1) != step_prompts(1, 1)
+
+
 def test_warmup_schedule_and_metrics(assets, tmp_path):
     trainer = build_trainer(train_config(assets, tmp_path, warmup_steps=4, lr_scheduler_type="linear",
                                          max_steps=2, epochs=2, minibatch_pairs=4))

@@ -135,7 +135,6 @@ def fit(cfg: SupervisedConfig, model, train: list[dict], held_out: list[dict], s
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * total),
                               num_training_steps=total)
     state = _load_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler) if checkpoint else FitState()
-    _check_same_global_batch(state, cfg, accelerator.num_processes, checkpoint)
     state.examples_per_step = batch
     start = time.perf_counter()
 
@@ -168,14 +167,14 @@ def fit(cfg: SupervisedConfig, model, train: list[dict], held_out: list[dict], s
     return state.evaluations
 
 
-def _check_same_global_batch(state: FitState, cfg: SupervisedConfig, processes: int, checkpoint) -> None:
+def _check_same_global_batch(saved: int, cfg: SupervisedConfig, processes: int, checkpoint) -> None:
+    """A run resumes on any number of processes if its optimiser steps keep their size (`saved`)."""
     batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * processes
-    if state.examples_per_step and state.examples_per_step != batch:
+    if saved and saved != batch:
         raise UsageError(
-            f"{checkpoint} was written with {state.examples_per_step} examples per optimiser step, but "
-            f"--per_device_train_batch_size {cfg.per_device_train_batch_size} x --gradient_accumulation_steps "
-            f"{cfg.gradient_accumulation_steps} x {processes} processes make {batch}; choose the two flags so that "
-            f"they make {state.examples_per_step} on {processes} processes")
+            f"{checkpoint} was written with {saved} examples per optimiser step, but --per_device_train_batch_size "
+            f"{cfg.per_device_train_batch_size} x --gradient_accumulation_steps {cfg.gradient_accumulation_steps} x "
+            f"{processes} processes make {batch}; set the two flags so that they make {saved} on {processes} processes")
 
 
 def _share(examples: list, part: int, parts: int) -> list:
@@ -299,7 +298,9 @@ def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_o
     trackers = check_trackers(cfg.report_to)
     acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=trackers or None, project_dir=str(out))
     acc.wait_for_everyone()
-    writer, done = None, json.loads((checkpoint / STATE_FILE).read_text())["step"] if checkpoint else 0
+    saved = json.loads((checkpoint / STATE_FILE).read_text()) if checkpoint else {}
+    _check_same_global_batch(saved.get("examples_per_step", 0), cfg, acc.num_processes, checkpoint)  # before any write
+    writer, done = None, saved.get("step", 0)
     if acc.is_main_process:
         if checkpoint is not None:
             truncate_jsonl(out / "metrics.jsonl", done)  # what the run wrote after its checkpoint goes
