@@ -43,16 +43,28 @@ def record_first_gradient(trainer, out: Path, rank: int):
 
     def record_then_step(*args, **kwargs):
         path = out / f"grad{rank}.safetensors"
+        grads = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
+        grads = {n: g.full_tensor() if hasattr(g, "full_tensor") else g for n, g in grads.items()}  # FSDP: gathered
         if not path.exists():
-            save_file({n: p.grad.detach().contiguous().clone() for n, p in module.named_parameters()
-                       if p.grad is not None}, str(path))
+            save_file({n: g.detach().contiguous().clone() for n, g in grads.items()}, str(path))
         return step(*args, **kwargs)
 
     trainer.optimizer.step = record_then_step
 
 
+def record_sharding(trainer, out: Path, rank: int) -> None:
+    """How many of each parameter's elements this process holds (FSDP: about a share)."""
+    held = {name: (p.to_local() if hasattr(p, "to_local") else p).numel() for name, p in trainer.policy.named_parameters()}
+    (out / f"held{rank}.json").write_text(json.dumps(held))
+
+
 def run(out: Path, fixed: bool, argv: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    if argv[0] == "train":  # the whole command, as `p3o train` runs it
+        from p3o.cli import main
+
+        assert main(argv) == 0
+        return
     trainer = build_trainer(config_from_argv(TrainConfig, argv))
     acc = trainer.accelerator
     if fixed:
@@ -60,17 +72,46 @@ def run(out: Path, fixed: bool, argv: list[str]) -> None:
         record_first_gradient(trainer, out, acc.process_index)
     history = trainer.train()
     rank = acc.process_index
-    state = {k: v.detach().contiguous().clone() for k, v in trainer.trained_module.state_dict().items()}
-    save_file(state, str(out / f"rank{rank}.safetensors"))
+    state = acc.get_state_dict(trainer.policy)  # whole on the main process (a collective under FSDP)
+    if acc.is_main_process:
+        save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(out / f"rank{rank}.safetensors"))
+    if not acc.is_main_process and not trainer.sharded:  # each process's own copy, to compare
+        state = {k: v.detach().contiguous().clone() for k, v in trainer.trained_module.state_dict().items()}
+        save_file(state, str(out / f"rank{rank}.safetensors"))
+    record_sharding(trainer, out, rank)
     record = {"processes": acc.num_processes, "prompts": [trainer.prompt_indices(s) for s in range(trainer.cfg.max_steps)],
               "reward": [m["reward"] for m in history], "local_tokens": getattr(trainer, "local_tokens", None)}
     (out / f"rank{rank}.json").write_text(json.dumps(record))
     acc.wait_for_everyone()
 
 
+def force_fsdp_on_cpu() -> None:
+    """FSDP2 as configs/accelerate/fsdp.yaml asks for it, on CPU: torch shards on CPU, but accelerate
+    turns FSDP on only for GPU process types, so every Accelerator built from here on is switched
+    to it after construction (the processes, the device and gloo stay as accelerate set them)."""
+    import accelerate
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    class FSDPOnCPU(accelerate.Accelerator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            for shared in (PartialState._shared_state, self.state._shared_state):  # both, or a later copy reverts it
+                shared["distributed_type"] = DistributedType.FSDP
+            self.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+                fsdp_version=2, auto_wrap_policy="transformer_based_wrap", state_dict_type="FULL_STATE_DICT")
+
+    accelerate.Accelerator = FSDPOnCPU
+
+
 def main() -> None:
     """argv: an output directory and a JSON file of runs, each {"name", "fixed", "argv"}: one launch
-    runs them all in turn (a launch costs seconds of imports; a tiny run far less)."""
+    runs them all in turn (a launch costs seconds of imports; a tiny run far less). With
+    P3O_TEST_FSDP=1 every run is sharded with FSDP2."""
+    import os
+
+    if os.environ.get("P3O_TEST_FSDP") == "1":
+        force_fsdp_on_cpu()
     out, runs = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
     for spec in runs:
         run(out / spec["name"], spec["fixed"], spec["argv"])

@@ -19,9 +19,10 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 ENV = {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
 
 
-def launch(processes: int, *target: str) -> subprocess.CompletedProcess:
-    """`torchrun --standalone` (a free port of its own) on `processes` CPU processes."""
-    env = {**os.environ, **ENV, "PYTHONPATH": str(WORKER.parent)}
+def launch(processes: int, *target: str, fsdp: bool = False) -> subprocess.CompletedProcess:
+    """`torchrun --standalone` (a free port of its own) on `processes` CPU processes; `fsdp`: the
+    worker shards every run with FSDP2 (see ddp_worker.force_fsdp_on_cpu)."""
+    env = {**os.environ, **ENV, "PYTHONPATH": str(WORKER.parent), "P3O_TEST_FSDP": "1" if fsdp else "0"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
                *target]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -38,6 +39,7 @@ def run_args(assets, out: Path, algo: str, pairs: int, steps: int = 2) -> list[s
 
 SAMPLED = ["p3o-v2", "ppo"]
 FIXED = [("p3o-v1", "group-mean"), ("p3o-v1", "token-mean"), ("rloo", "group-mean"), ("ppo", "token-mean")]
+FSDP = [("p3o-v1", "token-mean"), ("ppo", "token-mean")]
 
 
 @pytest.fixture(scope="session")
@@ -66,10 +68,13 @@ def _launch_worker_runs(assets, root: Path) -> None:
     two = [{"name": f"sampled-{algo}", "fixed": False, "argv": run_args(assets, root / algo, algo, pairs=8)}
            for algo in SAMPLED] + [fixed(f"two-{a}-{g}", a, g) for a, g in FIXED]
     one = [fixed(f"one-{a}-{g}", a, g) for a, g in FIXED]
-    for processes, runs in ((2, two), (1, one)):
-        spec = root / f"runs{processes}.json"
+    held_out = write_jsonl(root / "held_out.jsonl", prompt_rows(9, seed=7))  # 5 + 4: FSDP pads the second share
+    fsdp = [fixed(f"fsdp-{a}-{g}", a, g) for a, g in FSDP] + [  # the whole command last: it ends the process group
+        {"name": "fsdp-cli", "fixed": False, "argv": train_cli(assets, root / "fsdp-cli" / "run", held_out, steps=2)}]
+    for name, processes, runs in (("two", 2, two), ("one", 1, one), ("fsdp", 2, fsdp)):
+        spec = root / f"{name}.json"
         spec.write_text(json.dumps(runs))
-        launch(processes, str(WORKER), str(root), str(spec))
+        launch(processes, str(WORKER), str(root), str(spec), fsdp=name == "fsdp")
 
 
 def records(root: Path, processes: int) -> list[dict]:
@@ -201,3 +206,57 @@ def test_two_processes_learn_the_held_out_word_task_as_well_as_one(assets, tmp_p
     for start, end in ((start2, end2), (start1, end1)):
         assert end["reward"] - start["reward"] > 3 * math.hypot(start["reward_stderr"], end["reward_stderr"])
     assert end2["reward"] > end1["reward"] - 3 * math.hypot(end1["reward_stderr"], end2["reward_stderr"]), (end1, end2)
+
+
+@pytest.mark.parametrize("algo,aggregation", FSDP)
+def test_fsdp_shards_the_weights_and_takes_the_single_process_gradient(worker_runs, algo, aggregation):
+    """FSDP2 on 2 CPU processes: each holds about half of every matrix, and the first (gathered)
+    gradient equals 1 process's on the same 8 prompts' fixed rollouts."""
+    run, one = worker_runs / f"fsdp-{algo}-{aggregation}", worker_runs / f"one-{algo}-{aggregation}"
+    held = [json.loads((run / f"held{r}.json").read_text()) for r in range(2)]
+    single = load_file(str(one / "grad0.safetensors"))
+    whole = load_file(str(one / "rank0.safetensors"))
+    assert held[0].keys() == held[1].keys() and held[0].keys() <= whole.keys()  # parameters (tied ones once)
+    for name in held[0]:
+        assert held[0][name] + held[1][name] == whole[name].numel(), name
+        # FSDP2 splits the first dimension (a (1, H) value head stays on one process)
+        assert held[0][name] < whole[name].numel() or whole[name].shape[0] < 2, f"{name} is not sharded"
+    for rank in range(2):
+        sharded = load_file(str(run / f"grad{rank}.safetensors"))
+        assert sharded.keys() == single.keys()
+        for name in single:
+            assert torch.allclose(sharded[name], single[name], atol=1e-7, rtol=1e-4), f"rank {rank}: {name}"
+
+
+def test_an_fsdp_checkpoint_resumes_on_one_process(assets, worker_runs):
+    """`p3o train` under FSDP2: the held-out evaluation splits 9 prompts (padded to 5 + 5), the saved
+    policy is whole, the checkpoint's optimiser state is whole (by parameter name) and resumes unsharded."""
+    out = worker_runs / "fsdp-cli" / "run"
+    assert [(e["step"], e["n"]) for e in read_jsonl(out / "eval.jsonl")] == [(0, 9), (2, 9)]
+    saved, initial = (load_file(str(d / "model.safetensors")) for d in (out, assets["llama"]))
+    assert saved.keys() == initial.keys() and all(saved[k].shape == initial[k].shape for k in saved)
+    assert any(not torch.equal(saved[k], initial[k]) for k in saved)
+    optimizer = torch.load(out / "checkpoint-1" / "optimizer.pt", weights_only=True)
+    assert set(optimizer["state"]) == set(initial)  # every parameter's moments, whole, by name
+    assert all(optimizer["state"][k]["exp_avg"].shape == initial[k].shape for k in initial)
+    assert main([*train_cli(assets, out, worker_runs / "held_out.jsonl", steps=3), "--resume"]) == 0
+    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_deepspeed_and_fsdp1_are_refused_in_one_line():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from p3o.errors import UsageError
+    from p3o.utils.distributed import check_supported
+
+    def accelerator(kind, version=2):
+        return SimpleNamespace(distributed_type=kind, state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=version)))
+
+    with pytest.raises(UsageError, match="DeepSpeed is not supported yet.*fsdp.yaml"):
+        check_supported(accelerator(DistributedType.DEEPSPEED))
+    with pytest.raises(UsageError, match="FSDP version 1 is not supported"):
+        check_supported(accelerator(DistributedType.FSDP, version=1))
+    for fine in (accelerator(DistributedType.FSDP), accelerator(DistributedType.MULTI_GPU), accelerator(DistributedType.NO)):
+        check_supported(fine)

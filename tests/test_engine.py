@@ -211,6 +211,18 @@ def test_a_step_takes_the_same_prompts_on_any_number_of_processes():
     assert step_prompts(0, 1) != step_prompts(1, 1)
 
 
+@pytest.mark.parametrize("pairs", [8, 16, 32, 64, 96])
+def test_the_default_minibatch_is_the_same_on_one_and_several_processes(assets, tmp_path, pairs):
+    """The same command takes the same optimiser steps on 1, 2 or 4 processes (a default of 8 pairs
+    per process instead would halve them on 2: seen as much slower learning)."""
+    from p3o.rl.config import derive_sizes
+
+    cfg = train_config(assets, tmp_path, pairs_per_step=pairs, minibatch_pairs=None)
+    sizes = [derive_sizes(cfg, processes) for processes in (1, 2, 4)]
+    assert len({(s.minibatch_pairs, s.optimizer_steps) for s in sizes}) == 1
+    assert [s.local_minibatch for s in sizes] == [sizes[0].minibatch_pairs // n for n in (1, 2, 4)]
+
+
 def test_warmup_schedule_and_metrics(assets, tmp_path):
     trainer = build_trainer(train_config(assets, tmp_path, warmup_steps=4, lr_scheduler_type="linear",
                                          max_steps=2, epochs=2, minibatch_pairs=4))

@@ -5,7 +5,7 @@ in one process and once as two under `torchrun --standalone --nproc_per_node 2` 
 a few seeds. Each run's held-out evaluation (128 prompts no run trained on, at the start and the
 end) gives the sky words per response and the KL to the start, with standard errors.
 
-    python examples/distributed/word_task.py [--out runs/distributed] [--steps 12] [--seeds 0,1,2]
+    python examples/distributed/word_task.py [--out runs/distributed] [--steps 30] [--seeds 0,1,2] [--extra FLAGS]
 """
 from __future__ import annotations
 
@@ -30,11 +30,11 @@ def load_baselines():
     return module
 
 
-def run(task: dict, out: Path, processes: int, seed: int, steps: int) -> tuple[dict, dict, float]:
+def run(task: dict, out: Path, processes: int, seed: int, steps: int, extra: list[str]) -> tuple[dict, dict, float]:
     args = ["train", "--algo", "p3o-v1", "--model_name_or_path", str(task["model"]), "--dataset", str(task["train"]),
             "--reward_fn", f"{task['reward']}:sky", "--eval_dataset", str(task["held_out"]), "--output_dir", str(out),
             "--max_steps", str(steps), "--pairs_per_step", "32", "--max_new_tokens", "8", "--learning_rate", "1e-3",
-            "--seed", str(seed), "--disable_progress_bar"]
+            "--seed", str(seed), "--disable_progress_bar", *extra]
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
                 if processes > 1 else [sys.executable])
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": str(2 // processes)}
@@ -48,8 +48,9 @@ def run(task: dict, out: Path, processes: int, seed: int, steps: int) -> tuple[d
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/distributed")
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="More `p3o train` flags for every run.")
     args = parser.parse_args()
     root = Path(args.out)
     shutil.rmtree(root, ignore_errors=True)
@@ -60,7 +61,7 @@ def main() -> int:
     ends = {1: [], 2: []}
     for seed in (int(s) for s in args.seeds.split(",")):
         for processes in (1, 2):
-            first, last, seconds = run(task, root / f"p{processes}-seed{seed}", processes, seed, args.steps)
+            first, last, seconds = run(task, root / f"p{processes}-seed{seed}", processes, seed, args.steps, args.extra)
             ends[processes].append(last["reward"])
             print(f"| {processes} | {seed} | {first['reward']:.2f} ± {first['reward_stderr']:.2f} -> "
                   f"{last['reward']:.2f} ± {last['reward_stderr']:.2f} | {last['kl']:.2f} ± {last['kl_stderr']:.2f} | "

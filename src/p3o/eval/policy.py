@@ -40,11 +40,12 @@ def _prompt_budget(model_config, max_new_tokens: int) -> int:
 
 @torch.no_grad()
 def evaluate_policy(policy, reference, tokenizer, prompts, rewards: dict, max_new_tokens: int, seed: int = 0,
-                    batch_size: int = 64, temperature: float = 1.0, first_index: int = 0) -> dict:
+                    batch_size: int = 64, temperature: float = 1.0, first_index: int = 0, synced: bool = False) -> dict:
     """Metrics of `policy` on `prompts` (a PromptDataset): `kl`, `length` and one entry per reward,
     each with its standard error (`*_stderr`), plus the samples themselves (each with its own values).
     `first_index`: where `prompts` start in a larger set split between processes (it seeds the
-    sampling, so each share draws its own noise).
+    sampling, so each share draws its own noise); `synced`: the policy is sharded (FSDP), as in
+    `sample_responses`.
 
     Rewards are called as in training: raw prompts, the dataset's other columns and `completion_ids`."""
     eos = eos_token_ids(tokenizer, policy)
@@ -60,7 +61,7 @@ def evaluate_policy(policy, reference, tokenizer, prompts, rewards: dict, max_ne
         ids, mask = pad_prompts(tokenizer, prompts.token_ids[first:first + batch_size], prompt_budget)
         ids, mask = ids.to(device), mask.to(device)
         seed_global_rng(seed, "eval", first_index + first)  # the same prompts get the same random stream for every policy
-        response, response_mask = sample_responses(policy, ids, mask, config, eos)
+        response, response_mask = sample_responses(policy, ids, mask, config, eos, synced=synced)
         seq = {"query_ids": ids, "query_mask": mask, "response_ids": response, "response_mask": response_mask}
         logp = sequence_logprobs(batched_token_logprobs(policy, seq, temperature, batch_size), response_mask)
         ref = sequence_logprobs(batched_token_logprobs(reference, seq, temperature, batch_size), response_mask)

@@ -14,6 +14,8 @@ class PolicyWithValueHead(nn.Module):
     def __init__(self, policy: nn.Module):
         super().__init__()
         self.policy = policy
+        # FSDP's transformer-based wrapping shards the blocks the policy names (not only the root).
+        self._no_split_modules = getattr(policy, "_no_split_modules", None)
         hidden = policy.get_output_embeddings().in_features
         self.value_head = nn.Linear(hidden, 1, dtype=policy.get_output_embeddings().weight.dtype)
         # V starts at 0 everywhere: no random critic for the first advantages to absorb.

@@ -18,6 +18,7 @@ from p3o.models.lora import is_lora, load_adapter
 from p3o.models.value_head import VALUE_HEAD_FILE, split_state_dict
 from p3o.utils import checkpoints as ckpt
 from p3o.utils.checkpoints import STATE_FILE
+from p3o.utils.distributed import full_optimizer_state, load_module_state, load_optimizer_state
 from p3o.utils.io import atomic_write_text, save_pretrained_atomically
 
 # Settings a resumed run may change; any other difference would change the trajectory.
@@ -30,6 +31,7 @@ def save_checkpoint(trainer, out: Path, limit: int | None) -> Path:
     collective); only the main process writes."""
     acc = trainer.accelerator
     state_dict = acc.get_state_dict(trainer.policy)
+    optimizer_state = full_optimizer_state(acc, trainer.policy, trainer.optimizer)  # FSDP2: gathered whole
 
     def write(tmp: Path) -> None:
         policy_state, extra = state_dict, {}
@@ -37,7 +39,7 @@ def save_checkpoint(trainer, out: Path, limit: int | None) -> Path:
             policy_state, extra[VALUE_HEAD_FILE] = split_state_dict(state_dict)
         save_pretrained_atomically(trainer.unwrapped_policy, trainer.tokenizer, tmp, state_dict=policy_state,
                                    extra_tensors=extra)
-        torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(trainer.scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(ckpt.rng_state(), tmp / "rng.pt")
         atomic_write_text(tmp / STATE_FILE, json.dumps(training_state(trainer), indent=1))  # last: marks it complete
@@ -57,16 +59,19 @@ def training_state(trainer) -> dict:
 
 def load_training_state(trainer, path: Path) -> None:
     """Optimiser, scheduler, counters, beta and RNG from `path`; the policy weights were loaded from
-    it already, when the trainer was built (except a LoRA adapter), and PPO's value head is loaded here."""
+    it already, when the trainer was built (except a LoRA adapter), and PPO's value head is loaded here.
+    Written by any number of processes, it loads on any other (the optimiser state is whole)."""
     from safetensors.torch import load_file
 
     state = json.loads((path / STATE_FILE).read_text())
     if is_lora(trainer.unwrapped_policy):  # the base is the initial policy; the checkpoint holds the adapter
         load_adapter(trainer.unwrapped_policy, path)
-    trainer.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    acc = trainer.accelerator
+    if trainer.algorithm.value_head:  # before the optimiser state, which names the head's parameters
+        head = {f"value_head.{k}": v for k, v in load_file(str(path / VALUE_HEAD_FILE)).items()}
+        load_module_state(acc, trainer.policy, head)
+    load_optimizer_state(acc, trainer.policy, trainer.optimizer, torch.load(path / "optimizer.pt", weights_only=True))
     trainer.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    if trainer.algorithm.value_head:
-        trainer.trained_module.value_head.load_state_dict(load_file(str(path / VALUE_HEAD_FILE)))
     for name in ("step", "optimizer_steps", "skipped_updates", "consecutive_skips"):
         setattr(trainer.state, name, state[name])
     trainer.kl_control.load_state_dict(state["kl_control"])

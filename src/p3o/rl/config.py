@@ -44,7 +44,7 @@ class TrainConfig:
     pairs_per_step: int = option(64, "Prompts per rollout over all processes (each samples an equal share), each with its group of responses (a pair for P3O and DPO, num_generations for the others). Global, so a config means the same run on 1 or N processes.")
     num_generations: int | None = option(None, "Responses sampled per prompt (k): rloo (default 2) and grpo (default 4) take k >= 2, ppo and remax k >= 1 (default 1; remax adds a greedy response); p3o and dpo always use 2.")
     num_train_epochs: float | None = option(None, "Passes over --dataset; when given, sets max_steps = ceil(passes * rows / pairs_per_step). The usual way to size dpo.")
-    minibatch_pairs: int | None = option(None, "Prompt groups per optimiser step over all processes; default: the processes times the largest divisor of their share of pairs_per_step that is at most 8. Groups are never split.")
+    minibatch_pairs: int | None = option(None, "Prompt groups per optimiser step over all processes; default: the largest divisor of pairs_per_step that is at most 8 (or the number of processes, if more) and a multiple of the number of processes. Groups are never split.")
     gradient_accumulation_steps: int = option(1, "Micro-batches per optimiser step in each process (each process's share of minibatch_pairs must divide by it); the result is the same, the memory smaller.")
     epochs: int | None = option(None, "Passes (K) over each rollout; groups are reshuffled each pass. Default 4 (dpo and online-dpo: 1).")
     # --- generation ---------------------------------------------------------------------------
@@ -192,9 +192,12 @@ class Sizes:
         return self.minibatch_pairs // self.processes
 
 
-def default_minibatch(pairs_per_step: int, cap: int = 8) -> int:
-    """Largest divisor of pairs_per_step that is at most `cap` (the paper uses 2-8 pairs)."""
-    return max(d for d in range(1, min(cap, pairs_per_step) + 1) if pairs_per_step % d == 0)
+def default_minibatch(pairs_per_step: int, cap: int = 8, processes: int = 1) -> int:
+    """Largest divisor of pairs_per_step that is at most `cap` (the paper uses 2-8 pairs) and that the
+    processes share equally: the single-process default whenever the processes allow it, so that the
+    same command takes the same optimiser steps on 1 or N processes."""
+    cap = max(cap, processes)
+    return max(d for d in range(processes, min(cap, pairs_per_step) + 1, processes) if pairs_per_step % d == 0)
 
 
 def derive_sizes(cfg: TrainConfig, processes: int = 1) -> Sizes:
@@ -203,11 +206,10 @@ def derive_sizes(cfg: TrainConfig, processes: int = 1) -> Sizes:
     if cfg.pairs_per_step % processes:
         raise UsageError(f"--pairs_per_step {cfg.pairs_per_step} is the whole rollout, shared equally by the "
                          f"{processes} processes: make it a multiple of {processes}")
-    local = cfg.pairs_per_step // processes
-    minibatch = cfg.minibatch_pairs or processes * default_minibatch(local)  # default: at most 8 per process
+    minibatch = cfg.minibatch_pairs or default_minibatch(cfg.pairs_per_step, processes=processes)
     if minibatch < 1 or cfg.pairs_per_step % minibatch:
         raise UsageError(f"--pairs_per_step {cfg.pairs_per_step} must be a multiple of --minibatch_pairs {minibatch}; "
-                         f"try --minibatch_pairs {processes * default_minibatch(local)}")
+                         f"try --minibatch_pairs {default_minibatch(cfg.pairs_per_step, processes=processes)}")
     if minibatch % (processes * cfg.gradient_accumulation_steps):
         shared = f" times the {processes} processes sharing it" if processes > 1 else ""
         raise UsageError(f"--minibatch_pairs {minibatch} must be a multiple of --gradient_accumulation_steps "

@@ -42,6 +42,7 @@ from p3o.rl.rollout import (
     supports_logits_to_keep,
     token_logprobs_and_values,
 )
+from p3o.utils.distributed import check_supported, gathered, is_sharded
 from p3o.utils.seeding import generator, seed_global_rng
 
 
@@ -80,6 +81,11 @@ class Trainer:
         self.monitor_reward = monitor_reward  # scored and logged, never trained on
         self.algorithm = get_algorithm(cfg.algo)
         self.accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
+        check_supported(self.accelerator)
+        self.sharded = is_sharded(self.accelerator)  # FSDP2: every forward is a collective
+        if self.sharded and (cfg.use_peft or cfg.generation_backend == "vllm"):
+            raise UsageError("--use_peft and --generation_backend vllm are not supported under FSDP yet; launch "
+                             "with configs/accelerate/ddp.yaml")
         self.sizes = derive_sizes(cfg, self.accelerator.num_processes)
         self.state = TrainerState()
         self.kl_control = KLController(cfg.beta, cfg.kl_target, cfg.kl_horizon)
@@ -96,6 +102,9 @@ class Trainer:
         optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
                                       betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
         self.policy, self.optimizer = self.accelerator.prepare(model, optimizer)  # the trained module
+        if self.sharded:  # FSDP2 sets itself up in the root's first forward; generation calls PPO's inner model first
+            with torch.no_grad():
+                self.policy(input_ids=torch.ones(1, 1, dtype=torch.long, device=self.accelerator.device))
         self.scheduler = _scheduler(cfg, self.optimizer, self.sizes.optimizer_steps)
 
         unwrapped = self.unwrapped_policy
@@ -226,8 +235,9 @@ class Trainer:
         if self.vllm is not None:
             return self.vllm.sample(query_ids, query_mask, k, stream, step, greedy=not gen_config.do_sample)
         seed_global_rng(self.cfg.seed, stream, step)
-        with self.accelerator.autocast():
-            return sample_responses(self.unwrapped_policy, query_ids, query_mask, gen_config, self.eos_ids)
+        with self.accelerator.autocast(), gathered(self.trained_module):
+            return sample_responses(self.unwrapped_policy, query_ids, query_mask, gen_config, self.eos_ids,
+                                    synced=self.sharded)
 
     def log_probs(self, seq: dict, timings: dict, old: bool = True, paired: bool = True) -> dict[str, torch.Tensor]:
         """Token and sequence log-probs under pi_ref and (if `old`) pi_old, the latter with the

@@ -70,10 +70,12 @@ def generation_config(cfg, tokenizer, eos_ids: list[int], greedy: bool = False):
 
 @torch.no_grad()
 def sample_responses(model, query_ids: torch.Tensor, query_mask: torch.Tensor, gen_config,
-                     eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+                     eos_ids: list[int], synced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched, KV-cached sampling. (B, Lq) prompts -> response ids and mask (B, T).
 
     The mask covers tokens up to and including the first EOS (taken from positions, not pad ids).
+    `synced`: the weights are sharded (FSDP), so every process runs a forward pass per token until
+    the last one is done, or the others would wait for it forever.
     """
     from transformers import GenerationConfig
 
@@ -87,7 +89,8 @@ def sample_responses(model, query_ids: torch.Tensor, query_mask: torch.Tensor, g
     saved, model.generation_config = model.generation_config, GenerationConfig()
     try:
         out = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=gen_config,
-                             **({"past_key_values": cache} if cache is not None else {}))  # (B, Lq+T)
+                             **({"past_key_values": cache} if cache is not None else {}),
+                             **({"synced_gpus": True} if synced else {}))  # (B, Lq+T)
     finally:
         model.generation_config = saved
     response_ids = out[:, query_ids.shape[1]:]  # (B, T)

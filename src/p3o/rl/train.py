@@ -28,6 +28,7 @@ from p3o.utils.io import (
     truncate_jsonl,
     write_yaml,
 )
+from p3o.utils.distributed import gathered
 from p3o.utils.tracking import check_trackers, finish_trackers, start_trackers
 
 log = logging.getLogger("p3o")
@@ -77,7 +78,7 @@ def _eval_prompts(cfg: TrainConfig, tokenizer):
     if cfg.eval_dataset is None:
         return None
     prompts = load_prompts(cfg.eval_dataset, tokenizer, column=cfg.prompt_column)
-    return _subset(prompts, 0, cfg.eval_max_prompts or len(prompts))
+    return _subset(prompts, range(min(len(prompts), cfg.eval_max_prompts or len(prompts))))
 
 
 def run_train(cfg: TrainConfig) -> Path:
@@ -203,7 +204,11 @@ class HeldOutEvaluator:
                         if r is not None}
         n, share = len(trainer.eval_prompts), math.ceil(len(trainer.eval_prompts) / acc.num_processes)
         self.first = min(n, acc.process_index * share)  # this process's contiguous share of the prompts
-        self.prompts = _subset(trainer.eval_prompts, self.first, min(n, self.first + share))
+        self.prompts = _subset(trainer.eval_prompts, range(self.first, min(n, self.first + share)))
+        self.real = len(self.prompts)
+        if trainer.sharded:  # every forward is a collective: each process evaluates as many prompts (padded)
+            self.prompts = _subset(trainer.eval_prompts, [*range(self.first, self.first + self.real),
+                                                          *[0] * (share - self.real)])
 
     def __call__(self, step: int) -> str:
         from accelerate.utils import gather_object
@@ -213,10 +218,11 @@ class HeldOutEvaluator:
         t, names = self.trainer, ["kl", "length", *self.rewards]
         samples = []
         if len(self.prompts):
-            with t.accelerator.autocast():  # as in training, so the initial policy's KL is exactly 0 under bf16 too
+            # Under autocast as in training, so the initial policy's KL is exactly 0 under bf16 too.
+            with t.accelerator.autocast(), gathered(t.trained_module):
                 samples = evaluate_policy(t.unwrapped_policy, t.ref_policy, t.tokenizer, self.prompts, self.rewards,
                                           t.cfg.max_new_tokens, seed=self.SEED, temperature=t.cfg.temperature,
-                                          first_index=self.first)["samples"]
+                                          first_index=self.first, synced=t.sharded)["samples"][:self.real]
         if t.accelerator.num_processes > 1:
             samples = gather_object([{name: sample[name] for name in names} for sample in samples])
         point = {"step": step, **summarise(samples, names), "n": len(samples)}
@@ -234,9 +240,10 @@ class HeldOutEvaluator:
             self.writer.close()
 
 
-def _subset(prompts, start: int, stop: int):
-    return dataclasses.replace(prompts, rows=prompts.rows[start:stop], texts=prompts.texts[start:stop],
-                               token_ids=prompts.token_ids[start:stop])
+def _subset(prompts, rows: list[int]):
+    """The prompts at `rows` (a PromptDataset)."""
+    return dataclasses.replace(prompts, rows=[prompts.rows[i] for i in rows], texts=[prompts.texts[i] for i in rows],
+                               token_ids=[prompts.token_ids[i] for i in rows])
 
 
 def _warn_about_inputs(trainer: Trainer) -> None:

@@ -285,6 +285,7 @@ def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_o
     from tqdm.auto import tqdm
 
     from p3o.utils.checkpoints import STATE_FILE, StopRequest
+    from p3o.utils.distributed import check_supported, is_sharded
     from p3o.utils.io import (
         JsonlWriter,
         save_pretrained_atomically,
@@ -297,6 +298,10 @@ def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_o
         raise UsageError(f"{cfg.dataset} leaves no training examples after the held-out split")
     trackers = check_trackers(cfg.report_to)
     acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=trackers or None, project_dir=str(out))
+    check_supported(acc)
+    if is_sharded(acc):
+        raise UsageError(f"{title} does not run under FSDP yet (its checkpoints save whole modules); launch it with "
+                         "configs/accelerate/ddp.yaml or torchrun (DDP)")
     acc.wait_for_everyone()
     saved = json.loads((checkpoint / STATE_FILE).read_text()) if checkpoint else {}
     _check_same_global_batch(saved.get("examples_per_step", 0), cfg, acc.num_processes, checkpoint)  # before any write
