@@ -260,3 +260,32 @@ def test_deepspeed_and_fsdp1_are_refused_in_one_line():
         check_supported(accelerator(DistributedType.FSDP, version=1))
     for fine in (accelerator(DistributedType.FSDP), accelerator(DistributedType.MULTI_GPU), accelerator(DistributedType.NO)):
         check_supported(fine)
+
+
+def test_a_signal_to_one_process_stops_all_at_the_same_step_with_one_checkpoint(assets, tmp_path):
+    """SIGTERM reaches rank 1 only: every process must still save the same step's checkpoint (a
+    save is a collective) and exit 130, instead of rank 0 waiting for rank 1 forever."""
+    import signal
+    import time
+
+    import psutil
+
+    out = tmp_path / "run"
+    args = ["-m", "p3o", "train", "--model_name_or_path", str(assets["llama"]), "--dataset", str(assets["prompts"]),
+            "--reward_fn", f"{assets['rewards']}:fruit", "--output_dir", str(out), "--max_steps", "1000",
+            "--pairs_per_step", "8", "--max_new_tokens", "6", "--disable_progress_bar"]
+    env = {**os.environ, **ENV, "P3O_TEST_FSDP": "0"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    launcher = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size) and time.time() < deadline:
+        time.sleep(0.05)
+    rank1 = [p for p in psutil.Process(launcher.pid).children() if p.environ().get("RANK") == "1"]
+    assert len(rank1) == 1
+    rank1[0].send_signal(signal.SIGTERM)
+    _, err = launcher.communicate(timeout=60)
+    assert err.count("exitcode  : 130") == 2, err[-2000:]  # both processes stopped as asked, none hung or crashed
+    assert err.count("checkpoint saved to") == 2
+    steps = [m["step"] for m in read_jsonl(out / "metrics.jsonl")]
+    state = json.loads((out / f"checkpoint-{steps[-1]}" / "trainer_state.json").read_text())
+    assert state["step"] == steps[-1] == len(steps) and len(list(out.glob("checkpoint-*"))) == 1

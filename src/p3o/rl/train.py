@@ -126,9 +126,10 @@ def _train_into(cfg: TrainConfig, out: Path, checkpoint: Path | None = None) -> 
                       and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps) else None)
         if writers:
             _write_step(metrics, texts, evaluation)
-        if step < cfg.max_steps and ((cfg.save_steps and step % cfg.save_steps == 0) or stop.requested):
+        stopping = stop.agreed(acc.device)
+        if step < cfg.max_steps and ((cfg.save_steps and step % cfg.save_steps == 0) or stopping):
             path = save_checkpoint(trainer, out, cfg.save_total_limit)
-            if stop.requested:
+            if stopping:
                 raise stop.interrupted(step, path)
 
     def _write_step(metrics, texts, evaluation: str | None):

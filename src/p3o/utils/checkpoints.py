@@ -132,6 +132,18 @@ class StopRequest:
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
+    def agreed(self, device) -> bool:
+        """Whether any process has been asked to stop. Several processes must all stop (and save) at
+        the same step, whichever got the signal first: a collective, called by all at every step."""
+        import torch
+
+        from p3o.utils.distributed import sum_across_processes
+
+        asked = sum_across_processes(torch.tensor([float(self.requested is not None)], device=device)).item() > 0
+        if asked and self.requested is None:
+            self.requested = "a signal to another process"
+        return asked
+
     def interrupted(self, step: int, path: Path) -> TrainingInterrupted:
         return TrainingInterrupted(f"stopped by {self.requested} after step {step}; checkpoint saved to {path}. "
                                    "Continue with the same command plus --resume")

@@ -139,11 +139,12 @@ def fit(cfg: SupervisedConfig, model, train: list[dict], held_out: list[dict], s
     start = time.perf_counter()
 
     def save_if_due(last_of_epoch: bool = False) -> None:
-        due = (cfg.save_steps and state.step % cfg.save_steps == 0) or (stop is not None and stop.requested)
+        stopping = stop is not None and stop.agreed(accelerator.device)
+        due = (cfg.save_steps and state.step % cfg.save_steps == 0) or stopping
         if out is None or not due or state.step >= total or last_of_epoch:  # an epoch's end waits for its evaluation
             return
         path = _save_checkpoint(out, cfg, state, accelerator, model, optimizer, scheduler)
-        if stop is not None and stop.requested:
+        if stopping:
             raise stop.interrupted(state.step, path)
 
     for epoch in range(cfg.num_train_epochs):
