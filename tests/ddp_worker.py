@@ -60,10 +60,13 @@ def record_sharding(trainer, out: Path, rank: int) -> None:
 
 def run(out: Path, fixed: bool, argv: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    if argv[0] == "train":  # the whole command, as `p3o train` runs it
-        from p3o.cli import main
+    if argv[0] in ("train", "sft", "rm"):  # the whole command, as `p3o` runs it (but leaving the process group up)
+        import importlib
 
-        assert main(argv) == 0
+        from p3o.cli import build_parser
+
+        args = build_parser().parse_args(argv)
+        importlib.import_module(args.module).run(args)
         return
     trainer = build_trainer(config_from_argv(TrainConfig, argv))
     acc = trainer.accelerator

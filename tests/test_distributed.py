@@ -69,12 +69,22 @@ def _launch_worker_runs(assets, root: Path) -> None:
            for algo in SAMPLED] + [fixed(f"two-{a}-{g}", a, g) for a, g in FIXED]
     one = [fixed(f"one-{a}-{g}", a, g) for a, g in FIXED]
     held_out = write_jsonl(root / "held_out.jsonl", prompt_rows(9, seed=7))  # 5 + 4: FSDP pads the second share
-    fsdp = [fixed(f"fsdp-{a}-{g}", a, g) for a, g in FSDP] + [  # the whole command last: it ends the process group
+    fsdp = [fixed(f"fsdp-{a}-{g}", a, g) for a, g in FSDP] + [
         {"name": "fsdp-cli", "fixed": False, "argv": train_cli(assets, root / "fsdp-cli" / "run", held_out, steps=2)}]
+    for stage in ("sft", "rm"):
+        data = write_jsonl(root / f"{stage}.jsonl", supervised_rows(stage))
+        fsdp.append({"name": f"fsdp-{stage}", "fixed": False,
+                     "argv": [*supervised_cli(assets, stage, data), "--output_dir", str(root / f"fsdp-{stage}" / "run"),
+                              "--per_device_train_batch_size", "4"]})
     for name, processes, runs in (("two", 2, two), ("one", 1, one), ("fsdp", 2, fsdp)):
         spec = root / f"{name}.json"
         spec.write_text(json.dumps(runs))
         launch(processes, str(WORKER), str(root), str(spec), fsdp=name == "fsdp")
+
+
+def launched_argv(root: Path, name: str) -> list[str]:
+    """The flags a worker run was launched with (its paths are those of the xdist worker that launched it)."""
+    return next(run["argv"] for run in json.loads((root / "fsdp.json").read_text()) if run["name"] == name)
 
 
 def records(root: Path, processes: int) -> list[dict]:
@@ -156,35 +166,45 @@ def supervised_rows(stage: str, n: int = 39) -> list[dict]:
     return rows
 
 
-@pytest.mark.parametrize("stage", ["sft", "rm"])
-def test_supervised_stage_on_two_processes_takes_the_single_process_steps(assets, tmp_path, stage):
-    """2 processes x 4 examples take the steps of 1 process x 8 (29 training examples: the last
-    batch splits 3 + 2), evaluate the held-out split together, and resume on 1 process only with
-    the same global batch."""
-    data = write_jsonl(tmp_path / "data.jsonl", supervised_rows(stage))
-    common = [stage, "--model_name_or_path", str(assets["llama"]), "--dataset", str(data), "--eval_fraction", "0.25",
-              "--learning_rate", "1e-3", "--logging_steps", "1", "--save_steps", "2", "--disable_progress_bar"]
-    two, one = tmp_path / "two", tmp_path / "one"
-    launch(2, "-m", "p3o", *common, "--output_dir", str(two), "--per_device_train_batch_size", "4")
-    assert main([*common, "--output_dir", str(one), "--per_device_train_batch_size", "8"]) == 0
-    split, single = read_jsonl(two / "metrics.jsonl"), read_jsonl(one / "metrics.jsonl")
+def supervised_cli(assets, stage: str, data: Path) -> list[str]:
+    return [stage, "--model_name_or_path", str(assets["llama"]), "--dataset", str(data), "--eval_fraction", "0.25",
+            "--learning_rate", "1e-3", "--logging_steps", "1", "--save_steps", "2", "--disable_progress_bar"]
+
+
+def assert_same_steps(split: list[dict], single: list[dict]) -> None:
     assert [m["step"] for m in split] == [m["step"] for m in single] == [1, 2, 3, 4, 4]  # 4 steps, then the evaluation
     for a, b in zip(split, single):
         assert a.keys() == b.keys()
         for name in a.keys() - {"elapsed", "lr"}:
             assert a[name] == pytest.approx(b[name], rel=1e-4, abs=1e-6), name
+
+
+def assert_close_weights(a: Path, b: Path) -> None:
     # Adam turns float-rounding-sized gradient differences into visible update differences on
     # near-zero gradients, so the weights match to a tenth of one step (lr 1e-3); the losses and
-    # gradient norms above carry the exact check.
-    weights = [load_file(str(d / "model.safetensors")) for d in (two, one)]
-    for name in weights[1]:
-        assert torch.allclose(weights[0][name], weights[1][name], atol=1e-4), name
+    # gradient norms carry the exact check.
+    first, second = (load_file(str(d / "model.safetensors")) for d in (a, b))
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.allclose(first[name], second[name], atol=1e-4), name
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_supervised_stage_on_two_processes_takes_the_single_process_steps(assets, tmp_path, stage):
+    """2 processes x 4 examples take the steps of 1 process x 8 (29 training examples: the last
+    batch splits 3 + 2), evaluate the held-out split together, and resume on 1 process only with
+    the same global batch."""
+    common = supervised_cli(assets, stage, write_jsonl(tmp_path / "data.jsonl", supervised_rows(stage)))
+    two, one = tmp_path / "two", tmp_path / "one"
+    launch(2, "-m", "p3o", *common, "--output_dir", str(two), "--per_device_train_batch_size", "4")
+    assert main([*common, "--output_dir", str(one), "--per_device_train_batch_size", "8"]) == 0
+    assert_same_steps(read_jsonl(two / "metrics.jsonl"), read_jsonl(one / "metrics.jsonl"))
+    assert_close_weights(two, one)
 
     # Resuming the 2-process run on 1 process must keep its 8 examples per optimiser step.
     assert main([*common, "--output_dir", str(two), "--per_device_train_batch_size", "4", "--resume"]) == 2
     assert main([*common, "--output_dir", str(two), "--per_device_train_batch_size", "8", "--resume"]) == 0
-    resumed = load_file(str(two / "model.safetensors"))
-    assert all(torch.allclose(resumed[n], weights[1][n], atol=1e-4) for n in resumed)
+    assert_close_weights(two, one)
 
 
 def test_two_processes_learn_the_held_out_word_task_as_well_as_one(assets, tmp_path):
@@ -239,7 +259,9 @@ def test_an_fsdp_checkpoint_resumes_on_one_process(assets, worker_runs):
     optimizer = torch.load(out / "checkpoint-1" / "optimizer.pt", weights_only=True)
     assert set(optimizer["state"]) == set(initial)  # every parameter's moments, whole, by name
     assert all(optimizer["state"][k]["exp_avg"].shape == initial[k].shape for k in initial)
-    assert main([*train_cli(assets, out, worker_runs / "held_out.jsonl", steps=3), "--resume"]) == 0
+    launched = launched_argv(worker_runs, "fsdp-cli")
+    assert main([*launched[:launched.index("--max_steps") + 1], "3", *launched[launched.index("--max_steps") + 2:],
+                 "--resume"]) == 0
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
 
 
@@ -290,3 +312,18 @@ def test_a_signal_to_one_process_stops_all_at_the_same_step_with_one_checkpoint(
     steps = [m["step"] for m in read_jsonl(out / "metrics.jsonl")]
     state = json.loads((out / f"checkpoint-{steps[-1]}" / "trainer_state.json").read_text())
     assert state["step"] == steps[-1] == len(steps) and len(list(out.glob("checkpoint-*"))) == 1
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_supervised_stage_under_fsdp_takes_the_single_process_steps(assets, worker_runs, tmp_path, stage):
+    """`p3o sft`/`rm` under FSDP2 on 2 processes x 4 examples: the steps, evaluation and saved model
+    of 1 process x 8; its mid-run checkpoint (whole weights and optimiser state) resumes on 1 process."""
+    fsdp, one = worker_runs / f"fsdp-{stage}" / "run", tmp_path / "one"
+    common = launched_argv(worker_runs, f"fsdp-{stage}")[:-4]  # as launched (the first xdist worker's paths)
+    assert main([*common, "--output_dir", str(one), "--per_device_train_batch_size", "8"]) == 0
+    assert_same_steps(read_jsonl(fsdp / "metrics.jsonl"), read_jsonl(one / "metrics.jsonl"))
+    assert_close_weights(fsdp, one)
+    optimizer = torch.load(fsdp / "checkpoint-2" / "optimizer.pt", weights_only=True)
+    assert optimizer["state"] and all(isinstance(name, str) for name in optimizer["state"])  # whole, by name
+    assert main([*common, "--output_dir", str(fsdp), "--per_device_train_batch_size", "8", "--resume"]) == 0
+    assert_close_weights(fsdp, one)

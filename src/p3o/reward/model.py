@@ -48,6 +48,7 @@ class LastTokenReward(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
+        self._no_split_modules = getattr(model, "_no_split_modules", None)  # FSDP shards the model's blocks
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return last_token_scores(self.model, input_ids, attention_mask)

@@ -103,7 +103,7 @@ def save_pretrained_atomically(model, tokenizer, out: Path, state_dict=None, sav
 
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".saving-"))
     try:
-        kwargs = {"state_dict": _without_aliases(model, state_dict)} if state_dict is not None else {}
+        kwargs = {"state_dict": without_aliases(model, state_dict)} if state_dict is not None else {}
         if save_function is not None:
             kwargs["save_function"] = save_function
         model.save_pretrained(tmp, safe_serialization=True, **kwargs)
@@ -121,7 +121,7 @@ def save_pretrained_atomically(model, tokenizer, out: Path, state_dict=None, sav
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _without_aliases(model, state_dict: dict) -> dict:
+def without_aliases(model, state_dict: dict) -> dict:
     """Drop the second names of tied parameters (lm_head = embeddings): a gathered state dict (FSDP)
     holds them as separate copies, which `save_pretrained` could not recognise as one tensor."""
     aliases = ({n for n, _ in model.named_parameters(remove_duplicate=False)}

@@ -26,6 +26,14 @@ import torch
 
 from p3o.cli.args import option
 from p3o.errors import UsageError
+from p3o.utils.distributed import (
+    check_supported,
+    full_optimizer_state,
+    is_sharded,
+    load_module_state,
+    load_optimizer_state,
+    sum_across_processes,
+)
 from p3o.utils.seeding import generator
 
 
@@ -134,7 +142,7 @@ def fit(cfg: SupervisedConfig, model, train: list[dict], held_out: list[dict], s
     total = steps_per_epoch * cfg.num_train_epochs
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * total),
                               num_training_steps=total)
-    state = _load_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler) if checkpoint else FitState()
+    state = _load_checkpoint(checkpoint, accelerator, model, optimizer, scheduler) if checkpoint else FitState()
     state.examples_per_step = batch
     start = time.perf_counter()
 
@@ -186,9 +194,10 @@ def _share(examples: list, part: int, parts: int) -> list:
 
 @torch.no_grad()
 def _evaluate(stage: Stage, accelerator, model, held_out: list[dict]) -> dict[str, float]:
-    """Each process its share of the held-out examples; totals added up over the processes."""
-    from p3o.utils.distributed import sum_across_processes
-
+    """Each process its share of the held-out examples; totals added up over the processes. Under
+    FSDP every forward is a collective, so every process evaluates all of them instead."""
+    if is_sharded(accelerator):
+        return stage.eval_metrics(stage.eval_totals(accelerator.unwrap_model(model), held_out))
     share = _share(held_out, accelerator.process_index, accelerator.num_processes)
     totals = stage.eval_totals(accelerator.unwrap_model(model), share)  # zeros for an empty share
     summed = sum_across_processes(torch.tensor(list(totals.values()), dtype=torch.float64, device=accelerator.device))
@@ -196,14 +205,21 @@ def _evaluate(stage: Stage, accelerator, model, held_out: list[dict]) -> dict[st
 
 
 def _save_checkpoint(out, cfg, state: FitState, accelerator, model, optimizer, scheduler):
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file, save_model
 
     from p3o.utils.checkpoints import STATE_FILE, rng_state, write_checkpoint
-    from p3o.utils.io import atomic_write_text
+    from p3o.utils.io import atomic_write_text, without_aliases
+
+    sharded = is_sharded(accelerator)
+    weights = accelerator.get_state_dict(model) if sharded else None  # FSDP: gathered whole (a collective)
+    optimizer_state = full_optimizer_state(accelerator, model, optimizer)
 
     def write(tmp) -> None:
-        save_model(accelerator.unwrap_model(model), str(tmp / "model.safetensors"))  # tied weights stored once
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if sharded:
+            save_file(without_aliases(accelerator.unwrap_model(model), weights), str(tmp / "model.safetensors"))
+        else:
+            save_model(accelerator.unwrap_model(model), str(tmp / "model.safetensors"))  # tied weights stored once
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         atomic_write_text(tmp / STATE_FILE, json.dumps(dataclasses.asdict(state), indent=1))  # last: marks it complete
@@ -215,13 +231,16 @@ def _save_checkpoint(out, cfg, state: FitState, accelerator, model, optimizer, s
     return path
 
 
-def _load_checkpoint(path, model, optimizer, scheduler) -> FitState:
-    from safetensors.torch import load_model
+def _load_checkpoint(path, accelerator, model, optimizer, scheduler) -> FitState:
+    from safetensors.torch import load_file, load_model
 
     from p3o.utils.checkpoints import STATE_FILE, set_rng_state
 
-    load_model(model, str(path / "model.safetensors"))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    if is_sharded(accelerator):  # each process keeps its shard of the whole tensors
+        load_module_state(accelerator, model, load_file(str(path / "model.safetensors")))
+    else:
+        load_model(accelerator.unwrap_model(model), str(path / "model.safetensors"))
+    load_optimizer_state(accelerator, model, optimizer, torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     set_rng_state(torch.load(path / "rng.pt", weights_only=True))
     return FitState(**json.loads((path / STATE_FILE).read_text()))
@@ -234,17 +253,16 @@ def _optimizer_step(cfg, model, optimizer, scheduler, examples: list[dict], stag
     averages over processes, hence the factor), so accumulation and processes equal one large batch.
     A non-finite loss or gradient on any process skips the step on all; `max_consecutive_skips` of
     them in a row stop the run."""
-    from p3o.utils.distributed import sum_across_processes
-
-    processes = accelerator.num_processes
+    processes, size = accelerator.num_processes, cfg.per_device_train_batch_size
     local = _share(examples, accelerator.process_index, processes)
-    weight = 1.0 if local else 0.0  # a process left without examples (the epoch's last batch) adds a zero gradient
-    local = local or examples[:1]
-    size = cfg.per_device_train_batch_size
-    parts = [local[i:i + size] for i in range(0, len(local), size)]
+    counted = [(local[i:i + size], 1.0) for i in range(0, len(local), size)]
+    # Every process runs as many micro-batches (under FSDP each forward is a collective): one left
+    # short (the epoch's last batch) adds weight-0 ones, a zero gradient.
+    most = math.ceil(math.ceil(len(examples) / processes) / size)
+    parts = counted + [(examples[:1], 0.0)] * (most - len(counted))
     normaliser = stage.units(examples) / processes
     total, stats = 0.0, {}
-    for i, part in enumerate(parts):
+    for i, (part, weight) in enumerate(parts):
         sync = contextlib.nullcontext() if i == len(parts) - 1 else accelerator.no_sync(model)
         with sync:
             with accelerator.autocast():
@@ -258,7 +276,7 @@ def _optimizer_step(cfg, model, optimizer, scheduler, examples: list[dict], stag
     # One sum over the processes: the loss (each process holds its share), the statistics (weighted
     # by examples) and the count of processes with a non-finite loss or gradient.
     names = sorted(stats)
-    local_values = [total, float(not (math.isfinite(grad_norm) and math.isfinite(total))), weight * len(local),
+    local_values = [total, float(not (math.isfinite(grad_norm) and math.isfinite(total))), len(local),
                     *(stats[n] for n in names)]
     summed = sum_across_processes(torch.tensor(local_values, dtype=torch.float64, device=accelerator.device)).tolist()
     total, non_finite, counted = summed[0] / processes, summed[1], summed[2]
@@ -286,7 +304,6 @@ def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_o
     from tqdm.auto import tqdm
 
     from p3o.utils.checkpoints import STATE_FILE, StopRequest
-    from p3o.utils.distributed import check_supported, is_sharded
     from p3o.utils.io import (
         JsonlWriter,
         save_pretrained_atomically,
@@ -300,9 +317,6 @@ def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_o
     trackers = check_trackers(cfg.report_to)
     acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=trackers or None, project_dir=str(out))
     check_supported(acc)
-    if is_sharded(acc):
-        raise UsageError(f"{title} does not run under FSDP yet (its checkpoints save whole modules); launch it with "
-                         "configs/accelerate/ddp.yaml or torchrun (DDP)")
     acc.wait_for_everyone()
     saved = json.loads((checkpoint / STATE_FILE).read_text()) if checkpoint else {}
     _check_same_global_batch(saved.get("examples_per_step", 0), cfg, acc.num_processes, checkpoint)  # before any write
@@ -338,13 +352,26 @@ def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_o
             writer.close()
         finish_trackers(acc)
     acc.wait_for_everyone()
-    model = saved_model if saved_model is not None else acc.unwrap_model(model)
+    trained = acc.unwrap_model(model)
+    state_dict = _gathered_weights(acc, model, saved_model or trained) if is_sharded(acc) else None
+    model = saved_model if saved_model is not None else trained
     if acc.is_main_process:
         if getattr(model, "generation_config", None) is not None and tokenizer.eos_token_id is not None:
             model.generation_config.eos_token_id = tokenizer.eos_token_id
             model.generation_config.pad_token_id = tokenizer.pad_token_id
-        save_pretrained_atomically(model, tokenizer, out)
+        save_pretrained_atomically(model, tokenizer, out, state_dict=state_dict)
     return evaluations
+
+
+def _gathered_weights(acc, model, saved) -> dict:
+    """FSDP: the whole state dict of `saved` (the trained module or a part of it, as the reward
+    model's classifier inside its scorer), gathered from the shards (a collective: all call it)."""
+    state_dict = acc.get_state_dict(model)
+    trained = acc.unwrap_model(model)
+    if saved is trained:
+        return state_dict
+    prefix = next(name for name, module in trained.named_modules() if module is saved) + "."
+    return {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def _fit_context(cfg: SupervisedConfig, model) -> None:
