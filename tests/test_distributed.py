@@ -43,13 +43,14 @@ FSDP = [("p3o-v1", "token-mean"), ("ppo", "token-mean")]
 
 
 @pytest.fixture(scope="session")
-def worker_runs(assets, tmp_path_factory) -> Path:
+def worker_runs(assets, tmp_path_factory, worker_id) -> Path:
     """Every ddp_worker run of this file, in two launches: on 2 processes, sampled runs (SAMPLED)
     and the FIXED runs with 4 prompts a process; on 1 process, the FIXED runs with all 8. The first
     pytest-xdist worker to get here launches them; the others wait for it and read the results."""
     from filelock import FileLock
 
-    root = tmp_path_factory.getbasetemp().parent / "worker-runs"  # shared by the xdist workers
+    session = tmp_path_factory.getbasetemp()  # under xdist, each worker's own directory in the session's
+    root = (session if worker_id == "master" else session.parent) / "worker-runs"  # shared by this session only
     with FileLock(f"{root}.lock"):
         if not (root / "done").is_file():
             _launch_worker_runs(assets, root)
