@@ -42,7 +42,7 @@ from p3o.rl.rollout import (
     supports_logits_to_keep,
     token_logprobs_and_values,
 )
-from p3o.utils.distributed import check_supported, gathered, is_sharded
+from p3o.utils.distributed import check_supported, gathered, is_sharded, sum_across_processes
 from p3o.utils.seeding import generator, seed_global_rng
 
 
@@ -394,8 +394,7 @@ class Trainer:
         if self.accelerator.num_processes == 1:
             return values
         stacked = torch.tensor(list(values.values()), device=self.accelerator.device, dtype=torch.float64)
-        reduced = self.accelerator.reduce(stacked, reduction="mean")
-        return dict(zip(values, reduced.tolist()))
+        return dict(zip(values, (sum_across_processes(stacked) / self.accelerator.num_processes).tolist()))
 
 
 @contextlib.contextmanager
