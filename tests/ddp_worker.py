@@ -39,6 +39,8 @@ def fixed_responses(trainer):
 
 def record_first_gradient(trainer, out: Path, rank: int):
     """Write the (synchronised) gradient at the first optimiser step, before Adam's sign-like step."""
+    if trainer.deepspeed:  # the engine's step clips and updates: read ZeRO's reduced, partitioned gradients before it
+        return record_first_deepspeed_gradient(trainer, out, rank)
     step, module = trainer.optimizer.step, trainer.trained_module
 
     def record_then_step(*args, **kwargs):
@@ -52,9 +54,30 @@ def record_first_gradient(trainer, out: Path, rank: int):
     trainer.optimizer.step = record_then_step
 
 
+def record_first_deepspeed_gradient(trainer, out: Path, rank: int):
+    from deepspeed.utils import safe_get_full_grad
+
+    engine, path = trainer.policy, out / f"grad{rank}.safetensors"
+    step = engine.step
+
+    def record_then_step(*args, **kwargs):
+        grads = {n: safe_get_full_grad(p) for n, p in engine.module.named_parameters()}  # a collective (every rank)
+        grads = {n: g.detach().reshape(getattr(p, "ds_shape", p.shape)).clone()
+                 for (n, g), p in zip(grads.items(), engine.module.parameters()) if g is not None}
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()]))
+        if trainer.cfg.max_grad_norm > 0:  # as clipped inside the step (and by clip_grad_norm_ without DeepSpeed)
+            grads = {n: g * min(1.0, trainer.cfg.max_grad_norm / (float(norm) + 1e-6)) for n, g in grads.items()}
+        if not path.exists():
+            save_file({n: g.contiguous() for n, g in grads.items()}, str(path))
+        return step(*args, **kwargs)
+
+    engine.step = record_then_step
+
+
 def record_sharding(trainer, out: Path, rank: int) -> None:
     """How many of each parameter's elements this process holds (FSDP: about a share)."""
-    held = {name: (p.to_local() if hasattr(p, "to_local") else p).numel() for name, p in trainer.policy.named_parameters()}
+    held = {name: (p.ds_tensor if hasattr(p, "ds_tensor") else p.to_local() if hasattr(p, "to_local") else p).numel()
+            for name, p in trainer.trained_module.named_parameters()}
     (out / f"held{rank}.json").write_text(json.dumps(held))
 
 
@@ -107,6 +130,25 @@ def force_fsdp_on_cpu() -> None:
     accelerate.Accelerator = FSDPOnCPU
 
 
+def force_deepspeed_on_cpu() -> None:
+    """DeepSpeed on CPU, as `accelerate launch --use_deepspeed --zero_stage N` asks for it
+    (ACCELERATE_USE_DEEPSPEED=true, ACCELERATE_DEEPSPEED_ZERO_STAGE=N, and no ACCELERATE_USE_CPU, under
+    which accelerate ignores DeepSpeed). Without a GPU accelerate finds no backend and reports one
+    process; naming gloo makes it read the world size of the process group DeepSpeed started."""
+    import accelerate
+    import deepspeed.ops
+    from accelerate.utils import InitProcessGroupKwargs
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # plain gloo collectives: no 20-45 s JIT build of DeepSpeed's shared-memory op
+
+    class DeepSpeedOnCPU(accelerate.Accelerator):
+        def __init__(self, *args, **kwargs):
+            kwargs["kwargs_handlers"] = [*kwargs.get("kwargs_handlers", []), InitProcessGroupKwargs(backend="gloo")]
+            super().__init__(*args, **kwargs)
+
+    accelerate.Accelerator = DeepSpeedOnCPU
+
+
 def main() -> None:
     """argv: an output directory and a JSON file of runs, each {"name", "fixed", "argv"}: one launch
     runs them all in turn (a launch costs seconds of imports; a tiny run far less). With
@@ -115,6 +157,8 @@ def main() -> None:
 
     if os.environ.get("P3O_TEST_FSDP") == "1":
         force_fsdp_on_cpu()
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+        force_deepspeed_on_cpu()
     out, runs = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
     for spec in runs:
         run(out / spec["name"], spec["fixed"], spec["argv"])

@@ -19,10 +19,14 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 ENV = {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
 
 
-def launch(processes: int, *target: str, fsdp: bool = False) -> subprocess.CompletedProcess:
+def launch(processes: int, *target: str, fsdp: bool = False, zero_stage: int = 0) -> subprocess.CompletedProcess:
     """`torchrun --standalone` (a free port of its own) on `processes` CPU processes; `fsdp`: the
-    worker shards every run with FSDP2 (see ddp_worker.force_fsdp_on_cpu)."""
+    worker shards every run with FSDP2 (see ddp_worker.force_fsdp_on_cpu); `zero_stage` 2 or 3: DeepSpeed
+    ZeRO (ddp_worker.force_deepspeed_on_cpu)."""
     env = {**os.environ, **ENV, "PYTHONPATH": str(WORKER.parent), "P3O_TEST_FSDP": "1" if fsdp else "0"}
+    if zero_stage:  # accelerate ignores DeepSpeed under ACCELERATE_USE_CPU
+        env.pop("ACCELERATE_USE_CPU")
+        env.update(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE=str(zero_stage))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
                *target]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -77,10 +81,15 @@ def _launch_worker_runs(assets, root: Path) -> None:
         fsdp.append({"name": f"fsdp-{stage}", "fixed": False,
                      "argv": [*supervised_cli(assets, stage, data), "--output_dir", str(root / f"fsdp-{stage}" / "run"),
                               "--per_device_train_batch_size", "4"]})
-    for name, processes, runs in (("two", 2, two), ("one", 1, one), ("fsdp", 2, fsdp)):
+    zero = {stage: [fixed(f"zero{stage}-{a}-{g}", a, g) for a, g in FIXED] + [
+        {"name": f"zero{stage}-sampled-ppo", "fixed": False, "argv": run_args(assets, root / f"zero{stage}-ppo", "ppo", pairs=8)}]
+        for stage in (2, 3)}
+    for name, processes, runs in (("two", 2, two), ("one", 1, one), ("fsdp", 2, fsdp), ("zero2", 2, zero[2]),
+                                  ("zero3", 2, zero[3])):
         spec = root / f"{name}.json"
         spec.write_text(json.dumps(runs))
-        launch(processes, str(WORKER), str(root), str(spec), fsdp=name == "fsdp")
+        launch(processes, str(WORKER), str(root), str(spec), fsdp=name == "fsdp",
+               zero_stage=int(name[-1]) if name.startswith("zero") else 0)
 
 
 def launched_argv(root: Path, name: str) -> list[str]:
@@ -266,7 +275,33 @@ def test_an_fsdp_checkpoint_resumes_on_one_process(assets, worker_runs):
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
 
 
-def test_deepspeed_and_fsdp1_are_refused_in_one_line():
+@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("algo,aggregation", FIXED)
+def test_deepspeed_zero_takes_the_single_process_gradient_and_update(worker_runs, stage, algo, aggregation):
+    """DeepSpeed ZeRO-2/3 on 2 CPU processes: the first (gathered, clipped) gradient equals 1 process's
+    on the same 8 prompts' fixed rollouts, and so does the first update."""
+    run, one = worker_runs / f"zero{stage}-{algo}-{aggregation}", worker_runs / f"one-{algo}-{aggregation}"
+    assert [r["processes"] for r in records(run, 2)] == [2, 2]
+    single = load_file(str(one / "grad0.safetensors"))
+    for rank in range(2):
+        split = load_file(str(run / f"grad{rank}.safetensors"))
+        assert split.keys() == single.keys()
+        for name in single:
+            assert torch.allclose(split[name], single[name], atol=1e-7, rtol=1e-4), f"rank {rank}: {name}"
+    updated, reference = (load_file(str(d / "rank0.safetensors")) for d in (run, one))
+    for name in reference:
+        assert torch.allclose(updated[name], reference[name], atol=1e-4), name  # a tenth of one step (lr 1e-2)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_trains_sampled_ppo_as_ddp(worker_runs, stage):
+    zero, ddp = worker_runs / f"zero{stage}-sampled-ppo", worker_runs / "sampled-ppo"
+    assert records(zero, 2)[0]["reward"] == records(ddp, 2)[0]["reward"]
+    weights, reference = (load_file(str(d / "rank0.safetensors")) for d in (zero, ddp))
+    assert all(torch.allclose(weights[k], reference[k], atol=1e-4) for k in reference)
+
+
+def test_deepspeed_below_zero2_and_fsdp1_are_refused_in_one_line():
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
@@ -274,11 +309,13 @@ def test_deepspeed_and_fsdp1_are_refused_in_one_line():
     from p3o.errors import UsageError
     from p3o.utils.distributed import check_supported
 
-    def accelerator(kind, version=2):
-        return SimpleNamespace(distributed_type=kind, state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=version)))
+    def accelerator(kind, version=2, stage=2):
+        return SimpleNamespace(distributed_type=kind, state=SimpleNamespace(
+            fsdp_plugin=SimpleNamespace(fsdp_version=version), deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
 
-    with pytest.raises(UsageError, match="DeepSpeed is not supported yet.*fsdp.yaml"):
-        check_supported(accelerator(DistributedType.DEEPSPEED))
+    with pytest.raises(UsageError, match="ZeRO stage 2 or 3 only"):
+        check_supported(accelerator(DistributedType.DEEPSPEED, stage=1))
+    check_supported(accelerator(DistributedType.DEEPSPEED, stage=3))
     with pytest.raises(UsageError, match="FSDP version 1 is not supported"):
         check_supported(accelerator(DistributedType.FSDP, version=1))
     for fine in (accelerator(DistributedType.FSDP), accelerator(DistributedType.MULTI_GPU), accelerator(DistributedType.NO)):

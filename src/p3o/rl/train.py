@@ -28,7 +28,7 @@ from p3o.utils.io import (
     truncate_jsonl,
     write_yaml,
 )
-from p3o.utils.distributed import gathered
+from p3o.utils.distributed import gathered, loading_whole
 from p3o.utils.tracking import check_trackers, finish_trackers, start_trackers
 
 log = logging.getLogger("p3o")
@@ -61,10 +61,11 @@ def build_trainer(cfg: TrainConfig, checkpoint: Path | None = None) -> Trainer:
         log.warning("grpo with --num_generations 2 keeps only the sign of r1 - r2: the reward advantages are "
                     "+-1/sqrt(2) whatever the gap (and 0 for a tie); use k >= 4, or rloo / p3o for pairs")
     full_weights = checkpoint if checkpoint and not cfg.use_peft else None  # a LoRA checkpoint holds the adapter only
-    policy = load_causal_lm(str(full_weights or cfg.model_name_or_path), cfg.trust_remote_code, cfg.torch_dtype,
-                            what="policy")
-    ref_path = cfg.ref_model_name_or_path or (cfg.model_name_or_path if full_weights else None)
-    ref = load_causal_lm(ref_path, cfg.trust_remote_code, cfg.torch_dtype, what="reference model") if ref_path else None
+    with loading_whole(accelerator):  # ZeRO-3: partitioned by `prepare`, not while loading
+        policy = load_causal_lm(str(full_weights or cfg.model_name_or_path), cfg.trust_remote_code, cfg.torch_dtype,
+                                what="policy")
+        ref_path = cfg.ref_model_name_or_path or (cfg.model_name_or_path if full_weights else None)
+        ref = load_causal_lm(ref_path, cfg.trust_remote_code, cfg.torch_dtype, what="reference model") if ref_path else None
     monitor = build_reward(cfg.monitor_reward_fn, None) if cfg.monitor_reward_fn else None
     trainer = Trainer(cfg, policy, tokenizer, reward, prompts, ref_policy=ref, accelerator=accelerator,
                       monitor_reward=monitor)
@@ -163,7 +164,7 @@ def _train_into(cfg: TrainConfig, out: Path, checkpoint: Path | None = None) -> 
 
 def _save_policy(trainer: Trainer, out: Path) -> None:
     acc = trainer.accelerator
-    state_dict = acc.get_state_dict(trainer.policy)  # a collective under FSDP/ZeRO-3: every process calls it
+    state_dict = acc.get_state_dict(trainer.policy) or {}  # a collective under FSDP/ZeRO-3 (None off the main process)
     extra = {}
     if trainer.algorithm.value_head:  # the policy directory stays a plain causal LM; the critic sits beside it
         state_dict, extra[VALUE_HEAD_FILE] = split_state_dict(state_dict)
