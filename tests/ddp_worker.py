@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from p3o.cli.args import config_from_argv
 from p3o.rl.config import TrainConfig
 from p3o.rl.train import build_trainer
-from p3o.utils.distributed import shut_down
+from p3o.utils.distributed import is_deepspeed, shut_down
 
 
 def fixed_responses(trainer):
@@ -39,7 +39,7 @@ def fixed_responses(trainer):
 
 def record_first_gradient(trainer, out: Path, rank: int):
     """Write the (synchronised) gradient at the first optimiser step, before Adam's sign-like step."""
-    if trainer.deepspeed:  # the engine's step clips and updates: read ZeRO's reduced, partitioned gradients before it
+    if is_deepspeed(trainer.accelerator):  # the engine's step clips and updates: read ZeRO's reduced, partitioned gradients before it
         return record_first_deepspeed_gradient(trainer, out, rank)
     step, module = trainer.optimizer.step, trainer.trained_module
 
@@ -149,10 +149,18 @@ def force_deepspeed_on_cpu() -> None:
     accelerate.Accelerator = DeepSpeedOnCPU
 
 
+def forget_deepspeed_config() -> None:
+    """A `p3o` command is one per process: its Accelerator's DeepSpeed config (which transformers then
+    applies to every model it loads, partitioning it under ZeRO-3) must not outlive the run."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+
+
 def main() -> None:
     """argv: an output directory and a JSON file of runs, each {"name", "fixed", "argv"}: one launch
     runs them all in turn (a launch costs seconds of imports; a tiny run far less). With
-    P3O_TEST_FSDP=1 every run is sharded with FSDP2."""
+    P3O_TEST_FSDP=1 every run is sharded with FSDP2; with ACCELERATE_USE_DEEPSPEED, with ZeRO."""
     import os
 
     if os.environ.get("P3O_TEST_FSDP") == "1":
@@ -162,6 +170,7 @@ def main() -> None:
     out, runs = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
     for spec in runs:
         run(out / spec["name"], spec["fixed"], spec["argv"])
+        forget_deepspeed_config()
     shut_down()  # as `p3o` does: a gloo group freed while Python finalises may abort the process
 
 

@@ -42,7 +42,17 @@ from p3o.rl.rollout import (
     supports_logits_to_keep,
     token_logprobs_and_values,
 )
-from p3o.utils.distributed import check_supported, configure_deepspeed, gathered, is_deepspeed, is_sharded, sum_across_processes
+from p3o.utils.distributed import (
+    backward,
+    check_supported,
+    clip_and_step,
+    configure_for_updates,
+    gathered,
+    is_deepspeed,
+    is_sharded,
+    micro_batch,
+    sum_across_processes,
+)
 from p3o.utils.seeding import generator, seed_global_rng
 
 
@@ -83,13 +93,11 @@ class Trainer:
         self.accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
         check_supported(self.accelerator)
         self.sharded = is_sharded(self.accelerator)  # FSDP2, ZeRO-3: every forward is a collective
-        self.deepspeed = is_deepspeed(self.accelerator)
-        if self.sharded and (cfg.use_peft or cfg.generation_backend == "vllm"):
-            raise UsageError("--use_peft and --generation_backend vllm are not supported under FSDP yet; launch "
-                             "with configs/accelerate/ddp.yaml")
+        if (self.sharded or is_deepspeed(self.accelerator)) and (cfg.use_peft or cfg.generation_backend == "vllm"):
+            raise UsageError("--use_peft and --generation_backend vllm are not supported under FSDP or DeepSpeed yet; "
+                             "launch with configs/accelerate/ddp.yaml")
         self.sizes = derive_sizes(cfg, self.accelerator.num_processes)
-        if self.deepspeed:
-            configure_deepspeed(self.accelerator, self.sizes.micro_pairs * self.sizes.samples_per_prompt, cfg.max_grad_norm)
+        configure_for_updates(self.accelerator, self.sizes.micro_pairs * self.sizes.samples_per_prompt, cfg.max_grad_norm)
         self.state = TrainerState()
         self.kl_control = KLController(cfg.beta, cfg.kl_target, cfg.kl_horizon)
         if self.algorithm.from_dataset and getattr(prompts, "responses", None) is None:
@@ -311,8 +319,8 @@ class Trainer:
         normaliser = self._mean_across_processes({"n": _normaliser(minibatch, cfg)})["n"]
         parts, stats, total_loss = minibatch.split(self.sizes.micro_pairs), [], 0.0
         for i, part in enumerate(parts):
-            sync = contextlib.nullcontext() if i == len(parts) - 1 or self.deepspeed else acc.no_sync(self.policy)
-            with sync, training_mode(self.policy, cfg.gradient_checkpointing):
+            last = i == len(parts) - 1
+            with micro_batch(acc, self.policy, last), training_mode(self.policy, cfg.gradient_checkpointing):
                 with acc.autocast():
                     token_logps, values = token_logprobs_and_values(
                         self.policy, part.seq["query_ids"], part.seq["query_mask"], part.seq["response_ids"],
@@ -323,32 +331,19 @@ class Trainer:
                     unit_losses, part_stats = self.algorithm.loss(part, {"token_logps": token_logps, "values": values},
                                                                   cfg)
                     loss = aggregate(unit_losses, normaliser)
-                if self.deepspeed:  # the engine itself: accelerate's backward would step it after every micro-batch
-                    self.policy.set_gradient_accumulation_boundary(i == len(parts) - 1)
-                    self.policy.backward(loss)  # gradient_accumulation_steps is 1: no scaling
-                else:
-                    acc.backward(loss)
+                backward(acc, self.policy, loss, last)
             total_loss += loss.item()
             stats.append({**part_stats, **part.stats})
-        if self.deepspeed:  # DeepSpeed clips and steps in one call, and skips a non-finite global norm itself
-            self.policy.step()
-            grad_norm, stepped = float(self.policy.get_global_grad_norm()), self.policy.was_step_applied()
-        else:
-            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-            grad_norm = float(acc.clip_grad_norm_(self.policy.parameters(), max_norm))
-            finite = math.isfinite(grad_norm) and math.isfinite(total_loss)
-            stepped = self._mean_across_processes({"finite": float(finite)})["finite"] == 1.0  # every process agrees
+        grad_norm, stepped = clip_and_step(acc, self.policy, self.optimizer, self.scheduler, cfg.max_grad_norm,
+                                           math.isfinite(total_loss))
         if stepped:
-            self.optimizer.step()
-            self.scheduler.step()
             self.state.optimizer_steps += 1
             self.state.consecutive_skips = 0
-        else:  # a non-finite gradient would poison the weights and Adam's moments: drop this update
+        else:
             self.state.skipped_updates += 1
             self.state.consecutive_skips += 1
             if self.state.consecutive_skips >= self.cfg.max_consecutive_skips:
                 raise NonFiniteTraining(self.state.consecutive_skips, self.state.step + 1)
-        self.optimizer.zero_grad(set_to_none=True)
         result = {"loss": total_loss, "grad_norm": grad_norm, **_combine(stats)}
         if self.fuse_old_pass:
             result["fused"] = {n: torch.cat([p.seq[n] for p in parts]) for n in ("old_token_logp", "old_logp", "kl")}

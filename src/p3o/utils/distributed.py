@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import os
 
 import torch
@@ -45,7 +46,7 @@ def shut_down() -> None:
 
 
 def check_supported(accelerator) -> None:
-    """DDP and FSDP2 are supported; refuse what is not, in one line, before any work."""
+    """DDP, FSDP2 and DeepSpeed ZeRO-2/3 are supported; refuse what is not, in one line, before any work."""
     from accelerate.utils import DistributedType
 
     kind = accelerator.distributed_type
@@ -57,6 +58,7 @@ def check_supported(accelerator) -> None:
 
 
 def is_deepspeed(accelerator) -> bool:
+    """The model is a DeepSpeed engine, which p3o feeds and steps itself (`backward`, `clip_and_step`)."""
     from accelerate.utils import DistributedType
 
     return accelerator.distributed_type == DistributedType.DEEPSPEED
@@ -71,34 +73,70 @@ def is_sharded(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
+def configure_for_updates(accelerator, micro_batch: int, max_grad_norm: float) -> None:
+    """Before `prepare`: DeepSpeed is told p3o's micro-batch size and clipping (see `p3o.utils.zero`);
+    nothing to do otherwise."""
+    if is_deepspeed(accelerator):
+        from p3o.utils import zero
+
+        zero.configure(accelerator, micro_batch, max_grad_norm)
+
+
+@contextlib.contextmanager
+def micro_batch(accelerator, model, last: bool):
+    """Around one micro-batch's forward and backward: DDP and FSDP synchronise gradients across
+    processes on a step's last micro-batch only (DeepSpeed is told in `backward`)."""
+    if last or is_deepspeed(accelerator):
+        yield
+        return
+    with accelerator.no_sync(model):
+        yield
+
+
+def backward(accelerator, model, loss: torch.Tensor, last: bool) -> None:
+    """Accumulate `loss`'s gradients, unscaled: the caller divides by the global normaliser. A DeepSpeed
+    engine is driven directly, since accelerate's backward would step it after this micro-batch."""
+    if is_deepspeed(accelerator):
+        model.set_gradient_accumulation_boundary(last)
+        model.backward(loss)  # its gradient_accumulation_steps is 1: no scaling
+    else:
+        accelerator.backward(loss)
+
+
+def clip_and_step(accelerator, model, optimizer, scheduler, max_grad_norm: float, loss_finite: bool) -> tuple[float, bool]:
+    """Clip the gradients to a global norm of `max_grad_norm` (0: no clipping) and step the optimiser
+    and schedule, unless any process has a non-finite loss or gradient: that step is dropped on all of
+    them, as it would poison the weights and Adam's moments. Gradients are cleared either way. Returns
+    the norm before clipping and whether the step was taken.
+
+    A DeepSpeed engine clips, checks and steps in one call; it drops a step whose global gradient norm
+    is not finite (a non-finite loss gives one)."""
+    if is_deepspeed(accelerator):
+        model.step()  # AdamW and zero_grad inside; p3o's schedule is not the engine's (see zero.configure)
+        grad_norm, stepped = model.get_global_grad_norm(), model.was_step_applied()
+        grad_norm = math.inf if grad_norm is None else float(grad_norm)
+    else:
+        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf))
+        bad = float(not (math.isfinite(grad_norm) and loss_finite))
+        stepped = sum_across_processes(torch.tensor([bad], device=accelerator.device)).item() == 0
+        if stepped:
+            optimizer.step()
+    if stepped:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, stepped
+
+
 @contextlib.contextmanager
 def loading_whole(accelerator):
-    """Under ZeRO-3 transformers' `from_pretrained` partitions the weights as it loads them (zero.Init:
-    accelerate registers its DeepSpeed config with transformers whatever zero3_init_flag says), and a
-    partitioned policy cannot be copied into p3o's frozen reference. Load whole; `prepare` partitions."""
+    """Models loaded in the block stay whole until `prepare` (ZeRO-3 would partition them as they load)."""
     if not (is_deepspeed(accelerator) and is_sharded(accelerator)):
         yield
         return
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+    from p3o.utils import zero
 
-    unset_hf_deepspeed_config()
-    try:
+    with zero.loading_whole(accelerator):
         yield
-    finally:
-        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
-
-
-def configure_deepspeed(accelerator, micro_batch: int, max_grad_norm: float) -> None:
-    """Before `prepare`: the DeepSpeed config p3o's engine needs. One engine step per minibatch with no
-    loss scaling by DeepSpeed (p3o divides by the global normaliser itself), p3o's clipping, whole
-    weights gatherable for saving under ZeRO-3, and a micro-batch size (only DeepSpeed's bookkeeping)."""
-    config = accelerator.state.deepspeed_plugin.deepspeed_config
-    config["gradient_accumulation_steps"] = 1
-    config["train_micro_batch_size_per_gpu"] = micro_batch
-    config["train_batch_size"] = micro_batch * accelerator.num_processes
-    config["gradient_clipping"] = max_grad_norm
-    config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
-    accelerator.gradient_accumulation_steps = 1
 
 
 @contextlib.contextmanager
@@ -122,7 +160,9 @@ def full_optimizer_state(accelerator, model, optimizer) -> dict:
     """The optimiser's state to save: under FSDP2 gathered whole (on the main process; a collective),
     so that it loads on any number of processes; otherwise its own state dict."""
     if is_deepspeed(accelerator):
-        return _deepspeed_optimizer_state(accelerator, model)
+        from p3o.utils import zero
+
+        return zero.full_optimizer_state(model)
     if not is_sharded(accelerator):
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -140,7 +180,9 @@ def load_optimizer_state(accelerator, model, optimizer, state: dict) -> None:
         if not by_name:
             raise UsageError("this checkpoint's optimiser state was written without FSDP or DeepSpeed; resume it with "
                              "DDP or one process")
-        _load_deepspeed_optimizer_state(accelerator, model, state)
+        from p3o.utils import zero
+
+        zero.load_optimizer_state(model, state)
         return
     if not by_name and not is_sharded(accelerator):
         optimizer.load_state_dict(state)
@@ -154,77 +196,12 @@ def load_optimizer_state(accelerator, model, optimizer, state: dict) -> None:
                              options=StateDictOptions(full_state_dict=True))
 
 
-def _deepspeed_optimizer_state(accelerator, engine) -> dict:
-    """ZeRO's partitioned AdamW state gathered whole by parameter name (a collective), in the layout of
-    torch's full optimizer state dict, so that it loads under FSDP2, DDP, one process or DeepSpeed."""
-    from deepspeed.utils import safe_get_full_optimizer_state
-
-    zero, names = engine.optimizer, {id(p): n for n, p in engine.module.named_parameters()}
-    _link_zero_optimizer_state(zero)
-    step = next((int(s["step"]) for s in zero.optimizer.state.values() if "step" in s), 0)
-    groups = getattr(zero, "bit16_groups", None) or zero.fp16_groups  # ZeRO-2, ZeRO-3: each group's own parameters
-    state, param_groups = {}, []
-    for params, live in zip(groups, zero.param_groups):
-        param_groups.append({**{k: v for k, v in live.items() if k != "params"}, "params": [names[id(p)] for p in params]})
-        for param in params:
-            shape = getattr(param, "ds_shape", param.shape)
-            state[names[id(param)]] = {"step": torch.tensor(float(step)), **{
-                key: safe_get_full_optimizer_state(param, key).reshape(shape).cpu() for key in ("exp_avg", "exp_avg_sq")}}
-    return {"state": state, "param_groups": param_groups}
-
-
-def _set_full(param, value: torch.Tensor, key: str | None = None) -> None:
-    """This process's share of a whole fp32 master weight (`key` None) or AdamW moment. DeepSpeed's
-    safe_set_* fail under ZeRO-3 for a parameter smaller than the processes (PPO's 1-element value-head
-    bias: "start (1) + length (1) exceeds dimension size (1)"), so ZeRO-3 shares are written directly."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    if not hasattr(param, "ds_id"):
-        return safe_set_full_fp32_param(param, value) if key is None else safe_set_full_optimizer_state(param, value, key)
-    zero = param._z3_optimizer
-    share, _ = zero._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
-    first = share.numel() * zero._get_param_partition_rank(param)
-    value = torch.nn.functional.pad(value.flatten(), (0, max(0, first + share.numel() - value.numel())))
-    share.data.copy_(value.narrow(0, first, share.numel()))
-
-
-def _link_zero_optimizer_state(zero) -> None:
-    """ZeRO-1/2 link each parameter to its slice of AdamW's state once, after the first group's first step,
-    when the later groups (p3o's no-decay group) have no state yet (DeepSpeed 0.19.8): link again."""
-    if hasattr(zero, "_hp_optimizer_states_linked"):
-        zero._hp_optimizer_states_linked = False
-        zero._lazy_init_hp_params_optimizer_state()
-
-
-def _load_deepspeed_optimizer_state(accelerator, engine, state: dict) -> None:
-    zero = engine.optimizer
-    flats = getattr(zero, "single_partition_of_fp32_groups", None) or zero.fp32_partitioned_groups_flat  # ZeRO-2, 3
-    for flat in flats:  # AdamW's state for this process's fp32 partitions: made here before the first step
-        if not zero.optimizer.state[flat]:
-            zero.optimizer.state[flat].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(flat),
-                                              exp_avg_sq=torch.zeros_like(flat))
-    _link_zero_optimizer_state(zero)
-    for name, param in engine.module.named_parameters():
-        if name in state["state"]:
-            for key in ("exp_avg", "exp_avg_sq"):
-                _set_full(param, state["state"][name][key].to(accelerator.device), key)
-    step = float(next(iter(state["state"].values()))["step"])
-    for flat in flats:
-        zero.optimizer.state[flat]["step"] = torch.tensor(step)
-    for live, saved in zip(zero.param_groups, state["param_groups"]):
-        live["lr"] = saved["lr"]
-
-
 def load_module_state(accelerator, model, state: dict) -> None:
     """Load some of `model`'s parameters from whole tensors (under FSDP2 each process keeps its shard)."""
-    if is_deepspeed(accelerator):  # the module's weights and ZeRO's fp32 master copy (ZeRO-3: gathered to write)
-        import deepspeed
+    if is_deepspeed(accelerator):
+        from p3o.utils import zero
 
-        params = dict(model.module.named_parameters())
-        for name, value in state.items():
-            with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=0):  # 0: written back on exit
-                params[name].data.copy_(value)
-            _set_full(params[name], value.to(accelerator.device))
+        zero.load_module_state(model, state)
         return
     if not is_sharded(accelerator):
         unexpected = accelerator.unwrap_model(model).load_state_dict(state, strict=False).unexpected_keys

@@ -13,7 +13,6 @@ process would take on that batch. The held-out examples are split between the pr
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -27,11 +26,16 @@ import torch
 from p3o.cli.args import option
 from p3o.errors import UsageError
 from p3o.utils.distributed import (
+    backward,
     check_supported,
+    clip_and_step,
+    configure_for_updates,
     full_optimizer_state,
+    is_deepspeed,
     is_sharded,
     load_module_state,
     load_optimizer_state,
+    micro_batch,
     sum_across_processes,
 )
 from p3o.utils.seeding import generator
@@ -126,9 +130,9 @@ class FitState:
 
 
 def fit(cfg: SupervisedConfig, model, train: list[dict], held_out: list[dict], stage: Stage, accelerator,
-        on_log: Callable[[dict], None], out=None, checkpoint=None, stop=None) -> list[dict]:
+        on_log: Callable[[dict], None], out=None, checkpoint=None, stop=None) -> tuple[list[dict], object]:
     """Train `model` in place; `on_log` gets every step's metrics and each evaluation; returns the
-    evaluation metrics after each epoch. With `out`, checkpoints go there every `save_steps` and when
+    evaluation metrics after each epoch, and the model as prepared (a DeepSpeed engine wraps it). With `out`, checkpoints go there every `save_steps` and when
     `stop` is requested; with `checkpoint`, training continues from it exactly."""
     from transformers import get_scheduler
 
@@ -138,6 +142,7 @@ def fit(cfg: SupervisedConfig, model, train: list[dict], held_out: list[dict], s
     rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": rest, "weight_decay": 0.0}], lr=cfg.learning_rate)
+    configure_for_updates(accelerator, cfg.per_device_train_batch_size, cfg.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
     total = steps_per_epoch * cfg.num_train_epochs
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * total),
@@ -173,7 +178,7 @@ def fit(cfg: SupervisedConfig, model, train: list[dict], held_out: list[dict], s
             state.evaluations.append({"step": state.step, "epoch": epoch + 1, **metrics})
             on_log(state.evaluations[-1])
             save_if_due()
-    return state.evaluations
+    return state.evaluations, model
 
 
 def _check_same_global_batch(saved: int, cfg: SupervisedConfig, processes: int, checkpoint) -> None:
@@ -205,20 +210,16 @@ def _evaluate(stage: Stage, accelerator, model, held_out: list[dict]) -> dict[st
 
 
 def _save_checkpoint(out, cfg, state: FitState, accelerator, model, optimizer, scheduler):
-    from safetensors.torch import save_file, save_model
+    from safetensors.torch import save_file
 
     from p3o.utils.checkpoints import STATE_FILE, rng_state, write_checkpoint
     from p3o.utils.io import atomic_write_text, without_aliases
 
-    sharded = is_sharded(accelerator)
-    weights = accelerator.get_state_dict(model) if sharded else None  # FSDP: gathered whole (a collective)
+    weights = accelerator.get_state_dict(model)  # FSDP, ZeRO-3: gathered whole (a collective); ZeRO-2: cloned
     optimizer_state = full_optimizer_state(accelerator, model, optimizer)
 
     def write(tmp) -> None:
-        if sharded:
-            save_file(without_aliases(accelerator.unwrap_model(model), weights), str(tmp / "model.safetensors"))
-        else:
-            save_model(accelerator.unwrap_model(model), str(tmp / "model.safetensors"))  # tied weights stored once
+        save_file(without_aliases(accelerator.unwrap_model(model), weights), str(tmp / "model.safetensors"))
         torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
@@ -236,7 +237,7 @@ def _load_checkpoint(path, accelerator, model, optimizer, scheduler) -> FitState
 
     from p3o.utils.checkpoints import STATE_FILE, set_rng_state
 
-    if is_sharded(accelerator):  # each process keeps its shard of the whole tensors
+    if is_sharded(accelerator) or is_deepspeed(accelerator):  # each its shard; DeepSpeed its fp32 master copy too
         load_module_state(accelerator, model, load_file(str(path / "model.safetensors")))
     else:
         load_model(accelerator.unwrap_model(model), str(path / "model.safetensors"))
@@ -263,27 +264,23 @@ def _optimizer_step(cfg, model, optimizer, scheduler, examples: list[dict], stag
     normaliser = stage.units(examples) / processes
     total, stats = 0.0, {}
     for i, (part, weight) in enumerate(parts):
-        sync = contextlib.nullcontext() if i == len(parts) - 1 else accelerator.no_sync(model)
-        with sync:
+        last = i == len(parts) - 1
+        with micro_batch(accelerator, model, last):
             with accelerator.autocast():
                 loss_sum, part_stats = stage.loss(model, {k: v.to(accelerator.device) for k, v in stage.collate(part).items()})
                 loss = loss_sum * (weight / normaliser)
-            accelerator.backward(loss)
+            backward(accelerator, model, loss, last)
         total += loss.item()
         for name, value in part_stats.items():
             stats[name] = stats.get(name, 0.0) + weight * value * len(part)
-    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf))
-    # One sum over the processes: the loss (each process holds its share), the statistics (weighted
-    # by examples) and the count of processes with a non-finite loss or gradient.
+    grad_norm, stepped = clip_and_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm, math.isfinite(total))
+    # The loss (each process holds its share) and the statistics (weighted by examples), summed.
     names = sorted(stats)
-    local_values = [total, float(not (math.isfinite(grad_norm) and math.isfinite(total))), len(local),
-                    *(stats[n] for n in names)]
-    summed = sum_across_processes(torch.tensor(local_values, dtype=torch.float64, device=accelerator.device)).tolist()
-    total, non_finite, counted = summed[0] / processes, summed[1], summed[2]
-    stats = {n: v / counted for n, v in zip(names, summed[3:])}
-    if non_finite == 0:
-        optimizer.step()
-        scheduler.step()
+    summed = sum_across_processes(torch.tensor([total, len(local), *(stats[n] for n in names)], dtype=torch.float64,
+                                               device=accelerator.device)).tolist()
+    total, counted = summed[0] / processes, summed[1]
+    stats = {n: v / counted for n, v in zip(names, summed[2:])}
+    if stepped:
         state.consecutive_skips = 0
     else:
         state.skipped_updates += 1
@@ -292,7 +289,6 @@ def _optimizer_step(cfg, model, optimizer, scheduler, examples: list[dict], stag
             raise UsageError(f"{state.consecutive_skips} optimiser steps in a row had a non-finite loss or gradient "
                              f"(step {state.step + 1}); training has diverged. Lower --learning_rate, then resume from "
                              "the last good checkpoint with --resume (or start again)")
-    optimizer.zero_grad(set_to_none=True)
     return {"loss": total, "grad_norm": grad_norm, "skipped_updates": state.skipped_updates, **stats}
 
 
@@ -345,15 +341,16 @@ def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_o
     stop = StopRequest()
     try:
         with stop.installed():
-            evaluations = fit(cfg, model, train, held_out, stage, acc, on_log, out=out, checkpoint=checkpoint, stop=stop)
+            evaluations, prepared = fit(cfg, model, train, held_out, stage, acc, on_log, out=out, checkpoint=checkpoint,
+                                        stop=stop)
     finally:
         bar.close()
         if writer is not None:
             writer.close()
         finish_trackers(acc)
     acc.wait_for_everyone()
-    trained = acc.unwrap_model(model)
-    state_dict = _gathered_weights(acc, model, saved_model or trained) if is_sharded(acc) else None
+    trained = acc.unwrap_model(prepared)
+    state_dict = _gathered_weights(acc, prepared, saved_model or trained)
     model = saved_model if saved_model is not None else trained
     if acc.is_main_process:
         if getattr(model, "generation_config", None) is not None and tokenizer.eos_token_id is not None:
@@ -364,9 +361,10 @@ def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_o
 
 
 def _gathered_weights(acc, model, saved) -> dict:
-    """FSDP: the whole state dict of `saved` (the trained module or a part of it, as the reward
-    model's classifier inside its scorer), gathered from the shards (a collective: all call it)."""
-    state_dict = acc.get_state_dict(model)
+    """The whole state dict of `saved` (the trained module or a part of it, as the reward model's
+    classifier inside its scorer), gathered from the shards under FSDP and ZeRO-3 (a collective: all
+    call it) and copied out of DeepSpeed's flat buffers under ZeRO-2."""
+    state_dict = acc.get_state_dict(model) or {}  # ZeRO-3: on the main process only
     trained = acc.unwrap_model(model)
     if saved is trained:
         return state_dict
