@@ -106,7 +106,8 @@ def run(out: Path, fixed: bool, argv: list[str]) -> None:
         save_file(state, str(out / f"rank{rank}.safetensors"))
     record_sharding(trainer, out, rank)
     record = {"processes": acc.num_processes, "prompts": [trainer.prompt_indices(s) for s in range(trainer.cfg.max_steps)],
-              "reward": [m["reward"] for m in history], "local_tokens": getattr(trainer, "local_tokens", None)}
+              "reward": [m["reward"] for m in history], "local_tokens": getattr(trainer, "local_tokens", None),
+              "zero_stage": acc.state.deepspeed_plugin.zero_stage if is_deepspeed(acc) else None}
     (out / f"rank{rank}.json").write_text(json.dumps(record))
     acc.wait_for_everyone()
 
@@ -130,23 +131,13 @@ def force_fsdp_on_cpu() -> None:
     accelerate.Accelerator = FSDPOnCPU
 
 
-def force_deepspeed_on_cpu() -> None:
-    """DeepSpeed on CPU, as `accelerate launch --use_deepspeed --zero_stage N` asks for it
-    (ACCELERATE_USE_DEEPSPEED=true, ACCELERATE_DEEPSPEED_ZERO_STAGE=N, and no ACCELERATE_USE_CPU, under
-    which accelerate ignores DeepSpeed). Without a GPU accelerate finds no backend and reports one
-    process; naming gloo makes it read the world size of the process group DeepSpeed started."""
-    import accelerate
+def skip_deepspeed_shm_build() -> None:
+    """DeepSpeed on CPU builds its shared-memory collectives op on first use (a C++ JIT build of 20-45 s
+    on a fresh machine): plain gloo collectives instead. p3o itself gives DeepSpeed gloo on CPU
+    (p3o.utils.distributed.make_accelerator)."""
     import deepspeed.ops
-    from accelerate.utils import InitProcessGroupKwargs
 
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # plain gloo collectives: no 20-45 s JIT build of DeepSpeed's shared-memory op
-
-    class DeepSpeedOnCPU(accelerate.Accelerator):
-        def __init__(self, *args, **kwargs):
-            kwargs["kwargs_handlers"] = [*kwargs.get("kwargs_handlers", []), InitProcessGroupKwargs(backend="gloo")]
-            super().__init__(*args, **kwargs)
-
-    accelerate.Accelerator = DeepSpeedOnCPU
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def forget_deepspeed_config() -> None:
@@ -165,8 +156,8 @@ def main() -> None:
 
     if os.environ.get("P3O_TEST_FSDP") == "1":
         force_fsdp_on_cpu()
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
-        force_deepspeed_on_cpu()
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":  # launched with configs/accelerate/zero*.yaml
+        skip_deepspeed_shm_build()
     out, runs = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
     for spec in runs:
         run(out / spec["name"], spec["fixed"], spec["argv"])

@@ -21,17 +21,27 @@ ENV = {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER
 
 def launch(processes: int, *target: str, fsdp: bool = False, zero_stage: int = 0) -> subprocess.CompletedProcess:
     """`torchrun --standalone` (a free port of its own) on `processes` CPU processes; `fsdp`: the
-    worker shards every run with FSDP2 (see ddp_worker.force_fsdp_on_cpu); `zero_stage` 2 or 3: DeepSpeed
-    ZeRO (ddp_worker.force_deepspeed_on_cpu)."""
+    worker shards every run with FSDP2 (see ddp_worker.force_fsdp_on_cpu); `zero_stage` 2 or 3:
+    `accelerate launch` with the shipped configs/accelerate/zero2.yaml or zero3.yaml, as a user runs it."""
     env = {**os.environ, **ENV, "PYTHONPATH": str(WORKER.parent), "P3O_TEST_FSDP": "1" if fsdp else "0"}
-    if zero_stage:  # accelerate ignores DeepSpeed under ACCELERATE_USE_CPU
-        env.pop("ACCELERATE_USE_CPU")
-        env.update(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE=str(zero_stage))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-               *target]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    if zero_stage:
+        env.pop("ACCELERATE_USE_CPU")  # accelerate ignores DeepSpeed under it
+        config = Path(__file__).parents[1] / "configs" / "accelerate" / f"zero{zero_stage}.yaml"
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                   "--num_processes", str(processes), "--main_process_port", str(free_port())]
+    command.extend(target)
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def run_args(assets, out: Path, algo: str, pairs: int, steps: int = 2) -> list[str]:
@@ -310,7 +320,11 @@ def test_deepspeed_zero_takes_the_single_process_gradient_and_update(worker_runs
     """DeepSpeed ZeRO-2/3 on 2 CPU processes: the first (gathered, clipped) gradient equals 1 process's
     on the same 8 prompts' fixed rollouts, and so does the first update."""
     run, one = worker_runs / f"zero{stage}-{algo}-{aggregation}", worker_runs / f"one-{algo}-{aggregation}"
-    assert [r["processes"] for r in records(run, 2)] == [2, 2]
+    assert [(r["processes"], r["zero_stage"]) for r in records(run, 2)] == [(2, stage)] * 2
+    held = [json.loads((run / f"held{rank}.json").read_text()) for rank in range(2)]
+    whole = {name: t.numel() for name, t in load_file(str(run / "rank0.safetensors")).items()}
+    for name in held[0]:  # ZeRO-3 partitions every weight (padded to equal shares); ZeRO-2 keeps them whole
+        assert [h[name] for h in held] == [math.ceil(whole[name] / 2) if stage == 3 else whole[name]] * 2, name
     single = load_file(str(one / "grad0.safetensors"))
     for rank in range(2):
         split = load_file(str(run / f"grad{rank}.safetensors"))

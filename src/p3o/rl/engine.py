@@ -50,6 +50,7 @@ from p3o.utils.distributed import (
     gathered,
     is_deepspeed,
     is_sharded,
+    make_accelerator,
     micro_batch,
     sum_across_processes,
 )
@@ -85,12 +86,10 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, policy, tokenizer, reward, prompts, ref_policy=None, accelerator=None,
                  monitor_reward=None):
-        from accelerate import Accelerator
-
         self.cfg, self.tokenizer, self.reward, self.prompts = cfg, tokenizer, reward, prompts
         self.monitor_reward = monitor_reward  # scored and logged, never trained on
         self.algorithm = get_algorithm(cfg.algo)
-        self.accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
+        self.accelerator = accelerator or make_accelerator(mixed_precision=cfg.mixed_precision)
         check_supported(self.accelerator)
         self.sharded = is_sharded(self.accelerator)  # FSDP2, ZeRO-3: every forward is a collective
         if (self.sharded or is_deepspeed(self.accelerator)) and (cfg.use_peft or cfg.generation_backend == "vllm"):

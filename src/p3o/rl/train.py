@@ -28,7 +28,7 @@ from p3o.utils.io import (
     truncate_jsonl,
     write_yaml,
 )
-from p3o.utils.distributed import gathered, loading_whole
+from p3o.utils.distributed import gathered, loading_whole, make_accelerator
 from p3o.utils.tracking import check_trackers, finish_trackers, start_trackers
 
 log = logging.getLogger("p3o")
@@ -37,13 +37,12 @@ log = logging.getLogger("p3o")
 def build_trainer(cfg: TrainConfig, checkpoint: Path | None = None) -> Trainer:
     """Everything cheap is checked before anything expensive is loaded. With `checkpoint`, the policy
     and the whole training state come from it (the reference stays the initial policy)."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     algorithm = get_algorithm(cfg.algo)
     trackers = check_trackers(cfg.report_to)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=trackers or None,
-                              project_dir=cfg.output_dir)
+    accelerator = make_accelerator(mixed_precision=cfg.mixed_precision, log_with=trackers or None,
+                                   project_dir=cfg.output_dir)
     derive_sizes(cfg, accelerator.num_processes)
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)

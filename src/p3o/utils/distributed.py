@@ -15,6 +15,17 @@ import torch
 from p3o.errors import UsageError
 
 
+def make_accelerator(**kwargs):
+    """accelerate's `Accelerator(**kwargs)`. DeepSpeed on a machine without GPUs is given gloo, for which
+    accelerate finds no backend of its own (it would run each process alone)."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not torch.cuda.is_available():
+        kwargs["kwargs_handlers"] = [*kwargs.get("kwargs_handlers", []), InitProcessGroupKwargs(backend="gloo")]
+    return Accelerator(**kwargs)
+
+
 def world_size() -> int:
     dist = torch.distributed
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -109,20 +120,19 @@ def clip_and_step(accelerator, model, optimizer, scheduler, max_grad_norm: float
     them, as it would poison the weights and Adam's moments. Gradients are cleared either way. Returns
     the norm before clipping and whether the step was taken.
 
-    A DeepSpeed engine clips, checks and steps in one call; it drops a step whose global gradient norm
-    is not finite (a non-finite loss gives one)."""
+    A DeepSpeed engine clips, checks and steps in one call: it drops a step whose global gradient norm
+    is not finite, and does not look at the loss."""
     if is_deepspeed(accelerator):
-        model.step()  # AdamW and zero_grad inside; p3o's schedule is not the engine's (see zero.configure)
-        grad_norm, stepped = model.get_global_grad_norm(), model.was_step_applied()
-        grad_norm = math.inf if grad_norm is None else float(grad_norm)
+        model.step()  # clips, steps AdamW unless the global norm is not finite, clears the gradients
+        norm = model.get_global_grad_norm()
+        grad_norm, stepped = (math.inf if norm is None else float(norm)), model.was_step_applied()
     else:
         grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf))
         bad = float(not (math.isfinite(grad_norm) and loss_finite))
         stepped = sum_across_processes(torch.tensor([bad], device=accelerator.device)).item() == 0
-        if stepped:
-            optimizer.step()
     if stepped:
-        scheduler.step()
+        optimizer.step()  # under DeepSpeed accelerate's wrapper steps nothing (the engine has)
+        scheduler.step()  # p3o's schedule, not the engine's: it moves only with steps taken
     optimizer.zero_grad(set_to_none=True)
     return grad_norm, stepped
 

@@ -35,6 +35,7 @@ from p3o.utils.distributed import (
     is_sharded,
     load_module_state,
     load_optimizer_state,
+    make_accelerator,
     micro_batch,
     sum_across_processes,
 )
@@ -296,7 +297,6 @@ def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_o
               title: str, saved_model=None, checkpoint=None) -> list[dict]:
     """Everything around `fit` for one command: accelerate, config.yaml, metrics.jsonl (every
     `logging_steps` steps and every evaluation), a progress bar, and the saved model and tokenizer."""
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     from p3o.utils.checkpoints import STATE_FILE, StopRequest
@@ -311,7 +311,7 @@ def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_o
     if not train:
         raise UsageError(f"{cfg.dataset} leaves no training examples after the held-out split")
     trackers = check_trackers(cfg.report_to)
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=trackers or None, project_dir=str(out))
+    acc = make_accelerator(mixed_precision=cfg.mixed_precision, log_with=trackers or None, project_dir=str(out))
     check_supported(acc)
     acc.wait_for_everyone()
     saved = json.loads((checkpoint / STATE_FILE).read_text()) if checkpoint else {}
