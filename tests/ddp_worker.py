@@ -81,7 +81,20 @@ def record_sharding(trainer, out: Path, rank: int) -> None:
     (out / f"held{rank}.json").write_text(json.dumps(held))
 
 
-def run(out: Path, fixed: bool, argv: list[str]) -> None:
+def poison_loss(trainer) -> None:
+    """This process's loss is NaN (so are its gradients): every process must skip the step."""
+    import dataclasses
+
+    algorithm = trainer.algorithm
+
+    def poisoned(batch, outputs, cfg):
+        losses, stats = algorithm.loss(batch, outputs, cfg)
+        return losses * float("nan"), stats
+
+    trainer.algorithm = dataclasses.replace(algorithm, loss=poisoned)
+
+
+def run(out: Path, fixed: bool, argv: list[str], poison_rank: int | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if argv[0] in ("train", "sft", "rm"):  # the whole command, as `p3o` runs it (but leaving the process group up)
         import importlib
@@ -96,6 +109,8 @@ def run(out: Path, fixed: bool, argv: list[str]) -> None:
     if fixed:
         fixed_responses(trainer)
         record_first_gradient(trainer, out, acc.process_index)
+    if poison_rank == acc.process_index:
+        poison_loss(trainer)
     history = trainer.train()
     rank = acc.process_index
     state = acc.get_state_dict(trainer.policy)  # whole on the main process (a collective under FSDP)
@@ -107,7 +122,8 @@ def run(out: Path, fixed: bool, argv: list[str]) -> None:
     record_sharding(trainer, out, rank)
     record = {"processes": acc.num_processes, "prompts": [trainer.prompt_indices(s) for s in range(trainer.cfg.max_steps)],
               "reward": [m["reward"] for m in history], "local_tokens": getattr(trainer, "local_tokens", None),
-              "zero_stage": acc.state.deepspeed_plugin.zero_stage if is_deepspeed(acc) else None}
+              "zero_stage": acc.state.deepspeed_plugin.zero_stage if is_deepspeed(acc) else None,
+              "skipped_updates": trainer.state.skipped_updates, "optimizer_steps": trainer.state.optimizer_steps}
     (out / f"rank{rank}.json").write_text(json.dumps(record))
     acc.wait_for_everyone()
 
@@ -160,7 +176,7 @@ def main() -> None:
         skip_deepspeed_shm_build()
     out, runs = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
     for spec in runs:
-        run(out / spec["name"], spec["fixed"], spec["argv"])
+        run(out / spec["name"], spec["fixed"], spec["argv"], spec.get("poison_rank"))
         forget_deepspeed_config()
     shut_down()  # as `p3o` does: a gloo group freed while Python finalises may abort the process
 

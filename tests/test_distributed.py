@@ -97,9 +97,14 @@ def _launch_worker_runs(assets, root: Path) -> None:
                 "--per_device_train_batch_size", "4"]})
         return runs
 
-    two += commands("two")[1:]  # DDP's `p3o train` has a test of its own
+    def poisoned(prefix: str) -> dict:  # rank 1's loss is NaN at its only step
+        return {"name": f"{prefix}-poisoned", "fixed": False, "poison_rank": 1,
+                "argv": [*run_args(assets, root / f"{prefix}-poisoned", "p3o-v1", pairs=8, steps=1), "--epochs", "1",
+                         "--minibatch_pairs", "8"]}
+
+    two += commands("two")[1:] + [poisoned("two")]  # DDP's `p3o train` has a test of its own
     fsdp = [fixed(f"fsdp-{a}-{g}", a, g) for a, g in FSDP] + commands("fsdp")
-    zero = {stage: [fixed(f"zero{stage}-{a}-{g}", a, g) for a, g in ZERO[stage]] + commands(f"zero{stage}") + [
+    zero = {stage: [fixed(f"zero{stage}-{a}-{g}", a, g) for a, g in ZERO[stage]] + commands(f"zero{stage}") + [poisoned(f"zero{stage}"),
         {"name": f"zero{stage}-sampled-ppo", "fixed": False, "argv": run_args(assets, root / f"zero{stage}-ppo", "ppo", pairs=8)}]
         for stage in (2, 3)}
     for name, processes, runs in (("two", 2, two), ("one", 1, one), ("fsdp", 2, fsdp), ("zero2", 2, zero[2]),
@@ -342,6 +347,14 @@ def test_deepspeed_zero_trains_sampled_ppo_as_ddp(worker_runs, stage):
     assert records(zero, 2)[0]["reward"] == records(ddp, 2)[0]["reward"]
     weights, reference = (load_file(str(d / "rank0.safetensors")) for d in (zero, ddp))
     assert all(torch.allclose(weights[k], reference[k], atol=1e-4) for k in reference)
+
+
+@pytest.mark.parametrize("launch_kind", ["two", "zero2", "zero3"])
+def test_a_non_finite_loss_on_one_process_skips_the_step_on_all(assets, worker_runs, launch_kind):
+    run = worker_runs / f"{launch_kind}-poisoned"
+    assert [(r["skipped_updates"], r["optimizer_steps"]) for r in records(run, 2)] == [(1, 0)] * 2
+    weights, initial = (load_file(str(path)) for path in (run / "rank0.safetensors", assets["llama"] / "model.safetensors"))
+    assert all(torch.equal(weights[name], initial[name]) for name in initial)  # untouched, Adam's moments too
 
 
 def test_deepspeed_below_zero2_and_fsdp1_are_refused_in_one_line():
