@@ -357,6 +357,30 @@ def test_a_non_finite_loss_on_one_process_skips_the_step_on_all(assets, worker_r
     assert all(torch.equal(weights[name], initial[name]) for name in initial)  # untouched, Adam's moments too
 
 
+def test_the_deepspeed_config_gets_p3os_sizes_and_what_p3o_cannot_honour_is_refused():
+    from types import SimpleNamespace
+
+    from p3o.errors import UsageError
+    from p3o.utils.zero import configure
+
+    def accelerator(**config):
+        return SimpleNamespace(num_processes=4, gradient_accumulation_steps=8,
+                               state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=config)))
+
+    fine = accelerator(zero_optimization={"stage": 3}, gradient_accumulation_steps="auto")
+    configure(fine, micro_batch=6, max_grad_norm=0.5)
+    config = fine.state.deepspeed_plugin.deepspeed_config
+    assert (config["gradient_accumulation_steps"], config["train_micro_batch_size_per_gpu"], config["train_batch_size"],
+            config["gradient_clipping"], fine.gradient_accumulation_steps) == (1, 6, 24, 0.5, 1)
+    assert config["zero_optimization"] == {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}
+    for section in ("optimizer", "scheduler"):
+        with pytest.raises(UsageError, match=f"has a '{section}' section, but p3o builds its own"):
+            configure(accelerator(**{section: {"type": "AdamW"}}), 6, 1.0)
+    with pytest.raises(UsageError, match="offload_optimizer is not supported"):
+        configure(accelerator(zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}}), 6, 1.0)
+    configure(accelerator(zero_optimization={"stage": 2, "offload_param": {"device": "none"}}), 6, 1.0)
+
+
 def test_deepspeed_below_zero2_and_fsdp1_are_refused_in_one_line():
     from types import SimpleNamespace
 
