@@ -104,7 +104,15 @@ def _launch_worker_runs(assets, root: Path) -> None:
 
     two += commands("two")[1:] + [poisoned("two")]  # DDP's `p3o train` has a test of its own
     fsdp = [fixed(f"fsdp-{a}-{g}", a, g) for a, g in FSDP] + commands("fsdp")
-    zero = {stage: [fixed(f"zero{stage}-{a}-{g}", a, g) for a, g in ZERO[stage]] + commands(f"zero{stage}") + [poisoned(f"zero{stage}"),
+    def interrupted(prefix: str) -> list[dict]:  # PPO for 2 steps; again, then step 2 again from checkpoint-1
+        def train(name: str, steps: int, *extra: str) -> dict:
+            return {"name": f"{prefix}-{name}", "fixed": False, "argv": [
+                "train", *run_args(assets, root / f"{prefix}-{name}", "ppo", pairs=8, steps=steps), "--save_steps", "1",
+                *extra]}
+        return [train("straight", 2), train("resumed", 2), train("resumed", 2, "--resume")]
+
+    zero = {stage: [fixed(f"zero{stage}-{a}-{g}", a, g) for a, g in ZERO[stage]] + commands(f"zero{stage}") + [
+        poisoned(f"zero{stage}"), *interrupted(f"zero{stage}"),
         {"name": f"zero{stage}-sampled-ppo", "fixed": False, "argv": run_args(assets, root / f"zero{stage}-ppo", "ppo", pairs=8)}]
         for stage in (2, 3)}
     for name, processes, runs in (("two", 2, two), ("one", 1, one), ("fsdp", 2, fsdp), ("zero2", 2, zero[2]),
@@ -347,6 +355,20 @@ def test_deepspeed_zero_trains_sampled_ppo_as_ddp(worker_runs, stage):
     assert records(zero, 2)[0]["reward"] == records(ddp, 2)[0]["reward"]
     weights, reference = (load_file(str(d / "rank0.safetensors")) for d in (zero, ddp))
     assert all(torch.allclose(weights[k], reference[k], atol=1e-4) for k in reference)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_zero_checkpoint_resumes_under_zero_where_the_uninterrupted_run_ends(worker_runs, stage):
+    """PPO under ZeRO for 2 steps, then step 2 again from checkpoint-1 under ZeRO (the whole optimiser
+    state scattered back to the partitions, the value head into the module and its fp32 master copy):
+    the uninterrupted run's weights."""
+    straight, resumed = (worker_runs / f"zero{stage}-{name}" / "run" for name in ("straight", "resumed"))
+    assert [m["step"] for m in read_jsonl(resumed / "metrics.jsonl")] == [1, 2]
+    for file in ("model.safetensors", "value_head.safetensors"):
+        a, b = (load_file(str(d / file)) for d in (straight, resumed))
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.allclose(a[name], b[name], atol=1e-6), f"{file}: {name}"
 
 
 @pytest.mark.parametrize("launch_kind", ["two", "zero2", "zero3"])
