@@ -167,8 +167,8 @@ def gathered(module):
 
 
 def full_optimizer_state(accelerator, model, optimizer) -> dict:
-    """The optimiser's state to save: under FSDP2 gathered whole (on the main process; a collective),
-    so that it loads on any number of processes; otherwise its own state dict."""
+    """The optimiser's state to save: under FSDP2 and DeepSpeed gathered whole and keyed by parameter
+    name (a collective), so that it loads on any number of processes; otherwise its own state dict."""
     if is_deepspeed(accelerator):
         from p3o.utils import zero
 
@@ -183,8 +183,8 @@ def full_optimizer_state(accelerator, model, optimizer) -> dict:
 
 def load_optimizer_state(accelerator, model, optimizer, state: dict) -> None:
     """The inverse of `full_optimizer_state`: every process reads the whole state and keeps its shard.
-    A state written under FSDP2 (keyed by parameter names) loads sharded or not; one written without
-    (keyed by position) loads only without."""
+    A state written under FSDP2 or DeepSpeed (keyed by parameter names) loads under either, DDP or one
+    process; one written without (keyed by position) loads only under DDP or one process."""
     by_name = bool(state.get("state")) and isinstance(next(iter(state["state"])), str)
     if is_deepspeed(accelerator):
         if not by_name:

@@ -133,8 +133,9 @@ class FitState:
 def fit(cfg: SupervisedConfig, model, train: list[dict], held_out: list[dict], stage: Stage, accelerator,
         on_log: Callable[[dict], None], out=None, checkpoint=None, stop=None) -> tuple[list[dict], object]:
     """Train `model` in place; `on_log` gets every step's metrics and each evaluation; returns the
-    evaluation metrics after each epoch, and the model as prepared (a DeepSpeed engine wraps it). With `out`, checkpoints go there every `save_steps` and when
-    `stop` is requested; with `checkpoint`, training continues from it exactly."""
+    evaluation metrics after each epoch, and the model as prepared (under DeepSpeed an engine around
+    it). With `out`, checkpoints go there every `save_steps` and when `stop` is requested; with
+    `checkpoint`, training continues from it exactly."""
     from transformers import get_scheduler
 
     batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes  # global
