@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -115,8 +116,12 @@ def _launch_worker_runs(assets, root: Path) -> None:
         poisoned(f"zero{stage}"), *interrupted(f"zero{stage}"),
         {"name": f"zero{stage}-sampled-ppo", "fixed": False, "argv": run_args(assets, root / f"zero{stage}-ppo", "ppo", pairs=8)}]
         for stage in (2, 3)}
+    zero[3].append({"name": "zero3-from-fsdp", "fixed": False,  # FSDP2's run, copied below, resumed from checkpoint-1
+                    "argv": [*train_cli(assets, root / "zero3-from-fsdp" / "run", held_out, steps=3), "--resume"]})
     for name, processes, runs in (("two", 2, two), ("one", 1, one), ("fsdp", 2, fsdp), ("zero2", 2, zero[2]),
                                   ("zero3", 2, zero[3])):
+        if name == "zero3":
+            shutil.copytree(root / "fsdp-cli" / "run", root / "zero3-from-fsdp" / "run")
         spec = root / f"{name}.json"
         spec.write_text(json.dumps(runs))
         launch(processes, str(WORKER), str(root), str(spec), fsdp=name == "fsdp",
@@ -369,6 +374,15 @@ def test_a_zero_checkpoint_resumes_under_zero_where_the_uninterrupted_run_ends(w
         assert a.keys() == b.keys()
         for name in a:
             assert torch.allclose(a[name], b[name], atol=1e-6), f"{file}: {name}"
+
+
+def test_an_fsdp_checkpoint_resumes_under_zero3(worker_runs):
+    """Both sharded, differently: FSDP2's whole optimiser state by name scattered into ZeRO-3's partitions."""
+    out = worker_runs / "zero3-from-fsdp" / "run"
+    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
+    assert [e["step"] for e in read_jsonl(out / "eval.jsonl")] == [0, 3]  # from checkpoint-1: step 2 again
+    optimizer = torch.load(out / "checkpoint-2" / "optimizer.pt", weights_only=True)
+    assert optimizer["state"] and all(isinstance(name, str) for name in optimizer["state"])
 
 
 @pytest.mark.parametrize("launch_kind", ["two", "zero2", "zero3"])
