@@ -78,9 +78,9 @@ def worker_runs(assets, tmp_path_factory, worker_id) -> Path:
 def _launch_worker_runs(assets, root: Path) -> None:
     root.mkdir(exist_ok=True)
 
-    def fixed(name: str, algo: str, aggregation: str) -> dict:
+    def fixed(name: str, algo: str, aggregation: str, accumulation: int = 1) -> dict:
         argv = [*run_args(assets, root / name, algo, pairs=8, steps=1), "--epochs", "1", "--loss_aggregation",
-                aggregation, "--minibatch_pairs", "8"]
+                aggregation, "--minibatch_pairs", "8", "--gradient_accumulation_steps", str(accumulation)]
         return {"name": name, "fixed": True, "argv": argv}
 
     two = [{"name": f"sampled-{algo}", "fixed": False, "argv": run_args(assets, root / algo, algo, pairs=8)}
@@ -113,6 +113,7 @@ def _launch_worker_runs(assets, root: Path) -> None:
         return [train("straight", 2), train("resumed", 2), train("resumed", 2, "--resume")]
 
     zero = {stage: [fixed(f"zero{stage}-{a}-{g}", a, g) for a, g in ZERO[stage]] + commands(f"zero{stage}") + [
+        fixed(f"zero{stage}-accumulated-p3o-v1-token-mean", "p3o-v1", "token-mean", accumulation=2),
         poisoned(f"zero{stage}"), *interrupted(f"zero{stage}"),
         {"name": f"zero{stage}-sampled-ppo", "fixed": False, "argv": run_args(assets, root / f"zero{stage}-ppo", "ppo", pairs=8)}]
         for stage in (2, 3)}
@@ -333,11 +334,14 @@ def test_a_sharded_checkpoint_resumes_on_one_process(assets, worker_runs, launch
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
 
 
-@pytest.mark.parametrize("stage,algo,aggregation", [(stage, *case) for stage, cases in ZERO.items() for case in cases])
+@pytest.mark.parametrize("stage,algo,aggregation", [(stage, *case) for stage, cases in ZERO.items() for case in cases]
+                         + [(stage, "accumulated-p3o-v1", "token-mean") for stage in ZERO])
 def test_deepspeed_zero_takes_the_single_process_gradient_and_update(worker_runs, stage, algo, aggregation):
     """DeepSpeed ZeRO-2/3 on 2 CPU processes: the first (gathered, clipped) gradient equals 1 process's
-    on the same 8 prompts' fixed rollouts, and so does the first update."""
-    run, one = worker_runs / f"zero{stage}-{algo}-{aggregation}", worker_runs / f"one-{algo}-{aggregation}"
+    on the same 8 prompts' fixed rollouts, and so does the first update; "accumulated": each process
+    in two micro-batches of 2 pairs (the engine told which one ends the step)."""
+    run = worker_runs / f"zero{stage}-{algo}-{aggregation}"
+    one = worker_runs / f"one-{algo.removeprefix('accumulated-')}-{aggregation}"
     assert [(r["processes"], r["zero_stage"]) for r in records(run, 2)] == [(2, stage)] * 2
     held = [json.loads((run / f"held{rank}.json").read_text()) for rank in range(2)]
     whole = {name: t.numel() for name, t in load_file(str(run / "rank0.safetensors")).items()}
