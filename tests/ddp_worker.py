@@ -1,6 +1,7 @@
 """Run under torchrun by test_distributed.py: `p3o train`'s trainer, then every process writes its
 own copy of the weights and the prompts it drew (and, with fixed responses, its first synchronised
 gradient), so the tests can compare processes and process counts."""
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -94,6 +95,30 @@ def poison_loss(trainer) -> None:
     trainer.algorithm = dataclasses.replace(algorithm, loss=poisoned)
 
 
+@contextlib.contextmanager
+def zero_config(overrides: dict):
+    """For one run: entries of DeepSpeed's zero_optimization config beyond what p3o sets (the plugin's
+    config outlives the run in this process, so they are taken out again)."""
+    from p3o.utils import zero
+
+    configure = zero.configure
+
+    def configured(accelerator, *args):
+        configure(accelerator, *args)
+        accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"].update(overrides)
+
+    zero.configure = configured
+    try:
+        yield
+    finally:
+        zero.configure = configure
+        from accelerate.state import AcceleratorState
+
+        if overrides and AcceleratorState().deepspeed_plugin is not None:
+            for key in overrides:
+                AcceleratorState().deepspeed_plugin.deepspeed_config["zero_optimization"].pop(key, None)
+
+
 def run(out: Path, fixed: bool, argv: list[str], poison_rank: int | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if argv[0] in ("train", "sft", "rm"):  # the whole command, as `p3o` runs it (but leaving the process group up)
@@ -176,7 +201,8 @@ def main() -> None:
         skip_deepspeed_shm_build()
     out, runs = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
     for spec in runs:
-        run(out / spec["name"], spec["fixed"], spec["argv"], spec.get("poison_rank"))
+        with zero_config(spec.get("zero_optimization", {})):
+            run(out / spec["name"], spec["fixed"], spec["argv"], spec.get("poison_rank"))
         forget_deepspeed_config()
     shut_down()  # as `p3o` does: a gloo group freed while Python finalises may abort the process
 

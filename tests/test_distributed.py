@@ -105,9 +105,9 @@ def _launch_worker_runs(assets, root: Path) -> None:
 
     two += commands("two")[1:] + [poisoned("two")]  # DDP's `p3o train` has a test of its own
     fsdp = [fixed(f"fsdp-{a}-{g}", a, g) for a, g in FSDP] + commands("fsdp")
-    def interrupted(prefix: str) -> list[dict]:  # PPO for 2 steps; again, then step 2 again from checkpoint-1
+    def interrupted(prefix: str, **zero_optimization) -> list[dict]:  # PPO for 2 steps; again, then step 2 again from checkpoint-1
         def train(name: str, steps: int, *extra: str) -> dict:
-            return {"name": f"{prefix}-{name}", "fixed": False, "argv": [
+            return {"name": f"{prefix}-{name}", "fixed": False, "zero_optimization": zero_optimization, "argv": [
                 "train", *run_args(assets, root / f"{prefix}-{name}", "ppo", pairs=8, steps=steps), "--save_steps", "1",
                 *extra]}
         return [train("straight", 2), train("resumed", 2), train("resumed", 2, "--resume")]
@@ -117,6 +117,7 @@ def _launch_worker_runs(assets, root: Path) -> None:
         poisoned(f"zero{stage}"), *interrupted(f"zero{stage}"),
         {"name": f"zero{stage}-sampled-ppo", "fixed": False, "argv": run_args(assets, root / f"zero{stage}-ppo", "ppo", pairs=8)}]
         for stage in (2, 3)}
+    zero[3] += interrupted("zero3sub", sub_group_size=1000)  # ZeRO-3 splits each group into sub-groups
     zero[3].append({"name": "zero3-from-fsdp", "fixed": False,  # FSDP2's run, copied below, resumed from checkpoint-1
                     "argv": [*train_cli(assets, root / "zero3-from-fsdp" / "run", held_out, steps=3), "--resume"]})
     for name, processes, runs in (("two", 2, two), ("one", 1, one), ("fsdp", 2, fsdp), ("zero2", 2, zero[2]),
@@ -366,7 +367,7 @@ def test_deepspeed_zero_trains_sampled_ppo_as_ddp(worker_runs, stage):
     assert all(torch.allclose(weights[k], reference[k], atol=1e-4) for k in reference)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", ["2", "3", "3sub"])  # 3sub: ZeRO-3 with sub-groups of 1000 elements
 def test_a_zero_checkpoint_resumes_under_zero_where_the_uninterrupted_run_ends(worker_runs, stage):
     """PPO under ZeRO for 2 steps, then step 2 again from checkpoint-1 under ZeRO (the whole optimiser
     state scattered back to the partitions, the value head into the module and its fp32 master copy):

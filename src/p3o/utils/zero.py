@@ -68,7 +68,7 @@ def full_optimizer_state(engine) -> dict:
     _link_optimizer_state(zero)
     step = next((int(s["step"]) for s in zero.optimizer.state.values() if "step" in s), 0)
     state, param_groups = {}, []
-    for params, live in zip(_groups(zero), zero.param_groups):
+    for params, live in zip(_groups(zero), zero.param_groups, strict=True):
         param_groups.append({**{k: v for k, v in live.items() if k != "params"}, "params": [names[id(p)] for p in params]})
         for param in params:
             shape = getattr(param, "ds_shape", param.shape)  # ZeRO-3 parameters are empty outside a gather
@@ -113,8 +113,14 @@ def load_module_state(engine, state: dict) -> None:
 
 
 def _groups(zero) -> list[list[torch.nn.Parameter]]:
-    """Each optimiser group's parameters, as ZeRO-2 (`bit16_groups`) or ZeRO-3 (`fp16_groups`) holds them."""
-    return getattr(zero, "bit16_groups", None) or zero.fp16_groups
+    """Each optimiser group's parameters: ZeRO-2's `bit16_groups`; ZeRO-3 splits a group into
+    sub-groups of at most `sub_group_size` elements (`fp16_groups`), merged back here."""
+    if not hasattr(zero, "sub_group_to_group_id"):
+        return zero.bit16_groups
+    groups = [[] for _ in zero.param_groups]
+    for sub_group, params in enumerate(zero.fp16_groups):
+        groups[zero.sub_group_to_group_id[sub_group]] += params
+    return groups
 
 
 def _fp32_partitions(zero) -> list[torch.Tensor]:
