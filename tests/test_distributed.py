@@ -114,9 +114,7 @@ def _launch_worker_runs(assets, root: Path) -> None:
 
     zero = {stage: [fixed(f"zero{stage}-{a}-{g}", a, g) for a, g in ZERO[stage]] + commands(f"zero{stage}") + [
         fixed(f"zero{stage}-accumulated-p3o-v1-token-mean", "p3o-v1", "token-mean", accumulation=2),
-        poisoned(f"zero{stage}"), *interrupted(f"zero{stage}"),
-        {"name": f"zero{stage}-sampled-ppo", "fixed": False, "argv": run_args(assets, root / f"zero{stage}-ppo", "ppo", pairs=8)}]
-        for stage in (2, 3)}
+        poisoned(f"zero{stage}"), *interrupted(f"zero{stage}")] for stage in (2, 3)}
     zero[3] += interrupted("zero3sub", sub_group_size=1000)  # ZeRO-3 splits each group into sub-groups
     zero[3].append({"name": "zero3-from-fsdp", "fixed": False,  # FSDP2's run, copied below, resumed from checkpoint-1
                     "argv": [*train_cli(assets, root / "zero3-from-fsdp" / "run", held_out, steps=3), "--resume"]})
@@ -361,10 +359,17 @@ def test_deepspeed_zero_takes_the_single_process_gradient_and_update(worker_runs
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_zero_trains_sampled_ppo_as_ddp(worker_runs, stage):
-    zero, ddp = worker_runs / f"zero{stage}-sampled-ppo", worker_runs / "sampled-ppo"
-    assert records(zero, 2)[0]["reward"] == records(ddp, 2)[0]["reward"]
-    weights, reference = (load_file(str(d / "rank0.safetensors")) for d in (zero, ddp))
-    assert all(torch.allclose(weights[k], reference[k], atol=1e-4) for k in reference)
+    """`p3o train --algo ppo` under ZeRO (the "straight" run: 2 sampled steps) samples and ends as the
+    same run under DDP does."""
+    from p3o.models.value_head import split_state_dict
+
+    zero, ddp = worker_runs / f"zero{stage}-straight" / "run", worker_runs / "sampled-ppo"
+    assert [m["reward"] for m in read_jsonl(zero / "metrics.jsonl")] == pytest.approx(records(ddp, 2)[0]["reward"])
+    references = split_state_dict(load_file(str(ddp / "rank0.safetensors")))
+    for file, reference in zip(("model.safetensors", "value_head.safetensors"), references):
+        weights = load_file(str(zero / file))
+        assert weights.keys() <= reference.keys() and len(weights) >= len(reference) - 1  # lm_head tied: saved once
+        assert all(torch.allclose(weights[k], reference[k], atol=1e-4) for k in weights), file
 
 
 @pytest.mark.parametrize("stage", ["2", "3", "3sub"])  # 3sub: ZeRO-3 with sub-groups of 1000 elements

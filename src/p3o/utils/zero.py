@@ -61,10 +61,12 @@ def loading_whole(accelerator):
 
 def full_optimizer_state(engine) -> dict:
     """ZeRO's partitioned AdamW state gathered whole by parameter name (a collective), in the layout of
-    torch's full optimiser state dict."""
+    torch's full optimiser state dict. Only the main process, which writes it, keeps the moments:
+    the others would hold a whole copy of them in CPU memory for nothing."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
     zero, names = engine.optimizer, {id(p): n for n, p in engine.module.named_parameters()}
+    keep = engine.global_rank == 0
     _link_optimizer_state(zero)
     step = next((int(s["step"]) for s in zero.optimizer.state.values() if "step" in s), 0)
     state, param_groups = {}, []
@@ -72,8 +74,10 @@ def full_optimizer_state(engine) -> dict:
         param_groups.append({**{k: v for k, v in live.items() if k != "params"}, "params": [names[id(p)] for p in params]})
         for param in params:
             shape = getattr(param, "ds_shape", param.shape)  # ZeRO-3 parameters are empty outside a gather
-            state[names[id(param)]] = {"step": torch.tensor(float(step)), **{
-                key: safe_get_full_optimizer_state(param, key).reshape(shape).cpu() for key in MOMENTS}}
+            moments = {key: safe_get_full_optimizer_state(param, key) for key in MOMENTS}  # every process calls it
+            if keep:
+                state[names[id(param)]] = {"step": torch.tensor(float(step)),
+                                           **{key: value.reshape(shape).cpu() for key, value in moments.items()}}
     return {"state": state, "param_groups": param_groups}
 
 
