@@ -9,9 +9,9 @@ p3o's clipping, and a boundary flag per micro-batch.
 Checkpoints hold the optimiser state whole and keyed by parameter name (torch's full optimiser state
 dict), gathered and scattered with DeepSpeed's `safe_get_full_optimizer_state` /
 `safe_set_full_optimizer_state`, so they resume under DeepSpeed, FSDP2, DDP or one process, on any
-number of processes. Three gaps in DeepSpeed 0.19.8 (the version `constraints.txt` tests) are
-bridged here with its internals, each where it is used: the test suite fails if a new DeepSpeed
-moves them.
+number of processes. Where those helpers do not reach (three gaps in DeepSpeed 0.19.8, the version
+`constraints.txt` tests, and ZeRO-3's map of sub-groups to groups), DeepSpeed's internals are
+used, each named where it is used: the test suite fails if a new DeepSpeed moves them.
 """
 from __future__ import annotations
 
