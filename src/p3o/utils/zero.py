@@ -128,7 +128,7 @@ def _groups(zero) -> list[list[torch.nn.Parameter]]:
 
 
 def _fp32_partitions(zero) -> list[torch.Tensor]:
-    """This process's flat fp32 master partition of each group: the tensors AdamW actually steps."""
+    """This process's flat fp32 master partition of each group (ZeRO-3: of each sub-group): what AdamW steps."""
     return getattr(zero, "single_partition_of_fp32_groups", None) or zero.fp32_partitioned_groups_flat
 
 
