@@ -10,7 +10,7 @@ import torch
 import yaml
 from conftest import prompt_rows, write_jsonl
 
-from p3o.cli import main
+from p3o.cli import COMMANDS, main
 
 REQUIRED_METRICS = {"step", "reward", "kl", "loss", "clipfrac", "pairs_per_s"}
 
@@ -142,6 +142,16 @@ def test_module_entry_point_and_help():
     for flag in ("--algo", "--pairs_per_step", "--minibatch_pairs", "--clip_eps", "--beta", "--reward_model",
                  "--warmup_steps", "--max_grad_norm", "--overwrite", "--config"):
         assert flag in out.stdout
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help_of_p3o_and_of_every_command(command, capsys):
+    """`p3o --help` is the first command a newcomer types, and every error line points to it."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"] if command is None else [command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: p3o") and ("95%" in out if command in (None, "winrate") else True)
 
 
 def test_tiny_model_command(tmp_path, capsys):

@@ -54,7 +54,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One `--name` per field, help from the field's metadata; defaults are suppressed so that
     only the flags actually given override the YAML file."""
     for f in dataclasses.fields(cls):
-        help_text = f.metadata.get("help", "")
+        help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help strings with %
         if f.default is not dataclasses.MISSING and f.default is not None and not f.metadata.get("required"):
             help_text += f" (default: {f.default})"
         if _scalar_type(f) is bool:
