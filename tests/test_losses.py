@@ -256,6 +256,17 @@ def test_v2_gradient_is_scaled_by_clamped_joint_ratio_without_gradient_through_i
     assert stats["clipfrac"] == 0.0
 
 
+def test_v2_joint_weight_clamps_the_sum_of_log_ratios_not_each_part():
+    """log-ratios (25, -24): rho1*rho2 = e, inside [1/C, C], so w = e. Clamping each part to +-20
+    first gave w(e^(20-20)) = 1. Delta < 0 and d above d_old: the unclipped side is active."""
+    old = t([[-40.0, -30.0]])
+    logp = old + t([[25.0, -24.0]])
+    delta = t([-1.0])
+    _, grad, _ = loss_and_grad(p3o_v2_loss, logp, old, delta, clip_eps=EPS, is_clamp=C)
+    expected = t([[-0.5 * delta.item() * math.e, 0.5 * delta.item() * math.e]])
+    torch.testing.assert_close(grad, expected, rtol=1e-12, atol=0)
+
+
 def test_delta_carries_no_gradient():
     old = t([[-4.0, -9.0], [-1.0, -2.0]])
     logp = (old + t([[0.1, -0.3], [0.5, 0.0]])).requires_grad_()

@@ -79,7 +79,8 @@ def p3o_v2_loss(
     d    = l(y1) - l(y2),  d_old = l_old(y1) - l_old(y2)
     L_V2 = 1/2 * max(-Delta * w(rho1*rho2) * d, -Delta * w(rho1*rho2) * clip(d, d_old - eps, d_old + eps))
     """
-    log_ratio = (logp - old_logp).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)  # (P, 2)
+    log_ratio = logp - old_logp  # (P, 2); only the weight and the stats read it, never exp'ed unclamped
+    # Clamp the sum, not the parts: (25, -24) is rho1*rho2 = e, which clamping each to +-20 makes 1.
     w12 = importance_weight(log_ratio.sum(-1), is_clamp)  # (P,) w(rho1 * rho2)
     d = logp[:, 0] - logp[:, 1]  # (P,)
     d_old = (old_logp[:, 0] - old_logp[:, 1]).detach()  # (P,)
@@ -88,4 +89,4 @@ def p3o_v2_loss(
     unclipped = -delta * w12 * d
     clipped = -delta * w12 * torch.clamp(d, d_old - clip_eps, d_old + clip_eps)
     losses = 0.5 * torch.maximum(unclipped, clipped)  # (P,)
-    return losses, _ratio_stats(log_ratio, (clipped > unclipped)[:, None])
+    return losses, _ratio_stats(log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO), (clipped > unclipped)[:, None])
