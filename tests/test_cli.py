@@ -302,3 +302,34 @@ def test_saved_model_stops_where_training_stopped_and_long_prompts_are_reported(
 
 def test_an_empty_optional_flag_means_unset(assets, tmp_path):
     assert main(train_args(assets, tmp_path / "run", "--reward_model", "")) == 0
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "winrate"])
+def test_held_out_prompts_are_cut_as_training_cuts_them(assets, tmp_path, monkeypatch, command):
+    """--max_prompt_length reaches every evaluation: before, held-out prompts kept context - max_new_tokens
+    tokens while training kept --max_prompt_length, so the evaluated prompts were not the trained ones."""
+    import p3o.rl.rollout
+
+    budgets = []
+    real = p3o.rl.rollout.pad_prompts
+
+    def recording(tokenizer, token_ids, max_length):
+        budgets.append(max_length)
+        return real(tokenizer, token_ids, max_length)
+
+    monkeypatch.setattr("p3o.eval.policy.pad_prompts", recording)
+    monkeypatch.setattr(p3o.rl.rollout, "pad_prompts", recording)  # winrate imports it when it runs
+    common = ["--max_prompt_length", "3", "--max_new_tokens", "4", "--disable_progress_bar"]
+    if command == "train":
+        args = [*train_args(assets, tmp_path / "run", "--eval_dataset", str(assets["prompts"]),
+                            "--eval_max_prompts", "4", "--max_steps", "1"), *common]
+    elif command == "eval":
+        args = ["eval", "--model_name_or_path", str(assets["llama"]), "--ref_model", str(assets["llama"]),
+                "--dataset", str(assets["prompts"]), "--max_prompts", "4", "--reward_fn",
+                f"{assets['rewards']}:fruit", "--output_file", str(tmp_path / "eval.json"), *common]
+    else:
+        args = ["winrate", "--model_a", str(assets["llama"]), "--model_b", str(assets["llama"]), "--dataset",
+                str(assets["prompts"]), "--max_prompts", "4", "--judge", f"reward_fn:{assets['rewards']}:fruit",
+                "--output_file", str(tmp_path / "winrate.json"), *common]
+    assert main(args) == 0
+    assert budgets and set(budgets) == {3}

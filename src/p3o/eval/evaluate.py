@@ -40,6 +40,7 @@ class EvalSettings:
     prompt_column: str = option("prompt", "Column holding the prompt: plain text or a list of chat messages.")
     max_prompts: int | None = option(None, "Use at most this many prompts (the first ones).")
     max_new_tokens: int = option(64, "Tokens sampled per response; EOS ends a response early and counts as part of it.")
+    max_prompt_length: int | None = option(None, "Longer prompts keep their last tokens, as in training: give the value the policies were trained with. Default: the model's context minus max_new_tokens.")
     temperature: float = option(1.0, "Sampling temperature; the KL uses the same tempered distributions.")
     batch_size: int = option(64, "Prompts per generation batch and sequences per reward-model pass.")
     seed: int = option(0, "Seed of the sampling stream; 0 matches the held-out evaluations of `p3o train`.")
@@ -76,6 +77,8 @@ class EvalConfig(EvalSettings):
         for name in ("max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise UsageError(f"--max_prompt_length must be at least 1, got {self.max_prompt_length}")
         if self.max_prompts is not None and self.max_prompts < 1:
             raise UsageError(f"--max_prompts must be at least 1, got {self.max_prompts}")
         if not self.temperature > 0:
@@ -163,7 +166,8 @@ def evaluate_models(cfg: EvalConfig) -> dict[str, dict]:
         policy = reference if _same_model(path, cfg.ref_model) else \
             load_causal_lm(path, what="model", **load).to(device).eval()
         metrics = evaluate_policy(policy, reference, tokenizer, prompts, rewards, cfg.max_new_tokens, seed=cfg.seed,
-                                  batch_size=cfg.batch_size, temperature=cfg.temperature)
+                                  batch_size=cfg.batch_size, temperature=cfg.temperature,
+                                  max_prompt_length=cfg.max_prompt_length)
         del policy
         results[path] = {**{key: metrics.get(key) for name in COLUMNS for key in (name, f"{name}_stderr")},
                          "n": len(prompts), "samples": metrics["samples"]}

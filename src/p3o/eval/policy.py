@@ -16,6 +16,7 @@ from p3o.rl.rollout import (
     decode_completions,
     generation_config,
     pad_prompts,
+    prompt_budget,
     sample_responses,
     sequence_logprobs,
 )
@@ -31,34 +32,29 @@ def mean_and_stderr(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
-def _prompt_budget(model_config, max_new_tokens: int) -> int:
-    """Prompt tokens that fit beside the response in the model's context (longer prompts keep their
-    last tokens, as in training)."""
-    context = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
-    return max(1, context - max_new_tokens) if context else 10**9
-
-
 @torch.no_grad()
 def evaluate_policy(policy, reference, tokenizer, prompts, rewards: dict, max_new_tokens: int, seed: int = 0,
-                    batch_size: int = 64, temperature: float = 1.0, first_index: int = 0, synced: bool = False) -> dict:
+                    batch_size: int = 64, temperature: float = 1.0, first_index: int = 0, synced: bool = False,
+                    max_prompt_length: int | None = None) -> dict:
     """Metrics of `policy` on `prompts` (a PromptDataset): `kl`, `length` and one entry per reward,
     each with its standard error (`*_stderr`), plus the samples themselves (each with its own values).
     `first_index`: where `prompts` start in a larger set split between processes (it seeds the
     sampling, so each share draws its own noise); `synced`: the policy is sharded (FSDP), as in
-    `sample_responses`.
+    `sample_responses`. Prompts are cut as in training (`prompt_budget`): give the run's `max_prompt_length`.
 
     Rewards are called as in training: raw prompts, the dataset's other columns and `completion_ids`."""
     eos = eos_token_ids(tokenizer, policy)
     config = generation_config(SimpleNamespace(temperature=temperature, top_k=0, top_p=1.0,
                                                max_new_tokens=max_new_tokens), tokenizer, eos)
     device = next(policy.parameters()).device
-    prompt_budget = _prompt_budget(policy.config, max_new_tokens)
-    if long := sum(len(ids) > prompt_budget for ids in prompts.token_ids):
-        log.warning("%d of %d prompts are longer than the %d tokens the context leaves beside %d new ones; they "
-                    "keep their last tokens (and BOS)", long, len(prompts), prompt_budget, max_new_tokens)
+    budget = prompt_budget(policy.config, max_new_tokens, max_prompt_length)
+    if long := sum(len(ids) > budget for ids in prompts.token_ids):
+        log.warning("%d of %d prompts are longer than %d tokens (--max_prompt_length, by default what the context "
+                    "leaves beside %d new ones); they keep their last tokens (and BOS)", long, len(prompts), budget,
+                    max_new_tokens)
     kl, lengths, completions, completion_ids = [], [], [], []
     for first in range(0, len(prompts), batch_size):
-        ids, mask = pad_prompts(tokenizer, prompts.token_ids[first:first + batch_size], prompt_budget)
+        ids, mask = pad_prompts(tokenizer, prompts.token_ids[first:first + batch_size], budget)
         ids, mask = ids.to(device), mask.to(device)
         seed_global_rng(seed, "eval", first_index + first)  # the same prompts get the same random stream for every policy
         response, response_mask = sample_responses(policy, ids, mask, config, eos, synced=synced)

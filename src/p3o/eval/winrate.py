@@ -38,6 +38,7 @@ class WinrateConfig:
     judge: str | None = option(None, "KIND:ARGUMENT: gold:TASK, reward_fn:module:fn or file.py:fn, reward_model:PATH, llm:MODEL (an OpenAI-compatible API), hf:PATH (a local causal LM).")
     output_file: str = option(None, "JSON file of the result: win rate, interval, counts and one record per prompt.", required=True)
     max_new_tokens: int = option(64, "Tokens sampled per response; EOS ends a response early. Use what the policies were trained with.")
+    max_prompt_length: int | None = option(None, "Longer prompts keep their last tokens, as in training: give the value the policies were trained with. Default: the model's context minus max_new_tokens.")
     temperature: float = option(1.0, "Sampling temperature of both policies. 1.0 judges the policy's own distribution, the one RL optimised and the KL measures (as the paper samples); 0 decodes greedily.")
     seed: int = option(0, "Seed of the sampling: the same seed gives the same responses.")
     max_prompts: int | None = option(None, "Use at most this many prompts (the first ones).")
@@ -66,6 +67,7 @@ class WinrateConfig:
                 raise UsageError(f"--{name} is required")
         checks = [
             (self.max_new_tokens >= 1, "--max_new_tokens must be at least 1"),
+            (self.max_prompt_length is None or self.max_prompt_length >= 1, "--max_prompt_length must be at least 1"),
             (self.temperature >= 0, "--temperature must be >= 0 (0 decodes greedily)"),
             (self.max_prompts is None or self.max_prompts >= 1, "--max_prompts must be at least 1"),
             (self.batch_size >= 1, "--batch_size must be at least 1"),
@@ -139,7 +141,7 @@ def summarise(verdicts) -> dict:
 
 @torch.no_grad()
 def sample_completions(policy, tokenizer, prompts, max_new_tokens: int, temperature: float, seed: int,
-                       stream: str, batch_size: int = 32, progress=None) -> list[str]:
+                       stream: str, batch_size: int = 32, progress=None, max_prompt_length: int | None = None) -> list[str]:
     """One response per prompt of `prompts` (a PromptDataset), sampled as `evaluate_policy` samples
     (exact tempered sampling, each batch seeded from (seed, stream, batch start)); temperature 0 is greedy."""
     from p3o.models.loading import eos_token_ids
@@ -147,6 +149,7 @@ def sample_completions(policy, tokenizer, prompts, max_new_tokens: int, temperat
         decode_completions,
         generation_config,
         pad_prompts,
+        prompt_budget,
         sample_responses,
     )
     from p3o.utils.seeding import seed_global_rng
@@ -155,13 +158,11 @@ def sample_completions(policy, tokenizer, prompts, max_new_tokens: int, temperat
     config = generation_config(SimpleNamespace(temperature=temperature or 1.0, top_k=0, top_p=1.0,
                                                max_new_tokens=max_new_tokens), tokenizer, eos, greedy=temperature == 0)
     device = next(policy.parameters()).device
-    max_length = _context_length(policy) - max_new_tokens
-    if max_length < 1:
-        raise UsageError(f"--max_new_tokens {max_new_tokens} leaves no room for the prompt in the policy's "
-                         f"{_context_length(policy)}-token context; lower it")
+    max_length = prompt_budget(policy.config, max_new_tokens, max_prompt_length)
     if long := sum(len(ids) > max_length for ids in prompts.token_ids):
-        log.warning("%d of %d prompts are longer than the %d tokens the context leaves beside %d new ones; they "
-                    "keep their last tokens (and BOS)", long, len(prompts), max_length, max_new_tokens)
+        log.warning("%d of %d prompts are longer than %d tokens (--max_prompt_length, by default what the context "
+                    "leaves beside %d new ones); they keep their last tokens (and BOS)", long, len(prompts),
+                    max_length, max_new_tokens)
     completions = []
     for first in range(0, len(prompts), batch_size):
         ids, mask = pad_prompts(tokenizer, prompts.token_ids[first:first + batch_size], max_length)  # (G, Lq)
@@ -171,11 +172,6 @@ def sample_completions(policy, tokenizer, prompts, max_new_tokens: int, temperat
         if progress is not None:
             progress.update(len(ids))
     return completions
-
-
-def _context_length(model) -> int:
-    config = model.config
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 10**9
 
 
 def check_output_file(cfg: WinrateConfig) -> Path:
@@ -218,7 +214,7 @@ def respond(cfg: WinrateConfig, which: str, device) -> tuple[list[dict], list[st
     with tqdm(total=len(prompts), desc=f"policy {which.upper()} responding", unit="prompt", dynamic_ncols=True,
               disable=cfg.disable_progress_bar) as bar:
         responses = sample_completions(policy, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, cfg.seed,
-                                       f"winrate/{which}", cfg.batch_size, bar)
+                                       f"winrate/{which}", cfg.batch_size, bar, cfg.max_prompt_length)
     del policy
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -36,6 +36,7 @@ from p3o.rl.rollout import (
     generation_config,
     pad_prompts,
     pad_responses,
+    prompt_budget,
     sample_responses,
     sequence_logprobs,
     shares_prompt_forward,
@@ -122,7 +123,7 @@ class Trainer:
         self.eos_ids = eos_token_ids(tokenizer, unwrapped)
         self.gen_config = generation_config(cfg, tokenizer, self.eos_ids)
         self.greedy_config = generation_config(cfg, tokenizer, self.eos_ids, greedy=True)
-        self.max_prompt_length = _max_prompt_length(cfg, unwrapped.config)
+        self.max_prompt_length = prompt_budget(unwrapped.config, cfg.max_new_tokens, cfg.max_prompt_length)
         self.logits_to_keep = supports_logits_to_keep(unwrapped)
         self.long_prompts = sum(len(ids) > self.max_prompt_length for ids in prompts.token_ids)
         self.fuse_old_pass = _old_pass_is_redundant(cfg, self.sizes, self.algorithm)
@@ -459,20 +460,6 @@ def _scheduler(cfg: TrainConfig, optimizer, total_steps: int):
         return get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     except ValueError as exc:
         raise UsageError(f"--lr_scheduler_type {cfg.lr_scheduler_type!r}: {exc}") from None
-
-
-def _max_prompt_length(cfg: TrainConfig, model_config) -> int:
-    """Prompt tokens kept: --max_prompt_length, else whatever the context leaves after the response."""
-    context = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
-    if context is not None and cfg.max_new_tokens >= context:
-        raise UsageError(f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the model's "
-                         f"context of {context} tokens; lower it")
-    if cfg.max_prompt_length is not None:
-        if context is not None and cfg.max_prompt_length + cfg.max_new_tokens > context:
-            raise UsageError(f"--max_prompt_length {cfg.max_prompt_length} + --max_new_tokens {cfg.max_new_tokens} "
-                             f"exceeds the model's context of {context} tokens")
-        return cfg.max_prompt_length
-    return context - cfg.max_new_tokens if context is not None else 1024
 
 
 def _check_vocabulary(tokenizer, model) -> None:

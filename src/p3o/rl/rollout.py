@@ -40,6 +40,29 @@ class Rollout:
         return [self.select(idx) for idx in torch.arange(self.num_groups).split(groups_per_part)]
 
 
+def context_length(model_config) -> int | None:
+    """The model's context in tokens, where its config says (learned or rotary position tables)."""
+    return getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+
+
+def prompt_budget(model_config, max_new_tokens: int, max_prompt_length: int | None = None) -> int:
+    """Prompt tokens kept beside `max_new_tokens` new ones: `max_prompt_length`, else what the context
+    leaves. Training, its held-out evaluation, `p3o eval` and `p3o winrate` all cut prompts here, so
+    an evaluated prompt is the trained one."""
+    from p3o.errors import UsageError
+
+    context = context_length(model_config)
+    if context is not None and max_new_tokens >= context:
+        raise UsageError(f"--max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's "
+                         f"context of {context} tokens; lower it")
+    if max_prompt_length is not None:
+        if context is not None and max_prompt_length + max_new_tokens > context:
+            raise UsageError(f"--max_prompt_length {max_prompt_length} + --max_new_tokens {max_new_tokens} "
+                             f"exceeds the model's context of {context} tokens; lower one of them")
+        return max_prompt_length
+    return context - max_new_tokens if context is not None else 1024
+
+
 def pad_prompts(tokenizer, token_ids: list[list[int]], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompt ids and mask (G, Lq). A prompt over `max_length` keeps its last tokens
     (the ones next to the response), and its BOS if it began with one."""

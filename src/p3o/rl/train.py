@@ -223,7 +223,8 @@ class HeldOutEvaluator:
             with t.accelerator.autocast(), gathered(t.trained_module):
                 samples = evaluate_policy(t.unwrapped_policy, t.ref_policy, t.tokenizer, self.prompts, self.rewards,
                                           t.cfg.max_new_tokens, seed=self.SEED, temperature=t.cfg.temperature,
-                                          first_index=self.first, synced=t.sharded)["samples"][:self.real]
+                                          first_index=self.first, synced=t.sharded,
+                                          max_prompt_length=t.max_prompt_length)["samples"][:self.real]
         if t.accelerator.num_processes > 1:
             samples = gather_object([{name: sample[name] for name in names} for sample in samples])
         point = {"step": step, **summarise(samples, names), "n": len(samples)}
