@@ -22,6 +22,7 @@ from typing import Any
 
 from p3o.data.files import LOCAL_SUFFIXES, read_rows
 from p3o.data.prompts import is_conversational, render_prompt
+from p3o.data.turns import ReplyEnds, cut_at_stop
 from p3o.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -196,16 +197,18 @@ def render_example(prompt: Any, completion: Any, tokenizer, where: str) -> tuple
     return prompt_text, full[len(prompt_text):]
 
 
-def example_token_ids(tokenizer, prompt: Any, completion: Any, where: str) -> tuple[list[int], list[int]]:
-    """(prompt ids, completion ids + EOS), tokenized as the policy sees them in RL: the prompt with
-    special tokens once (a chat template writes its own), then the completion, ended by EOS."""
+def example_token_ids(tokenizer, prompt: Any, completion: Any, where: str,
+                      ends: ReplyEnds | None = None) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids), tokenized as the policy sees them in RL: the prompt with special
+    tokens once (a chat template writes its own), then the completion up to and including its first
+    stop token, exactly where sampling would have stopped (`<|im_end|>`, not the `\n` a ChatML
+    template writes after it); a completion without one gets the end of turn (chat) or EOS.
+    `ends`: the tokenizer's `ReplyEnds`, computed once per dataset by the caller."""
+    ends = ends or ReplyEnds.of(tokenizer)
     prompt_text, completion_text = render_example(prompt, completion, tokenizer, where)
     prompt_ids = tokenizer(prompt_text, add_special_tokens=isinstance(prompt, str))["input_ids"]
     completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
-    if eos is not None and completion_ids[-1:] != [eos]:
-        completion_ids = completion_ids + [eos]
-    return prompt_ids, completion_ids
+    return prompt_ids, cut_at_stop(completion_ids, ends.stop_ids, ends.text if isinstance(prompt, str) else ends.chat)
 
 
 def _split_messages(row: Row, where: str) -> Row:

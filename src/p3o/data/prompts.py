@@ -36,10 +36,17 @@ def render_prompt(prompt: Any, tokenizer, where: str, add_generation_prompt: boo
             raise UsageError(f"{where}: the prompt is a list of chat messages but the tokenizer has no chat "
                              "template; give plain-text prompts or a tokenizer with a chat_template")
         try:
-            return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=add_generation_prompt)
+            text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=add_generation_prompt)
+            bare = add_generation_prompt and tokenizer.apply_chat_template(prompt, tokenize=False)
         except Exception as exc:  # jinja raises its own errors, e.g. "System role not supported"
             raise UsageError(f"{where}: the tokenizer's chat template refused these messages "
                              f"({type(exc).__name__}: {exc})") from None
+        if add_generation_prompt and text == bare and prompt[-1]["role"] != "assistant":
+            raise UsageError(f"{where}: the tokenizer's chat template writes no generation prompt (it ignores "
+                             "add_generation_prompt), so the model would go on with the user's turn instead of "
+                             "answering; use a template that opens the assistant's turn when add_generation_prompt "
+                             "is true, or plain-text prompts")
+        return text
     raise UsageError(f"{where}: a prompt must be text or a list of {{'role', 'content'}} messages, "
                      f"got {type(prompt).__name__}")
 
@@ -66,17 +73,19 @@ def load_preference_pairs(spec: str, tokenizer, split: str = "train", config: st
                           prompt_column: str = "prompt", chosen_column: str = "chosen",
                           rejected_column: str = "rejected", max_response_tokens: int | None = None) -> PromptDataset:
     """Preference rows as prompts plus their given responses: chosen and rejected token ids, each
-    ended by EOS and cut to `max_response_tokens` (the number cut is logged)."""
+    ending at its first stop token as a sampled response would (`example_token_ids`) and cut to
+    `max_response_tokens` (the number cut is logged)."""
     import logging
 
     from p3o.data.formats import example_token_ids, load_preferences
+    from p3o.data.turns import ReplyEnds
 
     rows = load_preferences(spec, split, config, prompt_column, chosen_column, rejected_column)
-    texts, token_ids, responses, cut = [], [], [], 0
+    texts, token_ids, responses, cut, ends = [], [], [], 0, ReplyEnds.of(tokenizer)
     for i, row in enumerate(rows):
         where = f"{spec}: row {i + 1}"
-        prompt_ids, chosen = example_token_ids(tokenizer, row["prompt"], row["chosen"], where)
-        _, rejected = example_token_ids(tokenizer, row["prompt"], row["rejected"], where)
+        prompt_ids, chosen = example_token_ids(tokenizer, row["prompt"], row["chosen"], where, ends)
+        _, rejected = example_token_ids(tokenizer, row["prompt"], row["rejected"], where, ends)
         if max_response_tokens is not None:
             cut += (len(chosen) > max_response_tokens) + (len(rejected) > max_response_tokens)
             chosen, rejected = chosen[:max_response_tokens], rejected[:max_response_tokens]

@@ -85,10 +85,13 @@ def disable_dropout(model: nn.Module) -> None:
 
 
 def eos_token_ids(tokenizer, model) -> list[int]:
-    """Ids that end a response: the tokenizer's EOS, plus the generation config's EOS ids that are
-    special tokens of this tokenizer (chat models end turns with those). A config id that is an
-    ordinary word (a config left at its defaults) never ends a response."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    """Ids that end a response: the tokenizer's EOS and its chat template's end of turn
+    (`p3o.data.turns.stop_token_ids`, the same that end SFT and DPO data), plus the generation
+    config's EOS ids that are special tokens of this tokenizer. A config id that is an ordinary word
+    (a config left at its defaults) never ends a response."""
+    from p3o.data.turns import stop_token_ids
+
+    ids = set(stop_token_ids(tokenizer))
     extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     extra = [extra] if isinstance(extra, int) else list(extra or [])
     ids |= set(extra) & set(tokenizer.all_special_ids)

@@ -26,12 +26,13 @@ class SFTConfig(SupervisedConfig):
     completion_column: str = option("completion", "Column holding the completion: plain text or assistant messages.")
 
 
-def tokenize_example(tokenizer, prompt, completion, max_length: int, where: str) -> dict[str, list[int]]:
-    """input_ids = prompt tokens + completion tokens + EOS; labels = IGNORE on the prompt. An example
-    that had to be cut to `max_length` is marked `"cut": True` (for the run's count)."""
+def tokenize_example(tokenizer, prompt, completion, max_length: int, where: str, ends=None) -> dict[str, list[int]]:
+    """input_ids = prompt tokens + completion tokens up to their first stop token (EOS or end of
+    turn, as sampling stops; `example_token_ids`); labels = IGNORE on the prompt. An example that had
+    to be cut to `max_length` is marked `"cut": True` (for the run's count)."""
     from p3o.data.formats import example_token_ids
 
-    prompt_ids, completion_ids = example_token_ids(tokenizer, prompt, completion, where)
+    prompt_ids, completion_ids = example_token_ids(tokenizer, prompt, completion, where, ends)
     cut = len(prompt_ids) + len(completion_ids) > max_length
     # An over-long completion gives up its end, never all of its prompt: a quarter of the budget
     # (or the whole prompt, if shorter) stays for the prompt's last tokens.
@@ -84,6 +85,7 @@ def sft_stage(tokenizer, eval_batch_size: int = 16) -> Stage:
 
 def run_sft(cfg: SFTConfig) -> list[dict]:
     from p3o.data.formats import load_completions, load_with_held_out
+    from p3o.data.turns import ReplyEnds
     from p3o.models.loading import load_causal_lm
     from p3o.utils.supervised import run_supervised
 
@@ -92,8 +94,12 @@ def run_sft(cfg: SFTConfig) -> list[dict]:
                                   split=cfg.dataset_split, config=cfg.dataset_config,
                                   prompt_column=cfg.prompt_column, completion_column=cfg.completion_column)
 
+    ends = {}  # the tokenizer's ReplyEnds, read off its chat template once
+
     def tokenize(tokenizer, row, where):
-        return tokenize_example(tokenizer, row["prompt"], row["completion"], cfg.max_length, where)
+        if "ends" not in ends:
+            ends["ends"] = ReplyEnds.of(tokenizer)
+        return tokenize_example(tokenizer, row["prompt"], row["completion"], cfg.max_length, where, ends["ends"])
 
     def build_model(cfg, tokenizer):
         return load_causal_lm(cfg.model_name_or_path, cfg.trust_remote_code, cfg.torch_dtype), None
