@@ -112,6 +112,7 @@ def test_small_ops_against_naive_versions():
 
 
 def test_which_ids_end_a_response(tokenizer):
+    from p3o.errors import UsageError
     from p3o.models.loading import eos_token_ids
     from p3o.models.tiny import build_tiny_model, build_word_tokenizer
 
@@ -122,8 +123,10 @@ def test_which_ids_end_a_response(tokenizer):
     assert eos_token_ids(tokenizer, model) == sorted([tokenizer.eos_token_id, tokenizer.bos_token_id])
     no_eos = build_word_tokenizer(["cat", "dog"])
     no_eos.eos_token = None
+    no_eos.chat_template = None
     model.generation_config.eos_token_id = no_eos.convert_tokens_to_ids("cat")
-    assert eos_token_ids(no_eos, model) == []
+    with pytest.raises(UsageError, match="has no EOS token and no chat template that ends a turn"):
+        eos_token_ids(no_eos, model)  # responses could never end: refused in one line
 
 
 def test_a_tokenizer_with_no_special_tokens_still_pads(tmp_path):
@@ -264,6 +267,37 @@ def test_pairs_share_a_prompt_only_where_one_packed_sequence_is_exact():
     assert shares_prompt_forward(Wrapped(model))
     assert torch.allclose(pair_token_logprobs(Wrapped(model), ids, mask, response, response_mask),
                           token_logprobs(model, ids, mask, response, response_mask), atol=1e-5)
+
+
+@pytest.mark.parametrize("alibi", [False, True], ids=["rotary", "alibi"])
+def test_falcon_packs_pairs_only_without_alibi_and_trains_either_way(assets, tokenizer, tmp_path, alibi):
+    """ALiBi biases follow the mask's token count, not the positions given, so one packed sequence
+    cannot be exact: Falcon's position scheme decides, not its name (the packed forward crashed)."""
+    from conftest import train_config
+    from transformers import FalconConfig, FalconForCausalLM
+
+    from p3o.rl.rollout import pair_token_logprobs, shares_prompt_forward
+    from p3o.rl.train import build_trainer
+
+    torch.manual_seed(0)
+    config = FalconConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          alibi=alibi, new_decoder_architecture=False, multi_query=True, bias=False,
+                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id)
+    model = FalconForCausalLM(config).eval()
+    assert shares_prompt_forward(model) is not alibi
+    if not alibi:
+        ids, mask = tokenize_prompts(tokenizer, PROMPTS[:2], 64)
+        ids, mask = ids.repeat_interleave(2, 0), mask.repeat_interleave(2, 0)  # two pairs
+        response = torch.randint(5, len(tokenizer), (4, 5))
+        response_mask = (torch.arange(5)[None] < torch.tensor([5, 2, 4, 5])[:, None]).long()
+        assert torch.allclose(pair_token_logprobs(model, ids, mask, response, response_mask),
+                              token_logprobs(model, ids, mask, response, response_mask), atol=1e-5)
+    model.save_pretrained(tmp_path / "falcon")
+    tokenizer.save_pretrained(tmp_path / "falcon")
+    trainer = build_trainer(train_config(assets, tmp_path, model_name_or_path=str(tmp_path / "falcon"), max_steps=1))
+    assert trainer.pairs_share_prompt is not alibi
+    trainer.train()
 
 
 def test_models_with_a_cache_of_their_own_sample_with_it():

@@ -87,3 +87,13 @@ def test_a_chat_template_without_a_generation_prompt_is_refused(chatml, tmp_path
     data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": [user("hello")]}])
     with pytest.raises(UsageError, match="row 1: the tokenizer's chat template writes no generation prompt"):
         load_prompts(str(data), mute)
+
+
+def test_a_template_whose_user_turn_opens_the_reply_needs_no_generation_prompt(chatml, tmp_path):
+    """Mistral's `[INST] ... [/INST]` ignores add_generation_prompt and needs none: nothing stands
+    between the prompt and the reply."""
+    inst = copy.deepcopy(chatml)
+    inst.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+                          "{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}")
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": [user("hello")]}])
+    assert load_prompts(str(data), inst).texts == ["[INST] hello [/INST]"]

@@ -41,7 +41,7 @@ def render_prompt(prompt: Any, tokenizer, where: str, add_generation_prompt: boo
         except Exception as exc:  # jinja raises its own errors, e.g. "System role not supported"
             raise UsageError(f"{where}: the tokenizer's chat template refused these messages "
                              f"({type(exc).__name__}: {exc})") from None
-        if add_generation_prompt and text == bare and prompt[-1]["role"] != "assistant":
+        if add_generation_prompt and text == bare and _reply_needs_a_header(prompt, text, tokenizer):
             raise UsageError(f"{where}: the tokenizer's chat template writes no generation prompt (it ignores "
                              "add_generation_prompt), so the model would go on with the user's turn instead of "
                              "answering; use a template that opens the assistant's turn when add_generation_prompt "
@@ -49,6 +49,18 @@ def render_prompt(prompt: Any, tokenizer, where: str, add_generation_prompt: boo
         return text
     raise UsageError(f"{where}: a prompt must be text or a list of {{'role', 'content'}} messages, "
                      f"got {type(prompt).__name__}")
+
+
+def _reply_needs_a_header(prompt: list, rendered: str, tokenizer) -> bool:
+    """Whether the template writes text between the prompt and an assistant reply (a header such as
+    "assistant:") that the generation prompt left out. Templates like Mistral's need none: their
+    user turn ends with `[/INST]`, which opens the reply, so add_generation_prompt has nothing to add."""
+    probe = "p3oreply"
+    try:
+        full = tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": probe}], tokenize=False)
+    except Exception:  # the template refuses this shape (e.g. two assistant turns in a row): no verdict
+        return False
+    return full.startswith(rendered) and bool(full[len(rendered):].split(probe)[0].strip())
 
 
 def load_prompts(spec: str, tokenizer, split: str = "train", config: str | None = None,

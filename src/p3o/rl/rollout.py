@@ -207,21 +207,30 @@ def sequence_logprobs(token_logps: torch.Tensor, response_mask: torch.Tensor) ->
     return masked_sum(token_logps, response_mask, dim=-1)
 
 
-# Architectures whose every layer is full attention that honours a custom 4D mask (checked against
-# two separate forwards); others (state-space, linear attention, local windows) would leak y1 into
-# y2 or crash, so their pairs run as two sequences.
+# Architectures whose positions come from `position_ids` (rotary or learned absolute) and whose
+# attention honours a custom 4D mask (checked against two separate forwards, tests/test_families.py);
+# others (state-space, linear attention) would leak y1 into y2 or crash, so their pairs run as two
+# sequences. The position scheme decides within an architecture: Falcon may use ALiBi instead.
 PACKABLE_MODEL_TYPES = {"llama", "gpt2", "gpt_neox", "phi3", "opt", "falcon", "mistral", "qwen2", "qwen3"}
 
 
 def shares_prompt_forward(model) -> bool:
-    """Whether `pair_token_logprobs` is exact on `model`: a packable architecture, full attention in
-    every layer (no sliding window), and an attention that takes a custom 4D mask."""
+    """Whether `pair_token_logprobs` is exact on `model`: positions from `position_ids` (a packable
+    architecture, no ALiBi: its biases follow the mask's token count, not the positions given), full
+    attention in every layer (no sliding window), and an attention that takes a custom 4D mask."""
     config = _config_of(model)
     layer_types = getattr(config, "layer_types", None)
     full_attention = (all(t == "full_attention" for t in layer_types) if layer_types
                       else getattr(config, "sliding_window", None) is None)
-    return (getattr(config, "model_type", None) in PACKABLE_MODEL_TYPES and full_attention
-            and getattr(config, "_attn_implementation", None) in ("sdpa", "eager"))
+    return (getattr(config, "model_type", None) in PACKABLE_MODEL_TYPES and not uses_alibi(config)
+            and full_attention and getattr(config, "_attn_implementation", None) in ("sdpa", "eager"))
+
+
+def uses_alibi(config) -> bool:
+    """ALiBi attention biases (Falcon's `alibi`, MPT's `attn_config.alibi`, BLOOM) instead of positions."""
+    attn_config = getattr(config, "attn_config", None)
+    return (bool(getattr(config, "alibi", False)) or bool(getattr(attn_config, "alibi", False))
+            or getattr(config, "model_type", None) == "bloom")
 
 
 def _config_of(model):
