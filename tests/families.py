@@ -146,7 +146,6 @@ class Family:
     chat: bool  # has a chat template: the tests use chat data
     end_of_turn: str  # the token that ends an assistant turn (EOS for plain-text families)
     reply_prefix: str = ""  # what the template writes before every reply's content (Qwen3's empty think block)
-    notes: dict = field(default_factory=dict)
 
 
 @dataclass
