@@ -174,11 +174,6 @@ def test_a_p3o_step_scores_exactly_the_sampled_tokens_on_policy(family, data, tm
 
 # --- 4: one packed sequence per pair, only where it is exact ---------------------------------------
 
-# Families whose flag is off although packing would be exact at these lengths: a lost speed-up.
-CONSERVATIVE = {"phi3": "Phi-3 ships sliding_window 2047, longer than any sequence here, and any window turns "
-                        "packing off"}
-
-
 def test_packed_pairs_equal_separate_sequences_exactly_where_packing_is_on(family):
     from transformers import AutoModelForCausalLM
 
@@ -190,7 +185,8 @@ def test_packed_pairs_equal_separate_sequences_exactly_where_packing_is_on(famil
     response = torch.randint(0, min(len(tokenizer), 400), (6, 9))
     response_mask = (torch.arange(9)[None] < torch.tensor([9, 3, 6, 9, 1, 7])[:, None]).long()
     separate = token_logprobs(model, query, query_mask, response, response_mask)
-    if shares_prompt_forward(model):
+    packed_length = query.shape[1] + 2 * response.shape[1]  # Phi-3's window (2047) is wider: packing is on
+    if shares_prompt_forward(model, packed_length):
         packed = pair_token_logprobs(model, query, query_mask, response, response_mask)
         assert torch.allclose(packed, separate, atol=1e-5), (packed - separate).abs().max()
         return
@@ -198,10 +194,7 @@ def test_packed_pairs_equal_separate_sequences_exactly_where_packing_is_on(famil
         packed = pair_token_logprobs(model, query, query_mask, response, response_mask)
     except Exception:
         return
-    exact = torch.allclose(packed, separate, atol=1e-5)
-    if family.name in CONSERVATIVE:
-        pytest.xfail(f"{CONSERVATIVE[family.name]}; packed == separate: {exact}")
-    assert not exact, "packing is off but would be exact"
+    assert not torch.allclose(packed, separate, atol=1e-5), "packing is off but would be exact"
 
 
 # --- 7 and 8: the commands -------------------------------------------------------------------------

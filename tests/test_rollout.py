@@ -311,3 +311,20 @@ def test_models_with_a_cache_of_their_own_sample_with_it():
     config = generation_config(sampling(max_new_tokens=5), SimpleNamespace(pad_token_id=0), [1])
     response, _ = sample_responses(model, ids, torch.ones_like(ids), config, [1])
     assert response.shape[0] == 2 and 1 <= response.shape[1] <= 5
+
+
+def test_a_sliding_window_wider_than_the_packed_pair_keeps_packing_exact():
+    """Phi-3 ships sliding_window 2047: a pair packed into fewer tokens never reaches the window."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from p3o.rl.rollout import pair_token_logprobs, shares_prompt_forward
+
+    model = tiny(MistralConfig, MistralForCausalLM, sliding_window=17)  # exactly the packed length: the edge
+    ids = torch.randint(3, 60, (4, 5))
+    ids[1], ids[3] = ids[0], ids[2]
+    mask, response = torch.ones_like(ids), torch.randint(3, 60, (4, 6))
+    response_mask = torch.ones_like(response)
+    assert shares_prompt_forward(model, 5 + 2 * 6) and not shares_prompt_forward(model, 18) \
+        and not shares_prompt_forward(model)
+    assert torch.allclose(pair_token_logprobs(model, ids, mask, response, response_mask),
+                          token_logprobs(model, ids, mask, response, response_mask), atol=1e-5)

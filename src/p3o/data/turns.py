@@ -43,10 +43,10 @@ def end_of_turn_id(tokenizer) -> int | None:
     return ids[first]
 
 
-def stop_token_ids(tokenizer) -> list[int]:
-    """The tokenizer's EOS and the chat template's end of turn; a UsageError if it has neither,
-    since a response could then never end."""
-    ids = {i for i in (tokenizer.eos_token_id, end_of_turn_id(tokenizer)) if i is not None}
+def stop_token_ids(tokenizer, extra: list[int] = ()) -> list[int]:
+    """The tokenizer's EOS and the chat template's end of turn, plus `extra` (the model's own); a
+    UsageError if there are none, since a response could then never end."""
+    ids = {i for i in (tokenizer.eos_token_id, end_of_turn_id(tokenizer), *extra) if i is not None}
     if not ids:
         raise UsageError("the tokenizer has no EOS token and no chat template that ends a turn with a special "
                          "token, so a response could never end; set its eos_token (e.g. tokenizer.eos_token = "

@@ -89,11 +89,10 @@ def eos_token_ids(tokenizer, model) -> list[int]:
     (`p3o.data.turns.stop_token_ids`, the same that end SFT and DPO data), plus the generation
     config's EOS ids that are special tokens of this tokenizer. A config id that is an ordinary word
     (a config left at its defaults) never ends a response."""
-    from p3o.data.turns import stop_token_ids
+    from p3o.data.turns import special_ids, stop_token_ids
 
-    ids = set(stop_token_ids(tokenizer))
     extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     extra = [extra] if isinstance(extra, int) else list(extra or [])
-    ids |= set(extra) & set(tokenizer.all_special_ids)
+    ids = stop_token_ids(tokenizer, [i for i in extra if i in special_ids(tokenizer)])
     vocab = model.get_input_embeddings().num_embeddings
-    return sorted(i for i in ids if i is not None and 0 <= i < vocab)
+    return [i for i in ids if 0 <= i < vocab]

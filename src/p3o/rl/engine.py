@@ -128,9 +128,10 @@ class Trainer:
         self.long_prompts = sum(len(ids) > self.max_prompt_length for ids in prompts.token_ids)
         self.fuse_old_pass = _old_pass_is_redundant(cfg, self.sizes, self.algorithm)
         # Pairs (P3O, DPO, RLOO k=2) run their shared prompt once in every forward pass.
+        packed = self.max_prompt_length + 2 * cfg.max_new_tokens  # the longest [prompt, y1, y2]
         self.pairs_share_prompt = (self.sizes.samples_per_prompt == 2 and not self.algorithm.value_head
-                                   and self.logits_to_keep and shares_prompt_forward(unwrapped)
-                                   and shares_prompt_forward(self.ref_policy))
+                                   and self.logits_to_keep and shares_prompt_forward(unwrapped, packed)
+                                   and shares_prompt_forward(self.ref_policy, packed))
         self.vllm = None
         if cfg.generation_backend == "vllm" and not self.algorithm.from_dataset:
             from p3o.rl.vllm_backend import VLLMGenerator

@@ -214,14 +214,18 @@ def sequence_logprobs(token_logps: torch.Tensor, response_mask: torch.Tensor) ->
 PACKABLE_MODEL_TYPES = {"llama", "gpt2", "gpt_neox", "phi3", "opt", "falcon", "mistral", "qwen2", "qwen3"}
 
 
-def shares_prompt_forward(model) -> bool:
-    """Whether `pair_token_logprobs` is exact on `model`: positions from `position_ids` (a packable
-    architecture, no ALiBi: its biases follow the mask's token count, not the positions given), full
-    attention in every layer (no sliding window), and an attention that takes a custom 4D mask."""
+def shares_prompt_forward(model, packed_length: int | None = None) -> bool:
+    """Whether `pair_token_logprobs` is exact on `model` for packed sequences of up to `packed_length`
+    tokens (prompt + 2 responses): positions from `position_ids` (a packable architecture, no ALiBi:
+    its biases follow the mask's token count, not the positions given), attention that sees every
+    earlier token (no sliding window, or one at least `packed_length` wide: Phi-3 ships 2047), and an
+    attention that takes a custom 4D mask."""
     config = _config_of(model)
     layer_types = getattr(config, "layer_types", None)
-    full_attention = (all(t == "full_attention" for t in layer_types) if layer_types
-                      else getattr(config, "sliding_window", None) is None)
+    windowed = (any(t != "full_attention" for t in layer_types) if layer_types
+                else getattr(config, "sliding_window", None) is not None)
+    window = getattr(config, "sliding_window", None)
+    full_attention = not windowed or (window is not None and packed_length is not None and packed_length <= window)
     return (getattr(config, "model_type", None) in PACKABLE_MODEL_TYPES and not uses_alibi(config)
             and full_attention and getattr(config, "_attn_implementation", None) in ("sdpa", "eager"))
 
