@@ -110,3 +110,25 @@ def test_vllm_is_imported_only_when_asked_for(assets, tmp_path, monkeypatch):
     assert build_trainer(train_config(assets, tmp_path)).vllm is None
     with pytest.raises(UsageError, match="--generation_backend vllm needs vLLM"):
         build_trainer(train_config(assets, tmp_path, generation_backend="vllm"))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_pushing_lora_weights_never_writes_the_frozen_base(assets, tmp_path, fake_vllm, dtype):
+    """Merging in place and back before every rollout rounded a half-precision base each time, drifting
+    the reference; merged copies leave it bit for bit as it was."""
+    trainer = build_trainer(train_config(assets, tmp_path, generation_backend="vllm", use_peft=True, lora_r=4,
+                                         torch_dtype=dtype))
+    policy = trainer.unwrapped_policy
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    for _ in range(100):
+        trainer.vllm.sync_weights(policy)
+    assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters())
+    name = "model.layers.0.self_attn.q_proj"
+    base = before[f"base_model.model.{name}.base_layer.weight"]
+    module = policy.get_submodule(f"base_model.model.{name}")
+    expected = (base.float() + module.get_delta_weight("default").float()).to(base.dtype)
+    assert base.dtype == getattr(torch, dtype) and torch.equal(trainer.vllm.llm.loaded[-1][f"{name}.weight"], expected)

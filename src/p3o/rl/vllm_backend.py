@@ -1,7 +1,8 @@
 """Optional generation on vLLM (GPU users): `--generation_backend vllm`.
 
 One vLLM engine per process, colocated with training on the same device. Before each rollout the
-trained policy's current weights are pushed into it (LoRA adapters merged first, as TRL does), so
+trained policy's current weights are pushed into it (LoRA adapters merged into copies: merging in
+place and back, as peft's merge_adapter does, rounds a bf16/fp16 base a little more each time), so
 it samples from pi_old. Log-probabilities are still computed by the training model, so importance
 ratios and KLs are exactly what the algorithms define; vLLM only proposes the tokens.
 
@@ -45,11 +46,7 @@ class VLLMGenerator:
         """Push `policy`'s current weights (names as in its Hugging Face checkpoint) into vLLM."""
         engine_model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
         if is_lora(policy):
-            policy.merge_adapter()
-            try:
-                engine_model.load_weights(_merged_lora_weights(policy))
-            finally:
-                policy.unmerge_adapter()
+            engine_model.load_weights(_merged_lora_weights(policy))
         else:
             engine_model.load_weights((name, p.data) for name, p in policy.named_parameters())
         self.llm.reset_prefix_cache()
@@ -85,8 +82,21 @@ def _mask(ids: torch.Tensor, responses: list[list[int]], eos_ids: list[int]) -> 
 
 
 def _merged_lora_weights(peft_model):
-    """The merged base weights of a peft model under their plain checkpoint names."""
+    """(plain checkpoint name, weight) of a peft model with its active LoRA adapters merged, out of
+    place: W + delta is computed in float32 into a new tensor and cast to W's dtype, so the frozen
+    base (hence the reference, which is the base with adapters off) is never written."""
+    from peft.tuners.lora import LoraLayer
+
+    deltas = {}
+    for module_name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer) and not module.merged:
+            adapters = [a for a in module.active_adapters if a in module.lora_A]
+            if adapters:
+                deltas[f"{module_name}.base_layer.weight"] = sum(module.get_delta_weight(a).float() for a in adapters)
     for name, param in peft_model.named_parameters():
         if "lora_" in name:
             continue
-        yield name.removeprefix("base_model.model.").replace(".base_layer", ""), param.data
+        weight = param.data
+        if name in deltas:
+            weight = (weight.float() + deltas[name]).to(weight.dtype)
+        yield name.removeprefix("base_model.model.").replace(".base_layer", ""), weight
