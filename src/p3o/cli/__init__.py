@@ -23,6 +23,7 @@ COMMANDS = {
     "pipeline": ("p3o.cli.pipeline", "Run SFT -> reward model -> RL from one recipe file on your own data."),
     "convert": ("p3o.cli.convert", "Convert TL;DR comparisons or Anthropic HH rows to the standard preference format."),
     "tiny-model": ("p3o.cli.tiny_model", "Build a small random GPT-2/Llama model and a word tokenizer from a corpus."),
+    "fetch-model": ("p3o.cli.fetch_model", "Save a real pretrained model (SmolLM2-135M-Instruct) or a .gguf file as a plain checkpoint, offline."),
 }
 
 

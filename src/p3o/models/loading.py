@@ -1,7 +1,9 @@
 """Load Hugging Face tokenizers and causal LMs from a local directory or a hub name, safely.
 
 Weights load through `from_pretrained` (safetensors where the checkpoint has them); remote code runs
-only with `trust_remote_code=True`.
+only with `trust_remote_code=True`. A path ending in `.gguf` is a model too: config, tokenizer and
+weights come from the file (transformers' `gguf_file=`, needs the `gguf` package), dequantised to the
+asked dtype, and the model then trains and saves as an ordinary safetensors checkpoint.
 """
 from __future__ import annotations
 
@@ -16,8 +18,56 @@ from p3o.errors import UsageError
 log = logging.getLogger(__name__)
 
 
+GGUF_INSTALL = "pip install 'p3o[gguf]' (or pip install gguf)"
+
+
+def is_gguf(name: str) -> bool:
+    return str(name).lower().endswith(".gguf")
+
+
 def _looks_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
+    return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1 or is_gguf(name)
+
+
+def pretrained_source(name: str, what: str = "model") -> tuple[str, dict]:
+    """(what to pass to `from_pretrained`, extra keyword arguments). A `.gguf` file is read from its
+    directory with `gguf_file=` (transformers wants the two apart); anything else as given."""
+    if not is_gguf(name):
+        return name, {}
+    path = Path(name).expanduser()
+    if not path.is_file():
+        raise UsageError(f"{what} {name} does not exist; give a .gguf file, a model directory or a hub name")
+    from transformers.utils import is_gguf_available
+
+    if not is_gguf_available():  # transformers would fail deep inside loading, with a traceback
+        raise UsageError(f"reading {name} needs the gguf package (0.10 or newer): {GGUF_INSTALL}")
+    return str(path.parent), {"gguf_file": path.name}
+
+
+def gguf_model_kwargs(extra: dict) -> dict:
+    """Model-loading arguments for a GGUF source: unpack every weight into a dense tensor. Left to
+    itself, transformers keeps the blocks packed wherever a `kernels` matmul exists (GPUs), and such
+    a model can neither train nor save."""
+    if "gguf_file" not in extra:
+        return extra
+    from transformers import GgufConfig
+
+    return {**extra, "quantization_config": GgufConfig(dequantize=True)}
+
+
+def as_plain_model(model):
+    """Forget that a model came from a GGUF file: its weights are dense tensors by now, but a model
+    still marked quantised (`hf_quantizer`, `config.quantization_config`) refuses `save_pretrained`
+    (GGUF is not serialisable) and training. transformers 5.23 clears the marks itself when asked to
+    dequantise; without `dequantize=True` (and in 5.x before it) they stay, hence this safety net."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if "quantization_method" in vars(model):
+        del model.quantization_method
+    if "is_quantized" in vars(model):
+        model.is_quantized = False
+    return model
 
 
 def _check_exists(name: str, what: str) -> None:
@@ -35,8 +85,9 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     _check_exists(name, "tokenizer")
+    source, extra = pretrained_source(name, "tokenizer")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError) as exc:
         raise _not_found(name, "tokenizer", exc) from None
     tokenizer.padding_side = "left"
@@ -55,8 +106,9 @@ def load_causal_lm(name: str, trust_remote_code: bool = False, dtype: str = "flo
     from transformers import AutoConfig, AutoModelForCausalLM
 
     _check_exists(name, what)
+    source, extra = pretrained_source(name, what)
     try:
-        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError) as exc:
         raise _not_found(name, what, exc) from None
     saved = getattr(config, "architectures", None) or []
@@ -65,13 +117,14 @@ def load_causal_lm(name: str, trust_remote_code: bool = False, dtype: str = "flo
         raise UsageError(f"{what} {name} was saved as {', '.join(saved)}, not a causal language model; give a "
                          "policy (an *ForCausalLM checkpoint such as the SFT model)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, config=config, trust_remote_code=trust_remote_code,
-                                                     dtype=dtype if dtype == "auto" else getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_pretrained(source, config=config, trust_remote_code=trust_remote_code,
+                                                     dtype=dtype if dtype == "auto" else getattr(torch, dtype),
+                                                     **gguf_model_kwargs(extra))
     except ValueError as exc:
         raise UsageError(f"{what} {name} is not a causal language model ({type(config).__name__}): "
                          f"{str(exc).splitlines()[0]}") from None
     disable_dropout(model)
-    return model
+    return as_plain_model(model)
 
 
 def disable_dropout(model: nn.Module) -> None:

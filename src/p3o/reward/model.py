@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from p3o.errors import UsageError
-from p3o.models.loading import _check_exists, load_tokenizer
+from p3o.models.loading import _check_exists, as_plain_model, gguf_model_kwargs, load_tokenizer, pretrained_source
 from p3o.reward.functions import check_rewards
 
 
@@ -71,8 +71,9 @@ class RewardModelScorer:
         from transformers import AutoConfig, AutoModelForSequenceClassification
 
         _check_exists(name, "reward model")
+        source, extra = pretrained_source(name, "reward model")
         try:
-            config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+            config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
         except (OSError, ValueError) as exc:
             raise UsageError(f"reward model {name} is not a transformers model: {str(exc).splitlines()[0]}") from None
         if not any(a.endswith("ForSequenceClassification") for a in config.architectures or []) or config.num_labels != 1:
@@ -81,7 +82,8 @@ class RewardModelScorer:
                              f"{config.num_labels} labels); train one with `p3o rm`")
         tokenizer = load_tokenizer(name, trust_remote_code)
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            name, trust_remote_code=trust_remote_code, output_loading_info=True)
+            source, trust_remote_code=trust_remote_code, output_loading_info=True, **gguf_model_kwargs(extra))
+        as_plain_model(model)
         if info["missing_keys"]:
             raise UsageError(f"reward model {name} lacks weights for {', '.join(sorted(info['missing_keys'])[:3])}: "
                              "its score head would be random")

@@ -69,19 +69,20 @@ def load_reward_trunk(cfg: RMConfig, tokenizer):
     from transformers import AutoModelForSequenceClassification
 
     from p3o.errors import UsageError
-    from p3o.models.loading import _check_exists, disable_dropout
+    from p3o.models.loading import _check_exists, as_plain_model, disable_dropout, gguf_model_kwargs, pretrained_source
 
     _check_exists(cfg.model_name_or_path, "model")
+    source, extra = pretrained_source(cfg.model_name_or_path)
     dtype = cfg.torch_dtype if cfg.torch_dtype == "auto" else getattr(torch, cfg.torch_dtype)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            cfg.model_name_or_path, num_labels=1, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+            source, num_labels=1, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **gguf_model_kwargs(extra))
     except (OSError, ValueError) as exc:
         raise UsageError(f"could not load {cfg.model_name_or_path} as a sequence classifier: "
                          f"{str(exc).splitlines()[0]}") from None
     model.config.pad_token_id = tokenizer.pad_token_id
     disable_dropout(model)
-    return model
+    return as_plain_model(model)
 
 
 def run_rm(cfg: RMConfig) -> list[dict]:

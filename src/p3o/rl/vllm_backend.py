@@ -23,6 +23,9 @@ from p3o.utils.seeding import derived_seed
 
 class VLLMGenerator:
     def __init__(self, cfg, model_name_or_path: str, eos_ids: list[int], max_model_len: int, accelerator):
+        if model_name_or_path.lower().endswith(".gguf"):  # vLLM would keep its quantised blocks, which no sync can update
+            raise UsageError(f"--generation_backend vllm needs a plain checkpoint, not {model_name_or_path}; convert it "
+                             "first: p3o fetch-model FILE.gguf --output_dir DIR")
         try:
             import vllm
         except ImportError:
