@@ -121,8 +121,8 @@ def save_checkpoint(model, tokenizer, out: Path) -> None:
 
 def fetch_model(model: str, output_dir: str, overwrite: bool = False, dtype: str = "float32") -> Path:
     """Write `model` (a packaged model's name or a .gguf file) to `output_dir` as a plain checkpoint."""
-    gguf = gguf_source(model)  # cheap checks first: nothing is loaded or written when one fails
-    out = check_output_dir(output_dir, overwrite)
+    out = check_output_dir(output_dir, overwrite)  # cheap checks first: nothing is loaded or written when one fails
+    gguf = gguf_source(model)
     model_, tokenizer = load_gguf_checkpoint(gguf, dtype)
     save_checkpoint(model_, tokenizer, out)
     return out
