@@ -1,4 +1,4 @@
-"""The baselines' pure parts (P3O.md section 5): advantage estimators, PPO, GRPO and DPO losses."""
+"""The baselines' pure parts (docs/p3o.md section 5): advantage estimators, PPO, GRPO and DPO losses."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Baselines on the shared engine (P3O.md section 5): PPO, RLOO, GRPO, ReMax, online and offline DPO."""
+"""Baselines on the shared engine (docs/p3o.md section 5): PPO, RLOO, GRPO, ReMax, online and offline DPO."""
 from __future__ import annotations
 
 import json

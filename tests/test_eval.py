@@ -1,4 +1,4 @@
-"""`p3o eval`: several policies against one reference on the same held-out prompts (P3O.md section 6)."""
+"""`p3o eval`: several policies against one reference on the same held-out prompts (docs/p3o.md section 6)."""
 from __future__ import annotations
 
 import json

@@ -1,6 +1,6 @@
-"""Tests of the P3O losses against the properties P3O.md section 4 requires.
+"""Tests of the P3O losses against the properties docs/p3o.md section 4 requires.
 
-Notation follows P3O.md: logp/old_logp are (P, 2) sequence log-probabilities l(y_i), l_old(y_i),
+Notation follows docs/p3o.md: logp/old_logp are (P, 2) sequence log-probabilities l(y_i), l_old(y_i),
 delta is the pair's relative advantage Delta (P,), rho_i = exp(l(y_i) - l_old(y_i)),
 w(z) = clamp(z, 1/C, C). Everything numeric runs in float64 unless a test says otherwise.
 """

@@ -1,4 +1,4 @@
-"""`p3o eval`: several policies against one reference on the same held-out prompts (P3O.md section 6).
+"""`p3o eval`: several policies against one reference on the same held-out prompts (docs/p3o.md section 6).
 
 Each policy answers every prompt once, from the same seeded random stream, and gets: the mean
 sequence KL to the reference, KL = mean of l(y) - l_ref(y) over its own samples y (nats; exactly 0

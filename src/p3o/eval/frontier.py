@@ -4,7 +4,7 @@ Every run is an ordinary `p3o train` (a subprocess with one thread, so independe
 cores) that evaluates itself on held-out prompts before training, every `eval_steps` and at the end
 (eval.jsonl). Each evaluation is a point (KL to the reference, proxy reward, gold reward); an
 algorithm's frontier is the set of its points that no other point of the same algorithm beats with
-less or equal KL (P3O.md section 6). A finished run is never run again.
+less or equal KL (docs/p3o.md section 6). A finished run is never run again.
 
 Output directory: base/ (the embedded task's data, SFT model and reward model), runs/<run>/ (one
 `p3o train` run each, logs/<run>.log its output), points.csv (every point), frontier.png,

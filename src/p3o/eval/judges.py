@@ -1,4 +1,4 @@
-"""Judges of policy A's response against policy B's to the same prompt (P3O.md section 6).
+"""Judges of policy A's response against policy B's to the same prompt (docs/p3o.md section 6).
 
 A judge maps (prompts, responses of A, responses of B) to one `Verdict` per prompt: "A" (A's response
 is better), "B", or "tie". Judges are a registry keyed by the kind in `--judge KIND:ARGUMENT`:

@@ -1,4 +1,4 @@
-"""Evaluate a policy on held-out prompts (P3O.md section 6): sample one response per prompt, score it
+"""Evaluate a policy on held-out prompts (docs/p3o.md section 6): sample one response per prompt, score it
 with every given reward (proxy, gold, ...), and measure the sequence KL to the reference,
 KL = mean of l(y) - l_ref(y) with y sampled from the policy (nats; exactly 0 for the reference).
 """

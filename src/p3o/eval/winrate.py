@@ -1,4 +1,4 @@
-"""Win rate of policy A against policy B on the same held-out prompts (P3O.md section 6):
+"""Win rate of policy A against policy B on the same held-out prompts (docs/p3o.md section 6):
 win rate = P(A's response is judged better) + 1/2 P(tie), with a 95% interval.
 
 1. Each policy samples one response per prompt (its own random stream: the two responses are

@@ -23,7 +23,7 @@ def add_lora(model, r: int, alpha: float, target_modules: str):
     except ImportError:
         raise UsageError("--use_peft needs peft: pip install 'p3o[lora]'") from None
     targets = target_modules if target_modules == "all-linear" else [m.strip() for m in target_modules.split(",")]
-    # No LoRA dropout: importance ratios must be exactly 1 at the first update (P3O.md section 4).
+    # No LoRA dropout: importance ratios must be exactly 1 at the first update (docs/p3o.md section 4).
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
     try:
         return get_peft_model(model, config)

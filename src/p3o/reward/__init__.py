@@ -2,7 +2,7 @@
 
 Both are wrapped as a `RewardSource`: called with B prompts and B completions, it returns a float64
 tensor (B,) of raw rewards, after checking the count and finiteness. Raw rewards are never
-normalised or clipped here (P3O.md section 2).
+normalised or clipped here (docs/p3o.md section 2).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """`p3o rm`: a reward model from preference data (prompt, chosen, rejected) with the Bradley-Terry
-loss -log sigmoid(r(x, y_w) - r(x, y_l)) (P3O.md section 1).
+loss -log sigmoid(r(x, y_w) - r(x, y_l)) (docs/p3o.md section 1).
 
 The model is `AutoModelForSequenceClassification` with one label on the given trunk (usually the
 SFT model), read at the last real token exactly as `p3o train --reward_model` reads it. Held-out

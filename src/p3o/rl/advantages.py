@@ -1,8 +1,8 @@
-"""Advantage estimators of the baselines (P3O.md section 5). Pure functions of tensors.
+"""Advantage estimators of the baselines (docs/p3o.md section 5). Pure functions of tensors.
 
 Shape legend: G = prompts, k = responses per prompt, B = G*k sequences, T = response tokens.
 
-Shift invariance (P3O.md section 2): the group estimators read raw rewards (float64) only through
+Shift invariance (docs/p3o.md section 2): the group estimators read raw rewards (float64) only through
 differences within a group, taken first, so a per-prompt reward shift cancels exactly, bit for bit.
 The KL part `beta * kl` is added after, in the working precision.
 """

@@ -90,10 +90,10 @@ def per_group_tokens(losses: torch.Tensor, mask: torch.Tensor, k: int, cfg) -> t
     return per_group(masked_mean(losses, mask, dim=-1), k)
 
 
-# --- P3O: pairs, Delta per pair, a pairwise loss (P3O.md sections 2-4) -------------------------
+# --- P3O: pairs, Delta per pair, a pairwise loss (docs/p3o.md sections 2-4) -------------------------
 
 def pair_delta(rollout: Rollout, cfg, beta: float) -> Prepared:
-    """Delta = (r1 - r2) - beta * (kl1 - kl2), the reward difference taken first (P3O.md section 2).
+    """Delta = (r1 - r2) - beta * (kl1 - kl2), the reward difference taken first (docs/p3o.md section 2).
 
     Raw rewards arrive in float64 and their difference is taken before anything else touches them,
     so a per-prompt reward shift cancels exactly; only Delta is ever scaled or clipped.
@@ -170,7 +170,7 @@ register_algorithm(Algorithm("remax", group_advantages("remax"), sequence_clip_l
                              greedy_baseline=True))
 
 
-# --- PPO with a critic (P3O.md section 5) -----------------------------------------------------
+# --- PPO with a critic (docs/p3o.md section 5) -----------------------------------------------------
 
 def ppo_advantages(rollout: Rollout, cfg, beta: float) -> Prepared:
     """Per-token KL penalty plus the score on the last token; GAE; advantages whitened over the

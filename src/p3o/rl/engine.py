@@ -1,4 +1,4 @@
-"""The shared rollout/update engine on `accelerate`, as in the algorithm box of P3O.md section 4:
+"""The shared rollout/update engine on `accelerate`, as in the algorithm box of docs/p3o.md section 4:
 
     repeat:  1. take a batch of prompts       2. sample k responses per prompt from pi_old
              3. score each response           4. log-probs under pi_old and pi_ref, KL per response
@@ -211,7 +211,7 @@ class Trainer:
             seq["rewards"] = self.score(self.reward, rows, completions, response_ids, response_mask, k)  # stays on the CPU
         timings["time_score"] = time.perf_counter() - t0
 
-        # 4. Log-probs under pi_old (with values for PPO) and pi_ref; kl(y) = l_old(y) - l_ref(y) (P3O.md section 3).
+        # 4. Log-probs under pi_old (with values for PPO) and pi_ref; kl(y) = l_old(y) - l_ref(y) (docs/p3o.md section 3).
         #    When the rollout is used once on-policy, pi_old's come from the training forward instead.
         seq.update(self.log_probs(seq, timings, old=not (self.algorithm.from_dataset or self.fuse_old_pass)))
 

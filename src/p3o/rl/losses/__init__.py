@@ -39,7 +39,7 @@ def get_loss(name: str) -> Callable:
 def aggregate(unit_losses: torch.Tensor, normaliser: float | torch.Tensor) -> torch.Tensor:
     """Sum of per-unit losses over a micro-batch divided by the whole minibatch's normaliser.
 
-    group-mean: normaliser = prompt groups in the minibatch (pairs for P3O: P3O.md section 4, trajectory level);
+    group-mean: normaliser = prompt groups in the minibatch (pairs for P3O: docs/p3o.md section 4, trajectory level);
     token-mean: normaliser = response tokens in the minibatch. Using the minibatch's count, not the
     micro-batch's, is what makes gradient accumulation equal to one large batch.
     """

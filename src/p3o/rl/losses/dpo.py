@@ -1,4 +1,4 @@
-"""DPO's loss (Rafailov et al. 2023; P3O.md section 5). A pure function.
+"""DPO's loss (Rafailov et al. 2023; docs/p3o.md section 5). A pure function.
 
 Shape legend: P = pairs; the trailing 2 indexes (chosen, rejected).
     logp      (P, 2)  l(y): sequence log-probability under the policy being trained (has grad)

@@ -1,4 +1,4 @@
-"""P3O losses, P3O.md section 4. Pure functions: tensors and floats in, (losses, stats) out.
+"""P3O losses, docs/p3o.md section 4. Pure functions: tensors and floats in, (losses, stats) out.
 
 Shape legend: P = pairs; the trailing 2 indexes the two responses y1, y2 of a pair.
     logp      (P, 2)  l(y_i): sequence log-probability under the policy being trained (has grad)

@@ -1,4 +1,4 @@
-"""Clipped policy-gradient losses of the baselines (P3O.md section 5). Pure functions.
+"""Clipped policy-gradient losses of the baselines (docs/p3o.md section 5). Pure functions.
 
 Shape legend: B = sequences, T = response tokens.
     sequence level (RLOO, ReMax):  logp, old_logp, advantages  (B,)
@@ -99,7 +99,7 @@ def ppo_loss(
     value_clip: float = 0.2,
     vf_coef: float = 0.1,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO with a critic (P3O.md section 5), per token (B, T): clipped surrogate + vf_coef * clipped value loss."""
+    """PPO with a critic (docs/p3o.md section 5), per token (B, T): clipped surrogate + vf_coef * clipped value loss."""
     policy_losses, stats = token_clip_loss(logp, old_logp, advantages, mask, clip_eps=clip_eps)
     value_losses, value_stats = clipped_value_loss(values, old_values, returns, mask, value_clip)
     stats["policy_loss"] = masked_mean(policy_losses.detach(), mask).item()
