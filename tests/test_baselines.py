@@ -75,12 +75,14 @@ def test_settings_left_unset_come_from_the_algorithm(assets, tmp_path, preferenc
     (dict(algo="rloo", num_generations=1), "takes at least 2 responses per prompt"),
     (dict(algo="online-dpo", kl_target=3.0), "--kl_target adapts a KL penalty"),
     (dict(algo="dpo"), "learns from the preference pairs of --dataset"),
-    (dict(algo="ppo", reward_fn=None), "give exactly one of --reward_fn"),
+    (dict(algo="ppo", reward_fn=None), "give a reward: --reward_fn"),
     (dict(algo="grpo", scale_rewards="batch"), "--scale_rewards must be group or none"),
 ])
 def test_settings_an_algorithm_cannot_use_are_refused(assets, tmp_path, overrides, message):
+    """Refused before any model loads: by the config, or (rewards, which the Python API may add as
+    objects) by the trainer before it loads anything."""
     with pytest.raises(UsageError, match=message):
-        train_config(assets, tmp_path, **overrides)
+        build_trainer(train_config(assets, tmp_path, **overrides))
 
 
 @pytest.mark.parametrize("algo", ["rloo", "grpo", "remax", "online-dpo"])  # P3O: tests/test_engine.py

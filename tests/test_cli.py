@@ -59,7 +59,8 @@ def test_chat_prompts_are_rendered_and_columns_reach_the_reward(assets, tmp_path
     rows = [{"prompt": [{"role": "user", "content": r["prompt"]}], "topic": r["topic"]} for r in prompt_rows(8)]
     data = write_jsonl(tmp_path / "chat.jsonl", rows)
     out = tmp_path / "run"
-    args = train_args(assets, out, "--dataset", str(data), "--reward_fn", f"{assets['rewards']}:echo_columns")
+    args = train_args(assets, out, "--dataset", str(data))
+    args[args.index("--reward_fn") + 1] = f"{assets['rewards']}:echo_columns"  # a second --reward_fn would add one
     assert main(args) == 0
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert first["reward"] == 1.0  # the reward saw chat messages, not text
@@ -102,7 +103,7 @@ def test_a_non_empty_output_dir_is_refused_and_left_untouched(assets, tmp_path, 
     (["--model_name_or_path", "./no/such/model"], "does not exist"),
     (["--pairs_per_step", "6", "--minibatch_pairs", "4"], "must be a multiple of --minibatch_pairs 4"),
     (["--learning_rate", "fast"], "learning_rate must be float"),
-    (["--reward_model", "x"], "exactly one of --reward_fn"),
+    (["--reward_weights", "1", "2"], "--reward_weights has 2 weights for 1 rewards"),
     (["--max_new_tokens", "500"], "leaves no room for a prompt"),
 ])
 def test_bad_input_gives_one_clear_line(assets, tmp_path, capsys, change, message):

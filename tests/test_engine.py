@@ -307,7 +307,7 @@ def test_dropout_is_switched_off_for_models_passed_in(assets, tmp_path, tokenize
     model.config.resid_pdrop = 0.5
     model = type(model)(model.config)  # rebuilt with heavy dropout, in training mode
     model.train()
-    trainer = Trainer(cfg, model, tokenizer, build_reward(cfg.reward_fn, None), load_prompts(cfg.dataset, tokenizer))
+    trainer = Trainer(cfg, model, tokenizer, build_reward(cfg.reward_fn[0], None), load_prompts(cfg.dataset, tokenizer))
     assert first_update_ratio_gap(trainer) < 1e-5
 
 

@@ -75,8 +75,10 @@ def test_training_evaluates_on_held_out_prompts_into_eval_jsonl(assets, tmp_path
 
 def test_dpo_scores_a_reward_only_on_held_out_prompts(assets, tmp_path):
     prefs = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(16))
+    from p3o.rl.train import build_trainer
+
     with pytest.raises(UsageError, match="give --eval_dataset"):
-        train_config(assets, tmp_path, algo="dpo", dataset=str(prefs))
+        build_trainer(train_config(assets, tmp_path, algo="dpo", dataset=str(prefs)))
     cfg = train_config(assets, tmp_path, algo="dpo", dataset=str(prefs), eval_dataset=str(assets["prompts"]))
     assert cfg.reward_fn is not None
 

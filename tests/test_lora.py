@@ -52,11 +52,11 @@ def test_lora_reference_is_the_initial_policy_and_the_merged_model_is_what_was_t
     assert not torch.allclose(trained, before, atol=1e-3)  # it learned something
     assert torch.allclose(batched_token_logprobs(trainer.ref_policy, seq, 1.0, 16), before, atol=1e-6)
 
-    from p3o.rl.train import _save_lora_policy
+    from p3o.rl.train import _save_policy
 
     out = tmp_path / "saved"
     out.mkdir()
-    _save_lora_policy(trainer, out)
+    _save_policy(trainer, out)
     merged = load_causal_lm(str(out))  # a plain causal LM
     assert torch.allclose(batched_token_logprobs(merged, seq, 1.0, 16), trained, atol=1e-5)
     assert (out / "adapter" / "adapter_model.safetensors").is_file()

@@ -22,7 +22,7 @@ def test_shipped_recipes_load_and_chain_their_stages(path):
     train, _ = recipe["train"]
     assert sft.model_name_or_path.startswith("EleutherAI/pythia-1b")
     assert rm.model_name_or_path == str(out / "sft") and rm_format in ("tldr", "hh-text")
-    assert train.model_name_or_path == str(out / "sft") and train.reward_model == str(out / "rm")
+    assert train.model_name_or_path == str(out / "sft") and train.reward_model == [str(out / "rm")]
     assert train.algo == "p3o-v2" and train.beta == 0.05 and train.clip_eps == 0.2 and train.epochs == 4
     assert train.learning_rate <= 8e-6  # the paper's range for 1B-6B models
 

@@ -37,12 +37,13 @@ class _OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
-    parser = _OneLineParser(prog="p3o", description="Pairwise Proximal Policy Optimization for RLHF.")
+    # allow_abbrev=False: --model must not silently mean --model_name_or_path
+    parser = _OneLineParser(prog="p3o", description="Pairwise Proximal Policy Optimization for RLHF.", allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"p3o {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
         help_text = help_text.replace("%", "%%")  # argparse formats help strings with %
-        command = sub.add_parser(name, help=help_text, description=help_text)
+        command = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         command.add_argument("--debug", action="store_true", help="Show full tracebacks for errors.")
         importlib.import_module(module).add_arguments(command)
         command.set_defaults(module=module)

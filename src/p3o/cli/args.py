@@ -24,14 +24,26 @@ def option(default, help: str, **metadata):
 
 
 def _scalar_type(field: dataclasses.Field) -> type:
-    """`int | None` -> int; the dataclasses use `from __future__ import annotations`, so types are strings."""
+    """`int | None` -> int, `list[float] | None` -> float; the dataclasses use `from __future__ import
+    annotations`, so types are strings."""
     name = str(field.type).replace(" ", "").replace("|None", "").replace("Optional[", "").rstrip("]")
-    return _SCALARS[name]
+    return _SCALARS[name.removeprefix("list[")]
+
+
+def is_list(field: dataclasses.Field) -> bool:
+    return str(field.type).replace(" ", "").startswith("list[")
 
 
 def _coerce(field: dataclasses.Field, value: Any, source: str) -> Any:
     if value is None or (value == "" and "None" in str(field.type)):  # `--reward_fn ""` means unset
         return None
+    if is_list(field):  # one value or several; each checked like a scalar
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        return [_coerce_scalar(field, v, source) for v in values if v != ""] or None
+    return _coerce_scalar(field, value, source)
+
+
+def _coerce_scalar(field: dataclasses.Field, value: Any, source: str) -> Any:
     kind = _scalar_type(field)
     if kind is bool:
         if isinstance(value, bool):
@@ -57,7 +69,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help strings with %
         if f.default is not dataclasses.MISSING and f.default is not None and not f.metadata.get("required"):
             help_text += f" (default: {f.default})"
-        if _scalar_type(f) is bool:
+        if is_list(f):  # `--reward_fn A --reward_fn B` and `--reward_weights 1 0.5` both work
+            parser.add_argument(f"--{f.name}", nargs="+", action="extend", default=argparse.SUPPRESS,
+                                metavar=f.name.upper(), help=help_text)
+        elif _scalar_type(f) is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
         else:
@@ -91,11 +106,14 @@ def build_config(cls: type[C], namespace: argparse.Namespace) -> C:
     for key, value in vars(namespace).items():
         if key in fields:
             values[key] = _coerce(fields[key], value, f"--{key}")
+    for name, f in fields.items():  # the command line has no objects to stand in for a required path
+        if f.metadata.get("required") and values.get(name, f.default) is None:
+            raise UsageError(f"--{name} is required")
     return cls(**values)
 
 
 def config_from_argv(cls: type[C], argv: list[str]) -> C:
     """`cls` from command-line flags alone, as its `p3o` subcommand would build it (for scripts)."""
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(allow_abbrev=False)
     add_dataclass_arguments(parser, cls)
     return build_config(cls, parser.parse_args(argv))

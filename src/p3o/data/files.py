@@ -15,8 +15,35 @@ from p3o.errors import UsageError
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
-def read_rows(spec: str, split: str = "train", config: str | None = None) -> list[dict[str, Any]]:
-    """All rows of a dataset, in order. `spec` is a local file or a `datasets` name."""
+class InMemoryDataset:
+    """Rows already in memory (a `datasets.Dataset`, an iterable dataset or a list of dicts, as the
+    Python API takes them), named by the argument that gave them, so errors read `train_dataset: row 3`."""
+
+    def __init__(self, data: Any, name: str):
+        self.name = name
+        if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):  # columns
+            data = [dict(zip(data, values)) for values in zip(*data.values())]
+        try:
+            self.rows = [dict(row) for row in data]  # an iterable dataset is read whole: p3o shuffles by index
+        except (TypeError, ValueError):
+            raise UsageError(f"{name} must be a datasets.Dataset, an iterable of dicts (rows) or a path, "
+                             f"got {type(data).__name__}") from None
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def as_dataset_spec(data: Any, name: str) -> str | InMemoryDataset:
+    """A path or hub name as it is; anything else as rows in memory."""
+    return str(data) if isinstance(data, (str, Path)) else InMemoryDataset(data, name)
+
+
+def read_rows(spec: str | InMemoryDataset, split: str = "train", config: str | None = None) -> list[dict[str, Any]]:
+    """All rows of a dataset, in order. `spec` is a local file, a `datasets` name or rows in memory."""
+    if isinstance(spec, InMemoryDataset):
+        if not spec.rows:
+            raise UsageError(f"{spec} has no rows")
+        return spec.rows
     path = Path(spec)
     if path.suffix in LOCAL_SUFFIXES:
         if not path.is_file():

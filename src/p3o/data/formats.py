@@ -290,6 +290,8 @@ def _describe(value: Any) -> str:
 
 def _held_out_split(spec: str, train_split: str, config: str | None) -> str | None:
     """The `test` or `validation` split of a `datasets` source, if it has one (local files have none)."""
+    if not isinstance(spec, str):  # rows in memory
+        return None
     path = Path(spec)
     if path.suffix in LOCAL_SUFFIXES or path.is_file():
         return None

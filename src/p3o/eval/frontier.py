@@ -26,6 +26,7 @@ import yaml
 
 from p3o.cli.args import option
 from p3o.errors import UsageError
+from p3o.utils.checkpoints import same_setting
 
 log = logging.getLogger("p3o")
 KL_BUDGETS = (0.5, 1.0, 2.0, 5.0, 10.0)  # nats: the columns of frontier.md
@@ -225,7 +226,7 @@ def _same_settings(run_dir: Path, settings: dict) -> bool:
     if not config.is_file():
         return False
     saved = yaml.safe_load(config.read_text())
-    return all(saved.get(k) == v for k, v in settings.items() if k not in COSMETIC)
+    return all(same_setting(saved.get(k), v) for k, v in settings.items() if k not in COSMETIC)
 
 
 def _train_all(cfg: FrontierConfig, out: Path, todo: list[Run], settings: dict) -> list[Run]:

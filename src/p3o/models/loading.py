@@ -90,11 +90,16 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError) as exc:
         raise _not_found(name, "tokenizer", exc) from None
+    return prepare_tokenizer(tokenizer)
+
+
+def prepare_tokenizer(tokenizer):
+    """Left padding (for batched generation) and a pad token (EOS if it had none), in place."""
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         # Any id will do: masks come from positions, and padding sits only where the mask is 0.
         fallback = tokenizer.eos_token or tokenizer.unk_token or tokenizer.convert_ids_to_tokens(0)
-        log.info("tokenizer %s has no pad token; padding with %r", name, fallback)
+        log.info("tokenizer %s has no pad token; padding with %r", tokenizer.name_or_path, fallback)
         tokenizer.pad_token = fallback
     return tokenizer
 

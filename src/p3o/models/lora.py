@@ -60,3 +60,27 @@ def load_adapter(peft_model, directory: Path) -> None:
     if getattr(result, "unexpected_keys", None):
         raise UsageError(f"{directory} holds adapter weights this run has no place for "
                          f"({result.unexpected_keys[0]}, ...): was it trained with other --lora_* settings?")
+
+
+def merged_lora_state_dict(peft_model) -> dict:
+    """A peft model's weights under their plain checkpoint names with its active LoRA adapters
+    merged, out of place: W + delta is computed in float32 into a new tensor and cast to W's dtype,
+    so the frozen base (hence the reference, the base with adapters off) is never written. Merging in
+    place and back, as peft's merge_adapter does, rounds a bf16/fp16 base a little more each time."""
+    from peft.tuners.lora import LoraLayer
+
+    deltas = {}
+    for module_name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer) and not module.merged:
+            adapters = [a for a in module.active_adapters if a in module.lora_A]
+            if adapters:
+                deltas[f"{module_name}.base_layer.weight"] = sum(module.get_delta_weight(a).float() for a in adapters)
+    merged = {}
+    for name, param in peft_model.named_parameters():
+        if "lora_" in name:
+            continue
+        weight = param.data
+        if name in deltas:
+            weight = (weight.float() + deltas[name]).to(weight.dtype)
+        merged[name.removeprefix("base_model.model.").replace(".base_layer", "")] = weight
+    return merged

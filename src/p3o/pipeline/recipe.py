@@ -112,8 +112,9 @@ def _check_stages(recipe: dict, out: Path) -> None:
             if data and _looks_local(data) and not Path(data).exists():
                 raise UsageError(f"{name}: --{flag} {data} does not exist; give a data file or a `datasets` name")
         for flag in ("reward_fn", "monitor_reward_fn"):
-            if getattr(cfg, flag, None):
-                load_reward_function(getattr(cfg, flag))
+            value = getattr(cfg, flag, None)
+            for spec in [value] if isinstance(value, str) else value or []:
+                load_reward_function(spec)
         if isinstance(cfg, TrainConfig):
             derive_sizes(cfg)
         stage_out = Path(cfg.output_dir)

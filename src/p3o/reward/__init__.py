@@ -1,21 +1,134 @@
-"""Rewards for the RL stage: a Python function or a sequence-classification reward model.
+"""Rewards for the RL stage: Python functions, sequence-classification reward models, or a weighted
+sum of several.
 
-Both are wrapped as a `RewardSource`: called with B prompts and B completions, it returns a float64
-tensor (B,) of raw rewards, after checking the count and finiteness. Raw rewards are never
-normalised or clipped here (docs/p3o.md section 2).
+Each is called with B prompts and B completions and returns a float64 tensor (B,) of raw rewards,
+after checking the count and finiteness. Raw rewards are never normalised or clipped here
+(docs/p3o.md section 2): P3O takes differences within a pair, so a per-prompt shift of any part of a
+weighted sum changes nothing.
 """
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from p3o.errors import UsageError
 from p3o.reward.functions import RewardFunction, load_reward_function
 from p3o.reward.model import RewardModelScorer
 
 
+class WeightedRewards:
+    """r = sum_i w_i * r_i over named parts; `last_parts` holds each part of the last call (B,)."""
+
+    def __init__(self, parts: list[tuple[str, Callable, float]]):
+        self.parts, self.last_parts = parts, {}
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _, _ in self.parts]
+
+    def __call__(self, prompts: list, completions: list, **kwargs) -> torch.Tensor:
+        self.last_parts = {name: source(prompts, completions, **kwargs) for name, source, _ in self.parts}
+        total = None
+        for name, _, weight in self.parts:  # weight 1 of one reward gives that reward bit for bit
+            term = self.last_parts[name] * weight
+            total = term if total is None else total + term
+        return total
+
+
+def build_rewards(sources: list, weights: list[float] | None = None, trust_remote_code: bool = False,
+                  batch_size: int = 64, device=None) -> WeightedRewards | None:
+    """The weighted sum of `sources` (None if there are none). A source is a function spec
+    (`package.module:fn`, `file.py:fn`), a reward-model path or hub name (or .gguf), a callable
+    `fn(prompts, completions, **kwargs)`, or a loaded sequence-classification model."""
+    if not sources:
+        return None
+    weights = [1.0] * len(sources) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(sources):
+        raise UsageError(f"reward_weights has {len(weights)} weights for {len(sources)} rewards; give one per reward")
+    built = [_reward_source(s, i, trust_remote_code, batch_size, device) for i, s in enumerate(sources)]
+    names = _unique([name for name, _ in built])
+    return WeightedRewards([(name, source, w) for name, (_, source), w in zip(names, built, weights)])
+
+
 def build_reward(reward_fn: str | None, reward_model: str | None, trust_remote_code: bool = False,
                  batch_size: int = 64, device=None):
+    """One reward from a function spec or a reward-model path (the evaluation commands' form)."""
     if reward_fn is not None:
         return RewardFunction(load_reward_function(reward_fn), reward_fn)
     return RewardModelScorer.load(reward_model, trust_remote_code=trust_remote_code, batch_size=batch_size,
                                   device=device)
 
 
-__all__ = ["build_reward", "RewardFunction", "RewardModelScorer", "load_reward_function"]
+def _reward_source(source, index: int, trust_remote_code: bool, batch_size: int, device) -> tuple[str, Callable]:
+    where = f"reward_funcs[{index}]"
+    if isinstance(source, (RewardFunction, RewardModelScorer)):
+        return source.name, source
+    if isinstance(source, str):
+        if source.startswith(("http://", "https://")):
+            raise UsageError(f"{where} {source}: rewards served over HTTP are not supported yet; wrap the call in a "
+                             "Python reward function")
+        if ":" in source and not Path(source).exists():
+            return source.rpartition(":")[2], RewardFunction(load_reward_function(source), source)
+        scorer = RewardModelScorer.load(source, trust_remote_code=trust_remote_code, batch_size=batch_size,
+                                        device=device)
+        return Path(source.rstrip("/")).name or source, scorer
+    if isinstance(source, torch.nn.Module):
+        return _loaded_reward_model(source, where, trust_remote_code, batch_size, device)
+    if callable(source):
+        check_reward_signature(source, where)
+        name = getattr(source, "__name__", type(source).__name__)
+        return name, RewardFunction(source, name)
+    raise UsageError(f"{where} is a {type(source).__name__}; give a function fn(prompts, completions, **kwargs), "
+                     "a reward-model path or a loaded sequence-classification model")
+
+
+def check_reward_signature(fn: Callable, where: str) -> None:
+    """fn must take (prompts, completions, **kwargs): the dataset's other columns come as keywords."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # builtins without a signature: trust them
+        return
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    varargs = any(p.kind == p.VAR_POSITIONAL for p in params)
+    varkw = any(p.kind == p.VAR_KEYWORD for p in params)
+    required = [p for p in positional if p.default is p.empty]
+    if not ((len(positional) >= 2 or varargs) and len(required) <= 2 and varkw):
+        raise UsageError(f"{where} {getattr(fn, '__name__', fn)}{inspect.signature(fn)} must accept "
+                         "(prompts, completions, **kwargs): the dataset's other columns and completion_ids "
+                         "come as keyword arguments")
+
+
+def _loaded_reward_model(model, where: str, trust_remote_code: bool, batch_size: int, device):
+    from p3o.models.loading import load_tokenizer
+
+    architectures = getattr(model.config, "architectures", None) or [type(model).__name__]
+    if not any(a.endswith("ForSequenceClassification") for a in architectures) or model.config.num_labels != 1:
+        raise UsageError(f"{where}: a model given as a reward must be a sequence-classification model with one "
+                         f"label, got {architectures[0]} with {model.config.num_labels} labels")
+    name = getattr(model.config, "name_or_path", "") or getattr(model, "name_or_path", "")
+    if not name:
+        raise UsageError(f"{where}: cannot find the reward model's tokenizer (the model has no name_or_path); "
+                         "give the reward model as a path")
+    tokenizer = load_tokenizer(name, trust_remote_code)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.requires_grad_(False).eval()
+    if device is not None:
+        model.to(device)
+    return Path(name.rstrip("/")).name or name, RewardModelScorer(model, tokenizer, name, batch_size, device)
+
+
+def _unique(names: list[str]) -> list[str]:
+    """Names with repeats numbered (fruit, fruit_2), for the per-part metrics reward/<name>."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
+    return out
+
+
+__all__ = ["build_reward", "build_rewards", "check_reward_signature", "RewardFunction", "RewardModelScorer",
+           "WeightedRewards", "load_reward_function"]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from p3o.errors import UsageError
 from p3o.models.lora import is_lora, load_adapter
 from p3o.models.value_head import VALUE_HEAD_FILE, split_state_dict
 from p3o.utils import checkpoints as ckpt
@@ -57,9 +58,30 @@ def training_state(trainer) -> dict:
             "consecutive_skips": s.consecutive_skips, "kl_control": trainer.kl_control.state_dict()}
 
 
+def load_policy_weights(trainer, path: Path) -> None:
+    """The policy's weights from checkpoint `path` into the built engine (any backend). A LoRA
+    checkpoint holds the adapter instead, which `load_training_state` loads."""
+    from safetensors.torch import load_file
+
+    if is_lora(trainer.unwrapped_policy):
+        return
+    files = sorted(path.glob("model*.safetensors"))
+    if not files:
+        raise UsageError(f"{path} holds no model weights (model*.safetensors); is it a p3o checkpoint?")
+    state = {name: tensor for file in files for name, tensor in load_file(str(file)).items()}
+    policy = trainer.unwrapped_policy
+    tied = ({n for n, _ in policy.named_parameters(remove_duplicate=False)} - {n for n, _ in policy.named_parameters()})
+    missing = set(policy.state_dict()) - set(state) - tied
+    if missing:
+        raise UsageError(f"{path} lacks weights of this policy ({sorted(missing)[0]}, ...): was it written by "
+                         "another model?")
+    prefix = "policy." if trainer.trained_module is not policy else ""  # PPO: the LM inside the value-head wrapper
+    load_module_state(trainer.accelerator, trainer.policy, {prefix + name: t for name, t in state.items()})
+
+
 def load_training_state(trainer, path: Path) -> None:
-    """Optimiser, scheduler, counters, beta and RNG from `path`; the policy weights were loaded from
-    it already, when the trainer was built (except a LoRA adapter), and PPO's value head is loaded here.
+    """Optimiser, scheduler, counters, beta and RNG from `path`, a LoRA adapter and PPO's value head;
+    the full policy's weights come from `load_policy_weights`.
     Written by any number of processes, it loads on any other (the optimiser state is whole)."""
     from safetensors.torch import load_file
 

@@ -1,10 +1,14 @@
-"""`p3o train` configuration: one documented dataclass, validated where it is built.
+"""The RL stage's configuration, `P3OConfig`: one documented dataclass for `p3o train` and for
+`p3o.P3OTrainer`, validated where it is built.
 
-Every field is a `--flag` of the same name and a key of `--config file.yaml`. All batch-size
-arithmetic lives in `derive_sizes`, which refuses inexact division.
+Every field is a `--flag` of the same name and a key of `--config file.yaml`. Paths that the Python
+API may replace with objects (the model, the datasets, the rewards) are optional here and checked
+by the trainer, which knows what it was given. All batch-size arithmetic lives in `derive_sizes`,
+which refuses inexact division.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from p3o.cli.args import option
@@ -12,15 +16,19 @@ from p3o.errors import UsageError
 from p3o.rl.losses import AGGREGATIONS
 
 
+log = logging.getLogger("p3o")
+
+
 @dataclass
-class TrainConfig:
+class P3OConfig:
     # --- what to train, on what, against what -------------------------------------------------
-    model_name_or_path: str = option(None, "Policy to fine-tune: a local directory or a hub name (the SFT model).", required=True)
-    dataset: str = option(None, "Prompt-only data (preference data for --algo dpo): a .jsonl/.json/.parquet/.csv file or a `datasets` name.", required=True)
-    output_dir: str = option(None, "Run directory: final model, config.yaml, metrics.jsonl.", required=True)
+    model_name_or_path: str | None = option(None, "Policy to fine-tune: a local directory, a hub name or a .gguf file (the SFT model). Python: or pass the model to P3OTrainer.", required=True)
+    dataset: str | None = option(None, "Prompt-only data (preference data for --algo dpo): a .jsonl/.json/.parquet/.csv file or a `datasets` name. Python: or pass train_dataset to P3OTrainer.", required=True)
+    output_dir: str = option(None, "Run directory: final model, config.yaml, metrics.jsonl, checkpoints.", required=True)
     algo: str = option("p3o-v2", "Algorithm: p3o-v1, p3o-v2 (P3O with separate / joint clipping), ppo, rloo, grpo, remax, online-dpo, dpo (offline, on --dataset's preference pairs).")
-    reward_fn: str | None = option(None, "Reward function `package.module:fn` or `path/file.py:fn`, called as fn(prompts, completions, **columns).")
-    reward_model: str | None = option(None, "Sequence-classification reward model directory or hub name (one label).")
+    reward_fn: list[str] | None = option(None, "Reward function(s) `package.module:fn` or `path/file.py:fn`, called as fn(prompts, completions, **columns); repeat the flag for several.")
+    reward_model: list[str] | None = option(None, "Sequence-classification reward model(s): directory, hub name or .gguf (one label); repeat the flag for several.")
+    reward_weights: list[float] | None = option(None, "One weight per reward, in the order --reward_fn..., then --reward_model... (Python: the order of reward_funcs); the reward is their weighted sum, each part logged as reward/<name>. Default: all 1.")
     monitor_reward_fn: str | None = option(None, "A second reward function scored on every rollout for monitoring only (e.g. a gold reward), logged as monitor_reward; never trained on. With it, an over-optimisation watch warns when the reward rises while it falls.")
     eval_dataset: str | None = option(None, "Held-out prompts: the policy is evaluated on them before training, every --eval_steps and at the end (KL to the reference, reward, monitor reward, with standard errors) into eval.jsonl.")
     eval_steps: int = option(0, "Evaluate on --eval_dataset every N steps (0: only before and after training).")
@@ -40,7 +48,7 @@ class TrainConfig:
     lora_target_modules: str = option("all-linear", "Modules that get adapters: all-linear (every linear layer but the output head) or comma-separated names such as q_proj,v_proj (with --use_peft).")
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass instead of storing them: less memory for longer sequences and bigger batches, at about one more forward's time.")
     # --- sizes --------------------------------------------------------------------------------
-    max_steps: int = option(100, "Rollout-and-update iterations.")
+    max_steps: int | None = option(None, "Rollout-and-update iterations (default 100). Given with --num_train_epochs, it wins, as in transformers.")
     pairs_per_step: int = option(64, "Prompts per rollout over all processes (each samples an equal share), each with its group of responses (a pair for P3O and DPO, num_generations for the others). Global, so a config means the same run on 1 or N processes.")
     num_generations: int | None = option(None, "Responses sampled per prompt (k): rloo (default 2) and grpo (default 4) take k >= 2, ppo and remax k >= 1 (default 1; remax adds a greedy response); p3o and dpo always use 2.")
     num_train_epochs: float | None = option(None, "Passes over --dataset; when given, sets max_steps = ceil(passes * rows / pairs_per_step). The usual way to size dpo.")
@@ -49,6 +57,7 @@ class TrainConfig:
     epochs: int | None = option(None, "Passes (K) over each rollout; groups are reshuffled each pass. Default 4 (dpo and online-dpo: 1).")
     # --- generation ---------------------------------------------------------------------------
     max_new_tokens: int = option(64, "Tokens sampled per response; EOS ends a response early and counts as part of it. dpo: longer chosen/rejected completions are cut to it.")
+    max_completion_length: int | None = option(None, "TRL's name for --max_new_tokens (either may be given).")
     max_prompt_length: int | None = option(None, "Longer prompts keep their last tokens (left truncation, reported once). Default: the model's context minus max_new_tokens.")
     generation_backend: str = option("transformers", "transformers (batched, KV-cached `generate`) or vllm (GPU; imported only when asked for; the policy's weights are pushed into it before each rollout, and log-probabilities still come from the training model).")
     vllm_gpu_memory_utilization: float = option(0.3, "Fraction of the GPU's memory vLLM may take (with --generation_backend vllm; training shares the device).")
@@ -94,9 +103,19 @@ class TrainConfig:
     disable_progress_bar: bool = option(False, "Hide the progress bar (summary lines are still printed).")
 
     def __post_init__(self) -> None:
-        for name in ("model_name_or_path", "dataset", "output_dir"):
-            if not getattr(self, name):
-                raise UsageError(f"--{name} is required")
+        if not self.output_dir:
+            raise UsageError("--output_dir is required")
+        for name in ("reward_fn", "reward_model"):  # one path is a list of one
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, [getattr(self, name)])
+        if self.max_completion_length is not None:
+            self.max_new_tokens = self.max_completion_length
+        if self.max_steps is not None and self.num_train_epochs is not None:
+            log.warning("--max_steps %d and --num_train_epochs %g: max_steps wins (as in transformers)",
+                        self.max_steps, self.num_train_epochs)
+            self.num_train_epochs = None
+        elif self.max_steps is None and self.num_train_epochs is None:
+            self.max_steps = 100
         self._resolve_algorithm_settings()
         if self.save_steps < 0 or (self.save_total_limit is not None and self.save_total_limit < 1):
             raise UsageError("--save_steps must be >= 0 and --save_total_limit at least 1")
@@ -104,7 +123,7 @@ class TrainConfig:
             raise UsageError("--eval_steps must be >= 0 and --eval_max_prompts at least 1")
         for name in ("max_steps", "pairs_per_step", "gradient_accumulation_steps", "epochs", "max_new_tokens",
                      "logging_steps", "reward_batch_size", "kl_horizon", "max_consecutive_skips", "lora_r"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UsageError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.log_completions < 0:
             raise UsageError("--log_completions must be >= 0")
@@ -154,18 +173,31 @@ class TrainConfig:
             allowed = f"exactly {low}" if low == high else f"at least {low}"
             raise UsageError(f"--algo {self.algo} takes {allowed} responses per prompt, got --num_generations "
                              f"{self.num_generations}")
-        rewards = [f"--{n}" for n in ("reward_fn", "reward_model", "monitor_reward_fn") if getattr(self, n)]
-        if algorithm.from_dataset:
-            if rewards and self.eval_dataset is None:
-                raise UsageError(f"--algo {self.algo} learns from the preference pairs of --dataset and samples "
-                                 f"nothing to score; drop {' and '.join(rewards)} (or give --eval_dataset, which "
-                                 "they then score), or use --algo online-dpo")
-            if self.reward_fn is not None and self.reward_model is not None:
-                raise UsageError("give at most one of --reward_fn and --reward_model")
-        elif (self.reward_fn is None) == (self.reward_model is None):
-            raise UsageError("give exactly one of --reward_fn (package.module:fn or file.py:fn) and --reward_model (a directory)")
         if self.kl_target is not None and not algorithm.kl_penalty:
             raise UsageError(f"--kl_target adapts a KL penalty, but --algo {self.algo} has none (its --beta is beta_dpo)")
+
+
+TrainConfig = P3OConfig  # the name before the Python API; kept for scripts that use it
+
+
+def check_reward_sources(cfg: P3OConfig, names: list[str], eval_dataset_given: bool) -> None:
+    """The rewards a run was given (`names`: from the flags and from Python objects) suit its
+    algorithm, and their weights match them."""
+    from p3o.rl.algorithms import get_algorithm
+
+    algorithm = get_algorithm(cfg.algo)
+    if cfg.reward_weights is not None and len(cfg.reward_weights) != len(names):
+        raise UsageError(f"--reward_weights has {len(cfg.reward_weights)} weights for {len(names)} rewards "
+                         f"({', '.join(names) or 'none'}); give one weight per reward")
+    given = [*names, *(["--monitor_reward_fn"] if cfg.monitor_reward_fn else [])]
+    if algorithm.from_dataset:
+        if given and not eval_dataset_given:
+            raise UsageError(f"--algo {cfg.algo} learns from the preference pairs of --dataset and samples "
+                             f"nothing to score; drop {' and '.join(given)} (or give --eval_dataset, which "
+                             "they then score), or use --algo online-dpo")
+    elif not names:
+        raise UsageError("give a reward: --reward_fn (package.module:fn or file.py:fn) or --reward_model (a "
+                         "directory); in Python, reward_funcs")
 
 
 @dataclass(frozen=True)
@@ -178,7 +210,7 @@ class Sizes:
     minibatch_pairs: int  # groups per optimiser step, over all processes
     micro_pairs: int  # groups per forward/backward in one process
     minibatches_per_epoch: int
-    optimizer_steps: int  # over the whole run
+    optimizer_steps: int | None  # over the whole run (None until --num_train_epochs is turned into steps)
     processes: int = 1
 
     @property
@@ -200,7 +232,7 @@ def default_minibatch(pairs_per_step: int, cap: int = 8, processes: int = 1) -> 
     return max(d for d in range(processes, min(cap, pairs_per_step) + 1, processes) if pairs_per_step % d == 0)
 
 
-def derive_sizes(cfg: TrainConfig, processes: int = 1) -> Sizes:
+def derive_sizes(cfg: P3OConfig, processes: int = 1) -> Sizes:
     """`processes` share each rollout and each minibatch equally (groups are never split), so the
     same config is the same experiment on 1 or N processes."""
     if cfg.pairs_per_step % processes:
@@ -221,6 +253,6 @@ def derive_sizes(cfg: TrainConfig, processes: int = 1) -> Sizes:
         minibatch_pairs=minibatch,
         micro_pairs=minibatch // processes // cfg.gradient_accumulation_steps,
         minibatches_per_epoch=per_epoch,
-        optimizer_steps=cfg.max_steps * cfg.epochs * per_epoch,
+        optimizer_steps=cfg.max_steps * cfg.epochs * per_epoch if cfg.max_steps is not None else None,
         processes=processes,
     )

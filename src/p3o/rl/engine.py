@@ -86,8 +86,9 @@ class Trainer:
     """Trains `policy` against `reward` on `prompts`. One instance per run; `train()` runs it."""
 
     def __init__(self, cfg: TrainConfig, policy, tokenizer, reward, prompts, ref_policy=None, accelerator=None,
-                 monitor_reward=None):
+                 monitor_reward=None, eval_prompts=None):
         self.cfg, self.tokenizer, self.reward, self.prompts = cfg, tokenizer, reward, prompts
+        self.eval_prompts = eval_prompts  # held-out prompts (a PromptDataset) for `p3o.rl.train.HeldOutEvaluator`
         self.monitor_reward = monitor_reward  # scored and logged, never trained on
         self.algorithm = get_algorithm(cfg.algo)
         self.accelerator = accelerator or make_accelerator(mixed_precision=cfg.mixed_precision)
@@ -162,7 +163,8 @@ class Trainer:
     # --- the loop ----------------------------------------------------------------------------
 
     def train(self, on_step=None) -> list[dict]:
-        """Run until `max_steps`; `on_step(metrics)` is called after every step (for logging)."""
+        """Run until `max_steps`; `on_step(metrics, texts)` is called after every step (logging,
+        checkpoints, callbacks) and ends the run early by returning True."""
         history = []
         while self.state.step < self.cfg.max_steps:
             start = time.perf_counter()
@@ -175,8 +177,8 @@ class Trainer:
             if "kl" in metrics:  # beta for the next rollout
                 self.kl_control.update(metrics["kl"], rollout.num_groups * rollout.group_size * self.accelerator.num_processes)
             history.append(metrics)
-            if on_step is not None:
-                on_step(metrics, texts)
+            if on_step is not None and on_step(metrics, texts):
+                break
         return history
 
     def collect_rollout(self, step: int) -> tuple[Rollout, RolloutTexts, dict[str, float]]:
@@ -207,8 +209,12 @@ class Trainer:
         completions = decode_completions(self.tokenizer, query_ids, query_mask, response_ids, response_mask)
         seq = {"query_ids": query_ids, "query_mask": query_mask, "response_ids": response_ids,
                "response_mask": response_mask}
+        part_means = {}
         if not self.algorithm.from_dataset:
             seq["rewards"] = self.score(self.reward, rows, completions, response_ids, response_mask, k)  # stays on the CPU
+            parts = getattr(self.reward, "last_parts", {})
+            if len(parts) > 1:  # several rewards: each part's mean beside their weighted sum
+                part_means = {f"reward/{name}": values.mean().item() for name, values in parts.items()}
         timings["time_score"] = time.perf_counter() - t0
 
         # 4. Log-probs under pi_old (with values for PPO) and pi_ref; kl(y) = l_old(y) - l_ref(y) (docs/p3o.md section 3).
@@ -216,7 +222,7 @@ class Trainer:
         seq.update(self.log_probs(seq, timings, old=not (self.algorithm.from_dataset or self.fuse_old_pass)))
 
         # 5. The algorithm's own quantities (P3O: Delta per pair), from the rollout and beta.
-        rollout = Rollout(k, seq)
+        rollout = Rollout(k, seq, stats=part_means)
         if self.algorithm.greedy_baseline:
             t0 = time.perf_counter()
             rollout.group.update(self.greedy_baseline(rows, query_ids[::k], query_mask[::k], step))

@@ -1,7 +1,11 @@
-"""`p3o train`: load everything a TrainConfig names, run the engine, write the run directory.
+"""The RL stage: `P3OTrainer`, the Python API that `p3o train` is a thin layer over.
 
-Run directory: config.yaml (the resolved config), metrics.jsonl (one line a step), the final policy
-and tokenizer (`save_pretrained`, safetensors). Only the main process writes.
+`P3OTrainer(model, reward_funcs, args=P3OConfig(...), train_dataset=...)` takes paths or objects,
+builds the engine (`p3o.rl.engine.Trainer`) and `train()` runs it into the run directory:
+config.yaml (the resolved config), metrics.jsonl (one line a step), completions.jsonl, eval.jsonl,
+checkpoint-N/ and the final policy and tokenizer (`save_pretrained`, safetensors). Only the main
+process writes. Callbacks with `transformers.TrainerCallback`'s hooks see every step and may stop
+the run, which then ends cleanly with its outputs written.
 """
 from __future__ import annotations
 
@@ -10,127 +14,275 @@ import logging
 import math
 from pathlib import Path
 
+from p3o.data.files import as_dataset_spec
 from p3o.data.prompts import load_preference_pairs, load_prompts
+from p3o.errors import UsageError
 from p3o.eval.watch import Block, OverOptimisationWatch
-from p3o.models.loading import load_causal_lm, load_tokenizer
-from p3o.models.lora import ADAPTER_DIR, is_lora
+from p3o.models.loading import load_causal_lm, load_tokenizer, prepare_tokenizer
+from p3o.models.lora import ADAPTER_DIR, is_lora, merged_lora_state_dict
 from p3o.models.value_head import VALUE_HEAD_FILE, split_state_dict
-from p3o.reward import build_reward
+from p3o.reward import build_rewards
 from p3o.rl.algorithms import get_algorithm
-from p3o.rl.checkpoint import RESUMABLE_CHANGES, load_training_state, save_checkpoint
-from p3o.rl.config import TrainConfig, derive_sizes
+from p3o.rl.checkpoint import RESUMABLE_CHANGES, load_policy_weights, load_training_state, save_checkpoint
+from p3o.rl.config import P3OConfig, TrainConfig, check_reward_sources, derive_sizes
 from p3o.rl.engine import Trainer
+from p3o.utils.callbacks import CallbackHandler
 from p3o.utils.checkpoints import StopRequest, resume_point
+from p3o.utils.distributed import any_process, gathered, loading_whole, make_accelerator
 from p3o.utils.io import (
     JsonlWriter,
+    check_output_dir,
     run_directory,
     save_pretrained_atomically,
     truncate_jsonl,
     write_yaml,
 )
-from p3o.utils.distributed import gathered, loading_whole, make_accelerator
 from p3o.utils.tracking import check_trackers, finish_trackers, start_trackers
 
 log = logging.getLogger("p3o")
 
 
-def build_trainer(cfg: TrainConfig, checkpoint: Path | None = None) -> Trainer:
-    """Everything cheap is checked before anything expensive is loaded. With `checkpoint`, the policy
-    and the whole training state come from it (the reference stays the initial policy)."""
+class P3OTrainer:
+    """RL fine-tuning with P3O-V2 by default; `args.algo` selects P3O-V1 or any baseline (ppo, rloo,
+    grpo, remax, online-dpo, dpo), all on the same engine.
+
+    model: a hub name, a local directory, a .gguf file, or a `PreTrainedModel`/`PeftModel` in memory
+        (default: `args.model_name_or_path`).
+    reward_funcs: a function `fn(prompts, completions, **kwargs)`, a function spec (`module:fn`,
+        `file.py:fn`), a reward-model path or a loaded sequence-classification model, or a list of
+        them, summed with `args.reward_weights`; added to `args.reward_fn`/`args.reward_model`.
+    train_dataset, eval_dataset: a `datasets.Dataset`, an iterable dataset or a list of dicts (read
+        whole), or a path or hub name; the columns and formats `p3o train` reads.
+    processing_class: the tokenizer (default: the model's).
+    peft_config: a `peft.LoraConfig` (or `args.use_peft` for p3o's default LoRA).
+    callbacks: objects with `transformers.TrainerCallback` hooks (`on_train_begin`, `on_step_end`,
+        `on_log`, `on_evaluate`, `on_save`, `on_train_end`); `state.global_step` counts
+        rollout-and-update steps; `control.should_training_stop` ends the run cleanly.
+    ref_model: the frozen reference (default: `args.ref_model_name_or_path`, else the initial policy).
+    """
+
+    def __init__(self, model=None, reward_funcs=None, args: P3OConfig | None = None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, peft_config=None, callbacks=None, ref_model=None):
+        if args is None:
+            raise UsageError("P3OTrainer needs args=P3OConfig(output_dir=...): where the run is written")
+        if isinstance(model, (str, Path)):  # a path is recorded in config.yaml like the flag
+            args, model = dataclasses.replace(args, model_name_or_path=str(model)), None
+        self.callbacks = list(callbacks or [])
+        checkpoint = _resume_point(args) if args.resume else None
+        check_output_dir(args.output_dir, args.overwrite or checkpoint is not None, _input_paths(args))
+        self.engine = _build_engine(args, model, processing_class, train_dataset, eval_dataset,
+                                    _as_list(reward_funcs), peft_config, ref_model)
+        self.args = self.engine.cfg  # as resolved (e.g. max_steps from num_train_epochs)
+        self._checkpoint = checkpoint
+
+    @property
+    def model(self):
+        """The policy being trained (a `PeftModel` under LoRA)."""
+        return self.engine.unwrapped_policy
+
+    @property
+    def processing_class(self):
+        return self.engine.tokenizer
+
+    def train(self, resume_from_checkpoint: bool | str | None = None) -> dict:
+        """Run to `args.max_steps` (or until a callback stops it) into `args.output_dir`; return the
+        last step's metrics, with the last held-out evaluation as `eval_*`. `resume_from_checkpoint`:
+        True for the latest checkpoint in output_dir, or a checkpoint directory."""
+        checkpoint = self._checkpoint
+        if resume_from_checkpoint is True:
+            checkpoint = _resume_point(self.args)
+        elif resume_from_checkpoint:
+            checkpoint = Path(resume_from_checkpoint)
+        if checkpoint is not None:
+            load_policy_weights(self.engine, checkpoint)
+            load_training_state(self.engine, checkpoint)
+        resuming = checkpoint is not None
+        with run_directory(self.args.output_dir, self.args.overwrite or resuming, _input_paths(self.args),
+                           clean_up=not resuming) as out:
+            return _run(self, out, resuming)
+
+    def save_model(self, output_dir: str | None = None) -> Path:
+        """The policy and tokenizer as `p3o train` writes them at the end: a plain causal LM
+        (LoRA merged, the adapter under adapter/), PPO's value head beside it."""
+        out = Path(output_dir or self.args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        _save_policy(self.engine, out)
+        return out
+
+
+def build_trainer(cfg: P3OConfig, checkpoint: Path | None = None) -> Trainer:
+    """The engine for `cfg` alone (paths only), with `checkpoint`'s state loaded: for tests and
+    scripts that drive the engine directly."""
+    engine = _build_engine(cfg)
+    if checkpoint is not None:
+        load_policy_weights(engine, checkpoint)
+        load_training_state(engine, checkpoint)
+    return engine
+
+
+def run_train(cfg: P3OConfig) -> Path:
+    """`p3o train`: the API on the config's paths."""
+    P3OTrainer(args=cfg).train()
+    return Path(cfg.output_dir)
+
+
+def _build_engine(cfg: P3OConfig, model=None, tokenizer=None, train_dataset=None, eval_dataset=None,
+                  reward_funcs=(), peft_config=None, ref_model=None) -> Trainer:
+    """Everything cheap is checked before anything expensive is loaded."""
     from accelerate.utils import set_seed
 
     algorithm = get_algorithm(cfg.algo)
     trackers = check_trackers(cfg.report_to)
+    train_spec = as_dataset_spec(train_dataset, "train_dataset") if train_dataset is not None else cfg.dataset
+    eval_spec = as_dataset_spec(eval_dataset, "eval_dataset") if eval_dataset is not None else cfg.eval_dataset
+    if train_spec is None:
+        raise UsageError("give the prompts: --dataset (Python: train_dataset=)")
+    if model is None and cfg.model_name_or_path is None:
+        raise UsageError("give the policy: --model_name_or_path (Python: model=)")
+    sources = [*(cfg.reward_fn or []), *(cfg.reward_model or []), *reward_funcs]
+    check_reward_sources(cfg, [_source_name(s) for s in sources], eval_spec is not None)
     accelerator = make_accelerator(mixed_precision=cfg.mixed_precision, log_with=trackers or None,
                                    project_dir=cfg.output_dir)
     derive_sizes(cfg, accelerator.num_processes)
     set_seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)
+    tokenizer = (prepare_tokenizer(tokenizer) if tokenizer is not None else
+                 load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path or _name_of(model),
+                                cfg.trust_remote_code))
     if algorithm.from_dataset:
-        prompts = load_preference_pairs(cfg.dataset, tokenizer, cfg.dataset_split, cfg.dataset_config, cfg.prompt_column,
+        prompts = load_preference_pairs(train_spec, tokenizer, cfg.dataset_split, cfg.dataset_config, cfg.prompt_column,
                                         cfg.chosen_column, cfg.rejected_column, cfg.max_new_tokens)
     else:
-        prompts = load_prompts(cfg.dataset, tokenizer, cfg.dataset_split, cfg.dataset_config, cfg.prompt_column)
-    eval_prompts = _eval_prompts(cfg, tokenizer)
-    reward = (build_reward(cfg.reward_fn, cfg.reward_model, cfg.trust_remote_code, cfg.reward_batch_size,
-                           accelerator.device) if cfg.reward_fn or cfg.reward_model else None)  # dpo: for eval only
+        prompts = load_prompts(train_spec, tokenizer, cfg.dataset_split, cfg.dataset_config, cfg.prompt_column)
+    eval_prompts = _eval_prompts(cfg, eval_spec, tokenizer)
+    reward = build_rewards(sources, cfg.reward_weights, cfg.trust_remote_code, cfg.reward_batch_size,
+                           accelerator.device)  # dpo: for eval only
     if cfg.num_train_epochs is not None:  # the run's length in passes over the data
         cfg = dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.num_train_epochs * len(prompts) / cfg.pairs_per_step)))
     if cfg.algo == "grpo" and cfg.num_generations == 2:
         log.warning("grpo with --num_generations 2 keeps only the sign of r1 - r2: the reward advantages are "
                     "+-1/sqrt(2) whatever the gap (and 0 for a tie); use k >= 4, or rloo / p3o for pairs")
-    full_weights = checkpoint if checkpoint and not cfg.use_peft else None  # a LoRA checkpoint holds the adapter only
     with loading_whole(accelerator):  # ZeRO-3: partitioned by `prepare`, not while loading
-        policy = load_causal_lm(str(full_weights or cfg.model_name_or_path), cfg.trust_remote_code, cfg.torch_dtype,
-                                what="policy")
-        ref_path = cfg.ref_model_name_or_path or (cfg.model_name_or_path if full_weights else None)
-        ref = load_causal_lm(ref_path, cfg.trust_remote_code, cfg.torch_dtype, what="reference model") if ref_path else None
-    monitor = build_reward(cfg.monitor_reward_fn, None) if cfg.monitor_reward_fn else None
-    trainer = Trainer(cfg, policy, tokenizer, reward, prompts, ref_policy=ref, accelerator=accelerator,
-                      monitor_reward=monitor)
-    trainer.eval_prompts = eval_prompts
-    if checkpoint is not None:
-        load_training_state(trainer, checkpoint)
-    return trainer
+        policy = (_checked_model(model, "model") if model is not None else
+                  load_causal_lm(cfg.model_name_or_path, cfg.trust_remote_code, cfg.torch_dtype, what="policy"))
+        ref = (_checked_model(ref_model, "ref_model") if ref_model is not None else
+               load_causal_lm(cfg.ref_model_name_or_path, cfg.trust_remote_code, cfg.torch_dtype, what="reference model")
+               if cfg.ref_model_name_or_path else None)
+    if peft_config is not None:
+        policy = _with_peft(policy, peft_config, cfg)
+    monitor = build_rewards([cfg.monitor_reward_fn]) if cfg.monitor_reward_fn else None
+    return Trainer(cfg, policy, tokenizer, reward, prompts, ref_policy=ref, accelerator=accelerator,
+                   monitor_reward=monitor, eval_prompts=eval_prompts)
 
 
-def _eval_prompts(cfg: TrainConfig, tokenizer):
-    if cfg.eval_dataset is None:
+def _eval_prompts(cfg: P3OConfig, spec, tokenizer):
+    if spec is None:
         return None
-    prompts = load_prompts(cfg.eval_dataset, tokenizer, column=cfg.prompt_column)
+    prompts = load_prompts(spec, tokenizer, column=cfg.prompt_column)
     return _subset(prompts, range(min(len(prompts), cfg.eval_max_prompts or len(prompts))))
 
 
-def run_train(cfg: TrainConfig) -> Path:
-    inputs = {f: getattr(cfg, f) for f in ("model_name_or_path", "ref_model_name_or_path", "tokenizer_name_or_path",
-                                          "reward_model", "dataset", "eval_dataset")}
-    checkpoint = _resume_point(cfg) if cfg.resume else None
-    resuming = checkpoint is not None
-    with run_directory(cfg.output_dir, cfg.overwrite or resuming, inputs, clean_up=not resuming) as out:
-        return _train_into(cfg, out, checkpoint)
+def _checked_model(model, name: str):
+    """A model object the engine can train: a causal LM whose weights exist (not on the meta device)."""
+    import torch
+
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "generate"):
+        raise UsageError(f"{name} must be a causal language model (a PreTrainedModel or PeftModel) or a path, got "
+                         f"{type(model).__name__}")
+    devices = {p.device.type for p in model.parameters()}
+    if "meta" in devices:
+        raise UsageError(f"{name} has weights on the meta device (loaded without them); load it with its weights")
+    if len(devices) > 1:
+        raise UsageError(f"{name} is spread over devices {sorted(devices)}; give it on one device (p3o places it "
+                         "where accelerate trains)")
+    return model
 
 
-def _resume_point(cfg: TrainConfig) -> Path | None:
+def _with_peft(policy, peft_config, cfg: P3OConfig):
+    if is_lora(policy):
+        raise UsageError("peft_config: the model already has LoRA adapters; give a plain model or no peft_config")
+    if cfg.use_peft:
+        raise UsageError("give LoRA once: peft_config or args.use_peft, not both")
+    from peft import get_peft_model
+
+    return get_peft_model(policy, peft_config)  # its dropout is switched off with the policy's
+
+
+def _name_of(model) -> str:
+    name = getattr(getattr(model, "config", None), "name_or_path", "") or getattr(model, "name_or_path", "")
+    if not name:
+        raise UsageError("processing_class is required when the model has no name_or_path to load a tokenizer from")
+    return name
+
+
+def _source_name(source) -> str:
+    return source if isinstance(source, str) else getattr(source, "__name__", type(source).__name__)
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _input_paths(cfg: P3OConfig) -> dict[str, str | None]:
+    paths = {f: getattr(cfg, f) for f in ("model_name_or_path", "ref_model_name_or_path", "tokenizer_name_or_path",
+                                          "dataset", "eval_dataset")}
+    for i, path in enumerate(cfg.reward_model or []):
+        paths[f"reward_model {i + 1}" if i else "reward_model"] = path
+    return paths
+
+
+def _resume_point(cfg: P3OConfig) -> Path | None:
     return resume_point(cfg.output_dir, dataclasses.asdict(cfg), RESUMABLE_CHANGES)
 
 
-def _train_into(cfg: TrainConfig, out: Path, checkpoint: Path | None = None) -> Path:
-    trainer = build_trainer(cfg, checkpoint)
-    cfg, acc = trainer.cfg, trainer.accelerator  # the config as resolved (e.g. max_steps from --num_train_epochs)
+def _run(api: P3OTrainer, out: Path, resuming: bool) -> dict:
+    trainer, callbacks = api.engine, None
+    cfg, acc = trainer.cfg, trainer.accelerator
     acc.wait_for_everyone()  # every process has checked the output directory before anything is written
     writers, resumed_at = {}, trainer.state.step
     if acc.is_main_process:
-        if checkpoint is not None:  # drop what the run wrote after its checkpoint
+        if resuming:  # drop what the run wrote after its checkpoint
             for name in ("metrics.jsonl", "completions.jsonl", "eval.jsonl"):
                 truncate_jsonl(out / name, resumed_at)
         write_yaml(out / "config.yaml", dataclasses.asdict(cfg))
-        writers = {name: JsonlWriter(out / f"{name}.jsonl", append=checkpoint is not None)
-                   for name in ("metrics", "completions")}
+        writers = {name: JsonlWriter(out / f"{name}.jsonl", append=resuming) for name in ("metrics", "completions")}
         log.info(_start_line(trainer))
         _warn_about_inputs(trainer)
     start_trackers(acc, cfg)
-    evaluator = (HeldOutEvaluator(trainer, out / "eval.jsonl", append=checkpoint is not None)
-                 if trainer.eval_prompts else None)
-    if evaluator is not None and checkpoint is None:
-        evaluator(step=0)  # the starting point: KL 0, the initial policy's rewards
-    watch, stop = OverOptimisationWatch(), StopRequest()
+    callbacks = CallbackHandler(api.callbacks, cfg, trainer, resumed_at)
+    evaluator = HeldOutEvaluator(trainer, out / "eval.jsonl", append=resuming) if trainer.eval_prompts else None
+    watch, stop, last = OverOptimisationWatch(), StopRequest(), {}
     bar = _progress_bar(cfg, disable=not acc.is_main_process, initial=resumed_at)
 
-    def on_step(metrics, texts):
+    def evaluate(step: int) -> str:
+        line, point = evaluator(step)
+        last.update({f"eval_{k}": v for k, v in point.items() if k != "step"})
+        callbacks.fire("on_evaluate", metrics=point)
+        return line
+
+    def on_step(metrics, texts) -> bool:
         shown = {name: f"{metrics[name]:.3f}" for name in ("reward", "kl", "reward_accuracy") if name in metrics}
         bar.set_postfix(**shown, pairs_s=f"{metrics['pairs_per_s']:.1f}", refresh=False)  # drawn by update, at its pace
         bar.update(1)
         acc.log(metrics, step=metrics["step"])
         step = metrics["step"]
-        evaluation = (evaluator(step) if evaluator is not None
-                      and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps) else None)
+        last.update(metrics)
+        control = callbacks.step_end(metrics)
+        finishing = step == cfg.max_steps or any_process(control.should_training_stop, acc.device)
+        evaluation = (evaluate(step) if evaluator is not None and ((cfg.eval_steps and step % cfg.eval_steps == 0)
+                                                                  or finishing) else None)
         if writers:
             _write_step(metrics, texts, evaluation)
         stopping = stop.agreed(acc.device)
-        if step < cfg.max_steps and ((cfg.save_steps and step % cfg.save_steps == 0) or stopping):
+        if not finishing and ((cfg.save_steps and step % cfg.save_steps == 0) or stopping):
             path = save_checkpoint(trainer, out, cfg.save_total_limit)
+            callbacks.fire("on_save", checkpoint=path)
             if stopping:
                 raise stop.interrupted(step, path)
+        if finishing and step < cfg.max_steps:
+            log.info("a callback stopped the run after step %d", step)
+        return finishing
 
     def _write_step(metrics, texts, evaluation: str | None):
         writers["metrics"].write(metrics)
@@ -143,7 +295,10 @@ def _train_into(cfg: TrainConfig, out: Path, checkpoint: Path | None = None) -> 
             for record in _completion_records(metrics["step"], texts, cfg.log_completions):
                 writers["completions"].write(record)
 
+    callbacks.fire("on_train_begin")
     try:
+        if evaluator is not None and not resuming:
+            evaluate(0)  # the starting point: KL 0, the initial policy's rewards
         with stop.installed():
             trainer.train(on_step)
     finally:
@@ -154,38 +309,34 @@ def _train_into(cfg: TrainConfig, out: Path, checkpoint: Path | None = None) -> 
             evaluator.close()
         finish_trackers(acc)
     acc.wait_for_everyone()
-    if is_lora(trainer.unwrapped_policy):
-        _save_lora_policy(trainer, out)
-    else:
-        _save_policy(trainer, out)
-    return out
+    _save_policy(trainer, out)
+    callbacks.fire("on_train_end")
+    return last
 
 
 def _save_policy(trainer: Trainer, out: Path) -> None:
+    """The policy as a plain causal LM (a LoRA policy merged, out of place: the adapters stay
+    trainable and the base untouched), PPO's value head beside it, a LoRA adapter under adapter/."""
     acc = trainer.accelerator
-    state_dict = acc.get_state_dict(trainer.policy) or {}  # a collective under FSDP/ZeRO-3 (None off the main process)
-    extra = {}
-    if trainer.algorithm.value_head:  # the policy directory stays a plain causal LM; the critic sits beside it
-        state_dict, extra[VALUE_HEAD_FILE] = split_state_dict(state_dict)
-    if acc.is_main_process:
-        _record_generation_ids(trainer)
-        save_pretrained_atomically(trainer.unwrapped_policy, trainer.tokenizer, out, state_dict=state_dict,
-                                   extra_tensors=extra)
-        log.info("saved the trained policy to %s", out)
-
-
-def _save_lora_policy(trainer: Trainer, out: Path) -> None:
-    """The adapter under adapter/, then the merged model as the run's policy (a plain causal LM).
-    Merging changes the weights in place, so this is the last thing a run does."""
-    if not trainer.accelerator.is_main_process:
+    lora = is_lora(trainer.unwrapped_policy)
+    state_dict = None if lora else (acc.get_state_dict(trainer.policy) or {})  # a collective under FSDP/ZeRO-3
+    if not acc.is_main_process:
         return
-    peft_model = trainer.unwrapped_policy
     _record_generation_ids(trainer)
-    (out / ADAPTER_DIR).mkdir(exist_ok=True)
-    save_pretrained_atomically(peft_model, None, out / ADAPTER_DIR)
-    extra = {VALUE_HEAD_FILE: trainer.trained_module.value_head.state_dict()} if trainer.algorithm.value_head else {}
-    save_pretrained_atomically(peft_model.merge_and_unload(), trainer.tokenizer, out, extra_tensors=extra)
-    log.info("saved the trained policy (LoRA merged) to %s and its adapter to %s", out, out / ADAPTER_DIR)
+    extra = {}
+    if lora:
+        peft_model = trainer.unwrapped_policy
+        (out / ADAPTER_DIR).mkdir(exist_ok=True)
+        save_pretrained_atomically(peft_model, None, out / ADAPTER_DIR)
+        model, state_dict = peft_model.get_base_model(), merged_lora_state_dict(peft_model)
+        if trainer.algorithm.value_head:
+            extra[VALUE_HEAD_FILE] = trainer.trained_module.value_head.state_dict()
+    else:
+        model = trainer.unwrapped_policy
+        if trainer.algorithm.value_head:  # the policy directory stays a plain causal LM; the critic sits beside it
+            state_dict, extra[VALUE_HEAD_FILE] = split_state_dict(state_dict)
+    save_pretrained_atomically(model, trainer.tokenizer, out, state_dict=state_dict, extra_tensors=extra)
+    log.info("saved the trained policy%s to %s", " (LoRA merged; adapter under adapter/)" if lora else "", out)
 
 
 class HeldOutEvaluator:
@@ -211,7 +362,8 @@ class HeldOutEvaluator:
             self.prompts = _subset(trainer.eval_prompts, [*range(self.first, self.first + self.real),
                                                           *[0] * (share - self.real)])
 
-    def __call__(self, step: int) -> str:
+    def __call__(self, step: int) -> tuple[str, dict]:
+        """(the summary line, the point written to eval.jsonl)."""
         from accelerate.utils import gather_object
 
         from p3o.eval.policy import evaluate_policy, summarise
@@ -235,7 +387,7 @@ class HeldOutEvaluator:
             line += f"\nWARNING on the held-out prompts: {warning}"
         if self.writer is not None:
             self.writer.write(point)
-        return line
+        return line, point
 
     def close(self) -> None:
         if self.writer is not None:

@@ -15,7 +15,7 @@ import os
 import torch
 
 from p3o.errors import UsageError
-from p3o.models.lora import is_lora
+from p3o.models.lora import is_lora, merged_lora_state_dict
 from p3o.rl.rollout import pad_responses
 from p3o.utils.ops import response_mask_from_eos
 from p3o.utils.seeding import derived_seed
@@ -49,7 +49,7 @@ class VLLMGenerator:
         """Push `policy`'s current weights (names as in its Hugging Face checkpoint) into vLLM."""
         engine_model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
         if is_lora(policy):
-            engine_model.load_weights(_merged_lora_weights(policy))
+            engine_model.load_weights(merged_lora_state_dict(policy).items())
         else:
             engine_model.load_weights((name, p.data) for name, p in policy.named_parameters())
         self.llm.reset_prefix_cache()
@@ -82,24 +82,3 @@ def _mask(ids: torch.Tensor, responses: list[list[int]], eos_ids: list[int]) -> 
     lengths = torch.tensor([len(r) for r in responses], device=ids.device)  # (B,)
     within = torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]  # (B, T)
     return response_mask_from_eos(ids, eos_ids) * within.long()
-
-
-def _merged_lora_weights(peft_model):
-    """(plain checkpoint name, weight) of a peft model with its active LoRA adapters merged, out of
-    place: W + delta is computed in float32 into a new tensor and cast to W's dtype, so the frozen
-    base (hence the reference, which is the base with adapters off) is never written."""
-    from peft.tuners.lora import LoraLayer
-
-    deltas = {}
-    for module_name, module in peft_model.named_modules():
-        if isinstance(module, LoraLayer) and not module.merged:
-            adapters = [a for a in module.active_adapters if a in module.lora_A]
-            if adapters:
-                deltas[f"{module_name}.base_layer.weight"] = sum(module.get_delta_weight(a).float() for a in adapters)
-    for name, param in peft_model.named_parameters():
-        if "lora_" in name:
-            continue
-        weight = param.data
-        if name in deltas:
-            weight = (weight.float() + deltas[name]).to(weight.dtype)
-        yield name.removeprefix("base_model.model.").replace(".base_layer", ""), weight

@@ -72,11 +72,18 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
+def same_setting(a, b) -> bool:
+    """Equal settings; one value and a list of just it are the same (config.yaml files written before
+    reward_fn and reward_model took several values hold one string)."""
+    return a == b or (isinstance(b, list) and b == [a]) or (isinstance(a, list) and a == [b])
+
+
 def check_resumable(saved: dict, current: dict, changeable: set[str]) -> None:
     """Refuse to resume with settings that would change the trajectory."""
     from p3o.errors import UsageError
 
-    changed = sorted(k for k in set(saved) | set(current) if k not in changeable and saved.get(k) != current.get(k))
+    changed = sorted(k for k in set(saved) | set(current)
+                     if k not in changeable and not same_setting(saved.get(k), current.get(k)))
     if changed:
         detail = ", ".join(f"--{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in changed[:4])
         raise UsageError(f"--resume: the run was started with other settings ({detail}); resume with the "

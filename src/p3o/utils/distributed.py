@@ -31,6 +31,13 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def any_process(flag: bool, device) -> bool:
+    """Whether `flag` holds on any process (a collective under several processes: all must call it)."""
+    if world_size() == 1:
+        return bool(flag)
+    return sum_across_processes(torch.tensor([float(flag)], device=device)).item() > 0
+
+
 def sum_across_processes(values: torch.Tensor) -> torch.Tensor:
     """The elementwise sum of `values` over every process (a collective: all must call it)."""
     if world_size() == 1:

@@ -50,6 +50,17 @@ def run_directory(output_dir: str, overwrite: bool, inputs: dict[str, str | None
         raise
 
 
+def check_output_dir(output_dir: str, overwrite: bool, inputs: dict[str, str | None]) -> None:
+    """`run_directory`'s checks alone, creating nothing: before anything expensive is loaded."""
+    _refuse_overwriting_inputs(output_dir, inputs)
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output_dir {output_dir} is a file; give a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"--output_dir {output_dir} is not empty; pass --overwrite to replace its files, or choose "
+                         "a new directory")
+
+
 def prepare_output_dir(path: str, overwrite: bool) -> Path:
     """Create `path`; refuse a non-empty one unless `overwrite` (then only same-named files change)."""
     out = Path(path)

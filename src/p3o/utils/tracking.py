@@ -25,7 +25,9 @@ def check_trackers(report_to: str) -> list[str]:
 def start_trackers(acc, cfg) -> None:
     """Start the trackers `check_trackers` accepted, with the run's config."""
     if acc.log_with:
-        acc.init_trackers("p3o", config={k: v for k, v in dataclasses.asdict(cfg).items() if v is not None})
+        config = {k: ",".join(map(str, v)) if isinstance(v, list) else v  # trackers take scalars only
+                  for k, v in dataclasses.asdict(cfg).items() if v is not None}
+        acc.init_trackers("p3o", config=config)
 
 
 def finish_trackers(acc) -> None:

@@ -1,0 +1,43 @@
+"""Callbacks with `transformers.TrainerCallback`'s hooks, so an existing callback works unchanged.
+
+Called as transformers calls them, `hook(args, state, control, **kwargs)`, with `state` a
+`transformers.TrainerState` whose `global_step` counts rollout-and-update steps and whose
+`log_history` holds every step's metrics. A callback stops the run by setting
+`control.should_training_stop`; the run then ends cleanly, its outputs written.
+"""
+from __future__ import annotations
+
+HOOKS = ("on_train_begin", "on_step_end", "on_log", "on_evaluate", "on_save", "on_train_end")
+
+
+class CallbackHandler:
+    def __init__(self, callbacks: list, args, engine, step: int = 0):
+        from transformers import TrainerControl, TrainerState
+
+        self.callbacks, self.args, self.engine = callbacks, args, engine
+        acc = engine.accelerator
+        self.state = TrainerState(max_steps=args.max_steps, global_step=step, logging_steps=args.logging_steps,
+                                  eval_steps=args.eval_steps, save_steps=args.save_steps,
+                                  is_local_process_zero=acc.is_local_main_process,
+                                  is_world_process_zero=acc.is_main_process)
+        self.control = TrainerControl()
+
+    def fire(self, event: str, **kwargs):
+        """Call `event` on every callback that has it; a returned `TrainerControl` replaces the current one."""
+        assert event in HOOKS, event
+        extra = {"model": self.engine.unwrapped_policy, "processing_class": self.engine.tokenizer,
+                 "optimizer": self.engine.optimizer, "lr_scheduler": self.engine.scheduler}
+        for callback in self.callbacks:
+            hook = getattr(callback, event, None)
+            if hook is not None:
+                result = hook(self.args, self.state, self.control, **extra, **kwargs)
+                if result is not None:
+                    self.control = result
+        return self.control
+
+    def step_end(self, metrics: dict):
+        """After step `metrics["step"]`: on_step_end, then on_log with the step's metrics."""
+        self.state.global_step = metrics["step"]
+        self.state.log_history.append(dict(metrics))
+        self.fire("on_step_end")
+        return self.fire("on_log", logs=metrics)

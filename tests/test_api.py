@@ -1,0 +1,179 @@
+"""The Python API: `P3OTrainer` takes objects (models, `datasets.Dataset`, reward callables, a
+`peft.LoraConfig`, callbacks) and runs the same code path as `p3o train`."""
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from conftest import REWARD_FILE, prompt_rows, write_jsonl
+
+from p3o import P3OConfig, P3OTrainer
+from p3o.cli import main
+from p3o.errors import UsageError
+
+REWARDS = {}
+exec(REWARD_FILE, REWARDS)  # the same functions the CLI tests import from a file
+fruit, shifted_fruit = REWARDS["fruit"], REWARDS["shifted_fruit"]
+
+
+def length(prompts, completions, **kwargs):
+    return [-len(c.split()) / 8 for c in completions]
+
+
+def shifted_length(prompts, completions, **kwargs):  # a per-prompt shift, exact in float64
+    return [r + 4096.0 * (len(p) % 5) for r, p in zip(length(prompts, completions), prompts)]
+
+
+def args(tmp_path, name="run", **overrides):
+    base = dict(output_dir=str(tmp_path / name), max_steps=3, pairs_per_step=8, minibatch_pairs=4, epochs=2,
+                max_new_tokens=6, learning_rate=1e-3, seed=0, disable_progress_bar=True)
+    return P3OConfig(**{**base, **overrides})
+
+
+def weights(directory) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(directory / "model.safetensors"))
+
+
+def test_the_cli_and_the_api_give_bit_identical_weights(assets, tmp_path):
+    """One code path: `p3o train` with paths, and P3OTrainer with a model object, a datasets.Dataset
+    and a reward callable, end on the same weights."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert main(["train", "--model_name_or_path", str(assets["llama"]), "--dataset", str(assets["prompts"]),
+                 "--reward_fn", f"{assets['rewards']}:fruit", "--output_dir", str(tmp_path / "cli"), "--max_steps",
+                 "3", "--pairs_per_step", "8", "--minibatch_pairs", "4", "--epochs", "2", "--max_new_tokens", "6",
+                 "--learning_rate", "1e-3", "--seed", "0", "--disable_progress_bar"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(assets["llama"])
+    tokenizer = AutoTokenizer.from_pretrained(assets["llama"])
+    dataset = datasets.Dataset.from_list(prompt_rows())
+    metrics = P3OTrainer(model, fruit, args=args(tmp_path, "api"), train_dataset=dataset,
+                         processing_class=tokenizer).train()
+    cli, api = weights(tmp_path / "cli"), weights(tmp_path / "api")
+    assert cli.keys() == api.keys() and all(torch.equal(cli[n], api[n]) for n in cli)
+    assert metrics["step"] == 3
+    cli_lines = (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()
+    api_lines = (tmp_path / "api" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["reward"] for line in cli_lines] == [json.loads(line)["reward"] for line in api_lines]
+
+
+def test_weighted_rewards_are_summed_logged_by_part_and_a_callback_stops_the_run(assets, tmp_path):
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class StopAtTwo(TrainerCallback):  # an ordinary transformers callback, unchanged
+        def on_train_begin(self, args, state, control, **kwargs):
+            seen.append(("begin", state.global_step))
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.append(("log", state.global_step, logs["reward"]))
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                control.should_training_stop = True
+
+        def on_train_end(self, args, state, control, **kwargs):
+            seen.append(("end", state.global_step))
+
+    trainer = P3OTrainer(str(assets["llama"]), [fruit, length], train_dataset=prompt_rows(),
+                         args=args(tmp_path, max_steps=10, reward_weights=[1.0, 0.5]), callbacks=[StopAtTwo()])
+    metrics = trainer.train()
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2] and metrics["step"] == 2
+    for m in lines:
+        assert m["reward"] == pytest.approx(m["reward/fruit"] + 0.5 * m["reward/length"], abs=1e-12)
+    assert seen[0] == ("begin", 0) and seen[-1] == ("end", 2)
+    assert [s[1:] for s in seen if s[0] == "log"] == [(m["step"], m["reward"]) for m in lines]
+    assert (tmp_path / "run" / "model.safetensors").is_file()  # stopped cleanly, outputs written
+    assert (tmp_path / "run" / "config.yaml").is_file()
+
+
+def test_a_per_prompt_shift_of_any_reward_part_changes_nothing(assets, tmp_path):
+    """P3O takes differences first: shifting one part of a weighted sum per prompt changes no weight."""
+    plain = P3OTrainer(str(assets["llama"]), [fruit, length], train_dataset=str(assets["prompts"]),
+                       args=args(tmp_path, "plain", reward_weights=[1.0, 0.25]))
+    plain.train()
+    shifted = P3OTrainer(str(assets["llama"]), [fruit, shifted_length], train_dataset=str(assets["prompts"]),
+                         args=args(tmp_path, "shifted", reward_weights=[1.0, 0.25]))
+    shifted.train()
+    a, b = weights(tmp_path / "plain"), weights(tmp_path / "shifted")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_several_rewards_from_the_command_line(assets, tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--model_name_or_path", str(assets["llama"]), "--dataset", str(assets["prompts"]),
+                 "--reward_fn", f"{assets['rewards']}:fruit", "--reward_fn", f"{assets['rewards']}:shifted_fruit",
+                 "--reward_weights", "2", "0.5", "--output_dir", str(out), "--max_steps", "1", "--pairs_per_step",
+                 "4", "--max_new_tokens", "4", "--disable_progress_bar"]) == 0
+    m = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"reward/fruit", "reward/shifted_fruit"} <= m.keys()
+    assert m["reward"] == pytest.approx(2 * m["reward/fruit"] + 0.5 * m["reward/shifted_fruit"], rel=1e-12)
+
+
+def test_lora_from_a_peft_config_and_save_model(assets, tmp_path):
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    trainer = P3OTrainer(str(assets["llama"]), fruit, train_dataset=prompt_rows(), args=args(tmp_path, max_steps=2),
+                         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    trainer.train()
+    base = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" not in n}
+    saved = trainer.save_model(tmp_path / "again")
+    assert all(torch.equal(p, base[n]) for n, p in trainer.model.named_parameters() if "lora_" not in n)  # not merged in place
+    first, again = weights(tmp_path / "run"), weights(saved)
+    assert first.keys() == again.keys() and all(torch.equal(first[n], again[n]) for n in first)
+    merged = AutoModelForCausalLM.from_pretrained(saved)  # a plain causal LM: adapters merged
+    original = AutoModelForCausalLM.from_pretrained(assets["llama"])
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged.state_dict()[q], original.state_dict()[q])
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("signature", "reward_funcs[0] bad(x) must accept (prompts, completions, **kwargs)"),
+    ("weights", "--reward_weights has 3 weights for 1 rewards"),
+    ("column", "train_dataset has no column 'prompt'; columns found: text"),
+    ("meta", "model has weights on the meta device"),
+    ("no-reward", "give a reward"),
+    ("no-args", "P3OTrainer needs args=P3OConfig(output_dir=...)"),
+])
+def test_bad_arguments_are_one_clear_line_and_nothing_is_written(assets, tmp_path, case, message):
+    def bad(x):
+        return x
+
+    kw = dict(model=str(assets["llama"]), reward_funcs=fruit, train_dataset=prompt_rows(), args=args(tmp_path))
+    if case == "signature":
+        kw["reward_funcs"] = bad
+    elif case == "weights":
+        kw["args"] = args(tmp_path, reward_weights=[1.0, 2.0, 3.0])
+    elif case == "column":
+        kw["train_dataset"] = [{"text": "story : the cat ."}]
+    elif case == "meta":
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with torch.device("meta"):
+            kw["model"] = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(assets["llama"]))
+    elif case == "no-reward":
+        kw["reward_funcs"] = None
+    else:
+        kw["args"] = None
+    with pytest.raises(UsageError) as info:
+        P3OTrainer(**kw).train()
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_abbreviated_flags_are_refused_and_max_steps_wins_over_epochs(assets, tmp_path, capsys, caplog):
+    with pytest.raises(SystemExit):
+        main(["train", "--model", str(assets["llama"]), "--dataset", str(assets["prompts"])])
+    assert "unrecognized arguments: --model" in capsys.readouterr().err
+    with caplog.at_level(logging.WARNING, logger="p3o"):
+        cfg = P3OConfig(output_dir=str(tmp_path), max_steps=7, num_train_epochs=2, reward_fn="x.py:f")
+    assert cfg.max_steps == 7 and cfg.num_train_epochs is None and "max_steps wins" in caplog.text
+    assert P3OConfig(output_dir=str(tmp_path), max_completion_length=12).max_new_tokens == 12  # TRL's name
