@@ -141,3 +141,54 @@ def test_every_function_in_the_equation_table_exists():
     assert len(names) >= 20
     missing = [name for name in names if not resolves(name)]
     assert not missing, f"docs/p3o.md names functions that src/ does not define: {missing}"
+
+
+# --- The documentation site (mkdocs.yml, docs/) and the README that points into it ----------------
+
+README_LIMIT = 12_000
+
+
+def test_the_readme_stays_short():
+    size = len(read(ROOT / "README.md"))
+    assert size <= README_LIMIT, (f"README.md has {size} characters, more than {README_LIMIT}: move the detail "
+                                  "into a page under docs/ and link to it")
+
+
+def test_the_command_reference_is_generated_from_the_parser():
+    """docs/reference.md is exactly what docs/gen_reference.py renders from `p3o.cli.build_parser()`."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_reference", ROOT / "docs" / "gen_reference.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    expected = gen.render()
+    committed = read(gen.OUTPUT) if gen.OUTPUT.is_file() else ""
+    assert committed == expected, (f"docs/reference.md is out of date with the command-line options; "
+                                   f"regenerate it with `{gen.COMMAND}` and commit it")
+    for command in ("train", "sft", "rm", "eval", "winrate", "frontier", "pipeline", "demo"):
+        assert f"## `p3o {command}`" in expected
+    assert "`--clip_eps CLIP_EPS` | `0.2` |" in expected  # a flag, its default from the dataclass, its help
+
+
+def test_the_site_builds_strictly_and_offline(tmp_path):
+    """`mkdocs build --strict`: every page in the nav, every link and anchor resolved, no warnings."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file",
+                             str(ROOT / "mkdocs.yml"), "--site-dir", str(tmp_path / "site")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, ("mkdocs build --strict failed (the docs need the test extra: "
+                                    "pip install -c constraints.txt -e '.[test]'):\n" + result.stdout + result.stderr)
+    assert time.monotonic() - start < 60
+    site = tmp_path / "site"
+    for page in ("getting-started", "training", "python-api", "baselines", "evaluation", "distributed",
+                 "performance", "results", "architecture", "tests", "reference", "p3o"):
+        assert (site / page / "index.html").is_file(), f"the site has no page {page}"
+    maths = (site / "p3o" / "index.html").read_text(encoding="utf-8")
+    assert 'class="arithmatex"' in maths  # the maths page's $...$ are handed to MathJax
+    assert (site / "frontier-summarize.png").is_file() and (site / "frontier-dialogue.png").is_file()

@@ -5,7 +5,7 @@ in one process and once as two under `torchrun --standalone --nproc_per_node 2` 
 seeds. Each run's held-out evaluation (128 prompts no run trained on, at the start and the end)
 gives the sky words per response and the KL to the start, with standard errors. One run's end score
 varies by about 0.85 from seed to seed, and a seed does not pair the two runs (they sample with
-different streams), so telling them apart needs dozens of seeds: the README's table used
+different streams), so telling them apart needs dozens of seeds: the table in docs/distributed.md used
 `--seeds 0,1,...,48` (about 16 s a seed on 2 cores). The last line is the paired difference.
 
     python examples/distributed/word_task.py [--out runs/distributed] [--steps 30] [--seeds 0,1,2] [--extra FLAGS]
