@@ -177,3 +177,16 @@ def test_abbreviated_flags_are_refused_and_max_steps_wins_over_epochs(assets, tm
         cfg = P3OConfig(output_dir=str(tmp_path), max_steps=7, num_train_epochs=2, reward_fn="x.py:f")
     assert cfg.max_steps == 7 and cfg.num_train_epochs is None and "max_steps wins" in caplog.text
     assert P3OConfig(output_dir=str(tmp_path), max_completion_length=12).max_new_tokens == 12  # TRL's name
+
+
+def test_the_python_api_example_runs_and_its_callback_stops_it_early(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "examples" / "python_api.py"
+    spec = importlib.util.spec_from_file_location("python_api_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    metrics = example.main(["--output_dir", str(tmp_path / "run"), "--max_steps", "40"])
+    assert metrics["step"] < 40 and metrics["reward/mentions_the_wanted_fruit"] >= 0.5  # learned, then stopped
+    assert (tmp_path / "run" / "model.safetensors").is_file()

@@ -86,7 +86,8 @@ def _reward_source(source, index: int, trust_remote_code: bool, batch_size: int,
 
 
 def check_reward_signature(fn: Callable, where: str) -> None:
-    """fn must take (prompts, completions, **kwargs): the dataset's other columns come as keywords."""
+    """fn must take (prompts, completions, **kwargs): the dataset's other columns and completion_ids
+    come as keywords (a column may also be a named parameter, as `fn(prompts, completions, topic, **kw)`)."""
     try:
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):  # builtins without a signature: trust them
@@ -94,8 +95,7 @@ def check_reward_signature(fn: Callable, where: str) -> None:
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     varargs = any(p.kind == p.VAR_POSITIONAL for p in params)
     varkw = any(p.kind == p.VAR_KEYWORD for p in params)
-    required = [p for p in positional if p.default is p.empty]
-    if not ((len(positional) >= 2 or varargs) and len(required) <= 2 and varkw):
+    if not ((len(positional) >= 2 or varargs) and varkw):
         raise UsageError(f"{where} {getattr(fn, '__name__', fn)}{inspect.signature(fn)} must accept "
                          "(prompts, completions, **kwargs): the dataset's other columns and completion_ids "
                          "come as keyword arguments")
