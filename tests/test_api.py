@@ -190,3 +190,34 @@ def test_the_python_api_example_runs_and_its_callback_stops_it_early(tmp_path):
     metrics = example.main(["--output_dir", str(tmp_path / "run"), "--max_steps", "40"])
     assert metrics["step"] < 40 and metrics["reward/mentions_the_wanted_fruit"] >= 0.5  # learned, then stopped
     assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_the_run_directory_has_a_model_card(assets, tmp_path):
+    import yaml
+
+    trainer = P3OTrainer(str(assets["llama"]), fruit, train_dataset=prompt_rows(), eval_dataset=prompt_rows(8, seed=3),
+                         args=args(tmp_path, max_steps=2, eval_max_prompts=4))
+    metrics = trainer.train()
+    card = (tmp_path / "run" / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front == {"library_name": "transformers", "tags": ["p3o", "rlhf", "p3o-v2"], "base_model": str(assets["llama"])}
+    assert "| `algo` | p3o-v2 |" in card and "arXiv:2310.00212" in card and "from_pretrained" in card
+    assert f"| kl | {metrics['kl']:.4f} | {metrics['eval_kl']:.4f} ± {metrics['eval_kl_stderr']:.4f} |" in card
+
+
+def test_every_flag_is_a_config_field_in_one_help_section_and_choices_are_shown(capsys):
+    import dataclasses
+
+    from p3o.cli import build_parser
+
+    fields = [f.name for f in dataclasses.fields(P3OConfig)]
+    sectioned = [name for names in P3OConfig.SECTIONS.values() for name in names]
+    assert sorted(sectioned) == sorted(fields)  # each field in exactly one section
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    flags = {a.dest for a in train._actions} - {"help", "debug", "config", "module"}
+    assert flags == set(fields)
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "algorithm options:" in out and "checkpoints options:" in out
+    assert "{p3o-v2,p3o-v1,ppo,rloo,grpo,remax,online-dpo,dpo}" in out

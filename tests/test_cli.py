@@ -204,9 +204,15 @@ def test_two_cli_runs_with_one_seed_write_identical_weight_files(assets, tmp_pat
 def test_report_to_tensorboard_and_clear_errors_for_other_trackers(assets, tmp_path, capsys):
     import importlib.util
 
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     out = tmp_path / "tb"
     assert main(train_args(assets, out, "--report_to", "tensorboard")) == 0
-    assert list(out.glob("p3o/events.out.tfevents.*"))
+    events = EventAccumulator(str(next(out.glob("p3o/events.out.tfevents.*"))), size_guidance={"tensors": 0})
+    events.Reload()
+    assert "reward" in events.Tags()["scalars"] and "completions/text_summary" in events.Tags()["tensors"]
+    text = events.Tensors("completions/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert text.startswith("| prompt | completion | reward |") and "story :" in text  # the sampled completions
     assert "not a tracker" in error_of(capsys, train_args(assets, tmp_path / "x", "--report_to", "carrier-pigeon"))
     if importlib.util.find_spec("wandb") is None:  # installed on a user's machine, the run would just log to it
         assert "wandb package is not installed" in error_of(capsys, train_args(assets, tmp_path / "y", "--report_to", "wandb"))

@@ -63,21 +63,27 @@ def _coerce_scalar(field: dataclasses.Field, value: Any, source: str) -> Any:
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One `--name` per field, help from the field's metadata; defaults are suppressed so that
-    only the flags actually given override the YAML file."""
+    """One `--name` per field, help from the field's metadata, grouped by the class's `SECTIONS`
+    where it has them; defaults are suppressed so that only the flags actually given override the
+    YAML file."""
+    sections = getattr(cls, "SECTIONS", {})
+    groups = {name: parser.add_argument_group(f"{section} options") for section, names in sections.items()
+              for name in names}
     for f in dataclasses.fields(cls):
+        target = groups.get(f.name, parser)
         help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help strings with %
         if f.default is not dataclasses.MISSING and f.default is not None and not f.metadata.get("required"):
             help_text += f" (default: {f.default})"
+        choices = f.metadata.get("choices")
         if is_list(f):  # `--reward_fn A --reward_fn B` and `--reward_weights 1 0.5` both work
-            parser.add_argument(f"--{f.name}", nargs="+", action="extend", default=argparse.SUPPRESS,
+            target.add_argument(f"--{f.name}", nargs="+", action="extend", default=argparse.SUPPRESS,
                                 metavar=f.name.upper(), help=help_text)
         elif _scalar_type(f) is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction,
+            target.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
-        else:
-            parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, metavar=f.name.upper(),
-                                help=help_text)
+        else:  # choices are shown in --help ({a,b,c}) and checked by argparse
+            target.add_argument(f"--{f.name}", default=argparse.SUPPRESS, choices=choices,
+                                metavar=None if choices else f.name.upper(), help=help_text)
 
 
 def read_yaml_config(path: str) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import torch
 from p3o.errors import UsageError
 from p3o.reward.functions import RewardFunction, load_reward_function
 from p3o.reward.model import RewardModelScorer
+from p3o.reward.remote import RemoteReward
 
 
 class WeightedRewards:
@@ -39,16 +40,17 @@ class WeightedRewards:
 
 
 def build_rewards(sources: list, weights: list[float] | None = None, trust_remote_code: bool = False,
-                  batch_size: int = 64, device=None) -> WeightedRewards | None:
+                  batch_size: int = 64, device=None, url_settings: tuple[float, int] = (60.0, 5)) -> WeightedRewards | None:
     """The weighted sum of `sources` (None if there are none). A source is a function spec
-    (`package.module:fn`, `file.py:fn`), a reward-model path or hub name (or .gguf), a callable
+    (`package.module:fn`, `file.py:fn`), a reward-model path or hub name (or .gguf), an http(s) URL
+    (`RemoteReward`, with `url_settings` = (timeout, retries)), a callable
     `fn(prompts, completions, **kwargs)`, or a loaded sequence-classification model."""
     if not sources:
         return None
     weights = [1.0] * len(sources) if weights is None else [float(w) for w in weights]
     if len(weights) != len(sources):
         raise UsageError(f"reward_weights has {len(weights)} weights for {len(sources)} rewards; give one per reward")
-    built = [_reward_source(s, i, trust_remote_code, batch_size, device) for i, s in enumerate(sources)]
+    built = [_reward_source(s, i, trust_remote_code, batch_size, device, url_settings) for i, s in enumerate(sources)]
     names = _unique([name for name, _ in built])
     return WeightedRewards([(name, source, w) for name, (_, source), w in zip(names, built, weights)])
 
@@ -62,14 +64,15 @@ def build_reward(reward_fn: str | None, reward_model: str | None, trust_remote_c
                                   device=device)
 
 
-def _reward_source(source, index: int, trust_remote_code: bool, batch_size: int, device) -> tuple[str, Callable]:
+def _reward_source(source, index: int, trust_remote_code: bool, batch_size: int, device,
+                   url_settings: tuple[float, int]) -> tuple[str, Callable]:
     where = f"reward_funcs[{index}]"
-    if isinstance(source, (RewardFunction, RewardModelScorer)):
+    if isinstance(source, (RewardFunction, RewardModelScorer, RemoteReward)):
         return source.name, source
     if isinstance(source, str):
         if source.startswith(("http://", "https://")):
-            raise UsageError(f"{where} {source}: rewards served over HTTP are not supported yet; wrap the call in a "
-                             "Python reward function")
+            remote = RemoteReward(source, *url_settings)
+            return remote.name, remote
         if ":" in source and not Path(source).exists():
             return source.rpartition(":")[2], RewardFunction(load_reward_function(source), source)
         scorer = RewardModelScorer.load(source, trust_remote_code=trust_remote_code, batch_size=batch_size,
@@ -130,5 +133,5 @@ def _unique(names: list[str]) -> list[str]:
     return out
 
 
-__all__ = ["build_reward", "build_rewards", "check_reward_signature", "RewardFunction", "RewardModelScorer",
-           "WeightedRewards", "load_reward_function"]
+__all__ = ["build_reward", "build_rewards", "check_reward_signature", "RemoteReward", "RewardFunction",
+           "RewardModelScorer", "WeightedRewards", "load_reward_function"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 from p3o.cli.args import option
 from p3o.errors import UsageError
@@ -17,6 +18,7 @@ from p3o.rl.losses import AGGREGATIONS
 
 
 log = logging.getLogger("p3o")
+ALGOS = ("p3o-v2", "p3o-v1", "ppo", "rloo", "grpo", "remax", "online-dpo", "dpo")
 
 
 @dataclass
@@ -25,10 +27,13 @@ class P3OConfig:
     model_name_or_path: str | None = option(None, "Policy to fine-tune: a local directory, a hub name or a .gguf file (the SFT model). Python: or pass the model to P3OTrainer.", required=True)
     dataset: str | None = option(None, "Prompt-only data (preference data for --algo dpo): a .jsonl/.json/.parquet/.csv file or a `datasets` name. Python: or pass train_dataset to P3OTrainer.", required=True)
     output_dir: str = option(None, "Run directory: final model, config.yaml, metrics.jsonl, checkpoints.", required=True)
-    algo: str = option("p3o-v2", "Algorithm: p3o-v1, p3o-v2 (P3O with separate / joint clipping), ppo, rloo, grpo, remax, online-dpo, dpo (offline, on --dataset's preference pairs).")
+    algo: str = option("p3o-v2", "Algorithm: p3o-v1, p3o-v2 (P3O with separate / joint clipping), ppo, rloo, grpo, remax, online-dpo, dpo (offline, on --dataset's preference pairs).", choices=ALGOS)
     reward_fn: list[str] | None = option(None, "Reward function(s) `package.module:fn` or `path/file.py:fn`, called as fn(prompts, completions, **columns); repeat the flag for several.")
     reward_model: list[str] | None = option(None, "Sequence-classification reward model(s): directory, hub name or .gguf (one label); repeat the flag for several.")
-    reward_weights: list[float] | None = option(None, "One weight per reward, in the order --reward_fn..., then --reward_model... (Python: the order of reward_funcs); the reward is their weighted sum, each part logged as reward/<name>. Default: all 1.")
+    reward_url: list[str] | None = option(None, "Reward(s) served over HTTP: POST {\"prompts\", \"completions\", \"completion_ids\", **columns}, answer {\"rewards\": [...]} (the OpenRLHF/verl convention); repeat the flag for several.")
+    reward_url_timeout: float = option(60.0, "Seconds to wait for a --reward_url answer.")
+    reward_url_retries: int = option(5, "Retries of a --reward_url request after a timeout, HTTP 429/5xx or a refused connection, waiting 1, 2, 4, ... s.")
+    reward_weights: list[float] | None = option(None, "One weight per reward, in the order --reward_fn..., --reward_model..., --reward_url... (Python: then reward_funcs); the reward is their weighted sum, each part logged as reward/<name>. Default: all 1.")
     monitor_reward_fn: str | None = option(None, "A second reward function scored on every rollout for monitoring only (e.g. a gold reward), logged as monitor_reward; never trained on. With it, an over-optimisation watch warns when the reward rises while it falls.")
     eval_dataset: str | None = option(None, "Held-out prompts: the policy is evaluated on them before training, every --eval_steps and at the end (KL to the reference, reward, monitor reward, with standard errors) into eval.jsonl.")
     eval_steps: int = option(0, "Evaluate on --eval_dataset every N steps (0: only before and after training).")
@@ -40,7 +45,7 @@ class P3OConfig:
     prompt_column: str = option("prompt", "Column holding the prompt: plain text or a list of chat messages.")
     chosen_column: str = option("chosen", "dpo: column holding the preferred completion.")
     rejected_column: str = option("rejected", "dpo: column holding the other completion.")
-    torch_dtype: str = option("float32", "Weights of the policy and reference: float32 (AdamW needs full-precision master weights), bfloat16, float16 or auto (as saved). Use --mixed_precision for fast half-precision compute.")
+    torch_dtype: str = option("float32", "Weights of the policy and reference: float32 (AdamW needs full-precision master weights), bfloat16, float16 or auto (as saved). Use --mixed_precision for fast half-precision compute.", choices=("float32", "bfloat16", "float16", "auto"))
     trust_remote_code: bool = option(False, "Allow model repositories to run their own code. Off unless asked for.")
     use_peft: bool = option(False, "Train LoRA adapters (peft) instead of every weight; the reference is the same model with the adapters off, so one copy of the weights is held. Saves the merged model, and the adapter under adapter/.")
     lora_r: int = option(16, "LoRA rank (with --use_peft).")
@@ -59,7 +64,7 @@ class P3OConfig:
     max_new_tokens: int = option(64, "Tokens sampled per response; EOS ends a response early and counts as part of it. dpo: longer chosen/rejected completions are cut to it.")
     max_completion_length: int | None = option(None, "TRL's name for --max_new_tokens (either may be given).")
     max_prompt_length: int | None = option(None, "Longer prompts keep their last tokens (left truncation, reported once). Default: the model's context minus max_new_tokens.")
-    generation_backend: str = option("transformers", "transformers (batched, KV-cached `generate`) or vllm (GPU; imported only when asked for; the policy's weights are pushed into it before each rollout, and log-probabilities still come from the training model).")
+    generation_backend: str = option("transformers", "transformers (batched, KV-cached `generate`) or vllm (GPU; imported only when asked for; the policy's weights are pushed into it before each rollout, and log-probabilities still come from the training model).", choices=("transformers", "vllm"))
     vllm_gpu_memory_utilization: float = option(0.3, "Fraction of the GPU's memory vLLM may take (with --generation_backend vllm; training shares the device).")
     temperature: float = option(1.0, "Sampling temperature; log-probabilities use the same tempered distribution.")
     top_k: int = option(0, "Top-k sampling; 0 disables it (the default, as P3O assumes the policy's own distribution).")
@@ -70,13 +75,13 @@ class P3OConfig:
     kl_horizon: int = option(10000, "Adaptive KL controller horizon, in responses.")
     clip_eps: float = option(0.2, "Clip range eps of the ratio (V1) or of d - d_old (V2).")
     importance_clamp: float = option(10.0, "C: importance weights are clamped to [1/C, C].")
-    loss_aggregation: str | None = option(None, "group-mean (per prompt group: trajectory level, as the P3O paper; default) or token-mean (summed losses / response tokens; default for ppo). pair-mean is accepted for group-mean.")
-    scale_rewards: str = option("group", "grpo: group (divide advantages by the group's reward std) or none (Dr. GRPO).")
+    loss_aggregation: str | None = option(None, "group-mean (per prompt group: trajectory level, as the P3O paper; default) or token-mean (summed losses / response tokens; default for ppo). pair-mean is accepted for group-mean.", choices=(*AGGREGATIONS, "pair-mean"))
+    scale_rewards: str = option("group", "grpo: group (divide advantages by the group's reward std) or none (Dr. GRPO).", choices=("group", "none"))
     vf_coef: float = option(0.1, "ppo: value loss coefficient.")
     value_clip_eps: float = option(0.2, "ppo: clip range of the value prediction around the rollout's value.")
     gamma: float = option(1.0, "ppo: discount of GAE.")
     gae_lambda: float = option(0.95, "ppo: lambda of GAE.")
-    delta_normalization: str = option("none", "none, or rms: divide Delta by its root-mean-square over the rollout (shift-invariant; raw rewards are never normalised).")
+    delta_normalization: str = option("none", "none, or rms: divide Delta by its root-mean-square over the rollout (shift-invariant; raw rewards are never normalised).", choices=("none", "rms"))
     delta_clip: float | None = option(None, "Clip Delta to [-delta_clip, delta_clip] after normalisation.")
     # --- optimiser ----------------------------------------------------------------------------
     learning_rate: float = option(1e-6, "AdamW learning rate (1e-6..8e-6 for 1B-6B models; tiny models on CPU want ~1e-3).")
@@ -93,7 +98,7 @@ class P3OConfig:
     logging_steps: int = option(1, "Print a summary line every N steps (metrics.jsonl always gets every step).")
     log_completions: int = option(2, "Prompts whose completions and rewards go to completions.jsonl every logging step (0: none).")
     reward_batch_size: int = option(64, "Sequences per reward-model forward pass.")
-    mixed_precision: str = option("no", "no, bf16 or fp16 (passed to accelerate).")
+    mixed_precision: str = option("no", "no, bf16 or fp16 (passed to accelerate).", choices=("no", "bf16", "fp16"))
     report_to: str = option("none", "Also log metrics to: none, tensorboard, wandb, or several joined by commas (metrics.jsonl is always written).")
     overwrite: bool = option(False, "Allow a non-empty output_dir; files of the same name are replaced.")
     save_steps: int = option(0, "Write a checkpoint (policy, optimiser, scheduler, RNG, counters) every N steps into output_dir/checkpoint-N; 0: only on Ctrl-C/SIGTERM.")
@@ -102,10 +107,32 @@ class P3OConfig:
     max_consecutive_skips: int = option(5, "Stop the run when this many optimiser steps in a row are skipped for a non-finite loss or gradient.")
     disable_progress_bar: bool = option(False, "Hide the progress bar (summary lines are still printed).")
 
+    # `--help` groups the flags by these sections (every field is in one: tests/test_api.py checks).
+    SECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "model": ("model_name_or_path", "ref_model_name_or_path", "tokenizer_name_or_path", "torch_dtype",
+                  "trust_remote_code", "use_peft", "lora_r", "lora_alpha", "lora_target_modules",
+                  "gradient_checkpointing", "mixed_precision"),
+        "data": ("dataset", "dataset_split", "dataset_config", "prompt_column", "chosen_column", "rejected_column",
+                 "eval_dataset", "eval_steps", "eval_max_prompts"),
+        "rewards": ("reward_fn", "reward_model", "reward_url", "reward_url_timeout", "reward_url_retries",
+                    "reward_weights", "monitor_reward_fn", "reward_batch_size"),
+        "rollout": ("max_steps", "num_train_epochs", "pairs_per_step", "num_generations", "max_new_tokens",
+                    "max_completion_length", "max_prompt_length", "generation_backend", "vllm_gpu_memory_utilization",
+                    "temperature", "top_k", "top_p"),
+        "algorithm": ("algo", "beta", "kl_target", "kl_horizon", "clip_eps", "importance_clamp", "epochs",
+                      "minibatch_pairs", "loss_aggregation", "scale_rewards", "vf_coef", "value_clip_eps", "gamma",
+                      "gae_lambda", "delta_normalization", "delta_clip"),
+        "optimisation": ("learning_rate", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "weight_decay",
+                         "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "gradient_accumulation_steps",
+                         "max_consecutive_skips", "seed"),
+        "logging": ("logging_steps", "log_completions", "report_to", "disable_progress_bar"),
+        "checkpoints": ("output_dir", "overwrite", "save_steps", "save_total_limit", "resume"),
+    }
+
     def __post_init__(self) -> None:
         if not self.output_dir:
             raise UsageError("--output_dir is required")
-        for name in ("reward_fn", "reward_model"):  # one path is a list of one
+        for name in ("reward_fn", "reward_model", "reward_url"):  # one path is a list of one
             if isinstance(getattr(self, name), str):
                 setattr(self, name, [getattr(self, name)])
         if self.max_completion_length is not None:
@@ -125,6 +152,8 @@ class P3OConfig:
                      "logging_steps", "reward_batch_size", "kl_horizon", "max_consecutive_skips", "lora_r"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UsageError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.reward_url_timeout <= 0 or self.reward_url_retries < 0:
+            raise UsageError("--reward_url_timeout must be > 0 and --reward_url_retries >= 0")
         if self.log_completions < 0:
             raise UsageError("--log_completions must be >= 0")
         checks = [
@@ -196,8 +225,8 @@ def check_reward_sources(cfg: P3OConfig, names: list[str], eval_dataset_given: b
                              f"nothing to score; drop {' and '.join(given)} (or give --eval_dataset, which "
                              "they then score), or use --algo online-dpo")
     elif not names:
-        raise UsageError("give a reward: --reward_fn (package.module:fn or file.py:fn) or --reward_model (a "
-                         "directory); in Python, reward_funcs")
+        raise UsageError("give a reward: --reward_fn (package.module:fn or file.py:fn), --reward_model (a "
+                         "directory) or --reward_url; in Python, reward_funcs")
 
 
 @dataclass(frozen=True)

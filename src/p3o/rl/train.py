@@ -37,7 +37,8 @@ from p3o.utils.io import (
     truncate_jsonl,
     write_yaml,
 )
-from p3o.utils.tracking import check_trackers, finish_trackers, start_trackers
+from p3o.utils.model_card import write_model_card
+from p3o.utils.tracking import check_trackers, finish_trackers, log_completions, start_trackers
 
 log = logging.getLogger("p3o")
 
@@ -73,7 +74,8 @@ class P3OTrainer:
         self.engine = _build_engine(args, model, processing_class, train_dataset, eval_dataset,
                                     _as_list(reward_funcs), peft_config, ref_model)
         self.args = self.engine.cfg  # as resolved (e.g. max_steps from num_train_epochs)
-        self._checkpoint = checkpoint
+        self._checkpoint, self._metrics = checkpoint, {}
+        self._base_model = args.model_name_or_path or _name_of(model, required=False)
 
     @property
     def model(self):
@@ -99,7 +101,8 @@ class P3OTrainer:
         resuming = checkpoint is not None
         with run_directory(self.args.output_dir, self.args.overwrite or resuming, _input_paths(self.args),
                            clean_up=not resuming) as out:
-            return _run(self, out, resuming)
+            self._metrics = _run(self, out, resuming)
+            return self._metrics
 
     def save_model(self, output_dir: str | None = None) -> Path:
         """The policy and tokenizer as `p3o train` writes them at the end: a plain causal LM
@@ -107,6 +110,8 @@ class P3OTrainer:
         out = Path(output_dir or self.args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         _save_policy(self.engine, out)
+        if self.engine.accelerator.is_main_process:
+            write_model_card(out, self.args, self._base_model, self._metrics)
         return out
 
 
@@ -139,7 +144,7 @@ def _build_engine(cfg: P3OConfig, model=None, tokenizer=None, train_dataset=None
         raise UsageError("give the prompts: --dataset (Python: train_dataset=)")
     if model is None and cfg.model_name_or_path is None:
         raise UsageError("give the policy: --model_name_or_path (Python: model=)")
-    sources = [*(cfg.reward_fn or []), *(cfg.reward_model or []), *reward_funcs]
+    sources = [*(cfg.reward_fn or []), *(cfg.reward_model or []), *(cfg.reward_url or []), *reward_funcs]
     check_reward_sources(cfg, [_source_name(s) for s in sources], eval_spec is not None)
     accelerator = make_accelerator(mixed_precision=cfg.mixed_precision, log_with=trackers or None,
                                    project_dir=cfg.output_dir)
@@ -155,7 +160,7 @@ def _build_engine(cfg: P3OConfig, model=None, tokenizer=None, train_dataset=None
         prompts = load_prompts(train_spec, tokenizer, cfg.dataset_split, cfg.dataset_config, cfg.prompt_column)
     eval_prompts = _eval_prompts(cfg, eval_spec, tokenizer)
     reward = build_rewards(sources, cfg.reward_weights, cfg.trust_remote_code, cfg.reward_batch_size,
-                           accelerator.device)  # dpo: for eval only
+                           accelerator.device, (cfg.reward_url_timeout, cfg.reward_url_retries))  # dpo: for eval only
     if cfg.num_train_epochs is not None:  # the run's length in passes over the data
         cfg = dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.num_train_epochs * len(prompts) / cfg.pairs_per_step)))
     if cfg.algo == "grpo" and cfg.num_generations == 2:
@@ -207,11 +212,11 @@ def _with_peft(policy, peft_config, cfg: P3OConfig):
     return get_peft_model(policy, peft_config)  # its dropout is switched off with the policy's
 
 
-def _name_of(model) -> str:
+def _name_of(model, required: bool = True) -> str:
     name = getattr(getattr(model, "config", None), "name_or_path", "") or getattr(model, "name_or_path", "")
-    if not name:
+    if not name and required:
         raise UsageError("processing_class is required when the model has no name_or_path to load a tokenizer from")
-    return name
+    return name or type(model).__name__
 
 
 def _source_name(source) -> str:
@@ -292,8 +297,10 @@ def _run(api: P3OTrainer, out: Path, resuming: bool) -> dict:
             bar.write(evaluation)
         if metrics["step"] % cfg.logging_steps == 0 or metrics["step"] == cfg.max_steps:
             bar.write(_summary_line(metrics))
-            for record in _completion_records(metrics["step"], texts, cfg.log_completions):
+            records = list(_completion_records(metrics["step"], texts, cfg.log_completions))
+            for record in records:
                 writers["completions"].write(record)
+            log_completions(acc, metrics["step"], records)
 
     callbacks.fire("on_train_begin")
     try:
@@ -310,6 +317,8 @@ def _run(api: P3OTrainer, out: Path, resuming: bool) -> dict:
         finish_trackers(acc)
     acc.wait_for_everyone()
     _save_policy(trainer, out)
+    if acc.is_main_process:
+        write_model_card(out, cfg, api._base_model, last)
     callbacks.fire("on_train_end")
     return last
 

@@ -82,7 +82,9 @@ def check_resumable(saved: dict, current: dict, changeable: set[str]) -> None:
     """Refuse to resume with settings that would change the trajectory."""
     from p3o.errors import UsageError
 
-    changed = sorted(k for k in set(saved) | set(current)
+    # Settings one side lacks were added (or removed) by another p3o version since the run started:
+    # not a change the user made, so a run resumes across versions.
+    changed = sorted(k for k in set(saved) & set(current)
                      if k not in changeable and not same_setting(saved.get(k), current.get(k)))
     if changed:
         detail = ", ".join(f"--{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in changed[:4])

@@ -35,3 +35,23 @@ def finish_trackers(acc) -> None:
     final save still needs (`p3o.cli` destroys it once the command is done)."""
     for tracker in acc.trackers:
         tracker.finish()
+
+
+def log_completions(acc, step: int, records: list[dict]) -> None:
+    """A logging step's sampled completions to the trackers as text: a Markdown table in TensorBoard,
+    a table in W&B (other trackers get nothing: they have no text panel accelerate reaches)."""
+    if not acc.log_with or not records:
+        return
+    rows = [(r["prompt"] if isinstance(r["prompt"], str) else r["prompt"][-1]["content"], c,
+             r["rewards"][i] if "rewards" in r else None) for r in records for i, c in enumerate(r["completions"])]
+    for tracker in acc.trackers:
+        if tracker.name == "tensorboard":
+            cell = lambda text: str(text).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+            table = "| prompt | completion | reward |\n|---|---|---|\n" + "\n".join(
+                f"| {cell(p)} | {cell(c)} | {'' if r is None else f'{r:.4f}'} |" for p, c, r in rows)
+            tracker.writer.add_text("completions", table, global_step=step)
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"completions": wandb.Table(columns=["prompt", "completion", "reward"],
+                                                    data=[list(row) for row in rows])}, step=step)

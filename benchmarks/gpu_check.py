@@ -1,0 +1,107 @@
+"""One GPU check: P3O-V2 with LoRA in bf16 on SmolLM2-135M-Instruct for 10 steps, per backend, and
+TRL's RLOO with vLLM colocated when TRL and vLLM are installed. Prints responses per second and peak
+GPU memory for each (see gpu_check.sh, which runs it).
+
+`--model DIR` is a plain checkpoint (`p3o fetch-model smollm2 --output_dir DIR`). A directory with
+only config.json and the tokenizer files (what fits through a small transfer) gets random weights of
+the real shapes, said in the output: the step then costs what the real model's does at the same
+lengths, but responses rarely stop early, so they are longer than the real model's.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def checkpoint(model: str, out: Path) -> tuple[str, str]:
+    """A loadable checkpoint: `model` itself, or random weights of its config's shapes."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if any(Path(model).glob("*.safetensors")):
+        return model, "real weights"
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(model)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(model).save_pretrained(out)
+    return str(out), "random weights, real shapes"
+
+
+def prompts(path: Path, n: int = 256) -> Path:
+    topics = ["the sea", "bread", "a bicycle", "winter", "music", "a garden", "coffee", "the moon"]
+    rows = [{"prompt": [{"role": "user", "content": f"Write two sentences about {topics[i % len(topics)]}."}]}
+            for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+REWARD = "def brevity(prompts, completions, **kw):\n    return [-len(c[0]['content']) / 100 for c in completions]\n"
+
+
+def run_p3o(model: str, data: Path, rewards: Path, out: Path, backend: str, args) -> dict:
+    import torch
+
+    from p3o.cli import main
+
+    torch.cuda.reset_peak_memory_stats()
+    argv = ["train", "--algo", "p3o-v2", "--model_name_or_path", model, "--dataset", str(data),
+            "--reward_fn", f"{rewards}:brevity", "--output_dir", str(out), "--max_steps", str(args.steps),
+            "--pairs_per_step", str(args.prompts), "--max_new_tokens", str(args.new_tokens),
+            "--use_peft", "--mixed_precision", "bf16", "--learning_rate", "1e-5", "--generation_backend", backend,
+            "--disable_progress_bar", "--overwrite"]
+    start = time.perf_counter()
+    code = main(argv)
+    seconds = time.perf_counter() - start
+    if code != 0:
+        return {"error": f"exit {code}"}
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steady = lines[1:] or lines  # the first step pays for warm-up
+    return {"responses_per_s": sum(m["responses_per_s"] for m in steady) / len(steady),
+            "response_length": sum(m.get("response_length", 0) for m in steady) / len(steady),
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "wall_s": seconds}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--prompts", type=int, default=64, help="prompts per step (x2 responses)")
+    parser.add_argument("--new_tokens", type=int, default=128)
+    args = parser.parse_args()
+    import torch
+
+    if not torch.cuda.is_available():
+        print("no GPU: this check is for a GPU machine")
+        return 1
+    root = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    model, weights = checkpoint(args.model, root / "model")
+    data, rewards = prompts(root / "prompts.jsonl"), root / "rewards.py"
+    rewards.write_text(REWARD)
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; {Path(args.model).name} ({weights}); "
+          f"P3O-V2 + LoRA, bf16, {args.prompts} prompts x 2 responses, up to {args.new_tokens} new tokens, "
+          f"{args.steps} steps (first excluded)")
+    rows = []
+    for backend in ("vllm", "transformers"):
+        if backend == "vllm" and importlib.util.find_spec("vllm") is None:
+            rows.append((f"p3o {backend}", {"error": "vLLM not installed: skipped"}))
+            continue
+        rows.append((f"p3o {backend}", run_p3o(model, data, rewards, root / backend, backend, args)))
+    if importlib.util.find_spec("trl") is None or importlib.util.find_spec("vllm") is None:
+        rows.append(("TRL RLOO + vLLM colocate", {"error": "TRL or vLLM not installed: skipped"}))
+    print("| run | responses/s | mean length | peak GPU memory (GiB) | wall (s) |\n|---|---|---|---|---|")
+    for name, r in rows:
+        if "error" in r:
+            print(f"| {name} | {r['error']} | | | |")
+        else:
+            print(f"| {name} | {r['responses_per_s']:.1f} | {r['response_length']:.1f} | {r['peak_gib']:.2f} | "
+                  f"{r['wall_s']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

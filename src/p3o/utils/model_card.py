@@ -1,0 +1,61 @@
+"""The run directory's README.md: a model card as the Hugging Face Hub reads it (YAML front matter,
+then the story of the run: base model, algorithm, data, key settings, final and held-out metrics,
+how to load it, and the method's citation)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+CITATIONS = {  # arXiv ids of each algorithm's paper
+    "p3o-v1": ("Wu et al., Pairwise Proximal Policy Optimization: Harnessing Relative Feedback for LLM Alignment",
+               "2310.00212"),
+    "ppo": ("Schulman et al., Proximal Policy Optimization Algorithms", "1707.06347"),
+    "dpo": ("Rafailov et al., Direct Preference Optimization: Your Language Model is Secretly a Reward Model",
+            "2305.18290"),
+    "online-dpo": ("Guo et al., Direct Language Model Alignment from Online AI Feedback", "2402.04792"),
+    "rloo": ("Ahmadian et al., Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human "
+             "Feedback in LLMs", "2402.14740"),
+    "grpo": ("Shao et al., DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models",
+             "2402.03300"),
+    "remax": ("Li et al., ReMax: A Simple, Effective, and Efficient Reinforcement Learning Method for Aligning "
+              "Large Language Models", "2310.10505"),
+}
+CITATIONS["p3o-v2"] = CITATIONS["p3o-v1"]
+KEY_SETTINGS = ("algo", "beta", "clip_eps", "importance_clamp", "epochs", "pairs_per_step", "num_generations",
+                "minibatch_pairs", "max_new_tokens", "learning_rate", "max_steps", "use_peft", "lora_r", "seed")
+SHOWN_METRICS = ("reward", "kl", "response_length", "monitor_reward", "reward_accuracy", "loss")
+
+
+def write_model_card(out: Path, cfg, base_model: str, metrics: dict) -> None:
+    title, arxiv = CITATIONS.get(cfg.algo, CITATIONS["p3o-v2"])
+    front = {"library_name": "transformers", "tags": ["p3o", "rlhf", cfg.algo], "base_model": base_model}
+    data = cfg.dataset or "a dataset given in Python"
+    rewards = [*(cfg.reward_fn or []), *(cfg.reward_model or []), *(cfg.reward_url or [])]
+    lines = [
+        "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+        f"# {Path(cfg.output_dir).name}", "",
+        f"`{base_model}` fine-tuned with **{cfg.algo}** by [p3o](https://pypi.org/project/p3o/) on `{data}`"
+        + (f", against {', '.join(f'`{r}`' for r in rewards)}" if rewards else "") + ".", "",
+        "## Settings", "", "| setting | value |", "|---|---|",
+        *(f"| `{name}` | {getattr(cfg, name)} |" for name in KEY_SETTINGS if getattr(cfg, name, None) is not None),
+        "", "The whole configuration is in `config.yaml`, every step's metrics in `metrics.jsonl`.", "",
+        "## Results", "", "| metric | last training step | held out |", "|---|---|---|",
+        *(_metric_row(name, metrics) for name in SHOWN_METRICS if name in metrics or f"eval_{name}" in metrics),
+        "", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+        f'model = AutoModelForCausalLM.from_pretrained("{out}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{out}")', "```", "",
+        "## Citation", "", f"{title}, arXiv:{arxiv} (https://arxiv.org/abs/{arxiv}).", "",
+    ]
+    (out / "README.md").write_text("\n".join(lines))
+
+
+def _metric_row(name: str, metrics: dict) -> str:
+    def shown(key):
+        value = metrics.get(key)
+        if value is None:
+            return ""
+        stderr = metrics.get(f"{key}_stderr")
+        return f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
+
+    return f"| {name} | {shown(name)} | {shown(f'eval_{name}')} |"
