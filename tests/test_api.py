@@ -221,3 +221,58 @@ def test_every_flag_is_a_config_field_in_one_help_section_and_choices_are_shown(
     out = capsys.readouterr().out
     assert "algorithm options:" in out and "checkpoints options:" in out
     assert "{p3o-v2,p3o-v1,ppo,rloo,grpo,remax,online-dpo,dpo}" in out
+
+
+def sft_rows(n: int = 24) -> list[dict]:
+    return [{"prompt": row["prompt"], "completion": " the cat eats a pear ."} for row in prompt_rows(n)]
+
+
+def pref_rows(n: int = 24) -> list[dict]:
+    return [{"prompt": row["prompt"], "chosen": " a pear .", "rejected": " the dog ."} for row in prompt_rows(n)]
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_sft_and_reward_trainers_match_their_commands_bit_for_bit(assets, tmp_path, stage):
+    """SFTTrainer and RewardTrainer with objects (a model, a datasets.Dataset) end where `p3o sft` and
+    `p3o rm` with paths end."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from p3o import RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
+
+    rows = sft_rows() if stage == "sft" else pref_rows()
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    common = ["--num_train_epochs", "1", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
+              "--seed", "0", "--disable_progress_bar"]
+    assert main([stage, "--model_name_or_path", str(assets["llama"]), "--dataset", str(data), "--output_dir",
+                 str(tmp_path / "cli"), *common]) == 0
+    config = dict(output_dir=str(tmp_path / "api"), num_train_epochs=1, per_device_train_batch_size=4,
+                  learning_rate=1e-3, seed=0, disable_progress_bar=True)
+    tokenizer = AutoTokenizer.from_pretrained(assets["llama"])
+    if stage == "sft":
+        model = AutoModelForCausalLM.from_pretrained(assets["llama"])
+        trainer = SFTTrainer(model, SFTConfig(**config), datasets.Dataset.from_list(rows), processing_class=tokenizer)
+    else:
+        torch.manual_seed(0)  # `p3o rm` seeds its new score head with --seed before loading
+        model = AutoModelForSequenceClassification.from_pretrained(assets["llama"], num_labels=1)
+        trainer = RewardTrainer(model, RewardConfig(**config), datasets.Dataset.from_list(rows),
+                                processing_class=tokenizer)
+    evaluations = trainer.train()
+    assert evaluations and "eval_loss" in evaluations[-1]
+    cli, api = weights(tmp_path / "cli"), weights(tmp_path / "api")
+    assert cli.keys() == api.keys() and all(torch.equal(cli[n], api[n]) for n in cli)
+
+
+def test_stage_trainers_name_their_bad_arguments(assets, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from p3o import RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
+
+    with pytest.raises(UsageError, match="train_dataset: row 1 has no column 'completion'"):
+        SFTTrainer(str(assets["llama"]), SFTConfig(output_dir=str(tmp_path / "a")), [{"prompt": "x"}]).train()
+    with pytest.raises(UsageError, match="one-label sequence-classification model or a path, got LlamaForCausalLM"):
+        RewardTrainer(AutoModelForCausalLM.from_pretrained(assets["llama"]), RewardConfig(output_dir=str(tmp_path)),
+                      pref_rows())
+    with pytest.raises(UsageError, match="needs args=SFTConfig"):
+        SFTTrainer(str(assets["llama"]), None, sft_rows())
+    assert not (tmp_path / "a").exists()

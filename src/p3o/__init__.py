@@ -13,6 +13,10 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "P3OConfig": "p3o.rl.config",
     "P3OTrainer": "p3o.rl.train",
+    "SFTConfig": "p3o.sft.train",
+    "SFTTrainer": "p3o.sft.train",
+    "RewardConfig": "p3o.reward.train",
+    "RewardTrainer": "p3o.reward.train",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -85,12 +85,50 @@ def load_reward_trunk(cfg: RMConfig, tokenizer):
     return as_plain_model(model)
 
 
-def run_rm(cfg: RMConfig) -> list[dict]:
+RewardConfig = RMConfig  # the Python API's name, beside SFTConfig and P3OConfig
+
+
+class RewardTrainer:
+    """`p3o rm` from Python: `RewardTrainer(model, args=RewardConfig(output_dir=...), train_dataset=...)`.
+
+    model: a hub name, a directory, a .gguf file (a one-label score head is added on its trunk), or a
+    one-label `...ForSequenceClassification` model in memory; train_dataset, eval_dataset: a
+    `datasets.Dataset`, a list of dicts or a path with `prompt`/`chosen`/`rejected` (or implicit-prompt
+    `chosen`/`rejected`); processing_class: the tokenizer. `train()` writes the run directory
+    `p3o rm` writes and returns the held-out evaluations."""
+
+    def __init__(self, model=None, args: RMConfig | None = None, train_dataset=None, eval_dataset=None,
+                 processing_class=None):
+        from p3o.sft.train import _api_inputs
+
+        self.args, self.model, self.data, self.tokenizer = _api_inputs(args, model, train_dataset, eval_dataset,
+                                                                       processing_class, "RewardConfig")
+        if self.model is not None and (not type(self.model).__name__.endswith("ForSequenceClassification")
+                                       or self.model.config.num_labels != 1):
+            from p3o.errors import UsageError
+
+            raise UsageError(f"model must be a one-label sequence-classification model or a path, got "
+                             f"{type(self.model).__name__} with {getattr(self.model.config, 'num_labels', '?')} labels")
+
+    def train(self) -> list[dict]:
+        return run_rm(self.args, self.model, self.tokenizer, *self.data)
+
+
+def run_rm(cfg: RMConfig, model=None, tokenizer=None, dataset=None, eval_dataset=None) -> list[dict]:
+    """`p3o rm`; the arguments after `cfg` are what `RewardTrainer` takes as objects."""
     from p3o.data.formats import load_preferences, load_with_held_out
+    from p3o.models.loading import as_plain_model, disable_dropout
     from p3o.utils.supervised import run_supervised
 
+    dataset = dataset if dataset is not None else cfg.dataset
+    eval_dataset = eval_dataset if eval_dataset is not None else cfg.eval_dataset
+    if tokenizer is None and model is not None and cfg.tokenizer_name_or_path is None:
+        from p3o.models.loading import load_tokenizer
+
+        tokenizer = load_tokenizer(model.config.name_or_path, cfg.trust_remote_code)
+
     def load_rows(cfg):  # the loaders rename the configured columns to `prompt`, `chosen`, `rejected`
-        return load_with_held_out(load_preferences, cfg.dataset, cfg.eval_dataset, cfg.eval_fraction, cfg.seed,
+        return load_with_held_out(load_preferences, dataset, eval_dataset, cfg.eval_fraction, cfg.seed,
                                   split=cfg.dataset_split, config=cfg.dataset_config, prompt_column=cfg.prompt_column,
                                   chosen_column=cfg.chosen_column, rejected_column=cfg.rejected_column)
 
@@ -98,7 +136,12 @@ def run_rm(cfg: RMConfig) -> list[dict]:
         return tokenize_pair(tokenizer, row, cfg.max_length, where)
 
     def build_model(cfg, tokenizer):
-        model = load_reward_trunk(cfg, tokenizer)
-        return LastTokenReward(model), model  # train the last-token scorer, save the classifier
+        if model is not None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+            disable_dropout(model)
+            trunk = as_plain_model(model)
+        else:
+            trunk = load_reward_trunk(cfg, tokenizer)
+        return LastTokenReward(trunk), trunk  # train the last-token scorer, save the classifier
 
-    return run_supervised(cfg, "p3o rm", load_rows, tokenize, build_model, rm_stage)
+    return run_supervised(cfg, "p3o rm", load_rows, tokenize, build_model, rm_stage, tokenizer, str(dataset))

@@ -83,14 +83,63 @@ def sft_stage(tokenizer, eval_batch_size: int = 16) -> Stage:
     return Stage(collate, units, loss, eval_totals, eval_metrics)
 
 
-def run_sft(cfg: SFTConfig) -> list[dict]:
+class SFTTrainer:
+    """`p3o sft` from Python: `SFTTrainer(model, args=SFTConfig(output_dir=...), train_dataset=...)`.
+
+    model: a hub name, a directory, a .gguf file or a causal LM in memory (default:
+    `args.model_name_or_path`); train_dataset, eval_dataset: a `datasets.Dataset`, a list of dicts
+    or a path, with `prompt`/`completion` (or `messages`) columns; processing_class: the tokenizer.
+    `train()` writes the run directory `p3o sft` writes and returns the held-out evaluations."""
+
+    def __init__(self, model=None, args: SFTConfig | None = None, train_dataset=None, eval_dataset=None,
+                 processing_class=None):
+        self.args, self.model, self.data, self.tokenizer = _api_inputs(args, model, train_dataset, eval_dataset,
+                                                                       processing_class, "SFTConfig")
+
+    def train(self) -> list[dict]:
+        return run_sft(self.args, self.model, self.tokenizer, *self.data)
+
+
+def _api_inputs(args, model, train_dataset, eval_dataset, processing_class, config_name: str):
+    """(args with paths folded in, the model object or None, (train, eval) data specs, tokenizer):
+    what the stage trainers take, checked before anything loads."""
+    import dataclasses
+    from pathlib import Path
+
+    from p3o.data.files import as_dataset_spec
+    from p3o.errors import UsageError
+
+    if args is None:
+        raise UsageError(f"the trainer needs args={config_name}(output_dir=...): where the run is written")
+    if isinstance(model, (str, Path)):
+        args, model = dataclasses.replace(args, model_name_or_path=str(model)), None
+    if model is None and args.model_name_or_path is None:
+        raise UsageError("give the model: --model_name_or_path (Python: model=)")
+    if train_dataset is None and args.dataset is None:
+        raise UsageError("give the data: --dataset (Python: train_dataset=)")
+    if model is not None and processing_class is None and not getattr(model.config, "name_or_path", ""):
+        raise UsageError("processing_class is required when the model has no name_or_path to load a tokenizer from")
+    train = as_dataset_spec(train_dataset, "train_dataset") if train_dataset is not None else args.dataset
+    held_out = as_dataset_spec(eval_dataset, "eval_dataset") if eval_dataset is not None else args.eval_dataset
+    return args, model, (train, held_out), processing_class
+
+
+def run_sft(cfg: SFTConfig, model=None, tokenizer=None, dataset=None, eval_dataset=None) -> list[dict]:
+    """`p3o sft`; the arguments after `cfg` are what `SFTTrainer` takes as objects."""
     from p3o.data.formats import load_completions, load_with_held_out
     from p3o.data.turns import ReplyEnds
-    from p3o.models.loading import load_causal_lm
+    from p3o.models.loading import disable_dropout, load_causal_lm
     from p3o.utils.supervised import run_supervised
 
+    dataset = dataset if dataset is not None else cfg.dataset
+    eval_dataset = eval_dataset if eval_dataset is not None else cfg.eval_dataset
+    if tokenizer is None and model is not None and cfg.tokenizer_name_or_path is None:
+        from p3o.models.loading import load_tokenizer
+
+        tokenizer = load_tokenizer(model.config.name_or_path, cfg.trust_remote_code)
+
     def load_rows(cfg):  # the loaders rename the configured columns to `prompt` and `completion`
-        return load_with_held_out(load_completions, cfg.dataset, cfg.eval_dataset, cfg.eval_fraction, cfg.seed,
+        return load_with_held_out(load_completions, dataset, eval_dataset, cfg.eval_fraction, cfg.seed,
                                   split=cfg.dataset_split, config=cfg.dataset_config,
                                   prompt_column=cfg.prompt_column, completion_column=cfg.completion_column)
 
@@ -102,6 +151,9 @@ def run_sft(cfg: SFTConfig) -> list[dict]:
         return tokenize_example(tokenizer, row["prompt"], row["completion"], cfg.max_length, where, ends["ends"])
 
     def build_model(cfg, tokenizer):
+        if model is not None:
+            disable_dropout(model)
+            return model, None
         return load_causal_lm(cfg.model_name_or_path, cfg.trust_remote_code, cfg.torch_dtype), None
 
-    return run_supervised(cfg, "p3o sft", load_rows, tokenize, build_model, sft_stage)
+    return run_supervised(cfg, "p3o sft", load_rows, tokenize, build_model, sft_stage, tokenizer, str(dataset))

@@ -46,8 +46,8 @@ from p3o.utils.seeding import generator
 class SupervisedConfig:
     """Options shared by `p3o sft` and `p3o rm` (Hugging Face Trainer names where one exists)."""
 
-    model_name_or_path: str = option(None, "Model to start from: a local directory or a hub name.", required=True)
-    dataset: str = option(None, "Training data: a .jsonl/.json/.parquet/.csv file or a `datasets` name.", required=True)
+    model_name_or_path: str | None = option(None, "Model to start from: a local directory, a hub name or a .gguf file. Python: or pass the model to the trainer.", required=True)
+    dataset: str | None = option(None, "Training data: a .jsonl/.json/.parquet/.csv file or a `datasets` name. Python: or pass train_dataset to the trainer.", required=True)
     output_dir: str = option(None, "Run directory: final model, config.yaml, metrics.jsonl.", required=True)
     eval_dataset: str | None = option(None, "Held-out data; default: --eval_fraction of --dataset, set aside.")
     eval_fraction: float = option(0.05, "Share of --dataset held out when --eval_dataset is not given.")
@@ -78,9 +78,8 @@ class SupervisedConfig:
     max_consecutive_skips: int = option(5, "Stop when this many optimiser steps in a row are skipped for a non-finite loss or gradient.")
 
     def __post_init__(self) -> None:
-        for name in ("model_name_or_path", "dataset", "output_dir"):
-            if not getattr(self, name):
-                raise UsageError(f"--{name} is required")
+        if not self.output_dir:  # the model and the data may come as objects (the Python API)
+            raise UsageError("--output_dir is required")
         for name in ("num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
                      "gradient_accumulation_steps", "max_length", "logging_steps", "max_consecutive_skips"):
             if getattr(self, name) < 1:
@@ -310,7 +309,7 @@ def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_o
     from p3o.utils.tracking import check_trackers, finish_trackers, start_trackers
 
     if not train:
-        raise UsageError(f"{cfg.dataset} leaves no training examples after the held-out split")
+        raise UsageError(f"{cfg.dataset or 'train_dataset'} leaves no training examples after the held-out split")
     trackers = check_trackers(cfg.report_to)
     acc = make_accelerator(mixed_precision=cfg.mixed_precision, log_with=trackers or None, project_dir=str(out))
     check_supported(acc)
@@ -354,8 +353,11 @@ def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_o
     state_dict = _gathered_weights(acc, prepared, saved_model or trained)
     model = saved_model if saved_model is not None else trained
     if acc.is_main_process:
-        if getattr(model, "generation_config", None) is not None and tokenizer.eos_token_id is not None:
-            model.generation_config.eos_token_id = tokenizer.eos_token_id
+        if getattr(model, "generation_config", None) is not None:  # generate stops where the data's replies end
+            from p3o.data.turns import stop_token_ids
+
+            stops = stop_token_ids(tokenizer)
+            model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
             model.generation_config.pad_token_id = tokenizer.pad_token_id
         save_pretrained_atomically(model, tokenizer, out, state_dict=state_dict)
     return evaluations
@@ -386,16 +388,17 @@ def _fit_context(cfg: SupervisedConfig, model) -> None:
 
 
 def run_supervised(cfg: SupervisedConfig, title: str, load_rows: Callable, tokenize: Callable, build_model: Callable,
-                   make_stage: Callable[[object, int], Stage]) -> list[dict]:
+                   make_stage: Callable[[object, int], Stage], tokenizer=None, data_name: str | None = None) -> list[dict]:
     """One supervised command from its config: check the output directory, load the tokenizer and
     the (train, held-out) rows, tokenize them, build the model, and `run_stage`.
 
     load_rows(cfg) -> (train rows, held-out rows); tokenize(tokenizer, row, where) -> example;
-    build_model(cfg, tokenizer) -> (module to train, model to save)."""
+    build_model(cfg, tokenizer) -> (module to train, model to save). `tokenizer`: one given in
+    Python (else loaded from the config); `data_name`: how errors name data given as an object."""
     import yaml
     from accelerate.utils import set_seed
 
-    from p3o.models.loading import _check_exists, load_tokenizer
+    from p3o.models.loading import _check_exists, load_tokenizer, prepare_tokenizer
     from p3o.utils.checkpoints import check_resumable, resume_point
     from p3o.utils.io import run_directory
 
@@ -404,14 +407,18 @@ def run_supervised(cfg: SupervisedConfig, title: str, load_rows: Callable, token
     checkpoint = resume_point(cfg.output_dir, None, RESUMABLE_CHANGES) if cfg.resume else None  # checked below
     with run_directory(cfg.output_dir, cfg.overwrite or checkpoint is not None, inputs, clean_up=checkpoint is None) as out:
         set_seed(cfg.seed)  # also seeds any new weights, such as a reward head
-        _check_exists(cfg.model_name_or_path, "model")  # named as the model, not as its tokenizer
-        tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)
+        if tokenizer is None:
+            _check_exists(cfg.model_name_or_path, "model")  # named as the model, not as its tokenizer
+            tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)
+        else:
+            tokenizer = prepare_tokenizer(tokenizer)
         train_rows, eval_rows = load_rows(cfg)
         model, saved = build_model(cfg, tokenizer)
         _fit_context(cfg, saved if saved is not None else model)
         if checkpoint is not None and (out / "config.yaml").is_file():  # against the settings as the run used them
             check_resumable(yaml.safe_load((out / "config.yaml").read_text()), dataclasses.asdict(cfg), RESUMABLE_CHANGES)
-        train = [tokenize(tokenizer, row, f"{cfg.dataset}: row {i + 1}") for i, row in enumerate(train_rows)]
+        name = data_name or cfg.dataset
+        train = [tokenize(tokenizer, row, f"{name}: row {i + 1}") for i, row in enumerate(train_rows)]
         held_out = [tokenize(tokenizer, row, f"held-out row {i + 1}") for i, row in enumerate(eval_rows)]
         if cut := sum(bool(example.pop("cut", False)) for example in train + held_out):
             logging.getLogger("p3o").warning("%d of %d examples are longer than --max_length %d and lose the start of "
