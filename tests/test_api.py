@@ -77,11 +77,18 @@ def test_weighted_rewards_are_summed_logged_by_part_and_a_callback_stops_the_run
             if state.global_step == 2:
                 control.should_training_stop = True
 
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            seen.append(("evaluate", metrics["step"], metrics["n"]))
+
+        def on_save(self, args, state, control, checkpoint=None, **kwargs):
+            seen.append(("save", checkpoint.name))
+
         def on_train_end(self, args, state, control, **kwargs):
             seen.append(("end", state.global_step))
 
     trainer = P3OTrainer(str(assets["llama"]), [fruit, length], train_dataset=prompt_rows(),
-                         args=args(tmp_path, max_steps=10, reward_weights=[1.0, 0.5]), callbacks=[StopAtTwo()])
+                         eval_dataset=prompt_rows(6, seed=9), callbacks=[StopAtTwo()],
+                         args=args(tmp_path, max_steps=10, reward_weights=[1.0, 0.5], save_steps=1))
     metrics = trainer.train()
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2] and metrics["step"] == 2
@@ -89,6 +96,9 @@ def test_weighted_rewards_are_summed_logged_by_part_and_a_callback_stops_the_run
         assert m["reward"] == pytest.approx(m["reward/fruit"] + 0.5 * m["reward/length"], abs=1e-12)
     assert seen[0] == ("begin", 0) and seen[-1] == ("end", 2)
     assert [s[1:] for s in seen if s[0] == "log"] == [(m["step"], m["reward"]) for m in lines]
+    assert [s for s in seen if s[0] in ("evaluate", "save")] == [("evaluate", 0, 6), ("save", "checkpoint-1"),
+                                                               ("evaluate", 2, 6)]  # the stop's step is evaluated
+    assert metrics["eval_n"] == 6 and "eval_reward" in metrics
     assert (tmp_path / "run" / "model.safetensors").is_file()  # stopped cleanly, outputs written
     assert (tmp_path / "run" / "config.yaml").is_file()
 
@@ -276,3 +286,12 @@ def test_stage_trainers_name_their_bad_arguments(assets, tmp_path):
     with pytest.raises(UsageError, match="needs args=SFTConfig"):
         SFTTrainer(str(assets["llama"]), None, sft_rows())
     assert not (tmp_path / "a").exists()
+
+
+def test_trl_names_carry_over_on_the_command_line(assets, tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--model_name_or_path", str(assets["llama"]), "--dataset_name", str(assets["prompts"]),
+                 "--reward_fn", f"{assets['rewards']}:fruit", "--output_dir", str(out), "--max_steps", "1",
+                 "--pairs_per_step", "4", "--max_completion_length", "3", "--disable_progress_bar"]) == 0
+    m = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert m["response_length"] <= 3

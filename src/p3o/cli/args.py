@@ -113,7 +113,8 @@ def build_config(cls: type[C], namespace: argparse.Namespace) -> C:
         if key in fields:
             values[key] = _coerce(fields[key], value, f"--{key}")
     for name, f in fields.items():  # the command line has no objects to stand in for a required path
-        if f.metadata.get("required") and values.get(name, f.default) is None:
+        aliases = [n for n, g in fields.items() if g.metadata.get("alias_of") == name]  # TRL's names
+        if f.metadata.get("required") and all(values.get(n, fields[n].default) is None for n in [name, *aliases]):
             raise UsageError(f"--{name} is required")
     return cls(**values)
 

@@ -62,7 +62,8 @@ class P3OConfig:
     epochs: int | None = option(None, "Passes (K) over each rollout; groups are reshuffled each pass. Default 4 (dpo and online-dpo: 1).")
     # --- generation ---------------------------------------------------------------------------
     max_new_tokens: int = option(64, "Tokens sampled per response; EOS ends a response early and counts as part of it. dpo: longer chosen/rejected completions are cut to it.")
-    max_completion_length: int | None = option(None, "TRL's name for --max_new_tokens (either may be given).")
+    max_completion_length: int | None = option(None, "TRL's name for --max_new_tokens (either may be given).", alias_of="max_new_tokens")
+    dataset_name: str | None = option(None, "TRL's name for --dataset (either may be given).", alias_of="dataset")
     max_prompt_length: int | None = option(None, "Longer prompts keep their last tokens (left truncation, reported once). Default: the model's context minus max_new_tokens.")
     generation_backend: str = option("transformers", "transformers (batched, KV-cached `generate`) or vllm (GPU; imported only when asked for; the policy's weights are pushed into it before each rollout, and log-probabilities still come from the training model).", choices=("transformers", "vllm"))
     vllm_gpu_memory_utilization: float = option(0.3, "Fraction of the GPU's memory vLLM may take (with --generation_backend vllm; training shares the device).")
@@ -112,7 +113,7 @@ class P3OConfig:
         "model": ("model_name_or_path", "ref_model_name_or_path", "tokenizer_name_or_path", "torch_dtype",
                   "trust_remote_code", "use_peft", "lora_r", "lora_alpha", "lora_target_modules",
                   "gradient_checkpointing", "mixed_precision"),
-        "data": ("dataset", "dataset_split", "dataset_config", "prompt_column", "chosen_column", "rejected_column",
+        "data": ("dataset", "dataset_name", "dataset_split", "dataset_config", "prompt_column", "chosen_column", "rejected_column",
                  "eval_dataset", "eval_steps", "eval_max_prompts"),
         "rewards": ("reward_fn", "reward_model", "reward_url", "reward_url_timeout", "reward_url_retries",
                     "reward_weights", "monitor_reward_fn", "reward_batch_size"),
@@ -137,6 +138,8 @@ class P3OConfig:
                 setattr(self, name, [getattr(self, name)])
         if self.max_completion_length is not None:
             self.max_new_tokens = self.max_completion_length
+        if self.dataset_name is not None:
+            self.dataset = self.dataset_name
         if self.max_steps is not None and self.num_train_epochs is not None:
             log.warning("--max_steps %d and --num_train_epochs %g: max_steps wins (as in transformers)",
                         self.max_steps, self.num_train_epochs)
