@@ -97,7 +97,6 @@ def test_a_non_empty_output_dir_is_refused_and_left_untouched(assets, tmp_path, 
 
 
 @pytest.mark.parametrize("change, message", [
-    (["--algo", "ppo-ish"], "unknown --algo 'ppo-ish'; known algorithms: p3o-v1, p3o-v2"),
     (["--dataset", "nope/missing.jsonl"], "dataset file nope/missing.jsonl does not exist"),
     (["--reward_fn", "nope.py:fn"], "file nope.py does not exist"),
     (["--model_name_or_path", "./no/such/model"], "does not exist"),
@@ -270,8 +269,17 @@ def test_progress_bar_shows_step_reward_and_kl(assets, tmp_path, capsys):
 
 
 def test_debug_shows_the_traceback(assets, tmp_path):
-    with pytest.raises(Exception, match="unknown --algo"):
-        main(train_args(assets, tmp_path / "run", "--algo", "nope", "--debug"))
+    with pytest.raises(Exception, match="learning_rate must be float"):
+        main(train_args(assets, tmp_path / "run", "--learning_rate", "fast", "--debug"))
+
+
+def test_a_choice_outside_the_list_is_one_line_that_lists_the_choices(assets, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(train_args(assets, tmp_path / "run", "--algo", "ppo-ish"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 1
+    assert "argument --algo: invalid choice: 'ppo-ish' (choose from 'p3o-v2', 'p3o-v1', 'ppo'" in err[0]
+    assert not (tmp_path / "run").exists()
 
 
 def test_chat_template_errors_and_mixed_formats(assets, tmp_path, capsys):
