@@ -383,3 +383,18 @@ def test_a_monitor_reward_is_logged_and_never_trained_on(assets, tmp_path):
     history = monitored.train()
     assert history[0]["monitor_reward"] > 1e10  # the shifted reward really was scored
     assert_bit_identical(plain.unwrapped_policy.state_dict(), monitored.unwrapped_policy.state_dict())
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["separate-old-pass", "fused-old-pass"])
+def test_entropy_of_the_sampled_responses_is_logged(assets, tmp_path, fused):
+    """entropy = mean over response tokens of -log pi_old(y_t): the rollout's own log-probs, with the
+    old pass separate (K = 2) or fused into the one update (K = 1, one minibatch)."""
+    overrides = dict(epochs=1, minibatch_pairs=8) if fused else dict(epochs=2, minibatch_pairs=4)
+    trainer = build_trainer(train_config(assets, tmp_path, max_steps=1, **overrides))
+    assert trainer.fuse_old_pass is fused
+    rollout, _, timings = trainer.collect_rollout(0)
+    stats = trainer.update(rollout, 0)
+    metrics = trainer.step_metrics(rollout, stats, timings, 1.0)
+    seq = rollout.seq
+    expected = -(seq["old_token_logp"] * seq["response_mask"]).sum() / seq["response_mask"].sum()
+    assert metrics["entropy"] == pytest.approx(expected.item(), rel=1e-12) and metrics["entropy"] > 0

@@ -388,6 +388,7 @@ class Trainer:
             **({"baseline_reward": rollout.group["baseline_rewards"].mean().item()}
                if "baseline_rewards" in rollout.group else {}),
             "response_length": seq["response_mask"].sum(-1).float().mean().item(),
+            **({"entropy": _entropy(seq["old_token_logp"], seq["response_mask"])} if "old_token_logp" in seq else {}),
             **rollout.stats,
             **update_stats,
         }
@@ -409,6 +410,12 @@ class Trainer:
             return values
         stacked = torch.tensor(list(values.values()), device=self.accelerator.device, dtype=torch.float64)
         return dict(zip(values, (sum_across_processes(stacked) / self.accelerator.num_processes).tolist()))
+
+
+def _entropy(token_logps: torch.Tensor, mask: torch.Tensor) -> float:
+    """Per-token entropy of the sampling policy, estimated by the sampled tokens' mean -log pi_old
+    (unbiased: E_{y~pi}[-log pi(y)] = H(pi)); free, since the rollout has those log-probs already."""
+    return (-(token_logps * mask).sum() / mask.sum().clamp(min=1)).item()
 
 
 @contextlib.contextmanager
