@@ -295,3 +295,21 @@ def test_trl_names_carry_over_on_the_command_line(assets, tmp_path):
                  "--pairs_per_step", "4", "--max_completion_length", "3", "--disable_progress_bar"]) == 0
     m = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert m["response_length"] <= 3
+
+
+def test_a_peft_model_an_iterable_dataset_and_a_loaded_reward_model_are_taken_as_they_are(assets, tmp_path):
+    """Objects a TRL user has in a notebook: a PeftModel, a streaming-style IterableDataset and a
+    loaded one-label sequence classifier as the reward (here scored from the policy's own trunk)."""
+    import datasets
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(assets["llama"]),
+                            LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    scorer = AutoModelForSequenceClassification.from_pretrained(assets["llama"], num_labels=1)
+    stream = datasets.IterableDataset.from_generator(lambda: iter(prompt_rows(16)))
+    trainer = P3OTrainer(policy, [scorer, fruit], train_dataset=stream, args=args(tmp_path, max_steps=1))
+    metrics = trainer.train()
+    assert trainer.model is policy and {"reward/llama", "reward/fruit"} <= metrics.keys()
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+    assert len(trainer.engine.prompts) == 16  # read whole: p3o draws prompts by index

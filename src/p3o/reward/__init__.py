@@ -107,10 +107,10 @@ def check_reward_signature(fn: Callable, where: str) -> None:
 def _loaded_reward_model(model, where: str, trust_remote_code: bool, batch_size: int, device):
     from p3o.models.loading import load_tokenizer
 
-    architectures = getattr(model.config, "architectures", None) or [type(model).__name__]
-    if not any(a.endswith("ForSequenceClassification") for a in architectures) or model.config.num_labels != 1:
+    kind = type(model).__name__  # the class, not config.architectures (copied from the checkpoint it came from)
+    if not kind.endswith("ForSequenceClassification") or model.config.num_labels != 1:
         raise UsageError(f"{where}: a model given as a reward must be a sequence-classification model with one "
-                         f"label, got {architectures[0]} with {model.config.num_labels} labels")
+                         f"label, got {kind} with {model.config.num_labels} labels")
     name = getattr(model.config, "name_or_path", "") or getattr(model, "name_or_path", "")
     if not name:
         raise UsageError(f"{where}: cannot find the reward model's tokenizer (the model has no name_or_path); "
