@@ -192,3 +192,15 @@ def test_the_site_builds_strictly_and_offline(tmp_path):
     maths = (site / "p3o" / "index.html").read_text(encoding="utf-8")
     assert 'class="arithmatex"' in maths  # the maths page's $...$ are handed to MathJax
     assert (site / "frontier-summarize.png").is_file() and (site / "frontier-dialogue.png").is_file()
+
+
+def test_no_lower_layer_imports_the_command_line():
+    """The configs, the engine and the stages never import `p3o.cli`: the command line sits on top."""
+    import re
+    from pathlib import Path
+
+    src = Path(__file__).parent.parent / "src" / "p3o"
+    offenders = [str(path.relative_to(src)) for path in src.rglob("*.py")
+                 if path.parent.name != "cli" and path.name != "__main__.py"
+                 and re.search(r"^\s*(from p3o\.cli|import p3o\.cli)", path.read_text(), re.M)]
+    assert not offenders, offenders

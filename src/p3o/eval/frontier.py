@@ -24,8 +24,8 @@ from pathlib import Path
 
 import yaml
 
-from p3o.cli.args import option
 from p3o.errors import UsageError
+from p3o.options import option
 from p3o.utils.checkpoints import same_setting
 
 log = logging.getLogger("p3o")
@@ -204,7 +204,7 @@ def run_settings(cfg: FrontierConfig, run: Run, sources: dict, run_dir: Path) ->
         logging_steps=max(1, cfg.max_steps // 4), log_completions=1,
         save_steps=cfg.eval_steps, save_total_limit=1, resume=True)  # a killed sweep continues each run
     if cfg.train_config:
-        from p3o.cli.args import read_yaml_config
+        from p3o.options import read_yaml_config
 
         extra = read_yaml_config(cfg.train_config)
         if clash := sorted(SWEPT & set(extra)):

@@ -20,8 +20,8 @@ from types import SimpleNamespace
 
 import torch
 
-from p3o.cli.args import option
 from p3o.errors import UsageError
+from p3o.options import option
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from p3o.cli.args import option
 from p3o.errors import UsageError
+from p3o.options import option
 
 log = logging.getLogger("p3o")
 

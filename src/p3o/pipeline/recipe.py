@@ -13,9 +13,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from p3o.cli.args import read_yaml_config
 from p3o.data.converters import CONVERTERS
 from p3o.errors import UsageError
+from p3o.options import read_yaml_config
 
 STAGES = ("sft", "rm", "train")
 
@@ -68,7 +68,7 @@ def _chain(recipe: dict, out: Path, path: str, overwrite: bool) -> dict[str, Any
 
 
 def _typed(cls, values: dict, where: str) -> dict:
-    from p3o.cli.args import _coerce
+    from p3o.options import _coerce
 
     fields = {f.name: f for f in dataclasses.fields(cls)}
     return {k: _coerce(fields[k], v, where) for k, v in values.items()}

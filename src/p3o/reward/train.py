@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from p3o.cli.args import option
+from p3o.options import option
 from p3o.reward.model import LastTokenReward, pad_right, reward_input_ids
 from p3o.utils.supervised import Stage, SupervisedConfig
 

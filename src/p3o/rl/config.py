@@ -12,8 +12,8 @@ import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
-from p3o.cli.args import option
 from p3o.errors import UsageError
+from p3o.options import option
 from p3o.rl.losses import AGGREGATIONS
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from p3o.cli.args import option
+from p3o.options import option
 from p3o.utils.ops import masked_sum, selective_log_softmax
 from p3o.utils.supervised import Stage, SupervisedConfig
 

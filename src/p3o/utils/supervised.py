@@ -23,8 +23,8 @@ from typing import Callable
 
 import torch
 
-from p3o.cli.args import option
 from p3o.errors import UsageError
+from p3o.options import option
 from p3o.utils.distributed import (
     backward,
     check_supported,
