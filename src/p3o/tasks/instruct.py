@@ -306,7 +306,8 @@ def quality_terms(instruction: Instruction, prompt_text: str, reply: str) -> dic
         return {"substance": 0.0}
     prompt_words = frozenset(w.lower() for w in words_of(prompt_text))
     alpha = [w for w in words if not w.isdigit()]
-    english = sum(_is_english(w, prompt_words | instruction.topic.keywords) for w in words) / n
+    known = prompt_words | instruction.topic.keywords
+    english = sum(_is_english(w, known) for w in words) / n
     repetition = _clip(1 - 2 * repeated_ngrams(lower, 3) / max(1, n - 2))
     if n >= 10:
         repetition *= _clip(len(set(lower)) / n / 0.4)
