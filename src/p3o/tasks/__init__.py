@@ -5,6 +5,11 @@ Two tasks mirror the P3O paper's: `summarize` (TL;DR) and `dialogue` (helpful an
 Each is generated offline and deterministically from a seed; `write_task` writes its data files in
 the project's standard formats, and `p3o.tasks.<name>:gold_reward` is its labeller as a reward
 function. `base.py` explains what the tasks share.
+
+`p3o.tasks.instruct` (everyday questions with verifiable constraints, for a real chat model such as
+SmolLM2-135M-Instruct) is not in `TASKS`: its prompts are chat messages and its completions come from
+the model itself, so it has no word vocabulary or demonstrations for the tiny models of `p3o demo
+--task`; its module docstring gives its own API.
 """
 from __future__ import annotations
 
