@@ -96,7 +96,10 @@ def test_preference_responses_end_at_one_end_of_turn_token(smollm2, tmp_path):
 # --- every stage on the real model ----------------------------------------------------------------
 
 def test_sft_and_rm_train_and_save_plain_checkpoints(smollm2, tmp_path):
+    from safetensors import safe_open
     from transformers import AutoModelForSequenceClassification
+
+    from p3o.reward.model import RewardModelScorer
 
     sft_data = write_jsonl(tmp_path / "sft.jsonl", chat_completions(2))
     prefs = write_jsonl(tmp_path / "prefs.jsonl", chat_preferences(2))
@@ -112,6 +115,19 @@ def test_sft_and_rm_train_and_save_plain_checkpoints(smollm2, tmp_path):
         assert metrics and all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics if "loss" in m)
     reward_model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
     assert reward_model.config.num_labels == 1 and reward_model.score.weight.abs().sum() > 0
+
+    # LoRA (and gradient checkpointing): adapters on the trunk, the head trained whole; a plain model merged
+    run_cli("rm", "--model_name_or_path", smollm2, "--dataset", prefs, "--eval_dataset", held_out,
+            "--output_dir", tmp_path / "rm-lora", "--use_peft", "--lora_r", 4, "--gradient_checkpointing",
+            "--max_steps", 1, *common)
+    assert_safetensors_only(tmp_path / "rm-lora")
+    assert (tmp_path / "rm-lora" / "adapter" / "adapter_model.safetensors").is_file()
+    with safe_open(tmp_path / "rm-lora" / "model.safetensors", "pt") as lora, \
+            safe_open(tmp_path / "rm" / "model.safetensors", "pt") as full:
+        assert set(lora.keys()) == set(full.keys())
+    scorer = RewardModelScorer.load(str(tmp_path / "rm-lora"))  # as `p3o train --reward_model` loads it
+    scores = scorer([[user(QUESTIONS[0])]] * 2, [[bot(ANSWERS[0])], [bot("I do not know, sorry.")]])
+    assert torch.isfinite(scores).all()
 
 
 @pytest.mark.parametrize("algo", ["p3o-v2", "ppo", "dpo"])

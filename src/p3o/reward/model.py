@@ -34,7 +34,8 @@ def pad_right(tokenizer, sequences: list[list[int]], device=None) -> tuple[torch
 def last_token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """(b, L) right-padded -> (b,) the one-label head at each row's last attended position."""
     head = getattr(model, "score", None)
-    if not isinstance(head, torch.nn.Linear):  # other heads: transformers finds the last non-pad token itself
+    # A LoRA run trains the head as a copy inside peft's wrapper, which calls it like the head itself.
+    if not isinstance(getattr(head, "original_module", head), torch.nn.Linear):  # other heads: transformers finds the last non-pad token itself
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
     trunk = getattr(model, model.base_model_prefix)
     hidden = trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (b, L, H)

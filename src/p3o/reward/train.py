@@ -95,7 +95,8 @@ class RewardTrainer:
     one-label `...ForSequenceClassification` model in memory; train_dataset, eval_dataset: a
     `datasets.Dataset`, a list of dicts or a path with `prompt`/`chosen`/`rejected` (or implicit-prompt
     `chosen`/`rejected`); processing_class: the tokenizer. `train()` writes the run directory
-    `p3o rm` writes and returns the held-out evaluations."""
+    `p3o rm` writes and returns the held-out evaluations. With `args.use_peft`, a model given in
+    memory gets its LoRA adapters and its head's trained copy in place (peft's way)."""
 
     def __init__(self, model=None, args: RMConfig | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None):

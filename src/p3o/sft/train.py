@@ -89,7 +89,8 @@ class SFTTrainer:
     model: a hub name, a directory, a .gguf file or a causal LM in memory (default:
     `args.model_name_or_path`); train_dataset, eval_dataset: a `datasets.Dataset`, a list of dicts
     or a path, with `prompt`/`completion` (or `messages`) columns; processing_class: the tokenizer.
-    `train()` writes the run directory `p3o sft` writes and returns the held-out evaluations."""
+    `train()` writes the run directory `p3o sft` writes and returns the held-out evaluations. With
+    `args.use_peft`, a model given in memory gets its LoRA adapters in place (peft's way)."""
 
     def __init__(self, model=None, args: SFTConfig | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None):

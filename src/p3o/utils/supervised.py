@@ -10,6 +10,10 @@ On several processes (torchrun, accelerate launch) each optimiser step takes one
 per_device_train_batch_size x gradient_accumulation_steps x processes examples, each process its
 block of it, and the loss is divided by the whole batch's units, so the step is the one a single
 process would take on that batch. The held-out examples are split between the processes too.
+
+With --use_peft only LoRA adapters train (and a reward model's score head, whole); checkpoints hold
+the adapter, and the run directory the merged model with the adapter under adapter/, as in
+`p3o train`.
 """
 from __future__ import annotations
 
@@ -54,7 +58,8 @@ class SupervisedConfig:
     dataset_split: str = option("train", "Split to read from a `datasets` name.")
     dataset_config: str | None = option(None, "Configuration name of a `datasets` dataset.")
     tokenizer_name_or_path: str | None = option(None, "Tokenizer; defaults to the model's.")
-    num_train_epochs: int = option(1, "Passes over the training data.")
+    num_train_epochs: int | None = option(None, "Passes over the training data (default 1). Given with --max_steps, max_steps wins, as in transformers.")
+    max_steps: int | None = option(None, "Optimiser steps to take in all (passing over the data as often as that needs); overrides --num_train_epochs, and the learning-rate schedule spans it.")
     per_device_train_batch_size: int = option(8, "Examples per forward/backward pass in each process (an optimiser step takes this x gradient_accumulation_steps x processes).")
     per_device_eval_batch_size: int = option(16, "Examples per evaluation forward pass.")
     gradient_accumulation_steps: int = option(1, "Forward/backward passes per optimiser step.")
@@ -62,13 +67,20 @@ class SupervisedConfig:
     learning_rate: float = option(5e-5, "AdamW learning rate (tiny models trained from scratch want ~1e-3).")
     lr_scheduler_type: str = option("linear", "A transformers scheduler name: linear, cosine, constant, ...")
     warmup_ratio: float = option(0.0, "Warm-up as a fraction of all optimiser steps.")
+    warmup_steps: int = option(0, "Optimiser steps of linear warm-up (overrides --warmup_ratio when > 0).")
     weight_decay: float = option(0.0, "AdamW weight decay (matrices only).")
     max_grad_norm: float = option(1.0, "Gradient clipping by global norm; 0 disables it.")
     seed: int = option(42, "Seed for the held-out split, shuffling and any new weights.")
     logging_steps: int = option(10, "Write metrics every N optimiser steps.")
+    eval_steps: int = option(0, "Also evaluate on the held-out set every N optimiser steps (0: only at each epoch's end and at the last step); into metrics.jsonl.")
     torch_dtype: str = option("float32", "Weights: float32, bfloat16, float16 or auto (as saved).")
     mixed_precision: str = option("no", "no, bf16 or fp16 (passed to accelerate).")
     trust_remote_code: bool = option(False, "Allow model repositories to run their own code. Off unless asked for.")
+    use_peft: bool = option(False, "Train LoRA adapters (peft) instead of every weight; `p3o rm` trains the score head whole beside them. Saves the merged model (a plain model), and the adapter under adapter/. Not under FSDP or DeepSpeed.")
+    lora_r: int = option(16, "LoRA rank (with --use_peft).")
+    lora_alpha: float = option(32.0, "LoRA scale numerator: updates are scaled by lora_alpha / lora_r (with --use_peft).")
+    lora_target_modules: str = option("all-linear", "Modules that get adapters: all-linear (every linear layer but the output head) or comma-separated names such as q_proj,v_proj (with --use_peft).")
+    gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass instead of storing them: less memory for longer sequences and bigger batches, at about one more forward's time; the same gradient.")
     report_to: str = option("none", "Also log metrics to: none, tensorboard, wandb, ... (comma-separated).")
     overwrite: bool = option(False, "Allow a non-empty output_dir; files of the same name are replaced.")
     disable_progress_bar: bool = option(False, "Hide the progress bar.")
@@ -80,14 +92,23 @@ class SupervisedConfig:
     def __post_init__(self) -> None:
         if not self.output_dir:  # the model and the data may come as objects (the Python API)
             raise UsageError("--output_dir is required")
-        for name in ("num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
-                     "gradient_accumulation_steps", "max_length", "logging_steps", "max_consecutive_skips"):
-            if getattr(self, name) < 1:
+        if self.max_steps is not None and self.num_train_epochs is not None:
+            logging.getLogger("p3o").warning("--max_steps %d and --num_train_epochs %g: max_steps wins (as in "
+                                             "transformers)", self.max_steps, self.num_train_epochs)
+            self.num_train_epochs = None
+        elif self.max_steps is None and self.num_train_epochs is None:
+            self.num_train_epochs = 1
+        for name in ("num_train_epochs", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
+                     "gradient_accumulation_steps", "max_length", "logging_steps", "max_consecutive_skips", "lora_r"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UsageError(f"--{name} must be at least 1, got {getattr(self, name)}")
         checks = [
             (0 < self.eval_fraction < 1, "--eval_fraction must be in (0, 1)"),
             (self.learning_rate > 0, "--learning_rate must be > 0"),
             (0 <= self.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
+            (self.warmup_steps >= 0, "--warmup_steps must be >= 0"),
+            (self.eval_steps >= 0, "--eval_steps must be >= 0 (0: evaluate at each epoch's end only)"),
+            (self.lora_alpha > 0, "--lora_alpha must be > 0"),
             (self.max_grad_norm >= 0, "--max_grad_norm must be >= 0 (0 disables clipping)"),
             (self.torch_dtype in ("float32", "bfloat16", "float16", "auto"), "--torch_dtype must be float32, bfloat16, float16 or auto"),
             (self.mixed_precision in ("no", "bf16", "fp16"), "--mixed_precision must be no, bf16 or fp16"),
@@ -104,7 +125,7 @@ class SupervisedConfig:
 # the global batch stays the same; `fit` checks that.
 RESUMABLE_CHANGES = {"output_dir", "save_steps", "save_total_limit", "resume", "overwrite", "logging_steps", "disable_progress_bar",
                      "report_to", "max_consecutive_skips", "per_device_eval_batch_size", "per_device_train_batch_size",
-                     "gradient_accumulation_steps"}
+                     "gradient_accumulation_steps", "eval_steps"}
 
 
 @dataclass
@@ -129,55 +150,71 @@ class FitState:
     evaluations: list = dataclasses.field(default_factory=list)
 
 
+def total_steps(cfg: SupervisedConfig, examples: int, processes: int) -> tuple[int, int]:
+    """(optimiser steps per pass over `examples`, optimiser steps of the whole run)."""
+    batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * processes  # global
+    steps_per_epoch = math.ceil(examples / batch)
+    return steps_per_epoch, cfg.max_steps if cfg.max_steps is not None else steps_per_epoch * cfg.num_train_epochs
+
+
 def fit(cfg: SupervisedConfig, model, train: list[dict], held_out: list[dict], stage: Stage, accelerator,
-        on_log: Callable[[dict], None], out=None, checkpoint=None, stop=None) -> tuple[list[dict], object]:
+        on_log: Callable[[dict], None], out=None, checkpoint=None, stop=None, peft_model=None) -> tuple[list[dict], object]:
     """Train `model` in place; `on_log` gets every step's metrics and each evaluation; returns the
-    evaluation metrics after each epoch, and the model as prepared (under DeepSpeed an engine around
-    it). With `out`, checkpoints go there every `save_steps` and when `stop` is requested; with
-    `checkpoint`, training continues from it exactly."""
+    evaluations (after each epoch, at the last step and every `eval_steps`), and the model as prepared
+    (under DeepSpeed an engine around it). With `out`, checkpoints go there every `save_steps` and
+    when `stop` is requested; with `checkpoint`, training continues from it exactly. `peft_model`:
+    the LoRA model inside `model`, whose adapter the checkpoints hold instead of the whole weights."""
     from transformers import get_scheduler
 
     batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes  # global
-    steps_per_epoch = math.ceil(len(train) / batch)
+    steps_per_epoch, total = total_steps(cfg, len(train), accelerator.num_processes)
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": rest, "weight_decay": 0.0}], lr=cfg.learning_rate)
     configure_for_updates(accelerator, cfg.per_device_train_batch_size, cfg.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
-    total = steps_per_epoch * cfg.num_train_epochs
-    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * total),
-                              num_training_steps=total)
-    state = _load_checkpoint(checkpoint, accelerator, model, optimizer, scheduler) if checkpoint else FitState()
+    warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total)
+    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    state = (_load_checkpoint(checkpoint, accelerator, model, optimizer, scheduler, peft_model) if checkpoint
+             else FitState())
     state.examples_per_step = batch
     start = time.perf_counter()
 
-    def save_if_due(last_of_epoch: bool = False) -> None:
+    def save_if_due() -> None:  # after the step's evaluation, which the checkpoint then holds
         stopping = stop is not None and stop.agreed(accelerator.device)
         due = (cfg.save_steps and state.step % cfg.save_steps == 0) or stopping
-        if out is None or not due or state.step >= total or last_of_epoch:  # an epoch's end waits for its evaluation
+        if out is None or not due or state.step >= total:
             return
-        path = _save_checkpoint(out, cfg, state, accelerator, model, optimizer, scheduler)
+        path = _save_checkpoint(out, cfg, state, accelerator, model, optimizer, scheduler, peft_model)
         if stopping:
             raise stop.interrupted(state.step, path)
 
-    for epoch in range(cfg.num_train_epochs):
+    def evaluate(epoch) -> None:
+        model.eval()
+        metrics = _evaluate(stage, accelerator, model, held_out)
+        model.train()
+        state.evaluations.append({"step": state.step, "epoch": epoch, **metrics})
+        on_log(state.evaluations[-1])
+
+    for epoch in range(math.ceil(total / steps_per_epoch)):
         model.train()
         order = torch.randperm(len(train), generator=generator(cfg.seed, "supervised-shuffle", epoch)).tolist()
         for index, first in enumerate(range(0, len(train), batch)):
-            if epoch * steps_per_epoch + index < state.step:
+            position = epoch * steps_per_epoch + index
+            if position >= total:
+                break
+            if position < state.step:
                 continue  # taken before the checkpoint this run resumed from
             examples = [train[i] for i in order[first:first + batch]]
             stats = _optimizer_step(cfg, model, optimizer, scheduler, examples, stage, accelerator, state)
             state.step += 1
             on_log({"step": state.step, "epoch": state.step / steps_per_epoch, "lr": scheduler.get_last_lr()[0],
                     "elapsed": time.perf_counter() - start, **stats})
-            save_if_due(last_of_epoch=index == steps_per_epoch - 1)
-        if len(state.evaluations) <= epoch:
-            model.eval()
-            metrics = _evaluate(stage, accelerator, model, held_out)
-            state.evaluations.append({"step": state.step, "epoch": epoch + 1, **metrics})
-            on_log(state.evaluations[-1])
+            if index == steps_per_epoch - 1:
+                evaluate(epoch + 1)
+            elif state.step == total or (cfg.eval_steps and state.step % cfg.eval_steps == 0):
+                evaluate(state.step / steps_per_epoch)
             save_if_due()
     return state.evaluations, model
 
@@ -210,17 +247,22 @@ def _evaluate(stage: Stage, accelerator, model, held_out: list[dict]) -> dict[st
     return stage.eval_metrics(dict(zip(totals, summed.tolist())))
 
 
-def _save_checkpoint(out, cfg, state: FitState, accelerator, model, optimizer, scheduler):
+def _save_checkpoint(out, cfg, state: FitState, accelerator, model, optimizer, scheduler, peft_model=None):
     from safetensors.torch import save_file
 
+    from p3o.models.lora import save_adapter_state
     from p3o.utils.checkpoints import STATE_FILE, rng_state, write_checkpoint
     from p3o.utils.io import atomic_write_text, without_aliases
 
-    weights = accelerator.get_state_dict(model)  # FSDP, ZeRO-3: gathered whole (a collective); ZeRO-2: cloned
+    # FSDP, ZeRO-3: gathered whole (a collective); ZeRO-2: cloned. LoRA (never sharded): the adapter only.
+    weights = accelerator.get_state_dict(model) if peft_model is None else None
     optimizer_state = full_optimizer_state(accelerator, model, optimizer)
 
     def write(tmp) -> None:
-        save_file(without_aliases(accelerator.unwrap_model(model), weights), str(tmp / "model.safetensors"))
+        if peft_model is not None:  # the frozen base is the model the run started from
+            save_adapter_state(peft_model, tmp)
+        else:
+            save_file(without_aliases(accelerator.unwrap_model(model), weights), str(tmp / "model.safetensors"))
         torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
@@ -233,12 +275,15 @@ def _save_checkpoint(out, cfg, state: FitState, accelerator, model, optimizer, s
     return path
 
 
-def _load_checkpoint(path, accelerator, model, optimizer, scheduler) -> FitState:
+def _load_checkpoint(path, accelerator, model, optimizer, scheduler, peft_model=None) -> FitState:
     from safetensors.torch import load_file, load_model
 
+    from p3o.models.lora import load_adapter
     from p3o.utils.checkpoints import STATE_FILE, set_rng_state
 
-    if is_sharded(accelerator) or is_deepspeed(accelerator):  # each its shard; DeepSpeed its fp32 master copy too
+    if peft_model is not None:  # onto the base the run started from, as the checkpoint's was
+        load_adapter(peft_model, path)
+    elif is_sharded(accelerator) or is_deepspeed(accelerator):  # each its shard; DeepSpeed its fp32 master copy too
         load_module_state(accelerator, model, load_file(str(path / "model.safetensors")))
     else:
         load_model(accelerator.unwrap_model(model), str(path / "model.safetensors"))
@@ -295,10 +340,12 @@ def _optimizer_step(cfg, model, optimizer, scheduler, examples: list[dict], stag
 
 def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_out: list[dict], stage: Stage, out,
               title: str, saved_model=None, checkpoint=None) -> list[dict]:
-    """Everything around `fit` for one command: accelerate, config.yaml, metrics.jsonl (every
-    `logging_steps` steps and every evaluation), a progress bar, and the saved model and tokenizer."""
+    """Everything around `fit` for one command: accelerate, gradient checkpointing and LoRA as asked
+    for, config.yaml, metrics.jsonl (every `logging_steps` steps and every evaluation), a progress
+    bar, and the saved model and tokenizer (LoRA: merged, the adapter under adapter/)."""
     from tqdm.auto import tqdm
 
+    from p3o.models.lora import ADAPTER_DIR, merged_lora_state_dict
     from p3o.utils.checkpoints import STATE_FILE, StopRequest
     from p3o.utils.io import (
         JsonlWriter,
@@ -313,6 +360,9 @@ def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_o
     trackers = check_trackers(cfg.report_to)
     acc = make_accelerator(mixed_precision=cfg.mixed_precision, log_with=trackers or None, project_dir=str(out))
     check_supported(acc)
+    if cfg.use_peft and (is_sharded(acc) or is_deepspeed(acc)):
+        raise UsageError("--use_peft is not supported under FSDP or DeepSpeed yet; launch with configs/accelerate/ddp.yaml")
+    model, peft_model = prepare_model(cfg, model, saved_model)
     acc.wait_for_everyone()
     saved = json.loads((checkpoint / STATE_FILE).read_text()) if checkpoint else {}
     _check_same_global_batch(saved.get("examples_per_step", 0), cfg, acc.num_processes, checkpoint)  # before any write
@@ -323,7 +373,7 @@ def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_o
         write_yaml(out / "config.yaml", dataclasses.asdict(cfg))
         writer = JsonlWriter(out / "metrics.jsonl", append=checkpoint is not None)
     start_trackers(acc, cfg)
-    total = math.ceil(len(train) / (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps)) * cfg.num_train_epochs
+    total = total_steps(cfg, len(train), acc.num_processes)[1]
     bar = tqdm(total=total, initial=done, desc=title, unit="step", mininterval=0.5, dynamic_ncols=True,
                disable=not acc.is_main_process or cfg.disable_progress_bar)
 
@@ -335,24 +385,30 @@ def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_o
         if writer is not None and ("loss" not in metrics or metrics["step"] % cfg.logging_steps == 0):
             writer.write(metrics)
         if "loss" not in metrics and acc.is_main_process:  # an evaluation
-            bar.write(f"{title} epoch {metrics['epoch']}: " + "  ".join(
+            bar.write(f"{title} step {metrics['step']} (epoch {metrics['epoch']:.3g}): " + "  ".join(
                 f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("eval_")))
 
     stop = StopRequest()
     try:
         with stop.installed():
             evaluations, prepared = fit(cfg, model, train, held_out, stage, acc, on_log, out=out, checkpoint=checkpoint,
-                                        stop=stop)
+                                        stop=stop, peft_model=peft_model)
     finally:
         bar.close()
         if writer is not None:
             writer.close()
         finish_trackers(acc)
     acc.wait_for_everyone()
-    trained = acc.unwrap_model(prepared)
-    state_dict = _gathered_weights(acc, prepared, saved_model or trained)
-    model = saved_model if saved_model is not None else trained
+    if peft_model is not None:  # a plain model: the adapters merged (out of place), the head's trained copy
+        model, state_dict = peft_model.get_base_model(), merged_lora_state_dict(peft_model) if acc.is_main_process else {}
+    else:
+        trained = acc.unwrap_model(prepared)
+        state_dict = _gathered_weights(acc, prepared, saved_model or trained)
+        model = saved_model if saved_model is not None else trained
     if acc.is_main_process:
+        if peft_model is not None:
+            (out / ADAPTER_DIR).mkdir(exist_ok=True)
+            save_pretrained_atomically(peft_model, None, out / ADAPTER_DIR)
         if getattr(model, "generation_config", None) is not None:  # generate stops where the data's replies end
             from p3o.data.turns import stop_token_ids
 
@@ -361,6 +417,40 @@ def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_o
             model.generation_config.pad_token_id = tokenizer.pad_token_id
         save_pretrained_atomically(model, tokenizer, out, state_dict=state_dict)
     return evaluations
+
+
+def prepare_model(cfg: SupervisedConfig, model, saved=None):
+    """--gradient_checkpointing and --use_peft on the module to train (`model`) whose transformers
+    model is `saved` (a reward model's classifier inside its scorer) or `model` itself. Returns the
+    module to train (a causal LM: its peft model) and the peft model (None without LoRA). A
+    classifier's adapters go on its trunk; its head (`score`) is trained whole, as peft's
+    `modules_to_save`."""
+    from p3o.models.lora import add_lora, is_lora
+
+    hf_model = saved if saved is not None else model
+    if cfg.gradient_checkpointing:  # acts in training mode only: evaluation keeps its activations
+        kwargs = {"use_reentrant": False}
+        if hasattr(hf_model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+            hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if not cfg.use_peft:
+        return model, None
+    if is_lora(hf_model):
+        raise UsageError("the model already has LoRA adapters; give a plain model or drop --use_peft")
+    if saved is None:
+        model = peft_model = add_lora(hf_model, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules)
+    else:
+        heads = [name for name, child in hf_model.named_children()
+                 if name != hf_model.base_model_prefix and any(True for _ in child.parameters())]
+        if not heads:
+            raise UsageError(f"{type(hf_model).__name__} has no head beside its trunk for --use_peft to train")
+        # In place: the scorer around the classifier now runs its adapters and the head's trained copy.
+        peft_model = add_lora(hf_model, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules, task_type="SEQ_CLS",
+                              modules_to_save=heads)
+    if cfg.gradient_checkpointing:  # the frozen embeddings' output must carry a gradient through the recompute
+        hf_model.enable_input_require_grads()
+    return model, peft_model
 
 
 def _gathered_weights(acc, model, saved) -> dict:
