@@ -229,8 +229,25 @@ def test_every_flag_is_a_config_field_in_one_help_section_and_choices_are_shown(
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = capsys.readouterr().out
-    assert "algorithm options:" in out and "checkpoints options:" in out
+    headings = [line for line in out.splitlines() if line.endswith(" options:")]
+    assert headings == [f"{section} options:" for section in P3OConfig.SECTIONS]  # one heading a section
     assert "{p3o-v2,p3o-v1,ppo,rloo,grpo,remax,online-dpo,dpo}" in out
+
+
+@pytest.mark.parametrize("command", ["sft", "rm"])
+def test_sft_and_rm_flags_are_grouped_by_section_too(command, capsys):
+    import dataclasses
+
+    from p3o import RewardConfig, SFTConfig
+
+    cls = SFTConfig if command == "sft" else RewardConfig
+    sectioned = {name for names in cls.SECTIONS.values() for name in names}
+    assert {f.name for f in dataclasses.fields(cls)} <= sectioned
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    headings = [line for line in capsys.readouterr().out.splitlines() if line.endswith(" options:")]
+    assert headings == ["model options:", "data options:", "optimisation options:", "logging options:",
+                        "checkpoints options:"]
 
 
 def sft_rows(n: int = 24) -> list[dict]:

@@ -18,9 +18,12 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One `--name` per field, help from the field's metadata, grouped by the class's `SECTIONS`
     where it has them; defaults are suppressed so that only the flags actually given override the
     YAML file."""
-    sections = getattr(cls, "SECTIONS", {})
-    groups = {name: parser.add_argument_group(f"{section} options") for section, names in sections.items()
-              for name in names}
+    present = {f.name for f in dataclasses.fields(cls)}
+    groups = {}  # one per section that has fields here, in the order SECTIONS lists them
+    for section, names in getattr(cls, "SECTIONS", {}).items():
+        if present & set(names):
+            group = parser.add_argument_group(f"{section} options")
+            groups.update({name: group for name in names})
     for f in dataclasses.fields(cls):
         target = groups.get(f.name, parser)
         help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help strings with %

@@ -23,7 +23,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 
@@ -88,6 +88,20 @@ class SupervisedConfig:
     save_total_limit: int | None = option(None, "Keep only the newest N checkpoints (default: all).")
     resume: bool = option(False, "Continue from the latest complete checkpoint in --output_dir, exactly as if never stopped (same settings required).")
     max_consecutive_skips: int = option(5, "Stop when this many optimiser steps in a row are skipped for a non-finite loss or gradient.")
+
+    # `--help` groups the flags by these sections (a subclass's own fields go under "data").
+    SECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "model": ("model_name_or_path", "tokenizer_name_or_path", "torch_dtype", "mixed_precision",
+                  "trust_remote_code", "use_peft", "lora_r", "lora_alpha", "lora_target_modules",
+                  "gradient_checkpointing"),
+        "data": ("dataset", "eval_dataset", "eval_fraction", "dataset_split", "dataset_config", "max_length",
+                 "prompt_column", "completion_column", "chosen_column", "rejected_column"),
+        "optimisation": ("num_train_epochs", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
+                         "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "warmup_ratio",
+                         "warmup_steps", "weight_decay", "max_grad_norm", "max_consecutive_skips", "seed"),
+        "logging": ("logging_steps", "eval_steps", "report_to", "disable_progress_bar"),
+        "checkpoints": ("output_dir", "overwrite", "save_steps", "save_total_limit", "resume"),
+    }
 
     def __post_init__(self) -> None:
         if not self.output_dir:  # the model and the data may come as objects (the Python API)
