@@ -40,9 +40,13 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
     return dict(action.choices)
 
 
-def _fields(module_name: str, dests: set[str]) -> dict[str, dataclasses.Field]:
-    """Fields of the config dataclasses a command's module builds its flags from (each dataclass
-    whose fields are all flags of the command), by name."""
+def _fields(module_name, dests: set[str]) -> dict[str, dataclasses.Field]:
+    """Fields of the config dataclasses a command builds its flags from (a config command names its
+    class; for the others, each dataclass in the command's module whose fields are all flags of the
+    command), by name."""
+    if isinstance(module_name, tuple):  # ("package.module:ConfigClass", "package.module:run")
+        module, _, name = module_name[0].partition(":")
+        return {f.name: f for f in dataclasses.fields(getattr(importlib.import_module(module), name))}
     found: dict[str, dataclasses.Field] = {}
     for value in vars(importlib.import_module(module_name)).values():
         if isinstance(value, type) and dataclasses.is_dataclass(value):

@@ -10,16 +10,22 @@ import logging
 import os
 import sys
 
+from p3o.cli.args import add_dataclass_arguments, build_config
 from p3o.errors import UsageError
 
-COMMANDS = {
+COMMANDS = {  # name: (module with add_arguments/run, or (config class, run function) of a config command, help)
     "demo": ("p3o.cli.demo", "Run SFT -> reward model -> P3O-V2 on an embedded task, offline, with a report."),
-    "sft": ("p3o.cli.sft", "Supervised fine-tuning on prompt-completion data (loss on completion tokens only)."),
-    "rm": ("p3o.cli.rm", "Train a reward model on preference data with the Bradley-Terry loss."),
-    "train": ("p3o.cli.train", "RL fine-tuning of a causal LM against a reward: P3O-V1/V2, PPO, RLOO, GRPO, ReMax, DPO."),
+    "sft": (("p3o.sft.train:SFTConfig", "p3o.sft.train:run_sft"),
+            "Supervised fine-tuning on prompt-completion data (loss on completion tokens only)."),
+    "rm": (("p3o.reward.train:RMConfig", "p3o.reward.train:run_rm"),
+           "Train a reward model on preference data with the Bradley-Terry loss."),
+    "train": (("p3o.rl.config:P3OConfig", "p3o.rl.train:run_train"),
+              "RL fine-tuning of a causal LM against a reward: P3O-V1/V2, PPO, RLOO, GRPO, ReMax, DPO."),
     "eval": ("p3o.cli.evaluate", "Evaluate policies on held-out prompts: KL to a reference, proxy and gold reward, length."),
-    "winrate": ("p3o.cli.winrate", "Win rate of policy A against policy B on the same prompts, by a judge, with a 95% interval."),
-    "frontier": ("p3o.cli.frontier", "Sweep algorithms x beta x seeds and draw each algorithm's KL-reward frontier."),
+    "winrate": (("p3o.eval.winrate:WinrateConfig", "p3o.eval.winrate:run_winrate"),
+                "Win rate of policy A against policy B on the same prompts, by a judge, with a 95% interval."),
+    "frontier": (("p3o.eval.frontier:FrontierConfig", "p3o.eval.frontier:run_frontier"),
+                 "Sweep algorithms x beta x seeds and draw each algorithm's KL-reward frontier."),
     "pipeline": ("p3o.cli.pipeline", "Run SFT -> reward model -> RL from one recipe file on your own data."),
     "convert": ("p3o.cli.convert", "Convert TL;DR comparisons or Anthropic HH rows to the standard preference format."),
     "tiny-model": ("p3o.cli.tiny_model", "Build a small random GPT-2/Llama model and a word tokenizer from a corpus."),
@@ -45,9 +51,31 @@ def build_parser() -> argparse.ArgumentParser:
         help_text = help_text.replace("%", "%%")  # argparse formats help strings with %
         command = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         command.add_argument("--debug", action="store_true", help="Show full tracebacks for errors.")
-        importlib.import_module(module).add_arguments(command)
+        if isinstance(module, tuple):  # every flag is a field of the command's config dataclass
+            command.add_argument("--config", help="YAML file of option: value pairs; flags given here override it.")
+            add_dataclass_arguments(command, _resolve(module[0]))
+        else:
+            importlib.import_module(module).add_arguments(command)
         command.set_defaults(module=module)
     return parser
+
+
+def _resolve(spec: str):
+    """"package.module:name" -> the object."""
+    import importlib
+
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _run(module, args) -> None:
+    import importlib
+
+    if isinstance(module, tuple):
+        config, run = (_resolve(spec) for spec in module)
+        run(build_config(config, args))
+    else:
+        importlib.import_module(module).run(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging()
     try:
-        importlib.import_module(args.module).run(args)
+        _run(args.module, args)
     except UsageError as exc:
         if args.debug:
             raise
