@@ -206,3 +206,17 @@ def test_adaptive_kl_controller():
     assert adaptive.value == pytest.approx(0.1 * (1 + 0.2 * 100 / 10000))
     adaptive.update(kl=5.4, responses=100)  # error -0.1
     assert adaptive.value == pytest.approx(0.1 * (1 + 0.2 * 0.01) * (1 - 0.1 * 0.01))
+
+
+def test_estimators_are_registered_by_name_like_losses():
+    from p3o.errors import UsageError
+    from p3o.rl.advantages import ESTIMATORS, get_estimator, leave_one_out, register_estimator
+
+    assert {"rloo", "grpo", "remax"} <= ESTIMATORS.keys()
+    rewards = torch.tensor([[1.0, 3.0, 2.0]], dtype=torch.float64)
+    kl = torch.tensor([[0.1, 0.0, 0.2]])
+    assert torch.equal(get_estimator("rloo")(rewards, kl, 0.5, {}, None), leave_one_out(rewards, kl, 0.5))
+    with pytest.raises(UsageError, match="unknown advantage estimator 'nope'; known: grpo, remax, rloo"):
+        get_estimator("nope")
+    with pytest.raises(ValueError, match="registered already"):
+        register_estimator("rloo")(lambda *a: None)

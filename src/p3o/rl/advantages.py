@@ -8,9 +8,32 @@ The KL part `beta * kl` is added after, in the working precision.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+from p3o.errors import UsageError
 from p3o.utils.ops import masked_sum
+
+# name -> estimator(rewards (G, k) float64, kl (G, k), beta, group, cfg) -> advantages (G, k);
+# `group` holds per-prompt extras (ReMax's greedy baseline). One signature, like the loss registry.
+ESTIMATORS: dict[str, Callable] = {}
+
+
+def register_estimator(name: str) -> Callable:
+    def register(fn: Callable) -> Callable:
+        if name in ESTIMATORS:
+            raise ValueError(f"advantage estimator {name!r} is registered already")
+        ESTIMATORS[name] = fn
+        return fn
+
+    return register
+
+
+def get_estimator(name: str) -> Callable:
+    if name not in ESTIMATORS:
+        raise UsageError(f"unknown advantage estimator {name!r}; known: {', '.join(sorted(ESTIMATORS))}")
+    return ESTIMATORS[name]
 
 
 def leave_one_out(rewards: torch.Tensor, kl: torch.Tensor, beta: float) -> torch.Tensor:
@@ -96,3 +119,18 @@ def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, total=la
     mean = total(masked_sum(values, mask)) / count.clamp(min=1)
     var = total(masked_sum((values - mean).pow(2), mask)) / count.clamp(min=1)
     return torch.where(mask.bool(), (values - mean) * torch.rsqrt(var + eps), torch.zeros_like(values))
+
+
+@register_estimator("rloo")
+def _rloo(rewards, kl, beta, group, cfg):
+    return leave_one_out(rewards, kl, beta)
+
+
+@register_estimator("grpo")
+def _grpo(rewards, kl, beta, group, cfg):
+    return group_normalised(rewards, kl, beta, scale=cfg.scale_rewards == "group")
+
+
+@register_estimator("remax")
+def _remax(rewards, kl, beta, group, cfg):
+    return greedy_baseline(rewards, kl, group["baseline_rewards"], group["baseline_kl"].cpu(), beta)

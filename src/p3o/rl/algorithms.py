@@ -130,19 +130,15 @@ for _name in ("p3o-v1", "p3o-v2"):  # separate / joint clipping
 # --- RLOO, GRPO, ReMax: one advantage per response, a clipped sequence or token loss -----------
 
 def group_advantages(estimator: str) -> Callable:
-    """prepare: per-response advantages (B,) from the group's rewards and KLs (`p3o.rl.advantages`)."""
+    """prepare: per-response advantages (B,) from the group's rewards and KLs, by a registered
+    estimator of `p3o.rl.advantages` (rloo, grpo, remax)."""
+    estimate = adv.get_estimator(estimator)
 
     def prepare(rollout: Rollout, cfg, beta: float) -> Prepared:
         k = rollout.group_size
         rewards = rollout.seq["rewards"].view(-1, k)  # (G, k) float64 on the CPU
         kl = rollout.seq["kl"].view(-1, k).cpu()  # (G, k)
-        if estimator == "rloo":
-            advantages = adv.leave_one_out(rewards, kl, beta)
-        elif estimator == "grpo":
-            advantages = adv.group_normalised(rewards, kl, beta, scale=cfg.scale_rewards == "group")
-        else:  # remax
-            advantages = adv.greedy_baseline(rewards, kl, rollout.group["baseline_rewards"],
-                                             rollout.group["baseline_kl"].cpu(), beta)
+        advantages = estimate(rewards, kl, beta, rollout.group, cfg)  # (G, k)
         advantages = advantages.flatten().to(rollout.seq["kl"].device)  # (B,)
         return Prepared(seq={"advantages": advantages}, stats={"advantage_abs": advantages.abs().mean().item()})
 
