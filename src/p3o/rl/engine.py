@@ -307,9 +307,7 @@ class Trainer:
     def update(self, rollout: Rollout, step: int) -> dict[str, float]:
         """K epochs over the rollout; each epoch shuffles whole groups into minibatches."""
         if self.fuse_old_pass:  # one minibatch of every group: its order cannot change the gradient
-            stats = self.optimizer_step(rollout)
-            rollout.seq.update(stats.pop("fused"))  # pi_old's log-probs and the KL, for the step's metrics
-            return stats
+            return self.optimizer_step(rollout, fused=True)
         shuffle = generator(self.cfg.seed, "shuffle", step)
         stats = []
         for _ in range(self.cfg.epochs):
@@ -318,8 +316,10 @@ class Trainer:
                 stats.append(self.optimizer_step(rollout.select(groups)))
         return _combine(stats)
 
-    def optimizer_step(self, minibatch: Rollout) -> dict[str, float]:
-        """One optimiser step on a minibatch of groups, accumulated over its micro-batches."""
+    def optimizer_step(self, minibatch: Rollout, fused: bool = False) -> dict[str, float]:
+        """One optimiser step on a minibatch of groups, accumulated over its micro-batches. `fused`:
+        the minibatch is the whole rollout, used once, and pi_old is this very forward: the
+        algorithm's quantities are prepared from it, and the rollout gets pi_old's log-probs and KL."""
         cfg, acc = self.cfg, self.accelerator
         # DDP averages gradients over processes, so each divides by the processes' mean normaliser:
         # the result is the global sum over the global count (pairs or tokens).
@@ -333,7 +333,7 @@ class Trainer:
                         self.policy, part.seq["query_ids"], part.seq["query_mask"], part.seq["response_ids"],
                         part.seq["response_mask"], cfg.temperature, self.logits_to_keep,
                         self.algorithm.value_head, self.pairs_share_prompt)  # (b, T) each
-                    if self.fuse_old_pass:  # pi_old is this very forward: the ratio is 1, its gradient exact
+                    if fused:  # pi_old is this very forward: the ratio is 1, its gradient exact
                         self.prepare(part, old_token_logp=token_logps.detach())
                     unit_losses, part_stats = self.algorithm.loss(part, {"token_logps": token_logps, "values": values},
                                                                   cfg)
@@ -351,10 +351,9 @@ class Trainer:
             self.state.consecutive_skips += 1
             if self.state.consecutive_skips >= self.cfg.max_consecutive_skips:
                 raise NonFiniteTraining(self.state.consecutive_skips, self.state.step + 1)
-        result = {"loss": total_loss, "grad_norm": grad_norm, **_combine(stats)}
-        if self.fuse_old_pass:
-            result["fused"] = {n: torch.cat([p.seq[n] for p in parts]) for n in ("old_token_logp", "old_logp", "kl")}
-        return result
+        if fused:  # the parts are copies: pi_old's log-probs and the KL go back to the rollout, for its metrics
+            minibatch.seq.update({n: torch.cat([p.seq[n] for p in parts]) for n in ("old_token_logp", "old_logp", "kl")})
+        return {"loss": total_loss, "grad_norm": grad_norm, **_combine(stats)}
 
     # --- data order and metrics ----------------------------------------------------------------
 
