@@ -312,6 +312,12 @@ def test_llm_judge_reads_log_probabilities_where_the_server_gives_them(tmp_path,
     assert judge.stats["read_from_logprobs"] == 4 and judge.stats["unparsed"] == 4
     cached = [json.loads(line) for line in (tmp_path / "cache.jsonl").read_text().splitlines()]
     assert len(cached) == 4 and all(e["margin"] is not None for e in cached)
+    # prose that opens with the article "A" is no vote, whatever the token's probability
+    with ChatServer(answer=lambda text: ("A common mistake is to salt too early.", {"A": -0.1, "B": -3.0})) as server:
+        judge = LLMJudge("m", settings(tmp_path, base_url=server.url, cache_path=None))
+        verdicts = judge.compare(prompts, a, b)
+    assert [v.winner for v in verdicts] == ["abstain"] * 2 and verdicts[0].details["margin_ab"] == pytest.approx(2.9)
+    assert judge.stats["read_from_logprobs"] == 0
     with ChatServer(answer=prose_with_logprobs, logprobs="ignore") as server:
         judge = LLMJudge("m", settings(tmp_path, base_url=server.url, cache_path=None))
         assert [v.winner for v in judge.compare(prompts, a, b)] == ["abstain"] * 2
@@ -571,10 +577,17 @@ def test_answers_are_parsed_in_the_forms_judges_write():
              "The better response is Response A.": "A", "Response A is better because it is accurate.": "A",
              "My final answer is A because it is clearer.": "A", "Answer: A. Final answer: B": "B",
              "It's a tie.": "tie", "Tie - both are fine": "tie",
+             # what SmolLM2-135M-Instruct wrote as a judge (docs/evaluation.md)
+             "A is the best answer.": "A", "A is a more specific and accurate answer to the prompt.": "A",
+             "A is indeed the best answer.": "A", "A is the only correct answer.": "A", "A is a better choice.": "A",
+             'The best answer is indeed "B"': "B", 'The answer to the prompt is "A"': "A", "A: A\n": "A",
+             "A is not better than B.": None, "A is less accurate.": None,
              # prose that merely contains a capital A or B, or names both, is not an answer
              "I think answer a is fine": None, "maybe": None, "...a good answer. A better one...": None,
              "This is a good answer. A better one would mention the cat.": None,
              "A better one would mention it.": None, "Response A is a good answer": None,
+             "A common mistake in learning to cook is using too much salt.": None,
+             "A more helpful response would be to list the steps.": None,
              "Response A is better in tone, but Response B is better in substance.": None,
              "Both responses are good. A's explanation is longer.": None, "I choose a different approach": None}
     assert {reply: parse_answer(reply) for reply in cases} == cases

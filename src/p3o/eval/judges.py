@@ -238,14 +238,21 @@ def _reward_model_judge(path: str, settings: JudgeSettings) -> ScoreJudge:
 
 
 _LABEL = r"(A|B|[Tt][Ii][Ee])(?![\w'’-])"  # the label itself in capitals: "answer a" is prose
-_NAMED = r"""[\s"'*`(\[:]*(?:(?i:response|option|assistant)\s+)?""" + _LABEL  # "B", **B**, "Response B", (B)
+_ADVERB = r"(?:(?i:indeed|clearly|definitely|obviously|probably)\s+)?"
+_NAMED = (r"""[\s"'*`(\[:]*""" + _ADVERB + r"""["'*`(\[]*(?:(?i:response|option|assistant)\s+)?"""
+          + _LABEL)  # "B", **B**, "Response B", (B), indeed "B"
 ANCHORED_RE = re.compile(  # "The answer is "B"", "Answer: B", "**Verdict:** B", {"answer": "B"}, "The better response is B"
-    r"(?:(?i:\b(?:answer|verdict|choice|decision|winner|better\s+(?:response|one|answer)|preferred\s+response))"
+    r"(?:(?i:\b(?:answer|verdict|choice|decision|winner|better\s+(?:response|one|answer)|preferred\s+response)"
+    r"(?:\s+(?:to|for)\s+(?:this|the)\s+(?:prompt|question))?)"  # "The answer to this question is B"
     r"""(?:["'*`]*\s*(?i:is|was|would\s+be|:|=|-|–)|\s*["'*`(\[])"""
     r"|\bI\s+(?i:would\s+)?(?i:choose|pick|prefer|select|go\s+with))" + _NAMED)
 LEADING_RE = re.compile(  # a reply that opens with the label, then an explanation: "B. Response B ...", "A - ..."
     r"""^[\s"'*`(\[]*(?:(?i:response|option)\s+)?""" + _LABEL + r"""(?:\s*(?:$|[.:,;!)\]\n—–-])|["'*`])""")
-BETTER_RE = re.compile(r"(?:(?i:response|option)\s+)?\b(A|B)\s+(?i:is|was)\s+(?i:the\s+)?(?i:better|preferred|superior)\b")
+BETTER_RE = re.compile(  # "Response B is better", "A is the best answer", "B is a more accurate one": a capital A
+    # before "is" is never the article; negations ("A is not better") and "worse"/"less" are not matched
+    r"(?:(?i:response|option)\s+)?\b(A|B)\s+(?i:is|was)\s+" + _ADVERB + r"(?i:(?:the|a|an|much|far|slightly|only)\s+)*"
+    r"(?i:better|best|preferred|superior|stronger|correct|right|winner|more\s+(?!likely)\w+)\b")
+OPENS_WITH_LABEL = re.compile(r"""^[\s"'*`(\[]*(?:A|B)(?![\w'’-])""")  # "A common mistake ...": an article
 TIE_RE = re.compile(r"(?i:\b(?:it'?s|it\s+is|this\s+is)\s+a\s+tie\b)")
 _WRAPPERS = "\"'*`_.,:;!()[]{}<> \t\n"
 
@@ -259,7 +266,8 @@ def parse_answer(reply: str) -> str | None:
     the bare label with its wrappings (quotes, bold, brackets, a full stop, "Response B"); the last
     `answer`/`verdict` phrase naming a label ("The answer is "B"", "Answer: B", "**Verdict:** B", "The
     better response is B"); a reply that opens with the label and then explains ("B. Response B
-    ..."); "Response B is better" where every such phrase names the same label; "it's a tie". Labels are
+    ..."); "Response B is better", "A is the best answer" where every such phrase names the same label;
+    "it's a tie". Labels are
     the capitals A and B: prose that merely contains one ("...a good answer. A better one...") is None."""
     bare = reply.strip().strip(_WRAPPERS)
     bare = re.sub(r"^(?i:response|option)\s+", "", bare).strip(_WRAPPERS)
@@ -369,7 +377,9 @@ class LLMJudge:
     temperature 0, at most `max_tokens` tokens, asking for the first tokens' top log-probabilities),
     standard library only. Each order's answer is the reply's text as `parse_answer` reads it; a reply
     it cannot read is answered by the log-probabilities of "A" and "B" at the reply's first token where
-    the server sent them (llama.cpp, vLLM and OpenAI do), as the `hf:` judge reads its model. The API key
+    the server sent them (llama.cpp, vLLM and OpenAI do), as the `hf:` judge reads its model, unless
+    the reply opens with the capital A or B itself: "A common mistake ..." is prose whose article is no
+    vote, and stays unread. The API key
     is read from an environment variable and goes only into the Authorization header: never into a log
     line, an error, the cache or an output file."""
 
@@ -390,7 +400,8 @@ class LLMJudge:
                             for text in judging_prompts(prompts, responses_a, responses_b)])  # 2N
         texts = [parse_answer(e["reply"]) for e in entries]
         margins = [e.get("margin") for e in entries]
-        answers = [t if t is not None or m is None else by_margin(m, 0.0) for t, m in zip(texts, margins)]
+        answers = [t if t is not None or m is None or OPENS_WITH_LABEL.match(e["reply"]) else by_margin(m, 0.0)
+                   for t, m, e in zip(texts, margins, entries)]  # prose opening "A ..." is no vote, as text or token
         self.stats["unparsed"] += sum(t is None for t in texts)
         self.stats["read_from_logprobs"] += sum(t is None and a is not None for t, a in zip(texts, answers))
         self.stats["with_logprobs"] += sum(m is not None for m in margins)
