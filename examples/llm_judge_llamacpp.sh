@@ -11,6 +11,8 @@
 # PROMPTS (default 100), OUT (default runs/llm-judge-llamacpp), PORT (default 8765), PYTHON (the python
 # that has p3o, default python). llama.cpp is built without native kernels (-DGGML_NATIVE=OFF, AVX2
 # on): a native build on a CPU with AMX crashed the server with an illegal instruction on its first request.
+# On a machine shared with other jobs, OMP_NUM_THREADS=1 keeps the policies' generation from stalling
+# (with 2 cores and another busy process it ran 10 minutes without finishing; with 1 thread, about 1 minute).
 set -euo pipefail
 venv="${LLAMA_VENV:-/tmp/llama-venv}"
 out="${OUT:-runs/llm-judge-llamacpp}"
