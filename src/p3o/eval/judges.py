@@ -8,13 +8,18 @@ is better), "B", or "tie". Judges are a registry keyed by the kind in `--judge K
 - `llm:MODEL` asks a chat model behind any OpenAI-compatible API; `hf:PATH` reads a local causal
   LM's next-token log-probabilities of the answers "A" and "B". Both see every pair in both orders
   (A's response shown first, then B's), so that a preference for a position or a label cancels.
+  An `llm:` pair is decided only when both orders were read and name the same policy
+  (`combine_orders`); a pair with an unreadable order is an abstention (winner "abstain"), which
+  `p3o.eval.winrate.summarise` leaves out of the win rate and reports.
 
 Shape legend: N = prompts; 2N = judging prompts (every pair in order AB, then every pair in order BA);
 b = judging prompts in a forward pass; L = their tokens (left-padded); V = vocabulary.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import http.client
 import json
 import logging
 import os
@@ -24,7 +29,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,17 +55,18 @@ Reply with one word: "A" if Response A is better, "B" if Response B is better, o
 
 ANSWER_CUE = "\n\nAnswer:"  # ends the judging prompt for an `hf:` judge whose tokenizer has no chat template
 SCORES = {"A": 1.0, "tie": 0.5, "B": 0.0}  # a verdict's contribution to A's win rate
+ABSTAIN = "abstain"  # a pair the judge gave no evidence on: left out of the win rate, counted apart
 ORDERS = ("AB", "BA")  # which policy's response is shown first, as "Response A"
 
 
 @dataclass
 class Verdict:
-    winner: str  # "A" (policy A's response is better), "B" or "tie"
+    winner: str  # "A" (policy A's response is better), "B", "tie" or "abstain" (no evidence: not scored)
     details: dict[str, Any] = field(default_factory=dict)  # what decided it: scores, answers per order, margin
 
     @property
-    def score(self) -> float:
-        return SCORES[self.winner]
+    def score(self) -> float | None:
+        return SCORES.get(self.winner)  # None for an abstention
 
 
 @dataclass
@@ -78,6 +84,8 @@ class JudgeSettings:
     timeout: float = 60.0
     workers: int = 4
     backoff: float = 1.0  # seconds before the first retry; doubled after each one
+    max_tokens: int = 32  # llm judge: tokens a reply may have (the label comes first or early)
+    logprobs: bool = True  # llm judge: ask for the first answer token's top log-probabilities
     dtype: str = "auto"  # weights of an hf: judge
     progress: bool = False  # progress bars over the judging
 
@@ -131,14 +139,21 @@ def by_margin(margin: float, tie_margin: float) -> str:
     return "A" if margin > tie_margin else "B" if margin < -tie_margin else "tie"
 
 
+POLICY_NAMED = {"AB": {"A": "A", "B": "B", "tie": "tie"}, "BA": {"A": "B", "B": "A", "tie": "tie"}}
+# the policy an answer names in each order: in order BA policy B's response is shown as "Response A"
+
+
 def combine_orders(answer_ab: str | None, answer_ba: str | None) -> str:
-    """One verdict from the answers in the two orders, by the sign of a vote sum: each order gives +1
-    to the policy whose response it preferred and 0 for a tie or an unreadable answer. So A in both
-    orders is a win, A in one and tie in the other a win, A in one and B in the other (what a judge
-    that always picks a position says) a tie."""
-    votes = {"AB": {"A": 1, "B": -1}, "BA": {"A": -1, "B": 1}}
-    total = votes["AB"].get(answer_ab, 0) + votes["BA"].get(answer_ba, 0)
-    return by_margin(total, 0)
+    """One verdict from the answers ("A", "B", "tie" or None = unreadable) in the two orders.
+
+    No decision without evidence: the pair is decisive only when both orders were read and both name
+    the same policy. Both orders calling it a tie is a tie; orders that disagree (a judge naming the
+    same position both times, or one naming a policy and the other a tie) are a tie too, so a judge that
+    only ever names one position gives exactly 0.5. A pair with an unreadable order is an abstention."""
+    if answer_ab is None or answer_ba is None:
+        return ABSTAIN
+    ab, ba = POLICY_NAMED["AB"][answer_ab], POLICY_NAMED["BA"][answer_ba]
+    return ab if ab == ba else "tie"
 
 
 def prompt_text(prompt: Any) -> str:
@@ -222,26 +237,100 @@ def _reward_model_judge(path: str, settings: JudgeSettings) -> ScoreJudge:
     return ScoreJudge(f"reward_model:{path}", reward, settings.tie_margin)
 
 
-ANSWER_RE = re.compile(r"(?i:verdict|answer)\W*(A|B|(?i:tie))\b")  # the label itself in capitals: "answer a" is prose
+_LABEL = r"(A|B|[Tt][Ii][Ee])(?![\w'’-])"  # the label itself in capitals: "answer a" is prose
+_ADVERB = r"(?:(?i:indeed|clearly|definitely|obviously|probably)\s+)?"
+_NAMED = (r"""[\s"'*`(\[:]*""" + _ADVERB + r"""["'*`(\[]*(?:(?i:response|option|assistant)\s+)?"""
+          + _LABEL)  # "B", **B**, "Response B", (B), indeed "B"
+ANCHORED_RE = re.compile(  # "The answer is "B"", "Answer: B", "**Verdict:** B", {"answer": "B"}, "The better response is B"
+    r"(?:(?i:\b(?:answer|verdict|choice|decision|winner|better\s+(?:response|one|answer)|preferred\s+response)"
+    r"(?:\s+(?:to|for)\s+(?:this|the)\s+(?:prompt|question))?)"  # "The answer to this question is B"
+    r"""(?:["'*`]*\s*(?i:is|was|would\s+be|:|=|-|–)|\s*["'*`(\[])"""
+    r"|\bI\s+(?i:would\s+)?(?i:choose|pick|prefer|select|go\s+with))" + _NAMED)
+LEADING_RE = re.compile(  # a reply that opens with the label, then an explanation: "B. Response B ...", "A - ..."
+    r"""^[\s"'*`(\[]*(?:(?i:response|option)\s+)?""" + _LABEL + r"""(?:\s*(?:$|[.:,;!)\]\n—–-])|["'*`])""")
+BETTER_RE = re.compile(  # "Response B is better", "A is the best answer", "B is a more accurate one": a capital A
+    # before "is" is never the article; negations ("A is not better") and "worse"/"less" are not matched
+    r"(?:(?i:response|option)\s+)?\b(A|B)\s+(?i:is|was)\s+" + _ADVERB + r"(?i:(?:the|a|an|much|far|slightly|only)\s+)*"
+    r"(?i:better|best|preferred|superior|stronger|correct|right|winner|more\s+(?!likely)\w+)\b")
+OPENS_WITH_LABEL = re.compile(r"""^[\s"'*`(\[]*(?:A|B)(?![\w'’-])""")  # "A common mistake ...": an article
+TIE_RE = re.compile(r"(?i:\b(?:it'?s|it\s+is|this\s+is)\s+a\s+tie\b)")
+_WRAPPERS = "\"'*`_.,:;!()[]{}<> \t\n"
+
+
+def _label(word: str) -> str:
+    return "tie" if word.lower() == "tie" else word.upper()
 
 
 def parse_answer(reply: str) -> str | None:
-    """"A", "B" or "tie" from a judge's reply: the reply itself (quotes, stars, a full stop allowed),
-    or the last `Verdict: X` / `Answer: X` in a longer one; None when it says neither."""
-    bare = reply.strip().strip("\"'*`.").strip().lower()
-    if bare in ("a", "b", "tie"):
-        return bare.upper() if bare != "tie" else "tie"
-    found = ANSWER_RE.findall(reply)
-    if not found:
+    """"A", "B" or "tie" from a judge's reply, or None when it names neither for sure. Read, in order:
+    the bare label with its wrappings (quotes, bold, brackets, a full stop, "Response B"); the last
+    `answer`/`verdict` phrase naming a label ("The answer is "B"", "Answer: B", "**Verdict:** B", "The
+    better response is B"); a reply that opens with the label and then explains ("B. Response B
+    ..."); "Response B is better", "A is the best answer" where every such phrase names the same label;
+    "it's a tie". Labels are
+    the capitals A and B: prose that merely contains one ("...a good answer. A better one...") is None."""
+    bare = reply.strip().strip(_WRAPPERS)
+    bare = re.sub(r"^(?i:response|option)\s+", "", bare).strip(_WRAPPERS)
+    if bare.lower() in ("a", "b", "tie"):
+        return _label(bare)
+    if found := ANCHORED_RE.findall(reply):
+        return _label(found[-1])
+    if found := LEADING_RE.match(reply):
+        return _label(found.group(1))
+    if len(found := set(BETTER_RE.findall(reply))) == 1:
+        return found.pop()
+    if TIE_RE.search(reply):
+        return "tie"
+    return None
+
+
+def label_margin(logprobs: Any) -> float | None:
+    """log p("A") - log p("B") of a chat completion's first answer token, from its `top_logprobs`
+    (choices[0].logprobs.content, OpenAI's format, which llama.cpp and vLLM serve too): at the first
+    generated token that is not only whitespace, quotes or stars, the tokens spelling A and B. Where one
+    label is not among the top ones, its log-probability is bounded by the least one listed, which
+    gives a margin at least that large. None without logprobs or when neither label is listed."""
+    try:
+        content = logprobs["content"]
+        position = next(t for t in content if t["token"].strip(_WRAPPERS))
+        top = [(t["token"].strip(_WRAPPERS), float(t["logprob"])) for t in position["top_logprobs"]]
+    except (KeyError, TypeError, StopIteration, ValueError):
         return None
-    last = found[-1].lower()
-    return last.upper() if last != "tie" else "tie"
+    if not top:
+        return None
+    floor = min(lp for _, lp in top)
+    label = {}
+    for name in ("A", "B"):
+        values = [lp for token, lp in top if token == name]
+        label[name] = float(torch.tensor(values).logsumexp(0)) if values else None
+    if label["A"] is None and label["B"] is None:
+        return None
+    return (label["A"] if label["A"] is not None else floor) - (label["B"] if label["B"] is not None else floor)
+
+
+def order_diagnostics(answers_ab: list[str | None], answers_ba: list[str | None]) -> dict[str, Any]:
+    """How the judge behaved over the two orders, from the answers per order ("A", "B", "tie", None):
+    `first_position_share` of the answers naming a position that named the first one ("A"; 1.0 or 0.0
+    is pure position bias, 0.5 none); `agreement` of the pairs read in both orders, the share whose
+    two orders named the same policy (or both a tie); `abstentions`, pairs with an unreadable order;
+    `unreadable`, replies read as nothing."""
+    answers = answers_ab + answers_ba
+    positional = [a for a in answers if a in ("A", "B")]
+    read = [(ab, ba) for ab, ba in zip(answers_ab, answers_ba) if ab is not None and ba is not None]
+    agree = sum(POLICY_NAMED["AB"][ab] == POLICY_NAMED["BA"][ba] for ab, ba in read)
+    return {"first_position_share": sum(a == "A" for a in positional) / len(positional) if positional else None,
+            "agreement": agree / len(read) if read else None,
+            "pairs_read_in_both_orders": len(read),
+            "abstentions": len(answers_ab) - len(read),
+            "unreadable": sum(a is None for a in answers),
+            "replies": len(answers)}
 
 
 class ReplyCache:
-    """Judge replies on disk, one JSON line each, keyed by a hash of the exact request (judge model and
-    messages, hence the prompt, both responses and their order), so a rerun asks nothing twice. Lines
-    are appended and flushed as replies arrive: an interrupted run keeps every reply it paid for."""
+    """Judge replies on disk, one JSON line each, keyed by a hash of the exact request (judge model,
+    reply length and messages, hence the prompt, both responses and their order), so a rerun asks
+    nothing twice. Lines are appended and flushed as replies arrive: an interrupted or failed run keeps
+    every reply it paid for. An entry is {"reply": text, "margin": log p(A) - log p(B) or null}."""
 
     def __init__(self, path: Path | None):
         self.path, self.replies = path, {}
@@ -249,23 +338,27 @@ class ReplyCache:
             for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
                 try:
                     entry = json.loads(line)
-                    self.replies[entry["key"]] = entry["reply"]
-                except (json.JSONDecodeError, KeyError, TypeError):
+                    self.replies[entry["key"]] = {"reply": entry["reply"], "margin": entry.get("margin")}
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
                     log.warning("%s: line %d is not a cached reply (cut by a crash?); ignoring it", path, number)
+        self._write = threading.Lock()
 
     @staticmethod
     def key(model: str, messages: list[dict]) -> str:
         return hashlib.sha256(json.dumps([model, messages], sort_keys=True).encode()).hexdigest()
 
     def put(self, key: str, entry: dict[str, Any]) -> None:
-        self.replies[key] = entry["reply"]
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps({"key": key, **entry}, ensure_ascii=False) + "\n")
+        with self._write:
+            self.replies[key] = {"reply": entry["reply"], "margin": entry.get("margin")}
+            if self.path is not None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with self.path.open("a", encoding="utf-8") as fh:
+                    fh.write(json.dumps({"key": key, **entry}, ensure_ascii=False) + "\n")
 
 
 RETRIED_STATUS = {408, 429}  # and every 5xx
+# a connection refused, reset or cut, or a timeout: a server restarting or overloaded, retried like a 5xx
+RETRIED_ERRORS = (TimeoutError, ConnectionError, http.client.HTTPException, urllib.error.URLError, OSError)
 
 
 class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
@@ -281,99 +374,193 @@ _NO_REDIRECTS = urllib.request.build_opener(_RefuseRedirects)
 
 class LLMJudge:
     """An LLM judge behind an OpenAI-compatible chat-completions API (POST {base_url}/chat/completions,
-    temperature 0), standard library only. The API key is read from an environment variable and goes
-    only into the Authorization header: never into a log line, an error, the cache or an output file."""
+    temperature 0, at most `max_tokens` tokens, asking for the first tokens' top log-probabilities),
+    standard library only. Each order's answer is the reply's text as `parse_answer` reads it; a reply
+    it cannot read is answered by the log-probabilities of "A" and "B" at the reply's first token where
+    the server sent them (llama.cpp, vLLM and OpenAI do), as the `hf:` judge reads its model, unless
+    the reply opens with the capital A or B itself: "A common mistake ..." is prose whose article is no
+    vote, and stays unread. The API key
+    is read from an environment variable and goes only into the Authorization header: never into a log
+    line, an error, the cache or an output file."""
 
     def __init__(self, model: str, settings: JudgeSettings):
         self.model, self.settings = model, settings
         self.name = f"llm:{model}"
-        self.url = settings.base_url.rstrip("/") + "/chat/completions"
+        self.base_url = settings.base_url.rstrip("/")
+        self.url = self.base_url + "/chat/completions"
         self.api_key = os.environ.get(settings.api_key_env)
         self.cache = ReplyCache(settings.cache_path)
-        self.stats = {"requests": 0, "cached": 0, "unparsed": 0}
+        self.logprobs = settings.logprobs  # turned off for the run by a server that refuses them
+        self.stats = {"requests": 0, "cached": 0, "unparsed": 0, "read_from_logprobs": 0, "with_logprobs": 0}
         self._count = threading.Lock()  # requests are counted from the worker threads
 
     def compare(self, prompts: list, responses_a: list[str], responses_b: list[str],
                 columns: dict[str, list] | None = None) -> list[Verdict]:
-        replies = self.ask([[{"role": "user", "content": text}]
+        entries = self.ask([[{"role": "user", "content": text}]
                             for text in judging_prompts(prompts, responses_a, responses_b)])  # 2N
-        answers = [parse_answer(r) for r in replies]
-        self.stats["unparsed"] += sum(a is None for a in answers)
-        if answers and self.stats["unparsed"] > 0.1 * len(answers):  # unread replies count as ties
-            log.warning("%s: %d of %d replies named neither response (they count as abstentions, pulling the win "
-                        "rate towards 0.5); see reply_ab/reply_ba in the output and adjust the judge or prompt",
-                        self.name, self.stats["unparsed"], len(answers))
+        texts = [parse_answer(e["reply"]) for e in entries]
+        margins = [e.get("margin") for e in entries]
+        answers = [t if t is not None or m is None or OPENS_WITH_LABEL.match(e["reply"]) else by_margin(m, 0.0)
+                   for t, m, e in zip(texts, margins, entries)]  # prose opening "A ..." is no vote, as text or token
+        self.stats["unparsed"] += sum(t is None for t in texts)
+        self.stats["read_from_logprobs"] += sum(t is None and a is not None for t, a in zip(texts, answers))
+        self.stats["with_logprobs"] += sum(m is not None for m in margins)
         n = len(prompts)
+        if unread := sum(a is None for a in answers):
+            log.warning("%s: %d of %d replies named neither response; their pairs are abstentions, left out of "
+                        "the win rate (see reply_ab/reply_ba in the output and adjust the judge or prompt)",
+                        self.name, unread, len(answers))
         return [Verdict(combine_orders(answers[i], answers[n + i]),
                         {"answer_ab": answers[i], "answer_ba": answers[n + i],
-                         "reply_ab": replies[i], "reply_ba": replies[n + i]})
+                         "reply_ab": entries[i]["reply"], "reply_ba": entries[n + i]["reply"],
+                         "margin_ab": margins[i], "margin_ba": margins[n + i],
+                         "read_ab": _source(texts[i], answers[i]), "read_ba": _source(texts[n + i], answers[n + i])})
                 for i in range(n)]
 
-    def ask(self, conversations: list[list[dict]]) -> list[str]:
-        """Each conversation's reply, from the cache or the API (`workers` requests at a time)."""
-        keys = [ReplyCache.key(f"{self.url} {self.model}", c) for c in conversations]  # two servers never share replies
+    def ask(self, conversations: list[list[dict]]) -> list[dict]:
+        """Each conversation's cache entry (reply text and margin), from the cache or the API
+        (`workers` requests at a time). Every reply is cached as it arrives; after a fatal error the
+        requests not yet sent are dropped, those in flight still finish into the cache, and the error
+        is raised."""
+        keys = [ReplyCache.key(f"{self.url} {self.model} max_tokens={self.settings.max_tokens}", c)
+                for c in conversations]  # two servers never share replies
         todo = {k: c for k, c in zip(keys, conversations) if k not in self.cache.replies}
         self.stats["cached"] += len(keys) - len(todo)
         if todo:
             log.info("asking %s for %d verdicts (%d cached)", self.name, len(todo), len(keys) - len(todo))
-            pool = ThreadPoolExecutor(self.settings.workers)
+            error, pool = None, ThreadPoolExecutor(self.settings.workers)
             try:
                 with _progress(len(todo), f"judging with {self.name}", "request", self.settings) as bar:
-                    for key, reply in zip(todo, pool.map(self.request, todo.values())):
-                        self.cache.put(key, {"model": self.model, "reply": reply})
+                    futures = {pool.submit(self.request, c): k for k, c in todo.items()}
+                    for future in as_completed(futures):
+                        if future.cancelled():
+                            continue
+                        try:
+                            entry = future.result()
+                        except Exception as exc:  # noqa: BLE001 - the first error is raised once the rest is in
+                            if error is None:
+                                error = exc
+                                for other in futures:
+                                    other.cancel()
+                            continue
+                        self.cache.put(futures[future], {"model": self.model, **entry})
                         bar.update()
             finally:
-                pool.shutdown(cancel_futures=True)  # after a fatal error, ask nothing more
+                pool.shutdown(cancel_futures=True)  # after an interrupt, ask nothing more
+            if error is not None:
+                raise error
         return [self.cache.replies[k] for k in keys]
 
-    def request(self, messages: list[dict]) -> str:
-        """One chat completion, retried with exponential back-off on 429, 5xx and timeouts."""
-        body = json.dumps({"model": self.model, "messages": messages, "temperature": 0}).encode()
+    def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
+
+    def check_reachable(self) -> None:
+        """GET {base_url}/models once, before the policies spend minutes generating: a server that
+        cannot be reached or refuses the key is one clear line now. Any other HTTP answer (a server
+        without /models) shows the server is there."""
+        request = urllib.request.Request(self.base_url + "/models", headers=self._headers(), method="GET")
+        try:
+            with _NO_REDIRECTS.open(request, timeout=min(self.settings.timeout, 30.0)) as response:
+                response.read(1 << 16)
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403):
+                raise UsageError(self._refused(exc)) from None
+        except RETRIED_ERRORS as exc:
+            reason = getattr(exc, "reason", exc)
+            raise UsageError(f"cannot reach the judge API at {self.base_url} ({_describe(reason)}); start the "
+                             "server or fix --judge_base_url") from None
+
+    def request(self, messages: list[dict]) -> dict[str, Any]:
+        """One chat completion -> {"reply": text, "margin": log p(A) - log p(B) or None}, retried with
+        exponential back-off on 408, 429, 5xx, timeouts and connection errors (a server restarting)."""
         attempts = self.settings.max_retries + 1
-        for attempt in range(attempts):
+        attempt = 0
+        while attempt < attempts:
             with self._count:
                 self.stats["requests"] += 1
             wait = self.settings.backoff * 2 ** attempt
+            asked_logprobs = self.logprobs
+            payload = {"model": self.model, "messages": messages, "temperature": 0,
+                       "max_tokens": self.settings.max_tokens}
+            if asked_logprobs:
+                payload.update(logprobs=True, top_logprobs=LOGPROBS_TOP)
             try:
-                request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+                request = urllib.request.Request(self.url, data=json.dumps(payload).encode(), headers=self._headers(),
+                                                 method="POST")
                 with _NO_REDIRECTS.open(request, timeout=self.settings.timeout) as response:
-                    return self._reply_text(response.read())
+                    return self._reply(response.read())
             except urllib.error.HTTPError as exc:
+                detail = _error_body(exc)
                 if exc.code not in RETRIED_STATUS and exc.code < 500:
-                    raise UsageError(self._refused(exc)) from None
-                problem, wait = f"HTTP {exc.code}", _retry_after(exc, wait)
-            except (TimeoutError, ConnectionResetError, urllib.error.URLError) as exc:
-                reason = getattr(exc, "reason", exc)
-                if isinstance(exc, urllib.error.URLError) and not isinstance(reason, (TimeoutError, ConnectionResetError)):
-                    raise UsageError(f"cannot reach the judge API at {self.url} ({reason}); check --judge_base_url "
-                                     "and that the server is running") from None
-                problem = f"{type(reason).__name__}: {reason}" if str(reason) else type(reason).__name__
+                    if asked_logprobs and exc.code in (400, 422) and "logprob" in detail.lower():
+                        log.warning("judge API %s does not give log-probabilities (%s); reading the replies' text",
+                                    self.url, detail)
+                        self.logprobs = False
+                        continue  # the same attempt again, without them
+                    raise UsageError(self._refused(exc, detail)) from None
+                problem = f"HTTP {exc.code}" + (f": {detail}" if detail else "")
+                wait = _retry_after(exc, wait)
+            except RETRIED_ERRORS as exc:
+                problem = _describe(getattr(exc, "reason", exc))
             wait = min(wait, 60.0)
-            if attempt + 1 < attempts:
+            attempt += 1
+            if attempt < attempts:
                 log.warning("judge API %s: %s; retrying in %.1f s (%d of %d)", self.url, problem, wait,
-                            attempt + 1, self.settings.max_retries)
+                            attempt, self.settings.max_retries)
                 time.sleep(wait)
         raise UsageError(f"the judge API at {self.url} failed {attempts} times (last: {problem}); check the server, "
-                         "or raise --judge_max_retries / --judge_timeout")
+                         "or raise --judge_max_retries / --judge_timeout; the replies received so far are cached")
 
-    def _reply_text(self, raw: bytes) -> str:
+    def _reply(self, raw: bytes) -> dict[str, Any]:
         try:
-            content = json.loads(raw)["choices"][0]["message"]["content"]
+            choice = json.loads(raw)["choices"][0]
+            content = choice["message"]["content"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError):
             raise UsageError(f"the judge API at {self.url} did not answer in the chat-completions format "
                              "(choices[0].message.content); check --judge_base_url") from None
-        return content if isinstance(content, str) else ""
+        margin = label_margin(choice.get("logprobs")) if isinstance(choice, dict) else None
+        return {"reply": content if isinstance(content, str) else "", "margin": margin}
 
-    def _refused(self, exc: urllib.error.HTTPError) -> str:
-        detail = exc.read(300).decode("utf-8", "replace").splitlines()
-        detail = f": {detail[0]}" if detail else ""
+    def _refused(self, exc: urllib.error.HTTPError, detail: str | None = None) -> str:
+        detail = _error_body(exc) if detail is None else detail
+        detail = f": {detail}" if detail else ""
         if exc.code in (401, 403):
             return (f"the judge API at {self.url} refused the key (HTTP {exc.code}{detail}); put the key in the "
                     f"environment variable {self.settings.api_key_env} or name another with --judge_api_key_env")
         return f"the judge API at {self.url} refused the request (HTTP {exc.code}{detail}); check --judge_model"
+
+
+LOGPROBS_TOP = 10  # top_logprobs asked for: OpenAI allows up to 20
+
+
+def _source(text: str | None, answer: str | None) -> str | None:
+    """Where an order's answer came from: its text, the first token's log-probabilities, or nowhere."""
+    return "text" if text is not None else "logprobs" if answer is not None else None
+
+
+def _describe(reason: Any) -> str:
+    return f"{type(reason).__name__}: {reason}" if str(reason) else type(reason).__name__
+
+
+def _error_body(exc: urllib.error.HTTPError) -> str:
+    """The server's reason for an HTTP error on one line: `error.message` of an OpenAI-style JSON body
+    (llama.cpp's "the request exceeds the available context size", say), else the body's start."""
+    try:
+        raw = exc.read(4096).decode("utf-8", "replace")
+    except Exception:  # noqa: BLE001 - a body that cannot be read is no reason
+        return ""
+    try:
+        error = json.loads(raw)
+        error = error.get("error", error) if isinstance(error, dict) else error
+        message = error.get("message") if isinstance(error, dict) else error if isinstance(error, str) else None
+        if message:
+            raw = str(message)
+    except (json.JSONDecodeError, AttributeError):
+        raw = re.sub(r"<[^>]*>", " ", raw)  # an HTML error page: its text
+    return " ".join(raw.split())[:300]
 
 
 def _progress(total: int, desc: str, unit: str, settings: JudgeSettings):
@@ -396,6 +583,7 @@ def _check_llm(model: str, settings: JudgeSettings) -> None:
     if not os.environ.get(settings.api_key_env):
         log.warning("environment variable %s is not set: asking the judge API without a key",
                     settings.api_key_env)
+    LLMJudge(model, dataclasses.replace(settings, cache_path=None)).check_reachable()
 
 
 @register_judge("llm", "MODEL", _check_llm)
@@ -408,7 +596,11 @@ class HFJudge:
     d = log p("A") - log p("B") for its next token; the preference for policy A is
     m = (d_AB - d_BA) / 2, which cancels any constant lean towards a position or a label. |m| <= tie_margin
     is a tie: with the default margin 0 that happens when the two orders lean the same way by the same
-    amount, as they do exactly for two identical responses."""
+    amount, as they do exactly for two identical responses. Unlike an `llm:` judge's text, the margins
+    are always read (no abstentions), and a pair both of whose orders lean to the first position is
+    still decided by how much more it leans in one: a judge with no information gives decisions of
+    either sign in equal measure, hence about 0.5 with an interval around it. `answer_ab`/`answer_ba`
+    (the sign of each order's d) feed the same diagnostics as an `llm:` judge's answers."""
 
     def __init__(self, model, tokenizer, name: str, settings: JudgeSettings):
         self.model, self.tokenizer, self.name, self.settings = model, tokenizer, name, settings
@@ -434,7 +626,8 @@ class HFJudge:
         d = torch.cat(parts)  # (2N,)
         n = len(prompts)
         margins = ((d[:n] - d[n:]) / 2).tolist()  # (N,) preference for policy A, position lean cancelled
-        return [Verdict(by_margin(m, self.settings.tie_margin), {"margin": m, "d_ab": ab, "d_ba": ba})
+        return [Verdict(by_margin(m, self.settings.tie_margin),
+                        {"margin": m, "d_ab": ab, "d_ba": ba, "answer_ab": by_margin(ab, 0.0), "answer_ba": by_margin(ba, 0.0)})
                 for m, ab, ba in zip(margins, d[:n].tolist(), d[n:].tolist())]
 
     def _tokens(self, text: str) -> list[int]:

@@ -3,8 +3,12 @@ win rate = P(A's response is judged better) + 1/2 P(tie), with a 95% interval.
 
 1. Each policy samples one response per prompt (its own random stream: the two responses are
    independent draws, as the win rate's definition assumes).
-2. A judge (`p3o.eval.judges`) gives each prompt a verdict A, B or tie, i.e. a score 1, 0 or 1/2.
-3. The win rate is the mean score; `win_rate_interval` gives its interval.
+2. A judge (`p3o.eval.judges`) gives each prompt a verdict A, B or tie, i.e. a score 1, 0 or 1/2, or
+   abstains (an `llm:` judge whose reply in one order could not be read).
+3. The win rate is the mean score over the judged prompts; `win_rate_interval` gives its interval.
+   Abstentions are left out of both and reported, with the range the win rate would span if they
+   had all been losses or all wins; a two-order judge's position bias and consistency are reported
+   beside it (`judge_diagnostics`).
 
 Shape legend: G = prompts in a generation batch; Lq = prompt tokens (left-padded); T = response tokens.
 """
@@ -53,9 +57,11 @@ class WinrateConfig:
     judge_base_url: str = option("https://api.openai.com/v1", "llm judge: base URL of an OpenAI-compatible API (vLLM, llama.cpp, ... serve one); POST {base_url}/chat/completions.")
     judge_api_key_env: str = option("OPENAI_API_KEY", "llm judge: environment variable holding the API key, sent as a Bearer token and written nowhere.")
     judge_cache: str | None = option(None, "llm judge: JSONL cache of replies, so a rerun makes no API calls; default: judge_cache.jsonl beside --output_file.")
-    judge_max_retries: int = option(5, "llm judge: retries of a request after HTTP 429/5xx or a timeout, waiting 1, 2, 4, ... s.")
+    judge_max_retries: int = option(5, "llm judge: retries of a request after HTTP 408/429/5xx, a timeout or a refused/dropped connection (a server restarting), waiting 1, 2, 4, ... s.")
     judge_timeout: float = option(60.0, "llm judge: seconds to wait for one reply.")
     judge_workers: int = option(4, "llm judge: requests in flight at once.")
+    judge_max_tokens: int = option(32, "llm judge: tokens a reply may have (max_tokens); the answer comes first or early, so a chatty judge is cut short.")
+    judge_logprobs: bool = option(True, "llm judge: ask for the top log-probabilities of the reply's first token (llama.cpp, vLLM and OpenAI give them) and read an unreadable reply's answer from p(A) vs p(B); a server that refuses them is asked without.")
     judge_tie_margin: float = option(0.0, "Score judges: |score_a - score_b| <= margin is a tie; hf judge: the same on its log-probability margin (nats).")
     overwrite: bool = option(False, "Replace an existing --output_file.")
     disable_progress_bar: bool = option(False, "Hide the progress bars.")
@@ -76,6 +82,7 @@ class WinrateConfig:
             (self.judge_max_retries >= 0, "--judge_max_retries must be >= 0"),
             (self.judge_timeout > 0, "--judge_timeout must be > 0"),
             (self.judge_workers >= 1, "--judge_workers must be at least 1"),
+            (self.judge_max_tokens >= 1, "--judge_max_tokens must be at least 1"),
             (self.judge_tie_margin >= 0, "--judge_tie_margin must be >= 0"),
         ]
         for ok, message in checks:
@@ -101,7 +108,8 @@ class WinrateConfig:
                              trust_remote_code=self.trust_remote_code, base_url=self.judge_base_url,
                              api_key_env=self.judge_api_key_env, cache_path=cache,
                              max_retries=self.judge_max_retries, timeout=self.judge_timeout,
-                             workers=self.judge_workers, dtype=self.torch_dtype,
+                             workers=self.judge_workers, max_tokens=self.judge_max_tokens,
+                             logprobs=self.judge_logprobs, dtype=self.torch_dtype,
                              progress=not self.disable_progress_bar)
 
 
@@ -129,14 +137,52 @@ def win_rate_interval(wins: int, losses: int, ties: int, z: float = Z95) -> tupl
 
 
 def summarise(verdicts) -> dict:
-    """Counts, win rate and interval of a list of `Verdict`s."""
-    wins = sum(v.winner == "A" for v in verdicts)
-    losses = sum(v.winner == "B" for v in verdicts)
-    ties = len(verdicts) - wins - losses
+    """Counts, win rate and interval of a list of `Verdict`s. Abstentions leave the denominator: the
+    win rate and its interval are over the n judged prompts, and `abstention_bounds` is the range of
+    the win rate over all prompts had every abstention been a loss or a win. Judges that see both
+    orders also give `judge_diagnostics` (`p3o.eval.judges.order_diagnostics`)."""
+    from p3o.eval.judges import ABSTAIN, order_diagnostics
+
+    judged = [v for v in verdicts if v.winner != ABSTAIN]
+    wins = sum(v.winner == "A" for v in judged)
+    losses = sum(v.winner == "B" for v in judged)
+    n = len(judged)
+    ties = n - wins - losses
+    abstentions = len(verdicts) - n
     low, high = win_rate_interval(wins, losses, ties)
-    n = len(verdicts)
-    return {"win_rate": (wins + ties / 2) / n if n else float("nan"), "ci_low": low, "ci_high": high,
-            "wins": wins, "losses": losses, "ties": ties, "n": n, "interval": INTERVAL_METHOD}
+    points = wins + ties / 2
+    result = {"win_rate": points / n if n else float("nan"), "ci_low": low, "ci_high": high,
+              "wins": wins, "losses": losses, "ties": ties, "n": n, "abstentions": abstentions,
+              "prompts": len(verdicts),
+              "abstention_bounds": [points / len(verdicts), (points + abstentions) / len(verdicts)] if verdicts else None,
+              "interval": INTERVAL_METHOD + "; over the judged prompts, abstentions left out"}
+    if verdicts and all("answer_ab" in v.details for v in verdicts):
+        result["judge_diagnostics"] = order_diagnostics([v.details["answer_ab"] for v in verdicts],
+                                                        [v.details["answer_ba"] for v in verdicts])
+    return result
+
+
+POSITION_BIAS = 0.8  # warn when more than this share of a judge's answers name one position
+
+
+def judge_warnings(result: dict) -> list[str]:
+    """What the reader of a win rate must know about the judge: abstentions, position bias."""
+    warnings = []
+    if result["abstentions"]:
+        low, high = result["abstention_bounds"]
+        warnings.append(f"{result['abstentions']} of {result['prompts']} prompts are abstentions (a reply the judge "
+                        f"gave in one order could not be read); the win rate is over the other {result['n']}, and "
+                        f"would lie in [{low:.3f}, {high:.3f}] had they all been losses or all wins")
+    diagnostics = result.get("judge_diagnostics") or {}
+    share = diagnostics.get("first_position_share")
+    if share is not None and max(share, 1 - share) > POSITION_BIAS:
+        agreement = diagnostics["agreement"]
+        warnings.append(f"the judge named the {'first' if share > 0.5 else 'second'} position in "
+                        f"{max(share, 1 - share):.0%} of its answers: it is mostly position-biased, and only pairs "
+                        f"whose two orders agreed count as wins or losses (agreement "
+                        f"{'n/a' if agreement is None else f'{agreement:.0%}'}); use a stronger judge for a win rate "
+                        "that tells the policies apart")
+    return warnings
 
 
 @torch.no_grad()
@@ -240,6 +286,9 @@ def run_winrate(cfg: WinrateConfig) -> dict:
               "records": [{"prompt": p, "response_a": a, "response_b": b, "verdict": v.winner, "score": v.score,
                            **v.details}
                           for p, a, b, v in zip(prompts, responses_a, responses_b, verdicts)]}
+    result["warnings"] = judge_warnings(result)
+    for warning in result["warnings"]:
+        log.warning("%s: %s", judge.name, warning)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     print(summary_line(result, out))
@@ -247,6 +296,13 @@ def run_winrate(cfg: WinrateConfig) -> dict:
 
 
 def summary_line(result: dict, out: Path) -> str:
-    return (f"win rate of A over B: {result['win_rate']:.3f} (95% CI {result['ci_low']:.3f}-{result['ci_high']:.3f}; "
-            f"{result['wins']} wins, {result['losses']} losses, {result['ties']} ties of {result['n']}) "
-            f"by {result['judge']}; A={result['model_a']} B={result['model_b']} -> {out}")
+    rate = (f"{result['win_rate']:.3f} (95% CI {result['ci_low']:.3f}-{result['ci_high']:.3f}; "
+            if result["n"] else "n/a (no prompt judged; ")
+    judge = ""
+    if diagnostics := result.get("judge_diagnostics"):
+        share, agreement = diagnostics["first_position_share"], diagnostics["agreement"]
+        judge = (f"; judge named the first position in {'n/a' if share is None else f'{share:.0%}'} of its answers, "
+                 f"orders agreed on {'n/a' if agreement is None else f'{agreement:.0%}'} of pairs")
+    return (f"win rate of A over B: {rate}{result['wins']} wins, {result['losses']} losses, {result['ties']} ties "
+            f"of {result['n']}, {result['abstentions']} abstentions) by {result['judge']}{judge}; "
+            f"A={result['model_a']} B={result['model_b']} -> {out}")
