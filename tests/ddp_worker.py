@@ -122,12 +122,9 @@ def zero_config(overrides: dict):
 def run(out: Path, fixed: bool, argv: list[str], poison_rank: int | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if argv[0] in ("train", "sft", "rm"):  # the whole command, as `p3o` runs it (but leaving the process group up)
-        import importlib
+        from p3o.cli import build_parser, run_command
 
-        from p3o.cli import build_parser
-
-        args = build_parser().parse_args(argv)
-        importlib.import_module(args.module).run(args)
+        run_command(build_parser().parse_args(argv))
         return
     trainer = build_trainer(config_from_argv(TrainConfig, argv))
     acc = trainer.accelerator

@@ -68,9 +68,11 @@ def _resolve(spec: str):
     return getattr(importlib.import_module(module), name)
 
 
-def _run(module, args) -> None:
+def run_command(args: argparse.Namespace) -> None:
+    """Run the parsed command (`main` without its error handling and shutdown)."""
     import importlib
 
+    module = args.module
     if isinstance(module, tuple):
         config, run = (_resolve(spec) for spec in module)
         run(build_config(config, args))
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging()
     try:
-        _run(args.module, args)
+        run_command(args)
     except UsageError as exc:
         if args.debug:
             raise
