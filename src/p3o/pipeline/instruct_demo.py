@@ -13,8 +13,9 @@
 
 Every stage writes into its own directory of the run, and a stage whose directory holds its final
 files is finished: `--resume` on an interrupted run reuses the finished stages and redoes the first
-unfinished one (from its start) and those after it. `demo.json` records the run's sizes; a resume
-with other ones is refused.
+unfinished one (from its start) and those after it. `demo.json` records the run's settings: a resume
+with other sizes also redoes the first stage they change and those after it (`STAGE_FIELDS`); one
+with another seed or start model is refused.
 """
 from __future__ import annotations
 
@@ -44,10 +45,12 @@ class InstructPreset:
     pairs_per_step: int = 8
     max_new_tokens: int = 32
     rm_epochs: int = 1
+    rm_max_steps: int | None = None  # wins over rm_epochs
     rm_batch_size: int = 8
     rm_learning_rate: float = 5e-4
     learning_rate: float = 3e-4  # P3O-V2 LoRA
     beta: float = 0.02
+    rl_epochs: int = 2  # passes over each rollout
     lora_r: int = 16
     train_eval_prompts: int = 32  # held-out prompts P3O evaluates itself on (before, every eval_steps, after)
     eval_steps: int = 0
@@ -55,7 +58,8 @@ class InstructPreset:
 
 
 INSTRUCT_PRESETS = {
-    True: InstructPreset(n_pairs=160, n_pairs_eval=32, n_eval=100, rl_steps=20, rm_epochs=2),
+    True: InstructPreset(n_pairs=160, n_pairs_eval=32, n_eval=100, rl_steps=12, rm_max_steps=12, rl_epochs=1,
+                         train_eval_prompts=16),
     False: InstructPreset(n_pairs=384, n_pairs_eval=64, n_eval=200, rl_steps=50, rm_epochs=2, eval_steps=25),
 }
 
@@ -82,27 +86,44 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
     _write_atomically(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
-def check_run_dir(cfg, preset: InstructPreset, out: Path) -> None:
-    """Refuse a resume whose sizes differ from the interrupted run's (their stages would not fit)."""
-    record = {"task": cfg.task, "seed": cfg.seed, "quick": cfg.quick, "model": cfg.model_name_or_path,
-              "preset": asdict(preset)}
-    path = out / "demo.json"
+STAGES = ("start policy", "comparisons", "reward model", "p3o-v2", "evaluation")
+STAGE_FIELDS = {  # the sizes each stage's output depends on (beyond those of the stages before it)
+    "comparisons": ("n_pairs", "n_pairs_eval", "max_new_tokens", "sample_batch_size"),
+    "reward model": ("rm_epochs", "rm_max_steps", "rm_batch_size", "rm_learning_rate", "lora_r"),
+    "p3o-v2": ("rl_steps", "pairs_per_step", "learning_rate", "beta", "rl_epochs", "train_eval_prompts", "eval_steps"),
+    "evaluation": ("n_eval",),
+}
+
+
+def check_run_dir(cfg, preset: InstructPreset, out: Path) -> str | None:
+    """Record the run's settings in demo.json. On --resume: refuse another seed or start model, and
+    return the first stage that other sizes change (it and the later ones are redone), else None."""
+    record = json.loads(json.dumps({"task": cfg.task, "seed": cfg.seed, "model": cfg.model_name_or_path,
+                                    "preset": asdict(preset)}))
+    path, stale = out / "demo.json", None
     if cfg.resume and path.is_file():
         old = json.loads(path.read_text())
-        if old != json.loads(json.dumps(record)):
-            changed = sorted(k for k in record if old.get(k) != json.loads(json.dumps(record[k])))
+        if changed := [k for k in ("task", "seed", "model") if old.get(k) != record[k]]:
             raise UsageError(f"--resume: {out} was started with other settings ({', '.join(changed)}); "
                              "resume with the same ones, or start anew with --overwrite")
+        fields = [k for k in record["preset"] if old.get("preset", {}).get(k) != record["preset"][k]]
+        stale = next((stage for stage in STAGES if set(STAGE_FIELDS.get(stage, ())) & set(fields)), None)
+        if stale:
+            log.warning("--resume with other sizes (%s): redoing the %s stage and those after it",
+                        ", ".join(fields), stale)
     _write_json(path, record)
+    return stale
 
 
 def run_instruct_demo(cfg, out: Path, preset: InstructPreset) -> Path:
     timings: dict[str, float] = {}
     start_time = time.perf_counter()
-    check_run_dir(cfg, preset, out)
+    stale = check_run_dir(cfg, preset, out)
     redo = not cfg.resume  # without --resume every stage runs (over what an --overwrite run left)
 
-    def finished(*paths: Path) -> bool:
+    def finished(stage: str, *paths: Path) -> bool:
+        nonlocal redo
+        redo = redo or stage == stale
         return not redo and all(p.is_file() for p in paths)
 
     def timed(name: str, fn, *args):
@@ -117,7 +138,7 @@ def run_instruct_demo(cfg, out: Path, preset: InstructPreset) -> Path:
     start = Path(cfg.model_name_or_path) if cfg.model_name_or_path else out / "start"
     if cfg.model_name_or_path:
         print(f"using {start}", flush=True)
-    elif finished(start / "model.safetensors"):
+    elif finished("start policy", start / "model.safetensors"):
         print(f"reusing {start}", flush=True)
     else:
         timed("start policy", _fetch_start, start)
@@ -130,7 +151,7 @@ def run_instruct_demo(cfg, out: Path, preset: InstructPreset) -> Path:
     _banner(f"2/6 comparisons: 2 samples of the start policy on {preset.n_pairs} training prompts, "
             "labelled by the gold reward with Bradley-Terry noise")
     prefs = {"train": out / "data" / "prefs_train.jsonl", "eval": out / "data" / "prefs_eval.jsonl"}
-    if finished(*prefs.values()):
+    if finished("comparisons", *prefs.values()):
         print("reusing data/prefs_{train,eval}.jsonl", flush=True)
     else:
         timed("comparisons", _comparisons, cfg, preset, start, files, prefs)
@@ -138,7 +159,7 @@ def run_instruct_demo(cfg, out: Path, preset: InstructPreset) -> Path:
 
     _banner("3/6 reward model: LoRA on the SmolLM2 backbone (p3o rm --use_peft)")
     rm_dir = out / "rm"
-    if finished(rm_dir / "model.safetensors", rm_dir / "metrics.jsonl"):
+    if finished("reward model", rm_dir / "model.safetensors", rm_dir / "metrics.jsonl"):
         print(f"reusing {rm_dir}", flush=True)
     else:
         timed("reward model", _rm, cfg, preset, start, prefs, rm_dir)
@@ -152,14 +173,14 @@ def run_instruct_demo(cfg, out: Path, preset: InstructPreset) -> Path:
 
     _banner(f"4/6 P3O-V2 (LoRA) against the reward model: {preset.rl_steps} steps of {preset.pairs_per_step} prompts")
     rl_dir = out / "p3o-v2"
-    if finished(rl_dir / "model.safetensors", rl_dir / "metrics.jsonl"):
+    if finished("p3o-v2", rl_dir / "model.safetensors", rl_dir / "metrics.jsonl"):
         print(f"reusing {rl_dir}", flush=True)
     else:
         timed("p3o-v2", _p3o, cfg, preset, start, files, rm_dir, rl_dir)
 
     _banner(f"5/6 held-out evaluation on {preset.n_eval} prompts: start vs P3O-V2, and the gold-judged win rate")
     evaluations = {"start": out / "eval" / "start.json", "p3o-v2": out / "eval" / "p3o-v2.json"}
-    if finished(*evaluations.values()):
+    if finished("evaluation", *evaluations.values()):
         print("reusing eval/", flush=True)
     else:
         timed("evaluation", _evaluate, cfg, preset, out, start, files, rm_dir, evaluations)
@@ -197,8 +218,12 @@ def _comparisons(cfg, preset: InstructPreset, start: Path, files: dict, prefs: d
     if len(prompts) > preset.n_pairs:
         prompts.rows, prompts.token_ids = prompts.rows[:preset.n_pairs], prompts.token_ids[:preset.n_pairs]
     raw = [row["prompt"] for row in prompts.rows]
-    sides = [sample_completions(policy, tokenizer, prompts, preset.max_new_tokens, 1.0, cfg.seed, f"comparisons-{side}",
-                                batch_size=preset.sample_batch_size) for side in ("first", "second")]
+    from tqdm.auto import tqdm
+
+    with tqdm(total=2 * len(prompts), desc="sampling", unit="response", disable=cfg.disable_progress_bar) as bar:
+        sides = [sample_completions(policy, tokenizer, prompts, preset.max_new_tokens, 1.0, cfg.seed,
+                                    f"comparisons-{side}", batch_size=preset.sample_batch_size, progress=bar)
+                 for side in ("first", "second")]
     rows = instruct.label_pairs(raw, *sides, seed=cfg.seed)
     rows = [{**row, "chosen": [{"role": "assistant", "content": row["chosen"]}],
              "rejected": [{"role": "assistant", "content": row["rejected"]}]} for row in rows]
@@ -212,7 +237,8 @@ def _rm(cfg, preset: InstructPreset, start: Path, prefs: dict, out: Path) -> Non
     from p3o.reward.train import RMConfig, run_rm
 
     run_rm(RMConfig(model_name_or_path=str(start), dataset=str(prefs["train"]), eval_dataset=str(prefs["eval"]),
-                    output_dir=str(out), num_train_epochs=preset.rm_epochs,
+                    output_dir=str(out), num_train_epochs=None if preset.rm_max_steps else preset.rm_epochs,
+                    max_steps=preset.rm_max_steps,
                     per_device_train_batch_size=preset.rm_batch_size, learning_rate=preset.rm_learning_rate,
                     warmup_ratio=0.1, max_length=256, seed=cfg.seed, logging_steps=5, use_peft=True,
                     lora_r=preset.lora_r, lora_alpha=2.0 * preset.lora_r,
@@ -228,7 +254,7 @@ def _p3o(cfg, preset: InstructPreset, start: Path, files: dict, rm_dir: Path, ou
                           eval_dataset=str(files["prompts_eval"]), eval_max_prompts=preset.train_eval_prompts,
                           eval_steps=preset.eval_steps, output_dir=str(out), algo="p3o-v2",
                           max_steps=preset.rl_steps, pairs_per_step=preset.pairs_per_step,
-                          minibatch_pairs=preset.pairs_per_step, epochs=2, max_new_tokens=preset.max_new_tokens,
+                          minibatch_pairs=preset.pairs_per_step, epochs=preset.rl_epochs, max_new_tokens=preset.max_new_tokens,
                           learning_rate=preset.learning_rate, beta=preset.beta, delta_normalization="rms",
                           use_peft=True, lora_r=preset.lora_r,
                           lora_alpha=2.0 * preset.lora_r, seed=cfg.seed, logging_steps=1,
