@@ -77,9 +77,12 @@ def write_instruct_report(out: Path, cfg, preset, results: dict, winrate: dict, 
         "**proxy reward**, the learned reward model. KL is the mean sequence KL to the start policy in nats.",
         "",
         f"Sizes: {preset.n_pairs} comparisons ({reward_model['train_pairs']} to train, {reward_model['eval_pairs']} "
-        f"held out), {preset.rl_steps} P3O-V2 steps of {preset.pairs_per_step} prompts x 2 responses of at most "
-        f"{preset.max_new_tokens} tokens (lr {preset.learning_rate:g}, beta {preset.beta:g}, LoRA r {preset.lora_r}), "
-        f"{n} held-out prompts (constraint x topic combinations that training never sees).",
+        f"held out); the reward model " + (f"{preset.rm_max_steps} steps" if preset.rm_max_steps else
+                                            f"{preset.rm_epochs} epochs") +
+        f" of {preset.rm_batch_size} pairs (lr {preset.rm_learning_rate:g}); {preset.rl_steps} P3O-V2 steps of "
+        f"{preset.pairs_per_step} prompts x 2 responses of at most {preset.max_new_tokens} tokens, {preset.rl_epochs} "
+        f"epoch(s) a rollout (lr {preset.learning_rate:g}, beta {preset.beta:g}, Delta rms-normalised, LoRA r "
+        f"{preset.lora_r}); {n} held-out prompts (constraint x topic combinations that training never sees).",
         "",
         "## Reward model",
         "",
