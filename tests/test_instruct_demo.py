@@ -59,8 +59,9 @@ def test_instruct_demo_runs_every_stage_and_resumes(tiny_demo, capsys):
     assert "reusing" in printed and (out / "p3o-v2" / "model.safetensors").is_file()
     assert (out / "rm" / "model.safetensors").stat().st_mtime_ns == rm_time
     assert (out / "data" / "prefs_train.jsonl").stat().st_mtime_ns == prefs_time
-    assert "p3o-v2" in json.loads((out / "results.json").read_text())["stage_seconds"]
-    assert "reward model" not in json.loads((out / "results.json").read_text())["stage_seconds"]
+    results = json.loads((out / "results.json").read_text())  # stage times: the reused ones from the first run
+    assert {"comparisons", "reward model", "p3o-v2", "evaluation"} <= set(results["stage_seconds"])
+    assert results["seconds"] > 0 and results["seconds_this_invocation"] > 0
 
     assert demo("--resume", "--seed", "3") == 2  # other settings than the interrupted run's
     assert "other settings" in capsys.readouterr().err

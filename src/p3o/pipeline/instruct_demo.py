@@ -119,6 +119,8 @@ def run_instruct_demo(cfg, out: Path, preset: InstructPreset) -> Path:
     timings: dict[str, float] = {}
     start_time = time.perf_counter()
     stale = check_run_dir(cfg, preset, out)
+    recorded_path = out / "stage_seconds.json"  # each finished stage's time, kept across --resume invocations
+    recorded = json.loads(recorded_path.read_text()) if cfg.resume and recorded_path.is_file() else {}
     redo = not cfg.resume  # without --resume every stage runs (over what an --overwrite run left)
 
     def finished(stage: str, *paths: Path) -> bool:
@@ -130,7 +132,8 @@ def run_instruct_demo(cfg, out: Path, preset: InstructPreset) -> Path:
         nonlocal redo
         stage = time.perf_counter()
         value = fn(*args)
-        timings[name] = time.perf_counter() - stage
+        timings[name] = recorded[name] = time.perf_counter() - stage
+        _write_json(recorded_path, recorded)
         redo = True  # a stage that ran makes every later one stale
         return value
 
@@ -191,8 +194,10 @@ def run_instruct_demo(cfg, out: Path, preset: InstructPreset) -> Path:
     _banner("6/6 report")
     from p3o.pipeline.report import write_instruct_report
 
-    summary = write_results(out, cfg, results, winrate, reward_model, timings, baseline="start")
-    report = write_instruct_report(out, cfg, preset, results, winrate, reward_model, summary, timings)
+    summary = write_results(out, cfg, results, winrate, reward_model, recorded,
+                            timings["total (this invocation)"], baseline="start")
+    report = write_instruct_report(out, cfg, preset, results, winrate, reward_model, summary,
+                                   {**recorded, "this invocation": timings["total (this invocation)"]})
     print(instruct_summary(cfg, results, winrate, reward_model, summary, timings, report))
     return out
 
@@ -329,20 +334,20 @@ def gold_winrate(samples_a: list[dict], samples_b: list[dict], tie_margin: float
 POLICY_KEYS = ("gold", "gold_stderr", "proxy", "proxy_stderr", "kl", "kl_stderr", "length", "length_stderr")
 
 
-def write_results(out: Path, cfg, results: dict, winrate: dict, reward_model: dict, timings: dict,
-                  baseline: str) -> dict:
-    """results.json (the same keys for every demo task); returns the gold gain summary."""
+def write_results(out: Path, cfg, results: dict, winrate: dict, reward_model: dict, stage_seconds: dict,
+                  seconds_this_invocation: float, baseline: str) -> dict:
+    """results.json (the same keys for every demo task); returns the gold gain summary. `seconds`: what
+    the stages took (a resumed run: summed over the invocations that ran them)."""
     trained = "p3o-v2"
     gain = results[trained]["gold"] - results[baseline]["gold"]
     gain_stderr = math.hypot(results[trained]["gold_stderr"], results[baseline]["gold_stderr"])
     summary = {"gold_gain": gain, "gold_gain_stderr": gain_stderr,
                "gold_gain_in_stderrs": gain / gain_stderr if gain_stderr else math.nan}
-    total = sum(v for k, v in timings.items() if not k.startswith("total"))
     body = {"task": cfg.task, "seed": cfg.seed, "quick": cfg.quick,
             "policies": {name: {k: m[k] for k in POLICY_KEYS if k in m} for name, m in results.items()},
             "baseline": baseline, "winrate": {"policy": trained, "against": baseline, "judge": "gold", **winrate},
-            "reward_model": reward_model, **summary, "seconds": timings.get("total (this invocation)", total),
-            "stage_seconds": {k: v for k, v in timings.items() if not k.startswith("total")}}
+            "reward_model": reward_model, **summary, "seconds": sum(stage_seconds.values()),
+            "stage_seconds": stage_seconds, "seconds_this_invocation": seconds_this_invocation}
     _write_json(out / "results.json", body)
     return summary
 

@@ -126,7 +126,7 @@ def write_instruct_report(out: Path, cfg, preset, results: dict, winrate: dict, 
         cells = [f"{_reply(m['samples'][i]['completion'])} *(gold {m['samples'][i]['gold']:.2f})*"
                  for m in (start, rl)]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in (text, *cells)) + " |")
-    lines += ["", "## Time (this invocation; reused stages take none)", "",
+    lines += ["", "## Time (each stage as it ran; a resumed run's reused stages as their own invocation took)", "",
               *[f"- {name}: {seconds:.0f} s" for name, seconds in timings.items()], ""]
     report = out / "report.md"
     report.write_text("\n".join(lines))
