@@ -25,6 +25,11 @@ def test_demo_runs_every_stage_and_writes_a_report(tmp_path, monkeypatch, capsys
     assert "Held-out pairwise accuracy" in report and "**prompt:**" in report
     metrics = [json.loads(line) for line in (out / "p3o-v2" / "metrics.jsonl").read_text().splitlines()]
     assert "monitor_reward" in metrics[0]  # the gold reward is tracked during training
+    results = json.loads((out / "results.json").read_text())  # the same keys as --task instruct's
+    assert set(results["policies"]) == {"sft", "p3o-v2"} and results["baseline"] == "sft"
+    assert {"gold", "gold_stderr", "proxy", "proxy_stderr", "kl", "kl_stderr", "length"} <= set(results["policies"]["sft"])
+    assert {"win_rate", "ci_low", "ci_high", "n"} <= set(results["winrate"]) and results["winrate"]["n"] == 12
+    assert "eval_accuracy" in results["reward_model"] and results["seconds"] > 0
     printed = capsys.readouterr().out
     assert "gold reward on held-out prompts: SFT" in printed and "labeller agreement" in printed
 
@@ -34,4 +39,4 @@ def test_demo_refuses_a_non_empty_directory_and_unknown_tasks(tmp_path, capsys):
     assert main(["demo", "--output_dir", str(tmp_path)]) == 2
     assert "not empty" in capsys.readouterr().err
     assert main(["demo", "--task", "poetry", "--output_dir", str(tmp_path / "new")]) == 2
-    assert "known tasks: summarize, dialogue" in capsys.readouterr().err
+    assert "known tasks: summarize, dialogue, instruct" in capsys.readouterr().err

