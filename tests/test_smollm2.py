@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import bot, user, write_jsonl
+from conftest import bot, missing_real_model, user, write_jsonl
 
 from p3o.cli import main
 
@@ -160,11 +160,16 @@ def test_rl_with_lora_on_chat_data(smollm2, tmp_path, algo):
 def smollm2_gguf() -> Path:
     from p3o.models.fetch import packaged_gguf
 
-    pytest.importorskip("gguf")
+    import importlib.util
+
+    from p3o.errors import UsageError
+
+    if importlib.util.find_spec("gguf") is None:
+        missing_real_model("the gguf package is not installed: pip install gguf")
     try:
         return packaged_gguf("smollm2")
-    except Exception as exc:  # noqa: BLE001 (the wheel is missing: the fixture says so too)
-        pytest.skip(str(exc))
+    except UsageError as exc:  # the wheel is missing or holds no GGUF: the message says what to install
+        missing_real_model(str(exc))
 
 
 def test_a_gguf_path_is_a_model_and_saves_as_safetensors(smollm2, tmp_path):
