@@ -37,18 +37,29 @@ def render_prompt(prompt: Any, tokenizer, where: str, add_generation_prompt: boo
                              "template; give plain-text prompts or a tokenizer with a chat_template")
         try:
             text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=add_generation_prompt)
-            bare = add_generation_prompt and tokenizer.apply_chat_template(prompt, tokenize=False)
+            if add_generation_prompt and tokenizer.chat_template not in _OPENS_REPLIES:  # once per template
+                _check_generation_prompt(prompt, text, tokenizer, where)
+                _OPENS_REPLIES.add(tokenizer.chat_template)
+        except UsageError:
+            raise
         except Exception as exc:  # jinja raises its own errors, e.g. "System role not supported"
             raise UsageError(f"{where}: the tokenizer's chat template refused these messages "
                              f"({type(exc).__name__}: {exc})") from None
-        if add_generation_prompt and text == bare and _reply_needs_a_header(prompt, text, tokenizer):
-            raise UsageError(f"{where}: the tokenizer's chat template writes no generation prompt (it ignores "
-                             "add_generation_prompt), so the model would go on with the user's turn instead of "
-                             "answering; use a template that opens the assistant's turn when add_generation_prompt "
-                             "is true, or plain-text prompts")
         return text
     raise UsageError(f"{where}: a prompt must be text or a list of {{'role', 'content'}} messages, "
                      f"got {type(prompt).__name__}")
+
+
+_OPENS_REPLIES: set[str] = set()  # chat templates whose generation prompt was checked (a template's property)
+
+
+def _check_generation_prompt(prompt: list, text: str, tokenizer, where: str) -> None:
+    """Refuse a template that ignores add_generation_prompt where the reply needs a header."""
+    if text == tokenizer.apply_chat_template(prompt, tokenize=False) and _reply_needs_a_header(prompt, text, tokenizer):
+        raise UsageError(f"{where}: the tokenizer's chat template writes no generation prompt (it ignores "
+                         "add_generation_prompt), so the model would go on with the user's turn instead of "
+                         "answering; use a template that opens the assistant's turn when add_generation_prompt "
+                         "is true, or plain-text prompts")
 
 
 def _reply_needs_a_header(prompt: list, rendered: str, tokenizer) -> bool:

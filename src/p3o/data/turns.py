@@ -46,7 +46,11 @@ def end_of_turn_id(tokenizer) -> int | None:
 def stop_token_ids(tokenizer, extra: list[int] = ()) -> list[int]:
     """The tokenizer's EOS and the chat template's end of turn, plus `extra` (the model's own); a
     UsageError if there are none, since a response could then never end."""
-    ids = {i for i in (tokenizer.eos_token_id, end_of_turn_id(tokenizer), *extra) if i is not None}
+    return _stops(tokenizer, end_of_turn_id(tokenizer), extra)
+
+
+def _stops(tokenizer, turn: int | None, extra=()) -> list[int]:
+    ids = {i for i in (tokenizer.eos_token_id, turn, *extra) if i is not None}
     if not ids:
         raise UsageError("the tokenizer has no EOS token and no chat template that ends a turn with a special "
                          "token, so a response could never end; set its eos_token (e.g. tokenizer.eos_token = "
@@ -74,6 +78,7 @@ class ReplyEnds:
 
     @classmethod
     def of(cls, tokenizer) -> "ReplyEnds":
-        stops, turn, eos = stop_token_ids(tokenizer), end_of_turn_id(tokenizer), tokenizer.eos_token_id
+        turn, eos = end_of_turn_id(tokenizer), tokenizer.eos_token_id  # the template read once
+        stops = _stops(tokenizer, turn)
         text = eos if eos is not None else stops[0]
         return cls(stops, turn if turn is not None else text, text)

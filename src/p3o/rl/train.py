@@ -242,7 +242,7 @@ def _resume_point(cfg: P3OConfig) -> Path | None:
 
 
 def _run(api: P3OTrainer, out: Path, resuming: bool) -> dict:
-    trainer, callbacks = api.engine, None
+    trainer = api.engine
     cfg, acc = trainer.cfg, trainer.accelerator
     acc.wait_for_everyone()  # every process has checked the output directory before anything is written
     writers, resumed_at = {}, trainer.state.step
