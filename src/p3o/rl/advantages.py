@@ -8,32 +8,15 @@ The KL part `beta * kl` is added after, in the working precision.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
-from p3o.errors import UsageError
 from p3o.utils.ops import masked_sum
+from p3o.utils.registry import Registry
 
 # name -> estimator(rewards (G, k) float64, kl (G, k), beta, group, cfg) -> advantages (G, k);
 # `group` holds per-prompt extras (ReMax's greedy baseline). One signature, like the loss registry.
-ESTIMATORS: dict[str, Callable] = {}
-
-
-def register_estimator(name: str) -> Callable:
-    def register(fn: Callable) -> Callable:
-        if name in ESTIMATORS:
-            raise ValueError(f"advantage estimator {name!r} is registered already")
-        ESTIMATORS[name] = fn
-        return fn
-
-    return register
-
-
-def get_estimator(name: str) -> Callable:
-    if name not in ESTIMATORS:
-        raise UsageError(f"unknown advantage estimator {name!r}; known: {', '.join(sorted(ESTIMATORS))}")
-    return ESTIMATORS[name]
+ESTIMATORS = Registry("advantage estimator")
+register_estimator, get_estimator = ESTIMATORS.register, ESTIMATORS.find
 
 
 def leave_one_out(rewards: torch.Tensor, kl: torch.Tensor, beta: float) -> torch.Tensor:

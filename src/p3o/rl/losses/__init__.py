@@ -6,34 +6,14 @@ gradient accumulation and (later) several processes see one normaliser for the w
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
-from p3o.errors import UsageError
+from p3o.utils.registry import Registry
 
-LOSSES: dict[str, Callable] = {}
+LOSSES = Registry("loss")  # name -> fn(...) -> (per-unit losses, stats)
+register_loss, get_loss = LOSSES.register, LOSSES.find
 
 AGGREGATIONS = ("group-mean", "token-mean")
-
-
-def register_loss(name: str) -> Callable[[Callable], Callable]:
-    """Decorator: make `fn` available as `--algo name` style loss lookups."""
-
-    def decorate(fn: Callable) -> Callable:
-        if name in LOSSES:
-            raise ValueError(f"loss {name!r} is registered twice")
-        LOSSES[name] = fn
-        return fn
-
-    return decorate
-
-
-def get_loss(name: str) -> Callable:
-    """The loss registered as `name`; unknown names are refused with the list of known ones."""
-    if name not in LOSSES:
-        raise UsageError(f"unknown loss {name!r}; known losses: {', '.join(sorted(LOSSES))}")
-    return LOSSES[name]
 
 
 def aggregate(unit_losses: torch.Tensor, normaliser: float | torch.Tensor) -> torch.Tensor:
