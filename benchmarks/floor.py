@@ -68,8 +68,8 @@ def parts_alone(trainer, rollout, texts, step: int) -> dict[str, float]:
     from p3o.rl.engine import training_mode
     from p3o.rl.rollout import batched_logprobs_and_values, token_logprobs_and_values
 
-    seq, cfg = rollout.seq, trainer.cfg
-    batch = trainer.sizes.micro_pairs * trainer.sizes.samples_per_prompt
+    seq, cfg = rollout, trainer.cfg
+    batch = trainer.sizes.micro_groups * trainer.sizes.num_generations
     keys = ("query_ids", "query_mask", "response_ids", "response_mask")
 
     def train_forward_backward():
@@ -82,8 +82,8 @@ def parts_alone(trainer, rollout, texts, step: int) -> dict[str, float]:
                                         paired=trainer.pairs_share_prompt)
 
     def forward_backward():
-        for part in rollout.split(trainer.sizes.micro_pairs):
-            logps, _ = token_logprobs_and_values(trainer.policy, *(part.seq[k] for k in keys), cfg.temperature,
+        for part in rollout.split(trainer.sizes.micro_groups):
+            logps, _ = token_logprobs_and_values(trainer.policy, *(getattr(part, k) for k in keys), cfg.temperature,
                                                  trainer.logits_to_keep, paired=trainer.pairs_share_prompt)
             (logps.sum() / rollout.num_groups).backward()
 
@@ -91,9 +91,9 @@ def parts_alone(trainer, rollout, texts, step: int) -> dict[str, float]:
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
 
-    prompts = [p for p in texts.prompts for _ in range(rollout.group_size)]
+    prompts = [p for p in texts.prompts for _ in range(rollout.num_generations)]
     return {
-        "generate": timed(lambda: trainer.generate(seq["query_ids"], seq["query_mask"], trainer.gen_config,
+        "generate": timed(lambda: trainer.generate(seq.query_ids, seq.query_mask, trainer.gen_config,
                                                    "floor", step)),
         "score": timed(lambda: trainer.reward(prompts, texts.completions)),
         "reference": timed(reference),

@@ -14,6 +14,7 @@ from test_engine import assert_bit_identical, gradients_of_first_update, trained
 from p3o.cli import main
 from p3o.errors import UsageError
 from p3o.rl.algorithms import ALGORITHMS
+from p3o.rl.rollout import PolicyOutputs
 from p3o.rl.train import build_trainer
 
 SAMPLED = ["p3o-v1", "p3o-v2", "ppo", "rloo", "grpo", "remax", "online-dpo"]
@@ -53,7 +54,7 @@ def test_each_algorithm_runs_on_the_shared_engine(assets, tmp_path, algo):
     history = trainer.train()
     assert len(history) == 2 and all(math.isfinite(m["loss"]) for m in history)
     assert trainer.state.optimizer_steps == 2 * 2 * 2  # steps x epochs x minibatches, as for P3O
-    k = trainer.sizes.samples_per_prompt
+    k = trainer.sizes.num_generations
     assert k == {"grpo": 4, "ppo": 1, "remax": 1}.get(algo, 2)
     assert history[0]["kl"] == 0.0 and "reward" in history[0]
     # only PPO trains a value head, and only its loss reports a value loss
@@ -112,22 +113,22 @@ def test_rloo_with_more_samples_differs_from_p3o(assets, tmp_path):
     kw = dict(max_steps=1, epochs=2, pairs_per_step=8, minibatch_pairs=8)  # epochs 2: advantages before the update
     trainer = build_trainer(train_config(assets, tmp_path, algo="rloo", num_generations=4, **kw))
     rollout, texts, _ = trainer.collect_rollout(0)
-    assert rollout.seq["response_ids"].shape[0] == 32 and rollout.seq["advantages"].shape == (32,)
-    assert torch.allclose(rollout.seq["advantages"].view(8, 4).sum(-1), torch.zeros(8), atol=1e-5)  # LOO sums to 0
+    assert rollout.response_ids.shape[0] == 32 and rollout.advantages.shape == (32,)
+    assert torch.allclose(rollout.advantages.view(8, 4).sum(-1), torch.zeros(8), atol=1e-5)  # LOO sums to 0
 
 
 def test_ppo_rollout_has_token_level_advantages_returns_and_values(assets, tmp_path):
     trainer = build_trainer(train_config(assets, tmp_path, algo="ppo", max_new_tokens=6))
     rollout, _, _ = trainer.collect_rollout(0)
-    seq, mask = rollout.seq, rollout.seq["response_mask"].bool()
-    assert seq["advantages"].shape == seq["returns"].shape == seq["old_values"].shape == mask.shape
-    assert not seq["old_values"].any()  # the critic starts at zero
-    assert seq["advantages"][mask].mean().abs() < 1e-5 and not seq["advantages"][~mask].any()  # whitened
+    seq, mask = rollout, rollout.response_mask.bool()
+    assert seq.advantages.shape == seq.returns.shape == seq.old_values.shape == mask.shape
+    assert not seq.old_values.any()  # the critic starts at zero
+    assert seq.advantages[mask].mean().abs() < 1e-5 and not seq.advantages[~mask].any()  # whitened
     # V = 0 and pi_old = pi_ref, so the only reward is the score on the last token n - 1, and with
     # gamma = 1 GAE gives token t the return lambda^(n - 1 - t) * score
     n = mask.sum(-1, keepdim=True)
-    expected = 0.95 ** (n - 1 - torch.arange(mask.shape[1])).clamp(min=0) * seq["rewards"].float()[:, None]
-    assert torch.allclose(seq["returns"][mask], expected[mask], atol=1e-6)
+    expected = 0.95 ** (n - 1 - torch.arange(mask.shape[1])).clamp(min=0) * seq.rewards.float()[:, None]
+    assert torch.allclose(seq.returns[mask], expected[mask], atol=1e-6)
 
 
 def test_ppo_saves_a_plain_policy_and_its_value_head_beside_it(assets, tmp_path):
@@ -172,31 +173,31 @@ def test_grpo_with_two_samples_warns_that_only_the_sign_is_kept(assets, tmp_path
 def test_remax_scores_a_greedy_response_per_prompt(assets, tmp_path):
     trainer = build_trainer(train_config(assets, tmp_path, algo="remax", num_generations=1))
     rollout, _, _ = trainer.collect_rollout(0)
-    base, kl = rollout.group["baseline_rewards"], rollout.group["baseline_kl"]
+    base, kl = rollout.baseline_rewards, rollout.baseline_kl
     assert base.shape == kl.shape == (8,) and base.dtype == torch.float64
-    expected = (rollout.seq["rewards"] - base).float() - trainer.cfg.beta * (rollout.seq["kl"] - kl)
-    assert torch.allclose(rollout.seq["advantages"], expected)
+    expected = (rollout.rewards - base).float() - trainer.cfg.beta * (rollout.kl - kl)
+    assert torch.allclose(rollout.advantages, expected)
     # greedy really is deterministic: the same prompts give the same baseline at another sampling seed
     other = build_trainer(train_config(assets, tmp_path, algo="remax", num_generations=1, seed=5))
     other.prompt_indices = trainer.prompt_indices
-    assert torch.equal(other.collect_rollout(0)[0].group["baseline_rewards"], base)
+    assert torch.equal(other.collect_rollout(0)[0].baseline_rewards, base)
 
 
 def test_online_dpo_labels_pairs_by_reward_and_drops_ties(assets, tmp_path):
     trainer = build_trainer(train_config(assets, tmp_path, algo="online-dpo"))
     rollout, _, _ = trainer.collect_rollout(0)
-    r = rollout.seq["rewards"].view(-1, 2)
-    assert torch.equal(rollout.group["preference"], torch.sign(r[:, 0] - r[:, 1]).float())
+    r = rollout.rewards.view(-1, 2)
+    assert torch.equal(rollout.preference, torch.sign(r[:, 0] - r[:, 1]).float())
 
 
 def test_offline_dpo_loss_is_log_two_at_the_start(assets, tmp_path, preferences):
     trainer = build_trainer(dpo_config(assets, tmp_path, preferences, max_new_tokens=12))
     rollout, texts, _ = trainer.collect_rollout(0)
-    seq = rollout.seq
-    assert "rewards" not in seq and "old_logp" not in seq  # nothing sampled, scored or re-computed
+    seq = rollout
+    assert seq.rewards is None and seq.old_logp is None  # nothing sampled, scored or re-computed
     assert texts.completions[0].split()[1] in TARGETS and not set(texts.completions[1].split()) & set(TARGETS)
     token_logps = trainer.log_probs(seq, {}, old=False)["ref_token_logp"]
-    losses, stats = trainer.algorithm.loss(rollout, {"token_logps": token_logps}, trainer.cfg)
+    losses, stats = trainer.algorithm.loss(rollout, PolicyOutputs(token_logps), trainer.cfg)
     assert torch.allclose(losses, torch.full((8,), math.log(2)))
 
 
@@ -289,7 +290,7 @@ def fake_rollout(k: int = 2, G: int = 3, T: int = 5, seed: int = 0):
            "old_values": torch.randn(B, T, generator=g) * mask}
     seq["old_logp"] = seq["old_token_logp"].sum(-1)
     seq["kl"] = seq["old_logp"] - seq["ref_token_logp"].sum(-1)
-    return Rollout(k, seq)
+    return Rollout(k, **seq)
 
 
 def test_ppo_prepare_runs_gae_with_the_configured_gamma_and_lambda(assets, tmp_path):
@@ -299,13 +300,13 @@ def test_ppo_prepare_runs_gae_with_the_configured_gamma_and_lambda(assets, tmp_p
     cfg = train_config(assets, tmp_path, algo="ppo", gamma=0.9, gae_lambda=0.5)
     rollout = fake_rollout(k=1, G=4)
     prepared = get_algorithm("ppo").prepare(rollout, cfg, 0.2)
-    seq, mask = rollout.seq, rollout.seq["response_mask"]
-    rewards = -0.2 * (seq["old_token_logp"] - seq["ref_token_logp"]) * mask
+    seq, mask = rollout, rollout.response_mask
+    rewards = -0.2 * (seq.old_token_logp - seq.ref_token_logp) * mask
     lengths = mask.sum(-1).tolist()
     for b, n in enumerate(lengths):
-        rewards[b, n - 1] += seq["rewards"][b].item()
-    expected = naive_gae(rewards.double(), seq["old_values"].double(), lengths, 0.9, 0.5)
-    assert torch.allclose(prepared.seq["returns"], (expected + seq["old_values"]).float() * mask, atol=1e-5)
+        rewards[b, n - 1] += seq.rewards[b].item()
+    expected = naive_gae(rewards.double(), seq.old_values.double(), lengths, 0.9, 0.5)
+    assert torch.allclose(prepared.fields["returns"], (expected + seq.old_values).float() * mask, atol=1e-5)
 
 
 @pytest.mark.parametrize("aggregation", ["group-mean", "token-mean"])
@@ -329,9 +330,9 @@ def test_online_dpo_ties_carry_no_loss_and_no_statistics(assets, tmp_path):
     cfg = train_config(assets, tmp_path, algo="online-dpo", beta=0.5)
     mask = torch.ones(4, 2)
     ref = torch.tensor([[-1.0, -1.0], [-2.0, -2.0], [-1.0, -1.0], [-3.0, -3.0]])
-    batch = Rollout(2, {"response_mask": mask, "ref_logp": ref.sum(-1)}, {"preference": torch.tensor([0.0, -1.0])})
+    batch = Rollout(2, response_mask=mask, ref_logp=ref.sum(-1), preference=torch.tensor([0.0, -1.0]))
     token_logps = ref + torch.tensor([[0.4], [0.0], [0.0], [0.6]])  # y1 of the tie and y2 of the second pair moved up
-    losses, stats = get_algorithm("online-dpo").loss(batch, {"token_logps": token_logps}, cfg)
+    losses, stats = get_algorithm("online-dpo").loss(batch, PolicyOutputs(token_logps), cfg)
     assert losses[0] == 0.0
     # pair 2 prefers y2, which rose by 2 * 0.6 = 1.2 nats relative to y1: margin 0.5 * 1.2
     assert losses[1] == pytest.approx(-math.log(1 / (1 + math.exp(-0.6))), rel=1e-5)

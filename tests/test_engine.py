@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import train_config
 
+from p3o.rl.rollout import PolicyOutputs
 from p3o.rl.train import build_trainer
 
 
@@ -25,30 +26,30 @@ def assert_bit_identical(a: dict, b: dict) -> None:
 def test_first_rollout_pairs_masks_and_kl(assets, tmp_path):
     trainer = build_trainer(train_config(assets, tmp_path, max_new_tokens=8))
     rollout, texts, _ = trainer.collect_rollout(0)
-    seq = rollout.seq
-    B, T = seq["response_ids"].shape
+    seq = rollout
+    B, T = seq.response_ids.shape
     assert B == 16 and rollout.num_groups == 8 and T <= 8
     # both responses of a pair share the prompt and sit in consecutive rows
-    assert torch.equal(seq["query_ids"][0::2], seq["query_ids"][1::2])
+    assert torch.equal(seq.query_ids[0::2], seq.query_ids[1::2])
     # the mask runs up to and including the first EOS and is 0 after it
     eos = trainer.tokenizer.eos_token_id
-    for ids, mask in zip(seq["response_ids"], seq["response_mask"]):
+    for ids, mask in zip(seq.response_ids, seq.response_mask):
         n = int(mask.sum())
         assert mask[:n].all() and not mask[n:].any()
         assert (ids[: n - 1] != eos).all()
         assert n == T or ids[n - 1] == eos
     # pi_old == pi_ref at the start, so the sequence KL is exactly zero
-    assert torch.equal(seq["old_logp"], seq["ref_logp"]) and not seq["kl"].any()
-    assert rollout.group["delta"].shape == (8,)
+    assert torch.equal(seq.old_logp, seq.ref_logp) and not seq.kl.any()
+    assert rollout.delta.shape == (8,)
     assert len(texts.completions) == 16 and len(texts.prompts) == 8
 
 
 def test_delta_is_reward_difference_minus_beta_kl_difference(assets, tmp_path):
     trainer = build_trainer(train_config(assets, tmp_path, beta=0.3))
     rollout, _, _ = trainer.collect_rollout(0)
-    rollout.seq["kl"] = torch.randn(16)  # pretend the policy has moved
-    delta = trainer.algorithm.prepare(rollout, trainer.cfg, 0.3).group["delta"]
-    r, kl = rollout.seq["rewards"].view(8, 2), rollout.seq["kl"].view(8, 2)
+    rollout.kl = torch.randn(16)  # pretend the policy has moved
+    delta = trainer.algorithm.prepare(rollout, trainer.cfg, 0.3).fields["delta"]
+    r, kl = rollout.rewards.view(8, 2), rollout.kl.view(8, 2)
     expected = (r[:, 0] - r[:, 1]).float() - 0.3 * (kl[:, 0] - kl[:, 1])
     assert torch.allclose(delta, expected)
 
@@ -120,7 +121,7 @@ def test_one_on_policy_pass_takes_pi_old_from_the_training_forward(assets, tmp_p
     rows, original = [], engine.batched_logprobs_and_values
 
     def counting(model, seq, *args, **kwargs):  # rows the policy itself scores without gradient
-        rows.append(0 if model is runs[-1].ref_policy else seq["query_ids"].shape[0])
+        rows.append(0 if model is runs[-1].ref_policy else seq.query_ids.shape[0])
         return original(model, seq, *args, **kwargs)
 
     monkeypatch.setattr(engine, "batched_logprobs_and_values", counting)
@@ -133,7 +134,7 @@ def test_one_on_policy_pass_takes_pi_old_from_the_training_forward(assets, tmp_p
         histories.append(runs[-1].train())
         histories[-1].append(sum(rows))
     fused, separate = histories
-    k = runs[0].sizes.samples_per_prompt
+    k = runs[0].sizes.num_generations
     assert separate[-1] - fused[-1] == 2 * 8 * k  # exactly the old pass over both steps' rollouts is gone
     for name in ("kl", "loss", "delta_abs", "advantage_abs", "tie_fraction"):
         if name in separate[0]:
@@ -160,7 +161,7 @@ def test_minibatches_never_split_pairs_and_count_optimizer_steps(assets, tmp_pat
     algorithm, seen = trainer.algorithm, []
 
     def checking_loss(batch, outputs, cfg):
-        q = batch.seq["query_ids"]
+        q = batch.query_ids
         assert q.shape[0] % 2 == 0 and torch.equal(q[0::2], q[1::2]), "a pair was split"
         seen.append(batch.num_groups)
         return algorithm.loss(batch, outputs, cfg)
@@ -175,8 +176,8 @@ def test_rollout_select_keeps_groups_whole(assets, tmp_path):
     trainer = build_trainer(train_config(assets, tmp_path))
     rollout, _, _ = trainer.collect_rollout(0)
     part = rollout.select(torch.tensor([5, 2]))
-    assert torch.equal(part.seq["response_ids"], rollout.seq["response_ids"][[10, 11, 4, 5]])
-    assert torch.equal(part.group["delta"], rollout.group["delta"][[5, 2]])
+    assert torch.equal(part.response_ids, rollout.response_ids[[10, 11, 4, 5]])
+    assert torch.equal(part.delta, rollout.delta[[5, 2]])
 
 
 def test_every_prompt_is_used_once_per_pass(assets, tmp_path):
@@ -219,8 +220,8 @@ def test_the_default_minibatch_is_the_same_on_one_and_several_processes(assets, 
 
     cfg = train_config(assets, tmp_path, pairs_per_step=pairs, minibatch_pairs=None)
     sizes = [derive_sizes(cfg, processes) for processes in (1, 2, 4)]
-    assert len({(s.minibatch_pairs, s.optimizer_steps) for s in sizes}) == 1
-    assert [s.local_minibatch for s in sizes] == [sizes[0].minibatch_pairs // n for n in (1, 2, 4)]
+    assert len({(s.minibatch_groups, s.optimizer_steps) for s in sizes}) == 1
+    assert [s.local_minibatch for s in sizes] == [sizes[0].minibatch_groups // n for n in (1, 2, 4)]
 
 
 def test_warmup_schedule_and_metrics(assets, tmp_path):
@@ -270,10 +271,10 @@ def test_kl_is_measured_against_the_frozen_initial_policy(assets, tmp_path):
     trainer = build_trainer(train_config(assets, tmp_path, max_steps=2))
     trainer.train()
     rollout, _, _ = trainer.collect_rollout(2)
-    assert rollout.seq["kl"].abs().max() > 1e-3  # the policy moved away from the reference
+    assert rollout.kl.abs().max() > 1e-3  # the policy moved away from the reference
     initial = load_causal_lm(str(assets["llama"]))
-    ref = sequence_logprobs(batched_token_logprobs(initial, rollout.seq, 1.0, 16), rollout.seq["response_mask"])
-    assert torch.allclose(rollout.seq["ref_logp"], ref, atol=1e-5)
+    ref = sequence_logprobs(batched_token_logprobs(initial, rollout, 1.0, 16), rollout.response_mask)
+    assert torch.allclose(rollout.ref_logp, ref, atol=1e-5)
 
 
 def first_update_ratio_gap(trainer) -> float:
@@ -282,8 +283,8 @@ def first_update_ratio_gap(trainer) -> float:
 
     def recording_loss(batch, outputs, cfg):
         if not gaps:
-            logp = (outputs["token_logps"] * batch.seq["response_mask"]).sum(-1)
-            gaps.append((logp - batch.seq["old_logp"]).abs().max().item())
+            logp = (outputs.token_logps * batch.response_mask).sum(-1)
+            gaps.append((logp - batch.old_logp).abs().max().item())
         return algorithm.loss(batch, outputs, cfg)
 
     trainer.algorithm = dataclasses.replace(algorithm, loss=recording_loss)
@@ -318,7 +319,7 @@ def test_token_mean_divides_by_the_minibatch_response_tokens(assets, tmp_path):
     token_mean = gradients_of_first_update(train_config(assets, tmp_path, loss_aggregation="token-mean", **kw))
     trainer = build_trainer(train_config(assets, tmp_path, **kw))
     rollout, _, _ = trainer.collect_rollout(0)
-    tokens = float(rollout.seq["response_mask"].sum())
+    tokens = float(rollout.response_mask.sum())
     assert tokens != 8
     for name in pair_mean:
         assert torch.allclose(token_mean[name] * tokens / 8, pair_mean[name], atol=1e-7, rtol=1e-4), name
@@ -332,12 +333,12 @@ def test_the_loss_adapter_passes_the_configured_clip_and_clamp(assets, tmp_path)
     cfg = train_config(assets, tmp_path, algo="p3o-v1", clip_eps=0.05, importance_clamp=1.5)
     mask = torch.ones(4, 3)
     old = torch.tensor([-3.0, -2.0, -4.0, -1.0])
-    batch = Rollout(2, {"response_mask": mask, "old_logp": old}, {"delta": torch.tensor([1.0, -2.0])})
+    batch = Rollout(2, response_mask=mask, old_logp=old, delta=torch.tensor([1.0, -2.0]))
     token_logps = (old[:, None] + torch.tensor([0.3, -0.6, 0.1, 0.5])[:, None]) / 3 * mask  # (4, 3)
-    losses, stats = get_algorithm("p3o-v1").loss(batch, {"token_logps": token_logps}, cfg)
-    expected, expected_stats = p3o_v1_loss(token_logps.sum(-1).view(2, 2), old.view(2, 2), batch.group["delta"],
+    losses, stats = get_algorithm("p3o-v1").loss(batch, PolicyOutputs(token_logps), cfg)
+    expected, expected_stats = p3o_v1_loss(token_logps.sum(-1).view(2, 2), old.view(2, 2), batch.delta,
                                            clip_eps=0.05, is_clamp=1.5)
-    default, _ = p3o_v1_loss(token_logps.sum(-1).view(2, 2), old.view(2, 2), batch.group["delta"])
+    default, _ = p3o_v1_loss(token_logps.sum(-1).view(2, 2), old.view(2, 2), batch.delta)
     assert torch.allclose(losses, expected) and stats == expected_stats
     assert not torch.allclose(losses, default)  # the non-default settings matter for this batch
 
@@ -347,7 +348,7 @@ def test_each_epoch_reshuffles_the_pairs(assets, tmp_path):
     algorithm, order = trainer.algorithm, []
 
     def recording_loss(batch, outputs, cfg):
-        order.append(batch.seq["old_logp"][0].item())
+        order.append(batch.old_logp[0].item())
         return algorithm.loss(batch, outputs, cfg)
 
     trainer.algorithm = dataclasses.replace(algorithm, loss=recording_loss)
@@ -372,8 +373,8 @@ def test_tokenizers_that_add_bos_with_pad_equal_to_eos(assets, bos_tokenizer_mod
                for ids in trainer.prompts.token_ids)
     assert len(trainer.train()) == 2
     rollout, _, _ = trainer.collect_rollout(2)
-    real = rollout.seq["query_ids"][rollout.seq["query_mask"].bool()]
-    assert int((real == tokenizer.bos_token_id).sum()) == rollout.seq["query_ids"].shape[0]  # one BOS each
+    real = rollout.query_ids[rollout.query_mask.bool()]
+    assert int((real == tokenizer.bos_token_id).sum()) == rollout.query_ids.shape[0]  # one BOS each
 
 
 def test_a_monitor_reward_is_logged_and_never_trained_on(assets, tmp_path):
@@ -395,6 +396,6 @@ def test_entropy_of_the_sampled_responses_is_logged(assets, tmp_path, fused):
     rollout, _, timings = trainer.collect_rollout(0)
     stats = trainer.update(rollout, 0)
     metrics = trainer.step_metrics(rollout, stats, timings, 1.0)
-    seq = rollout.seq
-    expected = -(seq["old_token_logp"] * seq["response_mask"]).sum() / seq["response_mask"].sum()
+    seq = rollout
+    expected = -(seq.old_token_logp * seq.response_mask).sum() / seq.response_mask.sum()
     assert metrics["entropy"] == pytest.approx(expected.item(), rel=1e-12) and metrics["entropy"] > 0

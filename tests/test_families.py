@@ -146,8 +146,8 @@ def test_a_p3o_step_scores_exactly_the_sampled_tokens_on_policy(family, data, tm
 
     def recording_loss(batch, outputs, cfg):  # the first minibatch of the first epoch: pi == pi_old
         if not gaps:
-            logp = (outputs["token_logps"] * batch.seq["response_mask"]).sum(-1)
-            gaps.append((logp - batch.seq["old_logp"]).abs().max().item())
+            logp = (outputs.token_logps * batch.response_mask).sum(-1)
+            gaps.append((logp - batch.old_logp).abs().max().item())
         return algorithm.loss(batch, outputs, cfg)
 
     trainer.reward, trainer.collect_rollout = recording_reward, recording_collect
@@ -155,12 +155,12 @@ def test_a_p3o_step_scores_exactly_the_sampled_tokens_on_policy(family, data, tm
     history = trainer.train()
     assert math.isfinite(history[0]["loss"])
     assert gaps[0] < 1e-5  # 5: the first update's ratio is 1
-    seq = rollouts[0][0].seq
+    seq = rollouts[0][0]
     # 3: pi_old's and pi_ref's log-probs are a plain forward of the initial model over exactly the sampled ids
-    fresh = token_logprobs(load_causal_lm(str(family.path)), seq["query_ids"], seq["query_mask"],
-                           seq["response_ids"], seq["response_mask"])
-    assert torch.allclose(seq["old_token_logp"], fresh, atol=1e-5)
-    assert torch.allclose(seq["ref_token_logp"], fresh, atol=1e-5)
+    fresh = token_logprobs(load_causal_lm(str(family.path)), seq.query_ids, seq.query_mask,
+                           seq.response_ids, seq.response_mask)
+    assert torch.allclose(seq.old_token_logp, fresh, atol=1e-5)
+    assert torch.allclose(seq.ref_token_logp, fresh, atol=1e-5)
     # 6: the reward gets chat completions as messages (plain ones as text), and the sampled ids themselves
     prompts, completions, ids = seen[0]
     if family.chat:
@@ -168,8 +168,8 @@ def test_a_p3o_step_scores_exactly_the_sampled_tokens_on_policy(family, data, tm
                    for p, c in zip(prompts, completions))
     else:
         assert all(isinstance(p, str) and isinstance(c, str) for p, c in zip(prompts, completions))
-    lengths = seq["response_mask"].sum(-1).tolist()
-    assert ids == [row[:n] for row, n in zip(seq["response_ids"].tolist(), lengths)]
+    lengths = seq.response_mask.sum(-1).tolist()
+    assert ids == [row[:n] for row, n in zip(seq.response_ids.tolist(), lengths)]
 
 
 # --- 4: one packed sequence per pair, only where it is exact ---------------------------------------

@@ -43,10 +43,10 @@ def test_lora_reference_is_the_initial_policy_and_the_merged_model_is_what_was_t
     trainer = build_trainer(cfg)
     rollout, _, _ = trainer.collect_rollout(0)
     initial = load_causal_lm(str(assets["llama"]))
-    seq = rollout.seq
+    seq = rollout
     before = batched_token_logprobs(initial, seq, 1.0, 16)
-    assert torch.allclose(seq["ref_token_logp"], before, atol=1e-6)  # adapters off = the initial policy
-    assert torch.allclose(seq["old_token_logp"], before, atol=1e-6)  # B = 0: LoRA starts as the policy
+    assert torch.allclose(seq.ref_token_logp, before, atol=1e-6)  # adapters off = the initial policy
+    assert torch.allclose(seq.old_token_logp, before, atol=1e-6)  # B = 0: LoRA starts as the policy
     trainer.train()
     trained = batched_token_logprobs(trainer.unwrapped_policy, seq, 1.0, 16)
     assert not torch.allclose(trained, before, atol=1e-3)  # it learned something

@@ -14,7 +14,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from p3o.errors import UsageError
-from p3o.rl.losses import LOSSES, aggregate, get_loss
+from p3o.rl.losses import aggregate
 from p3o.rl.losses.p3o import importance_weight, p3o_v1_loss, p3o_v2_loss
 
 F64 = torch.float64
@@ -391,20 +391,25 @@ def test_aggregate_of_micro_batches_equals_aggregate_of_whole_minibatch():
     assert parts.item() == pytest.approx(whole.item(), rel=1e-15)
 
 
-def test_get_loss_returns_registered_functions():
-    assert get_loss("p3o-v1") is p3o_v1_loss
-    assert get_loss("p3o-v2") is p3o_v2_loss
-    assert LOSSES["p3o-v1"] is p3o_v1_loss and LOSSES["p3o-v2"] is p3o_v2_loss
+def test_every_registered_algorithm_has_the_one_loss_signature():
+    """The algorithms are the registry: each loss takes (batch, out, cfg) and nothing else."""
+    import inspect
+
+    from p3o.rl.algorithms import ALGORITHMS
+
+    for name, algorithm in ALGORITHMS.items():
+        assert algorithm.name == name
+        assert list(inspect.signature(algorithm.loss).parameters) in (["batch", "out", "cfg"],), name
+        assert list(inspect.signature(algorithm.prepare).parameters) == ["rollout", "cfg", "beta"], name
 
 
-def test_get_loss_refuses_unknown_name_listing_known_ones():
+def test_unknown_algorithm_is_refused_listing_known_ones():
+    from p3o.rl.algorithms import ALGORITHMS, get_algorithm
+
     with pytest.raises(UsageError) as info:
-        get_loss("p3o-v3")
+        get_algorithm("p3o-v3")
     message = str(info.value)
-    assert "p3o-v3" in message
-    for name in LOSSES:
-        assert name in message
-    assert "p3o-v1" in message and "p3o-v2" in message
+    assert "p3o-v3" in message and all(name in message for name in ALGORITHMS)
 
 
 @pytest.mark.parametrize("loss_fn", VARIANTS)

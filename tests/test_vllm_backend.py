@@ -65,19 +65,19 @@ def test_vllm_samples_from_the_current_policy_and_keeps_groups_whole(assets, tmp
     assert llm.loaded[-1].keys() == policy_before.keys() and llm.resets == 1
     assert all(torch.equal(llm.loaded[-1][n], policy_before[n]) for n in policy_before)
     prompts, per_prompt = llm.calls[-1]
-    seq, params = rollout.seq, per_prompt[0]
+    seq, params = rollout, per_prompt[0]
     assert params.n == 2 and params.max_tokens == 6 and params.temperature == 1.0 and params.top_k == -1
     assert params.stop_token_ids == trainer.eos_ids and params.ignore_eos  # p3o's EOS ids, and only those
     assert len({p.seed for p in per_prompt}) == len(per_prompt)  # no two prompts share their sampling noise
     assert llm.kwargs["distributed_executor_backend"] == "external_launcher" and llm.kwargs["dtype"] == "float32"
-    assert prompts == [q[m.bool()].tolist() for q, m in zip(seq["query_ids"][::2], seq["query_mask"][::2])]
-    for row in range(seq["query_ids"].shape[0]):
+    assert prompts == [q[m.bool()].tolist() for q, m in zip(seq.query_ids[::2], seq.query_mask[::2])]
+    for row in range(seq.query_ids.shape[0]):
         g, j = divmod(row, 2)
         expected = prompts[g][::-1][:1 + j + g % 3]
         eos = [i for i, t in enumerate(expected) if t in trainer.eos_ids]
         n = min(len(expected), eos[0] + 1 if eos else len(expected))
-        assert seq["response_ids"][row, :n].tolist() == expected[:n] and seq["response_mask"][row].sum() == n
-    assert seq["kl"].abs().max() < 1e-6  # log-probs come from the training model: pi_old = pi_ref at the start
+        assert seq.response_ids[row, :n].tolist() == expected[:n] and seq.response_mask[row].sum() == n
+    assert seq.kl.abs().max() < 1e-6  # log-probs come from the training model: pi_old = pi_ref at the start
     with torch.no_grad():  # as an update would
         trainer.unwrapped_policy.get_input_embeddings().weight.mul_(1.5)
     trainer.collect_rollout(1)

@@ -192,7 +192,7 @@ def run_settings(cfg: FrontierConfig, run: Run, sources: dict, run_dir: Path) ->
     from p3o.rl.algorithms import get_algorithm
 
     algorithm = get_algorithm(run.algo)
-    offline = algorithm.from_dataset
+    offline = algorithm.offline
     settings = dict(
         algo=run.algo, beta=run.beta, seed=run.seed, model_name_or_path=sources["model"],
         dataset=sources["preferences"] if offline else sources["dataset"],

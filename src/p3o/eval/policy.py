@@ -12,6 +12,7 @@ import torch
 
 from p3o.models.loading import eos_token_ids
 from p3o.rl.rollout import (
+    Rollout,
     batched_token_logprobs,
     decode_completions,
     generation_config,
@@ -58,7 +59,7 @@ def evaluate_policy(policy, reference, tokenizer, prompts, rewards: dict, max_ne
         ids, mask = ids.to(device), mask.to(device)
         seed_global_rng(seed, "eval", first_index + first)  # the same prompts get the same random stream for every policy
         response, response_mask = sample_responses(policy, ids, mask, config, eos, synced=synced)
-        seq = {"query_ids": ids, "query_mask": mask, "response_ids": response, "response_mask": response_mask}
+        seq = Rollout(1, ids, mask, response, response_mask)
         logp = sequence_logprobs(batched_token_logprobs(policy, seq, temperature, batch_size), response_mask)
         ref = sequence_logprobs(batched_token_logprobs(reference, seq, temperature, batch_size), response_mask)
         kl += (logp - ref).tolist()

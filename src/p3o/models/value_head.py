@@ -11,6 +11,8 @@ class PolicyWithValueHead(nn.Module):
     """`policy` plus a linear value head. Called like the policy, it returns `(outputs, values)` with
     values (B, L') at the same positions as the logits (the last `logits_to_keep` ones if given)."""
 
+    returns_values = True  # the engine's contract for a wrapped policy (`Algorithm.wrap_policy`)
+
     def __init__(self, policy: nn.Module):
         super().__init__()
         self.policy = policy

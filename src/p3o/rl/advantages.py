@@ -13,8 +13,8 @@ import torch
 from p3o.utils.ops import masked_sum
 from p3o.utils.registry import Registry
 
-# name -> estimator(rewards (G, k) float64, kl (G, k), beta, group, cfg) -> advantages (G, k);
-# `group` holds per-prompt extras (ReMax's greedy baseline). One signature, like the loss registry.
+# name -> estimator(rewards (G, k) float64, kl (G, k), beta, rollout, cfg) -> advantages (G, k);
+# `rollout` (a `p3o.rl.rollout.Rollout`) carries per-prompt extras (ReMax's greedy baseline).
 ESTIMATORS = Registry("advantage estimator")
 register_estimator, get_estimator = ESTIMATORS.register, ESTIMATORS.find
 
@@ -105,15 +105,15 @@ def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, total=la
 
 
 @register_estimator("rloo")
-def _rloo(rewards, kl, beta, group, cfg):
+def _rloo(rewards, kl, beta, rollout, cfg):
     return leave_one_out(rewards, kl, beta)
 
 
 @register_estimator("grpo")
-def _grpo(rewards, kl, beta, group, cfg):
+def _grpo(rewards, kl, beta, rollout, cfg):
     return group_normalised(rewards, kl, beta, scale=cfg.scale_rewards == "group")
 
 
 @register_estimator("remax")
-def _remax(rewards, kl, beta, group, cfg):
-    return greedy_baseline(rewards, kl, group["baseline_rewards"], group["baseline_kl"].cpu(), beta)
+def _remax(rewards, kl, beta, rollout, cfg):
+    return greedy_baseline(rewards, kl, rollout.baseline_rewards, rollout.baseline_kl.cpu(), beta)

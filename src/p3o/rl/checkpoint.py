@@ -36,7 +36,7 @@ def save_checkpoint(trainer, out: Path, limit: int | None) -> Path:
 
     def write(tmp: Path) -> None:
         policy_state, extra = state_dict, {}
-        if trainer.algorithm.value_head:
+        if trainer.with_values:
             policy_state, extra[VALUE_HEAD_FILE] = split_state_dict(state_dict)
         save_pretrained_atomically(trainer.unwrapped_policy, trainer.tokenizer, tmp, state_dict=policy_state,
                                    extra_tensors=extra)
@@ -89,7 +89,7 @@ def load_training_state(trainer, path: Path) -> None:
     if is_lora(trainer.unwrapped_policy):  # the base is the initial policy; the checkpoint holds the adapter
         load_adapter(trainer.unwrapped_policy, path)
     acc = trainer.accelerator
-    if trainer.algorithm.value_head:  # before the optimiser state, which names the head's parameters
+    if trainer.with_values:  # before the optimiser state, which names the head's parameters
         head = {f"value_head.{k}": v for k, v in load_file(str(path / VALUE_HEAD_FILE)).items()}
         load_module_state(acc, trainer.policy, head)
     load_optimizer_state(acc, trainer.policy, trainer.optimizer, torch.load(path / "optimizer.pt", weights_only=True))

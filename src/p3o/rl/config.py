@@ -222,7 +222,7 @@ def check_reward_sources(cfg: P3OConfig, names: list[str], eval_dataset_given: b
         raise UsageError(f"--reward_weights has {len(cfg.reward_weights)} weights for {len(names)} rewards "
                          f"({', '.join(names) or 'none'}); give one weight per reward")
     given = [*names, *(["--monitor_reward_fn"] if cfg.monitor_reward_fn else [])]
-    if algorithm.from_dataset:
+    if algorithm.offline:
         if given and not eval_dataset_given:
             raise UsageError(f"--algo {cfg.algo} learns from the preference pairs of --dataset and samples "
                              f"nothing to score; drop {' and '.join(given)} (or give --eval_dataset, which "
@@ -237,23 +237,23 @@ class Sizes:
     """Batch sizes derived from a TrainConfig, all in one place. The rollout and its minibatches
     are global (shared by all processes); micro-batches are per process."""
 
-    pairs_per_step: int  # groups (prompts) per rollout, over all processes
-    samples_per_prompt: int  # responses per prompt (k): 2 for P3O
-    minibatch_pairs: int  # groups per optimiser step, over all processes
-    micro_pairs: int  # groups per forward/backward in one process
+    groups_per_step: int  # prompt groups per rollout, over all processes (--pairs_per_step)
+    num_generations: int  # responses per prompt (k): 2 for P3O
+    minibatch_groups: int  # groups per optimiser step, over all processes (--minibatch_pairs)
+    micro_groups: int  # groups per forward/backward in one process
     minibatches_per_epoch: int
     optimizer_steps: int | None  # over the whole run (None until --num_train_epochs is turned into steps)
     processes: int = 1
 
     @property
-    def local_pairs(self) -> int:
+    def local_groups(self) -> int:
         """Groups each process samples per rollout."""
-        return self.pairs_per_step // self.processes
+        return self.groups_per_step // self.processes
 
     @property
     def local_minibatch(self) -> int:
         """Groups each process holds per optimiser step."""
-        return self.minibatch_pairs // self.processes
+        return self.minibatch_groups // self.processes
 
 
 def default_minibatch(pairs_per_step: int, cap: int = 8, processes: int = 1) -> int:
@@ -280,10 +280,10 @@ def derive_sizes(cfg: P3OConfig, processes: int = 1) -> Sizes:
                          f"{cfg.gradient_accumulation_steps}{shared}")
     per_epoch = cfg.pairs_per_step // minibatch
     return Sizes(
-        pairs_per_step=cfg.pairs_per_step,
-        samples_per_prompt=cfg.num_generations,
-        minibatch_pairs=minibatch,
-        micro_pairs=minibatch // processes // cfg.gradient_accumulation_steps,
+        groups_per_step=cfg.pairs_per_step,
+        num_generations=cfg.num_generations,
+        minibatch_groups=minibatch,
+        micro_groups=minibatch // processes // cfg.gradient_accumulation_steps,
         minibatches_per_epoch=per_epoch,
         optimizer_steps=cfg.max_steps * cfg.epochs * per_epoch if cfg.max_steps is not None else None,
         processes=processes,

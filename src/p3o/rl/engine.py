@@ -6,9 +6,10 @@
              for each of K epochs: shuffle the groups (never split one), and per minibatch of
              groups take one optimiser step on the algorithm's loss
 
-Only the algorithm's `prepare` and `loss` differ between algorithms, plus three pieces the engine
-adds when an algorithm asks: a value head (PPO), a greedy response per prompt (ReMax) and responses
-read from preference data instead of sampled (offline DPO). beta comes from a KL controller.
+Only the algorithm's `prepare` and `loss` differ between algorithms, plus the hooks some provide
+(`p3o.rl.algorithms.Algorithm`): a wrapped policy (PPO's critic), given responses instead of sampled
+ones (offline DPO) and more rollout fields after scoring (ReMax's greedy baseline). The rollout is a
+typed `Rollout`; beta comes from a KL controller.
 Shape legend as in `p3o.rl.rollout`: G prompts, k responses each, B = G*k, T response tokens.
 """
 from __future__ import annotations
@@ -24,12 +25,12 @@ import torch
 from p3o.errors import UsageError
 from p3o.models.loading import disable_dropout, eos_token_ids
 from p3o.models.lora import AdaptersDisabled, add_lora, is_lora
-from p3o.models.value_head import PolicyWithValueHead
 from p3o.rl.algorithms import get_algorithm
 from p3o.rl.config import TrainConfig, derive_sizes
 from p3o.rl.kl_control import KLController
 from p3o.rl.losses import aggregate
 from p3o.rl.rollout import (
+    PolicyOutputs,
     Rollout,
     batched_logprobs_and_values,
     decode_completions,
@@ -98,10 +99,10 @@ class Trainer:
             raise UsageError("--use_peft and --generation_backend vllm are not supported under FSDP or DeepSpeed yet; "
                              "launch with configs/accelerate/ddp.yaml")
         self.sizes = derive_sizes(cfg, self.accelerator.num_processes)
-        configure_for_updates(self.accelerator, self.sizes.micro_pairs * self.sizes.samples_per_prompt, cfg.max_grad_norm)
+        configure_for_updates(self.accelerator, self.sizes.micro_groups * self.sizes.num_generations, cfg.max_grad_norm)
         self.state = TrainerState()
         self.kl_control = KLController(cfg.beta, cfg.kl_target, cfg.kl_horizon)
-        if self.algorithm.from_dataset and getattr(prompts, "responses", None) is None:
+        if self.algorithm.offline and getattr(prompts, "responses", None) is None:
             raise UsageError(f"--algo {cfg.algo} needs preference data (prompt, chosen, rejected)")
 
         if cfg.use_peft:
@@ -110,7 +111,8 @@ class Trainer:
         self.ref_policy = self._reference(policy, ref_policy)
         if cfg.gradient_checkpointing:  # acts in the training forward only (see `optimizer_step`)
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model = PolicyWithValueHead(policy) if self.algorithm.value_head else policy  # PPO: critic on the trunk
+        model = self.algorithm.wrap_policy(policy) if self.algorithm.wrap_policy else policy  # PPO: critic on the trunk
+        self.with_values = getattr(model, "returns_values", False)  # its forward returns (outputs, values)
         optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
                                       betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
         self.policy, self.optimizer = self.accelerator.prepare(model, optimizer)  # the trained module
@@ -130,11 +132,11 @@ class Trainer:
         self.fuse_old_pass = _old_pass_is_redundant(cfg, self.sizes, self.algorithm)
         # Pairs (P3O, DPO, RLOO k=2) run their shared prompt once in every forward pass.
         packed = self.max_prompt_length + 2 * cfg.max_new_tokens  # the longest [prompt, y1, y2]
-        self.pairs_share_prompt = (self.sizes.samples_per_prompt == 2 and not self.algorithm.value_head
+        self.pairs_share_prompt = (self.sizes.num_generations == 2 and not self.with_values
                                    and self.logits_to_keep and shares_prompt_forward(unwrapped, packed)
                                    and shares_prompt_forward(self.ref_policy, packed))
         self.vllm = None
-        if cfg.generation_backend == "vllm" and not self.algorithm.from_dataset:
+        if cfg.generation_backend == "vllm" and not self.algorithm.offline:
             from p3o.rl.vllm_backend import VLLMGenerator
 
             self.vllm = VLLMGenerator(cfg, cfg.model_name_or_path, self.eos_ids,
@@ -158,7 +160,7 @@ class Trainer:
     def unwrapped_policy(self):
         """The language model itself (what generates and what is saved)."""
         module = self.trained_module
-        return module.policy if isinstance(module, PolicyWithValueHead) else module
+        return module.policy if self.algorithm.wrap_policy is not None else module  # a wrapper keeps it as `.policy`
 
     # --- the loop ----------------------------------------------------------------------------
 
@@ -175,14 +177,14 @@ class Trainer:
             self.state.step += 1
             metrics = self.step_metrics(rollout, update_stats, timings, time.perf_counter() - start)
             if "kl" in metrics:  # beta for the next rollout
-                self.kl_control.update(metrics["kl"], rollout.num_groups * rollout.group_size * self.accelerator.num_processes)
+                self.kl_control.update(metrics["kl"], rollout.num_groups * rollout.num_generations * self.accelerator.num_processes)
             history.append(metrics)
             if on_step is not None and on_step(metrics, texts):
                 break
         return history
 
     def collect_rollout(self, step: int) -> tuple[Rollout, RolloutTexts, dict[str, float]]:
-        k, timings = self.sizes.samples_per_prompt, {}
+        k, timings = self.sizes.num_generations, {}
         device = self.accelerator.device
         # 1. The prompts of this step, each repeated k times (a group's rows are consecutive).
         indices = self.prompt_indices(step)
@@ -194,59 +196,59 @@ class Trainer:
 
         # 2. Sample k responses per prompt from pi_old (the current policy); offline DPO reads its pairs.
         t0 = time.perf_counter()
-        if self.algorithm.from_dataset:
-            given = [ids for i in indices for ids in self.prompts.responses[i]]  # chosen, rejected per prompt
+        offline = self.algorithm.offline
+        if offline:
+            given = self.algorithm.given_responses(self.prompts, indices)
             response_ids, response_mask = (t.to(device) for t in pad_responses(given, self.tokenizer.pad_token_id))
         else:
             if self.vllm is not None:  # it samples from pi_old: the policy as it is now
                 self.vllm.sync_weights(self.unwrapped_policy)
             response_ids, response_mask = self.generate(query_ids, query_mask, self.gen_config,
                                                         f"sample/{self.accelerator.process_index}", step, k)  # (B, T)
+        rollout = Rollout(k, query_ids, query_mask, response_ids, response_mask)
         timings["time_generate"] = time.perf_counter() - t0
 
         # 3. Score: raw rewards (B,) in float64, checked for count and finiteness.
         t0 = time.perf_counter()
-        completions = decode_completions(self.tokenizer, query_ids, query_mask, response_ids, response_mask)
-        seq = {"query_ids": query_ids, "query_mask": query_mask, "response_ids": response_ids,
-               "response_mask": response_mask}
-        part_means = {}
-        if not self.algorithm.from_dataset:
-            seq["rewards"] = self.score(self.reward, rows, completions, response_ids, response_mask, k)  # stays on the CPU
+        completions = self.completions(rollout)
+        if not offline:
+            rollout.rewards = self.score(self.reward, rows, completions, response_ids, response_mask, k)  # on the CPU
             parts = getattr(self.reward, "last_parts", {})
             if len(parts) > 1:  # several rewards: each part's mean beside their weighted sum
-                part_means = {f"reward/{name}": values.mean().item() for name, values in parts.items()}
+                rollout.stats.update({f"reward/{name}": values.mean().item() for name, values in parts.items()})
         timings["time_score"] = time.perf_counter() - t0
 
         # 4. Log-probs under pi_old (with values for PPO) and pi_ref; kl(y) = l_old(y) - l_ref(y) (docs/p3o.md section 3).
         #    When the rollout is used once on-policy, pi_old's come from the training forward instead.
-        seq.update(self.log_probs(seq, timings, old=not (self.algorithm.from_dataset or self.fuse_old_pass)))
+        rollout.update(**self.log_probs(rollout, timings, old=not (offline or self.fuse_old_pass)))
 
         # 5. The algorithm's own quantities (P3O: Delta per pair), from the rollout and beta.
-        rollout = Rollout(k, seq, stats=part_means)
-        if self.algorithm.greedy_baseline:
+        if self.algorithm.extend_rollout is not None:
             t0 = time.perf_counter()
-            rollout.group.update(self.greedy_baseline(rows, query_ids[::k], query_mask[::k], step))
+            rollout.update(**self.algorithm.extend_rollout(self, rollout, rows, step))
             timings["time_baseline"] = time.perf_counter() - t0
-        if not self.fuse_old_pass:
+        if not self.fuse_old_pass:  # else per micro-batch, from the training forward (`optimizer_step`)
             self.prepare(rollout)
-        if self.monitor_reward is not None and "rewards" in seq:  # after `prepare`, which never sees it
-            seq["monitor_rewards"] = self.score(self.monitor_reward, rows, completions, response_ids, response_mask, k)
-        rewards = seq["rewards"].tolist() if "rewards" in seq else None
+        if self.monitor_reward is not None and not offline:  # after `prepare`, which never sees it
+            rollout.monitor_rewards = self.score(self.monitor_reward, rows, completions, response_ids, response_mask, k)
+        rewards = rollout.rewards.tolist() if rollout.rewards is not None else None
         texts = RolloutTexts([r[self.prompts.prompt_column] for r in rows], completions, rewards)
         return rollout, texts, timings
 
     def prepare(self, rollout: Rollout, old_token_logp: torch.Tensor | None = None) -> None:
         """Add the algorithm's quantities to `rollout` in place. `old_token_logp` (B, T): pi_old's
         token log-probs taken from the training forward (fused pass), with the KL they give."""
-        seq = rollout.seq
         if old_token_logp is not None:
-            seq["old_token_logp"] = old_token_logp
-            seq["old_logp"] = sequence_logprobs(old_token_logp, seq["response_mask"])  # (B,)
-            seq["kl"] = seq["old_logp"] - seq["ref_logp"]  # (B,)
+            old_logp = sequence_logprobs(old_token_logp, rollout.response_mask)  # (B,)
+            rollout.update(old_token_logp=old_token_logp, old_logp=old_logp, kl=old_logp - rollout.ref_logp)
         prepared = self.algorithm.prepare(rollout, self.cfg, self.kl_control.value)
-        seq.update(prepared.seq)
-        rollout.group.update(prepared.group)
+        rollout.update(**prepared.fields)
         rollout.stats.update(prepared.stats)
+
+    def completions(self, rollout: Rollout) -> list[str]:
+        """The responses' texts (B,), each as it continues its prompt."""
+        return decode_completions(self.tokenizer, rollout.query_ids, rollout.query_mask, rollout.response_ids,
+                                  rollout.response_mask)
 
     def generate(self, query_ids, query_mask, gen_config, stream: str, step: int, k: int = 1):
         """(B, Lq) prompts, each repeated k times in consecutive rows -> response ids and mask (B, T)."""
@@ -257,41 +259,30 @@ class Trainer:
             return sample_responses(self.unwrapped_policy, query_ids, query_mask, gen_config, self.eos_ids,
                                     synced=self.sharded)
 
-    def log_probs(self, seq: dict, timings: dict, old: bool = True, paired: bool = True) -> dict[str, torch.Tensor]:
+    def log_probs(self, rollout: Rollout, timings: dict, old: bool = True, paired: bool = True) -> dict[str, torch.Tensor]:
         """Token and sequence log-probs under pi_ref and (if `old`) pi_old, the latter with the
-        values of PPO's head; the KL per response when both are there. `paired`: `seq` is the
-        rollout's groups (not ReMax's one greedy response per prompt)."""
+        values of PPO's head; the KL per response when both are there: Rollout fields by name.
+        `paired`: the rollout's groups (not ReMax's one greedy response per prompt)."""
         cfg, out = self.cfg, {}
-        batch = self.sizes.micro_pairs * self.sizes.samples_per_prompt  # sequences per no-grad forward, as in the update
+        batch = self.sizes.micro_groups * self.sizes.num_generations  # sequences per no-grad forward, as in the update
         paired = paired and self.pairs_share_prompt
         with self.accelerator.autocast():
             if old:
                 t0 = time.perf_counter()
                 out["old_token_logp"], values = batched_logprobs_and_values(
-                    self.trained_module, seq, cfg.temperature, batch, self.logits_to_keep, self.algorithm.value_head,
-                    paired)
+                    self.trained_module, rollout, cfg.temperature, batch, self.logits_to_keep, self.with_values, paired)
                 if values is not None:
                     out["old_values"] = values  # (B, T)
-                out["old_logp"] = sequence_logprobs(out["old_token_logp"], seq["response_mask"])  # (B,)
+                out["old_logp"] = sequence_logprobs(out["old_token_logp"], rollout.response_mask)  # (B,)
                 timings["time_old_logprobs"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            out["ref_token_logp"], _ = batched_logprobs_and_values(self.ref_policy, seq, cfg.temperature, batch,
+            out["ref_token_logp"], _ = batched_logprobs_and_values(self.ref_policy, rollout, cfg.temperature, batch,
                                                                    self.logits_to_keep, paired=paired)
             timings["time_reference"] = time.perf_counter() - t0
-        out["ref_logp"] = sequence_logprobs(out["ref_token_logp"], seq["response_mask"])  # (B,)
+        out["ref_logp"] = sequence_logprobs(out["ref_token_logp"], rollout.response_mask)  # (B,)
         if old:
             out["kl"] = out["old_logp"] - out["ref_logp"]  # (B,)
         return out
-
-    def greedy_baseline(self, rows: list[dict], query_ids, query_mask, step: int) -> dict[str, torch.Tensor]:
-        """ReMax: each prompt's greedy response, scored and with its KL: (G,) rewards and kl."""
-        response_ids, response_mask = self.generate(query_ids, query_mask, self.greedy_config, "greedy", step)
-        completions = decode_completions(self.tokenizer, query_ids, query_mask, response_ids, response_mask)
-        rewards = self.score(self.reward, rows, completions, response_ids, response_mask, 1)  # (G,)
-        seq = {"query_ids": query_ids, "query_mask": query_mask, "response_ids": response_ids,
-               "response_mask": response_mask}
-        kl = self.log_probs(seq, {}, paired=False)["kl"]  # (G,)
-        return {"baseline_rewards": rewards, "baseline_kl": kl}
 
     def score(self, reward, rows: list[dict], completions: list[str], response_ids, response_mask, k: int) -> torch.Tensor:
         """Call the reward with the dataset's raw prompts (chat messages stay messages) and columns."""
@@ -324,19 +315,17 @@ class Trainer:
         # DDP averages gradients over processes, so each divides by the processes' mean normaliser:
         # the result is the global sum over the global count (pairs or tokens).
         normaliser = self._mean_across_processes({"n": _normaliser(minibatch, cfg)})["n"]
-        parts, stats, total_loss = minibatch.split(self.sizes.micro_pairs), [], 0.0
+        parts, stats, total_loss = minibatch.split(self.sizes.micro_groups), [], 0.0
         for i, part in enumerate(parts):
             last = i == len(parts) - 1
             with micro_batch(acc, self.policy, last), training_mode(self.policy, cfg.gradient_checkpointing):
                 with acc.autocast():
                     token_logps, values = token_logprobs_and_values(
-                        self.policy, part.seq["query_ids"], part.seq["query_mask"], part.seq["response_ids"],
-                        part.seq["response_mask"], cfg.temperature, self.logits_to_keep,
-                        self.algorithm.value_head, self.pairs_share_prompt)  # (b, T) each
+                        self.policy, part.query_ids, part.query_mask, part.response_ids, part.response_mask,
+                        cfg.temperature, self.logits_to_keep, self.with_values, self.pairs_share_prompt)  # (b, T) each
                     if fused:  # pi_old is this very forward: the ratio is 1, its gradient exact
                         self.prepare(part, old_token_logp=token_logps.detach())
-                    unit_losses, part_stats = self.algorithm.loss(part, {"token_logps": token_logps, "values": values},
-                                                                  cfg)
+                    unit_losses, part_stats = self.algorithm.loss(part, PolicyOutputs(token_logps, values), cfg)  # (g,)
                     loss = aggregate(unit_losses, normaliser)
                 backward(acc, self.policy, loss, last)
             total_loss += loss.item()
@@ -352,7 +341,7 @@ class Trainer:
             if self.state.consecutive_skips >= self.cfg.max_consecutive_skips:
                 raise NonFiniteTraining(self.state.consecutive_skips, self.state.step + 1)
         if fused:  # the parts are copies: pi_old's log-probs and the KL go back to the rollout, for its metrics
-            minibatch.seq.update({n: torch.cat([p.seq[n] for p in parts]) for n in ("old_token_logp", "old_logp", "kl")})
+            minibatch.update(**{n: torch.cat([getattr(p, n) for p in parts]) for n in ("old_token_logp", "old_logp", "kl")})
         return {"loss": total_loss, "grad_norm": grad_norm, **_combine(stats)}
 
     # --- data order and metrics ----------------------------------------------------------------
@@ -361,8 +350,8 @@ class Trainer:
         """This process's prompts for `step`: consecutive slots of an endless stream of seeded
         dataset permutations. Step s takes slots [s*G, (s+1)*G) whatever the number of processes
         (so a run resumes on another number of processes where it stopped); process r the r-th block."""
-        n, local = len(self.prompts), self.sizes.local_pairs
-        first = step * self.sizes.pairs_per_step + self.accelerator.process_index * local
+        n, local = len(self.prompts), self.sizes.local_groups
+        first = step * self.sizes.groups_per_step + self.accelerator.process_index * local
         indices = []
         for slot in range(first, first + local):
             epoch, position = divmod(slot, n)
@@ -378,24 +367,23 @@ class Trainer:
 
     def step_metrics(self, rollout: Rollout, update_stats: dict[str, float], timings: dict[str, float],
                      seconds: float) -> dict[str, float]:
-        seq = rollout.seq
+        r = rollout
         local = {
-            **({"reward": seq["rewards"].mean().item(),
-                "reward_std": seq["rewards"].std().item() if len(seq["rewards"]) > 1 else 0.0} if "rewards" in seq else {}),
-            **({"kl": seq["kl"].mean().item()} if "kl" in seq else {}),
-            **({"monitor_reward": seq["monitor_rewards"].mean().item()} if "monitor_rewards" in seq else {}),
-            **({"baseline_reward": rollout.group["baseline_rewards"].mean().item()}
-               if "baseline_rewards" in rollout.group else {}),
-            "response_length": seq["response_mask"].sum(-1).float().mean().item(),
-            **({"entropy": _entropy(seq["old_token_logp"], seq["response_mask"])} if "old_token_logp" in seq else {}),
-            **rollout.stats,
+            **({"reward": r.rewards.mean().item(),
+                "reward_std": r.rewards.std().item() if len(r.rewards) > 1 else 0.0} if r.rewards is not None else {}),
+            **({"kl": r.kl.mean().item()} if r.kl is not None else {}),
+            **({"monitor_reward": r.monitor_rewards.mean().item()} if r.monitor_rewards is not None else {}),
+            **({"baseline_reward": r.baseline_rewards.mean().item()} if r.baseline_rewards is not None else {}),
+            "response_length": r.response_mask.sum(-1).float().mean().item(),
+            **({"entropy": _entropy(r.old_token_logp, r.response_mask)} if r.old_token_logp is not None else {}),
+            **r.stats,
             **update_stats,
         }
         metrics = {"step": self.state.step, **self._mean_across_processes(local)}
         if "monitor_reward" in metrics and "reward" in metrics:  # how far the proxy has drifted from the monitored (gold) reward
             metrics["proxy_gold_gap"] = metrics["reward"] - metrics["monitor_reward"]
         metrics["pairs_per_s"] = rollout.num_groups * self.accelerator.num_processes / seconds  # prompt groups
-        metrics["responses_per_s"] = metrics["pairs_per_s"] * rollout.group_size
+        metrics["responses_per_s"] = metrics["pairs_per_s"] * rollout.num_generations
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         if self.algorithm.kl_penalty:
             metrics["beta"] = self.kl_control.value  # the penalty this rollout was trained with
@@ -438,13 +426,13 @@ def _old_pass_is_redundant(cfg: TrainConfig, sizes, algorithm) -> bool:
     when num_iterations is 1). `prepare` then runs per micro-batch, which needs one that reads only
     each group's own rows: not PPO's (whitening over the rollout) nor P3O's rms normalisation."""
     return (cfg.epochs == 1 and sizes.minibatches_per_epoch == 1 and algorithm.groupwise_prepare
-            and not algorithm.from_dataset and cfg.delta_normalization == "none")
+            and not algorithm.offline and cfg.delta_normalization == "none")
 
 
 def _normaliser(batch: Rollout, cfg: TrainConfig) -> float:
     """group-mean divides by the minibatch's prompt groups (pairs for P3O), token-mean by its response tokens."""
     if cfg.loss_aggregation == "token-mean":
-        return float(batch.seq["response_mask"].sum())
+        return float(batch.response_mask.sum())
     return float(batch.num_groups)
 
 

@@ -8,36 +8,98 @@ V = vocabulary.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
 from p3o.utils.ops import masked_sum, response_mask_from_eos, selective_log_softmax
 
 
+SEQUENCE, GROUP = "sequence", "group"
+
+
+def _tensor(per: str):
+    """A Rollout field holding one row per sequence (B, ...) or per prompt group (G, ...); None until set."""
+    return field(default=None, metadata={"per": per})
+
+
 @dataclass
 class Rollout:
-    """Tensors of one rollout, per sequence (`seq`, leading dim B) and per prompt (`group`, dim G)."""
+    """One rollout's tensors. Rows: the k = `num_generations` responses of prompt g are rows
+    g*k .. g*k+k-1 of every per-sequence field, so selecting whole groups never splits one.
 
-    group_size: int
-    seq: dict[str, torch.Tensor]
-    group: dict[str, torch.Tensor] = field(default_factory=dict)
-    stats: dict[str, float] = field(default_factory=dict)  # the algorithm's per-rollout statistics, logged
+    The engine fills the sampled tokens, the rewards and the log-probs; an algorithm's `prepare`
+    fills the fields it needs (P3O `delta`, RLOO/GRPO/PPO `advantages`, DPO `preference` ...).
+    An algorithm registered from outside the package keeps anything else in `extra` (B, ...) or
+    `group_extra` (G, ...). Unset fields are None; the engine always sets the four token fields (a
+    hand-built batch for a test needs only what its loss reads).
+    """
+
+    num_generations: int  # k, responses per prompt
+    # Per sequence, B = G*k rows. Token tensors are (B, T), 0 past each response's end.
+    query_ids: torch.Tensor | None = _tensor(SEQUENCE)  # (B, Lq) left-padded prompt, repeated k times
+    query_mask: torch.Tensor | None = _tensor(SEQUENCE)  # (B, Lq)
+    response_ids: torch.Tensor | None = _tensor(SEQUENCE)  # (B, T) right-padded
+    response_mask: torch.Tensor | None = _tensor(SEQUENCE)  # (B, T) up to and including the end of turn
+    rewards: torch.Tensor | None = _tensor(SEQUENCE)  # (B,) float64 on the CPU, raw (never shifted or scaled)
+    monitor_rewards: torch.Tensor | None = _tensor(SEQUENCE)  # (B,) logged, never trained on
+    old_token_logp: torch.Tensor | None = _tensor(SEQUENCE)  # (B, T) log pi_old(y_t | x, y_<t)
+    old_logp: torch.Tensor | None = _tensor(SEQUENCE)  # (B,) l_old(y), the sum of old_token_logp
+    ref_token_logp: torch.Tensor | None = _tensor(SEQUENCE)  # (B, T) under pi_ref
+    ref_logp: torch.Tensor | None = _tensor(SEQUENCE)  # (B,)
+    kl: torch.Tensor | None = _tensor(SEQUENCE)  # (B,) l_old(y) - l_ref(y), the sampled KL estimate
+    old_values: torch.Tensor | None = _tensor(SEQUENCE)  # (B, T) PPO's critic at sampling time
+    advantages: torch.Tensor | None = _tensor(SEQUENCE)  # (B,) per response, or (B, T) per token (PPO)
+    returns: torch.Tensor | None = _tensor(SEQUENCE)  # (B, T) PPO's value targets
+    extra: dict[str, torch.Tensor] = field(default_factory=dict, metadata={"per": SEQUENCE})  # (B, ...) each
+    # Per prompt group, G rows.
+    delta: torch.Tensor | None = _tensor(GROUP)  # (G,) P3O's Delta = (r1 - r2) - beta (kl1 - kl2), G = pairs
+    preference: torch.Tensor | None = _tensor(GROUP)  # (G,) DPO: +1 y1 preferred, -1 y2, 0 tie
+    baseline_rewards: torch.Tensor | None = _tensor(GROUP)  # (G,) ReMax: the greedy response's reward
+    baseline_kl: torch.Tensor | None = _tensor(GROUP)  # (G,) ReMax: the greedy response's KL
+    group_extra: dict[str, torch.Tensor] = field(default_factory=dict, metadata={"per": GROUP})  # (G, ...) each
+    stats: dict[str, float] = field(default_factory=dict)  # per-rollout statistics to log
 
     @property
     def num_groups(self) -> int:
-        return next(iter(self.seq.values())).shape[0] // self.group_size
+        return self.response_mask.shape[0] // self.num_generations
+
+    def update(self, **values: torch.Tensor) -> None:
+        """Set fields by name (what `prepare` returns); a name that is no field is an error."""
+        for name, value in values.items():
+            if name not in _FIELDS:
+                raise AttributeError(f"Rollout has no field {name!r}; keep an algorithm's own tensors in "
+                                     "`extra` (per sequence) or `group_extra` (per group)")
+            setattr(self, name, value)
 
     def select(self, groups: torch.Tensor) -> "Rollout":
         """The sub-rollout of whole groups `groups` (G',) in that order."""
-        k = self.group_size
+        k = self.num_generations
         rows = (groups[:, None] * k + torch.arange(k, device=groups.device)).flatten()  # (G'*k,)
-        return Rollout(k, {n: t[rows.to(t.device)] for n, t in self.seq.items()},
-                       {n: t[groups.to(t.device)] for n, t in self.group.items()})
+        index = {SEQUENCE: rows, GROUP: groups}
+        picked = {}
+        for name, per in _FIELDS.items():
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                picked[name] = {n: t[index[per].to(t.device)] for n, t in value.items()}
+            elif value is not None:
+                picked[name] = value[index[per].to(value.device)]
+        return Rollout(k, **picked)
 
     def split(self, groups_per_part: int) -> list["Rollout"]:
         """Consecutive parts of `groups_per_part` whole groups."""
         return [self.select(idx) for idx in torch.arange(self.num_groups).split(groups_per_part)]
+
+
+_FIELDS = {f.name: f.metadata["per"] for f in fields(Rollout) if "per" in f.metadata}  # name -> SEQUENCE | GROUP
+
+
+@dataclass
+class PolicyOutputs:
+    """The training forward on a micro-batch, what every loss reads beside the batch itself."""
+
+    token_logps: torch.Tensor  # (b, T) log pi_theta(y_t | x, y_<t), with gradient; 0 on padding
+    values: torch.Tensor | None = None  # (b, T) the critic's values, with gradient (PPO)
 
 
 def context_length(model_config) -> int | None:
@@ -173,21 +235,21 @@ def token_logprobs_and_values(model, query_ids: torch.Tensor, query_mask: torch.
     return torch.where(mask, logps, torch.zeros_like(logps)), values
 
 
-def batched_token_logprobs(model, rollout_seq: dict[str, torch.Tensor], temperature: float, batch_size: int,
+def batched_token_logprobs(model, rollout: Rollout, temperature: float, batch_size: int,
                            logits_to_keep: bool = True) -> torch.Tensor:
     """`token_logprobs` without gradient over the whole rollout, `batch_size` sequences at a time (B, T)."""
-    return batched_logprobs_and_values(model, rollout_seq, temperature, batch_size, logits_to_keep)[0]
+    return batched_logprobs_and_values(model, rollout, temperature, batch_size, logits_to_keep)[0]
 
 
 @torch.no_grad()
-def batched_logprobs_and_values(model, rollout_seq: dict[str, torch.Tensor], temperature: float, batch_size: int,
+def batched_logprobs_and_values(model, rollout: Rollout, temperature: float, batch_size: int,
                                 logits_to_keep: bool = True, with_values: bool = False,
                                 paired: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`token_logprobs_and_values` without gradient over the whole rollout, `batch_size` sequences
     at a time (an even number when `paired`)."""
-    keys = ("query_ids", "query_mask", "response_ids", "response_mask")
-    B = rollout_seq["query_ids"].shape[0]
-    parts = [token_logprobs_and_values(model, *(rollout_seq[k][i:i + batch_size] for k in keys), temperature,
+    tokens = (rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask)  # (B, ...) each
+    B = rollout.query_ids.shape[0]
+    parts = [token_logprobs_and_values(model, *(t[i:i + batch_size] for t in tokens), temperature,
                                        logits_to_keep, with_values, paired)
              for i in range(0, B, batch_size)]
     logps = torch.cat([p[0] for p in parts])  # (B, T)

@@ -153,7 +153,7 @@ def _build_engine(cfg: P3OConfig, model=None, tokenizer=None, train_dataset=None
     tokenizer = (prepare_tokenizer(tokenizer) if tokenizer is not None else
                  load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path or _name_of(model),
                                 cfg.trust_remote_code))
-    if algorithm.from_dataset:
+    if algorithm.offline:
         prompts = load_preference_pairs(train_spec, tokenizer, cfg.dataset_split, cfg.dataset_config, cfg.prompt_column,
                                         cfg.chosen_column, cfg.rejected_column, cfg.max_new_tokens)
     else:
@@ -338,11 +338,11 @@ def _save_policy(trainer: Trainer, out: Path) -> None:
         (out / ADAPTER_DIR).mkdir(exist_ok=True)
         save_pretrained_atomically(peft_model, None, out / ADAPTER_DIR)
         model, state_dict = peft_model.get_base_model(), merged_lora_state_dict(peft_model)
-        if trainer.algorithm.value_head:
+        if trainer.with_values:
             extra[VALUE_HEAD_FILE] = trainer.trained_module.value_head.state_dict()
     else:
         model = trainer.unwrapped_policy
-        if trainer.algorithm.value_head:  # the policy directory stays a plain causal LM; the critic sits beside it
+        if trainer.with_values:  # the policy directory stays a plain causal LM; the critic sits beside it
             state_dict, extra[VALUE_HEAD_FILE] = split_state_dict(state_dict)
     save_pretrained_atomically(model, trainer.tokenizer, out, state_dict=state_dict, extra_tensors=extra)
     log.info("saved the trained policy%s to %s", " (LoRA merged; adapter under adapter/)" if lora else "", out)
@@ -441,15 +441,16 @@ def _start_line(trainer: Trainer) -> str:
     cfg, sizes = trainer.cfg, trainer.sizes
     params = sum(p.numel() for p in trainer.unwrapped_policy.parameters())
     trained = sum(p.numel() for p in trainer.unwrapped_policy.parameters() if p.requires_grad)
-    extras = {"value_head": " with a value head", "greedy_baseline": " (+1 greedy)",
-              "from_dataset": " from the data"}
-    critic, greedy, given = (extras[f] if getattr(trainer.algorithm, f) else "" for f in extras)
+    algorithm = trainer.algorithm
+    critic = " with a value head" if trainer.with_values else ""
+    greedy = " (+1 greedy)" if algorithm.extend_rollout is not None else ""
+    given = " from the data" if algorithm.offline else ""
     lora = f" ({trained:,} in LoRA adapters trained)" if trained < params else ""
-    shared = f" ({sizes.local_pairs} in each of {sizes.processes} processes)" if sizes.processes > 1 else ""
+    shared = f" ({sizes.local_groups} in each of {sizes.processes} processes)" if sizes.processes > 1 else ""
     return (f"{cfg.algo}: {params:,}-parameter policy{lora}{critic}, {len(trainer.prompts)} prompts; per step "
-            f"{sizes.pairs_per_step} prompts{shared} x {sizes.samples_per_prompt}{greedy} responses{given}, "
+            f"{sizes.groups_per_step} prompts{shared} x {sizes.num_generations}{greedy} responses{given}, "
             f"{cfg.epochs} epochs of {sizes.minibatches_per_epoch} "
-            f"minibatches of {sizes.minibatch_pairs} prompts; {sizes.optimizer_steps} optimiser steps in all")
+            f"minibatches of {sizes.minibatch_groups} prompts; {sizes.optimizer_steps} optimiser steps in all")
 
 
 def _completion_records(step: int, texts, count: int):

@@ -1,17 +1,14 @@
-"""Registry of policy losses: each is a pure function of tensors, looked up once by name.
+"""Policy losses: pure functions of tensors, written as in docs/p3o.md.
 
 Every loss returns `(per_unit_losses, stats)`: the un-reduced losses (one per pair for the pairwise
-losses) and a dict of detached Python floats. The engine reduces them with `aggregate` so that
-gradient accumulation and (later) several processes see one normaliser for the whole minibatch.
+losses) and a dict of detached Python floats. An algorithm's adapter (`p3o.rl.algorithms`) turns a
+micro-batch into these functions' arguments; the engine reduces the result with `aggregate`, so that
+gradient accumulation and several processes see one normaliser for the whole minibatch. The
+algorithms are the registry: the functions here have the signatures their maths needs.
 """
 from __future__ import annotations
 
 import torch
-
-from p3o.utils.registry import Registry
-
-LOSSES = Registry("loss")  # name -> fn(...) -> (per-unit losses, stats)
-register_loss, get_loss = LOSSES.register, LOSSES.find
 
 AGGREGATIONS = ("group-mean", "token-mean")
 
@@ -25,7 +22,3 @@ def aggregate(unit_losses: torch.Tensor, normaliser: float | torch.Tensor) -> to
     """
     return unit_losses.sum() / normaliser
 
-
-from p3o.rl.losses import dpo as _dpo  # noqa: E402,F401  (registers dpo)
-from p3o.rl.losses import p3o as _p3o  # noqa: E402,F401  (registers p3o-v1 and p3o-v2)
-from p3o.rl.losses import policy_gradient as _pg  # noqa: E402,F401  (sequence-clip, token-clip, ppo)

@@ -10,10 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from p3o.rl.losses import register_loss
 
-
-@register_loss("dpo")
 def dpo_loss(
     logp: torch.Tensor,
     ref_logp: torch.Tensor,

@@ -12,7 +12,6 @@ import math
 
 import torch
 
-from p3o.rl.losses import register_loss
 
 # Log-ratios are clamped before exp (as verl does) so that a stale rollout cannot overflow float32;
 # e^20 is far outside any clip region, so the clamp only matters where the update is already wild.
@@ -35,7 +34,6 @@ def _ratio_stats(log_ratio: torch.Tensor, clipped: torch.Tensor) -> dict[str, fl
     }
 
 
-@register_loss("p3o-v1")
 def p3o_v1_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -65,7 +63,6 @@ def p3o_v1_loss(
     return losses, _ratio_stats(log_ratio, clipped)
 
 
-@register_loss("p3o-v2")
 def p3o_v2_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,

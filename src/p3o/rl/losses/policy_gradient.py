@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from p3o.rl.losses import register_loss
 from p3o.rl.losses.p3o import MAX_LOG_RATIO
 from p3o.utils.ops import masked_mean
 
@@ -33,7 +32,6 @@ def _ratio_stats(log_ratio: torch.Tensor, clipped: torch.Tensor, mask: torch.Ten
     }
 
 
-@register_loss("sequence-clip")
 def sequence_clip_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -53,7 +51,6 @@ def sequence_clip_loss(
     return losses, _ratio_stats(log_ratio, clipped, torch.ones_like(logp))
 
 
-@register_loss("token-clip")
 def token_clip_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -85,7 +82,6 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
     return torch.where(mask.bool(), losses, torch.zeros_like(losses)), stats
 
 
-@register_loss("ppo")
 def ppo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
