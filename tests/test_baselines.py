@@ -41,8 +41,11 @@ def dpo_config(assets, tmp_path, preferences, **kw):
 
 
 def test_every_algorithm_is_registered_and_unknown_ones_are_listed():
-    assert set(SAMPLED + ["dpo"]) == set(ALGORITHMS)
-    from p3o.rl.config import TrainConfig
+    from p3o.rl.config import ALGOS, TrainConfig
+
+    # the package's own (a test may have registered one from outside: tests/test_custom_algorithm.py)
+    assert set(SAMPLED + ["dpo"]) == set(ALGOS) and set(ALGOS) <= set(ALGORITHMS)
+    assert list(ALGORITHMS)[:len(ALGOS)] == ["p3o-v1", "p3o-v2", "rloo", "grpo", "remax", "ppo", "dpo", "online-dpo"]
 
     with pytest.raises(UsageError, match="unknown --algo 'ppo2'; known algorithms: p3o-v1, p3o-v2, rloo"):
         TrainConfig(model_name_or_path="m", dataset="d", output_dir="o", reward_fn="r.py:f", algo="ppo2")
