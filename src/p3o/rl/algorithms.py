@@ -114,7 +114,8 @@ def pair_delta(rollout: Rollout, cfg, beta: float) -> Prepared:
     """Delta = (r1 - r2) - beta * (kl1 - kl2), the reward difference taken first (docs/p3o.md section 2).
 
     Raw rewards arrive in float64 and their difference is taken before anything else touches them,
-    so a per-prompt reward shift cancels exactly; only Delta is ever scaled or clipped.
+    so a per-prompt reward shift cancels exactly; only Delta is ever scaled or clipped. With
+    `--delta_kl current` the loss moves Delta to the live KL (and clips it there), so it keeps beta.
     """
     rewards = rollout.rewards.view(-1, 2)  # (P, 2) float64
     kl = rollout.kl.view(-1, 2)  # (P, 2)
@@ -124,9 +125,20 @@ def pair_delta(rollout: Rollout, cfg, beta: float) -> Prepared:
         count = torch.tensor(float(len(delta)), dtype=delta.dtype, device=delta.device)
         squares = sum_across_processes(torch.stack([delta.pow(2).sum(), count]))
         delta = delta / (squares[0] / squares[1]).sqrt().clamp(min=1e-8)
+    if cfg.delta_kl == "current":
+        return Prepared({"delta": delta, "beta": torch.full_like(delta, beta)}, {"delta_abs": delta.abs().mean().item()})
     if cfg.delta_clip is not None:
         delta = delta.clamp(-cfg.delta_clip, cfg.delta_clip)
     return Prepared({"delta": delta}, {"delta_abs": delta.abs().mean().item()})
+
+
+def current_delta(batch: Rollout, logp: torch.Tensor, old_logp: torch.Tensor, cfg) -> torch.Tensor:
+    """`--delta_kl current`: Delta with the live KL l_theta(y) - l_ref(y) in place of the rollout's.
+    Their difference is l_theta(y) - l_old(y), the log-ratio, so Delta moves by -beta * (log rho1 -
+    log rho2) (P,); no gradient flows through it. At a rollout's first minibatch rho = 1: unchanged."""
+    log_ratio = (logp - old_logp).detach()  # (P, 2)
+    delta = batch.delta - batch.beta * (log_ratio[:, 0] - log_ratio[:, 1])  # (P,)
+    return delta if cfg.delta_clip is None else delta.clamp(-cfg.delta_clip, cfg.delta_clip)
 
 
 def pairwise_loss(pair_loss: Callable) -> Loss:
@@ -135,7 +147,8 @@ def pairwise_loss(pair_loss: Callable) -> Loss:
     def loss(batch: Rollout, out: PolicyOutputs, cfg):
         logp = sequence_logps(batch, out).view(-1, 2)  # (P, 2)
         old_logp = batch.old_logp.view(-1, 2)  # (P, 2)
-        return pair_loss(logp, old_logp, batch.delta, clip_eps=cfg.clip_eps, is_clamp=cfg.importance_clamp)
+        delta = current_delta(batch, logp, old_logp, cfg) if cfg.delta_kl == "current" else batch.delta  # (P,)
+        return pair_loss(logp, old_logp, delta, clip_eps=cfg.clip_eps, is_clamp=cfg.importance_clamp)
 
     return loss
 

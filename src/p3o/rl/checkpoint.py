@@ -55,7 +55,8 @@ def save_checkpoint(trainer, out: Path, limit: int | None) -> Path:
 def training_state(trainer) -> dict:
     s = trainer.state
     return {"step": s.step, "optimizer_steps": s.optimizer_steps, "skipped_updates": s.skipped_updates,
-            "consecutive_skips": s.consecutive_skips, "kl_control": trainer.kl_control.state_dict()}
+            "consecutive_skips": s.consecutive_skips, "kl_control": trainer.kl_control.state_dict(),
+            **({"reward_scale": trainer.reward_scale.state_dict()} if trainer.reward_scale is not None else {})}
 
 
 def load_policy_weights(trainer, path: Path) -> None:
@@ -97,4 +98,6 @@ def load_training_state(trainer, path: Path) -> None:
     for name in ("step", "optimizer_steps", "skipped_updates", "consecutive_skips"):
         setattr(trainer.state, name, state[name])
     trainer.kl_control.load_state_dict(state["kl_control"])
+    if trainer.reward_scale is not None:
+        trainer.reward_scale.load_state_dict(state["reward_scale"])
     ckpt.set_rng_state(torch.load(path / "rng.pt", weights_only=True))

@@ -84,6 +84,10 @@ class P3OConfig:
     gae_lambda: float = option(0.95, "ppo: lambda of GAE.")
     delta_normalization: str = option("none", "none, or rms: divide Delta by its root-mean-square over the rollout (shift-invariant; raw rewards are never normalised).", choices=("none", "rms"))
     delta_clip: float | None = option(None, "Clip Delta to [-delta_clip, delta_clip] after normalisation.")
+    delta_kl: str = option("rollout", "P3O: the KL inside Delta. rollout: the rollout's l_old - l_ref, fixed for its K epochs (default); current: the policy's live l_theta - l_ref at every minibatch, as the authors' code (Delta moves by -beta * (log rho1 - log rho2); the same at a rollout's first minibatch).", choices=("rollout", "current"))
+    reward_normalization: str = option("none", "none (default: raw rewards; only Delta or advantages are scaled), or running_std: clip rewards to +-reward_clip, then divide by the running std of all rewards so far, as the authors' code (trlx). A per-prompt shift still cancels within a group but changes that std, so the update's scale.", choices=("none", "running_std"))
+    reward_clip: float = option(10.0, "With --reward_normalization running_std: raw rewards are first clipped to [-reward_clip, reward_clip].")
+    update_schedule: str = option("epochs", "epochs: K passes over the rollout, its groups reshuffled into minibatches each pass (default); consecutive: one shuffled pass taking K optimiser steps in a row on each minibatch, as the authors' V1 code.", choices=("epochs", "consecutive"))
     # --- optimiser ----------------------------------------------------------------------------
     learning_rate: float = option(1e-6, "AdamW learning rate (1e-6..8e-6 for 1B-6B models; tiny models on CPU want ~1e-3).")
     lr_scheduler_type: str = option("constant_with_warmup", "A transformers scheduler name: linear, cosine, constant, constant_with_warmup, ...")
@@ -122,7 +126,8 @@ class P3OConfig:
                     "temperature", "top_k", "top_p"),
         "algorithm": ("algo", "beta", "kl_target", "kl_horizon", "clip_eps", "importance_clamp", "epochs",
                       "minibatch_pairs", "loss_aggregation", "scale_rewards", "vf_coef", "value_clip_eps", "gamma",
-                      "gae_lambda", "delta_normalization", "delta_clip"),
+                      "gae_lambda", "delta_normalization", "delta_clip", "delta_kl", "reward_normalization",
+                      "reward_clip", "update_schedule"),
         "optimisation": ("learning_rate", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "weight_decay",
                          "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "gradient_accumulation_steps",
                          "max_consecutive_skips", "seed"),
@@ -170,6 +175,7 @@ class P3OConfig:
             (0 <= self.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
             (self.max_grad_norm >= 0, "--max_grad_norm must be >= 0 (0 disables clipping)"),
             (self.delta_clip is None or self.delta_clip > 0, "--delta_clip must be > 0"),
+            (self.reward_clip > 0, "--reward_clip must be > 0"),
             (self.loss_aggregation in AGGREGATIONS, f"--loss_aggregation must be one of {', '.join(AGGREGATIONS)}"),
             (self.kl_target is None or self.kl_target > 0, "--kl_target must be > 0"),
             (self.num_train_epochs is None or self.num_train_epochs > 0, "--num_train_epochs must be > 0"),
@@ -182,6 +188,9 @@ class P3OConfig:
             (self.minibatch_pairs is None or self.minibatch_pairs >= 1, "--minibatch_pairs must be at least 1"),
             (self.max_prompt_length is None or self.max_prompt_length >= 1, "--max_prompt_length must be at least 1"),
             (self.delta_normalization in ("none", "rms"), "--delta_normalization must be none or rms"),
+            (self.delta_kl in ("rollout", "current"), "--delta_kl must be rollout or current"),
+            (self.reward_normalization in ("none", "running_std"), "--reward_normalization must be none or running_std"),
+            (self.update_schedule in ("epochs", "consecutive"), "--update_schedule must be epochs or consecutive"),
             (self.mixed_precision in ("no", "bf16", "fp16"), "--mixed_precision must be no, bf16 or fp16"),
             (self.generation_backend in ("transformers", "vllm"), "--generation_backend must be transformers or vllm"),
             (0 < self.vllm_gpu_memory_utilization <= 1, "--vllm_gpu_memory_utilization must be in (0, 1]"),
@@ -205,6 +214,11 @@ class P3OConfig:
             allowed = f"exactly {low}" if low == high else f"at least {low}"
             raise UsageError(f"--algo {self.algo} takes {allowed} responses per prompt, got --num_generations "
                              f"{self.num_generations}")
+        if self.delta_kl == "current" and not self.algo.startswith("p3o"):
+            raise UsageError(f"--delta_kl current changes P3O's Delta; --algo {self.algo} has none (use p3o-v1 or p3o-v2)")
+        if self.delta_kl == "current" and self.delta_normalization != "none":
+            raise UsageError("--delta_kl current recomputes Delta at every minibatch, which the rollout-wide "
+                             "--delta_normalization rms cannot follow; drop one of them")
         if self.kl_target is not None and not algorithm.kl_penalty:
             raise UsageError(f"--kl_target adapts a KL penalty, but --algo {self.algo} has none (its --beta is beta_dpo)")
 

@@ -29,6 +29,7 @@ from p3o.rl.algorithms import get_algorithm
 from p3o.rl.config import TrainConfig, derive_sizes
 from p3o.rl.kl_control import KLController
 from p3o.rl.losses import aggregate
+from p3o.rl.reward_scaling import RunningRewardScale
 from p3o.rl.rollout import (
     PolicyOutputs,
     Rollout,
@@ -102,6 +103,7 @@ class Trainer:
         configure_for_updates(self.accelerator, self.sizes.micro_groups * self.sizes.num_generations, cfg.max_grad_norm)
         self.state = TrainerState()
         self.kl_control = KLController(cfg.beta, cfg.kl_target, cfg.kl_horizon)
+        self.reward_scale = RunningRewardScale(cfg.reward_clip) if cfg.reward_normalization == "running_std" else None
         if self.algorithm.offline and getattr(prompts, "responses", None) is None:
             raise UsageError(f"--algo {cfg.algo} needs preference data (prompt, chosen, rejected)")
 
@@ -212,7 +214,9 @@ class Trainer:
         t0 = time.perf_counter()
         completions = self.completions(rollout)
         if not offline:
-            rollout.rewards = self.score(self.reward, rows, completions, response_ids, response_mask, k)  # on the CPU
+            rollout.raw_rewards = self.score(self.reward, rows, completions, response_ids, response_mask, k)  # on the CPU
+            rollout.rewards = (rollout.raw_rewards if self.reward_scale is None else
+                               self.reward_scale(rollout.raw_rewards, self.accelerator.device))
             parts = getattr(self.reward, "last_parts", {})
             if len(parts) > 1:  # several rewards: each part's mean beside their weighted sum
                 rollout.stats.update({f"reward/{name}": values.mean().item() for name, values in parts.items()})
@@ -231,7 +235,7 @@ class Trainer:
             self.prepare(rollout)
         if self.monitor_reward is not None and not offline:  # after `prepare`, which never sees it
             rollout.monitor_rewards = self.score(self.monitor_reward, rows, completions, response_ids, response_mask, k)
-        rewards = rollout.rewards.tolist() if rollout.rewards is not None else None
+        rewards = rollout.raw_rewards.tolist() if rollout.raw_rewards is not None else None
         texts = RolloutTexts([r[self.prompts.prompt_column] for r in rows], completions, rewards)
         return rollout, texts, timings
 
@@ -296,11 +300,18 @@ class Trainer:
         return reward(prompts, completions, completion_ids=ids, **extra)
 
     def update(self, rollout: Rollout, step: int) -> dict[str, float]:
-        """K epochs over the rollout; each epoch shuffles whole groups into minibatches."""
+        """K epochs over the rollout; each epoch shuffles whole groups into minibatches (or, with
+        --update_schedule consecutive, one shuffled pass of K steps on each minibatch)."""
         if self.fuse_old_pass:  # one minibatch of every group: its order cannot change the gradient
             return self.optimizer_step(rollout, fused=True)
         shuffle = generator(self.cfg.seed, "shuffle", step)
         stats = []
+        if self.cfg.update_schedule == "consecutive":  # the authors' V1 code: K steps in a row per minibatch
+            order = torch.randperm(rollout.num_groups, generator=shuffle)  # (G,)
+            for groups in order.split(self.sizes.local_minibatch):
+                minibatch = rollout.select(groups)
+                stats += [self.optimizer_step(minibatch) for _ in range(self.cfg.epochs)]
+            return _combine(stats)
         for _ in range(self.cfg.epochs):
             order = torch.randperm(rollout.num_groups, generator=shuffle)  # (G,)
             for groups in order.split(self.sizes.local_minibatch):
@@ -369,8 +380,10 @@ class Trainer:
                      seconds: float) -> dict[str, float]:
         r = rollout
         local = {
-            **({"reward": r.rewards.mean().item(),
-                "reward_std": r.rewards.std().item() if len(r.rewards) > 1 else 0.0} if r.rewards is not None else {}),
+            **({"reward": r.raw_rewards.mean().item(),
+                "reward_std": r.raw_rewards.std().item() if len(r.raw_rewards) > 1 else 0.0}
+               if r.raw_rewards is not None else {}),
+            **({"reward_scale": self.reward_scale.std} if self.reward_scale is not None else {}),
             **({"kl": r.kl.mean().item()} if r.kl is not None else {}),
             **({"monitor_reward": r.monitor_rewards.mean().item()} if r.monitor_rewards is not None else {}),
             **({"baseline_reward": r.baseline_rewards.mean().item()} if r.baseline_rewards is not None else {}),

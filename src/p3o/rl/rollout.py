@@ -41,7 +41,9 @@ class Rollout:
     query_mask: torch.Tensor | None = _tensor(SEQUENCE)  # (B, Lq)
     response_ids: torch.Tensor | None = _tensor(SEQUENCE)  # (B, T) right-padded
     response_mask: torch.Tensor | None = _tensor(SEQUENCE)  # (B, T) up to and including the end of turn
-    rewards: torch.Tensor | None = _tensor(SEQUENCE)  # (B,) float64 on the CPU, raw (never shifted or scaled)
+    rewards: torch.Tensor | None = _tensor(SEQUENCE)  # (B,) float64 on the CPU, what the algorithm trains on:
+    #   the raw scores (never shifted or scaled), or with --reward_normalization running_std clipped and scaled
+    raw_rewards: torch.Tensor | None = _tensor(SEQUENCE)  # (B,) float64, as scored: what is logged
     monitor_rewards: torch.Tensor | None = _tensor(SEQUENCE)  # (B,) logged, never trained on
     old_token_logp: torch.Tensor | None = _tensor(SEQUENCE)  # (B, T) log pi_old(y_t | x, y_<t)
     old_logp: torch.Tensor | None = _tensor(SEQUENCE)  # (B,) l_old(y), the sum of old_token_logp
@@ -54,6 +56,7 @@ class Rollout:
     extra: dict[str, torch.Tensor] = field(default_factory=dict, metadata={"per": SEQUENCE})  # (B, ...) each
     # Per prompt group, G rows.
     delta: torch.Tensor | None = _tensor(GROUP)  # (G,) P3O's Delta = (r1 - r2) - beta (kl1 - kl2), G = pairs
+    beta: torch.Tensor | None = _tensor(GROUP)  # (G,) the rollout's KL coefficient, where the loss recomputes Delta
     preference: torch.Tensor | None = _tensor(GROUP)  # (G,) DPO: +1 y1 preferred, -1 y2, 0 tie
     baseline_rewards: torch.Tensor | None = _tensor(GROUP)  # (G,) ReMax: the greedy response's reward
     baseline_kl: torch.Tensor | None = _tensor(GROUP)  # (G,) ReMax: the greedy response's KL
