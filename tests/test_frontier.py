@@ -11,7 +11,7 @@ from test_baselines import preference_rows
 
 from p3o.cli import main
 from p3o.errors import UsageError
-from p3o.eval.frontier import best_within, pareto_frontier
+from p3o.eval.frontier import best_setting_interval, best_within, pareto_frontier
 from p3o.eval.watch import Block, OverOptimisationWatch
 
 
@@ -23,6 +23,38 @@ def test_pareto_frontier_keeps_only_undominated_points():
                                           for q in points)]
     assert sorted(map(id, naive)) == sorted(map(id, front))
     assert best_within(points, "r", 1.6)["r"] == 0.5 and best_within(points, "r", -1) is None
+
+
+def test_best_setting_is_chosen_on_seed_means_and_its_interval_resamples_seeds():
+    def point(beta, step, seed, kl, gold):
+        return {"beta": beta, "step": step, "seed": seed, "kl": kl, "gold": gold}
+
+    # setting A: mean gold 1.0 at KL 0.4 but noisy across seeds; B: steady 0.8 at KL 0.3; C: 2.0 but KL 3
+    points = [point(0.1, 10, s, 0.4, g) for s, g in enumerate([0.2, 1.0, 1.8])]
+    points += [point(0.2, 10, s, 0.3, 0.8) for s in range(3)]
+    points += [point(0.01, 10, s, 3.0, 2.0) for s in range(3)]
+    found = best_setting_interval(points, "gold", 1.0)
+    assert (found["beta"], found["value"], found["seeds"]) == (0.1, 1.0, 3)  # C is over budget
+    # resampling seeds: A's mean ranges 0.2..1.8, but B's 0.8 is the floor of the best choice
+    assert found["ci_low"] == pytest.approx(0.8) and found["ci_high"] == pytest.approx(1.8)
+    assert best_setting_interval(points, "gold", 0.1) is None
+    # a setting some seed lacks is left out rather than averaged over fewer seeds
+    assert best_setting_interval(points[:-1], "gold", 5.0)["beta"] == 0.1
+
+
+def test_arms_run_an_algorithm_with_the_authors_settings(assets, tmp_path):
+    from p3o.eval.frontier import FrontierConfig, Run, arm_algorithm, plan_runs, run_settings
+
+    cfg = FrontierConfig(output_dir=str(tmp_path), algos="p3o-v2,p3o-v1-authors,grpo", betas="0.05", seeds="0,1,2")
+    assert [r.name for r in plan_runs(cfg)][:3] == ["p3o-v2-beta0.05-seed0", "p3o-v2-beta0.05-seed1", "p3o-v2-beta0.05-seed2"]
+    sources = {k: "x" for k in ("model", "reward_model", "reward_fn", "dataset", "eval_dataset", "preferences", "gold")}
+    settings = run_settings(cfg, Run("p3o-v1-authors", 0.05, 1), sources, tmp_path / "r")
+    assert settings["algo"] == "p3o-v1" and settings["delta_kl"] == "current"
+    assert settings["reward_normalization"] == "running_std" and settings["update_schedule"] == "consecutive"
+    assert "delta_kl" not in run_settings(cfg, Run("p3o-v2", 0.05, 1), sources, tmp_path / "r")
+    assert arm_algorithm("grpo").defaults["num_generations"] == 4
+    with pytest.raises(UsageError, match="unknown --algos entry 'p3o-v3'"):
+        FrontierConfig(output_dir=str(tmp_path), algos="p3o-v3")
 
 
 def simulated_runs(gold_after_turn: float, runs: int = 200, steps: int = 500, seed: int = 0):
@@ -108,22 +140,22 @@ def test_frontier_sweeps_draws_and_skips_finished_runs(assets, tmp_path):
     summary = json.loads((out / "frontier.json").read_text())
     assert set(summary) == {"p3o-v2", "dpo"} and summary["dpo"]["gold"]["frontier"]
     table = (out / "winrates.md").read_text()  # the default-beta policies against the SFT policy
-    assert "| p3o-v2 | 0." in table and "| dpo | 0." in table and "dpo: dpo-beta0.1-seed0" in table
-    result = json.loads((out / "winrates" / "p3o-v2-vs-sft.json").read_text())
+    assert "| p3o-v2 | 0." in table and "| dpo | 0." in table and "dpo: beta 0.1" in table
+    result = json.loads((out / "winrates" / "p3o-v2-vs-sft-seed0.json").read_text())
     assert result["n"] == 8 and 0 <= result["ci_low"] <= result["win_rate"] <= result["ci_high"] <= 1
     stamps = [(out / "runs" / "dpo-beta0.1-seed0" / "model.safetensors").stat().st_mtime_ns,
-              (out / "winrates" / "p3o-v2-vs-sft.json").stat().st_mtime_ns]
+              (out / "winrates" / "p3o-v2-vs-sft-seed0.json").stat().st_mtime_ns]
     assert main(frontier_args(assets, tmp_path, out, *judge)) == 0  # again: nothing to train or judge
     assert stamps == [(out / "runs" / "dpo-beta0.1-seed0" / "model.safetensors").stat().st_mtime_ns,
-                      (out / "winrates" / "p3o-v2-vs-sft.json").stat().st_mtime_ns]
+                      (out / "winrates" / "p3o-v2-vs-sft-seed0.json").stat().st_mtime_ns]
     with open(out / "runs" / "dpo-beta0.3-seed0" / "eval.jsonl", "a") as f:
         f.write('{"step": 5, "kl"')  # a line torn by a crash is not fatal
     args = frontier_args(assets, tmp_path, out, *judge)
     args[args.index("--dpo_learning_rate") + 1] = "5e-4"  # other settings: the dpo runs and their win rate are redone
     assert main(args) == 0
     assert (out / "runs" / "dpo-beta0.1-seed0" / "model.safetensors").stat().st_mtime_ns != stamps[0]
-    assert (out / "winrates" / "p3o-v2-vs-sft.json").stat().st_mtime_ns == stamps[1]  # p3o-v2 untouched
-    assert json.loads((out / "winrates" / "dpo-vs-sft.json").read_text())["config"]["model_a"].endswith("dpo-beta0.1-seed0")
+    assert (out / "winrates" / "p3o-v2-vs-sft-seed0.json").stat().st_mtime_ns == stamps[1]  # p3o-v2 untouched
+    assert json.loads((out / "winrates" / "dpo-vs-sft-seed0.json").read_text())["config"]["model_a"].endswith("dpo-beta0.1-seed0")
 
 
 def test_frontier_reports_failed_runs_and_keeps_the_rest(assets, tmp_path, capsys):

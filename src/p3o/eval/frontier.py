@@ -46,10 +46,10 @@ class FrontierConfig:
     dataset: str | None = option(None, "Training prompts.")
     eval_dataset: str | None = option(None, "Held-out prompts every point is measured on.")
     preference_dataset: str | None = option(None, "Preference pairs for dpo.")
-    algos: str = option("p3o-v1,p3o-v2,ppo,dpo", "Algorithms to sweep, comma-separated.")
+    algos: str = option("p3o-v1,p3o-v2,ppo,dpo", "Arms to sweep, comma-separated: algorithms (p3o-v1, p3o-v2, ppo, grpo, rloo, dpo, ...) or the authors' variants p3o-v1-authors and p3o-v2-authors (docs/p3o.md section 8).")
     betas: str = option("0.01,0.05,0.2", "KL coefficients of the RL algorithms, comma-separated.")
     dpo_betas: str = option("0.05,0.1,0.3", "beta_dpo values of dpo and online-dpo, comma-separated.")
-    seeds: str = option("0,1", "Seeds, comma-separated.")
+    seeds: str = option("0,1", "Seeds, comma-separated; with several, each KL budget's best setting gets a bootstrap interval over seeds.")
     max_steps: int = option(80, "Steps of every run.")
     eval_steps: int = option(20, "Evaluate (add a point) every N steps of each run.")
     eval_max_prompts: int | None = option(None, "Use at most this many held-out prompts per point.")
@@ -78,10 +78,8 @@ class FrontierConfig:
                 [kind(x) for x in getattr(self, name).split(",")]
             except ValueError:
                 raise UsageError(f"--{name} must be {kind.__name__}s separated by commas, got {getattr(self, name)!r}") from None
-        from p3o.rl.algorithms import get_algorithm
-
-        for algo in self.algo_list:
-            get_algorithm(algo)
+        for arm in self.algo_list:
+            arm_algorithm(arm)
         if self.max_steps < 1 or self.eval_steps < 1:
             raise UsageError("--max_steps and --eval_steps must be at least 1")
 
@@ -90,9 +88,28 @@ class FrontierConfig:
         return [a.strip() for a in self.algos.split(",") if a.strip()]
 
 
+# Arms beside the registered algorithms: an algorithm with settings of its own. The authors' P3O
+# (docs/p3o.md section 8): Delta with the live KL, clipped rewards over a running std; V1 also
+# takes its K steps in a row on each minibatch.
+AUTHORS = {"delta_kl": "current", "reward_normalization": "running_std"}
+ARMS = {"p3o-v2-authors": ("p3o-v2", AUTHORS),
+        "p3o-v1-authors": ("p3o-v1", {**AUTHORS, "update_schedule": "consecutive"})}
+
+
+def arm_algorithm(arm: str):
+    """The registered algorithm an arm runs (refusing an unknown name with the known ones)."""
+    from p3o.rl.algorithms import ALGORITHMS, get_algorithm
+
+    if arm in ARMS:
+        return get_algorithm(ARMS[arm][0])
+    if arm not in ALGORITHMS:
+        raise UsageError(f"unknown --algos entry {arm!r}; known: {', '.join([*ALGORITHMS, *ARMS])}")
+    return get_algorithm(arm)
+
+
 @dataclass(frozen=True)
 class Run:
-    algo: str
+    algo: str  # the arm: an algorithm or one of ARMS
     beta: float
     seed: int
 
@@ -119,11 +136,9 @@ def check_inputs(cfg: FrontierConfig) -> None:
 
 
 def plan_runs(cfg: FrontierConfig) -> list[Run]:
-    from p3o.rl.algorithms import get_algorithm
-
     runs = []
     for algo in cfg.algo_list:
-        betas = cfg.betas if get_algorithm(algo).kl_penalty else cfg.dpo_betas
+        betas = cfg.betas if arm_algorithm(algo).kl_penalty else cfg.dpo_betas
         runs += [Run(algo, float(b), int(s)) for b in betas.split(",") for s in cfg.seeds.split(",")]
     return runs
 
@@ -189,12 +204,10 @@ COSMETIC = {"output_dir", "overwrite", "resume", "save_steps", "save_total_limit
 
 def run_settings(cfg: FrontierConfig, run: Run, sources: dict, run_dir: Path) -> dict:
     """The `p3o train` config of one run."""
-    from p3o.rl.algorithms import get_algorithm
-
-    algorithm = get_algorithm(run.algo)
+    algorithm = arm_algorithm(run.algo)
     offline = algorithm.offline
     settings = dict(
-        algo=run.algo, beta=run.beta, seed=run.seed, model_name_or_path=sources["model"],
+        algo=algorithm.name, beta=run.beta, seed=run.seed, model_name_or_path=sources["model"],
         dataset=sources["preferences"] if offline else sources["dataset"],
         reward_model=sources["reward_model"], reward_fn=sources["reward_fn"], monitor_reward_fn=sources["gold"],
         eval_dataset=sources["eval_dataset"], eval_steps=cfg.eval_steps, eval_max_prompts=cfg.eval_max_prompts,
@@ -211,6 +224,7 @@ def run_settings(cfg: FrontierConfig, run: Run, sources: dict, run_dir: Path) ->
             raise UsageError(f"--train_config {cfg.train_config} sets {', '.join(clash)}, which the sweep sets for "
                              "each run; remove them (use --algos, --betas, --seeds and the model/data flags)")
         settings.update(extra)
+    settings.update(ARMS.get(run.algo, ("", {}))[1])
     return {k: v for k, v in settings.items() if v is not None}
 
 
@@ -291,9 +305,47 @@ def summarise(points: list[dict], algos: list[str]) -> dict:
     for algo in algos:
         mine = [p for p in points if p["algo"] == algo]
         summary[algo] = {key: {"frontier": pareto_frontier(mine, key),
-                               "best_within": {str(b): best_within(mine, key, b) for b in KL_BUDGETS}}
+                               "best_within": {str(b): best_within(mine, key, b) for b in KL_BUDGETS},
+                               "seed_mean_within": {str(b): best_setting_interval(mine, key, b) for b in KL_BUDGETS}}
                          for key in keys}
     return summary
+
+
+def best_setting_interval(points: list[dict], key: str, budget: float, resamples: int = 2000) -> dict | None:
+    """The best setting (beta, checkpoint) within a KL budget, judged by its mean over seeds, with a
+    95% bootstrap interval over seeds that redoes the choice in every resample.
+
+    Taking the best of many noisy points flatters every algorithm; choosing on seed means and
+    resampling the seeds (each seed's runs together) puts the luck of that choice into the interval.
+    A setting counts within the budget when its mean KL over the resampled seeds is. Needs every
+    seed to have the setting; settings some seed lacks are left out."""
+    import random
+
+    by_setting: dict[tuple, dict[int, dict]] = {}
+    for p in points:
+        by_setting.setdefault((p["beta"], p["step"]), {})[p["seed"]] = p
+    seeds = sorted({p["seed"] for p in points})
+    settings = {s: runs for s, runs in by_setting.items() if len(runs) == len(seeds)}
+    if not settings:
+        return None
+
+    def best(sample: list[int]) -> tuple[float, tuple] | None:
+        inside = []
+        for setting, runs in settings.items():
+            kl = sum(runs[s]["kl"] for s in sample) / len(sample)
+            if kl <= budget:
+                inside.append((sum(runs[s][key] for s in sample) / len(sample), setting))
+        return max(inside) if inside else None
+
+    found = best(seeds)
+    if found is None:
+        return None
+    rng = random.Random(0)
+    values = sorted(b[0] for _ in range(resamples) if (b := best(rng.choices(seeds, k=len(seeds)))) is not None)
+    low, high = (values[int(0.025 * len(values))], values[min(len(values) - 1, int(0.975 * len(values)))]) if values \
+        else (found[0], found[0])
+    return {"value": found[0], "beta": found[1][0], "step": found[1][1], "seeds": len(seeds), "ci_low": low,
+            "ci_high": high, "resamples_within_budget": len(values) / resamples}
 
 
 def write_outputs(out: Path, points: list[dict], summary: dict, cfg: FrontierConfig) -> None:
@@ -315,64 +367,89 @@ def write_outputs(out: Path, points: list[dict], summary: dict, cfg: FrontierCon
 
 
 def frontier_table(summary: dict) -> str:
-    """Markdown: per algorithm, the best reward (gold, else proxy) within each KL budget."""
+    """Markdown: per algorithm, the best reward (gold, else proxy) within each KL budget: the best
+    single point, then the best setting's mean over seeds with its bootstrap interval."""
     key = "gold" if any("gold" in s for s in summary.values()) else "reward"
-    lines = [f"Best held-out {'gold' if key == 'gold' else 'proxy'} reward within a KL budget (nats); "
-             "each cell is the best point (any beta, seed or checkpoint) with KL <= the budget.", "",
-             "| algorithm | " + " | ".join(f"KL <= {b:g}" for b in KL_BUDGETS) + " |",
-             "|---|" + "---|" * len(KL_BUDGETS)]
+    name = "gold" if key == "gold" else "proxy"
+    head = ["| algorithm | " + " | ".join(f"KL <= {b:g}" for b in KL_BUDGETS) + " |", "|---|" + "---|" * len(KL_BUDGETS)]
+    lines = [f"Best held-out {name} reward within a KL budget (nats); each cell is the best point (any beta, seed "
+             "or checkpoint) with KL <= the budget, +- its standard error over prompts.", "", *head]
     for algo, s in summary.items():
         cells = []
         for b in KL_BUDGETS:
             p = s[key]["best_within"][str(b)]
             cells.append("–" if p is None else f"{p[key]:.3f} ± {p[key + '_stderr']:.3f}")
         lines.append(f"| {algo} | " + " | ".join(cells) + " |")
+    lines += ["", f"Best setting (beta, checkpoint) within a KL budget by its {name} reward averaged over seeds, with a "
+              "95% bootstrap interval over seeds that repeats the choice of setting in each resample.", "", *head]
+    for algo, s in summary.items():
+        cells = []
+        for b in KL_BUDGETS:
+            p = s[key].get("seed_mean_within", {}).get(str(b))
+            cells.append("–" if p is None else f"{p['value']:.3f} [{p['ci_low']:.3f}, {p['ci_high']:.3f}]")
+        lines.append(f"| {algo} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def representative(cfg: FrontierConfig, algo: str) -> Run:
-    """The run that stands for `algo` in the win-rate table: its default beta if swept (else the
-    middle one), the first seed, the final policy."""
-    from p3o.rl.algorithms import default_setting, get_algorithm
+def representatives(cfg: FrontierConfig, algo: str) -> list[Run]:
+    """The runs that stand for `algo` in the win-rate table, fixed before any result is seen: its
+    default beta if swept (else the middle one), the final policy, one per seed."""
+    from p3o.rl.algorithms import default_setting
 
-    algorithm = get_algorithm(algo)
+    algorithm = arm_algorithm(algo)
     betas = [float(b) for b in (cfg.betas if algorithm.kl_penalty else cfg.dpo_betas).split(",")]
     default = default_setting(algorithm, "beta")
     beta = default if default in betas else betas[len(betas) // 2]
-    return Run(algo, beta, int(cfg.seeds.split(",")[0]))
+    return [Run(algo, beta, int(seed)) for seed in cfg.seeds.split(",")]
 
 
 def win_rates(cfg: FrontierConfig, out: Path, sources: dict, judge: str, retrained: set[str] = frozenset()) -> dict:
-    """Each algorithm's representative policy against the SFT policy and against PPO's (when swept),
-    on the held-out prompts; winrates/*.json (kept across reruns) and winrates.md."""
-    from p3o.eval.winrate import WinrateConfig, run_winrate
+    """Each algorithm's representative policies against the SFT policy and against PPO's of the same
+    seed (when swept), on the same held-out prompts; winrates/*.json (kept across reruns) and
+    winrates.md. The seeds' verdicts are pooled: the interval then counts every judged pair (the same
+    prompts recur across seeds, so it is somewhat narrower than one that accounted for that)."""
+    from p3o.eval.winrate import WinrateConfig, run_winrate, win_rate_interval
     from p3o.utils.io import atomic_write_text
 
-    policies = {algo: str(out / "runs" / representative(cfg, algo).name) for algo in cfg.algo_list}
-    opponents = {"SFT": sources["model"], **({"PPO": policies["ppo"]} if "ppo" in policies else {})}
+    runs = {algo: representatives(cfg, algo) for algo in cfg.algo_list}
     table = {}
-    for algo, path in policies.items():
-        for name, opponent in opponents.items():
-            if path == opponent:
-                continue
-            result_file = out / "winrates" / f"{algo}-vs-{name.lower()}.json"
-            wanted = WinrateConfig(model_a=path, model_b=opponent, dataset=sources["eval_dataset"], judge=judge,
-                                   output_file=str(result_file), max_new_tokens=cfg.max_new_tokens,
-                                   max_prompts=cfg.winrate_prompts, disable_progress_bar=cfg.disable_progress_bar,
-                                   overwrite=True)
-            if _stale(result_file, wanted, {Path(path).name, Path(opponent).name} & retrained):
-                run_winrate(wanted)
-            table[(algo, name)] = json.loads(result_file.read_text())
-    lines = [f"Win rate of each algorithm's policy ({', '.join(f'{a}: {Path(p).name}' for a, p in policies.items())}) "
-             f"against the SFT policy and against PPO's, judged by {judge} on {cfg.winrate_prompts} held-out prompts "
-             "(ties count one half; 95% interval).", "",
-             "| algorithm | " + " | ".join(f"vs {n}" for n in opponents) + " |", "|---|" + "---|" * len(opponents)]
-    for algo in policies:
-        cells = [(f"{r['win_rate']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]" if (r := table.get((algo, n))) else "–")
-                 for n in opponents]
+    for algo, mine in runs.items():
+        for i, run in enumerate(mine):
+            path = str(out / "runs" / run.name)
+            opponents = {"SFT": sources["model"], **({"PPO": str(out / "runs" / runs["ppo"][i].name)} if "ppo" in runs else {})}
+            for name, opponent in opponents.items():
+                if path == opponent:
+                    continue
+                result_file = out / "winrates" / f"{algo}-vs-{name.lower()}-seed{run.seed}.json"
+                wanted = WinrateConfig(model_a=path, model_b=opponent, dataset=sources["eval_dataset"], judge=judge,
+                                       output_file=str(result_file), max_new_tokens=cfg.max_new_tokens,
+                                       max_prompts=cfg.winrate_prompts, disable_progress_bar=cfg.disable_progress_bar,
+                                       overwrite=True)
+                if _stale(result_file, wanted, {Path(path).name, Path(opponent).name} & retrained):
+                    run_winrate(wanted)
+                table.setdefault((algo, name), []).append(json.loads(result_file.read_text()))
+    pooled = {}
+    for pair, results in table.items():
+        wins, losses, ties = (sum(r[k] for r in results) for k in ("wins", "losses", "ties"))
+        n = wins + losses + ties
+        low, high = win_rate_interval(wins, losses, ties)
+        pooled[pair] = {"win_rate": (wins + ties / 2) / n if n else float("nan"), "ci_low": low, "ci_high": high,
+                        "wins": wins, "losses": losses, "ties": ties, "n": n, "seeds": len(results),
+                        "per_seed": [r["win_rate"] for r in results]}
+    opponent_names = ["SFT", *(["PPO"] if "ppo" in runs else [])]
+    described = ", ".join(f"{a}: beta {r[0].beta:g}" for a, r in runs.items())
+    lines = [f"Win rate of each algorithm's final policy at its default beta ({described}) against the SFT policy "
+             f"and against PPO's of the same seed, judged by {judge} on {cfg.winrate_prompts} held-out prompts per seed, "
+             f"pooled over seeds {cfg.seeds} (ties count one half; 95% interval; per-seed rates after it).", "",
+             "| algorithm | " + " | ".join(f"vs {n}" for n in opponent_names) + " |", "|---|" + "---|" * len(opponent_names)]
+    for algo in runs:
+        cells = [(f"{r['win_rate']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] ("
+                  + ", ".join(f"{x:.2f}" for x in r["per_seed"]) + ")") if (r := pooled.get((algo, n))) else "–"
+                 for n in opponent_names]
         lines.append(f"| {algo} | " + " | ".join(cells) + " |")
     atomic_write_text(out / "winrates.md", "\n".join(lines) + "\n")
-    return table
+    atomic_write_text(out / "winrates.json", json.dumps({f"{a} vs {n}": r for (a, n), r in pooled.items()}, indent=1))
+    return pooled
 
 
 def _stale(result_file: Path, wanted, retrained: set[str]) -> bool:
