@@ -127,7 +127,13 @@ def test_a_half_written_checkpoint_is_never_taken_for_a_complete_one(assets, tmp
 
 
 def test_repeated_non_finite_updates_stop_the_run_with_a_clear_error(assets, tmp_path):
+    """The RL engine's guard is the core's (shared with SFT and RM), still importable from the engine."""
     import dataclasses
+
+    from p3o.core.skips import NonFiniteTraining as CoreNonFiniteTraining
+    from p3o.rl.engine import NonFiniteTraining
+
+    assert NonFiniteTraining is CoreNonFiniteTraining and issubclass(NonFiniteTraining, UsageError)
 
     cfg = train_config(assets, tmp_path, max_steps=5, max_consecutive_skips=3, epochs=1)
     trainer = build_trainer(cfg)
@@ -138,9 +144,10 @@ def test_repeated_non_finite_updates_stop_the_run_with_a_clear_error(assets, tmp
         return losses * float("nan"), stats
 
     trainer.algorithm = dataclasses.replace(algorithm, loss=poisoned)
-    with pytest.raises(UsageError, match="3 optimiser steps in a row had a non-finite"):
+    with pytest.raises(NonFiniteTraining, match="3 optimiser steps in a row had a non-finite"):
         trainer.train()
     assert trainer.state.optimizer_steps == 0
+    assert (trainer.state.skipped_updates, trainer.state.consecutive_skips) == (3, 3)
 
 
 def test_the_config_flags_of_checkpointing_are_validated(assets, tmp_path):

@@ -204,3 +204,16 @@ def test_no_lower_layer_imports_the_command_line():
                  if path.parent.name != "cli" and path.name != "__main__.py"
                  and re.search(r"^\s*(from p3o\.cli|import p3o\.cli)", path.read_text(), re.M)]
     assert not offenders, offenders
+
+
+def test_the_training_core_imports_no_stage():
+    """`p3o.core` (optimiser, step, skip guard, checkpoints, the supervised loop) sits below the stages
+    that use it: it never imports `rl`, `sft`, `reward`, `eval`, `pipeline`, `tasks` or `cli`."""
+    import re
+    from pathlib import Path
+
+    core = Path(__file__).parent.parent / "src" / "p3o" / "core"
+    above = r"(rl|sft|reward|eval|pipeline|tasks|cli)"
+    offenders = [path.name for path in core.rglob("*.py")
+                 if re.search(rf"^\s*(from p3o\.{above}\b|import p3o\.{above}\b)", path.read_text(), re.M)]
+    assert core.is_dir() and not offenders, offenders

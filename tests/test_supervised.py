@@ -167,13 +167,14 @@ def test_sft_and_rm_resume_from_a_checkpoint_bit_for_bit(word_task, tmp_path, co
 
 
 def test_sft_skips_non_finite_steps_and_stops_after_too_many(tokenizer, tmp_path):
-    """A NaN loss skips the optimiser step (weights and Adam untouched); max_consecutive_skips in a row stop."""
+    """A NaN loss skips the optimiser step (weights and Adam untouched); max_consecutive_skips in a row
+    stop with the core's NonFiniteTraining, the error `p3o train` raises too (tests/test_checkpoint.py)."""
     from accelerate import Accelerator
 
-    from p3o.errors import UsageError
+    from p3o.core.skips import NonFiniteTraining
     from p3o.models.tiny import build_tiny_model
     from p3o.sft.train import SFTConfig, sft_stage, tokenize_example
-    from p3o.utils.supervised import Stage, fit
+    from p3o.core.supervised import Stage, fit
 
     cfg = SFTConfig(model_name_or_path="m", dataset="d", output_dir=str(tmp_path), per_device_train_batch_size=2,
                     max_consecutive_skips=3, learning_rate=1e-3)
@@ -183,7 +184,7 @@ def test_sft_skips_non_finite_steps_and_stops_after_too_many(tokenizer, tmp_path
     stage = sft_stage(tokenizer)
     poisoned = Stage(stage.collate, stage.units, lambda m, b: (stage.loss(m, b)[0] * float("nan"), {}),
                      stage.eval_totals, stage.eval_metrics)
-    with pytest.raises(UsageError, match="3 optimiser steps in a row had a non-finite loss"):
+    with pytest.raises(NonFiniteTraining, match="3 optimiser steps in a row had a non-finite loss"):
         fit(cfg, model, examples, examples[:2], poisoned, Accelerator(), lambda metrics: None)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 

@@ -114,7 +114,7 @@ def test_gradient_checkpointing_gives_the_same_gradient(assets, tokenizer, tmp_p
     from p3o.reward.model import LastTokenReward
     from p3o.reward.train import RMConfig, rm_stage, tokenize_pair
     from p3o.sft.train import SFTConfig, sft_stage, tokenize_example
-    from p3o.utils.supervised import prepare_model
+    from p3o.core.supervised_run import prepare_model
 
     if command == "rm":
         Config, stage = RMConfig, rm_stage(tokenizer)
@@ -177,9 +177,9 @@ def test_max_steps_wins_over_epochs_eval_steps_and_warmup_steps(assets, tmp_path
 
 
 def test_use_peft_under_fsdp_or_deepspeed_is_refused_in_one_line(assets, tmp_path, monkeypatch, capsys):
-    import p3o.utils.supervised as supervised
+    import p3o.core.supervised_run as supervised_run
 
-    monkeypatch.setattr(supervised, "is_sharded", lambda accelerator: True)
+    monkeypatch.setattr(supervised_run, "is_sharded", lambda accelerator: True)
     data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(8))
     assert main(["rm", "--model_name_or_path", str(assets["llama"]), "--dataset", str(data), "--output_dir",
                  str(tmp_path / "run"), "--use_peft", "--disable_progress_bar"]) == 2

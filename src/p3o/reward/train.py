@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from p3o.core.supervised import Stage, SupervisedConfig
+from p3o.core.supervised_run import run_supervised
 from p3o.options import option
 from p3o.reward.model import LastTokenReward, pad_right, reward_input_ids
-from p3o.utils.supervised import Stage, SupervisedConfig
 
 
 @dataclass
@@ -119,7 +120,6 @@ def run_rm(cfg: RMConfig, model=None, tokenizer=None, dataset=None, eval_dataset
     """`p3o rm`; the arguments after `cfg` are what `RewardTrainer` takes as objects."""
     from p3o.data.formats import load_preferences, load_with_held_out
     from p3o.models.loading import as_plain_model, disable_dropout
-    from p3o.utils.supervised import run_supervised
 
     dataset = dataset if dataset is not None else cfg.dataset
     eval_dataset = eval_dataset if eval_dataset is not None else cfg.eval_dataset

@@ -4,52 +4,39 @@
 usable model), PPO's value head, `optimizer.pt`, `scheduler.pt`, `rng.pt` (all read back with
 `weights_only=True`) and `trainer_state.json` (step, optimiser steps, skipped updates, the KL
 controller's beta). The data position and every random draw follow from (seed, step)
-(`p3o.utils.seeding`), so the step counter is the whole data position. Writing is atomic
-(`p3o.utils.checkpoints.write_checkpoint`).
+(`p3o.utils.seeding`), so the step counter is the whole data position. All but the weights are
+written and read as for every stage (`p3o.core.checkpoint`); writing is atomic.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import torch
-
+from p3o.core.checkpoint import RESUMABLE_RUN_SETTINGS, load_training_checkpoint, save_training_checkpoint
 from p3o.errors import UsageError
 from p3o.models.lora import is_lora, load_adapter
 from p3o.models.value_head import VALUE_HEAD_FILE, split_state_dict
-from p3o.utils import checkpoints as ckpt
-from p3o.utils.checkpoints import STATE_FILE
-from p3o.utils.distributed import full_optimizer_state, load_module_state, load_optimizer_state
-from p3o.utils.io import atomic_write_text, save_pretrained_atomically
+from p3o.utils.distributed import load_module_state
+from p3o.utils.io import save_pretrained_atomically
 
 # Settings a resumed run may change; any other difference would change the trajectory.
-RESUMABLE_CHANGES = {"output_dir", "max_steps", "save_steps", "save_total_limit", "resume", "overwrite", "logging_steps",
-                     "log_completions", "disable_progress_bar", "report_to", "max_consecutive_skips", "eval_steps"}
+RESUMABLE_CHANGES = RESUMABLE_RUN_SETTINGS | {"max_steps", "log_completions"}
 
 
 def save_checkpoint(trainer, out: Path, limit: int | None) -> Path:
     """Write checkpoint-<step>. Every process must call it (gathering a sharded state dict is a
     collective); only the main process writes."""
     acc = trainer.accelerator
-    state_dict = acc.get_state_dict(trainer.policy)
-    optimizer_state = full_optimizer_state(acc, trainer.policy, trainer.optimizer)  # FSDP2: gathered whole
+    state_dict = acc.get_state_dict(trainer.policy)  # FSDP2, ZeRO-3: gathered whole (a collective)
 
-    def write(tmp: Path) -> None:
+    def write_weights(tmp: Path) -> None:
         policy_state, extra = state_dict, {}
         if trainer.with_values:
             policy_state, extra[VALUE_HEAD_FILE] = split_state_dict(state_dict)
         save_pretrained_atomically(trainer.unwrapped_policy, trainer.tokenizer, tmp, state_dict=policy_state,
                                    extra_tensors=extra)
-        torch.save(optimizer_state, tmp / "optimizer.pt")
-        torch.save(trainer.scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(ckpt.rng_state(), tmp / "rng.pt")
-        atomic_write_text(tmp / STATE_FILE, json.dumps(training_state(trainer), indent=1))  # last: marks it complete
 
-    final = out / f"checkpoint-{trainer.state.step}"
-    if acc.is_main_process:
-        final = ckpt.write_checkpoint(out, trainer.state.step, write, limit)
-    acc.wait_for_everyone()
-    return final
+    return save_training_checkpoint(out, trainer.state.step, training_state(trainer), acc, trainer.policy,
+                                    trainer.optimizer, trainer.scheduler, write_weights, limit)
 
 
 def training_state(trainer) -> dict:
@@ -86,18 +73,15 @@ def load_training_state(trainer, path: Path) -> None:
     Written by any number of processes, it loads on any other (the optimiser state is whole)."""
     from safetensors.torch import load_file
 
-    state = json.loads((path / STATE_FILE).read_text())
     if is_lora(trainer.unwrapped_policy):  # the base is the initial policy; the checkpoint holds the adapter
         load_adapter(trainer.unwrapped_policy, path)
     acc = trainer.accelerator
     if trainer.with_values:  # before the optimiser state, which names the head's parameters
         head = {f"value_head.{k}": v for k, v in load_file(str(path / VALUE_HEAD_FILE)).items()}
         load_module_state(acc, trainer.policy, head)
-    load_optimizer_state(acc, trainer.policy, trainer.optimizer, torch.load(path / "optimizer.pt", weights_only=True))
-    trainer.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    state = load_training_checkpoint(path, acc, trainer.policy, trainer.optimizer, trainer.scheduler)
     for name in ("step", "optimizer_steps", "skipped_updates", "consecutive_skips"):
         setattr(trainer.state, name, state[name])
     trainer.kl_control.load_state_dict(state["kl_control"])
     if trainer.reward_scale is not None:
         trainer.reward_scale.load_state_dict(state["reward_scale"])
-    ckpt.set_rng_state(torch.load(path / "rng.pt", weights_only=True))

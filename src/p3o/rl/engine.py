@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from p3o.core.optimizer import adamw, lr_scheduler
+from p3o.core.skips import NonFiniteTraining, count_skip  # NonFiniteTraining: still importable from here
 from p3o.errors import UsageError
 from p3o.models.loading import disable_dropout, eos_token_ids
 from p3o.models.lora import AdaptersDisabled, add_lora, is_lora
@@ -68,15 +70,6 @@ class TrainerState:
     consecutive_skips: int = 0  # of them, the ones since the last good optimiser step
 
 
-class NonFiniteTraining(UsageError):
-    """Too many updates in a row were skipped for NaN/inf: training has diverged."""
-
-    def __init__(self, skips: int, step: int):
-        super().__init__(f"{skips} optimiser steps in a row had a non-finite loss or gradient (step {step}); training "
-                         "has diverged. Lower --learning_rate or check the reward for huge values, then resume from "
-                         "the last good checkpoint with --resume (or start again)")
-
-
 @dataclass
 class RolloutTexts:
     prompts: list  # (G,) raw prompts as in the dataset
@@ -115,13 +108,14 @@ class Trainer:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = self.algorithm.wrap_policy(policy) if self.algorithm.wrap_policy else policy  # PPO: critic on the trunk
         self.with_values = getattr(model, "returns_values", False)  # its forward returns (outputs, values)
-        optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
-                                      betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+        optimizer = adamw(model, cfg.learning_rate, cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                          eps=cfg.adam_epsilon)
         self.policy, self.optimizer = self.accelerator.prepare(model, optimizer)  # the trained module
         if self.sharded:  # FSDP2 sets itself up in the root's first forward; generation calls PPO's inner model first
             with torch.no_grad():
                 self.policy(input_ids=torch.ones(1, 1, dtype=torch.long, device=self.accelerator.device))
-        self.scheduler = _scheduler(cfg, self.optimizer, self.sizes.optimizer_steps)
+        self.scheduler = lr_scheduler(cfg.lr_scheduler_type, self.optimizer, self.sizes.optimizer_steps,
+                                      cfg.warmup_steps, cfg.warmup_ratio)
 
         unwrapped = self.unwrapped_policy
         _check_vocabulary(tokenizer, unwrapped)
@@ -343,14 +337,8 @@ class Trainer:
             stats.append({**part_stats, **part.stats})
         grad_norm, stepped = clip_and_step(acc, self.policy, self.optimizer, self.scheduler, cfg.max_grad_norm,
                                            math.isfinite(total_loss))
-        if stepped:
-            self.state.optimizer_steps += 1
-            self.state.consecutive_skips = 0
-        else:
-            self.state.skipped_updates += 1
-            self.state.consecutive_skips += 1
-            if self.state.consecutive_skips >= self.cfg.max_consecutive_skips:
-                raise NonFiniteTraining(self.state.consecutive_skips, self.state.step + 1)
+        self.state.optimizer_steps += int(stepped)
+        count_skip(self.state, stepped, cfg.max_consecutive_skips, self.state.step + 1)
         if fused:  # the parts are copies: pi_old's log-probs and the KL go back to the rollout, for its metrics
             minibatch.update(**{n: torch.cat([getattr(p, n) for p in parts]) for n in ("old_token_logp", "old_logp", "kl")})
         return {"loss": total_loss, "grad_norm": grad_norm, **_combine(stats)}
@@ -457,23 +445,6 @@ def _combine(stats: list[dict[str, float]]) -> dict[str, float]:
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
-
-
-def _param_groups(model, weight_decay: float) -> list[dict]:
-    """Decay matrices only: biases and norm gains are left alone (as `transformers.Trainer` does)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-
-
-def _scheduler(cfg: TrainConfig, optimizer, total_steps: int):
-    from transformers import get_scheduler
-
-    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
-    try:
-        return get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-    except ValueError as exc:
-        raise UsageError(f"--lr_scheduler_type {cfg.lr_scheduler_type!r}: {exc}") from None
 
 
 def _check_vocabulary(tokenizer, model) -> None:

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
+from p3o.core.supervised import Stage, SupervisedConfig
+from p3o.core.supervised_run import run_supervised
 from p3o.options import option
 from p3o.utils.ops import masked_sum, selective_log_softmax
-from p3o.utils.supervised import Stage, SupervisedConfig
 
 log = logging.getLogger("p3o")
 IGNORE = -100  # label of a position that is not trained on (prompt, padding)
@@ -130,7 +131,6 @@ def run_sft(cfg: SFTConfig, model=None, tokenizer=None, dataset=None, eval_datas
     from p3o.data.formats import load_completions, load_with_held_out
     from p3o.data.turns import ReplyEnds
     from p3o.models.loading import disable_dropout, load_causal_lm
-    from p3o.utils.supervised import run_supervised
 
     dataset = dataset if dataset is not None else cfg.dataset
     eval_dataset = eval_dataset if eval_dataset is not None else cfg.eval_dataset

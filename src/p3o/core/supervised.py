@@ -14,11 +14,14 @@ process would take on that batch. The held-out examples are split between the pr
 With --use_peft only LoRA adapters train (and a reward model's score head, whole); checkpoints hold
 the adapter, and the run directory the merged model with the adapter under adapter/, as in
 `p3o train`.
+
+The optimiser, the micro-batch step, the non-finite guard and the checkpoint's training state are
+the core's, shared with `p3o train` (`p3o.core.optimizer`, `.step`, `.skips`, `.checkpoint`); the
+command around `fit` (run directory, LoRA, the saved model) is `p3o.core.supervised_run`.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -27,20 +30,17 @@ from typing import Callable, ClassVar
 
 import torch
 
+from p3o.core.checkpoint import RESUMABLE_RUN_SETTINGS, load_training_checkpoint, save_training_checkpoint
+from p3o.core.optimizer import adamw, lr_scheduler
+from p3o.core.skips import count_skip
+from p3o.core.step import accumulate_and_step
 from p3o.errors import UsageError
 from p3o.options import option
 from p3o.utils.distributed import (
-    backward,
-    check_supported,
-    clip_and_step,
     configure_for_updates,
-    full_optimizer_state,
     is_deepspeed,
     is_sharded,
     load_module_state,
-    load_optimizer_state,
-    make_accelerator,
-    micro_batch,
     sum_across_processes,
 )
 from p3o.utils.seeding import generator
@@ -136,10 +136,9 @@ class SupervisedConfig:
 
 # Settings a resumed run may change; any other difference would change its course.
 # The per-process batch settings may change (to resume on another number of processes) as long as
-# the global batch stays the same; `fit` checks that.
-RESUMABLE_CHANGES = {"output_dir", "save_steps", "save_total_limit", "resume", "overwrite", "logging_steps", "disable_progress_bar",
-                     "report_to", "max_consecutive_skips", "per_device_eval_batch_size", "per_device_train_batch_size",
-                     "gradient_accumulation_steps", "eval_steps"}
+# the global batch stays the same; `run_stage` checks that.
+RESUMABLE_CHANGES = RESUMABLE_RUN_SETTINGS | {"per_device_eval_batch_size", "per_device_train_batch_size",
+                                              "gradient_accumulation_steps"}
 
 
 @dataclass
@@ -178,18 +177,12 @@ def fit(cfg: SupervisedConfig, model, train: list[dict], held_out: list[dict], s
     (under DeepSpeed an engine around it). With `out`, checkpoints go there every `save_steps` and
     when `stop` is requested; with `checkpoint`, training continues from it exactly. `peft_model`:
     the LoRA model inside `model`, whose adapter the checkpoints hold instead of the whole weights."""
-    from transformers import get_scheduler
-
     batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes  # global
     steps_per_epoch, total = total_steps(cfg, len(train), accelerator.num_processes)
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": rest, "weight_decay": 0.0}], lr=cfg.learning_rate)
+    optimizer = adamw(model, cfg.learning_rate, cfg.weight_decay)
     configure_for_updates(accelerator, cfg.per_device_train_batch_size, cfg.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
-    warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total)
-    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    scheduler = lr_scheduler(cfg.lr_scheduler_type, optimizer, total, cfg.warmup_steps, cfg.warmup_ratio)
     state = (_load_checkpoint(checkpoint, accelerator, model, optimizer, scheduler, peft_model) if checkpoint
              else FitState())
     state.examples_per_step = batch
@@ -233,16 +226,6 @@ def fit(cfg: SupervisedConfig, model, train: list[dict], held_out: list[dict], s
     return state.evaluations, model
 
 
-def _check_same_global_batch(saved: int, cfg: SupervisedConfig, processes: int, checkpoint) -> None:
-    """A run resumes on any number of processes if its optimiser steps keep their size (`saved`)."""
-    batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * processes
-    if saved and saved != batch:
-        raise UsageError(
-            f"{checkpoint} was written with {saved} examples per optimiser step, but --per_device_train_batch_size "
-            f"{cfg.per_device_train_batch_size} x --gradient_accumulation_steps {cfg.gradient_accumulation_steps} x "
-            f"{processes} processes make {batch}; set the two flags so that they make {saved} on {processes} processes")
-
-
 def _share(examples: list, part: int, parts: int) -> list:
     """The `part`-th of `parts` near-equal contiguous blocks of `examples`."""
     size = math.ceil(len(examples) / parts)
@@ -265,35 +248,25 @@ def _save_checkpoint(out, cfg, state: FitState, accelerator, model, optimizer, s
     from safetensors.torch import save_file
 
     from p3o.models.lora import save_adapter_state
-    from p3o.utils.checkpoints import STATE_FILE, rng_state, write_checkpoint
-    from p3o.utils.io import atomic_write_text, without_aliases
+    from p3o.utils.io import without_aliases
 
     # FSDP, ZeRO-3: gathered whole (a collective); ZeRO-2: cloned. LoRA (never sharded): the adapter only.
     weights = accelerator.get_state_dict(model) if peft_model is None else None
-    optimizer_state = full_optimizer_state(accelerator, model, optimizer)
 
-    def write(tmp) -> None:
+    def write_weights(tmp) -> None:
         if peft_model is not None:  # the frozen base is the model the run started from
             save_adapter_state(peft_model, tmp)
         else:
             save_file(without_aliases(accelerator.unwrap_model(model), weights), str(tmp / "model.safetensors"))
-        torch.save(optimizer_state, tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
-        atomic_write_text(tmp / STATE_FILE, json.dumps(dataclasses.asdict(state), indent=1))  # last: marks it complete
 
-    path = out / f"checkpoint-{state.step}"
-    if accelerator.is_main_process:
-        path = write_checkpoint(out, state.step, write, cfg.save_total_limit)
-    accelerator.wait_for_everyone()
-    return path
+    return save_training_checkpoint(out, state.step, dataclasses.asdict(state), accelerator, model, optimizer,
+                                    scheduler, write_weights, cfg.save_total_limit)
 
 
 def _load_checkpoint(path, accelerator, model, optimizer, scheduler, peft_model=None) -> FitState:
     from safetensors.torch import load_file, load_model
 
     from p3o.models.lora import load_adapter
-    from p3o.utils.checkpoints import STATE_FILE, set_rng_state
 
     if peft_model is not None:  # onto the base the run started from, as the checkpoint's was
         load_adapter(peft_model, path)
@@ -301,10 +274,7 @@ def _load_checkpoint(path, accelerator, model, optimizer, scheduler, peft_model=
         load_module_state(accelerator, model, load_file(str(path / "model.safetensors")))
     else:
         load_model(accelerator.unwrap_model(model), str(path / "model.safetensors"))
-    load_optimizer_state(accelerator, model, optimizer, torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
-    return FitState(**json.loads((path / STATE_FILE).read_text()))
+    return FitState(**load_training_checkpoint(path, accelerator, model, optimizer, scheduler))
 
 
 def _optimizer_step(cfg, model, optimizer, scheduler, examples: list[dict], stage: Stage, accelerator,
@@ -322,212 +292,22 @@ def _optimizer_step(cfg, model, optimizer, scheduler, examples: list[dict], stag
     most = math.ceil(math.ceil(len(examples) / processes) / size)
     parts = counted + [(examples[:1], 0.0)] * (most - len(counted))
     normaliser = stage.units(examples) / processes
-    total, stats = 0.0, {}
-    for i, (part, weight) in enumerate(parts):
-        last = i == len(parts) - 1
-        with micro_batch(accelerator, model, last):
-            with accelerator.autocast():
-                loss_sum, part_stats = stage.loss(model, {k: v.to(accelerator.device) for k, v in stage.collate(part).items()})
-                loss = loss_sum * (weight / normaliser)
-            backward(accelerator, model, loss, last)
-        total += loss.item()
+
+    def part_loss(weighted):
+        part, weight = weighted
+        loss_sum, part_stats = stage.loss(model, {k: v.to(accelerator.device) for k, v in stage.collate(part).items()})
+        return loss_sum * (weight / normaliser), {n: weight * v * len(part) for n, v in part_stats.items()}
+
+    step = accumulate_and_step(accelerator, model, optimizer, scheduler, parts, part_loss, cfg.max_grad_norm)
+    stats = {}
+    for part_stats in step.extras:  # weighted by examples, summed
         for name, value in part_stats.items():
-            stats[name] = stats.get(name, 0.0) + weight * value * len(part)
-    grad_norm, stepped = clip_and_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm, math.isfinite(total))
+            stats[name] = stats.get(name, 0.0) + value
     # The loss (each process holds its share) and the statistics (weighted by examples), summed.
     names = sorted(stats)
-    summed = sum_across_processes(torch.tensor([total, len(local), *(stats[n] for n in names)], dtype=torch.float64,
+    summed = sum_across_processes(torch.tensor([step.loss, len(local), *(stats[n] for n in names)], dtype=torch.float64,
                                                device=accelerator.device)).tolist()
     total, counted = summed[0] / processes, summed[1]
     stats = {n: v / counted for n, v in zip(names, summed[2:])}
-    if stepped:
-        state.consecutive_skips = 0
-    else:
-        state.skipped_updates += 1
-        state.consecutive_skips += 1
-        if state.consecutive_skips >= cfg.max_consecutive_skips:
-            raise UsageError(f"{state.consecutive_skips} optimiser steps in a row had a non-finite loss or gradient "
-                             f"(step {state.step + 1}); training has diverged. Lower --learning_rate, then resume from "
-                             "the last good checkpoint with --resume (or start again)")
-    return {"loss": total, "grad_norm": grad_norm, "skipped_updates": state.skipped_updates, **stats}
-
-
-def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_out: list[dict], stage: Stage, out,
-              title: str, saved_model=None, checkpoint=None) -> list[dict]:
-    """Everything around `fit` for one command: accelerate, gradient checkpointing and LoRA as asked
-    for, config.yaml, metrics.jsonl (every `logging_steps` steps and every evaluation), a progress
-    bar, and the saved model and tokenizer (LoRA: merged, the adapter under adapter/)."""
-    from tqdm.auto import tqdm
-
-    from p3o.models.lora import ADAPTER_DIR, merged_lora_state_dict
-    from p3o.utils.checkpoints import STATE_FILE, StopRequest
-    from p3o.utils.io import (
-        JsonlWriter,
-        save_pretrained_atomically,
-        truncate_jsonl,
-        write_yaml,
-    )
-    from p3o.utils.tracking import check_trackers, finish_trackers, start_trackers
-
-    if not train:
-        raise UsageError(f"{cfg.dataset or 'train_dataset'} leaves no training examples after the held-out split")
-    trackers = check_trackers(cfg.report_to)
-    acc = make_accelerator(mixed_precision=cfg.mixed_precision, log_with=trackers or None, project_dir=str(out))
-    check_supported(acc)
-    if cfg.use_peft and (is_sharded(acc) or is_deepspeed(acc)):
-        raise UsageError("--use_peft is not supported under FSDP or DeepSpeed yet; launch with configs/accelerate/ddp.yaml")
-    model, peft_model = prepare_model(cfg, model, saved_model)
-    acc.wait_for_everyone()
-    saved = json.loads((checkpoint / STATE_FILE).read_text()) if checkpoint else {}
-    _check_same_global_batch(saved.get("examples_per_step", 0), cfg, acc.num_processes, checkpoint)  # before any write
-    writer, done = None, saved.get("step", 0)
-    if acc.is_main_process:
-        if checkpoint is not None:
-            truncate_jsonl(out / "metrics.jsonl", done)  # what the run wrote after its checkpoint goes
-        write_yaml(out / "config.yaml", dataclasses.asdict(cfg))
-        writer = JsonlWriter(out / "metrics.jsonl", append=checkpoint is not None)
-    start_trackers(acc, cfg)
-    total = total_steps(cfg, len(train), acc.num_processes)[1]
-    bar = tqdm(total=total, initial=done, desc=title, unit="step", mininterval=0.5, dynamic_ncols=True,
-               disable=not acc.is_main_process or cfg.disable_progress_bar)
-
-    def on_log(metrics):
-        acc.log(metrics, step=metrics["step"])
-        if "loss" in metrics:
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)  # drawn by update, at its pace
-            bar.update(1)
-        if writer is not None and ("loss" not in metrics or metrics["step"] % cfg.logging_steps == 0):
-            writer.write(metrics)
-        if "loss" not in metrics and acc.is_main_process:  # an evaluation
-            bar.write(f"{title} step {metrics['step']} (epoch {metrics['epoch']:.3g}): " + "  ".join(
-                f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("eval_")))
-
-    stop = StopRequest()
-    try:
-        with stop.installed():
-            evaluations, prepared = fit(cfg, model, train, held_out, stage, acc, on_log, out=out, checkpoint=checkpoint,
-                                        stop=stop, peft_model=peft_model)
-    finally:
-        bar.close()
-        if writer is not None:
-            writer.close()
-        finish_trackers(acc)
-    acc.wait_for_everyone()
-    if peft_model is not None:  # a plain model: the adapters merged (out of place), the head's trained copy
-        model, state_dict = peft_model.get_base_model(), merged_lora_state_dict(peft_model) if acc.is_main_process else {}
-    else:
-        trained = acc.unwrap_model(prepared)
-        state_dict = _gathered_weights(acc, prepared, saved_model or trained)
-        model = saved_model if saved_model is not None else trained
-    if acc.is_main_process:
-        if peft_model is not None:
-            (out / ADAPTER_DIR).mkdir(exist_ok=True)
-            save_pretrained_atomically(peft_model, None, out / ADAPTER_DIR)
-        if getattr(model, "generation_config", None) is not None:  # generate stops where the data's replies end
-            from p3o.data.turns import stop_token_ids
-
-            stops = stop_token_ids(tokenizer)
-            model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
-            model.generation_config.pad_token_id = tokenizer.pad_token_id
-        save_pretrained_atomically(model, tokenizer, out, state_dict=state_dict)
-    return evaluations
-
-
-def prepare_model(cfg: SupervisedConfig, model, saved=None):
-    """--gradient_checkpointing and --use_peft on the module to train (`model`) whose transformers
-    model is `saved` (a reward model's classifier inside its scorer) or `model` itself. Returns the
-    module to train (a causal LM: its peft model) and the peft model (None without LoRA). A
-    classifier's adapters go on its trunk; its head (`score`) is trained whole, as peft's
-    `modules_to_save`."""
-    from p3o.models.lora import add_lora, is_lora
-
-    hf_model = saved if saved is not None else model
-    if cfg.gradient_checkpointing:  # acts in training mode only: evaluation keeps its activations
-        kwargs = {"use_reentrant": False}
-        if hasattr(hf_model, "activation_checkpointing_enable"):  # the name since transformers 5.x
-            hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if not cfg.use_peft:
-        return model, None
-    if is_lora(hf_model):
-        raise UsageError("the model already has LoRA adapters; give a plain model or drop --use_peft")
-    if saved is None:
-        model = peft_model = add_lora(hf_model, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules)
-    else:
-        heads = [name for name, child in hf_model.named_children()
-                 if name != hf_model.base_model_prefix and any(True for _ in child.parameters())]
-        if not heads:
-            raise UsageError(f"{type(hf_model).__name__} has no head beside its trunk for --use_peft to train")
-        # In place: the scorer around the classifier now runs its adapters and the head's trained copy.
-        peft_model = add_lora(hf_model, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules, task_type="SEQ_CLS",
-                              modules_to_save=heads)
-    if cfg.gradient_checkpointing:  # the frozen embeddings' output must carry a gradient through the recompute
-        hf_model.enable_input_require_grads()
-    return model, peft_model
-
-
-def _gathered_weights(acc, model, saved) -> dict:
-    """The whole state dict of `saved` (the trained module or a part of it, as the reward model's
-    classifier inside its scorer), gathered from the shards under FSDP and ZeRO-3 (a collective: all
-    call it) and copied out of DeepSpeed's flat buffers under ZeRO-2."""
-    state_dict = acc.get_state_dict(model) or {}  # ZeRO-3: on the main process only
-    trained = acc.unwrap_model(model)
-    if saved is trained:
-        return state_dict
-    prefix = next(name for name, module in trained.named_modules() if module is saved) + "."
-    return {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
-
-
-def _fit_context(cfg: SupervisedConfig, model) -> None:
-    """--max_length beyond the model's context would crash the forward pass: cap it in `cfg` (which
-    the stage's tokenizer reads), and say so."""
-    config = getattr(model, "config", None)
-    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if context is None or cfg.max_length <= context:
-        return
-    logging.getLogger("p3o").warning("--max_length %d exceeds the model's context of %d tokens; using %d: examples "
-                                     "longer than that lose the start of their prompt", cfg.max_length, context, context)
-    cfg.max_length = context
-
-
-def run_supervised(cfg: SupervisedConfig, title: str, load_rows: Callable, tokenize: Callable, build_model: Callable,
-                   make_stage: Callable[[object, int], Stage], tokenizer=None, data_name: str | None = None) -> list[dict]:
-    """One supervised command from its config: check the output directory, load the tokenizer and
-    the (train, held-out) rows, tokenize them, build the model, and `run_stage`.
-
-    load_rows(cfg) -> (train rows, held-out rows); tokenize(tokenizer, row, where) -> example;
-    build_model(cfg, tokenizer) -> (module to train, model to save). `tokenizer`: one given in
-    Python (else loaded from the config); `data_name`: how errors name data given as an object."""
-    import yaml
-    from accelerate.utils import set_seed
-
-    from p3o.models.loading import _check_exists, load_tokenizer, prepare_tokenizer
-    from p3o.utils.checkpoints import check_resumable, resume_point
-    from p3o.utils.io import run_directory
-
-    inputs = {"model_name_or_path": cfg.model_name_or_path, "tokenizer_name_or_path": cfg.tokenizer_name_or_path,
-              "dataset": cfg.dataset, "eval_dataset": cfg.eval_dataset}
-    checkpoint = resume_point(cfg.output_dir, None, RESUMABLE_CHANGES) if cfg.resume else None  # checked below
-    with run_directory(cfg.output_dir, cfg.overwrite or checkpoint is not None, inputs, clean_up=checkpoint is None) as out:
-        set_seed(cfg.seed)  # also seeds any new weights, such as a reward head
-        if tokenizer is None:
-            _check_exists(cfg.model_name_or_path, "model")  # named as the model, not as its tokenizer
-            tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)
-        else:
-            tokenizer = prepare_tokenizer(tokenizer)
-        train_rows, eval_rows = load_rows(cfg)
-        model, saved = build_model(cfg, tokenizer)
-        _fit_context(cfg, saved if saved is not None else model)
-        if checkpoint is not None and (out / "config.yaml").is_file():  # against the settings as the run used them
-            check_resumable(yaml.safe_load((out / "config.yaml").read_text()), dataclasses.asdict(cfg), RESUMABLE_CHANGES)
-        name = data_name or cfg.dataset
-        train = [tokenize(tokenizer, row, f"{name}: row {i + 1}") for i, row in enumerate(train_rows)]
-        held_out = [tokenize(tokenizer, row, f"held-out row {i + 1}") for i, row in enumerate(eval_rows)]
-        if cut := sum(bool(example.pop("cut", False)) for example in train + held_out):
-            logging.getLogger("p3o").warning("%d of %d examples are longer than --max_length %d and lose the start of "
-                                             "their prompt (SFT keeps at least a quarter of the budget for it)", cut,
-                                             len(train) + len(held_out), cfg.max_length)
-        stage = make_stage(tokenizer, cfg.per_device_eval_batch_size)
-        return run_stage(cfg, model, tokenizer, train, held_out, stage, out, title, saved_model=saved,
-                         checkpoint=checkpoint)
+    count_skip(state, step.stepped, cfg.max_consecutive_skips, state.step + 1)
+    return {"loss": total, "grad_norm": step.grad_norm, "skipped_updates": state.skipped_updates, **stats}

@@ -1,0 +1,35 @@
+"""The optimiser and its learning-rate schedule, as every stage builds them."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from p3o.errors import UsageError
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: biases and norm gains are left alone (as `transformers.Trainer` does).
+    Frozen parameters (LoRA's base) are not handed to the optimiser at all."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+def adamw(model: torch.nn.Module, learning_rate: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),
+          eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW over `model`'s trainable parameters (torch's defaults for betas and eps)."""
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=learning_rate, betas=betas, eps=eps)
+
+
+def lr_scheduler(name: str, optimizer, total_steps: int, warmup_steps: int = 0, warmup_ratio: float = 0.0):
+    """A transformers schedule (`linear`, `cosine`, `constant`, ...) over `total_steps` optimiser
+    steps, after a linear warm-up of `warmup_steps`, or of `warmup_ratio` of them when that is 0.
+    It advances only with steps taken (`clip_and_step`), so a skipped step does not move it."""
+    from transformers import get_scheduler
+
+    warmup = warmup_steps or math.ceil(warmup_ratio * total_steps)
+    try:
+        return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    except ValueError as exc:  # an unknown name: one line, not a traceback from transformers
+        raise UsageError(f"--lr_scheduler_type {name!r}: {exc}") from None
