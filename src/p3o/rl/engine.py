@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import time
 from dataclasses import dataclass
 
@@ -24,6 +23,7 @@ import torch
 
 from p3o.core.optimizer import adamw, lr_scheduler
 from p3o.core.skips import NonFiniteTraining, count_skip  # NonFiniteTraining: still importable from here
+from p3o.core.step import accumulate_and_step
 from p3o.errors import UsageError
 from p3o.models.loading import disable_dropout, eos_token_ids
 from p3o.models.lora import AdaptersDisabled, add_lora, is_lora
@@ -48,15 +48,12 @@ from p3o.rl.rollout import (
     token_logprobs_and_values,
 )
 from p3o.utils.distributed import (
-    backward,
     check_supported,
-    clip_and_step,
     configure_for_updates,
     gathered,
     is_deepspeed,
     is_sharded,
     make_accelerator,
-    micro_batch,
     sum_across_processes,
 )
 from p3o.utils.seeding import generator, seed_global_rng
@@ -320,23 +317,21 @@ class Trainer:
         # DDP averages gradients over processes, so each divides by the processes' mean normaliser:
         # the result is the global sum over the global count (pairs or tokens).
         normaliser = self._mean_across_processes({"n": _normaliser(minibatch, cfg)})["n"]
-        parts, stats, total_loss = minibatch.split(self.sizes.micro_groups), [], 0.0
-        for i, part in enumerate(parts):
-            last = i == len(parts) - 1
-            with micro_batch(acc, self.policy, last), training_mode(self.policy, cfg.gradient_checkpointing):
-                with acc.autocast():
-                    token_logps, values = token_logprobs_and_values(
-                        self.policy, part.query_ids, part.query_mask, part.response_ids, part.response_mask,
-                        cfg.temperature, self.logits_to_keep, self.with_values, self.pairs_share_prompt)  # (b, T) each
-                    if fused:  # pi_old is this very forward: the ratio is 1, its gradient exact
-                        self.prepare(part, old_token_logp=token_logps.detach())
-                    unit_losses, part_stats = self.algorithm.loss(part, PolicyOutputs(token_logps, values), cfg)  # (g,)
-                    loss = aggregate(unit_losses, normaliser)
-                backward(acc, self.policy, loss, last)
-            total_loss += loss.item()
-            stats.append({**part_stats, **part.stats})
-        grad_norm, stepped = clip_and_step(acc, self.policy, self.optimizer, self.scheduler, cfg.max_grad_norm,
-                                           math.isfinite(total_loss))
+        parts = minibatch.split(self.sizes.micro_groups)
+
+        def part_loss(part: Rollout):
+            token_logps, values = token_logprobs_and_values(
+                self.policy, part.query_ids, part.query_mask, part.response_ids, part.response_mask,
+                cfg.temperature, self.logits_to_keep, self.with_values, self.pairs_share_prompt)  # (b, T) each
+            if fused:  # pi_old is this very forward: the ratio is 1, its gradient exact
+                self.prepare(part, old_token_logp=token_logps.detach())
+            unit_losses, part_stats = self.algorithm.loss(part, PolicyOutputs(token_logps, values), cfg)  # (g,)
+            return aggregate(unit_losses, normaliser), {**part_stats, **part.stats}
+
+        with training_mode(self.policy, cfg.gradient_checkpointing):
+            result = accumulate_and_step(acc, self.policy, self.optimizer, self.scheduler, parts, part_loss,
+                                         cfg.max_grad_norm)
+        stepped, grad_norm, total_loss, stats = result.stepped, result.grad_norm, result.loss, result.extras
         self.state.optimizer_steps += int(stepped)
         count_skip(self.state, stepped, cfg.max_consecutive_skips, self.state.step + 1)
         if fused:  # the parts are copies: pi_old's log-probs and the KL go back to the rollout, for its metrics
