@@ -333,7 +333,7 @@ def test_held_out_prompts_are_cut_as_training_cuts_them(assets, tmp_path, monkey
         return real(tokenizer, token_ids, max_length)
 
     monkeypatch.setattr("p3o.eval.policy.pad_prompts", recording)
-    monkeypatch.setattr(p3o.rl.rollout, "pad_prompts", recording)  # winrate imports it when it runs
+    monkeypatch.setattr("p3o.eval.winrate.pad_prompts", recording)
     common = ["--max_prompt_length", "3", "--max_new_tokens", "4", "--disable_progress_bar"]
     if command == "train":
         args = [*train_args(assets, tmp_path / "run", "--eval_dataset", str(assets["prompts"]),

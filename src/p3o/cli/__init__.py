@@ -12,6 +12,7 @@ import sys
 
 from p3o.cli.args import add_dataclass_arguments, build_config
 from p3o.errors import UsageError
+from p3o.utils.distributed import launched_rank, shut_down
 
 COMMANDS = {  # name: (module with add_arguments/run, or (config class, run function) of a config command, help)
     "demo": ("p3o.cli.demo", "Run SFT -> reward model -> P3O-V2 on an embedded task, offline, with a report."),
@@ -83,8 +84,6 @@ def run_command(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     import importlib
 
-    from p3o.utils.distributed import shut_down
-
     args = build_parser().parse_args(argv)
     _setup_logging()
     try:
@@ -103,8 +102,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _setup_logging() -> None:
-    from p3o.utils.distributed import launched_rank
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # One process of several speaks for all; the others report only warnings and errors.
     level = logging.INFO if launched_rank() == 0 else logging.WARNING

@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from p3o.data.converters import CONVERTERS, convert_rows
+from p3o.data.files import read_rows
+from p3o.errors import UsageError
+from p3o.utils.io import atomic_write_text
+
 
 def add_arguments(parser) -> None:
-    from p3o.data.converters import (
-        CONVERTERS,  # light: no torch, transformers or datasets
-    )
-
     parser.add_argument("--format", required=True, choices=sorted(CONVERTERS),
                         help="Input schema: tldr (openai/summarize_from_feedback comparisons) or hh (Anthropic/hh-rlhf).")
     parser.add_argument("--input", required=True, help="A local .jsonl/.json/.parquet/.csv file or a `datasets` name.")
@@ -20,11 +21,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> None:
-    from p3o.data.converters import convert_rows
-    from p3o.data.files import read_rows
-    from p3o.errors import UsageError
-    from p3o.utils.io import atomic_write_text
-
     out = Path(args.output)
     # Checked before reading: a large dataset should not be read only to be refused.
     if out.is_dir():

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from p3o.cli.args import add_dataclass_arguments, build_config
-from p3o.pipeline.demo import DemoConfig
+from p3o.pipeline.demo import DemoConfig, run_demo
 
 
 def add_arguments(parser) -> None:
@@ -10,6 +10,4 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> None:
-    from p3o.pipeline.demo import run_demo
-
     run_demo(build_config(DemoConfig, args))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from p3o.cli.args import add_dataclass_arguments, build_config
-from p3o.eval.evaluate import EvalConfig, EvalSettings
+from p3o.eval.evaluate import EvalConfig, EvalSettings, run_eval
 
 
 def add_arguments(parser) -> None:
@@ -15,8 +15,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> None:
-    from p3o.eval.evaluate import run_eval
-
     settings = build_config(EvalSettings, args)
     run_eval(EvalConfig(model_name_or_path=args.model_name_or_path,
                         **{f.name: getattr(settings, f.name) for f in dataclasses.fields(EvalSettings)}))

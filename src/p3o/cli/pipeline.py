@@ -1,6 +1,8 @@
 """`p3o pipeline --config recipe.yaml`: SFT -> reward model -> RL on your own data."""
 from __future__ import annotations
 
+from p3o.pipeline.recipe import STAGES, load_recipe, run_recipe
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--config", required=True, help="Recipe: output_dir and sections sft, rm, train (see configs/recipes/).")
@@ -10,8 +12,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> None:
-    from p3o.pipeline.recipe import STAGES, load_recipe, run_recipe
-
     overrides = {"output_dir": args.output_dir, "overwrite": args.overwrite}
     if args.check:
         recipe = load_recipe(args.config, overrides)

@@ -3,6 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from p3o.data.files import read_rows
+from p3o.errors import UsageError
+from p3o.models.tiny import build_tiny_model, build_word_tokenizer, words_of
+from p3o.utils.io import prepare_output_dir, save_pretrained_atomically
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--output_dir", required=True, help="Where to save the model and tokenizer.")
@@ -19,11 +24,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> None:
-    from p3o.data.files import read_rows
-    from p3o.errors import UsageError
-    from p3o.models.tiny import build_tiny_model, build_word_tokenizer, words_of
-    from p3o.utils.io import prepare_output_dir, save_pretrained_atomically
-
     if min(args.num_layers, args.hidden_size, args.num_heads, args.max_positions) < 1 or args.hidden_size % args.num_heads:
         raise UsageError(f"--hidden_size {args.hidden_size} must be a positive multiple of --num_heads {args.num_heads} "
                          "(and --num_layers, --max_positions at least 1)")

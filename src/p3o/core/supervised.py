@@ -35,6 +35,7 @@ from p3o.core.optimizer import adamw, lr_scheduler
 from p3o.core.skips import count_skip
 from p3o.core.step import accumulate_and_step
 from p3o.errors import UsageError
+from p3o.models.lora import load_adapter, save_adapter_state
 from p3o.options import option
 from p3o.utils.distributed import (
     configure_for_updates,
@@ -43,6 +44,7 @@ from p3o.utils.distributed import (
     load_module_state,
     sum_across_processes,
 )
+from p3o.utils.io import without_aliases
 from p3o.utils.seeding import generator
 
 
@@ -247,9 +249,6 @@ def _evaluate(stage: Stage, accelerator, model, held_out: list[dict]) -> dict[st
 def _save_checkpoint(out, cfg, state: FitState, accelerator, model, optimizer, scheduler, peft_model=None):
     from safetensors.torch import save_file
 
-    from p3o.models.lora import save_adapter_state
-    from p3o.utils.io import without_aliases
-
     # FSDP, ZeRO-3: gathered whole (a collective); ZeRO-2: cloned. LoRA (never sharded): the adapter only.
     weights = accelerator.get_state_dict(model) if peft_model is None else None
 
@@ -265,8 +264,6 @@ def _save_checkpoint(out, cfg, state: FitState, accelerator, model, optimizer, s
 
 def _load_checkpoint(path, accelerator, model, optimizer, scheduler, peft_model=None) -> FitState:
     from safetensors.torch import load_file, load_model
-
-    from p3o.models.lora import load_adapter
 
     if peft_model is not None:  # onto the base the run started from, as the checkpoint's was
         load_adapter(peft_model, path)

@@ -13,8 +13,14 @@ import logging
 from typing import Callable
 
 from p3o.core.supervised import RESUMABLE_CHANGES, Stage, SupervisedConfig, fit, total_steps
+from p3o.data.turns import stop_token_ids
 from p3o.errors import UsageError
+from p3o.models.loading import _check_exists, load_tokenizer, prepare_tokenizer
+from p3o.models.lora import ADAPTER_DIR, add_lora, is_lora, merged_lora_state_dict
+from p3o.utils.checkpoints import STATE_FILE, StopRequest, check_resumable, resume_point
 from p3o.utils.distributed import check_supported, is_deepspeed, is_sharded, make_accelerator
+from p3o.utils.io import JsonlWriter, run_directory, save_pretrained_atomically, truncate_jsonl, write_yaml
+from p3o.utils.tracking import check_trackers, finish_trackers, start_trackers
 
 
 def run_supervised(cfg: SupervisedConfig, title: str, load_rows: Callable, tokenize: Callable, build_model: Callable,
@@ -27,10 +33,6 @@ def run_supervised(cfg: SupervisedConfig, title: str, load_rows: Callable, token
     Python (else loaded from the config); `data_name`: how errors name data given as an object."""
     import yaml
     from accelerate.utils import set_seed
-
-    from p3o.models.loading import _check_exists, load_tokenizer, prepare_tokenizer
-    from p3o.utils.checkpoints import check_resumable, resume_point
-    from p3o.utils.io import run_directory
 
     inputs = {"model_name_or_path": cfg.model_name_or_path, "tokenizer_name_or_path": cfg.tokenizer_name_or_path,
               "dataset": cfg.dataset, "eval_dataset": cfg.eval_dataset}
@@ -65,16 +67,6 @@ def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_o
     for, config.yaml, metrics.jsonl (every `logging_steps` steps and every evaluation), a progress
     bar, and the saved model and tokenizer (LoRA: merged, the adapter under adapter/)."""
     from tqdm.auto import tqdm
-
-    from p3o.models.lora import ADAPTER_DIR, merged_lora_state_dict
-    from p3o.utils.checkpoints import STATE_FILE, StopRequest
-    from p3o.utils.io import (
-        JsonlWriter,
-        save_pretrained_atomically,
-        truncate_jsonl,
-        write_yaml,
-    )
-    from p3o.utils.tracking import check_trackers, finish_trackers, start_trackers
 
     if not train:
         raise UsageError(f"{cfg.dataset or 'train_dataset'} leaves no training examples after the held-out split")
@@ -131,8 +123,6 @@ def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_o
             (out / ADAPTER_DIR).mkdir(exist_ok=True)
             save_pretrained_atomically(peft_model, None, out / ADAPTER_DIR)
         if getattr(model, "generation_config", None) is not None:  # generate stops where the data's replies end
-            from p3o.data.turns import stop_token_ids
-
             stops = stop_token_ids(tokenizer)
             model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
             model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -146,8 +136,6 @@ def prepare_model(cfg: SupervisedConfig, model, saved=None):
     module to train (a causal LM: its peft model) and the peft model (None without LoRA). A
     classifier's adapters go on its trunk; its head (`score`) is trained whole, as peft's
     `modules_to_save`."""
-    from p3o.models.lora import add_lora, is_lora
-
     hf_model = saved if saved is not None else model
     if cfg.gradient_checkpointing:  # acts in training mode only: evaluation keeps its activations
         kwargs = {"use_reentrant": False}

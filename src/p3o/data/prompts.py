@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from p3o.data.files import read_rows, require_columns
+from p3o.data.turns import ReplyEnds
 from p3o.errors import UsageError
 
 
@@ -100,8 +101,7 @@ def load_preference_pairs(spec: str, tokenizer, split: str = "train", config: st
     `max_response_tokens` (the number cut is logged)."""
     import logging
 
-    from p3o.data.formats import example_token_ids, load_preferences
-    from p3o.data.turns import ReplyEnds
+    from p3o.data.formats import example_token_ids, load_preferences  # local: p3o.data.formats imports this module
 
     rows = load_preferences(spec, split, config, prompt_column, chosen_column, rejected_column)
     texts, token_ids, responses, cut, ends = [], [], [], 0, ReplyEnds.of(tokenizer)

@@ -15,8 +15,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from p3o.data.prompts import load_prompts
 from p3o.errors import UsageError
 from p3o.options import option
+from p3o.utils.io import atomic_write_text
 
 log = logging.getLogger("p3o")
 
@@ -137,7 +139,7 @@ def evaluate_models(cfg: EvalConfig) -> dict[str, dict]:
     A policy that is the reference (the same path) is evaluated with the reference's own weights."""
     from tqdm.auto import tqdm
 
-    from p3o.data.prompts import load_prompts
+    # local: these import torch, and `import p3o.eval.evaluate` stays free of it (tests/test_eval.py)
     from p3o.eval.policy import evaluate_policy
     from p3o.models.loading import _check_exists, load_causal_lm, load_tokenizer
     from p3o.reward import build_reward
@@ -194,8 +196,6 @@ def markdown_table(results: dict[str, dict], cfg: EvalConfig) -> str:
 
 def run_eval(cfg: EvalConfig) -> dict[str, dict]:
     """`p3o eval`: evaluate, then write the JSON, the Markdown table (also printed) and the samples."""
-    from p3o.utils.io import atomic_write_text
-
     paths = check_outputs(cfg)
     results = evaluate_models(cfg)
     summary = {path: {k: v for k, v in r.items() if k != "samples"} for path, r in results.items()}

@@ -25,8 +25,15 @@ from pathlib import Path
 import yaml
 
 from p3o.errors import UsageError
-from p3o.options import option
+from p3o.eval.plots import plot_frontier
+from p3o.eval.winrate import WinrateConfig, run_winrate, win_rate_interval
+from p3o.models.loading import _check_exists, _looks_local
+from p3o.options import option, read_yaml_config
+from p3o.pipeline.demo import build_task_base
+from p3o.reward import load_reward_function
+from p3o.rl.algorithms import ALGORITHMS, default_setting, get_algorithm
 from p3o.utils.checkpoints import same_setting
+from p3o.utils.io import atomic_write_text
 
 log = logging.getLogger("p3o")
 KL_BUDGETS = (0.5, 1.0, 2.0, 5.0, 10.0)  # nats: the columns of frontier.md
@@ -98,8 +105,6 @@ ARMS = {"p3o-v2-authors": ("p3o-v2", AUTHORS),
 
 def arm_algorithm(arm: str):
     """The registered algorithm an arm runs (refusing an unknown name with the known ones)."""
-    from p3o.rl.algorithms import ALGORITHMS, get_algorithm
-
     if arm in ARMS:
         return get_algorithm(ARMS[arm][0])
     if arm not in ALGORITHMS:
@@ -120,9 +125,6 @@ class Run:
 
 def check_inputs(cfg: FrontierConfig) -> None:
     """Your models, data and reward functions exist (hub names are left to the runs)."""
-    from p3o.models.loading import _check_exists, _looks_local
-    from p3o.reward import load_reward_function
-
     for flag in ("model_name_or_path", "reward_model"):
         if getattr(cfg, flag):
             _check_exists(getattr(cfg, flag), f"--{flag}")
@@ -170,8 +172,6 @@ def run_frontier(cfg: FrontierConfig) -> dict:
 def _sources(cfg: FrontierConfig, out: Path) -> dict:
     """Model, reward, data and gold of every run: the embedded task's base, or the user's own."""
     if cfg.task:
-        from p3o.pipeline.demo import build_task_base
-
         _check_base(out / "base", {"task": cfg.task, "seed": 0, "quick": cfg.quick_base})
         base = build_task_base(cfg.task, out / "base", quick=cfg.quick_base, disable_progress_bar=cfg.disable_progress_bar)
         return {"model": str(base["sft"]), "reward_model": str(base["rm"]), "reward_fn": None,
@@ -184,8 +184,6 @@ def _sources(cfg: FrontierConfig, out: Path) -> dict:
 
 def _check_base(base: Path, identity: dict) -> None:
     """The base models are reused only for the task and sizes they were built with."""
-    from p3o.utils.io import atomic_write_text
-
     marker = base / "base.json"
     if marker.is_file() and json.loads(marker.read_text()) != identity:
         raise UsageError(f"{base} was built with {marker.read_text().strip()}, not {json.dumps(identity)}; "
@@ -217,8 +215,6 @@ def run_settings(cfg: FrontierConfig, run: Run, sources: dict, run_dir: Path) ->
         logging_steps=max(1, cfg.max_steps // 4), log_completions=1,
         save_steps=cfg.eval_steps, save_total_limit=1, resume=True)  # a killed sweep continues each run
     if cfg.train_config:
-        from p3o.options import read_yaml_config
-
         extra = read_yaml_config(cfg.train_config)
         if clash := sorted(SWEPT & set(extra)):
             raise UsageError(f"--train_config {cfg.train_config} sets {', '.join(clash)}, which the sweep sets for "
@@ -349,8 +345,6 @@ def best_setting_interval(points: list[dict], key: str, budget: float, resamples
 
 
 def write_outputs(out: Path, points: list[dict], summary: dict, cfg: FrontierConfig) -> None:
-    from p3o.utils.io import atomic_write_text
-
     rows = [{k: p[k] for k in POINT_FIELDS} for p in points]
     tmp = out / ".points.csv.tmp"
     with open(tmp, "w", newline="") as f:
@@ -361,8 +355,6 @@ def write_outputs(out: Path, points: list[dict], summary: dict, cfg: FrontierCon
     atomic_write_text(out / "frontier.json", json.dumps(summary, indent=1))
     atomic_write_text(out / "frontier.md", frontier_table(summary))
     if points:
-        from p3o.eval.plots import plot_frontier
-
         plot_frontier(points, summary, out / "frontier.png", title=f"KL-reward frontier ({cfg.task or 'your task'})")
 
 
@@ -394,8 +386,6 @@ def frontier_table(summary: dict) -> str:
 def representatives(cfg: FrontierConfig, algo: str) -> list[Run]:
     """The runs that stand for `algo` in the win-rate table, fixed before any result is seen: its
     default beta if swept (else the middle one), the final policy, one per seed."""
-    from p3o.rl.algorithms import default_setting
-
     algorithm = arm_algorithm(algo)
     betas = [float(b) for b in (cfg.betas if algorithm.kl_penalty else cfg.dpo_betas).split(",")]
     default = default_setting(algorithm, "beta")
@@ -408,9 +398,6 @@ def win_rates(cfg: FrontierConfig, out: Path, sources: dict, judge: str, retrain
     seed (when swept), on the same held-out prompts; winrates/*.json (kept across reruns) and
     winrates.md. The seeds' verdicts are pooled: the interval then counts every judged pair (the same
     prompts recur across seeds, so it is somewhat narrower than one that accounted for that)."""
-    from p3o.eval.winrate import WinrateConfig, run_winrate, win_rate_interval
-    from p3o.utils.io import atomic_write_text
-
     runs = {algo: representatives(cfg, algo) for algo in cfg.algo_list}
     table = {}
     for algo, mine in runs.items():

@@ -37,6 +37,10 @@ from typing import Any
 import torch
 
 from p3o.errors import UsageError
+from p3o.models.loading import _check_exists, load_causal_lm, load_tokenizer
+from p3o.reward import RewardFunction, build_reward, load_reward_function
+from p3o.rl.rollout import pad_prompts, supports_logits_to_keep
+from p3o.tasks import get_task
 
 log = logging.getLogger(__name__)
 
@@ -194,21 +198,15 @@ def _as_reward_completions(prompts: list, responses: list[str]) -> list:
 
 
 def _check_reward_fn(spec: str, settings: JudgeSettings) -> None:
-    from p3o.reward import load_reward_function
-
     load_reward_function(spec)
 
 
 def _check_task(name: str, settings: JudgeSettings) -> None:
-    from p3o.tasks import get_task
-
     get_task(name)
 
 
 def _check_path(what: str) -> Callable[[str, JudgeSettings], None]:
     def check(name: str, settings: JudgeSettings) -> None:
-        from p3o.models.loading import _check_exists
-
         _check_exists(name, what)
 
     return check
@@ -216,23 +214,16 @@ def _check_path(what: str) -> Callable[[str, JudgeSettings], None]:
 
 @register_judge("gold", "TASK", _check_task)
 def _gold_judge(task: str, settings: JudgeSettings) -> ScoreJudge:
-    from p3o.reward import RewardFunction
-    from p3o.tasks import get_task
-
     return ScoreJudge(f"gold:{task}", RewardFunction(get_task(task).gold_reward, f"gold:{task}"), settings.tie_margin)
 
 
 @register_judge("reward_fn", "package.module:fn or path/file.py:fn", _check_reward_fn)
 def _reward_fn_judge(spec: str, settings: JudgeSettings) -> ScoreJudge:
-    from p3o.reward import build_reward
-
     return ScoreJudge(f"reward_fn:{spec}", build_reward(spec, None), settings.tie_margin)
 
 
 @register_judge("reward_model", "PATH", _check_path("reward model"))
 def _reward_model_judge(path: str, settings: JudgeSettings) -> ScoreJudge:
-    from p3o.reward import build_reward
-
     reward = build_reward(None, path, settings.trust_remote_code, settings.batch_size, settings.device)
     return ScoreJudge(f"reward_model:{path}", reward, settings.tie_margin)
 
@@ -640,8 +631,6 @@ class HFJudge:
 
     def _label_margin(self, token_ids: list[list[int]]) -> torch.Tensor:
         """log p("A") - log p("B") of the next token after each judging prompt: b prompts -> (b,)."""
-        from p3o.rl.rollout import pad_prompts, supports_logits_to_keep
-
         ids, mask = pad_prompts(self.tokenizer, token_ids, self.max_length)  # (b, L), left-padded
         ids, mask = ids.to(self.settings.device), mask.to(self.settings.device)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # (b, L): left padding changes nothing
@@ -669,8 +658,6 @@ def _label_token_ids(tokenizer, label: str, name: str) -> list[int]:
 
 @register_judge("hf", "PATH", _check_path("judge model"))
 def _hf_judge(path: str, settings: JudgeSettings) -> HFJudge:
-    from p3o.models.loading import load_causal_lm, load_tokenizer
-
     tokenizer = load_tokenizer(path, settings.trust_remote_code)
     model = load_causal_lm(path, settings.trust_remote_code, settings.dtype, what="judge model").to(settings.device).eval()
     return HFJudge(model, tokenizer, f"hf:{path}", settings)

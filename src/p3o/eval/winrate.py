@@ -24,8 +24,14 @@ from types import SimpleNamespace
 
 import torch
 
+from p3o.data.prompts import load_prompts
 from p3o.errors import UsageError
+from p3o.eval.judges import ABSTAIN, JudgeSettings, build_judge, check_judge, order_diagnostics
+from p3o.models.loading import _check_exists, eos_token_ids, load_causal_lm, load_tokenizer
 from p3o.options import option
+from p3o.rl.rollout import decode_completions, generation_config, pad_prompts, prompt_budget, sample_responses
+from p3o.utils.io import atomic_write_text
+from p3o.utils.seeding import seed_global_rng
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +107,6 @@ class WinrateConfig:
                              "give one of them")
 
     def judge_settings(self, device=None):
-        from p3o.eval.judges import JudgeSettings
-
         cache = Path(self.judge_cache) if self.judge_cache else Path(self.output_file).parent / "judge_cache.jsonl"
         return JudgeSettings(tie_margin=self.judge_tie_margin, batch_size=self.batch_size, device=device,
                              trust_remote_code=self.trust_remote_code, base_url=self.judge_base_url,
@@ -141,8 +145,6 @@ def summarise(verdicts) -> dict:
     win rate and its interval are over the n judged prompts, and `abstention_bounds` is the range of
     the win rate over all prompts had every abstention been a loss or a win. Judges that see both
     orders also give `judge_diagnostics` (`p3o.eval.judges.order_diagnostics`)."""
-    from p3o.eval.judges import ABSTAIN, order_diagnostics
-
     judged = [v for v in verdicts if v.winner != ABSTAIN]
     wins = sum(v.winner == "A" for v in judged)
     losses = sum(v.winner == "B" for v in judged)
@@ -190,16 +192,6 @@ def sample_completions(policy, tokenizer, prompts, max_new_tokens: int, temperat
                        stream: str, batch_size: int = 32, progress=None, max_prompt_length: int | None = None) -> list[str]:
     """One response per prompt of `prompts` (a PromptDataset), sampled as `evaluate_policy` samples
     (exact tempered sampling, each batch seeded from (seed, stream, batch start)); temperature 0 is greedy."""
-    from p3o.models.loading import eos_token_ids
-    from p3o.rl.rollout import (
-        decode_completions,
-        generation_config,
-        pad_prompts,
-        prompt_budget,
-        sample_responses,
-    )
-    from p3o.utils.seeding import seed_global_rng
-
     eos = eos_token_ids(tokenizer, policy)
     config = generation_config(SimpleNamespace(temperature=temperature or 1.0, top_k=0, top_p=1.0,
                                                max_new_tokens=max_new_tokens), tokenizer, eos, greedy=temperature == 0)
@@ -232,9 +224,6 @@ def check_output_file(cfg: WinrateConfig) -> Path:
 
 def check_inputs(cfg: WinrateConfig) -> None:
     """Model paths and the judge, checked before any model loads."""
-    from p3o.eval.judges import check_judge
-    from p3o.models.loading import _check_exists
-
     _check_exists(cfg.model_a, "--model_a")
     _check_exists(cfg.model_b, "--model_b")
     if cfg.tokenizer_name_or_path:
@@ -245,9 +234,6 @@ def check_inputs(cfg: WinrateConfig) -> None:
 def respond(cfg: WinrateConfig, which: str, device) -> tuple[list[dict], list[str]]:
     """Policy `which` ("a" or "b") loaded, run on the prompts and freed: (dataset rows, responses)."""
     from tqdm.auto import tqdm
-
-    from p3o.data.prompts import load_prompts
-    from p3o.models.loading import load_causal_lm, load_tokenizer
 
     path = getattr(cfg, f"model_{which}")
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or path, cfg.trust_remote_code)
@@ -269,9 +255,6 @@ def respond(cfg: WinrateConfig, which: str, device) -> tuple[list[dict], list[st
 
 def run_winrate(cfg: WinrateConfig) -> dict:
     """Generate with A, generate with B, judge, write the result; returns it."""
-    from p3o.eval.judges import build_judge
-    from p3o.utils.io import atomic_write_text
-
     out = check_output_file(cfg)
     check_inputs(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

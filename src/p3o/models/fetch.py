@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from p3o.errors import UsageError
+from p3o.models.loading import load_causal_lm, pretrained_source
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,6 @@ def check_output_dir(output_dir: str, overwrite: bool) -> Path:
 def load_gguf_checkpoint(gguf: Path, dtype: str = "float32"):
     """(model, tokenizer) from a GGUF file, dequantised, as they should be saved."""
     from transformers import AutoTokenizer
-
-    from p3o.models.loading import load_causal_lm, pretrained_source
 
     source, extra = pretrained_source(str(gguf))
     # Not `load_tokenizer`: that one sets p3o's run-time choices (left padding), not the model's own.

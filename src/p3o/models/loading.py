@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from p3o.data.turns import special_ids, stop_token_ids
 from p3o.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -147,8 +148,6 @@ def eos_token_ids(tokenizer, model) -> list[int]:
     (`p3o.data.turns.stop_token_ids`, the same that end SFT and DPO data), plus the generation
     config's EOS ids that are special tokens of this tokenizer. A config id that is an ordinary word
     (a config left at its defaults) never ends a response."""
-    from p3o.data.turns import special_ids, stop_token_ids
-
     extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     extra = [extra] if isinstance(extra, int) else list(extra or [])
     ids = stop_token_ids(tokenizer, [i for i in extra if i in special_ids(tokenizer)])

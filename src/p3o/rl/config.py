@@ -14,6 +14,7 @@ from typing import ClassVar
 
 from p3o.errors import UsageError
 from p3o.options import option
+from p3o.rl.algorithms import default_setting, get_algorithm
 from p3o.rl.losses import AGGREGATIONS
 
 
@@ -201,8 +202,6 @@ class P3OConfig:
 
     def _resolve_algorithm_settings(self) -> None:
         """Fill the settings left unset from the algorithm's defaults; refuse what it cannot use."""
-        from p3o.rl.algorithms import default_setting, get_algorithm
-
         algorithm = get_algorithm(self.algo)
         if self.loss_aggregation == "pair-mean":
             self.loss_aggregation = "group-mean"
@@ -229,8 +228,6 @@ TrainConfig = P3OConfig  # the name before the Python API; kept for scripts that
 def check_reward_sources(cfg: P3OConfig, names: list[str], eval_dataset_given: bool) -> None:
     """The rewards a run was given (`names`: from the flags and from Python objects) suit its
     algorithm, and their weights match them."""
-    from p3o.rl.algorithms import get_algorithm
-
     algorithm = get_algorithm(cfg.algo)
     if cfg.reward_weights is not None and len(cfg.reward_weights) != len(names):
         raise UsageError(f"--reward_weights has {len(cfg.reward_weights)} weights for {len(names)} rewards "

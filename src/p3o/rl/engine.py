@@ -47,6 +47,7 @@ from p3o.rl.rollout import (
     supports_logits_to_keep,
     token_logprobs_and_values,
 )
+from p3o.rl.vllm_backend import VLLMGenerator
 from p3o.utils.distributed import (
     check_supported,
     configure_for_updates,
@@ -130,8 +131,6 @@ class Trainer:
                                    and shares_prompt_forward(self.ref_policy, packed))
         self.vllm = None
         if cfg.generation_backend == "vllm" and not self.algorithm.offline:
-            from p3o.rl.vllm_backend import VLLMGenerator
-
             self.vllm = VLLMGenerator(cfg, cfg.model_name_or_path, self.eos_ids,
                                       self.max_prompt_length + cfg.max_new_tokens, self.accelerator)
 

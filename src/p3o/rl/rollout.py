@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from p3o.errors import UsageError
 from p3o.utils.ops import masked_sum, response_mask_from_eos, selective_log_softmax
 
 
@@ -114,8 +115,6 @@ def prompt_budget(model_config, max_new_tokens: int, max_prompt_length: int | No
     """Prompt tokens kept beside `max_new_tokens` new ones: `max_prompt_length`, else what the context
     leaves. Training, its held-out evaluation, `p3o eval` and `p3o winrate` all cut prompts here, so
     an evaluated prompt is the trained one."""
-    from p3o.errors import UsageError
-
     context = context_length(model_config)
     if context is not None and max_new_tokens >= context:
         raise UsageError(f"--max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's "
@@ -171,7 +170,7 @@ def sample_responses(model, query_ids: torch.Tensor, query_mask: torch.Tensor, g
         model = model.get_base_model()
     # `generate` fills every unset option from the model's own generation_config (a hub model may
     # carry repetition penalties, bad words, top-k ...); a blank one keeps sampling exact.
-    from p3o.rl.kv_cache import preallocated_cache
+    from p3o.rl.kv_cache import preallocated_cache  # local: it imports transformers; keeps p3o --help free of it
 
     cache = preallocated_cache(model, query_ids.shape[1] + gen_config.max_new_tokens) if gen_config.use_cache else None
     saved, model.generation_config = model.generation_config, GenerationConfig()

@@ -17,6 +17,7 @@ from pathlib import Path
 from p3o.data.files import as_dataset_spec
 from p3o.data.prompts import load_preference_pairs, load_prompts
 from p3o.errors import UsageError
+from p3o.eval.policy import evaluate_policy, summarise
 from p3o.eval.watch import Block, OverOptimisationWatch
 from p3o.models.loading import load_causal_lm, load_tokenizer, prepare_tokenizer
 from p3o.models.lora import ADAPTER_DIR, is_lora, merged_lora_state_dict
@@ -374,8 +375,6 @@ class HeldOutEvaluator:
     def __call__(self, step: int) -> tuple[str, dict]:
         """(the summary line, the point written to eval.jsonl)."""
         from accelerate.utils import gather_object
-
-        from p3o.eval.policy import evaluate_policy, summarise
 
         t, names = self.trainer, ["kl", "length", *self.rewards]
         samples = []

@@ -14,6 +14,11 @@ import torch
 
 from p3o.core.supervised import Stage, SupervisedConfig
 from p3o.core.supervised_run import run_supervised
+from p3o.data.files import as_dataset_spec
+from p3o.data.formats import example_token_ids, load_completions, load_with_held_out
+from p3o.data.turns import ReplyEnds
+from p3o.errors import UsageError
+from p3o.models.loading import disable_dropout, load_causal_lm, load_tokenizer
 from p3o.options import option
 from p3o.utils.ops import masked_sum, selective_log_softmax
 
@@ -31,8 +36,6 @@ def tokenize_example(tokenizer, prompt, completion, max_length: int, where: str,
     """input_ids = prompt tokens + completion tokens up to their first stop token (EOS or end of
     turn, as sampling stops; `example_token_ids`); labels = IGNORE on the prompt. An example that had
     to be cut to `max_length` is marked `"cut": True` (for the run's count)."""
-    from p3o.data.formats import example_token_ids
-
     prompt_ids, completion_ids = example_token_ids(tokenizer, prompt, completion, where, ends)
     cut = len(prompt_ids) + len(completion_ids) > max_length
     # An over-long completion gives up its end, never all of its prompt: a quarter of the budget
@@ -108,9 +111,6 @@ def _api_inputs(args, model, train_dataset, eval_dataset, processing_class, conf
     import dataclasses
     from pathlib import Path
 
-    from p3o.data.files import as_dataset_spec
-    from p3o.errors import UsageError
-
     if args is None:
         raise UsageError(f"the trainer needs args={config_name}(output_dir=...): where the run is written")
     if isinstance(model, (str, Path)):
@@ -128,15 +128,9 @@ def _api_inputs(args, model, train_dataset, eval_dataset, processing_class, conf
 
 def run_sft(cfg: SFTConfig, model=None, tokenizer=None, dataset=None, eval_dataset=None) -> list[dict]:
     """`p3o sft`; the arguments after `cfg` are what `SFTTrainer` takes as objects."""
-    from p3o.data.formats import load_completions, load_with_held_out
-    from p3o.data.turns import ReplyEnds
-    from p3o.models.loading import disable_dropout, load_causal_lm
-
     dataset = dataset if dataset is not None else cfg.dataset
     eval_dataset = eval_dataset if eval_dataset is not None else cfg.eval_dataset
     if tokenizer is None and model is not None and cfg.tokenizer_name_or_path is None:
-        from p3o.models.loading import load_tokenizer
-
         tokenizer = load_tokenizer(model.config.name_or_path, cfg.trust_remote_code)
 
     def load_rows(cfg):  # the loaders rename the configured columns to `prompt` and `completion`

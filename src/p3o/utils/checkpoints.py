@@ -18,6 +18,9 @@ from typing import Callable
 
 import torch
 
+from p3o.errors import UsageError
+from p3o.utils.distributed import sum_across_processes
+
 STATE_FILE = "trainer_state.json"
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
 log = logging.getLogger("p3o")
@@ -80,8 +83,6 @@ def same_setting(a, b) -> bool:
 
 def check_resumable(saved: dict, current: dict, changeable: set[str]) -> None:
     """Refuse to resume with settings that would change the trajectory."""
-    from p3o.errors import UsageError
-
     # Settings one side lacks were added (or removed) by another p3o version since the run started:
     # not a change the user made, so a run resumes across versions.
     changed = sorted(k for k in set(saved) & set(current)
@@ -97,8 +98,6 @@ def resume_point(output_dir: str, current: dict | None, changeable: set[str]) ->
     against `current` (unless None: the caller checks later); None (start from the beginning) when
     the directory is empty or absent."""
     import yaml
-
-    from p3o.errors import UsageError
 
     out = Path(output_dir)
     checkpoint = latest_checkpoint(out)
@@ -145,8 +144,6 @@ class StopRequest:
         """Whether any process has been asked to stop. Several processes must all stop (and save) at
         the same step, whichever got the signal first: a collective, called by all at every step."""
         import torch
-
-        from p3o.utils.distributed import sum_across_processes
 
         asked = sum_across_processes(torch.tensor([float(self.requested is not None)], device=device)).item() > 0
         if asked and self.requested is None:

@@ -13,6 +13,7 @@ import os
 import torch
 
 from p3o.errors import UsageError
+from p3o.utils import zero
 
 
 def make_accelerator(**kwargs):
@@ -95,8 +96,6 @@ def configure_for_updates(accelerator, micro_batch: int, max_grad_norm: float) -
     """Before `prepare`: DeepSpeed is told p3o's micro-batch size and clipping (see `p3o.utils.zero`);
     nothing to do otherwise."""
     if is_deepspeed(accelerator):
-        from p3o.utils import zero
-
         zero.configure(accelerator, micro_batch, max_grad_norm)
 
 
@@ -150,7 +149,6 @@ def loading_whole(accelerator):
     if not (is_deepspeed(accelerator) and is_sharded(accelerator)):
         yield
         return
-    from p3o.utils import zero
 
     with zero.loading_whole(accelerator):
         yield
@@ -177,8 +175,6 @@ def full_optimizer_state(accelerator, model, optimizer) -> dict:
     """The optimiser's state to save: under FSDP2 and DeepSpeed gathered whole and keyed by parameter
     name (a collective), so that it loads on any number of processes; otherwise its own state dict."""
     if is_deepspeed(accelerator):
-        from p3o.utils import zero
-
         return zero.full_optimizer_state(model)
     if not is_sharded(accelerator):
         return optimizer.state_dict()
@@ -197,7 +193,6 @@ def load_optimizer_state(accelerator, model, optimizer, state: dict) -> None:
         if not by_name:
             raise UsageError("this checkpoint's optimiser state was written without FSDP or DeepSpeed; resume it with "
                              "DDP or one process")
-        from p3o.utils import zero
 
         zero.load_optimizer_state(model, state)
         return
@@ -216,8 +211,6 @@ def load_optimizer_state(accelerator, model, optimizer, state: dict) -> None:
 def load_module_state(accelerator, model, state: dict) -> None:
     """Load some of `model`'s parameters from whole tensors (under FSDP2 each process keeps its shard)."""
     if is_deepspeed(accelerator):
-        from p3o.utils import zero
-
         zero.load_module_state(model, state)
         return
     if not is_sharded(accelerator):
