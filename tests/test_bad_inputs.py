@@ -215,7 +215,7 @@ CASES = [
     pytest.param(with_(winrate(), "--model_b", "./no/such/b"), ["--model_b ./no/such/b does not exist"], id="winrate-model-b-missing"),
     pytest.param(with_(winrate(), "--model_b", "{F}/vit"), ["--model_b", "not a causal language model"], id="winrate-model-not-lm"),
     # p3o frontier (a failing run and a missing --model_name_or_path without --task are in test_frontier.py)
-    pytest.param(with_(frontier(), "--algos", "p3o-v2,ppo-ish"), ["unknown --algo 'ppo-ish'; known algorithms: p3o-v1"],
+    pytest.param(with_(frontier(), "--algos", "p3o-v2,ppo-ish"), ["unknown --algos entry 'ppo-ish'; known: p3o-v1"],
                  id="frontier-unknown-algo"),
     pytest.param(with_(frontier(), "--betas", "0.05,x"), ["--betas must be", "separated by commas, got '0.05,x'"], id="frontier-betas-not-numbers"),
     pytest.param(with_(frontier(), "--dataset", "{F}/missing.jsonl"), ["missing.jsonl does not exist"],
