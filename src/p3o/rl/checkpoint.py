@@ -35,15 +35,8 @@ def save_checkpoint(trainer, out: Path, limit: int | None) -> Path:
         save_pretrained_atomically(trainer.unwrapped_policy, trainer.tokenizer, tmp, state_dict=policy_state,
                                    extra_tensors=extra)
 
-    return save_training_checkpoint(out, trainer.state.step, training_state(trainer), acc, trainer.policy,
+    return save_training_checkpoint(out, trainer.state.step, trainer.state_dict(), acc, trainer.policy,
                                     trainer.optimizer, trainer.scheduler, write_weights, limit)
-
-
-def training_state(trainer) -> dict:
-    s = trainer.state
-    return {"step": s.step, "optimizer_steps": s.optimizer_steps, "skipped_updates": s.skipped_updates,
-            "consecutive_skips": s.consecutive_skips, "kl_control": trainer.kl_control.state_dict(),
-            **({"reward_scale": trainer.reward_scale.state_dict()} if trainer.reward_scale is not None else {})}
 
 
 def load_policy_weights(trainer, path: Path) -> None:
@@ -80,8 +73,4 @@ def load_training_state(trainer, path: Path) -> None:
         head = {f"value_head.{k}": v for k, v in load_file(str(path / VALUE_HEAD_FILE)).items()}
         load_module_state(acc, trainer.policy, head)
     state = load_training_checkpoint(path, acc, trainer.policy, trainer.optimizer, trainer.scheduler)
-    for name in ("step", "optimizer_steps", "skipped_updates", "consecutive_skips"):
-        setattr(trainer.state, name, state[name])
-    trainer.kl_control.load_state_dict(state["kl_control"])
-    if trainer.reward_scale is not None:
-        trainer.reward_scale.load_state_dict(state["reward_scale"])
+    trainer.load_state_dict(state)

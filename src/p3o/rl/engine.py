@@ -337,6 +337,23 @@ class Trainer:
             minibatch.update(**{n: torch.cat([getattr(p, n) for p in parts]) for n in ("old_token_logp", "old_logp", "kl")})
         return {"loss": total_loss, "grad_norm": grad_norm, **_combine(stats)}
 
+    # --- what a checkpoint holds of the trainer itself (trainer_state.json) ----------------------
+
+    def state_dict(self) -> dict:
+        """The run's counters, beta and the reward scale: with the weights, optimiser, scheduler and
+        RNG (`p3o.rl.checkpoint`), everything a resumed run needs to go on as if never stopped."""
+        s = self.state
+        return {"step": s.step, "optimizer_steps": s.optimizer_steps, "skipped_updates": s.skipped_updates,
+                "consecutive_skips": s.consecutive_skips, "kl_control": self.kl_control.state_dict(),
+                **({"reward_scale": self.reward_scale.state_dict()} if self.reward_scale is not None else {})}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = TrainerState(state["step"], state["optimizer_steps"], state["skipped_updates"],
+                                  state["consecutive_skips"])
+        self.kl_control.load_state_dict(state["kl_control"])
+        if self.reward_scale is not None:
+            self.reward_scale.load_state_dict(state["reward_scale"])
+
     # --- data order and metrics ----------------------------------------------------------------
 
     def prompt_indices(self, step: int) -> list[int]:
