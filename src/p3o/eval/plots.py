@@ -45,7 +45,16 @@ def plot_training(metrics_path: Path, out: Path, title: str) -> Path:
 
 
 COLOURS = {"p3o-v1": "tab:blue", "p3o-v2": "tab:green", "ppo": "tab:red", "dpo": "tab:purple",
-           "rloo": "tab:orange", "grpo": "tab:brown", "remax": "tab:pink", "online-dpo": "tab:gray"}
+           "rloo": "tab:orange", "grpo": "tab:brown", "remax": "tab:pink", "online-dpo": "tab:gray",
+           "p3o-v2-authors": "tab:olive", "p3o-v1-authors": "tab:cyan"}
+
+
+def _colours(algos) -> dict:
+    """Each algorithm's colour: its own where it has one, else a colour no other algorithm takes."""
+    taken = {COLOURS[a] for a in algos if a in COLOURS}
+    spare = [c for c in ("tab:olive", "tab:cyan", "tab:pink", "tab:gray") if c not in taken] + ["black", "gold", "navy"]
+    free = iter(spare + [None] * len(algos))
+    return {a: COLOURS.get(a) or next(free) for a in algos}
 
 
 def plot_frontier(points: list[dict], summary: dict, out: Path, title: str) -> Path:
@@ -59,9 +68,10 @@ def plot_frontier(points: list[dict], summary: dict, out: Path, title: str) -> P
     keys = [k for k in ("gold", "reward") if points[0].get(k) is not None]
     labels = {"gold": "gold reward (hidden labeller)", "reward": "proxy reward (reward model)"}
     fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4.2), squeeze=False)
+    colours = _colours(list(summary))
     for ax, key in zip(axes[0], keys):
         for algo, s in summary.items():
-            colour = COLOURS.get(algo)
+            colour = colours[algo]
             mine = [p for p in points if p["algo"] == algo]
             ax.scatter([p["kl"] for p in mine], [p[key] for p in mine], s=10, alpha=0.25, color=colour)
             front = s[key]["frontier"]
