@@ -1,0 +1,108 @@
+"""The speed levers of the step (docs/performance.md) change no number they should not: a LoRA
+policy's frozen base held in bf16 under --mixed_precision bf16 computes what autocast computed,
+with KL exactly 0 and ratio exactly 1 at the start, and saves in the dtype it was loaded in."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import train_config
+from test_engine import first_update_ratio_gap
+
+from p3o.models.loading import load_causal_lm
+from p3o.rl.rollout import batched_logprobs_and_values, batched_token_logprobs
+from p3o.rl.train import build_trainer
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """accelerate keeps one mixed-precision setting per process: these tests change it, so each
+    starts and leaves with none set (the rest of the suite runs in float32)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
+def bf16_lora(assets, tmp_path, arch="llama", **overrides):
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    kw = dict(model_name_or_path=str(assets[arch]), use_peft=True, lora_r=4, mixed_precision="bf16")
+    return build_trainer(train_config(assets, tmp_path, **{**kw, **overrides}))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_bf16_base_holds_frozen_matmul_weights_in_bf16_and_trains_float32_adapters(assets, tmp_path, arch):
+    trainer = bf16_lora(assets, tmp_path, arch)
+    policy = trainer.unwrapped_policy
+    trained = [p for p in policy.parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 for p in trained)
+    assert all(p.dtype == torch.float32 for group in trainer.optimizer.param_groups for p in group["params"])
+    narrowed = {n for n, p in policy.named_parameters() if p.dtype == torch.bfloat16}
+    assert narrowed == set(policy.p3o_saved_dtypes)
+    assert any(".base_layer." in n for n in narrowed)
+    assert policy.get_output_embeddings().weight.dtype == torch.bfloat16  # the head, tied to the embedding here
+    norms = [p for n, p in policy.named_parameters() if "norm" in n or "ln_" in n]
+    assert norms and all(p.dtype == torch.float32 for p in norms)
+    # Without bf16 autocast, or with a reference model of its own, nothing is narrowed.
+    for other in (dict(mixed_precision="no"), dict(ref_model_name_or_path=str(assets[arch]))):
+        policy = bf16_lora(assets, tmp_path, arch, **other).unwrapped_policy
+        assert all(p.dtype == torch.float32 for p in policy.parameters()), other
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_bf16_base_computes_what_autocast_computed_on_float32_weights(assets, tmp_path, arch):
+    """Every matmul sees the bf16 weights autocast would have made; the one change to the model is
+    the tied embedding's rows, rounded to bf16: a float32 model with those rows rounded gives
+    bit-identical log-probs under autocast."""
+    trainer = bf16_lora(assets, tmp_path, arch, max_steps=1)
+    rollout, _, _ = trainer.collect_rollout(0)
+    initial = load_causal_lm(str(assets[arch]))
+    embedding = initial.get_input_embeddings().weight
+    embedding.data = embedding.data.to(torch.bfloat16).float()
+    batch = trainer.sizes.micro_pairs * trainer.sizes.samples_per_prompt
+    with trainer.accelerator.autocast():
+        expected = batched_token_logprobs(initial, rollout.seq, 1.0, 16)
+        reference = batched_token_logprobs(trainer.ref_policy, rollout.seq, 1.0, 16)
+        as_engine = batched_logprobs_and_values(initial, rollout.seq, 1.0, batch, paired=trainer.pairs_share_prompt)[0]
+    assert torch.equal(reference, expected)
+    assert torch.equal(rollout.seq["ref_token_logp"], as_engine)  # the rollout's reference pass
+
+
+def test_bf16_base_kl_is_exactly_0_and_the_first_ratio_exactly_1(assets, tmp_path):
+    trainer = bf16_lora(assets, tmp_path, max_steps=1)  # epochs 2: a separate no-grad pass for pi_old
+    assert not trainer.fuse_old_pass
+    rollout, _, _ = trainer.collect_rollout(0)
+    assert torch.equal(rollout.seq["old_token_logp"], rollout.seq["ref_token_logp"]) and not rollout.seq["kl"].any()
+    assert first_update_ratio_gap(bf16_lora(assets, tmp_path, max_steps=1)) == 0.0
+
+
+def test_bf16_base_saves_the_merged_model_in_the_loaded_dtype(assets, tmp_path):
+    from safetensors import safe_open
+
+    from p3o.rl.train import _save_policy
+
+    trainer = bf16_lora(assets, tmp_path, max_steps=2, learning_rate=1e-2)
+    trainer.train()
+    rollout, _, _ = trainer.collect_rollout(2)
+    with trainer.accelerator.autocast():
+        trained = batched_token_logprobs(trainer.unwrapped_policy, rollout.seq, 1.0, 16)
+    out = tmp_path / "saved"
+    out.mkdir()
+    _save_policy(trainer, out)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+    with safe_open(out / "model.safetensors", "pt") as saved:
+        assert {saved.get_tensor(n).dtype for n in saved.keys()} == {torch.float32}
+    with safe_open(out / "adapter" / "adapter_model.safetensors", "pt") as adapter:
+        assert {adapter.get_tensor(n).dtype for n in adapter.keys()} == {torch.float32}
+    merged = load_causal_lm(str(out))
+    with trainer.accelerator.autocast():  # merged, then rounded by autocast: close to what was trained
+        assert torch.allclose(batched_token_logprobs(merged, rollout.seq, 1.0, 16), trained, atol=0.05)
+    # the run's model is untouched by saving: still bf16 underneath, and the same policy
+    assert trainer.unwrapped_policy.get_output_embeddings().weight.dtype == torch.bfloat16
+    with trainer.accelerator.autocast():
+        assert torch.equal(batched_token_logprobs(trainer.unwrapped_policy, rollout.seq, 1.0, 16), trained)
+
