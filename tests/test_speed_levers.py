@@ -1,6 +1,8 @@
 """The speed levers of the step (docs/performance.md) change no number they should not: a LoRA
 policy's frozen base held in bf16 under --mixed_precision bf16 computes what autocast computed,
-with KL exactly 0 and ratio exactly 1 at the start, and saves in the dtype it was loaded in."""
+with KL exactly 0 and ratio exactly 1 at the start, and saves in the dtype it was loaded in;
+log-probabilities taken a block of rows at a time from the bf16 logits equal the plain float32
+log-softmax, with the same gradients."""
 from __future__ import annotations
 
 import json
@@ -106,3 +108,79 @@ def test_bf16_base_saves_the_merged_model_in_the_loaded_dtype(assets, tmp_path):
     with trainer.accelerator.autocast():
         assert torch.equal(batched_token_logprobs(trainer.unwrapped_policy, rollout.seq, 1.0, 16), trained)
 
+
+# --- log-probabilities without float32 (B, T, V) logits ---------------------------------------------
+
+def naive_selective_log_softmax(logits, index, temperature=1.0):
+    return torch.log_softmax(logits.float() / temperature, -1).gather(-1, index[..., None])[..., 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("block", [1 << 21, 50, 7])  # whole rows at once, several rows, pieces of a row
+def test_blockwise_log_probs_and_gradients_equal_the_plain_ones(monkeypatch, dtype, temperature, block):
+    import p3o.utils.ops as ops
+
+    monkeypatch.setattr(ops, "_BLOCK_ELEMENTS", block)
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(3, 5, 11)).to(dtype).requires_grad_()
+    index, weights = torch.randint(0, 11, (3, 5)), torch.randn(3, 5)
+    got = ops.selective_log_softmax(logits, index, temperature)
+    (got * weights).sum().backward()
+    grad, logits.grad = logits.grad, None
+    expected = naive_selective_log_softmax(logits, index, temperature)
+    (expected * weights).sum().backward()
+    assert got.dtype == torch.float32 and grad.dtype == dtype
+    assert torch.allclose(got, expected, atol=2e-6)
+    assert torch.allclose(grad.float(), logits.grad.float(), atol=2e-6)
+
+
+def test_blockwise_log_probs_pass_gradcheck_and_take_any_leading_shape(monkeypatch):
+    import p3o.utils.ops as ops
+
+    monkeypatch.setattr(ops, "_BLOCK_ELEMENTS", 7)
+    logits = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    index = torch.randint(0, 5, (2, 3))
+    assert torch.autograd.gradcheck(lambda x: ops.selective_log_softmax(x, index, 0.6), (logits,))
+    flat = torch.randn(6, 5)
+    assert torch.allclose(ops.selective_log_softmax(flat, index.flatten()), naive_selective_log_softmax(flat, index.flatten()))
+
+
+@pytest.mark.parametrize("paired", [False, True])
+def test_the_training_forward_keeps_no_float32_logits_and_gives_the_plain_gradient(assets, tmp_path, paired):
+    """Under bf16 autocast the only (B, T, V) tensor kept for backward is the bf16 logits, and the
+    model's gradient is the one of the plain log-softmax."""
+    from p3o.rl.rollout import token_logprobs_and_values
+
+    trainer = bf16_lora(assets, tmp_path, max_steps=1)
+    seq = trainer.collect_rollout(0)[0].seq
+    V = trainer.unwrapped_policy.get_output_embeddings().weight.shape[0]
+    args = (seq["query_ids"], seq["query_mask"], seq["response_ids"], seq["response_mask"], 0.8)
+    gradients = []
+    for plain in (False, True):
+        saved = []
+
+        def pack(t):
+            saved.append((t.dtype, tuple(t.shape)))
+            return t
+
+        with trainer.accelerator.autocast(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            if plain:  # the same forward with the plain log-softmax put in
+                import p3o.rl.rollout as rollout_module
+                original = rollout_module.selective_log_softmax
+                rollout_module.selective_log_softmax = naive_selective_log_softmax
+                try:
+                    logps, _ = token_logprobs_and_values(trainer.policy, *args, paired=paired)
+                finally:
+                    rollout_module.selective_log_softmax = original
+            else:
+                logps, _ = token_logprobs_and_values(trainer.policy, *args, paired=paired)
+                assert not [s for s in saved if s[0] == torch.float32 and s[1][-1] == V], saved
+                assert [s for s in saved if s[0] == torch.bfloat16 and s[1][-1] == V]
+        trainer.optimizer.zero_grad()
+        (logps * torch.linspace(-1, 1, logps.numel()).reshape(logps.shape)).sum().backward()
+        gradients.append({n: p.grad.clone() for n, p in trainer.policy.named_parameters() if p.grad is not None})
+    new, plain = gradients
+    assert new.keys() == plain.keys() and new
+    for name in new:
+        assert torch.allclose(new[name], plain[name], atol=1e-5, rtol=1e-3), name

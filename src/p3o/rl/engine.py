@@ -116,6 +116,8 @@ class Trainer:
         optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
                                       betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
         self.policy, self.optimizer = self.accelerator.prepare(model, optimizer)  # the trained module
+        if not (self.sharded or is_deepspeed(self.accelerator)):  # every forward runs under `accelerator.autocast()`
+            _without_float32_outputs(self.trained_module)
         if self.sharded:  # FSDP2 sets itself up in the root's first forward; generation calls PPO's inner model first
             with torch.no_grad():
                 self.policy(input_ids=torch.ones(1, 1, dtype=torch.long, device=self.accelerator.device))
@@ -432,6 +434,16 @@ def training_mode(model, enabled: bool = True):
         yield
     finally:
         model.eval()
+
+
+def _without_float32_outputs(module) -> None:
+    """Undo accelerate's mixed-precision wrapper of `module.forward` (autocast, then every output
+    copied to float32): the engine enters autocast itself around every forward, and the copy would
+    be a float32 (B, T, V) tensor of logits per forward, kept for backward. `selective_log_softmax`
+    widens the logits a block at a time instead; values (PPO) widen where they are masked."""
+    original = module.__dict__.pop("_original_forward", None)
+    if original is not None:
+        module.forward = original
 
 
 def _old_pass_is_redundant(cfg: TrainConfig, sizes, algorithm) -> bool:
