@@ -10,7 +10,8 @@ Levers (see docs/performance.md):
              re-cast by autocast at every forward)
   logprobs   log-probabilities a block of rows at a time from the bf16 logits (off: the float32
              logits accelerate's wrapper copied out, and the plain float32 log-softmax)
-  both       the two together (off: neither)
+  cpu_attention  attention's backward in float32 under CPU bf16 autocast (off: autocast's bf16 backward)
+  all        the three together (off: none of them)
 
 `--clock cpu` times phases in CPU seconds of this process instead of wall seconds: on cores that
 other processes share, use it with `--threads 1` (a 2-thread job's threads wait on each other when a
@@ -44,7 +45,7 @@ PHASES = ("time_generate", "time_old_logprobs", "time_reference", "time_update",
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lever", choices=["bf16_base", "logprobs", "both"], required=True)
+    p.add_argument("--lever", choices=["bf16_base", "logprobs", "cpu_attention", "all"], required=True)
     p.add_argument("--model", default=str(SMOLLM2), help="A causal LM directory (default: the cached SmolLM2-135M-Instruct).")
     p.add_argument("--algo", default="rloo")
     p.add_argument("--pairs", type=int, default=8, help="Prompts per step (2 responses each).")
@@ -88,23 +89,34 @@ def plain_selective_log_softmax(logits, index, temperature=1.0):
 @contextlib.contextmanager
 def lever_off(lever: str):
     """The engine as it was without `lever`, for the block (building trainer A and running its steps)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     import p3o.rl.engine as engine
     import p3o.rl.rollout as rollout
 
-    saved = {}
-    if lever in ("bf16_base", "both"):
-        saved[engine, "hold_frozen_base_in"] = engine.hold_frozen_base_in
-        engine.hold_frozen_base_in = lambda *args, **kwargs: 0
-    if lever in ("logprobs", "both"):
-        saved[rollout, "selective_log_softmax"] = rollout.selective_log_softmax
-        saved[engine, "_without_float32_outputs"] = engine._without_float32_outputs
-        rollout.selective_log_softmax = plain_selective_log_softmax
-        engine._without_float32_outputs = lambda module: None
+    restore = []
+
+    def replace(owner, name, value):
+        old = getattr(owner, name)
+        restore.append(lambda: setattr(owner, name, old))
+        setattr(owner, name, value)
+
+    if lever in ("bf16_base", "all"):
+        replace(engine, "hold_frozen_base_in", lambda *args, **kwargs: 0)
+    if lever in ("logprobs", "all"):
+        replace(rollout, "selective_log_softmax", plain_selective_log_softmax)
+        replace(engine, "_without_float32_outputs", lambda module: None)
+    if lever in ("cpu_attention", "all"):
+        replace(engine, "float32_attention_backward_on_cpu", lambda: None)
+        installed = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        if hasattr(installed, "wrapped"):  # B's build installed it: A runs on the plain sdpa
+            ALL_ATTENTION_FUNCTIONS["sdpa"] = installed.wrapped
+            restore.append(lambda: ALL_ATTENTION_FUNCTIONS.__setitem__("sdpa", installed))
     try:
         yield
     finally:
-        for (module, name), value in saved.items():
-            setattr(module, name, value)
+        for undo in reversed(restore):
+            undo()
 
 
 def one_step(trainer, step: int, clock) -> dict[str, float]:

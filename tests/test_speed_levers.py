@@ -184,3 +184,74 @@ def test_the_training_forward_keeps_no_float32_logits_and_gives_the_plain_gradie
     assert new.keys() == plain.keys() and new
     for name in new:
         assert torch.allclose(new[name], plain[name], atol=1e-5, rtol=1e-3), name
+
+
+# --- attention's backward in float32 under CPU bf16 autocast -------------------------------------------
+
+def test_cpu_bf16_attention_forward_is_autocasts_and_its_backward_float32(assets, tmp_path, monkeypatch):
+    """The wrapper changes no forward value (log-probs, so ratios, KLs and samples, are those of
+    autocast's attention), runs its backward on float32 inputs, and gives autocast's gradient
+    within bf16 rounding."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from p3o.rl.rollout import token_logprobs_and_values
+
+    calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def recording(query, key, value, *args, **kwargs):  # the dtype it runs in: its inputs', or autocast's
+        autocast = torch.is_autocast_enabled("cpu")
+        calls.append({torch.get_autocast_dtype("cpu")} if autocast else {query.dtype, key.dtype, value.dtype})
+        return sdpa(query, key, value, *args, **kwargs)
+
+    trainer = bf16_lora(assets, tmp_path, max_steps=1)
+    seq = trainer.collect_rollout(0)[0].seq
+    args = (seq["query_ids"], seq["query_mask"], seq["response_ids"], seq["response_mask"], 0.8)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    installed, results = ALL_ATTENTION_FUNCTIONS["sdpa"], []
+    assert installed.p3o_float32_backward
+    for attention in (installed, installed.wrapped):
+        monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", attention)
+        trainer.optimizer.zero_grad()
+        calls.clear()
+        with trainer.accelerator.autocast():
+            logps, _ = token_logprobs_and_values(trainer.policy, *args, paired=trainer.pairs_share_prompt)
+        forward = list(calls)
+        (logps * torch.linspace(-1, 1, logps.numel()).reshape(logps.shape)).sum().backward()
+        results.append((logps.detach(), forward, calls[len(forward):],
+                        {n: p.grad.clone() for n, p in trainer.policy.named_parameters() if p.grad is not None}))
+    (logps, forward, backward, grads), (plain_logps, plain_forward, plain_backward, plain_grads) = results
+    assert torch.equal(logps, plain_logps)
+    assert forward == plain_forward and forward and all(dtypes == {torch.bfloat16} for dtypes in forward)
+    assert backward and all(dtypes == {torch.float32} for dtypes in backward) and not plain_backward
+    assert grads.keys() == plain_grads.keys() and grads
+    for name in grads:  # bf16's own backward is the rougher one: agree to its rounding, as a whole
+        gap = (grads[name] - plain_grads[name]).norm() / plain_grads[name].norm().clamp(min=1e-12)
+        assert gap < 0.02, (name, gap)
+    with torch.no_grad():  # no gradient recorded (sampling, reference, old pass): autocast's attention itself
+        calls.clear()
+        trainer.log_probs(seq, {})
+        assert calls and all(dtypes == {torch.bfloat16} for dtypes in calls)
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_cpu_bf16_gradient_checkpointing_recomputes_through_the_same_attention(assets, tmp_path):
+    gradients = []
+    for checkpointing in (False, True):
+        trainer = bf16_lora(assets, tmp_path, max_steps=1, epochs=1, pairs_per_step=8, minibatch_pairs=8,
+                            gradient_checkpointing=checkpointing)
+        grads, step = {}, trainer.optimizer.step
+
+        def record_then_step(*args, **kwargs):
+            if not grads:
+                grads.update({n: p.grad.clone() for n, p in trainer.unwrapped_policy.named_parameters()
+                              if p.grad is not None})
+            return step(*args, **kwargs)
+
+        trainer.optimizer.step = record_then_step
+        trainer.train()
+        gradients.append(grads)
+    plain, checkpointed = gradients
+    assert plain.keys() == checkpointed.keys() and plain
+    assert any(g.abs().max() > 0 for g in plain.values())
+    for name in plain:
+        assert torch.allclose(plain[name], checkpointed[name], atol=1e-6, rtol=1e-3), name

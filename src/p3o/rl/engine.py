@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from p3o.errors import UsageError
+from p3o.models.attention import float32_attention_backward_on_cpu
 from p3o.models.loading import disable_dropout, eos_token_ids
 from p3o.models.lora import AdaptersDisabled, add_lora, hold_frozen_base_in, is_lora
 from p3o.models.value_head import PolicyWithValueHead
@@ -108,6 +109,8 @@ class Trainer:
             policy = add_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules)
         if cfg.mixed_precision == "bf16" and ref_policy is None and is_lora(policy):  # weights never re-cast
             hold_frozen_base_in(policy, torch.bfloat16)
+        if cfg.mixed_precision == "bf16" and self.accelerator.device.type == "cpu":  # bf16 flash backward is slow there
+            float32_attention_backward_on_cpu()
         disable_dropout(policy)  # log-ratios must be exact: rho is 1 at the first update
         self.ref_policy = self._reference(policy, ref_policy)
         if cfg.gradient_checkpointing:  # acts in the training forward only (see `optimizer_step`)
