@@ -82,6 +82,15 @@ def test_bf16_base_kl_is_exactly_0_and_the_first_ratio_exactly_1(assets, tmp_pat
     assert first_update_ratio_gap(bf16_lora(assets, tmp_path, max_steps=1)) == 0.0
 
 
+def test_bf16_base_keeps_ppos_value_head_float32(assets, tmp_path):
+    trainer = bf16_lora(assets, tmp_path, algo="ppo", max_steps=1)
+    head = trainer.trained_module.value_head
+    assert head.weight.dtype == head.bias.dtype == torch.float32 and head.weight.requires_grad
+    rollout, _, _ = trainer.collect_rollout(0)
+    assert not rollout.seq["kl"].any() and rollout.seq["old_values"].dtype == torch.float32
+    trainer.update(rollout, 0)
+
+
 def test_bf16_base_saves_the_merged_model_in_the_loaded_dtype(assets, tmp_path):
     from safetensors import safe_open
 

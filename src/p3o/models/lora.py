@@ -130,8 +130,9 @@ def save_adapter_state(peft_model, directory: Path) -> None:
 def merged_lora_state_dict(peft_model) -> dict:
     """A peft model's weights under their plain checkpoint names with its active LoRA adapters
     merged, out of place: W + delta is computed in float32 into a new tensor and cast to W's dtype
-    (its loaded dtype, where `hold_frozen_base_in` narrowed it), so the frozen base (hence the reference, the base with adapters off) is never written. Merging in
-    place and back, as peft's merge_adapter does, rounds a bf16/fp16 base a little more each time.
+    (its loaded dtype, where `hold_frozen_base_in` narrowed it), so the frozen base (hence the
+    reference, the base with adapters off) is never written. Merging in place and back, as peft's
+    merge_adapter does, rounds a bf16/fp16 base a little more each time.
     A module trained whole (`modules_to_save`, as a reward model's head) gives its active copy."""
     from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper

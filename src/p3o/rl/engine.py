@@ -107,8 +107,6 @@ class Trainer:
 
         if cfg.use_peft:
             policy = add_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules)
-        if cfg.mixed_precision == "bf16" and ref_policy is None and is_lora(policy):  # weights never re-cast
-            hold_frozen_base_in(policy, torch.bfloat16)
         if cfg.mixed_precision == "bf16" and self.accelerator.device.type == "cpu":  # bf16 flash backward is slow there
             float32_attention_backward_on_cpu()
         disable_dropout(policy)  # log-ratios must be exact: rho is 1 at the first update
@@ -116,6 +114,8 @@ class Trainer:
         if cfg.gradient_checkpointing:  # acts in the training forward only (see `optimizer_step`)
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = PolicyWithValueHead(policy) if self.algorithm.value_head else policy  # PPO: critic on the trunk
+        if cfg.mixed_precision == "bf16" and ref_policy is None and is_lora(policy):  # weights never re-cast
+            hold_frozen_base_in(policy, torch.bfloat16)  # after the value head, which takes the head's dtype
         optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
                                       betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
         self.policy, self.optimizer = self.accelerator.prepare(model, optimizer)  # the trained module
