@@ -82,6 +82,23 @@ def test_bf16_base_kl_is_exactly_0_and_the_first_ratio_exactly_1(assets, tmp_pat
     assert first_update_ratio_gap(bf16_lora(assets, tmp_path, max_steps=1)) == 0.0
 
 
+def test_bf16_base_on_smollm2_kl_is_exactly_0_and_the_first_ratio_exactly_1(assets, smollm2, tmp_path):
+    """The real model (tied 49k embedding, 30 layers), chat prompts, a separate old pass."""
+    from conftest import user, write_jsonl
+
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text("def short(prompts, completions, **kw):\n"
+                       "    return [-float(len(c[-1]['content'])) for c in completions]\n")
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": [user(q)]} for q in ("Say hello.", "Name a fruit.")])
+    kw = dict(model_name_or_path=str(smollm2), dataset=str(prompts), reward_fn=f"{rewards}:short", pairs_per_step=2,
+              minibatch_pairs=1, max_new_tokens=4, max_steps=1, lora_r=16)
+    trainer = bf16_lora(assets, tmp_path, **kw)
+    assert trainer.unwrapped_policy.get_input_embeddings().weight.dtype == torch.bfloat16  # tied to the head
+    rollout, _, _ = trainer.collect_rollout(0)
+    assert torch.equal(rollout.seq["old_token_logp"], rollout.seq["ref_token_logp"]) and not rollout.seq["kl"].any()
+    assert first_update_ratio_gap(bf16_lora(assets, tmp_path, **kw)) == 0.0
+
+
 def test_bf16_base_keeps_ppos_value_head_float32(assets, tmp_path):
     trainer = bf16_lora(assets, tmp_path, algo="ppo", max_steps=1)
     head = trainer.trained_module.value_head
@@ -152,7 +169,8 @@ def test_blockwise_log_probs_pass_gradcheck_and_take_any_leading_shape(monkeypat
     index = torch.randint(0, 5, (2, 3))
     assert torch.autograd.gradcheck(lambda x: ops.selective_log_softmax(x, index, 0.6), (logits,))
     flat = torch.randn(6, 5)
-    assert torch.allclose(ops.selective_log_softmax(flat, index.flatten()), naive_selective_log_softmax(flat, index.flatten()))
+    expected = naive_selective_log_softmax(flat, index.flatten())
+    assert torch.allclose(ops.selective_log_softmax(flat, index.flatten()), expected)
 
 
 @pytest.mark.parametrize("paired", [False, True])
