@@ -82,6 +82,16 @@ def test_bf16_base_kl_is_exactly_0_and_the_first_ratio_exactly_1(assets, tmp_pat
     assert first_update_ratio_gap(bf16_lora(assets, tmp_path, max_steps=1)) == 0.0
 
 
+@pytest.mark.parametrize("algo", ["p3o-v1", "ppo"])
+def test_bf16_full_fine_tune_kl_is_exactly_0_and_the_first_ratio_exactly_1(assets, tmp_path, algo):
+    """Without LoRA (float32 weights under autocast, a reference copy) the other levers keep it exact too."""
+    trainer = bf16_lora(assets, tmp_path, algo=algo, use_peft=False, max_steps=1)
+    assert not trainer.fuse_old_pass
+    rollout, _, _ = trainer.collect_rollout(0)
+    assert not rollout.seq["kl"].any()
+    assert first_update_ratio_gap(bf16_lora(assets, tmp_path, algo=algo, use_peft=False, max_steps=1)) == 0.0
+
+
 def test_bf16_base_on_smollm2_kl_is_exactly_0_and_the_first_ratio_exactly_1(assets, smollm2, tmp_path):
     """The real model (tied 49k embedding, 30 layers), chat prompts, a separate old pass."""
     from conftest import user, write_jsonl
