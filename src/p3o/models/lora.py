@@ -9,6 +9,7 @@ model's score head is trained whole beside the adapters (peft's `modules_to_save
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from p3o.errors import UsageError
@@ -33,6 +34,56 @@ def add_lora(model, r: int, alpha: float, target_modules: str, task_type: str = 
         return get_peft_model(model, config)
     except ValueError as exc:
         raise UsageError(f"--lora_target_modules {target_modules!r}: {str(exc).splitlines()[0]}") from None
+
+
+def hold_frozen_base_in(peft_model, dtype) -> int:
+    """Hold the frozen float32 weights that run through matmuls in `dtype` (bf16): every LoRA layer's
+    base weight and the output head, so a forward under `dtype` autocast never re-casts them (on a
+    CPU, sampling re-cast every weight at every token). Autocast casts a float32 weight to exactly
+    these values, so every matmul computes what it computed before; adapters, norms and the
+    optimiser stay float32. A tied input embedding becomes `dtype` with the head, and its output is
+    widened back to float32, so the residual stream stays float32 as under autocast; its rows are
+    then rounded to `dtype`, the one change to the model. The reference (adapters off) is these
+    same weights, so the KL of the initial policy stays exactly 0. Returns the parameters cast;
+    `in_saved_dtypes` widens them back for saving."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    names = {id(p): n for n, p in peft_model.named_parameters()}
+    heads = [m.get_base_layer() for m in peft_model.modules() if isinstance(m, LoraLayer)]
+    heads.append(peft_model.get_output_embeddings())
+    saved = getattr(peft_model, "p3o_saved_dtypes", {})
+    for module in heads:
+        for param in (module.parameters(recurse=False) if module is not None else ()):
+            if param.requires_grad or param.dtype != torch.float32 or names.get(id(param)) in saved:
+                continue
+            saved[names[id(param)]] = param.dtype
+            param.data = param.data.to(dtype)
+    peft_model.p3o_saved_dtypes = saved
+    embedding = peft_model.get_input_embeddings()
+    if embedding.weight.dtype == dtype and names.get(id(embedding.weight)) in saved:
+        widen = saved[names[id(embedding.weight)]]
+        embedding.register_forward_hook(lambda module, args, output: output.to(widen))
+    return len(saved)
+
+
+@contextlib.contextmanager
+def in_saved_dtypes(peft_model):
+    """For saving: the output head and embedding `hold_frozen_base_in` narrowed, widened back to
+    their loaded dtype for the block (exactly: bf16 -> float32 -> bf16 is lossless), so the saved
+    config records that dtype (`save_pretrained` takes it from the first weight). LoRA base weights
+    stay narrow: `merged_lora_state_dict` widens them as it merges."""
+    saved = {name: dtype for name, dtype in getattr(peft_model, "p3o_saved_dtypes", {}).items()
+             if ".base_layer." not in name}
+    params = dict(peft_model.named_parameters())
+    held = {name: params[name].data for name in saved}
+    try:
+        for name, dtype in saved.items():
+            params[name].data = held[name].to(dtype)
+        yield
+    finally:
+        for name, data in held.items():
+            params[name].data = data
 
 
 def is_lora(model) -> bool:
@@ -78,9 +129,10 @@ def save_adapter_state(peft_model, directory: Path) -> None:
 
 def merged_lora_state_dict(peft_model) -> dict:
     """A peft model's weights under their plain checkpoint names with its active LoRA adapters
-    merged, out of place: W + delta is computed in float32 into a new tensor and cast to W's dtype,
-    so the frozen base (hence the reference, the base with adapters off) is never written. Merging in
-    place and back, as peft's merge_adapter does, rounds a bf16/fp16 base a little more each time.
+    merged, out of place: W + delta is computed in float32 into a new tensor and cast to W's dtype
+    (its loaded dtype, where `hold_frozen_base_in` narrowed it), so the frozen base (hence the
+    reference, the base with adapters off) is never written. Merging in place and back, as peft's
+    merge_adapter does, rounds a bf16/fp16 base a little more each time.
     A module trained whole (`modules_to_save`, as a reward model's head) gives its active copy."""
     from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper
@@ -94,7 +146,7 @@ def merged_lora_state_dict(peft_model) -> dict:
         elif isinstance(module, ModulesToSaveWrapper):
             active = [] if module.disable_adapters else [a for a in module.active_adapters if a in module.modules_to_save]
             copies[f"{module_name}."] = f"{module_name}." + (f"modules_to_save.{active[0]}." if active else "original_module.")
-    merged = {}
+    merged, saved = {}, getattr(peft_model, "p3o_saved_dtypes", {})  # widened back to the loaded dtype
     for name, param in peft_model.named_parameters():
         if "lora_" in name:
             continue
@@ -103,8 +155,10 @@ def merged_lora_state_dict(peft_model) -> dict:
             if not name.startswith(copies[wrapper]):
                 continue
             name = wrapper + name.removeprefix(copies[wrapper])
-        weight = param.data
+        weight, dtype = param.data, saved.get(name, param.dtype)
         if name in deltas:
-            weight = (weight.float() + deltas[name]).to(weight.dtype)
+            weight = (weight.float() + deltas[name]).to(dtype)
+        elif weight.dtype != dtype:
+            weight = weight.to(dtype)
         merged[name.removeprefix("base_model.model.").replace(".base_layer", "")] = weight
     return merged

@@ -25,8 +25,9 @@ from p3o.core.optimizer import adamw, lr_scheduler
 from p3o.core.skips import NonFiniteTraining, count_skip  # NonFiniteTraining: still importable from here
 from p3o.core.step import accumulate_and_step
 from p3o.errors import UsageError
+from p3o.models.attention import float32_attention_backward_on_cpu
 from p3o.models.loading import disable_dropout, eos_token_ids
-from p3o.models.lora import AdaptersDisabled, add_lora, is_lora
+from p3o.models.lora import AdaptersDisabled, add_lora, hold_frozen_base_in, is_lora
 from p3o.rl.algorithms import get_algorithm
 from p3o.rl.config import TrainConfig, derive_sizes
 from p3o.rl.kl_control import KLController
@@ -100,15 +101,21 @@ class Trainer:
 
         if cfg.use_peft:
             policy = add_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules)
+        if cfg.mixed_precision == "bf16" and self.accelerator.device.type == "cpu":  # bf16 flash backward is slow there
+            float32_attention_backward_on_cpu()
         disable_dropout(policy)  # log-ratios must be exact: rho is 1 at the first update
         self.ref_policy = self._reference(policy, ref_policy)
         if cfg.gradient_checkpointing:  # acts in the training forward only (see `optimizer_step`)
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = self.algorithm.wrap_policy(policy) if self.algorithm.wrap_policy else policy  # PPO: critic on the trunk
         self.with_values = getattr(model, "returns_values", False)  # its forward returns (outputs, values)
+        if cfg.mixed_precision == "bf16" and ref_policy is None and is_lora(policy):  # weights never re-cast
+            hold_frozen_base_in(policy, torch.bfloat16)  # after the value head, which takes the head's dtype
         optimizer = adamw(model, cfg.learning_rate, cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2),
                           eps=cfg.adam_epsilon)
         self.policy, self.optimizer = self.accelerator.prepare(model, optimizer)  # the trained module
+        if not (self.sharded or is_deepspeed(self.accelerator)):  # every forward runs under `accelerator.autocast()`
+            _without_float32_outputs(self.trained_module)
         if self.sharded:  # FSDP2 sets itself up in the root's first forward; generation calls PPO's inner model first
             with torch.no_grad():
                 self.policy(input_ids=torch.ones(1, 1, dtype=torch.long, device=self.accelerator.device))
@@ -430,6 +437,16 @@ def training_mode(model, enabled: bool = True):
         yield
     finally:
         model.eval()
+
+
+def _without_float32_outputs(module) -> None:
+    """Undo accelerate's mixed-precision wrapper of `module.forward` (autocast, then every output
+    copied to float32): the engine enters autocast itself around every forward, and the copy would
+    be a float32 (B, T, V) tensor of logits per forward, kept for backward. `selective_log_softmax`
+    widens the logits a block at a time instead; values (PPO) widen where they are masked."""
+    original = module.__dict__.pop("_original_forward", None)
+    if original is not None:
+        module.forward = original
 
 
 def _old_pass_is_redundant(cfg: TrainConfig, sizes, algorithm) -> bool:

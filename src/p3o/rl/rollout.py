@@ -229,8 +229,8 @@ def token_logprobs_and_values(model, query_ids: torch.Tensor, query_mask: torch.
     outputs = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, use_cache=False,
                     **kwargs)
     outputs, values = outputs if with_values else (outputs, None)
-    logits = outputs.logits[:, -(T + 1):-1] / temperature  # (B, T, V): the logits that predicted each response token
-    logps = selective_log_softmax(logits, response_ids)  # (B, T)
+    logits = outputs.logits[:, -(T + 1):-1]  # (B, T, V): the logits that predicted each response token
+    logps = selective_log_softmax(logits, response_ids, temperature)  # (B, T)
     mask = response_mask.bool()
     if values is not None:
         values = torch.where(mask, values[:, -(T + 1):-1], torch.zeros_like(logps))  # (B, T)
@@ -332,5 +332,5 @@ def pair_token_logprobs(model, query_ids: torch.Tensor, query_mask: torch.Tensor
     keep = torch.cat([torch.arange(Lq - 1, Lq + T - 1), torch.tensor([Lq - 1]), torch.arange(Lq + T, L - 1)]).to(device)
     logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
                    logits_to_keep=keep).logits  # (P, 2T, V)
-    logps = selective_log_softmax(logits / temperature, input_ids[:, Lq:]).reshape(B, T)  # (B, T)
+    logps = selective_log_softmax(logits, input_ids[:, Lq:], temperature).reshape(B, T)  # (B, T)
     return torch.where(response_mask.bool(), logps, torch.zeros_like(logps))

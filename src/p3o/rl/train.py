@@ -9,6 +9,7 @@ the run, which then ends cleanly with its outputs written.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -20,7 +21,7 @@ from p3o.errors import UsageError
 from p3o.eval.policy import evaluate_policy, summarise
 from p3o.eval.watch import Block, OverOptimisationWatch
 from p3o.models.loading import load_causal_lm, load_tokenizer, prepare_tokenizer
-from p3o.models.lora import ADAPTER_DIR, is_lora, merged_lora_state_dict
+from p3o.models.lora import ADAPTER_DIR, in_saved_dtypes, is_lora, merged_lora_state_dict
 from p3o.models.value_head import VALUE_HEAD_FILE, split_state_dict
 from p3o.reward import build_rewards
 from p3o.rl.algorithms import get_algorithm
@@ -345,7 +346,8 @@ def _save_policy(trainer: Trainer, out: Path) -> None:
         model = trainer.unwrapped_policy
         if trainer.with_values:  # the policy directory stays a plain causal LM; the critic sits beside it
             state_dict, extra[VALUE_HEAD_FILE] = split_state_dict(state_dict)
-    save_pretrained_atomically(model, trainer.tokenizer, out, state_dict=state_dict, extra_tensors=extra)
+    with in_saved_dtypes(trainer.unwrapped_policy) if lora else contextlib.nullcontext():  # the loaded dtype
+        save_pretrained_atomically(model, trainer.tokenizer, out, state_dict=state_dict, extra_tensors=extra)
     log.info("saved the trained policy%s to %s", " (LoRA merged; adapter under adapter/)" if lora else "", out)
 
 

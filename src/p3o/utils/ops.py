@@ -47,12 +47,69 @@ def response_mask_from_eos(response_ids: torch.Tensor, eos_token_ids: list[int])
     return (positions[None, :] <= last[:, None]).long()  # (B, T)
 
 
-def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """log_softmax(logits)[..., index] without materialising the (B, T, V) log-softmax.
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log_softmax(logits / temperature)[..., index] without a float32 copy of the (B, T, V) logits.
 
-    Naive version: torch.log_softmax(logits, -1).gather(-1, index.unsqueeze(-1)).squeeze(-1).
-    logits (B, T, V), index (B, T) -> (B, T), in float32 at least.
+    Naive version: torch.log_softmax(logits.float() / temperature, -1).gather(-1, index[..., None])[..., 0].
+    logits (B, T, V) in any float dtype, index (B, T) -> (B, T), in float32 at least. Taken a block of rows at a
+    time (gather minus logsumexp, each in float32); only `logits` itself is kept for the backward
+    pass, which recomputes each block's softmax. At a 49k vocabulary the float32 copies of the
+    logits (the copy, the logsumexp's input kept for backward, its gradient) were the update's
+    largest tensors.
     """
-    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    picked = logits.gather(-1, index.unsqueeze(-1)).squeeze(-1)  # (B, T)
-    return picked - torch.logsumexp(logits, dim=-1)  # (B, T)
+    return _SelectiveLogSoftmax.apply(logits, index, float(temperature))
+
+
+_BLOCK_ELEMENTS = 1 << 21  # float32 elements of one block's temporaries (8 MiB)
+
+
+def _blocks(shape: torch.Size):
+    """(b, t) slices covering a (B, T, V) tensor, each about `_BLOCK_ELEMENTS` logits: whole rows
+    several at a time, or pieces of one row when a row is longer."""
+    B, T, V = shape
+    if T * V <= _BLOCK_ELEMENTS:
+        step = max(1, _BLOCK_ELEMENTS // max(1, T * V))
+        for b in range(0, B, step):
+            yield slice(b, b + step), slice(None)
+    else:
+        step = max(1, _BLOCK_ELEMENTS // max(1, V))
+        for b in range(B):
+            for t in range(0, T, step):
+                yield slice(b, b + 1), slice(t, t + step)
+
+
+def _scaled(block: torch.Tensor, temperature: float) -> torch.Tensor:
+    block = block.to(torch.promote_types(block.dtype, torch.float32))
+    return block / temperature if temperature != 1.0 else block
+
+
+class _SelectiveLogSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, index, temperature):
+        shape = logits.shape
+        logits3, index3 = logits.reshape(-1, *shape[-2:]) if logits.dim() != 3 else logits, index.reshape(-1, shape[-2])
+        out = torch.empty(index3.shape, dtype=torch.promote_types(logits.dtype, torch.float32),
+                          device=logits.device)  # (B, T)
+        lse = torch.empty_like(out)
+        for b, t in _blocks(logits3.shape):
+            x = _scaled(logits3[b, t], temperature)  # (b, t, V) float32
+            lse[b, t] = torch.logsumexp(x, dim=-1)
+            out[b, t] = x.gather(-1, index3[b, t].unsqueeze(-1)).squeeze(-1) - lse[b, t]
+        ctx.save_for_backward(logits, index, lse)
+        ctx.temperature = temperature
+        return out.reshape(index.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, index, lse = ctx.saved_tensors
+        temperature, shape = ctx.temperature, logits.shape
+        logits3 = logits.reshape(-1, *shape[-2:]) if logits.dim() != 3 else logits
+        index3, grad3 = index.reshape(-1, shape[-2]), grad.reshape(-1, shape[-2])
+        grad_logits = torch.empty(logits3.shape, dtype=logits.dtype, device=logits.device)
+        for b, t in _blocks(logits3.shape):
+            g = grad3[b, t].unsqueeze(-1)  # (b, t, 1)
+            # d/dx (x_i - logsumexp x) = onehot(i) - softmax(x), times the incoming gradient; / temperature
+            block = (_scaled(logits3[b, t], temperature) - lse[b, t].unsqueeze(-1)).exp_().mul_(-g)
+            block.scatter_add_(-1, index3[b, t].unsqueeze(-1), g)
+            grad_logits[b, t] = block / temperature if temperature != 1.0 else block
+        return grad_logits.reshape(shape), None, None
