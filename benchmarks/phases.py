@@ -165,7 +165,7 @@ def weight_bytes(module) -> int:
     return total
 
 
-def work(trainer, seq: dict) -> dict:
+def work(trainer, seq) -> dict:  # seq: the step's Rollout
     """FLOPs of each phase and bytes read by sampling, for the rollout `seq`, as the engine runs it."""
     policy = trainer.unwrapped_policy
     config = policy.config
@@ -176,8 +176,8 @@ def work(trainer, seq: dict) -> dict:
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     d_attn = heads * head_dim
     body, head, trained = linear_weights(policy)
-    B, Lq = seq["query_ids"].shape
-    T = seq["response_ids"].shape[1]
+    B, Lq = seq.query_ids.shape
+    T = seq.response_ids.shape[1]
     bf16 = trainer.cfg.mixed_precision == "bf16"
 
     def attention(queries_by_keys: float) -> float:  # QK^T and AV: 2 matmuls, 2 FLOPs per multiply-add

@@ -190,9 +190,9 @@ def test_the_training_forward_keeps_no_float32_logits_and_gives_the_plain_gradie
     from p3o.rl.rollout import token_logprobs_and_values
 
     trainer = bf16_lora(assets, tmp_path, max_steps=1)
-    seq = trainer.collect_rollout(0)[0].seq
+    seq = trainer.collect_rollout(0)[0]
     V = trainer.unwrapped_policy.get_output_embeddings().weight.shape[0]
-    args = (seq["query_ids"], seq["query_mask"], seq["response_ids"], seq["response_mask"], 0.8)
+    args = (seq.query_ids, seq.query_mask, seq.response_ids, seq.response_mask, 0.8)
     gradients = []
     for plain in (False, True):
         saved = []
@@ -241,8 +241,8 @@ def test_cpu_bf16_attention_forward_is_autocasts_and_its_backward_float32(assets
         return sdpa(query, key, value, *args, **kwargs)
 
     trainer = bf16_lora(assets, tmp_path, max_steps=1)
-    seq = trainer.collect_rollout(0)[0].seq
-    args = (seq["query_ids"], seq["query_mask"], seq["response_ids"], seq["response_mask"], 0.8)
+    seq = trainer.collect_rollout(0)[0]
+    args = (seq.query_ids, seq.query_mask, seq.response_ids, seq.response_mask, 0.8)
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
     installed, results = ALL_ATTENTION_FUNCTIONS["sdpa"], []
     assert installed.p3o_float32_backward
