@@ -81,8 +81,8 @@ class InstructPreset:
 INSTRUCT_PRESETS = {
     True: InstructPreset(comparison_prompts=128, comparison_prompts_eval=16, n_eval=100, rl_steps=16, rl_epochs=1,
                          train_eval_prompts=16),
-    False: InstructPreset(comparison_prompts=256, comparison_prompts_eval=32, n_eval=200, rl_steps=20, rl_epochs=1,
-                          eval_steps=10),
+    False: InstructPreset(comparison_prompts=320, comparison_prompts_eval=32, n_eval=200, rl_steps=24, rl_epochs=1,
+                          eval_steps=8),
 }
 
 
