@@ -115,3 +115,19 @@ def test_a_checkpoint_holds_optimiser_schedule_rng_and_state(tmp_path):
     assert fresh_schedule.get_last_lr() == scheduler.get_last_lr()
     assert fresh.state_dict()["state"][0]["step"] == optimizer.state_dict()["state"][0]["step"]
     assert {"output_dir", "resume", "save_steps", "max_consecutive_skips"} <= RESUMABLE_RUN_SETTINGS
+
+
+def test_one_process_may_run_stages_in_different_mixed_precisions():
+    """The instruct demo and `p3o pipeline` run several stages in one process, each with its own
+    --mixed_precision; accelerate alone refuses the second ("restart your runtime")."""
+    from accelerate.state import AcceleratorState
+
+    from p3o.utils.distributed import make_accelerator
+
+    AcceleratorState._reset_state()
+    try:
+        assert make_accelerator(mixed_precision="bf16").mixed_precision == "bf16"
+        assert make_accelerator(mixed_precision="no").mixed_precision == "no"
+        assert make_accelerator(mixed_precision="bf16").mixed_precision == "bf16"
+    finally:
+        AcceleratorState._reset_state()

@@ -12,7 +12,7 @@ from families import build
 from p3o.cli import main
 from p3o.pipeline import instruct_demo
 
-TINY = instruct_demo.InstructPreset(n_pairs=24, n_pairs_eval=8, n_eval=6, rl_steps=2, pairs_per_step=4,
+TINY = instruct_demo.InstructPreset(comparison_prompts=6, comparison_prompts_eval=2, n_eval=6, rl_steps=2, pairs_per_step=4,
                                     max_new_tokens=6, rm_batch_size=4, train_eval_prompts=4, sample_batch_size=8)
 
 
@@ -32,7 +32,10 @@ def test_instruct_demo_runs_every_stage_and_resumes(tiny_demo, capsys):
                  "p3o-v2/model.safetensors", "p3o-v2/eval.jsonl", "eval/start.json", "eval/p3o-v2.json",
                  "report.md", "training.png", "results.json"):
         assert (out / path).exists(), path
-    assert len((out / "data/prefs_eval.jsonl").read_text().splitlines()) == TINY.n_pairs_eval
+    held_out = [json.loads(line) for line in (out / "data/prefs_eval.jsonl").read_text().splitlines()]
+    assert len(held_out) == TINY.pairs(2) == 12  # all 6 pairs of 4 samples, for each of 2 held-out prompts
+    assert len({json.dumps(row["prompt"]) for row in held_out}) == 2
+    assert len((out / "data/prefs_train.jsonl").read_text().splitlines()) == TINY.pairs(4)
     results = json.loads((out / "results.json").read_text())
     assert set(results["policies"]) == {"start", "p3o-v2"}
     for metrics in results["policies"].values():

@@ -27,6 +27,7 @@ from p3o.tasks.instruct import (
     constraint_credit,
     gold_reward,
     gold_terms,
+    label_groups,
     label_pairs,
     make_prompts,
     score,
@@ -257,3 +258,18 @@ def test_bradley_terry_labels():
     assert 0.55 < wins < 0.97
     labels = [label_pairs([prompt] * 50, [good] * 50, [close] * 50, seed=s) for s in (1, 2)]
     assert labels[0] != labels[1]  # the seed draws the noise
+
+
+def test_label_groups_compares_every_pair_of_each_prompts_responses():
+    prompt, other = LOWER_LIMIT, [{"role": "user", "content": "How do I make tea? Answer in a single sentence."}]
+    good, bad, middle = reply(GOOD_TEA), reply("tea " * 24), reply("Boil Water. " + GOOD_TEA)
+    rows = label_groups([prompt, other], [[good, bad, middle], [good, bad]], seed=1)
+    assert len(rows) == 3 + 1  # k(k-1)/2 per prompt
+    assert [r["prompt"] for r in rows] == [prompt] * 3 + [other]
+    pairs = [{r["chosen"][0]["content"], r["rejected"][0]["content"]} for r in rows]
+    text = {name: value[0]["content"] for name, value in (("good", good), ("bad", bad), ("middle", middle))}
+    assert pairs == [{text["good"], text["bad"]}, {text["good"], text["middle"]}, {text["bad"], text["middle"]},
+                     {text["good"], text["bad"]}]
+    assert rows == label_groups([prompt, other], [[good, bad, middle], [good, bad]], seed=1)
+    # groups of two are label_pairs' rows, drawn from the same noise
+    assert label_groups([prompt] * 3, [[good, bad]] * 3, seed=2) == label_pairs([prompt] * 3, [good] * 3, [bad] * 3, seed=2)

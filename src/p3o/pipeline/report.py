@@ -76,8 +76,9 @@ def write_instruct_report(out: Path, cfg, preset, results: dict, winrate: dict, 
         "it labels the comparisons (with Bradley-Terry noise) and judges the end, but training sees only the "
         "**proxy reward**, the learned reward model. KL is the mean sequence KL to the start policy in nats.",
         "",
-        f"Sizes: {preset.n_pairs} comparisons ({reward_model['train_pairs']} to train, {reward_model['eval_pairs']} "
-        f"held out); the reward model " + (f"{preset.rm_max_steps} steps" if preset.rm_max_steps else
+        f"Sizes: {preset.comparison_prompts} prompts x {preset.responses_per_prompt} samples of the start policy, "
+        f"every pair compared ({reward_model['train_pairs']} comparisons to train, {reward_model['eval_pairs']} on "
+        f"held-out prompts); the reward model " + (f"{preset.rm_max_steps} steps" if preset.rm_max_steps else
                                             f"{preset.rm_epochs} epochs") +
         f" of {preset.rm_batch_size} pairs (lr {preset.rm_learning_rate:g}); {preset.rl_steps} P3O-V2 steps of "
         f"{preset.pairs_per_step} prompts x 2 responses of at most {preset.max_new_tokens} tokens, {preset.rl_epochs} "

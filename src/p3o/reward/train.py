@@ -7,7 +7,9 @@ pairwise accuracy and mean margin are reported after every epoch.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +36,7 @@ class RMConfig(SupervisedConfig):
     prompt_column: str = option("prompt", "Column holding the prompt (absent: taken from the shared start of chosen/rejected).")
     chosen_column: str = option("chosen", "Column holding the preferred completion.")
     rejected_column: str = option("rejected", "Column holding the other completion.")
+    group_by_prompt: bool = option(False, "Keep each prompt's pairs together in the shuffled batches, so that a response compared several times (all pairs of k responses per prompt) is scored once per batch: with k = 4 and a batch of 6 pairs, 4 forwards instead of 12. The loss is the same sum; only which pairs share a batch changes.")
 
 
 def tokenize_pair(tokenizer, row: dict, max_length: int, where: str = "row") -> dict[str, list[int]]:
@@ -41,21 +44,43 @@ def tokenize_pair(tokenizer, row: dict, max_length: int, where: str = "row") -> 
     marked `"cut": True` (for the run's count)."""
     full = {side: reward_input_ids(tokenizer, row["prompt"], row[side], None, where) for side in ("chosen", "rejected")}
     pair = {side: ids[-max_length:] for side, ids in full.items()}
+    pair["group"] = json.dumps(row["prompt"], sort_keys=True)  # which pairs share a prompt (--group_by_prompt)
     return {**pair, "cut": True} if any(len(ids) > max_length for ids in full.values()) else pair
 
 
-def rm_stage(tokenizer, eval_batch_size: int = 16) -> Stage:
+def scored_once(examples: list[dict]) -> tuple[list[list[int]], list[int], list[int]]:
+    """Each distinct sequence of the batch once, and where each pair's chosen and rejected sides are
+    in that list: a response in several pairs costs one forward, and the margins are unchanged."""
+    where: dict[tuple, int] = {}
+    for e in examples:
+        for side in ("chosen", "rejected"):
+            where.setdefault(tuple(e[side]), len(where))
+    return ([list(ids) for ids in where], [where[tuple(e["chosen"])] for e in examples],
+            [where[tuple(e["rejected"])] for e in examples])
+
+
+def prompt_grouped_order(examples: list[dict], generator: torch.Generator) -> list[int]:
+    """A shuffle of whole prompt groups (each group's pairs kept together, in file order)."""
+    groups: dict[str, list[int]] = {}
+    for i, e in enumerate(examples):
+        groups.setdefault(e.get("group", str(i)), []).append(i)
+    blocks = list(groups.values())
+    return [i for g in torch.randperm(len(blocks), generator=generator).tolist() for i in blocks[g]]
+
+
+def rm_stage(tokenizer, eval_batch_size: int = 16, group_by_prompt: bool = False) -> Stage:
     def collate(examples):
-        ids, mask = pad_right(tokenizer, [e["chosen"] for e in examples] + [e["rejected"] for e in examples])
-        return {"input_ids": ids, "attention_mask": mask}  # (2b, L): chosen rows, then rejected rows
+        sequences, chosen, rejected = scored_once(examples)
+        ids, mask = pad_right(tokenizer, sequences)  # (u, L): the batch's u <= 2b distinct sequences
+        return {"input_ids": ids, "attention_mask": mask, "chosen": torch.tensor(chosen),  # (b,) rows of ids
+                "rejected": torch.tensor(rejected)}
 
     def units(examples):
         return float(len(examples))
 
     def margins(scorer, batch):
-        scores = scorer(batch["input_ids"], batch["attention_mask"])  # (2b,)
-        chosen, rejected = scores.chunk(2)
-        return chosen - rejected  # (b,)
+        scores = scorer(batch["input_ids"], batch["attention_mask"])  # (u,)
+        return scores[batch["chosen"]] - scores[batch["rejected"]]  # (b,)
 
     def loss(scorer, batch):
         margin = margins(scorer, batch)
@@ -73,7 +98,7 @@ def rm_stage(tokenizer, eval_batch_size: int = 16) -> Stage:
         return {"eval_loss": totals["loss"] / pairs, "eval_accuracy": totals["correct"] / pairs,
                 "eval_margin": totals["margin"] / pairs}
 
-    return Stage(collate, units, loss, eval_totals, eval_metrics)
+    return Stage(collate, units, loss, eval_totals, eval_metrics, prompt_grouped_order if group_by_prompt else None)
 
 
 def load_reward_trunk(cfg: RMConfig, tokenizer):
@@ -144,4 +169,5 @@ def run_rm(cfg: RMConfig, model=None, tokenizer=None, dataset=None, eval_dataset
             trunk = load_reward_trunk(cfg, tokenizer)
         return LastTokenReward(trunk), trunk  # train the last-token scorer, save the classifier
 
-    return run_supervised(cfg, "p3o rm", load_rows, tokenize, build_model, rm_stage, tokenizer, str(dataset))
+    stage = partial(rm_stage, group_by_prompt=cfg.group_by_prompt)
+    return run_supervised(cfg, "p3o rm", load_rows, tokenize, build_model, stage, tokenizer, str(dataset))

@@ -408,6 +408,16 @@ def label_pairs(prompts: Sequence[Any], firsts: Sequence[Any], seconds: Sequence
     return [bt_label(p, a, b, rng, beta_bt) for p, a, b in zip(prompts, firsts, seconds, strict=True)]
 
 
+def label_groups(prompts: Sequence[Any], groups: Sequence[Sequence[Any]], seed: int = 0,
+                 beta_bt: float = DEFAULT_BETA_BT) -> list[dict[str, Any]]:
+    """Every pair within each prompt's group of responses (k responses: k(k-1)/2 comparisons, in the
+    order (0, 1), (0, 2), ..., (1, 2), ...), each labelled by `bt_label` independently, from one RNG
+    seeded by `seed`; rows for `p3o rm`. Groups of two give `label_pairs`' rows."""
+    rng = random.Random(f"{seed}:instruct:labels")
+    return [bt_label(prompt, group[i], group[j], rng, beta_bt) for prompt, group in zip(prompts, groups, strict=True)
+            for i in range(len(group)) for j in range(i + 1, len(group))]
+
+
 def write_prompts(out_dir: str | Path, seed: int = 0, n_prompts: int = 2000, n_eval: int = 200) -> dict[str, Path]:
     """prompts_train.jsonl and prompts_eval.jsonl (a `prompt` column of chat messages) in `out_dir`,
     deterministic from `seed`, as `write_task` writes them for the synthetic tasks."""

@@ -24,7 +24,21 @@ def make_accelerator(**kwargs):
 
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not torch.cuda.is_available():
         kwargs["kwargs_handlers"] = [*kwargs.get("kwargs_handlers", []), InitProcessGroupKwargs(backend="gloo")]
+    allow_another_precision(kwargs.get("mixed_precision"))
     return Accelerator(**kwargs)
+
+
+def allow_another_precision(mixed_precision: str | None) -> None:
+    """accelerate keeps one state per process and refuses an `Accelerator` whose mixed precision differs
+    from the first one's ("restart your runtime"). One process may run several stages, each with its
+    own (the instruct demo, `p3o pipeline`, a notebook calling the trainers one after another). In a
+    single process that state holds nothing else a later stage needs, so it is cleared; a distributed
+    launch keeps its own."""
+    from accelerate.state import AcceleratorState
+
+    current = AcceleratorState._shared_state.get("_mixed_precision")
+    if mixed_precision is not None and current is not None and current != mixed_precision and world_size() == 1:
+        AcceleratorState._reset_state()
 
 
 def world_size() -> int:
