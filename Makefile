@@ -25,7 +25,8 @@ test: $(BIN)/.installed
 	$(BIN)/python -m pytest -n 2 -q
 
 # `make bench`: p3o against TRL on identical work (benchmarks/README.md). TRL lives in its own
-# venv so the test venv never sees it; BENCH_ARGS passes flags, e.g. BENCH_ARGS=--quick.
+# venv so the test venv never sees it; BENCH_ARGS passes flags, e.g. BENCH_ARGS=--quick, or
+# BENCH_ARGS="--pairings rloo,grpo --sizes smollm2" for SmolLM2-135M with LoRA (long; needs p3o fetch-model smollm2).
 BENCH_VENV ?= .venv-bench
 BENCH_BIN := $(BENCH_VENV)/bin
 

