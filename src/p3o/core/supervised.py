@@ -97,7 +97,7 @@ class SupervisedConfig:
                   "trust_remote_code", "use_peft", "lora_r", "lora_alpha", "lora_target_modules",
                   "gradient_checkpointing"),
         "data": ("dataset", "eval_dataset", "eval_fraction", "dataset_split", "dataset_config", "max_length",
-                 "prompt_column", "completion_column", "chosen_column", "rejected_column"),
+                 "prompt_column", "completion_column", "chosen_column", "rejected_column", "group_by_prompt"),
         "optimisation": ("num_train_epochs", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
                          "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "warmup_ratio",
                          "warmup_steps", "weight_decay", "max_grad_norm", "max_consecutive_skips", "seed"),
