@@ -73,8 +73,8 @@ class InstructPreset:
     eval_steps: int = 0
     sample_batch_size: int = 32
 
-
     def pairs(self, prompts: int) -> int:
+        """Comparisons on `prompts` prompts: every pair of each one's k responses."""
         return prompts * self.responses_per_prompt * (self.responses_per_prompt - 1) // 2
 
 
@@ -186,9 +186,9 @@ def run_instruct_demo(cfg, out: Path, preset: InstructPreset) -> Path:
     files = instruct.write_prompts(out / "data", seed=cfg.seed, n_prompts=max(preset.comparison_prompts,
                                    preset.rl_steps * preset.pairs_per_step), n_eval=preset.n_eval)
 
-    k = preset.responses_per_prompt
-    _banner(f"2/6 comparisons: {k} samples of the start policy on each of {preset.comparison_prompts} training "
-            f"prompts, all {k * (k - 1) // 2} pairs of them labelled by the gold reward with Bradley-Terry noise")
+    _banner(f"2/6 comparisons: {preset.responses_per_prompt} samples of the start policy on each of "
+            f"{preset.comparison_prompts} training prompts, all {preset.pairs(1)} pairs of them labelled by the gold "
+            "reward with Bradley-Terry noise")
     prefs = {"train": out / "data" / "prefs_train.jsonl", "eval": out / "data" / "prefs_eval.jsonl"}
     if finished("comparisons", *prefs.values()):
         print("reusing data/prefs_{train,eval}.jsonl", flush=True)

@@ -63,7 +63,7 @@ def prompt_grouped_order(examples: list[dict], generator: torch.Generator) -> li
     """A shuffle of whole prompt groups (each group's pairs kept together, in file order)."""
     groups: dict[str, list[int]] = {}
     for i, e in enumerate(examples):
-        groups.setdefault(e.get("group", str(i)), []).append(i)
+        groups.setdefault(e["group"], []).append(i)
     blocks = list(groups.values())
     return [i for g in torch.randperm(len(blocks), generator=generator).tolist() for i in blocks[g]]
 
