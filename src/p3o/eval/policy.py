@@ -61,7 +61,8 @@ def evaluate_policy(policy, reference, tokenizer, prompts, rewards: dict, max_ne
         response, response_mask = sample_responses(policy, ids, mask, config, eos, synced=synced)
         seq = Rollout(1, ids, mask, response, response_mask)
         logp = sequence_logprobs(batched_token_logprobs(policy, seq, temperature, batch_size), response_mask)
-        ref = sequence_logprobs(batched_token_logprobs(reference, seq, temperature, batch_size), response_mask)
+        ref = logp if reference is policy else sequence_logprobs(  # the start policy against itself: KL exactly 0
+            batched_token_logprobs(reference, seq, temperature, batch_size), response_mask)
         kl += (logp - ref).tolist()
         lengths += response_mask.sum(-1).tolist()
         completions += decode_completions(tokenizer, ids, mask, response, response_mask)
