@@ -292,3 +292,35 @@ def test_cpu_bf16_gradient_checkpointing_recomputes_through_the_same_attention(a
     assert any(g.abs().max() > 0 for g in plain.values())
     for name in plain:
         assert torch.allclose(plain[name], checkpointed[name], atol=1e-6, rtol=1e-3), name
+
+
+def test_reward_model_scores_in_the_runs_precision(assets, tmp_path, tokenizer):
+    """Under --mixed_precision bf16 the reward model scores under bf16 autocast, as the policy runs;
+    holding its linear weights in bf16 changes nothing autocast would not (bit for bit), a model the
+    caller passed in is never narrowed, and a float32 run scores in float32."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from p3o.reward import RewardModelScorer
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    prompts, completions = ["story : cat", "dog", "story : big dog runs"], [" sees the fish", " runs", " ."]
+
+    exact = RewardModelScorer.load(str(tmp_path / "rm"))(prompts, completions)
+    narrowed = RewardModelScorer.load(str(tmp_path / "rm")).score_in(torch.bfloat16)
+    assert all(m.weight.dtype == torch.bfloat16 for m in narrowed.model.modules() if isinstance(m, torch.nn.Linear))
+    borrowed_model = LlamaForSequenceClassification.from_pretrained(tmp_path / "rm")
+    borrowed = RewardModelScorer(borrowed_model, tokenizer, "borrowed").score_in(torch.bfloat16)
+    fast = narrowed(prompts, completions)
+    assert torch.equal(fast, borrowed(prompts, completions))  # the weights autocast would have made
+    assert all(p.dtype == torch.float32 for p in borrowed_model.parameters())  # the caller's model untouched
+    assert not torch.equal(fast, exact) and torch.allclose(fast, exact, atol=0.05 * exact.abs().max().item())
+
+    for precision, dtype in (("bf16", torch.bfloat16), ("no", None)):
+        trainer = bf16_lora(assets, tmp_path, mixed_precision=precision, reward_fn=None,
+                            reward_model=[str(tmp_path / "rm")])
+        [(_, scorer, _)] = trainer.reward.parts
+        assert scorer.autocast_dtype == dtype, precision

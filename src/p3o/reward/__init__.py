@@ -56,6 +56,17 @@ def build_rewards(sources: list, weights: list[float] | None = None, trust_remot
     return WeightedRewards([(name, source, w) for name, (_, source), w in zip(names, built, weights)])
 
 
+def score_in(reward, mixed_precision: str):
+    """The reward models among `reward`'s parts score under the run's --mixed_precision (bf16 or fp16),
+    as the policy does; functions and remote rewards are left as they are. Returns `reward`."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    parts = reward.parts if isinstance(reward, WeightedRewards) else [("", reward, 1.0)]
+    for _, source, _ in parts if dtype is not None else ():
+        if isinstance(source, RewardModelScorer):
+            source.score_in(dtype)
+    return reward
+
+
 def build_reward(reward_fn: str | None, reward_model: str | None, trust_remote_code: bool = False,
                  batch_size: int = 64, device=None):
     """One reward from a function spec or a reward-model path (the evaluation commands' form)."""
@@ -132,5 +143,5 @@ def _unique(names: list[str]) -> list[str]:
     return out
 
 
-__all__ = ["build_reward", "build_rewards", "check_reward_signature", "RemoteReward", "RewardFunction",
+__all__ = ["build_reward", "build_rewards", "check_reward_signature", "score_in", "RemoteReward", "RewardFunction",
            "RewardModelScorer", "WeightedRewards", "load_reward_function"]

@@ -65,6 +65,20 @@ class RewardModelScorer:
         self.model, self.tokenizer, self.name, self.batch_size = model, tokenizer, name, batch_size
         self.device = device or next(model.parameters()).device
         self.max_length = max_length or getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
+        self.autocast_dtype = None  # see `score_in`
+        self.owns_model = False  # loaded here (not a model the caller passed in): its weights may be narrowed
+
+    def score_in(self, dtype) -> "RewardModelScorer":
+        """Score under `dtype` autocast (the run's --mixed_precision), as the policy runs: a float32
+        reward model on a CPU or GPU with bf16 units then costs a third as much. A model loaded here
+        also holds its linear weights in `dtype`, which is exactly what autocast would cast them to at
+        every call; norms, embeddings and the scores stay float32."""
+        self.autocast_dtype = dtype
+        if self.owns_model:
+            for module in self.model.modules():
+                if isinstance(module, torch.nn.Linear) and module.weight.dtype == torch.float32:
+                    module.weight.data = module.weight.data.to(dtype)
+        return self
 
     @classmethod
     def load(cls, name: str, trust_remote_code: bool = False, batch_size: int = 64, device=None):
@@ -91,13 +105,17 @@ class RewardModelScorer:
         model.requires_grad_(False).eval()
         if device is not None:
             model.to(device)
-        return cls(model, tokenizer, name, batch_size, device)
+        scorer = cls(model, tokenizer, name, batch_size, device)
+        scorer.owns_model = True
+        return scorer
 
     @torch.no_grad()
     def __call__(self, prompts: list, completions: list, **kwargs) -> torch.Tensor:
         sequences = [reward_input_ids(self.tokenizer, p, c, self.max_length) for p, c in zip(prompts, completions)]
         scores = []
-        for start in range(0, len(sequences), self.batch_size):
-            ids, mask = pad_right(self.tokenizer, sequences[start:start + self.batch_size], self.device)
-            scores.extend(last_token_scores(self.model, ids, mask).tolist())
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                            enabled=self.autocast_dtype is not None):
+            for start in range(0, len(sequences), self.batch_size):
+                ids, mask = pad_right(self.tokenizer, sequences[start:start + self.batch_size], self.device)
+                scores.extend(last_token_scores(self.model, ids, mask).tolist())
         return check_rewards(scores, len(completions), f"model {self.name}")

@@ -23,7 +23,7 @@ from p3o.eval.watch import Block, OverOptimisationWatch
 from p3o.models.loading import load_causal_lm, load_tokenizer, prepare_tokenizer
 from p3o.models.lora import ADAPTER_DIR, in_saved_dtypes, is_lora, merged_lora_state_dict
 from p3o.models.value_head import VALUE_HEAD_FILE, split_state_dict
-from p3o.reward import build_rewards
+from p3o.reward import build_rewards, score_in
 from p3o.rl.algorithms import get_algorithm
 from p3o.rl.checkpoint import RESUMABLE_CHANGES, load_policy_weights, load_training_state, save_checkpoint
 from p3o.rl.config import P3OConfig, TrainConfig, check_reward_sources, derive_sizes
@@ -163,6 +163,8 @@ def _build_engine(cfg: P3OConfig, model=None, tokenizer=None, train_dataset=None
     eval_prompts = _eval_prompts(cfg, eval_spec, tokenizer)
     reward = build_rewards(sources, cfg.reward_weights, cfg.trust_remote_code, cfg.reward_batch_size,
                            accelerator.device, (cfg.reward_url_timeout, cfg.reward_url_retries))  # dpo: for eval only
+    if reward is not None:
+        score_in(reward, cfg.mixed_precision)  # a reward model runs in the policy's precision
     if cfg.num_train_epochs is not None:  # the run's length in passes over the data
         cfg = dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.num_train_epochs * len(prompts) / cfg.pairs_per_step)))
     if cfg.algo == "grpo" and cfg.num_generations == 2:
