@@ -56,15 +56,15 @@ def build_rewards(sources: list, weights: list[float] | None = None, trust_remot
     return WeightedRewards([(name, source, w) for name, (_, source), w in zip(names, built, weights)])
 
 
-def score_in(reward, mixed_precision: str):
+def score_in(reward: WeightedRewards, mixed_precision: str) -> None:
     """The reward models among `reward`'s parts score under the run's --mixed_precision (bf16 or fp16),
-    as the policy does; functions and remote rewards are left as they are. Returns `reward`."""
+    as the policy does; functions and remote rewards are left as they are."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
-    parts = reward.parts if isinstance(reward, WeightedRewards) else [("", reward, 1.0)]
-    for _, source, _ in parts if dtype is not None else ():
+    if dtype is None:
+        return
+    for _, source, _ in reward.parts:
         if isinstance(source, RewardModelScorer):
             source.score_in(dtype)
-    return reward
 
 
 def build_reward(reward_fn: str | None, reward_model: str | None, trust_remote_code: bool = False,
