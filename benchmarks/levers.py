@@ -11,7 +11,12 @@ Levers (see docs/performance.md):
   logprobs   log-probabilities a block of rows at a time from the bf16 logits (off: the float32
              logits accelerate's wrapper copied out, and the plain float32 log-softmax)
   cpu_attention  attention's backward in float32 under CPU bf16 autocast (off: autocast's bf16 backward)
-  all        the three together (off: none of them)
+  merged_sampling  sampling with the LoRA adapters merged into copies of the weights (off: peft's
+             layers, three matmuls each, at every token)
+  inverse_cdf  each token drawn by inverse CDF (off: `torch.multinomial`, an exponential draw per
+             vocabulary entry)
+  sampling   merged_sampling and inverse_cdf together
+  all        every lever above together (off: none of them)
 
 `--clock cpu` times phases in CPU seconds of this process instead of wall seconds: on cores that
 other processes share, use it with `--threads 1` (a 2-thread job's threads wait on each other when a
@@ -45,7 +50,8 @@ PHASES = ("time_generate", "time_old_logprobs", "time_reference", "time_update",
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lever", choices=["bf16_base", "logprobs", "cpu_attention", "all"], required=True)
+    p.add_argument("--lever", choices=["bf16_base", "logprobs", "cpu_attention", "merged_sampling", "inverse_cdf",
+                                       "sampling", "all"], required=True)
     p.add_argument("--model", default=str(SMOLLM2), help="A causal LM directory (default: the cached SmolLM2-135M-Instruct).")
     p.add_argument("--algo", default="rloo")
     p.add_argument("--pairs", type=int, default=8, help="Prompts per step (2 responses each).")
@@ -112,6 +118,12 @@ def lever_off(lever: str):
         if hasattr(installed, "wrapped"):  # B's build installed it: A runs on the plain sdpa
             ALL_ATTENTION_FUNCTIONS["sdpa"] = installed.wrapped
             restore.append(lambda: ALL_ATTENTION_FUNCTIONS.__setitem__("sdpa", installed))
+    if lever in ("merged_sampling", "sampling", "all"):
+        import p3o.models.lora as lora
+        replace(lora, "adapters_merged", lambda model: contextlib.nullcontext())
+    if lever in ("inverse_cdf", "sampling", "all"):
+        import p3o.rl.sampling as sampling
+        replace(sampling, "as_inverse_cdf", lambda gen_config: (gen_config, None))
     try:
         yield
     finally:

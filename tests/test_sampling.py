@@ -1,0 +1,170 @@
+"""The sampling levers (docs/performance.md) draw from the distributions they replace: tokens by
+inverse CDF follow the (warped) softmax, never a masked token; a LoRA model samples with its
+adapters merged into copies of its weights, computing the logits the adapters compute, writing
+nothing of the model and leaving it as it was."""
+from __future__ import annotations
+
+import pytest
+import torch
+from test_rollout import PROMPTS, sampling, tokenize_prompts
+
+from p3o.models.loading import load_causal_lm
+from p3o.models.lora import adapters_merged, add_lora, hold_frozen_base_in
+from p3o.rl.rollout import generation_config, sample_responses
+from p3o.rl.sampling import InverseCdfSampler, as_inverse_cdf, draw
+
+
+def frequencies(tokens: torch.Tensor, vocabulary: int) -> torch.Tensor:
+    return torch.bincount(tokens.flatten(), minlength=vocabulary).double() / tokens.numel()
+
+
+def assert_close_to(freq: torch.Tensor, probs: torch.Tensor, n: int) -> None:
+    """Every frequency within 5 standard errors of its probability (a binomial's); zeros exactly."""
+    se = (probs * (1 - probs) / n).sqrt()
+    assert ((freq - probs).abs() <= 5 * se + 1e-12).all(), (freq, probs)
+
+
+def test_inverse_cdf_draws_follow_the_probabilities_and_never_a_masked_token():
+    torch.manual_seed(0)
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.25, 0.05, 0.0])  # zeros inside and at both ends
+    n = 200_000
+    tokens = draw(probs.expand(n, -1))  # (n, 1)
+    assert_close_to(frequencies(tokens, 7), probs.double(), n)
+    assert (probs[tokens] > 0).all()
+
+
+def test_a_uniform_that_rounds_up_to_the_total_takes_the_last_possible_token(monkeypatch):
+    probs = torch.tensor([[0.3, 0.7, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.ones(shape, **kw))  # u = total exactly
+    assert draw(probs).flatten().tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("warp", [dict(), dict(temperature=0.5), dict(top_k=3), dict(top_p=0.8),
+                                  dict(temperature=1.5, top_k=5, top_p=0.9)])
+def test_the_sampler_draws_from_the_softmax_generate_would_sample(warp):
+    """The same temperature, top-k and top-p warpers, in `generate`'s order, then the softmax."""
+    from transformers import GenerationConfig, LogitsProcessorList
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 12) * 2
+    expected = LogitsProcessorList()
+    if warp.get("temperature", 1.0) != 1.0:
+        expected.append(TemperatureLogitsWarper(warp["temperature"]))
+    if warp.get("top_k"):
+        expected.append(TopKLogitsWarper(warp["top_k"]))
+    if warp.get("top_p", 1.0) < 1.0:
+        expected.append(TopPLogitsWarper(warp["top_p"]))
+    probs = torch.softmax(expected(None, logits.clone()), -1)[0].double()  # (12,)
+    config, processors = as_inverse_cdf(GenerationConfig(do_sample=True, **{"temperature": 1.0, "top_k": 0,
+                                                                             "top_p": 1.0, **warp}))
+    assert not config.do_sample and isinstance(processors[0], InverseCdfSampler)
+    n = 100_000
+    scores = processors(None, logits.expand(n, -1).clone())  # (n, 12): one finite entry per row
+    assert (torch.isfinite(scores).sum(-1) == 1).all()
+    assert_close_to(frequencies(scores.argmax(-1), 12), probs, n)
+    if "top_k" in warp:
+        assert (probs > 0).sum() <= warp["top_k"]
+
+
+def test_greedy_configs_are_left_as_they_are():
+    from transformers import GenerationConfig
+
+    greedy = GenerationConfig(do_sample=False)
+    assert as_inverse_cdf(greedy) == (greedy, None)
+
+
+def test_sampling_is_repeatable_for_a_fixed_seed_and_varies_across_seeds(assets, tokenizer):
+    model = load_causal_lm(str(assets["llama"]))
+    ids, mask = tokenize_prompts(tokenizer, PROMPTS * 4, 64)
+    config = generation_config(sampling(max_new_tokens=8), tokenizer, [tokenizer.eos_token_id])
+    runs = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        runs.append(sample_responses(model, ids, mask, config, [tokenizer.eos_token_id])[0])
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def lora_model(assets, arch: str, scale: float = 0.05):
+    """A LoRA model whose adapters are not zero (B random), as after some training."""
+    model = add_lora(load_causal_lm(str(assets[arch])), r=4, alpha=8, target_modules="all-linear")
+    torch.manual_seed(1)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, scale)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # GPT-2's Conv1D holds its weight transposed
+def test_merged_adapters_compute_the_adapters_logits_and_leave_the_model_as_it_was(assets, tokenizer, arch):
+    from peft.tuners.lora import LoraLayer
+
+    model = lora_model(assets, arch)
+    ids, mask = tokenize_prompts(tokenizer, PROMPTS, 64)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    with torch.no_grad():
+        adapters = model(input_ids=ids, attention_mask=mask).logits
+        with adapters_merged(model):
+            assert not any(isinstance(m, LoraLayer) for m in model.modules())
+            merged = model(input_ids=ids, attention_mask=mask).logits
+        base = model.get_base_model()
+        with model.disable_adapter():
+            plain = model(input_ids=ids, attention_mask=mask).logits
+    assert (adapters - plain).abs().max() > 1e-2  # the adapters do change the model
+    assert torch.allclose(merged, adapters, atol=2e-5)
+    assert {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)} == layers
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert base is model.get_base_model()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_lora_model_samples_what_its_adapters_would(assets, tokenizer, arch, monkeypatch):
+    """In float32 the merged weights' logits differ from the adapters' by float rounding only, so a
+    fixed seed draws the same tokens."""
+    import p3o.models.lora as lora
+
+    model = lora_model(assets, arch)
+    ids, mask = tokenize_prompts(tokenizer, PROMPTS * 4, 64)
+    config = generation_config(sampling(max_new_tokens=10), tokenizer, [tokenizer.eos_token_id])
+    torch.manual_seed(5)
+    merged = sample_responses(model, ids, mask, config, [tokenizer.eos_token_id])[0]
+    with model.disable_adapter():  # adapters off: nothing merged, and another policy
+        torch.manual_seed(5)
+        plain = sample_responses(model, ids, mask, config, [tokenizer.eos_token_id])[0]
+    monkeypatch.setattr(lora, "adapters_merged", lambda m: __import__("contextlib").nullcontext())
+    torch.manual_seed(5)
+    unmerged = sample_responses(model, ids, mask, config, [tokenizer.eos_token_id])[0]
+    assert torch.equal(merged, unmerged)
+    assert not torch.equal(merged, plain)
+
+
+def test_merged_adapters_on_a_bf16_base_round_once_and_match_autocast(assets, tokenizer):
+    """With the frozen base held in bf16 (--mixed_precision bf16), W + delta is summed in float32 and
+    rounded to bf16 once: its logits under autocast agree with the adapters' within bf16 rounding."""
+    model = lora_model(assets, "llama")
+    hold_frozen_base_in(model, torch.bfloat16)
+    ids, mask = tokenize_prompts(tokenizer, PROMPTS, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        adapters = model(input_ids=ids, attention_mask=mask).logits.float()
+        with adapters_merged(model):
+            weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and "lora" not in str(m)]
+            merged = model(input_ids=ids, attention_mask=mask).logits.float()
+    assert any(w.dtype == torch.bfloat16 for w in weights)
+    spread = adapters.std()
+    assert (merged - adapters).abs().max() < 0.05 * spread
+    assert (merged - adapters).abs().mean() < 0.005 * spread
+
+
+def test_layers_that_cannot_merge_exactly_are_left_as_they_are(assets):
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    model = get_peft_model(load_causal_lm(str(assets["llama"])),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True, lora_dropout=0.0))
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    with adapters_merged(model):
+        assert [m for m in model.modules() if isinstance(m, LoraLayer)] == layers  # DoRA: not a plain W + BA
+    plain = lora_model(assets, "llama")
+    with plain.disable_adapter(), adapters_merged(plain):
+        assert any(isinstance(m, LoraLayer) for m in plain.modules())  # adapters off: nothing to merge
