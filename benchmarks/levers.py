@@ -11,8 +11,8 @@ Levers (see docs/performance.md):
   logprobs   log-probabilities a block of rows at a time from the bf16 logits (off: the float32
              logits accelerate's wrapper copied out, and the plain float32 log-softmax)
   cpu_attention  attention's backward in float32 under CPU bf16 autocast (off: autocast's bf16 backward)
-  merged_sampling  sampling with the LoRA adapters merged into copies of the weights (off: peft's
-             layers, three matmuls each, at every token)
+  merged_sampling  sampling with the LoRA adapters merged into copies of the weights, prepacked for
+             oneDNN in bf16 on a CPU (off: peft's layers, three matmuls each, at every token)
   inverse_cdf  each token drawn by inverse CDF (off: `torch.multinomial`, an exponential draw per
              vocabulary entry)
   sampling   merged_sampling and inverse_cdf together
@@ -119,8 +119,8 @@ def lever_off(lever: str):
             ALL_ATTENTION_FUNCTIONS["sdpa"] = installed.wrapped
             restore.append(lambda: ALL_ATTENTION_FUNCTIONS.__setitem__("sdpa", installed))
     if lever in ("merged_sampling", "sampling", "all"):
-        import p3o.models.lora as lora
-        replace(lora, "adapters_merged", lambda model: contextlib.nullcontext())
+        import p3o.models.sampling_weights as weights
+        replace(weights, "sampling_weights", lambda model: contextlib.nullcontext())
     if lever in ("inverse_cdf", "sampling", "all"):
         import p3o.rl.sampling as sampling
         replace(sampling, "as_inverse_cdf", lambda gen_config: (gen_config, None))

@@ -9,7 +9,8 @@ import torch
 from test_rollout import PROMPTS, sampling, tokenize_prompts
 
 from p3o.models.loading import load_causal_lm
-from p3o.models.lora import adapters_merged, add_lora, hold_frozen_base_in
+from p3o.models.lora import add_lora, hold_frozen_base_in
+from p3o.models.sampling_weights import PackedLinear, sampling_weights
 from p3o.rl.rollout import generation_config, sample_responses
 from p3o.rl.sampling import InverseCdfSampler, as_inverse_cdf, draw
 
@@ -105,7 +106,7 @@ def test_merged_adapters_compute_the_adapters_logits_and_leave_the_model_as_it_w
     layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
     with torch.no_grad():
         adapters = model(input_ids=ids, attention_mask=mask).logits
-        with adapters_merged(model):
+        with sampling_weights(model):
             assert not any(isinstance(m, LoraLayer) for m in model.modules())
             merged = model(input_ids=ids, attention_mask=mask).logits
         base = model.get_base_model()
@@ -122,7 +123,7 @@ def test_merged_adapters_compute_the_adapters_logits_and_leave_the_model_as_it_w
 def test_a_lora_model_samples_what_its_adapters_would(assets, tokenizer, arch, monkeypatch):
     """In float32 the merged weights' logits differ from the adapters' by float rounding only, so a
     fixed seed draws the same tokens."""
-    import p3o.models.lora as lora
+    import p3o.models.sampling_weights as weights
 
     model = lora_model(assets, arch)
     ids, mask = tokenize_prompts(tokenizer, PROMPTS * 4, 64)
@@ -132,7 +133,7 @@ def test_a_lora_model_samples_what_its_adapters_would(assets, tokenizer, arch, m
     with model.disable_adapter():  # adapters off: nothing merged, and another policy
         torch.manual_seed(5)
         plain = sample_responses(model, ids, mask, config, [tokenizer.eos_token_id])[0]
-    monkeypatch.setattr(lora, "adapters_merged", lambda m: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(weights, "sampling_weights", lambda m: __import__("contextlib").nullcontext())
     torch.manual_seed(5)
     unmerged = sample_responses(model, ids, mask, config, [tokenizer.eos_token_id])[0]
     assert torch.equal(merged, unmerged)
@@ -147,13 +148,37 @@ def test_merged_adapters_on_a_bf16_base_round_once_and_match_autocast(assets, to
     ids, mask = tokenize_prompts(tokenizer, PROMPTS, 64)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         adapters = model(input_ids=ids, attention_mask=mask).logits.float()
-        with adapters_merged(model):
-            weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and "lora" not in str(m)]
+        with sampling_weights(model):
+            packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
             merged = model(input_ids=ids, attention_mask=mask).logits.float()
-    assert any(w.dtype == torch.bfloat16 for w in weights)
+    if bf16_matmul_units():
+        layers = 7 * model.config.num_hidden_layers + 1  # q k v o gate up down per layer, and the output head
+        assert len(packed) == layers
     spread = adapters.std()
     assert (merged - adapters).abs().max() < 0.05 * spread
     assert (merged - adapters).abs().mean() < 0.005 * spread
+
+
+def bf16_matmul_units() -> bool:
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+@pytest.mark.skipif(not bf16_matmul_units(), reason="oneDNN bf16 is not supported on this CPU")
+@pytest.mark.parametrize("conv1d", [False, True])
+@pytest.mark.parametrize("rows", [(16,), (3, 40)])  # a decoding step; a prompt's prefill
+def test_a_prepacked_bf16_weight_computes_bit_identical_outputs(conv1d, rows):
+    from transformers.pytorch_utils import Conv1D
+
+    from p3o.models.sampling_weights import _packed
+
+    torch.manual_seed(0)
+    layer = Conv1D(48, 64) if conv1d else torch.nn.Linear(64, 48)
+    layer.to(torch.bfloat16)
+    x = torch.randn(*rows, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = layer(x)
+        got = _packed(layer, layer.weight)(x)
+    assert got.dtype == expected.dtype == torch.bfloat16 and torch.equal(got, expected)
 
 
 def test_layers_that_cannot_merge_exactly_are_left_as_they_are(assets):
@@ -163,8 +188,8 @@ def test_layers_that_cannot_merge_exactly_are_left_as_they_are(assets):
     model = get_peft_model(load_causal_lm(str(assets["llama"])),
                            LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True, lora_dropout=0.0))
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    with adapters_merged(model):
+    with sampling_weights(model):
         assert [m for m in model.modules() if isinstance(m, LoraLayer)] == layers  # DoRA: not a plain W + BA
     plain = lora_model(assets, "llama")
-    with plain.disable_adapter(), adapters_merged(plain):
+    with plain.disable_adapter(), sampling_weights(plain):
         assert any(isinstance(m, LoraLayer) for m in plain.modules())  # adapters off: nothing to merge

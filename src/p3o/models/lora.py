@@ -10,7 +10,6 @@ model's score head is trained whole beside the adapters (peft's `modules_to_save
 from __future__ import annotations
 
 import contextlib
-import copy
 from pathlib import Path
 
 from p3o.errors import UsageError
@@ -85,55 +84,6 @@ def in_saved_dtypes(peft_model):
     finally:
         for name, data in held.items():
             params[name].data = data
-
-
-@contextlib.contextmanager
-def adapters_merged(model):
-    """For sampling: every LoRA layer of `model` replaced, for the block, by a copy of its base layer
-    holding W + scale * B A (summed in float32, held in W's dtype). A decoding step then runs one
-    matmul per layer instead of three (the base and the two thin adapter ones, each its own kernel
-    call at a handful of rows per token) and none of peft's per-layer Python: on SmolLM2-135M in
-    bf16 on a CPU, about a sixth of sampling's time. The model's own weights are never written
-    (merging in place and back, as peft's merge_adapter does, rounds a bf16 base a little more each
-    time); the merged copies are freed after the block. Sampling then draws from the policy up to
-    the rounding of the merged weight; the log-probabilities the algorithms use come from the
-    training forward as always, so ratios and KLs are unchanged. A layer it cannot merge exactly
-    this way (DoRA, a quantised or hooked base, adapters off) is left as it is."""
-    from peft.tuners.lora import LoraLayer
-
-    swaps = []
-    try:
-        for name, module in list(model.named_modules()):
-            twin = _merged_twin(module) if isinstance(module, LoraLayer) else None
-            if twin is not None:
-                parent, _, child = name.rpartition(".")
-                owner = model.get_submodule(parent)
-                swaps.append((owner, child, module))
-                setattr(owner, child, twin)
-        yield
-    finally:
-        for owner, child, module in reversed(swaps):
-            setattr(owner, child, module)
-
-
-def _merged_twin(layer):
-    """A shallow copy of `layer`'s base layer with the active adapters merged into a new weight, or
-    None where that is not the same function (see `adapters_merged`)."""
-    import torch
-    from transformers.pytorch_utils import Conv1D
-
-    base = layer.get_base_layer()
-    adapters = [a for a in layer.active_adapters if a in layer.lora_A]
-    plain = type(base) in (torch.nn.Linear, Conv1D) and "forward" not in vars(base) and not base._forward_hooks \
-        and not base._forward_pre_hooks and base.weight.dtype in (torch.float32, torch.bfloat16, torch.float16)
-    if layer.merged or layer.disable_adapters or not adapters or not plain \
-            or any(layer.use_dora.get(a, False) or getattr(layer, "lora_bias", {}).get(a, False) for a in adapters):
-        return None
-    delta = sum(layer.get_delta_weight(a).float() for a in adapters)  # (out, in) as W, or W's Conv1D layout
-    twin = copy.copy(base)
-    twin._parameters = {**base._parameters,
-                        "weight": torch.nn.Parameter(delta.add_(base.weight).to(base.weight.dtype), requires_grad=False)}
-    return twin
 
 
 def is_lora(model) -> bool:

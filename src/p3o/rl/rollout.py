@@ -163,27 +163,27 @@ def sample_responses(model, query_ids: torch.Tensor, query_mask: torch.Tensor, g
 
     The mask covers tokens up to and including the first EOS (taken from positions, not pad ids).
     Tokens are drawn by inverse CDF (`p3o.rl.sampling`), and a LoRA model samples with its adapters
-    merged into copies of its weights (`adapters_merged`): the same distributions, faster.
+    merged into copies of its weights, prepacked where bf16 on a CPU (`sampling_weights`): the same
+    distributions, faster.
     `synced`: the weights are sharded (FSDP), so every process runs a forward pass per token until
     the last one is done, or the others would wait for it forever.
     """
     from transformers import GenerationConfig
 
-    peft_model = model
     if hasattr(model, "get_base_model"):  # peft: the base model carries the adapters, and the generation config
         model = model.get_base_model()
     # `generate` fills every unset option from the model's own generation_config (a hub model may
     # carry repetition penalties, bad words, top-k ...); a blank one keeps sampling exact.
-    from p3o.models.lora import adapters_merged, is_lora  # local: they import transformers and peft,
+    from p3o.models.sampling_weights import sampling_weights  # local: they import transformers (and peft),
     from p3o.rl.kv_cache import preallocated_cache  # which p3o --help never needs
     from p3o.rl.sampling import as_inverse_cdf
 
     cache = preallocated_cache(model, query_ids.shape[1] + gen_config.max_new_tokens) if gen_config.use_cache else None
     gen_config, processors = as_inverse_cdf(gen_config)
-    merged = adapters_merged(model) if is_lora(peft_model) and not synced else contextlib.nullcontext()
+    fast_weights = sampling_weights(model) if not synced else contextlib.nullcontext()  # sharded: left alone
     saved, model.generation_config = model.generation_config, GenerationConfig()
     try:
-        with merged:
+        with fast_weights:
             out = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=gen_config,
                                  logits_processor=processors,
                                  **({"past_key_values": cache} if cache is not None else {}),
