@@ -193,3 +193,30 @@ def test_layers_that_cannot_merge_exactly_are_left_as_they_are(assets):
     plain = lora_model(assets, "llama")
     with plain.disable_adapter(), sampling_weights(plain):
         assert any(isinstance(m, LoraLayer) for m in plain.modules())  # adapters off: nothing to merge
+
+
+def test_the_two_level_draw_crosses_blocks_and_the_ragged_last_one():
+    """Mass spread over three blocks of `BLOCK` entries and a partial fourth, with masked entries
+    at block edges: each block and each entry drawn as often as its probability says."""
+    from p3o.rl.sampling import BLOCK
+
+    torch.manual_seed(0)
+    V = 3 * BLOCK + 7
+    probs = torch.zeros(V)
+    chosen = [0, BLOCK - 1, BLOCK + 5, 2 * BLOCK, 3 * BLOCK + 6]  # first/last of blocks, the ragged tail
+    probs[chosen] = torch.tensor([0.1, 0.2, 0.3, 0.15, 0.25])
+    n = 20_000
+    tokens = draw(probs.expand(n, -1))
+    assert_close_to(frequencies(tokens, V), probs.double(), n)
+
+
+def test_rows_the_two_level_draw_would_put_on_a_masked_token_are_drawn_again(monkeypatch):
+    """u = the whole mass (rounding at its extreme): the block search lands past the last positive
+    entry, and the row is drawn again with one cumulative sum, never on a masked token."""
+    from p3o.rl.sampling import BLOCK
+
+    probs = torch.zeros(2, 2 * BLOCK)
+    probs[0, 3], probs[0, BLOCK + 2] = 0.5, 0.5
+    probs[1, 10] = 1.0
+    monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.ones(shape, **kw))
+    assert draw(probs).flatten().tolist() == [BLOCK + 2, 10]
