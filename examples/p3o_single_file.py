@@ -28,7 +28,7 @@ import math
 from dataclasses import dataclass, fields
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, get_scheduler
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, get_scheduler
 
 
 @dataclass
@@ -66,6 +66,7 @@ class Config:
 
 # --- seeding: every random draw comes from (seed, stream, index), so no RNG state is carried ------
 
+
 def derived_seed(seed: int, stream: str, index: int = 0) -> int:
     digest = hashlib.sha256(f"{seed}/{stream}/{index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
@@ -79,6 +80,25 @@ def prompt_indices(cfg: Config, step: int, n: int) -> list[int]:
     """Step s takes slots [s*G, (s+1)*G) of an endless stream of seeded permutations of the data."""
     slots = range(step * cfg.pairs_per_step, (step + 1) * cfg.pairs_per_step)
     return [int(torch.randperm(n, generator=generator(cfg.seed, "data", s // n))[s % n]) for s in slots]
+
+
+# --- sampling ----------------------------------------------------------------------------------
+
+
+class InverseCdf(LogitsProcessor):
+    """Draws each next token from softmax(scores / temperature) with one uniform number per row
+    against the cumulative distribution (p3o's sampler; torch.multinomial would draw an exponential
+    number per vocabulary entry), and leaves it the only finite score, so greedy decoding takes it."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+
+    def __call__(self, input_ids, scores):  # (B, V) -> (B, V)
+        probs = torch.softmax(scores / self.temperature if self.temperature != 1.0 else scores, dim=-1)
+        cdf = probs.cumsum(-1, dtype=torch.float64)  # (B, V)
+        u = torch.rand((len(probs), 1), dtype=torch.float64) * cdf[:, -1:]  # (B, 1) in [0, total)
+        token = torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[-1] - 1)  # first i with F(i) > u
+        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
 
 
 # --- the policy's log-probabilities ----------------------------------------------------------
@@ -193,9 +213,9 @@ def train(cfg: Config):
     extra = policy.generation_config.eos_token_id
     extra = [extra] if isinstance(extra, int) else list(extra or [])
     eos_ids = sorted({tokenizer.eos_token_id, *(i for i in extra if i in tokenizer.all_special_ids)} - {None})
-    sampling = GenerationConfig(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0,
-                                max_new_tokens=cfg.max_new_tokens, min_new_tokens=0, repetition_penalty=1.0,
-                                eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id)
+    # Greedy decoding over scores where only the token InverseCdf drew is finite: sampling from pi.
+    sampling = GenerationConfig(do_sample=False, max_new_tokens=cfg.max_new_tokens, min_new_tokens=0,
+                                repetition_penalty=1.0, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id)
     # Sample from pi itself: a blank generation config, so no top-k, penalty etc. of a hub model's own applies.
     saved_generation_config, policy.generation_config = policy.generation_config, GenerationConfig()
     max_prompt = cfg.max_prompt_length or policy.config.max_position_embeddings - cfg.max_new_tokens
@@ -224,7 +244,7 @@ def train(cfg: Config):
         torch.manual_seed(derived_seed(cfg.seed, "sample/0", step))
         with torch.no_grad():
             out = policy.generate(input_ids=seq["query_ids"], attention_mask=seq["query_mask"],
-                                  generation_config=sampling)  # (2G, Lq+T)
+                                  generation_config=sampling, logits_processor=[InverseCdf(cfg.temperature)])  # (2G, Lq+T)
         seq["response_ids"] = response = out[:, query_ids.shape[1]:]  # (2G, T)
         # The mask covers each response up to and including its first EOS (positions, not pad ids).
         T = response.shape[1]

@@ -255,9 +255,12 @@ def test_non_finite_gradient_skips_the_update(assets, tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("algo", ["p3o-v1", "p3o-v2"])
 def test_word_task_reward_rises(assets, tmp_path, arch, algo):
-    """A reward for three fruit words that the random model almost never says: 30 steps of 32 pairs."""
+    """A reward for three fruit words that the random model almost never says: 30 steps of 32 pairs.
+    At lr 1e-3, once the reward saturates (its spread within pairs near 0), one rollout's 16 Adam
+    steps can throw the tiny Llama to a near-uniform policy (P3O-V2, seed 0: approx_kl 7.5 in one
+    step, reward 8 -> 0); at 5e-4 every arch x algo x seed 0-2 rose from <= 0.8 to >= 7.1."""
     cfg = train_config(assets, tmp_path, model_name_or_path=str(assets[arch]), algo=algo, max_steps=30,
-                       pairs_per_step=32, minibatch_pairs=8, epochs=4, max_new_tokens=8, learning_rate=1e-3)
+                       pairs_per_step=32, minibatch_pairs=8, epochs=4, max_new_tokens=8, learning_rate=5e-4)
     history = build_trainer(cfg).train()
     start = sum(m["reward"] for m in history[:3]) / 3
     end = sum(m["reward"] for m in history[-3:]) / 3
