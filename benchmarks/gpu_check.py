@@ -1,5 +1,5 @@
 """One GPU check: P3O-V2 with LoRA in bf16 on SmolLM2-135M-Instruct for 10 steps, per backend, and
-TRL's RLOO with vLLM colocated when TRL and vLLM are installed. Prints responses per second and peak
+TRL's RLOO (k = 2) with vLLM colocated when TRL and vLLM are installed. Prints responses per second and peak
 GPU memory for each (see gpu_check.sh, which runs it).
 
 `--model DIR` is a plain checkpoint (`p3o fetch-model smollm2 --output_dir DIR`). A directory with
@@ -66,6 +66,52 @@ def run_p3o(model: str, data: Path, rewards: Path, out: Path, backend: str, args
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "wall_s": seconds}
 
 
+def run_trl_rloo(model: str, data: Path, args, use_vllm: bool = True) -> dict:
+    """TRL's RLOOTrainer (k = 2, the same gradient as P3O-V1) with vLLM colocated: the same prompts,
+    LoRA (r 16, alpha 32, every linear layer), bf16, responses and steps as the p3o runs."""
+    import torch
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import RLOOConfig, RLOOTrainer
+
+    namespace: dict = {}
+    exec(REWARD, namespace)  # the reward p3o gets as rewards.py:brevity
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.ends = []
+
+        def on_step_end(self, *unused, **kw):
+            self.ends.append(time.perf_counter())
+
+    gpu = torch.cuda.is_available()
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    config = RLOOConfig(output_dir=tempfile.mkdtemp(prefix="trl_"), use_cpu=not gpu, bf16=gpu, num_generations=2,
+                        num_iterations=1, beta=0.05, per_device_train_batch_size=2 * args.prompts,
+                        gradient_accumulation_steps=1, max_completion_length=args.new_tokens, temperature=1.0,
+                        top_p=1.0, top_k=0, max_steps=args.steps, learning_rate=1e-5, gradient_checkpointing=False,
+                        report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
+                        use_vllm=use_vllm, **({"vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3}
+                                              if use_vllm else {}))
+    clock = StepClock()
+    trainer = RLOOTrainer(model=AutoModelForCausalLM.from_pretrained(model, dtype="float32"),
+                          reward_funcs=[namespace["brevity"]], args=config,
+                          train_dataset=load_dataset("json", data_files=str(data), split="train"),
+                          processing_class=AutoTokenizer.from_pretrained(model), callbacks=[clock],
+                          peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                                                 task_type="CAUSAL_LM"))
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    steady = [b - a for a, b in zip(clock.ends, clock.ends[1:])] or [seconds]  # the first step pays for warm-up
+    lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    return {"responses_per_s": 2 * args.prompts / (sum(steady) / len(steady)),
+            "response_length": sum(lengths[1:] or lengths) / max(1, len(lengths[1:] or lengths)),
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else float("nan"), "wall_s": seconds}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", required=True)
@@ -93,6 +139,11 @@ def main() -> int:
         rows.append((f"p3o {backend}", run_p3o(model, data, rewards, root / backend, backend, args)))
     if importlib.util.find_spec("trl") is None or importlib.util.find_spec("vllm") is None:
         rows.append(("TRL RLOO + vLLM colocate", {"error": "TRL or vLLM not installed: skipped"}))
+    else:
+        try:
+            rows.append(("TRL RLOO + vLLM colocate", run_trl_rloo(model, data, args)))
+        except Exception as exc:  # report it beside the p3o rows rather than lose them
+            rows.append(("TRL RLOO + vLLM colocate", {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}))
     print("| run | responses/s | mean length | peak GPU memory (GiB) | wall (s) |\n|---|---|---|---|---|")
     for name, r in rows:
         if "error" in r:
