@@ -91,7 +91,8 @@ def run_trl_rloo(model: str, data: Path, args, use_vllm: bool = True) -> dict:
     config = RLOOConfig(output_dir=tempfile.mkdtemp(prefix="trl_"), use_cpu=not gpu, bf16=gpu, num_generations=2,
                         num_iterations=1, beta=0.05, per_device_train_batch_size=2 * args.prompts,
                         gradient_accumulation_steps=1, max_completion_length=args.new_tokens, temperature=1.0,
-                        top_p=1.0, top_k=0, max_steps=args.steps, learning_rate=1e-5, gradient_checkpointing=False,
+                        top_p=1.0, top_k=0, max_steps=args.steps, learning_rate=1e-5, lr_scheduler_type="constant",
+                        gradient_checkpointing=False,
                         report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
                         use_vllm=use_vllm, **({"vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3}
                                               if use_vllm else {}))
