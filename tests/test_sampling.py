@@ -165,8 +165,9 @@ def bf16_matmul_units() -> bool:
 
 @pytest.mark.skipif(not bf16_matmul_units(), reason="oneDNN bf16 is not supported on this CPU")
 @pytest.mark.parametrize("conv1d", [False, True])
-@pytest.mark.parametrize("rows", [(16,), (3, 40)])  # a decoding step; a prompt's prefill
+@pytest.mark.parametrize("rows", [(16,), (3, 40), "last"])  # a decoding step; a prefill; its last position
 def test_a_prepacked_bf16_weight_computes_bit_identical_outputs(conv1d, rows):
+    """For the inputs `generate` gives a layer: whole rows, and the head's slice of the last position."""
     from transformers.pytorch_utils import Conv1D
 
     from p3o.models.sampling_weights import _packed
@@ -174,7 +175,7 @@ def test_a_prepacked_bf16_weight_computes_bit_identical_outputs(conv1d, rows):
     torch.manual_seed(0)
     layer = Conv1D(48, 64) if conv1d else torch.nn.Linear(64, 48)
     layer.to(torch.bfloat16)
-    x = torch.randn(*rows, 64)
+    x = torch.randn(3, 40, 64)[:, -1:, :] if rows == "last" else torch.randn(*rows, 64)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         expected = layer(x)
         got = _packed(layer, layer.weight)(x)
@@ -220,3 +221,9 @@ def test_rows_the_two_level_draw_would_put_on_a_masked_token_are_drawn_again(mon
     probs[1, 10] = 1.0
     monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.ones(shape, **kw))
     assert draw(probs).flatten().tolist() == [BLOCK + 2, 10]
+
+
+def test_non_finite_probabilities_stop_sampling_with_a_clear_error():
+    probs = torch.tensor([[0.5, 0.5], [float("nan"), 0.5]])
+    with pytest.raises(FloatingPointError, match="not finite"):
+        draw(probs)

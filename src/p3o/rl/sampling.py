@@ -56,6 +56,9 @@ def draw(probs: torch.Tensor) -> torch.Tensor:
     if full < V:
         mass = torch.cat([mass, probs[:, full:].sum(-1, keepdim=True, dtype=torch.float64)], dim=1)  # (B, nb)
     cdf = mass.cumsum(dim=-1)  # (B, nb)
+    if not torch.isfinite(cdf[:, -1]).all():  # torch.multinomial refuses these too
+        raise FloatingPointError("the policy's next-token probabilities are not finite (NaN or inf): its weights "
+                                 "have diverged; lower --learning_rate or resume from an earlier checkpoint")
     u = torch.rand((B, 1), dtype=torch.float64, device=probs.device) * cdf[:, -1:]  # (B, 1) in [0, S)
     block = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)  # (B, 1)
     before = torch.where(block > 0, cdf.gather(1, (block - 1).clamp(min=0)), torch.zeros_like(u))  # (B, 1)
