@@ -16,6 +16,8 @@ Levers (see docs/performance.md):
   inverse_cdf  each token drawn by inverse CDF (off: `torch.multinomial`, an exponential draw per
              vocabulary entry)
   sampling   merged_sampling and inverse_cdf together
+  lean_lora  the training passes' LoRA layers cast their input once and scale at rank r (off: peft's
+             forward: two casts, the scale on the full-width output)
   all        every lever above together (off: none of them)
 
 `--clock cpu` times phases in CPU seconds of this process instead of wall seconds: on cores that
@@ -51,7 +53,7 @@ PHASES = ("time_generate", "time_old_logprobs", "time_reference", "time_update",
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lever", choices=["bf16_base", "logprobs", "cpu_attention", "merged_sampling", "inverse_cdf",
-                                       "sampling", "all"], required=True)
+                                       "sampling", "lean_lora", "all"], required=True)
     p.add_argument("--model", default=str(SMOLLM2), help="A causal LM directory (default: the cached SmolLM2-135M-Instruct).")
     p.add_argument("--algo", default="rloo")
     p.add_argument("--pairs", type=int, default=8, help="Prompts per step (2 responses each).")
@@ -124,6 +126,8 @@ def lever_off(lever: str):
     if lever in ("inverse_cdf", "sampling", "all"):
         import p3o.rl.sampling as sampling
         replace(sampling, "as_inverse_cdf", lambda gen_config: (gen_config, None))
+    if lever in ("lean_lora", "all"):
+        replace(engine, "lean_lora_forward", lambda model: 0)
     try:
         yield
     finally:

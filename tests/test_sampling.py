@@ -227,3 +227,53 @@ def test_non_finite_probabilities_stop_sampling_with_a_clear_error():
     probs = torch.tensor([[0.5, 0.5], [float("nan"), 0.5]])
     with pytest.raises(FloatingPointError, match="not finite"):
         draw(probs)
+
+
+# --- the lean LoRA forward of the training passes (p3o.models.lean_lora) ------------------------------
+
+def forward_and_grads(model, ids, mask, autocast: bool):
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    (logits.square().mean()).backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("alpha", [8, 6])  # scale 2 (a power of two: exact) and 1.5
+def test_the_lean_lora_forward_computes_peft_values_and_gradients(assets, tokenizer, autocast, alpha):
+    from p3o.models.lean_lora import lean_lora_forward
+
+    model = add_lora(load_causal_lm(str(assets["llama"])), r=4, alpha=alpha, target_modules="all-linear")
+    torch.manual_seed(1)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.05)
+    if autocast:
+        hold_frozen_base_in(model, torch.bfloat16)
+    ids, mask = tokenize_prompts(tokenizer, PROMPTS, 64)
+    peft_logits, peft_grads = forward_and_grads(model, ids, mask, autocast)
+    assert lean_lora_forward(model) == 7 * model.config.num_hidden_layers
+    lean_logits, lean_grads = forward_and_grads(model, ids, mask, autocast)
+    if alpha == 8:  # scaling by 2 commutes exactly with every rounding
+        assert torch.equal(lean_logits, peft_logits)
+        assert all(torch.equal(lean_grads[n], peft_grads[n]) for n in peft_grads)
+    tol = dict(atol=5e-2, rtol=5e-2) if autocast else dict(atol=1e-5, rtol=1e-4)
+    assert torch.allclose(lean_logits, peft_logits, **tol)
+    assert all(torch.allclose(lean_grads[n], peft_grads[n], **tol) for n in peft_grads)
+    with torch.no_grad(), model.disable_adapter(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        reference = model(input_ids=ids, attention_mask=mask).logits.float()  # adapters off: peft's own path
+    assert not torch.allclose(reference, lean_logits, atol=1e-3)
+
+
+def test_layers_the_lean_forward_would_change_keep_pefts(assets):
+    from peft import LoraConfig, get_peft_model
+
+    from p3o.models.lean_lora import lean_lora_forward
+
+    for config in (dict(lora_dropout=0.1), dict(use_dora=True), dict(lora_dropout=0.0, lora_bias=True)):
+        model = get_peft_model(load_causal_lm(str(assets["llama"])),
+                               LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **config))
+        assert lean_lora_forward(model) == 0, config
+    gpt2 = add_lora(load_causal_lm(str(assets["gpt2"])), r=4, alpha=8, target_modules="all-linear")
+    assert lean_lora_forward(gpt2) == 0  # Conv1D bases hold W transposed: peft's forward
