@@ -1,6 +1,7 @@
 """One GPU check: P3O-V2 with LoRA in bf16 on SmolLM2-135M-Instruct for 10 steps, per backend, and
-TRL's RLOO (k = 2) with vLLM colocated when TRL and vLLM are installed. Prints responses per second and peak
-GPU memory for each (see gpu_check.sh, which runs it).
+TRL's RLOO (k = 2) on transformers generation and with vLLM colocated, when TRL (and vLLM) are installed;
+every run takes one optimiser step per rollout. Prints responses per second and peak GPU memory for
+each (see gpu_check.sh, which runs it; results/gpu-h100-2026-12-06.md, its one run so far).
 
 `--model DIR` is a plain checkpoint (`p3o fetch-model smollm2 --output_dir DIR`). A directory with
 only config.json and the tokenizer files (what fits through a small transfer) gets random weights of
@@ -15,6 +16,7 @@ import json
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 
@@ -52,8 +54,10 @@ def run_p3o(model: str, data: Path, rewards: Path, out: Path, backend: str, args
     argv = ["train", "--algo", "p3o-v2", "--model_name_or_path", model, "--dataset", str(data),
             "--reward_fn", f"{rewards}:brevity", "--output_dir", str(out), "--max_steps", str(args.steps),
             "--pairs_per_step", str(args.prompts), "--max_new_tokens", str(args.new_tokens),
+            # one pass and one optimiser step per rollout: the work TRL's row does (num_iterations=1, one batch)
+            "--epochs", "1", "--minibatch_pairs", str(args.prompts),
             "--use_peft", "--mixed_precision", "bf16", "--learning_rate", "1e-5", "--generation_backend", backend,
-            "--disable_progress_bar", "--overwrite"]
+            "--disable_progress_bar", "--overwrite", "--debug"]  # --debug: a failure shows its traceback
     start = time.perf_counter()
     code = main(argv)
     seconds = time.perf_counter() - start
@@ -61,9 +65,11 @@ def run_p3o(model: str, data: Path, rewards: Path, out: Path, backend: str, args
         return {"error": f"exit {code}"}
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steady = lines[1:] or lines  # the first step pays for warm-up
-    return {"responses_per_s": sum(m["responses_per_s"] for m in steady) / len(steady),
-            "response_length": sum(m.get("response_length", 0) for m in steady) / len(steady),
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "wall_s": seconds}
+    mean = lambda key: sum(m.get(key, 0.0) for m in steady) / len(steady)  # noqa: E731
+    phases = {k: mean(f"time_{k}") for k in ("generate", "reference", "update")}
+    return {"responses_per_s": mean("responses_per_s"), "response_length": mean("response_length"),
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "wall_s": seconds,
+            "phases": " / ".join(f"{k} {v:.2f}" for k, v in phases.items()) + " s"}
 
 
 def run_trl_rloo(model: str, data: Path, args, use_vllm: bool = True) -> dict:
@@ -113,6 +119,20 @@ def run_trl_rloo(model: str, data: Path, args, use_vllm: bool = True) -> dict:
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else float("nan"), "wall_s": seconds}
 
 
+def row(run) -> str:
+    """One table row's cells for a run; a failure becomes its row (traceback on stderr), so the other
+    runs still report."""
+    try:
+        r = run()
+    except Exception as exc:
+        traceback.print_exc()
+        r = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    if "error" in r:
+        return f"{r['error']} | | | | |"
+    return (f"{r['responses_per_s']:.1f} | {r['response_length']:.1f} | {r['peak_gib']:.2f} | {r['wall_s']:.0f} | "
+            f"{r.get('phases', '')} |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", required=True)
@@ -132,26 +152,19 @@ def main() -> int:
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; {Path(args.model).name} ({weights}); "
           f"P3O-V2 + LoRA, bf16, {args.prompts} prompts x 2 responses, up to {args.new_tokens} new tokens, "
           f"{args.steps} steps (first excluded)")
-    rows = []
-    for backend in ("vllm", "transformers"):
-        if backend == "vllm" and importlib.util.find_spec("vllm") is None:
-            rows.append((f"p3o {backend}", {"error": "vLLM not installed: skipped"}))
-            continue
-        rows.append((f"p3o {backend}", run_p3o(model, data, rewards, root / backend, backend, args)))
-    if importlib.util.find_spec("trl") is None or importlib.util.find_spec("vllm") is None:
-        rows.append(("TRL RLOO + vLLM colocate", {"error": "TRL or vLLM not installed: skipped"}))
-    else:
-        try:
-            rows.append(("TRL RLOO + vLLM colocate", run_trl_rloo(model, data, args)))
-        except Exception as exc:  # report it beside the p3o rows rather than lose them
-            rows.append(("TRL RLOO + vLLM colocate", {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}))
-    print("| run | responses/s | mean length | peak GPU memory (GiB) | wall (s) |\n|---|---|---|---|---|")
-    for name, r in rows:
-        if "error" in r:
-            print(f"| {name} | {r['error']} | | | |")
-        else:
-            print(f"| {name} | {r['responses_per_s']:.1f} | {r['response_length']:.1f} | {r['peak_gib']:.2f} | "
-                  f"{r['wall_s']:.0f} |")
+    print("| run | responses/s | mean length | peak GPU memory (GiB) | wall (s) | generate / reference / update |\n"
+          "|---|---|---|---|---|---|", flush=True)
+    have = {name: importlib.util.find_spec(name) is not None for name in ("vllm", "trl")}
+    runs = [("p3o, vLLM", have["vllm"], "vLLM not installed",
+             lambda: run_p3o(model, data, rewards, root / "vllm", "vllm", args)),
+            ("p3o, transformers generate", True, "",
+             lambda: run_p3o(model, data, rewards, root / "transformers", "transformers", args)),
+            ("TRL RLOO, transformers generate", have["trl"], "TRL not installed",
+             lambda: run_trl_rloo(model, data, args, use_vllm=False)),
+            ("TRL RLOO + vLLM colocate", have["trl"] and have["vllm"], "TRL or vLLM not installed",
+             lambda: run_trl_rloo(model, data, args))]
+    for name, runnable, missing, run in runs:
+        print(f"| {name} | " + (row(run) if runnable else f"skipped: {missing} | | | | |"), flush=True)
     return 0
 
 
