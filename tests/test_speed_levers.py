@@ -145,6 +145,38 @@ def test_bf16_base_saves_the_merged_model_in_the_loaded_dtype(assets, tmp_path):
         assert torch.equal(batched_token_logprobs(trainer.unwrapped_policy, rollout, 1.0, 16), trained)
 
 
+def test_saving_a_bf16_lora_policy_holds_one_widened_copy_at_a_time(assets, tmp_path, monkeypatch):
+    """The final save's peak memory: each LoRA layer's delta lives only while its layer is merged
+    (all at once, they cost as much as the merged weights again), and the embedding widened for
+    `save_pretrained` is the merged state dict's own tensor, not a second float32 copy."""
+    import weakref
+
+    from peft.tuners.lora import LoraLayer
+
+    from p3o.models.lora import in_saved_dtypes, merged_lora_state_dict
+
+    model = bf16_lora(assets, tmp_path, max_steps=1, learning_rate=1e-2).unwrapped_policy
+    alive, most = [], [0]
+    layer_type = type(next(m for m in model.modules() if isinstance(m, LoraLayer)))
+    delta_weight = layer_type.get_delta_weight
+
+    def counted(self, adapter):
+        delta = delta_weight(self, adapter)
+        alive[:] = [ref for ref in alive if ref() is not None] + [weakref.ref(delta)]
+        most[0] = max(most[0], len(alive))
+        return delta
+
+    monkeypatch.setattr(layer_type, "get_delta_weight", counted)
+    merged = merged_lora_state_dict(model)
+    assert sum(isinstance(m, LoraLayer) for m in model.modules()) > 4 and most[0] <= 2
+
+    embedding = model.get_input_embeddings().weight
+    with in_saved_dtypes(model, merged):
+        assert embedding.dtype == torch.float32
+        assert embedding.data_ptr() == merged["model.embed_tokens.weight"].data_ptr()
+    assert embedding.dtype == torch.bfloat16
+
+
 # --- log-probabilities without float32 (B, T, V) logits ---------------------------------------------
 
 def naive_selective_log_softmax(logits, index, temperature=1.0):

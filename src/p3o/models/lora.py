@@ -68,18 +68,20 @@ def hold_frozen_base_in(peft_model, dtype) -> int:
 
 
 @contextlib.contextmanager
-def in_saved_dtypes(peft_model):
+def in_saved_dtypes(peft_model, merged: dict | None = None):
     """For saving: the output head and embedding `hold_frozen_base_in` narrowed, widened back to
     their loaded dtype for the block (exactly: bf16 -> float32 -> bf16 is lossless), so the saved
     config records that dtype (`save_pretrained` takes it from the first weight). LoRA base weights
-    stay narrow: `merged_lora_state_dict` widens them as it merges."""
+    stay narrow: `merged_lora_state_dict` widens them as it merges. Given its `merged` state dict,
+    the widened weights are its tensors, not second copies."""
     saved = {name: dtype for name, dtype in getattr(peft_model, "p3o_saved_dtypes", {}).items()
              if ".base_layer." not in name}
     params = dict(peft_model.named_parameters())
     held = {name: params[name].data for name in saved}
     try:
         for name, dtype in saved.items():
-            params[name].data = held[name].to(dtype)
+            twin = (merged or {}).get(name.removeprefix("base_model.model."))
+            params[name].data = twin if twin is not None and twin.dtype == dtype else held[name].to(dtype)
         yield
     finally:
         for name, data in held.items():
@@ -137,12 +139,12 @@ def merged_lora_state_dict(peft_model) -> dict:
     from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper
 
-    deltas, copies = {}, {}
+    lora_layers, copies = {}, {}
     for module_name, module in peft_model.named_modules():
         if isinstance(module, LoraLayer) and not module.merged:
             adapters = [a for a in module.active_adapters if a in module.lora_A]
             if adapters:
-                deltas[f"{module_name}.base_layer.weight"] = sum(module.get_delta_weight(a).float() for a in adapters)
+                lora_layers[f"{module_name}.base_layer.weight"] = (module, adapters)
         elif isinstance(module, ModulesToSaveWrapper):
             active = [] if module.disable_adapters else [a for a in module.active_adapters if a in module.modules_to_save]
             copies[f"{module_name}."] = f"{module_name}." + (f"modules_to_save.{active[0]}." if active else "original_module.")
@@ -156,8 +158,9 @@ def merged_lora_state_dict(peft_model) -> dict:
                 continue
             name = wrapper + name.removeprefix(copies[wrapper])
         weight, dtype = param.data, saved.get(name, param.dtype)
-        if name in deltas:
-            weight = (weight.float() + deltas[name]).to(dtype)
+        if name in lora_layers:  # one layer's delta at a time: all of them at once would double the peak
+            module, adapters = lora_layers[name]
+            weight = (weight.float() + sum(module.get_delta_weight(a).float() for a in adapters)).to(dtype)
         elif weight.dtype != dtype:
             weight = weight.to(dtype)
         merged[name.removeprefix("base_model.model.").replace(".base_layer", "")] = weight

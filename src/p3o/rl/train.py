@@ -348,7 +348,7 @@ def _save_policy(trainer: Trainer, out: Path) -> None:
         model = trainer.unwrapped_policy
         if trainer.with_values:  # the policy directory stays a plain causal LM; the critic sits beside it
             state_dict, extra[VALUE_HEAD_FILE] = split_state_dict(state_dict)
-    with in_saved_dtypes(trainer.unwrapped_policy) if lora else contextlib.nullcontext():  # the loaded dtype
+    with in_saved_dtypes(trainer.unwrapped_policy, state_dict) if lora else contextlib.nullcontext():  # loaded dtype
         save_pretrained_atomically(model, trainer.tokenizer, out, state_dict=state_dict, extra_tensors=extra)
     log.info("saved the trained policy%s to %s", " (LoRA merged; adapter under adapter/)" if lora else "", out)
 
