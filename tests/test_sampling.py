@@ -266,6 +266,66 @@ def test_the_lean_lora_forward_computes_peft_values_and_gradients(assets, tokeni
     assert not torch.allclose(reference, lean_logits, atol=1e-3)
 
 
+def test_layers_reading_one_input_keep_one_bf16_copy_of_it_for_backward(assets, tokenizer):
+    """q, k and v read one input, as gate and up do: under the lean forward autograd keeps one bf16
+    cast of it, not one per layer and branch. Per decoder layer that leaves three inputs of the
+    hidden width kept in bf16: the attention's (q, k, v), o's and the MLP's (gate, up)."""
+    from p3o.models.lean_lora import lean_lora_forward
+
+    def kept_bf16_inputs(model) -> int:
+        storages = set()
+
+        def pack(t):
+            if t.dtype == torch.bfloat16 and t.shape[-1] == model.config.hidden_size and t.numel() == rows * width:
+                storages.add(t.untyped_storage().data_ptr())
+            return t
+
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids, attention_mask=mask).logits.float().sum().backward()
+        return len(storages)
+
+    model = add_lora(load_causal_lm(str(assets["llama"])), r=4, alpha=8, target_modules="all-linear")
+    hold_frozen_base_in(model, torch.bfloat16)
+    ids, mask = tokenize_prompts(tokenizer, PROMPTS, 64)
+    rows, width, layers = ids.numel(), model.config.hidden_size, model.config.num_hidden_layers
+    peft_kept = kept_bf16_inputs(model)
+    lean_lora_forward(model)
+    assert kept_bf16_inputs(model) == 3 * layers < peft_kept
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_lean_gated_mlp_computes_the_same_bits_and_keeps_a_third_less(assets, tokenizer, autocast):
+    """silu(gate) * up with silu(gate) recomputed in the backward: the same values and gradients,
+    bit for bit, with one (rows, intermediate) activation fewer kept per layer."""
+    from p3o.models.lean_mlp import lean_gated_mlp
+
+    def kept_intermediates(model) -> int:
+        storages = set()
+
+        def pack(t):
+            if t.shape[-1] == model.config.intermediate_size and t.numel() == ids.numel() * t.shape[-1]:
+                storages.add(t.untyped_storage().data_ptr())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            forward_and_grads(model, ids, mask, autocast)
+        return len(storages)
+
+    torch.manual_seed(0)
+    model = load_causal_lm(str(assets["llama"]))
+    if autocast:
+        model = add_lora(model, r=4, alpha=8, target_modules="all-linear")
+        hold_frozen_base_in(model, torch.bfloat16)
+    ids, mask = tokenize_prompts(tokenizer, PROMPTS, 64)
+    plain_logits, plain_grads = forward_and_grads(model, ids, mask, autocast)
+    plain_kept = kept_intermediates(model)
+    assert lean_gated_mlp(model) == model.config.num_hidden_layers
+    lean_logits, lean_grads = forward_and_grads(model, ids, mask, autocast)
+    assert torch.equal(lean_logits, plain_logits)
+    assert all(torch.equal(lean_grads[n], plain_grads[n]) for n in plain_grads)
+    assert kept_intermediates(model) == plain_kept - model.config.num_hidden_layers
+
+
 def test_layers_the_lean_forward_would_change_keep_pefts(assets):
     from peft import LoraConfig, get_peft_model
 

@@ -28,6 +28,7 @@ from p3o.errors import UsageError
 from p3o.models.attention import float32_attention_backward_on_cpu
 from p3o.models.loading import disable_dropout, eos_token_ids
 from p3o.models.lean_lora import lean_lora_forward
+from p3o.models.lean_mlp import lean_gated_mlp
 from p3o.models.lora import AdaptersDisabled, add_lora, hold_frozen_base_in, is_lora
 from p3o.rl.algorithms import get_algorithm
 from p3o.rl.config import TrainConfig, derive_sizes
@@ -103,6 +104,7 @@ class Trainer:
         if cfg.use_peft:
             policy = add_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules)
             lean_lora_forward(policy)  # the same function, cast once and scaled at rank r
+        lean_gated_mlp(policy)  # the same bits, keeping two of the MLP's three activations
         if cfg.mixed_precision == "bf16" and self.accelerator.device.type == "cpu":  # bf16 flash backward is slow there
             float32_attention_backward_on_cpu()
         disable_dropout(policy)  # log-ratios must be exact: rho is 1 at the first update
