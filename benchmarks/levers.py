@@ -18,6 +18,9 @@ Levers (see docs/performance.md):
   sampling   merged_sampling and inverse_cdf together
   lean_lora  the training passes' LoRA layers cast their input once and scale at rank r (off: peft's
              forward: two casts, the scale on the full-width output)
+  kept_less  less kept for the backward pass: one bf16 cast shared by layers fed one input (q, k, v;
+             gate, up) and silu(gate) recomputed in the MLP's backward (off: a cast per layer, and
+             the three MLP activations kept)
   all        every lever above together (off: none of them)
 
 `--clock cpu` times phases in CPU seconds of this process instead of wall seconds: on cores that
@@ -53,7 +56,7 @@ PHASES = ("time_generate", "time_old_logprobs", "time_reference", "time_update",
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lever", choices=["bf16_base", "logprobs", "cpu_attention", "merged_sampling", "inverse_cdf",
-                                       "sampling", "lean_lora", "all"], required=True)
+                                       "sampling", "lean_lora", "kept_less", "all"], required=True)
     p.add_argument("--model", default=str(SMOLLM2), help="A causal LM directory (default: the cached SmolLM2-135M-Instruct).")
     p.add_argument("--algo", default="rloo")
     p.add_argument("--pairs", type=int, default=8, help="Prompts per step (2 responses each).")
@@ -128,6 +131,10 @@ def lever_off(lever: str):
         replace(sampling, "as_inverse_cdf", lambda gen_config: (gen_config, None))
     if lever in ("lean_lora", "all"):
         replace(engine, "lean_lora_forward", lambda model: 0)
+    if lever in ("kept_less", "all"):
+        import p3o.models.lean_lora as lean_lora
+        replace(engine, "lean_gated_mlp", lambda model: 0)
+        replace(lean_lora, "_cast", lambda x, dtype: x.detach().to(dtype))  # a cast of its own per layer
     try:
         yield
     finally:
