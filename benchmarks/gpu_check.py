@@ -19,6 +19,8 @@ import time
 import traceback
 from pathlib import Path
 
+from run_one import LORA  # the adapters of the CPU benchmark's smollm2 pairings, on both sides here too
+
 
 def checkpoint(model: str, out: Path) -> tuple[str, str]:
     """A loadable checkpoint: `model` itself, or random weights of its config's shapes."""
@@ -56,7 +58,8 @@ def run_p3o(model: str, data: Path, rewards: Path, out: Path, backend: str, args
             "--pairs_per_step", str(args.prompts), "--max_new_tokens", str(args.new_tokens),
             # one pass and one optimiser step per rollout: the work TRL's row does (num_iterations=1, one batch)
             "--epochs", "1", "--minibatch_pairs", str(args.prompts),
-            "--use_peft", "--mixed_precision", "bf16", "--learning_rate", "1e-5", "--generation_backend", backend,
+            "--use_peft", "--lora_r", str(LORA["r"]), "--lora_alpha", str(LORA["alpha"]),
+            "--mixed_precision", "bf16", "--learning_rate", "1e-5", "--generation_backend", backend,
             "--disable_progress_bar", "--overwrite", "--debug"]  # --debug: a failure shows its traceback
     start = time.perf_counter()
     code = main(argv)
@@ -74,7 +77,7 @@ def run_p3o(model: str, data: Path, rewards: Path, out: Path, backend: str, args
 
 def run_trl_rloo(model: str, data: Path, args, use_vllm: bool = True) -> dict:
     """TRL's RLOOTrainer (k = 2, the same gradient as P3O-V1) with vLLM colocated: the same prompts,
-    LoRA (r 16, alpha 32, every linear layer), bf16, responses and steps as the p3o runs."""
+    LoRA (`LORA`, every linear layer), bf16, responses and steps as the p3o runs."""
     import torch
     from datasets import load_dataset
     from peft import LoraConfig
@@ -107,8 +110,8 @@ def run_trl_rloo(model: str, data: Path, args, use_vllm: bool = True) -> dict:
                           reward_funcs=[namespace["brevity"]], args=config,
                           train_dataset=load_dataset("json", data_files=str(data), split="train"),
                           processing_class=AutoTokenizer.from_pretrained(model), callbacks=[clock],
-                          peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
-                                                 task_type="CAUSAL_LM"))
+                          peft_config=LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start

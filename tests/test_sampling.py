@@ -291,6 +291,8 @@ def test_layers_reading_one_input_keep_one_bf16_copy_of_it_for_backward(assets, 
     peft_kept = kept_bf16_inputs(model)
     lean_lora_forward(model)
     assert kept_bf16_inputs(model) == 3 * layers < peft_kept
+    from p3o.models import lean_lora
+    assert lean_lora._last_cast[2]() is None  # once the backward has run, nothing holds the last cast
 
 
 @pytest.mark.parametrize("autocast", [False, True])

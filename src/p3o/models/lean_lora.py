@@ -57,18 +57,22 @@ def _lean_forward(self, x, *args, **kwargs):
         return out + F.linear(rank, self.lora_B[adapter].weight.to(dtype))
 
 
-_last_cast: tuple = (None, -1, None)  # (weakref to x, x's version, x cast): the layer before's input
+# The layer before's input and its cast, both held weakly: (weakref to x, x's version, weakref to the
+# cast). The cast lives as long as autograd keeps it for a backward, and no longer.
+_last_cast: tuple = (None, -1, None)
 
 
 def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x cast to `dtype`, without gradient; the same tensor again while x is the input the layer
-    before cast and has not changed since (q, k and v read one input, as gate and up do)."""
+    before cast, has not changed since, and its cast is still alive (q, k and v read one input, as
+    gate and up do)."""
     global _last_cast
-    ref, version, cast = _last_cast
-    if ref is None or ref() is not x or version != x._version or cast.dtype != dtype:
+    x_ref, version, cast_ref = _last_cast
+    cast = cast_ref() if x_ref is not None and x_ref() is x and version == x._version else None
+    if cast is None or cast.dtype != dtype:
         with torch.no_grad():
             cast = x.to(dtype)
-        _last_cast = (weakref.ref(x), x._version, cast)
+        _last_cast = (weakref.ref(x), x._version, weakref.ref(cast))
     return cast
 
 
