@@ -21,6 +21,9 @@ Levers (see docs/performance.md):
   kept_less  less kept for the backward pass: one bf16 cast shared by layers fed one input (q, k, v;
              gate, up) and silu(gate) recomputed in the MLP's backward (off: a cast per layer, and
              the three MLP activations kept)
+  compiled_sampling  --compile_sampling: each decoding step one torch.compile'd forward over a
+             static KV cache (off: the eager step). Not part of `all`: a flag, off by default. The
+             compilation falls in the warm-up step; its time is printed apart.
   all        every lever above together (off: none of them)
 
 `--clock cpu` times phases in CPU seconds of this process instead of wall seconds: on cores that
@@ -56,7 +59,8 @@ PHASES = ("time_generate", "time_old_logprobs", "time_reference", "time_update",
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lever", choices=["bf16_base", "logprobs", "cpu_attention", "merged_sampling", "inverse_cdf",
-                                       "sampling", "lean_lora", "kept_less", "all"], required=True)
+                                       "sampling", "lean_lora", "kept_less", "compiled_sampling", "all"],
+                   required=True)
     p.add_argument("--model", default=str(SMOLLM2), help="A causal LM directory (default: the cached SmolLM2-135M-Instruct).")
     p.add_argument("--algo", default="rloo")
     p.add_argument("--pairs", type=int, default=8, help="Prompts per step (2 responses each).")
@@ -70,7 +74,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def build(args, workdir: Path):
+def build(args, workdir: Path, on: bool = True):
     from p3o.cli.args import config_from_argv
     from p3o.rl.config import TrainConfig
     from p3o.rl.train import build_trainer
@@ -85,6 +89,8 @@ def build(args, workdir: Path):
             "--epochs", "1", "--max_new_tokens", str(args.new_tokens), "--learning_rate", "1e-5", "--seed", "0",
             "--use_peft", "--lora_r", "16", "--lora_alpha", "32", "--lora_target_modules", "all-linear",
             "--mixed_precision", "bf16", "--disable_progress_bar", *args.extra]
+    if on and args.lever == "compiled_sampling":  # a flag, not a default: B alone asks for it
+        argv.append("--compile_sampling")
     return build_trainer(config_from_argv(TrainConfig, argv))
 
 
@@ -169,14 +175,16 @@ def main(argv=None) -> None:
         trainers = {}
         for name in sides:
             with lever_off(args.lever) if name == "A" else contextlib.nullcontext():
-                trainers[name] = build(args, Path(tmp, name))
-        runs = {name: [] for name in sides}
+                trainers[name] = build(args, Path(tmp, name), on=name == "B")
+        runs, warm_up = {name: [] for name in sides}, {}
         for step in range(args.steps + 1):
             for name in sides if step % 2 == 0 else sides[::-1]:
                 with lever_off(args.lever) if name == "A" else contextlib.nullcontext():
                     timings = one_step(trainers[name], step, clock)
                 if step:  # the first is a warm-up
                     runs[name].append(timings)
+                else:
+                    warm_up[name] = timings["step"]
     medians = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
     print(f"lever {args.lever}: A off, B on; {Path(args.model).name}, {args.algo}, {args.pairs} prompts x 2 x "
           f"{args.new_tokens} new tokens, LoRA r16 all-linear, bf16; {args.threads} threads; {args.clock} seconds, "
@@ -187,6 +195,8 @@ def main(argv=None) -> None:
         elif key in medians.get("A", {}):
             a, b = medians["A"][key], medians["B"][key]
             print(f"  {key:<18}A {a:8.3f}   B {b:8.3f}   A/B {a / b if b else float('nan'):5.2f}")
+    print("  warm-up step (compilation, first allocations): "
+          + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in warm_up.items()))
     print(f"  peak RSS of the process ({args.only or 'both trainers'}): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "medians": medians}, indent=1))

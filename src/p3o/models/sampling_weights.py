@@ -28,8 +28,10 @@ import torch
 
 
 @contextlib.contextmanager
-def sampling_weights(model):
-    """`model` with merged (and, on a CPU in bf16, prepacked) layers for the block; as it was after."""
+def sampling_weights(model, prepack: bool = True):
+    """`model` with merged (and, on a CPU in bf16, prepacked) layers for the block; as it was after.
+    `prepack=False` for a compiled decoding step: the compiler cannot take a prepacked weight that
+    changes between rollouts, so the merged layers stay plain `Linear`s."""
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:  # peft is optional (p3o[lora]): then no model has adapters
@@ -42,9 +44,11 @@ def sampling_weights(model):
                 continue
             if isinstance(module, LoraLayer):
                 adapted += (name + ".",)
-                twin = _merged(module)
+                twin = _merged(module, prepack)
+            elif prepack and _plain(module) and _packable(module.weight):
+                twin = _packed(module, module.weight)
             else:
-                twin = _packed(module, module.weight) if _plain(module) and _packable(module.weight) else None
+                twin = None
             if twin is not None:
                 parent, _, child = name.rpartition(".")
                 owner = model.get_submodule(parent)
@@ -65,7 +69,7 @@ def _plain(module) -> bool:
             and module.weight.dtype in (torch.float32, torch.bfloat16, torch.float16))
 
 
-def _merged(layer):
+def _merged(layer, prepack: bool = True):
     """`layer`'s base layer with its active adapters merged into a new weight, or None where that
     would not compute the same function."""
     base = layer.get_base_layer()
@@ -78,7 +82,7 @@ def _merged(layer):
         A, B = layer.lora_A[a].weight.to(dtype), layer.lora_B[a].weight.to(dtype)  # (r, in), (out, r)
         # W + s B A, accumulated in float32 and rounded to W's dtype once (a Conv1D holds W as (in, out)).
         weight = torch.addmm(weight, *((A.T, B.T) if layer.fan_in_fan_out else (B, A)), alpha=layer.scaling[a])
-    if _packable(weight):
+    if prepack and _packable(weight):
         return _packed(base, weight)
     twin = copy.copy(base)
     twin._parameters = {**base._parameters, "weight": torch.nn.Parameter(weight, requires_grad=False)}

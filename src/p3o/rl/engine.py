@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -144,6 +146,8 @@ class Trainer:
         if cfg.generation_backend == "vllm" and not self.algorithm.offline:
             self.vllm = VLLMGenerator(cfg, cfg.model_name_or_path, self.eos_ids,
                                       self.max_prompt_length + cfg.max_new_tokens, self.accelerator)
+        if cfg.compile_sampling:
+            _check_compiler(self.accelerator.device)
 
     def _reference(self, policy, given):
         """The frozen reference: `given`, else the initial policy; under LoRA that is the policy itself
@@ -262,7 +266,7 @@ class Trainer:
         seed_global_rng(self.cfg.seed, stream, step)
         with self.accelerator.autocast(), gathered(self.trained_module):
             return sample_responses(self.unwrapped_policy, query_ids, query_mask, gen_config, self.eos_ids,
-                                    synced=self.sharded)
+                                    synced=self.sharded, compiled=self.cfg.compile_sampling)
 
     def log_probs(self, rollout: Rollout, timings: dict, old: bool = True, paired: bool = True) -> dict[str, torch.Tensor]:
         """Token and sequence log-probs under pi_ref and (if `old`) pi_old, the latter with the
@@ -441,6 +445,13 @@ def training_mode(model, enabled: bool = True):
         yield
     finally:
         model.eval()
+
+
+def _check_compiler(device: torch.device) -> None:
+    """--compile_sampling on a CPU builds C++ kernels: refuse up front, not a rollout in, without a compiler."""
+    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c):
+        raise UsageError("--compile_sampling on a CPU needs a C++ compiler (g++ or clang++; or set CXX): "
+                         "install one, or drop --compile_sampling")
 
 
 def _without_float32_outputs(module) -> None:

@@ -1,17 +1,45 @@
-"""A KV cache for sampling that writes each new token into buffers sized for the whole response,
-instead of `DynamicCache`'s concatenation, which copies the entire cache at every token of every
-layer: O(T^2) copying per response, and on a CPU the largest single cost of generating.
-Imported when sampling starts (it subclasses a `transformers` class)."""
+"""KV caches for sampling.
+
+* `preallocated_cache` writes each new token into buffers sized for the whole response, instead of
+  `DynamicCache`'s concatenation, which copies the entire cache at every token of every layer:
+  O(T^2) copying per response, and on a CPU the largest single cost of generating.
+* `static_cache` is `transformers`' `StaticCache` for a compiled decoding step (`--compile_sampling`):
+  fixed shapes, so one compiled graph serves every token.
+
+Imported when sampling starts (they subclass `transformers` classes)."""
 from __future__ import annotations
 
+import math
+
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers import DynamicCache, StaticCache
+from transformers.cache_utils import DynamicLayer, StaticLayer
+
+CAPACITY_STEP = 64  # a static cache's length is rounded up to this: prompts of similar lengths share a compiled graph
 
 
 def preallocated_cache(model, capacity: int):
     """A `DynamicCache` for `model` whose layers hold `capacity` positions up front. None unless
     every layer is a plain full-attention one: `generate` then builds the cache the model needs."""
+    cache = _full_attention_cache(model)
+    if cache is not None:
+        cache.layers = [PreallocatedLayer(capacity) for _ in cache.layers]
+    return cache
+
+
+def static_cache(model, capacity: int):
+    """A `StaticCache` of at least `capacity` positions (rounded up to CAPACITY_STEP) whose layers
+    store keys and values in the autocast dtype; None where `preallocated_cache` is None."""
+    if _full_attention_cache(model) is None:
+        return None
+    length = math.ceil(capacity / CAPACITY_STEP) * CAPACITY_STEP
+    cache = StaticCache(config=model.config, max_cache_len=length)
+    cache.layers = [AutocastStaticLayer(length) for _ in cache.layers]
+    return cache
+
+
+def _full_attention_cache(model):
+    """An empty `DynamicCache` for `model` if every layer is a plain full-attention one, else None."""
     supports = getattr(model, "_supports_default_dynamic_cache", None)
     if supports is None or not supports() or getattr(model.config, "is_encoder_decoder", False):
         return None  # an architecture with a cache of its own (state-space, encoder-decoder, ...)
@@ -21,8 +49,19 @@ def preallocated_cache(model, capacity: int):
         return None
     if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
         return None  # sliding windows, linear attention, ...: `generate` builds the cache it needs
-    cache.layers = [PreallocatedLayer(capacity) for _ in cache.layers]
     return cache
+
+
+class AutocastStaticLayer(StaticLayer):
+    """A `StaticLayer` holding keys and values in the autocast dtype when autocast is on. Under bf16
+    autocast, rotary embeddings leave the keys in float32 and the values in bf16 (a `StaticLayer`
+    holds both in the first key's dtype); attention casts both to bf16 anyway, so storing them in
+    bf16 gives it the same numbers."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        device = key_states.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else value_states.dtype
+        return super().update(key_states.to(dtype), value_states.to(dtype), *args, **kwargs)
 
 
 class PreallocatedLayer(DynamicLayer):

@@ -8,6 +8,7 @@ V = vocabulary.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 from dataclasses import dataclass, field, fields
 
@@ -158,7 +159,8 @@ def generation_config(cfg, tokenizer, eos_ids: list[int], greedy: bool = False):
 
 @torch.no_grad()
 def sample_responses(model, query_ids: torch.Tensor, query_mask: torch.Tensor, gen_config,
-                     eos_ids: list[int], synced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     eos_ids: list[int], synced: bool = False,
+                     compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched, KV-cached sampling. (B, Lq) prompts -> response ids and mask (B, T).
 
     The mask covers tokens up to and including the first EOS (taken from positions, not pad ids).
@@ -167,6 +169,8 @@ def sample_responses(model, query_ids: torch.Tensor, query_mask: torch.Tensor, g
     distributions, faster.
     `synced`: the weights are sharded (FSDP), so every process runs a forward pass per token until
     the last one is done, or the others would wait for it forever.
+    `compiled` (`--compile_sampling`): every token after the prompt's runs one `torch.compile`d
+    forward over a static KV cache (`compiled_decoding`).
     """
     from transformers import GenerationConfig
 
@@ -178,9 +182,16 @@ def sample_responses(model, query_ids: torch.Tensor, query_mask: torch.Tensor, g
     from p3o.rl.kv_cache import preallocated_cache  # which p3o --help never needs
     from p3o.rl.sampling import as_inverse_cdf
 
-    cache = preallocated_cache(model, query_ids.shape[1] + gen_config.max_new_tokens) if gen_config.use_cache else None
+    capacity = query_ids.shape[1] + gen_config.max_new_tokens
     gen_config, processors = as_inverse_cdf(gen_config)
-    fast_weights = sampling_weights(model) if not synced else contextlib.nullcontext()  # sharded: left alone
+    cache = None
+    if compiled and gen_config.use_cache and not synced:
+        cache, gen_config = compiled_decoding(model, capacity, gen_config)
+    compiling = cache is not None
+    if cache is None and gen_config.use_cache:
+        cache = preallocated_cache(model, capacity)
+    fast_weights = (sampling_weights(model, prepack=not compiling) if not synced
+                    else contextlib.nullcontext())  # sharded: left alone
     saved, model.generation_config = model.generation_config, GenerationConfig()
     try:
         with fast_weights:
@@ -192,6 +203,31 @@ def sample_responses(model, query_ids: torch.Tensor, query_mask: torch.Tensor, g
         model.generation_config = saved
     response_ids = out[:, query_ids.shape[1]:]  # (B, T)
     return response_ids, response_mask_from_eos(response_ids, eos_ids)
+
+
+def compiled_decoding(model, capacity: int, gen_config):
+    """(A static KV cache of at least `capacity` positions, a copy of `gen_config` that makes
+    `generate` run each decoding step through one `torch.compile`d forward of `model`); prefill
+    stays eager. (None, `gen_config`) where the model has no static cache.
+
+    On CUDA the compiled step is captured as a CUDA graph (mode "reduce-overhead"): one launch per
+    token instead of one per kernel. On a CPU, inductor fuses the small element-wise operations
+    between the matmuls (norms, rotary embeddings, residuals, casts). The first rollout pays for the
+    compilation (tens of seconds on a CPU), and a new batch size or a cache length in a new
+    `CAPACITY_STEP` costs another."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    from p3o.rl.kv_cache import static_cache
+
+    cache = static_cache(model, capacity)
+    if cache is None:
+        return None, gen_config
+    mode = "reduce-overhead" if model.device.type == "cuda" else "default"
+    compile_config = CompileConfig(fullgraph=False, dynamic=None, mode=mode)
+    compile_config._compile_all_devices = True  # transformers compiles on CUDA-like devices only unless told
+    gen_config = copy.deepcopy(gen_config)
+    gen_config.compile_config, gen_config.disable_compile = compile_config, False
+    return cache, gen_config
 
 
 def decode_completions(tokenizer, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
