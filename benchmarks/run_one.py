@@ -40,12 +40,15 @@ def parse_args(argv=None):
     p.add_argument("--grad_accum", type=int, default=1, help="Micro-batches per optimizer step (both sides).")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: p3o --mixed_precision bf16, TRL bf16=True (both over float32-loaded weights).")
+    p.add_argument("--compile_sampling", action="store_true", help="p3o only: --compile_sampling.")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--beta", type=float, default=0.05, help="KL coefficient (TRL: beta / kl_coef).")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="Where to write the JSON summary.")
     args = p.parse_args(argv)
+    if args.compile_sampling and args.impl != "p3o":
+        p.error("--compile_sampling is p3o's flag")
     if args.pairing == "ppo" and args.size == "smollm2":
         p.error("--pairing ppo needs a reward model of the policy's shape; task.py builds one for 1m and 10m only")
     return args
@@ -84,8 +87,10 @@ def p3o_algo(args, assets: dict) -> list[str]:
 
 
 def p3o_model(args) -> list[str]:
-    """LoRA on the real model; bf16 autocast when asked (p3o then also holds LoRA's frozen base in bf16)."""
+    """LoRA on the real model; bf16 autocast when asked (p3o then also holds LoRA's frozen base in bf16);
+    the compiled decoding step when asked."""
     flags = ["--mixed_precision", "bf16"] if args.precision == "bf16" else []
+    flags += ["--compile_sampling"] if args.compile_sampling else []
     if args.size == "smollm2":
         flags += ["--use_peft", "--lora_r", str(LORA["r"]), "--lora_alpha", str(LORA["alpha"]),
                   "--lora_target_modules", "all-linear"]

@@ -12,6 +12,7 @@ runs in two precisions, its faster one is compared.
 
     python benchmarks/vs_trl.py                      # rloo, grpo, ppo on 1m, 10m (~18 min on 2 idle cores, estimated)
     python benchmarks/vs_trl.py --quick              # a smoke run of every job
+    python benchmarks/vs_trl.py --p3o_compile        # p3o also with --compile_sampling; each side's fastest compared
     python benchmarks/vs_trl.py --pairings rloo,grpo --sizes smollm2   # issue 19's real model (~50 min, estimated)
 """
 from __future__ import annotations
@@ -66,6 +67,11 @@ def parse_args(argv=None):
     p.add_argument("--max_other_load", type=float, default=0.15,
                    help="A job during which other processes used more cores than this on average is rerun.")
     p.add_argument("--retries", type=int, default=2, help="Reruns of a disturbed job before keeping it anyway.")
+    p.add_argument("--p3o_compile", action="store_true",
+                   help="Also run p3o with --compile_sampling in each precision; each side's fastest configuration "
+                        "is compared. An untimed job per compiled configuration first fills inductor's on-disk "
+                        "cache, so the timed short and long jobs load the same compiled kernels and that start-up "
+                        "cancels in the marginal step; the warm-up job's log shows the cold compilation.")
     p.add_argument("--idle_wait", type=float, default=300,
                    help="Seconds to wait, before each job, for other processes to leave the CPU idle.")
     p.add_argument("--no_warmup", action="store_true", help="Skip the untimed first job of each implementation.")
@@ -107,9 +113,12 @@ def jobs(args) -> list[tuple[str, str]]:
     return [(pairing, size) for pairing in args.pairings for size in args.sizes if (pairing, size) not in UNSUPPORTED]
 
 
-def variants(size: str) -> list[tuple[str, str]]:
-    """(implementation, precision) of every job series on `size`."""
-    return [(impl, precision) for impl in IMPLS for precision in PRECISIONS.get(size, ("fp32",))]
+def variants(size: str, p3o_compile: bool = False) -> list[tuple[str, str]]:
+    """(implementation, precision) of every job series on `size`; with `p3o_compile`, p3o runs each
+    precision also with --compile_sampling ("fp32+compile")."""
+    precisions = PRECISIONS.get(size, ("fp32",))
+    compiled = [("p3o", f"{precision}+compile") for precision in precisions] if p3o_compile else []
+    return [(impl, precision) for impl in IMPLS for precision in precisions] + compiled
 
 
 def job_env(threads: int) -> dict:
@@ -137,8 +146,10 @@ def spawn(args, variant: tuple[str, str], pairing: str, size: str, steps: int, t
     logs.mkdir(parents=True, exist_ok=True)
     name = f"{pairing}-{size}-{impl}-{precision}-{steps}steps-{tag}"
     summary = logs / f"{name}.json"
+    dtype, _, compiled = precision.partition("+")
     cmd = [sys.executable, str(HERE / "run_one.py"), "--impl", impl, "--pairing", pairing, "--size", size,
-           "--precision", precision, "--steps", str(steps), "--pairs", str(args.pairs[size]),
+           "--precision", dtype, *(["--compile_sampling"] if compiled else []),
+           "--steps", str(steps), "--pairs", str(args.pairs[size]),
            "--new_tokens", str(args.new_tokens),
            "--grad_accum", str(args.grad_accum), "--lr", str(args.lr), "--threads", str(args.threads),
            "--out", str(summary)]
@@ -183,7 +194,10 @@ def measure(args, pairing: str, size: str) -> dict:
     """Short and long jobs of every variant (implementation, precision), the order reversed in every
     other repeat so that drift of the machine hits all of them alike, `repeats` times."""
     short, long = args.short_steps, args.long_steps[size]
-    order = variants(size)
+    order = variants(size, args.p3o_compile)
+    for v in order:  # compiled kernels cached on disk before timing: every timed job then loads them alike
+        if v[1].endswith("+compile"):
+            run_job(args, v, pairing, size, short, "warm-up")
     runs = {v: [] for v in order}
     for rep in range(args.repeats):
         for v in order if rep % 2 == 0 else order[::-1]:
@@ -279,6 +293,7 @@ def settings(args) -> dict:
     return {"prompts_per_step": args.pairs, "precisions": PRECISIONS, "new_tokens": args.new_tokens, "grad_accum": args.grad_accum,
             "learning_rate": args.lr, "beta": 0.05, "threads": args.threads, "repeats": args.repeats,
             "short_steps": args.short_steps, "long_steps": args.long_steps, "quick": args.quick,
+            "p3o_compile": args.p3o_compile,
             "max_other_load": args.max_other_load, "retries": args.retries, "idle_wait": args.idle_wait,
             "versions": {pkg: version(pkg) for pkg in ("p3o", "trl", "torch", "transformers", "accelerate")},
             "commit": commit()}

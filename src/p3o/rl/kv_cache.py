@@ -15,7 +15,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import DynamicLayer, StaticLayer
 
-CAPACITY_STEP = 64  # a static cache's length is rounded up to this: prompts of similar lengths share a compiled graph
+CAPACITY_STEP = 16  # a static cache's length is rounded up to this: prompts of similar lengths share a compiled graph
 
 
 def preallocated_cache(model, capacity: int):
