@@ -1,5 +1,6 @@
-"""One GPU check: P3O-V2 with LoRA in bf16 on SmolLM2-135M-Instruct for 10 steps, per backend, and
-TRL's RLOO (k = 2) on transformers generation and with vLLM colocated, when TRL (and vLLM) are installed;
+"""One GPU check: P3O-V2 with LoRA in bf16 on SmolLM2-135M-Instruct for 10 steps, per backend (and on
+transformers with --compile_sampling: a CUDA graph per decoded token, compiled in the first step, which
+is excluded), and TRL's RLOO (k = 2) on transformers generation and with vLLM colocated, when TRL (and vLLM) are installed;
 every run takes one optimiser step per rollout. Prints responses per second and peak GPU memory for
 each (see gpu_check.sh, which runs it; results/gpu-h100-2026-12-06.md, its one run so far).
 
@@ -47,7 +48,7 @@ def prompts(path: Path, n: int = 256) -> Path:
 REWARD = "def brevity(prompts, completions, **kw):\n    return [-len(c[0]['content']) / 100 for c in completions]\n"
 
 
-def run_p3o(model: str, data: Path, rewards: Path, out: Path, backend: str, args) -> dict:
+def run_p3o(model: str, data: Path, rewards: Path, out: Path, backend: str, args, extra: tuple = ()) -> dict:
     import torch
 
     from p3o.cli import main
@@ -60,7 +61,7 @@ def run_p3o(model: str, data: Path, rewards: Path, out: Path, backend: str, args
             "--epochs", "1", "--minibatch_pairs", str(args.prompts),
             "--use_peft", "--lora_r", str(LORA["r"]), "--lora_alpha", str(LORA["alpha"]),
             "--mixed_precision", "bf16", "--learning_rate", "1e-5", "--generation_backend", backend,
-            "--disable_progress_bar", "--overwrite", "--debug"]  # --debug: a failure shows its traceback
+            "--disable_progress_bar", "--overwrite", "--debug", *extra]  # --debug: a failure shows its traceback
     start = time.perf_counter()
     code = main(argv)
     seconds = time.perf_counter() - start
@@ -162,6 +163,8 @@ def main() -> int:
              lambda: run_p3o(model, data, rewards, root / "vllm", "vllm", args)),
             ("p3o, transformers generate", True, "",
              lambda: run_p3o(model, data, rewards, root / "transformers", "transformers", args)),
+            ("p3o, transformers generate, --compile_sampling (a CUDA graph per token)", True, "",
+             lambda: run_p3o(model, data, rewards, root / "compiled", "transformers", args, ("--compile_sampling",))),
             ("TRL RLOO, transformers generate", have["trl"], "TRL not installed",
              lambda: run_trl_rloo(model, data, args, use_vllm=False)),
             ("TRL RLOO + vLLM colocate", have["trl"] and have["vllm"], "TRL or vLLM not installed",

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check of the speed issue, ready for a machine with one GPU (see benchmarks/README.md):
 # P3O-V2 + LoRA in bf16 on SmolLM2-135M-Instruct for 10 steps on the vLLM backend (skipped, and said
-# so, where vLLM is not installed), then on the transformers backend, then TRL's RLOO with vLLM colocated
+# so, where vLLM is not installed), then on the transformers backend (eager, then with --compile_sampling:
+# one CUDA graph per decoded token), then TRL's RLOO with vLLM colocated
 # (where TRL and vLLM are installed), and TRL's RLOO on transformers generation, the same-GPU peer of p3o's
 # transformers row; responses/s, peak GPU memory and p3o's phase times.
 #   bash benchmarks/gpu_check.sh DIR   # DIR: `p3o fetch-model smollm2 --output_dir DIR`, or a folder with
