@@ -121,3 +121,17 @@ def test_the_flag_is_refused_with_vllm_and_without_a_compiler(assets, tmp_path, 
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(UsageError, match="C\\+\\+ compiler"):
         build_trainer(train_config(assets, tmp_path, compile_sampling=True))
+
+
+def test_a_model_without_a_static_cache_is_told_that_sampling_stays_eager(assets, tmp_path, monkeypatch, caplog):
+    import p3o.rl.kv_cache as kv_cache
+    from p3o.rl.train import _warn_about_inputs, build_trainer
+
+    trainer = build_trainer(train_config(assets, tmp_path, compile_sampling=True))
+    with caplog.at_level("WARNING", logger="p3o"):
+        _warn_about_inputs(trainer)
+    assert "--compile_sampling" not in caplog.text  # a Llama: compiled
+    monkeypatch.setattr(kv_cache, "supports_static_cache", lambda model: False)  # as for sliding windows
+    with caplog.at_level("WARNING", logger="p3o"):
+        _warn_about_inputs(trainer)
+    assert "--compile_sampling: sampling stays eager" in caplog.text

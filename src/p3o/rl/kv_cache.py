@@ -27,10 +27,15 @@ def preallocated_cache(model, capacity: int):
     return cache
 
 
+def supports_static_cache(model) -> bool:
+    """Whether `static_cache` (and so a compiled decoding step) can serve `model`."""
+    return _full_attention_cache(model) is not None
+
+
 def static_cache(model, capacity: int):
     """A `StaticCache` of at least `capacity` positions (rounded up to CAPACITY_STEP) whose layers
     store keys and values in the autocast dtype; None where `preallocated_cache` is None."""
-    if _full_attention_cache(model) is None:
+    if not supports_static_cache(model):
         return None
     length = math.ceil(capacity / CAPACITY_STEP) * CAPACITY_STEP
     cache = StaticCache(config=model.config, max_cache_len=length)

@@ -419,6 +419,14 @@ def _warn_about_inputs(trainer: Trainer) -> None:
     else:
         log.warning("the tokenizer has no EOS token: every response runs to --max_new_tokens %d",
                     trainer.cfg.max_new_tokens)
+    if trainer.cfg.compile_sampling and trainer.vllm is None:
+        from p3o.rl.kv_cache import supports_static_cache  # imports transformers' cache classes
+
+        model = trainer.unwrapped_policy
+        model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if trainer.sharded or not supports_static_cache(model):
+            log.warning("--compile_sampling: sampling stays eager (%s)", "the weights are sharded" if trainer.sharded
+                        else "this model's KV cache cannot be static: sliding windows or non-attention layers")
     if trainer.long_prompts:
         log.warning("%d of %d prompts are longer than %d tokens (--max_prompt_length, by default the context "
                     "minus --max_new_tokens); they keep their last tokens, and their BOS", trainer.long_prompts,
