@@ -131,7 +131,7 @@ def lever_off(lever: str):
             restore.append(lambda: ALL_ATTENTION_FUNCTIONS.__setitem__("sdpa", installed))
     if lever in ("merged_sampling", "sampling", "all"):
         import p3o.models.sampling_weights as weights
-        replace(weights, "sampling_weights", lambda model: contextlib.nullcontext())
+        replace(weights, "sampling_weights", lambda model, **kw: contextlib.nullcontext())
     if lever in ("inverse_cdf", "sampling", "all"):
         import p3o.rl.sampling as sampling
         replace(sampling, "as_inverse_cdf", lambda gen_config: (gen_config, None))
