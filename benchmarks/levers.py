@@ -21,6 +21,8 @@ Levers (see docs/performance.md):
   kept_less  less kept for the backward pass: one bf16 cast shared by layers fed one input (q, k, v;
              gate, up) and silu(gate) recomputed in the MLP's backward (off: a cast per layer, and
              the three MLP activations kept)
+  bf16_cache  under bf16 autocast the sampling KV cache holds keys and values in bf16 (off: the
+             keys in float32 as rotary embeddings leave them, cast to bf16 by attention at every token)
   compiled_sampling  --compile_sampling: each decoding step one torch.compile'd forward over a
              static KV cache (off: the eager step). Not part of `all`: a flag, off by default. The
              compilation falls in the warm-up step; its time is printed apart.
@@ -59,7 +61,7 @@ PHASES = ("time_generate", "time_old_logprobs", "time_reference", "time_update",
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lever", choices=["bf16_base", "logprobs", "cpu_attention", "merged_sampling", "inverse_cdf",
-                                       "sampling", "lean_lora", "kept_less", "compiled_sampling", "all"],
+                                       "sampling", "lean_lora", "kept_less", "bf16_cache", "compiled_sampling", "all"],
                    required=True)
     p.add_argument("--model", default=str(SMOLLM2), help="A causal LM directory (default: the cached SmolLM2-135M-Instruct).")
     p.add_argument("--algo", default="rloo")
@@ -135,6 +137,9 @@ def lever_off(lever: str):
     if lever in ("inverse_cdf", "sampling", "all"):
         import p3o.rl.sampling as sampling
         replace(sampling, "as_inverse_cdf", lambda gen_config: (gen_config, None))
+    if lever in ("bf16_cache", "all"):
+        import p3o.rl.kv_cache as kv_cache
+        replace(kv_cache, "storage_dtype", lambda key_states: key_states.dtype)
     if lever in ("lean_lora", "all"):
         replace(engine, "lean_lora_forward", lambda model: 0)
     if lever in ("kept_less", "all"):

@@ -176,6 +176,32 @@ def test_the_preallocated_kv_cache_samples_what_the_concatenating_one_does(asset
     assert isinstance(layer, PreallocatedLayer) and layer.keys.data_ptr() == layer.key_buffer.data_ptr()
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_under_bf16_autocast_the_preallocated_cache_holds_bf16_and_attention_sees_the_same_numbers(
+        assets, tokenizer, arch):
+    """Rotary embeddings leave keys in float32 and attention casts them to bf16 at every token: the
+    cache stores that bf16 once, so the logits are the concatenating cache's bit for bit."""
+    from p3o.rl.kv_cache import preallocated_cache
+
+    model = load_causal_lm(str(assets[arch]))
+    ids, mask = tokenize_prompts(tokenizer, PROMPTS, 64)
+    config = generation_config(sampling(max_new_tokens=12), tokenizer, [tokenizer.eos_token_id])
+    config.output_logits, config.return_dict_in_generate = True, True
+    runs = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for cache in (None, preallocated_cache(model, ids.shape[1] + 12)):
+            torch.manual_seed(3)
+            runs.append(model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                                       **({"past_key_values": cache} if cache is not None else {})))
+    plain, preallocated = runs
+    assert torch.equal(plain.sequences, preallocated.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(plain.logits, preallocated.logits))
+    layer = preallocated.past_key_values.layers[0]
+    assert layer.key_buffer.dtype == layer.value_buffer.dtype == torch.bfloat16
+    if arch == "llama":  # the concatenating cache held the rotated keys in float32
+        assert plain.past_key_values.layers[0].keys.dtype == torch.float32
+
+
 def test_the_preallocated_kv_cache_falls_back_to_concatenation_beyond_its_buffers():
     from p3o.rl.kv_cache import PreallocatedLayer
 

@@ -2,7 +2,8 @@
 
 * `preallocated_cache` writes each new token into buffers sized for the whole response, instead of
   `DynamicCache`'s concatenation, which copies the entire cache at every token of every layer:
-  O(T^2) copying per response, and on a CPU the largest single cost of generating.
+  O(T^2) copying per response, and on a CPU the largest single cost of generating. Under autocast
+  it holds keys and values in autocast's dtype (`storage_dtype`).
 * `static_cache` is `transformers`' `StaticCache` for a compiled decoding step (`--compile_sampling`):
   fixed shapes, so one compiled graph serves every token.
 
@@ -57,15 +58,21 @@ def _full_attention_cache(model):
     return cache
 
 
+def storage_dtype(key_states: torch.Tensor) -> torch.dtype:
+    """The dtype a cache holds keys and values in: autocast's where it is on, else the keys' own.
+    Under bf16 autocast, rotary embeddings leave the keys in float32 (and the values in bf16), and
+    attention casts both to bf16 at every token: stored in bf16, the whole cache is not cast again
+    at each token of each layer, and attention gets the same numbers."""
+    device = key_states.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else key_states.dtype
+
+
 class AutocastStaticLayer(StaticLayer):
-    """A `StaticLayer` holding keys and values in the autocast dtype when autocast is on. Under bf16
-    autocast, rotary embeddings leave the keys in float32 and the values in bf16 (a `StaticLayer`
-    holds both in the first key's dtype); attention casts both to bf16 anyway, so storing them in
-    bf16 gives it the same numbers."""
+    """A `StaticLayer` holding keys and values in `storage_dtype` (a `StaticLayer` holds both in the
+    first key's dtype, and refuses bf16 values beside float32 keys)."""
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        device = key_states.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else value_states.dtype
+        dtype = storage_dtype(key_states)
         return super().update(key_states.to(dtype), value_states.to(dtype), *args, **kwargs)
 
 
@@ -79,10 +86,10 @@ class PreallocatedLayer(DynamicLayer):
         self.key_buffer = self.value_buffer = self.view = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
+        self.dtype, self.device = storage_dtype(key_states), key_states.device
         B, H, _, _ = key_states.shape
-        self.key_buffer = key_states.new_empty(B, H, self.capacity, key_states.shape[-1])
-        self.value_buffer = value_states.new_empty(B, H, self.capacity, value_states.shape[-1])
+        self.key_buffer = key_states.new_empty(B, H, self.capacity, key_states.shape[-1], dtype=self.dtype)
+        self.value_buffer = value_states.new_empty(B, H, self.capacity, value_states.shape[-1], dtype=self.dtype)
         self.keys, self.values = self.key_buffer[:, :, :0], self.value_buffer[:, :, :0]
         self.view = self.keys  # replaced by anything but `update`: then the buffers are stale
         self.is_initialized = True
@@ -90,6 +97,7 @@ class PreallocatedLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        key_states, value_states = key_states.to(self.dtype), value_states.to(self.dtype)
         start, end = self.keys.shape[-2], self.keys.shape[-2] + key_states.shape[-2]
         if end > self.capacity or self.keys is not self.view or key_states.shape[0] != self.key_buffer.shape[0]:
             return super().update(key_states, value_states)
