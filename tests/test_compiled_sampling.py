@@ -14,13 +14,14 @@ from test_sampling import lora_model
 from p3o.errors import UsageError
 from p3o.models.loading import load_causal_lm
 from p3o.rl.kv_cache import CAPACITY_STEP, static_cache
-from p3o.rl.rollout import generation_config, sample_responses
+from p3o.rl.rollout import generation_config, has_cpp_compiler, sample_responses
 
-pytestmark = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
-                                reason="inductor needs a C++ compiler on a CPU")
+# Tests that compile: inductor builds C++ kernels on a CPU. Without a compiler p3o refuses the flag
+# (tested below, on any machine), so there is nothing of these to run.
+compiles = pytest.mark.skipif(not has_cpp_compiler(), reason="no C++ compiler: inductor cannot build CPU kernels")
 
 
-def draw(model, ids, mask, config, eos, seed, compiled):
+def sample(model, ids, mask, config, eos, seed, compiled):
     torch.manual_seed(seed)
     return sample_responses(model, ids, mask, config, eos, compiled=compiled)
 
@@ -42,6 +43,7 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+@compiles
 def test_the_compiled_step_samples_the_eager_tokens_and_one_graph_serves_changed_adapters(assets, tokenizer):
     """Float32, LoRA merged for sampling: the same tokens for a fixed seed, before and after the
     adapters change (a rollout after an update), with no second compilation."""
@@ -55,12 +57,13 @@ def test_the_compiled_step_samples_the_eager_tokens_and_one_graph_serves_changed
                 for name, param in model.named_parameters():
                     if "lora_B" in name:
                         param.add_(0.05 * torch.randn_like(param))
-        eager = draw(model, ids, mask, config, eos, seed, compiled=False)
-        compiled = draw(model, ids, mask, config, eos, seed, compiled=True)
+        eager = sample(model, ids, mask, config, eos, seed, compiled=False)
+        compiled = sample(model, ids, mask, config, eos, seed, compiled=True)
         assert torch.equal(compiled[0], eager[0]) and torch.equal(compiled[1], eager[1])
     assert compiled_graphs() == 1
 
 
+@compiles
 def test_the_compiled_step_under_bf16_autocast_samples_the_eager_tokens(assets, tokenizer):
     """The static cache holds keys and values in bf16 (rotary embeddings leave the keys in float32),
     which attention casts them to anyway."""
@@ -69,19 +72,20 @@ def test_the_compiled_step_under_bf16_autocast_samples_the_eager_tokens(assets, 
     ids, mask = tokenize_prompts(tokenizer, PROMPTS * 2, 64)
     config = generation_config(sampling(max_new_tokens=10), tokenizer, eos)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        eager = draw(model, ids, mask, config, eos, 3, compiled=False)[0]
-        compiled = draw(model, ids, mask, config, eos, 3, compiled=True)[0]
+        eager = sample(model, ids, mask, config, eos, 3, compiled=False)[0]
+        compiled = sample(model, ids, mask, config, eos, 3, compiled=True)[0]
     assert torch.equal(compiled, eager)
     assert compiled_graphs() == 1
 
 
+@compiles
 def test_a_greedy_config_is_left_as_it_was(assets, tokenizer):
     model = load_causal_lm(str(assets["llama"]))
     eos = [tokenizer.eos_token_id]
     ids, mask = tokenize_prompts(tokenizer, PROMPTS, 64)
     config = generation_config(sampling(max_new_tokens=6), tokenizer, eos, greedy=True)
-    eager = draw(model, ids, mask, config, eos, 0, compiled=False)[0]
-    compiled = draw(model, ids, mask, config, eos, 0, compiled=True)[0]
+    eager = sample(model, ids, mask, config, eos, 0, compiled=False)[0]
+    compiled = sample(model, ids, mask, config, eos, 0, compiled=True)[0]
     assert torch.equal(compiled, eager)
     assert config.compile_config is None  # the caller's config is not the one compiled with
 
@@ -95,6 +99,7 @@ def test_the_static_cache_rounds_its_length_up_and_is_refused_where_layers_are_n
     assert static_cache(model, 8) is None
 
 
+@compiles
 def test_a_trainer_with_the_flag_collects_the_rollout_and_takes_the_update_of_one_without(assets, tmp_path):
     """End to end (P3O, LoRA, bf16): the same responses, reference log-probabilities and first update."""
     from p3o.rl.train import build_trainer
@@ -124,9 +129,11 @@ def test_the_flag_is_refused_with_vllm_and_without_a_compiler(assets, tmp_path, 
 
 
 def test_a_model_without_a_static_cache_is_told_that_sampling_stays_eager(assets, tmp_path, monkeypatch, caplog):
+    import p3o.rl.engine as engine
     import p3o.rl.kv_cache as kv_cache
     from p3o.rl.train import _warn_about_inputs, build_trainer
 
+    monkeypatch.setattr(engine, "has_cpp_compiler", lambda: True)  # nothing is compiled here
     trainer = build_trainer(train_config(assets, tmp_path, compile_sampling=True))
     with caplog.at_level("WARNING", logger="p3o"):
         _warn_about_inputs(trainer)

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
-import shutil
 import time
 from dataclasses import dataclass
 
@@ -43,6 +41,7 @@ from p3o.rl.rollout import (
     batched_logprobs_and_values,
     decode_completions,
     generation_config,
+    has_cpp_compiler,
     pad_prompts,
     pad_responses,
     prompt_budget,
@@ -449,7 +448,7 @@ def training_mode(model, enabled: bool = True):
 
 def _check_compiler(device: torch.device) -> None:
     """--compile_sampling on a CPU builds C++ kernels: refuse up front, not a rollout in, without a compiler."""
-    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c):
+    if device.type == "cpu" and not has_cpp_compiler():
         raise UsageError("--compile_sampling on a CPU needs a C++ compiler (g++ or clang++; or set CXX): "
                          "install one, or drop --compile_sampling")
 

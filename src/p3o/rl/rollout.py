@@ -205,6 +205,14 @@ def sample_responses(model, query_ids: torch.Tensor, query_mask: torch.Tensor, g
     return response_ids, response_mask_from_eos(response_ids, eos_ids)
 
 
+def has_cpp_compiler() -> bool:
+    """Whether inductor can build its CPU kernels here: a C++ compiler ($CXX, g++, c++ or clang++)."""
+    import os
+    import shutil
+
+    return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)
+
+
 def compiled_decoding(model, capacity: int, gen_config):
     """(A static KV cache of at least `capacity` positions, a copy of `gen_config` that makes
     `generate` run each decoding step through one `torch.compile`d forward of `model`); prefill
