@@ -324,8 +324,9 @@ def test_token_mean_divides_by_the_minibatch_response_tokens(assets, tmp_path):
     rollout, _, _ = trainer.collect_rollout(0)
     tokens = float(rollout.response_mask.sum())
     assert tokens != 8
-    for name in pair_mean:
-        assert torch.allclose(token_mean[name] * tokens / 8, pair_mean[name], atol=1e-7, rtol=1e-4), name
+    for name in pair_mean:  # float32 round-off: relative to each gradient's own scale (the sums' order is the CPU's)
+        scale = pair_mean[name].abs().max().item()
+        assert torch.allclose(token_mean[name] * tokens / 8, pair_mean[name], atol=1e-6 * scale, rtol=1e-4), name
 
 
 def test_the_loss_adapter_passes_the_configured_clip_and_clamp(assets, tmp_path):

@@ -45,7 +45,7 @@ def sampling_weights(model, prepack: bool = True):
             if isinstance(module, LoraLayer):
                 adapted += (name + ".",)
                 twin = _merged(module, prepack)
-            elif prepack and _plain(module) and _packable(module.weight):
+            elif prepack and plain_linear(module) and packable(module.weight):
                 twin = _packed(module, module.weight)
             else:
                 twin = None
@@ -60,7 +60,7 @@ def sampling_weights(model, prepack: bool = True):
             setattr(owner, child, module)
 
 
-def _plain(module) -> bool:
+def plain_linear(module) -> bool:
     """A Linear (or GPT-2's Conv1D) that computes only x W^T + b: no hooks, no forward of its own."""
     from transformers.pytorch_utils import Conv1D
 
@@ -69,12 +69,12 @@ def _plain(module) -> bool:
             and module.weight.dtype in (torch.float32, torch.bfloat16, torch.float16))
 
 
-def _merged(layer, prepack: bool = True):
-    """`layer`'s base layer with its active adapters merged into a new weight, or None where that
-    would not compute the same function."""
+def merged_weight(layer) -> torch.Tensor | None:
+    """A peft LoRA layer's base weight with its active adapters merged in (a new tensor, in the base
+    weight's dtype and layout), or None where that would not compute the layer's function."""
     base = layer.get_base_layer()
     adapters = [a for a in layer.active_adapters if a in layer.lora_A]
-    if (layer.merged or layer.disable_adapters or not adapters or not _plain(base)
+    if (layer.merged or layer.disable_adapters or not adapters or not plain_linear(base)
             or any(layer.use_dora.get(a, False) or getattr(layer, "lora_bias", {}).get(a, False) for a in adapters)):
         return None
     weight, dtype = base.weight, base.weight.dtype
@@ -82,14 +82,24 @@ def _merged(layer, prepack: bool = True):
         A, B = layer.lora_A[a].weight.to(dtype), layer.lora_B[a].weight.to(dtype)  # (r, in), (out, r)
         # W + s B A, accumulated in float32 and rounded to W's dtype once (a Conv1D holds W as (in, out)).
         weight = torch.addmm(weight, *((A.T, B.T) if layer.fan_in_fan_out else (B, A)), alpha=layer.scaling[a])
-    if prepack and _packable(weight):
+    return weight
+
+
+def _merged(layer, prepack: bool = True):
+    """`layer`'s base layer with its active adapters merged into a new weight, or None where that
+    would not compute the same function."""
+    weight = merged_weight(layer)
+    if weight is None:
+        return None
+    base = layer.get_base_layer()
+    if prepack and packable(weight):
         return _packed(base, weight)
     twin = copy.copy(base)
     twin._parameters = {**base._parameters, "weight": torch.nn.Parameter(weight, requires_grad=False)}
     return twin
 
 
-def _packable(weight: torch.Tensor) -> bool:
+def packable(weight: torch.Tensor) -> bool:
     return (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and weight.dim() == 2
             and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 

@@ -265,7 +265,8 @@ class Trainer:
         seed_global_rng(self.cfg.seed, stream, step)
         with self.accelerator.autocast(), gathered(self.trained_module):
             return sample_responses(self.unwrapped_policy, query_ids, query_mask, gen_config, self.eos_ids,
-                                    synced=self.sharded, compiled=self.cfg.compile_sampling)
+                                    synced=self.sharded, compiled=self.cfg.compile_sampling,
+                                    loop=self.cfg.decoding_loop)
 
     def log_probs(self, rollout: Rollout, timings: dict, old: bool = True, paired: bool = True) -> dict[str, torch.Tensor]:
         """Token and sequence log-probs under pi_ref and (if `old`) pi_old, the latter with the

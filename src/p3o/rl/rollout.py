@@ -159,8 +159,8 @@ def generation_config(cfg, tokenizer, eos_ids: list[int], greedy: bool = False):
 
 @torch.no_grad()
 def sample_responses(model, query_ids: torch.Tensor, query_mask: torch.Tensor, gen_config,
-                     eos_ids: list[int], synced: bool = False,
-                     compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     eos_ids: list[int], synced: bool = False, compiled: bool = False,
+                     loop: str = "p3o") -> tuple[torch.Tensor, torch.Tensor]:
     """Batched, KV-cached sampling. (B, Lq) prompts -> response ids and mask (B, T).
 
     The mask covers tokens up to and including the first EOS (taken from positions, not pad ids).
@@ -171,6 +171,9 @@ def sample_responses(model, query_ids: torch.Tensor, query_mask: torch.Tensor, g
     the last one is done, or the others would wait for it forever.
     `compiled` (`--compile_sampling`): every token after the prompt's runs one `torch.compile`d
     forward over a static KV cache (`compiled_decoding`).
+    `loop` (`--decoding_loop`): "p3o" samples Llama-style models on a CPU with p3o's own loop
+    (`p3o.rl.decoding`: the same arithmetic, far fewer operations), anything else with `generate`;
+    "transformers": `generate` always.
     """
     from transformers import GenerationConfig
 
@@ -184,6 +187,13 @@ def sample_responses(model, query_ids: torch.Tensor, query_mask: torch.Tensor, g
 
     capacity = query_ids.shape[1] + gen_config.max_new_tokens
     gen_config, processors = as_inverse_cdf(gen_config)
+    if loop == "p3o" and not (compiled or synced):
+        from p3o.rl.decoding import fast_decoder
+
+        decoder = fast_decoder(model, gen_config)
+        if decoder is not None:
+            response_ids = decoder.sample(query_ids, query_mask, gen_config, processors[0] if processors else None)
+            return response_ids, response_mask_from_eos(response_ids, eos_ids)
     cache = None
     if compiled and gen_config.use_cache and not synced:
         cache, gen_config = compiled_decoding(model, capacity, gen_config)

@@ -34,9 +34,12 @@ class InverseCdfSampler(LogitsProcessor):
             self.warpers.append(TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1))
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        scores = self.warpers(input_ids, scores)
-        tokens = draw(torch.softmax(scores.float(), dim=-1))  # (B, 1)
+        tokens = self.next_tokens(scores, input_ids)  # (B, 1)
         return torch.full_like(scores, float("-inf")).scatter_(1, tokens, 0.0)
+
+    def next_tokens(self, scores: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores (B, V) -> the drawn tokens (B, 1). The warpers read only the scores."""
+        return draw(torch.softmax(self.warpers(input_ids, scores).float(), dim=-1))
 
 
 BLOCK = 1024  # vocabulary entries per block of the two-level draw
