@@ -11,6 +11,7 @@ Levers (see docs/performance.md):
   logprobs   log-probabilities a block of rows at a time from the bf16 logits (off: the float32
              logits accelerate's wrapper copied out, and the plain float32 log-softmax)
   cpu_attention  attention's backward in float32 under CPU bf16 autocast (off: autocast's bf16 backward)
+  (merged_sampling, inverse_cdf and sampling act on `generate`'s path: both sides run --decoding_loop transformers)
   merged_sampling  sampling with the LoRA adapters merged into copies of the weights, prepacked for
              oneDNN in bf16 on a CPU (off: peft's layers, three matmuls each, at every token)
   inverse_cdf  each token drawn by inverse CDF (off: `torch.multinomial`, an exponential draw per
@@ -23,6 +24,8 @@ Levers (see docs/performance.md):
              the three MLP activations kept)
   bf16_cache  under bf16 autocast the sampling KV cache holds keys and values in bf16 (off: the
              keys in float32 as rotary embeddings leave them, cast to bf16 by attention at every token)
+  decoding_loop  --decoding_loop p3o: p3o's own sampling loop for Llama-style models (off:
+             --decoding_loop transformers, `generate` over the merged, prepacked weights)
   compiled_sampling  --compile_sampling: each decoding step one torch.compile'd forward over a
              static KV cache (off: the eager step). Not part of `all`: a flag, off by default. The
              compilation falls in the warm-up step; its time is printed apart.
@@ -55,13 +58,15 @@ QUESTIONS = ["What is the capital of France?", "Name a fruit.", "What colour is 
              "Describe a rainy day.", "Tell me a joke.", "What is photosynthesis?", "Name three rivers.",
              "How do I boil an egg?", "What is a prime number?", "Suggest a name for a dog.", "Why is the sea salty?"]
 REWARD = "def short(prompts, completions, **kwargs):\n    return [-float(len(c[-1]['content'])) for c in completions]\n"
+GENERATE_LEVERS = ("merged_sampling", "inverse_cdf", "sampling")
 PHASES = ("time_generate", "time_old_logprobs", "time_reference", "time_update", "step")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lever", choices=["bf16_base", "logprobs", "cpu_attention", "merged_sampling", "inverse_cdf",
-                                       "sampling", "lean_lora", "kept_less", "bf16_cache", "compiled_sampling", "all"],
+                                       "sampling", "lean_lora", "kept_less", "bf16_cache", "decoding_loop", "compiled_sampling",
+                                       "all"],
                    required=True)
     p.add_argument("--model", default=str(SMOLLM2), help="A causal LM directory (default: the cached SmolLM2-135M-Instruct).")
     p.add_argument("--algo", default="rloo")
@@ -93,6 +98,10 @@ def build(args, workdir: Path, on: bool = True):
             "--mixed_precision", "bf16", "--disable_progress_bar", *args.extra]
     if on and args.lever == "compiled_sampling":  # a flag, not a default: B alone asks for it
         argv.append("--compile_sampling")
+    if not on and args.lever in ("decoding_loop", "all"):  # an option: A asks for generate
+        argv += ["--decoding_loop", "transformers"]
+    if args.lever in GENERATE_LEVERS:  # levers of `generate`'s path: both sides sample through it
+        argv += ["--decoding_loop", "transformers"]
     return build_trainer(config_from_argv(TrainConfig, argv))
 
 
