@@ -26,6 +26,8 @@ Levers (see docs/performance.md):
              keys in float32 as rotary embeddings leave them, cast to bf16 by attention at every token)
   decoding_loop  --decoding_loop p3o: p3o's own sampling loop for Llama-style models (off:
              --decoding_loop transformers, `generate` over the merged, prepacked weights)
+  shared_prompt  each group's k responses in one packed [prompt, y1, ..., yk] forward (off: a
+             sequence per response; pairs are packed this way since before, so use it with --algo grpo --k 4)
   compiled_sampling  --compile_sampling: each decoding step one torch.compile'd forward over a
              static KV cache (off: the eager step). Not part of `all`: a flag, off by default. The
              compilation falls in the warm-up step; its time is printed apart.
@@ -65,12 +67,13 @@ PHASES = ("time_generate", "time_old_logprobs", "time_reference", "time_update",
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lever", choices=["bf16_base", "logprobs", "cpu_attention", "merged_sampling", "inverse_cdf",
-                                       "sampling", "lean_lora", "kept_less", "bf16_cache", "decoding_loop", "compiled_sampling",
-                                       "all"],
+                                       "sampling", "lean_lora", "kept_less", "bf16_cache", "decoding_loop", "shared_prompt",
+                                       "compiled_sampling", "all"],
                    required=True)
     p.add_argument("--model", default=str(SMOLLM2), help="A causal LM directory (default: the cached SmolLM2-135M-Instruct).")
     p.add_argument("--algo", default="rloo")
-    p.add_argument("--pairs", type=int, default=8, help="Prompts per step (2 responses each).")
+    p.add_argument("--pairs", type=int, default=8, help="Prompts per step (k responses each).")
+    p.add_argument("--k", type=int, default=2, help="Responses per prompt (--num_generations; grpo wants k >= 2).")
     p.add_argument("--new_tokens", type=int, default=32)
     p.add_argument("--steps", type=int, default=3, help="Measured steps of each trainer, after one warm-up step.")
     p.add_argument("--threads", type=int, default=2)
@@ -92,7 +95,7 @@ def build(args, workdir: Path, on: bool = True):
     rewards.write_text(REWARD)
     argv = ["--model_name_or_path", args.model, "--dataset", str(prompts), "--output_dir", str(workdir / "run"),
             "--algo", args.algo, "--reward_fn", f"{rewards}:short", "--max_steps", "1000",
-            "--pairs_per_step", str(args.pairs), "--minibatch_pairs", str(args.pairs), "--num_generations", "2",
+            "--pairs_per_step", str(args.pairs), "--minibatch_pairs", str(args.pairs), "--num_generations", str(args.k),
             "--epochs", "1", "--max_new_tokens", str(args.new_tokens), "--learning_rate", "1e-5", "--seed", "0",
             "--use_peft", "--lora_r", "16", "--lora_alpha", "32", "--lora_target_modules", "all-linear",
             "--mixed_precision", "bf16", "--disable_progress_bar", *args.extra]
@@ -146,6 +149,8 @@ def lever_off(lever: str):
     if lever in ("inverse_cdf", "sampling", "all"):
         import p3o.rl.sampling as sampling
         replace(sampling, "as_inverse_cdf", lambda gen_config: (gen_config, None))
+    if lever in ("shared_prompt", "all"):
+        replace(rollout, "worth_sharing_prompts", lambda *args: False)
     if lever in ("bf16_cache", "all"):
         import p3o.rl.kv_cache as kv_cache
         replace(kv_cache, "storage_dtype", lambda key_states: key_states.dtype)
@@ -200,7 +205,7 @@ def main(argv=None) -> None:
                 else:
                     warm_up[name] = timings["step"]
     medians = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
-    print(f"lever {args.lever}: A off, B on; {Path(args.model).name}, {args.algo}, {args.pairs} prompts x 2 x "
+    print(f"lever {args.lever}: A off, B on; {Path(args.model).name}, {args.algo}, {args.pairs} prompts x {args.k} x "
           f"{args.new_tokens} new tokens, LoRA r16 all-linear, bf16; {args.threads} threads; {args.clock} seconds, "
           f"median of {args.steps} steps each (after a warm-up), alternated")
     for key in (*PHASES, "response_length"):

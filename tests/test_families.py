@@ -18,7 +18,7 @@ from p3o.rl.rollout import (
     generation_config,
     pad_prompts,
     pad_responses,
-    pair_token_logprobs,
+    group_token_logprobs,
     sample_responses,
     shares_prompt_forward,
     token_logprobs,
@@ -187,11 +187,11 @@ def test_packed_pairs_equal_separate_sequences_exactly_where_packing_is_on(famil
     separate = token_logprobs(model, query, query_mask, response, response_mask)
     packed_length = query.shape[1] + 2 * response.shape[1]  # Phi-3's window (2047) is wider: packing is on
     if shares_prompt_forward(model, packed_length):
-        packed = pair_token_logprobs(model, query, query_mask, response, response_mask)
+        packed = group_token_logprobs(model, query, query_mask, response, response_mask)
         assert torch.allclose(packed, separate, atol=1e-5), (packed - separate).abs().max()
         return
     try:  # off: forcing it must be wrong (or refused), or the flag costs speed for nothing
-        packed = pair_token_logprobs(model, query, query_mask, response, response_mask)
+        packed = group_token_logprobs(model, query, query_mask, response, response_mask)
     except Exception:
         return
     assert not torch.allclose(packed, separate, atol=1e-5), "packing is off but would be exact"

@@ -217,40 +217,68 @@ def test_the_preallocated_kv_cache_falls_back_to_concatenation_beyond_its_buffer
     assert torch.equal(keys, torch.cat([first[1:], second[1:]], dim=-2))
 
 
+@pytest.mark.parametrize("k", [2, 3])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_pairs_sharing_their_prompt_give_the_same_logprobs_and_gradients(assets, tokenizer, arch, attention):
+def test_groups_sharing_their_prompt_give_the_same_logprobs_and_gradients(assets, tokenizer, arch, attention, k):
     from transformers import AutoModelForCausalLM
 
-    from p3o.rl.rollout import pair_token_logprobs
+    from p3o.rl.rollout import group_token_logprobs
 
     model = AutoModelForCausalLM.from_pretrained(str(assets[arch]), attn_implementation=attention)
     ids, mask = tokenize_prompts(tokenizer, PROMPTS, 64)  # left-padded prompts of different lengths
-    ids, mask = ids.repeat_interleave(2, 0), mask.repeat_interleave(2, 0)  # (6, Lq): three pairs
+    ids, mask = ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)  # (3k, Lq): three groups
+    B = len(ids)
     torch.manual_seed(0)
-    response = torch.randint(5, len(tokenizer), (6, 7))
-    response_mask = (torch.arange(7)[None] < torch.tensor([7, 3, 5, 7, 1, 6])[:, None]).long()  # ragged lengths
+    response = torch.randint(5, len(tokenizer), (B, 7))
+    lengths = torch.tensor([7, 3, 5, 7, 1, 6, 2, 7, 4])[:B]  # ragged
+    response_mask = (torch.arange(7)[None] < lengths[:, None]).long()
     grads = []
-    for fn in (token_logprobs, pair_token_logprobs):
+    for fn in (token_logprobs, lambda *args: group_token_logprobs(*args, k=k)):
         model.zero_grad()
         logps = fn(model, ids, mask, response, response_mask, 0.8)
-        (logps * torch.linspace(1, 2, 6)[:, None]).sum().backward()  # weights differ between a pair's two rows
+        (logps * torch.linspace(1, 2, B)[:, None]).sum().backward()  # weights differ between a group's rows
         grads.append((logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    (plain, plain_grad), (paired, paired_grad) = grads
-    assert torch.allclose(plain, paired, atol=1e-5) and not paired[response_mask == 0].any()
-    assert plain_grad.keys() == paired_grad.keys()
+    (plain, plain_grad), (grouped, grouped_grad) = grads
+    assert torch.allclose(plain, grouped, atol=1e-5) and not grouped[response_mask == 0].any()
+    assert plain_grad.keys() == grouped_grad.keys()
     for name in plain_grad:
-        assert torch.allclose(plain_grad[name], paired_grad[name], atol=1e-5, rtol=1e-4), name
+        assert torch.allclose(plain_grad[name], grouped_grad[name], atol=1e-5, rtol=1e-4), name
 
 
-def test_the_engine_shares_prompts_only_between_the_two_responses_of_a_pair(assets, tmp_path):
+def test_a_group_shares_its_prompt_only_while_the_packed_attention_stays_small():
+    from p3o.rl.rollout import worth_sharing_prompts
+
+    assert all(worth_sharing_prompts(2, lq, t) for lq in (1, 40, 500) for t in (1, 32, 2048))  # always, for pairs
+    assert worth_sharing_prompts(4, 38, 32)  # SmolLM2's chat prompts, 32 new tokens: 166 tokens for 280
+    assert not worth_sharing_prompts(4, 64, 256)  # a 1088-token square for four of 320
+    assert not worth_sharing_prompts(1, 38, 32)
+
+
+def test_the_engine_shares_prompts_within_each_group_of_responses(assets, tmp_path):
     from conftest import train_config
 
     from p3o.rl.train import build_trainer
 
-    expected = {"p3o-v2": True, "rloo": True, "grpo": False, "ppo": False, "remax": False}
-    for algo, shares in expected.items():
-        assert build_trainer(train_config(assets, tmp_path, algo=algo)).pairs_share_prompt is shares, algo
+    expected = {"p3o-v2": 2, "rloo": 2, "grpo": 4, "ppo": 1, "remax": 1}  # PPO's value head reads every position
+    for algo, group in expected.items():
+        assert build_trainer(train_config(assets, tmp_path, algo=algo)).prompt_group == group, algo
+
+
+def test_grpos_packed_groups_of_four_give_the_rollouts_logprobs_unpacked(assets, tmp_path):
+    """The engine's reference and old passes over GRPO groups (k = 4) packed, against each response
+    run as its own sequence."""
+    from conftest import train_config
+
+    from p3o.rl.rollout import batched_logprobs_and_values
+    from p3o.rl.train import build_trainer
+
+    trainer = build_trainer(train_config(assets, tmp_path, algo="grpo", max_steps=1))
+    assert trainer.prompt_group == 4
+    rollout, _, _ = trainer.collect_rollout(0)
+    unpacked = batched_logprobs_and_values(trainer.ref_policy, rollout, 1.0, 8, prompt_group=1)[0]
+    assert torch.allclose(rollout.ref_token_logp, unpacked, atol=1e-5)
+    assert rollout.response_mask.sum(-1).min() < rollout.response_mask.shape[1]  # ragged: some responses end early
 
 
 def tiny(config_class, model_class, **kw):
@@ -269,7 +297,7 @@ def test_pairs_share_a_prompt_only_where_one_packed_sequence_is_exact():
         Qwen2ForCausalLM,
     )
 
-    from p3o.rl.rollout import pair_token_logprobs, shares_prompt_forward
+    from p3o.rl.rollout import group_token_logprobs, shares_prompt_forward
 
     windowed = tiny(MistralConfig, MistralForCausalLM, sliding_window=4)  # y1 would leak into y2's window
     assert not shares_prompt_forward(windowed)
@@ -291,7 +319,7 @@ def test_pairs_share_a_prompt_only_where_one_packed_sequence_is_exact():
     mask, response = torch.ones_like(ids), torch.randint(3, 60, (4, 6))
     response_mask = torch.ones_like(response)
     assert shares_prompt_forward(Wrapped(model))
-    assert torch.allclose(pair_token_logprobs(Wrapped(model), ids, mask, response, response_mask),
+    assert torch.allclose(group_token_logprobs(Wrapped(model), ids, mask, response, response_mask),
                           token_logprobs(model, ids, mask, response, response_mask), atol=1e-5)
 
 
@@ -302,7 +330,7 @@ def test_falcon_packs_pairs_only_without_alibi_and_trains_either_way(assets, tok
     from conftest import train_config
     from transformers import FalconConfig, FalconForCausalLM
 
-    from p3o.rl.rollout import pair_token_logprobs, shares_prompt_forward
+    from p3o.rl.rollout import group_token_logprobs, shares_prompt_forward
     from p3o.rl.train import build_trainer
 
     torch.manual_seed(0)
@@ -317,12 +345,12 @@ def test_falcon_packs_pairs_only_without_alibi_and_trains_either_way(assets, tok
         ids, mask = ids.repeat_interleave(2, 0), mask.repeat_interleave(2, 0)  # two pairs
         response = torch.randint(5, len(tokenizer), (4, 5))
         response_mask = (torch.arange(5)[None] < torch.tensor([5, 2, 4, 5])[:, None]).long()
-        assert torch.allclose(pair_token_logprobs(model, ids, mask, response, response_mask),
+        assert torch.allclose(group_token_logprobs(model, ids, mask, response, response_mask),
                               token_logprobs(model, ids, mask, response, response_mask), atol=1e-5)
     model.save_pretrained(tmp_path / "falcon")
     tokenizer.save_pretrained(tmp_path / "falcon")
     trainer = build_trainer(train_config(assets, tmp_path, model_name_or_path=str(tmp_path / "falcon"), max_steps=1))
-    assert trainer.pairs_share_prompt is not alibi
+    assert (trainer.prompt_group == 2) is not alibi
     trainer.train()
 
 
@@ -343,7 +371,7 @@ def test_a_sliding_window_wider_than_the_packed_pair_keeps_packing_exact():
     """Phi-3 ships sliding_window 2047: a pair packed into fewer tokens never reaches the window."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    from p3o.rl.rollout import pair_token_logprobs, shares_prompt_forward
+    from p3o.rl.rollout import group_token_logprobs, shares_prompt_forward
 
     model = tiny(MistralConfig, MistralForCausalLM, sliding_window=17)  # exactly the packed length: the edge
     ids = torch.randint(3, 60, (4, 5))
@@ -352,5 +380,5 @@ def test_a_sliding_window_wider_than_the_packed_pair_keeps_packing_exact():
     response_mask = torch.ones_like(response)
     assert shares_prompt_forward(model, 5 + 2 * 6) and not shares_prompt_forward(model, 18) \
         and not shares_prompt_forward(model)
-    assert torch.allclose(pair_token_logprobs(model, ids, mask, response, response_mask),
+    assert torch.allclose(group_token_logprobs(model, ids, mask, response, response_mask),
                           token_logprobs(model, ids, mask, response, response_mask), atol=1e-5)

@@ -1,6 +1,6 @@
 """examples/p3o_single_file.py (torch + transformers only) trains to the weights `p3o train` trains to.
 
-p3o runs each pair's shared prompt once, in a packed [prompt, y1, y2] forward (`pair_token_logprobs`);
+p3o runs each pair's shared prompt once, in a packed [prompt, y1, y2] forward (`group_token_logprobs`);
 the single file runs the two sequences apart, which gives the same log-probs up to float32 rounding.
 With p3o's packing switched off (the path it takes itself for architectures that cannot pack) the two
 are bit-identical after 10 steps. With packing on, the gradients agree to float32 rounding (~3e-7
@@ -52,8 +52,8 @@ OPTIONS = dict(delta_normalization="rms", delta_clip=1.5, kl_target=0.05, kl_hor
 
 def p3o_weights(assets, tmp_path, settings: dict, packed: bool) -> dict[str, torch.Tensor]:
     trainer = build_trainer(train_config(assets, tmp_path, **settings))
-    assert trainer.pairs_share_prompt  # the default for the tiny llama: pairs run packed
-    trainer.pairs_share_prompt = packed
+    assert trainer.prompt_group == 2  # the default for the tiny llama: pairs run packed
+    trainer.prompt_group = 2 if packed else 1
     trainer.train()
     return trainer.unwrapped_policy.state_dict()
 

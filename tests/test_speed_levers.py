@@ -69,7 +69,7 @@ def test_bf16_base_computes_what_autocast_computed_on_float32_weights(assets, tm
     with trainer.accelerator.autocast():
         expected = batched_token_logprobs(initial, rollout, 1.0, 16)
         reference = batched_token_logprobs(trainer.ref_policy, rollout, 1.0, 16)
-        as_engine = batched_logprobs_and_values(initial, rollout, 1.0, batch, paired=trainer.pairs_share_prompt)[0]
+        as_engine = batched_logprobs_and_values(initial, rollout, 1.0, batch, prompt_group=trainer.prompt_group)[0]
     assert torch.equal(reference, expected)
     assert torch.equal(rollout.ref_token_logp, as_engine)  # the rollout's reference pass
 
@@ -215,8 +215,8 @@ def test_blockwise_log_probs_pass_gradcheck_and_take_any_leading_shape(monkeypat
     assert torch.allclose(ops.selective_log_softmax(flat, index.flatten()), expected)
 
 
-@pytest.mark.parametrize("paired", [False, True])
-def test_the_training_forward_keeps_no_float32_logits_and_gives_the_plain_gradient(assets, tmp_path, paired):
+@pytest.mark.parametrize("group", [1, 2])
+def test_the_training_forward_keeps_no_float32_logits_and_gives_the_plain_gradient(assets, tmp_path, group):
     """Under bf16 autocast the only (B, T, V) tensor kept for backward is the bf16 logits, and the
     model's gradient is the one of the plain log-softmax."""
     from p3o.rl.rollout import token_logprobs_and_values
@@ -239,11 +239,11 @@ def test_the_training_forward_keeps_no_float32_logits_and_gives_the_plain_gradie
                 original = rollout_module.selective_log_softmax
                 rollout_module.selective_log_softmax = naive_selective_log_softmax
                 try:
-                    logps, _ = token_logprobs_and_values(trainer.policy, *args, paired=paired)
+                    logps, _ = token_logprobs_and_values(trainer.policy, *args, prompt_group=group)
                 finally:
                     rollout_module.selective_log_softmax = original
             else:
-                logps, _ = token_logprobs_and_values(trainer.policy, *args, paired=paired)
+                logps, _ = token_logprobs_and_values(trainer.policy, *args, prompt_group=group)
                 assert not [s for s in saved if s[0] == torch.float32 and s[1][-1] == V], saved
                 assert [s for s in saved if s[0] == torch.bfloat16 and s[1][-1] == V]
         trainer.optimizer.zero_grad()
@@ -283,7 +283,7 @@ def test_cpu_bf16_attention_forward_is_autocasts_and_its_backward_float32(assets
         trainer.optimizer.zero_grad()
         calls.clear()
         with trainer.accelerator.autocast():
-            logps, _ = token_logprobs_and_values(trainer.policy, *args, paired=trainer.pairs_share_prompt)
+            logps, _ = token_logprobs_and_values(trainer.policy, *args, prompt_group=trainer.prompt_group)
         forward = list(calls)
         (logps * torch.linspace(-1, 1, logps.numel()).reshape(logps.shape)).sum().backward()
         results.append((logps.detach(), forward, calls[len(forward):],

@@ -45,8 +45,8 @@ def fast_decoder(model, gen_config) -> "FastDecoder | None":
     (see the module's docstring). Call it inside the autocast context sampling runs under."""
     from p3o.rl.kv_cache import supports_static_cache
 
-    config = model.config
-    if (config.model_type not in MODEL_TYPES or model.device.type != "cpu" or not _plain_sampling(gen_config)
+    config = getattr(model, "config", None)
+    if (getattr(config, "model_type", None) not in MODEL_TYPES or model.device.type != "cpu" or not _plain_sampling(gen_config)
             or getattr(config, "hidden_act", None) != "silu" or getattr(config, "pretraining_tp", 1) != 1
             or (model.training and getattr(config, "attention_dropout", 0.0))
             or not supports_static_cache(model)):  # every layer full attention (no sliding window)

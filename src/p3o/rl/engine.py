@@ -136,11 +136,14 @@ class Trainer:
         self.logits_to_keep = supports_logits_to_keep(unwrapped)
         self.long_prompts = sum(len(ids) > self.max_prompt_length for ids in prompts.token_ids)
         self.fuse_old_pass = _old_pass_is_redundant(cfg, self.sizes, self.algorithm)
-        # Pairs (P3O, DPO, RLOO k=2) run their shared prompt once in every forward pass.
-        packed = self.max_prompt_length + 2 * cfg.max_new_tokens  # the longest [prompt, y1, y2]
-        self.pairs_share_prompt = (self.sizes.num_generations == 2 and not self.with_values
-                                   and self.logits_to_keep and shares_prompt_forward(unwrapped, packed)
-                                   and shares_prompt_forward(self.ref_policy, packed))
+        # A group's k responses (P3O and DPO pairs, RLOO, GRPO) run their shared prompt once in a
+        # forward pass where that is exact (here) and no dearer (`worth_sharing_prompts`, per batch):
+        # `prompt_group` rows share a prompt (1: none).
+        k = self.sizes.num_generations
+        packed = self.max_prompt_length + k * cfg.max_new_tokens  # the longest [prompt, y1, ..., yk]
+        shares = (k >= 2 and not self.with_values and self.logits_to_keep
+                  and shares_prompt_forward(unwrapped, packed) and shares_prompt_forward(self.ref_policy, packed))
+        self.prompt_group = k if shares else 1
         self.vllm = None
         if cfg.generation_backend == "vllm" and not self.algorithm.offline:
             self.vllm = VLLMGenerator(cfg, cfg.model_name_or_path, self.eos_ids,
@@ -274,19 +277,19 @@ class Trainer:
         `paired`: the rollout's groups (not ReMax's one greedy response per prompt)."""
         cfg, out = self.cfg, {}
         batch = self.sizes.micro_groups * self.sizes.num_generations  # sequences per no-grad forward, as in the update
-        paired = paired and self.pairs_share_prompt
+        group = self.prompt_group if paired else 1
         with self.accelerator.autocast():
             if old:
                 t0 = time.perf_counter()
                 out["old_token_logp"], values = batched_logprobs_and_values(
-                    self.trained_module, rollout, cfg.temperature, batch, self.logits_to_keep, self.with_values, paired)
+                    self.trained_module, rollout, cfg.temperature, batch, self.logits_to_keep, self.with_values, group)
                 if values is not None:
                     out["old_values"] = values  # (B, T)
                 out["old_logp"] = sequence_logprobs(out["old_token_logp"], rollout.response_mask)  # (B,)
                 timings["time_old_logprobs"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             out["ref_token_logp"], _ = batched_logprobs_and_values(self.ref_policy, rollout, cfg.temperature, batch,
-                                                                   self.logits_to_keep, paired=paired)
+                                                                   self.logits_to_keep, prompt_group=group)
             timings["time_reference"] = time.perf_counter() - t0
         out["ref_logp"] = sequence_logprobs(out["ref_token_logp"], rollout.response_mask)  # (B,)
         if old:
@@ -336,7 +339,7 @@ class Trainer:
         def part_loss(part: Rollout):
             token_logps, values = token_logprobs_and_values(
                 self.policy, part.query_ids, part.query_mask, part.response_ids, part.response_mask,
-                cfg.temperature, self.logits_to_keep, self.with_values, self.pairs_share_prompt)  # (b, T) each
+                cfg.temperature, self.logits_to_keep, self.with_values, self.prompt_group)  # (b, T) each
             if fused:  # pi_old is this very forward: the ratio is 1, its gradient exact
                 self.prepare(part, old_token_logp=token_logps.detach())
             unit_losses, part_stats = self.algorithm.loss(part, PolicyOutputs(token_logps, values), cfg)  # (g,)

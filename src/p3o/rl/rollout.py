@@ -276,15 +276,17 @@ def token_logprobs(model, query_ids: torch.Tensor, query_mask: torch.Tensor, res
 
 def token_logprobs_and_values(model, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
                               response_mask: torch.Tensor, temperature: float = 1.0, logits_to_keep: bool = True,
-                              with_values: bool = False, paired: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                              with_values: bool = False, prompt_group: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token log-probs (B, T), and with `with_values` (a `PolicyWithValueHead`) the values V(s_t) of
-    the states each response token was sampled in (B, T); both 0 on padding. `paired`: rows 2p and
-    2p+1 share their prompt, which then runs once (`pair_token_logprobs`).
+    the states each response token was sampled in (B, T); both 0 on padding. `prompt_group` k > 1:
+    rows come in groups of k sharing their prompt, which then runs once (`group_token_logprobs`).
 
     Position ids follow the attention mask, as in `generate`, so left padding changes nothing.
     """
-    if paired and not with_values:
-        return pair_token_logprobs(model, query_ids, query_mask, response_ids, response_mask, temperature), None
+    if prompt_group > 1 and not with_values and worth_sharing_prompts(prompt_group, *query_ids.shape[1:],
+                                                                      response_ids.shape[1]):
+        return group_token_logprobs(model, query_ids, query_mask, response_ids, response_mask, temperature,
+                                    prompt_group), None
     input_ids = torch.cat([query_ids, response_ids], dim=1)  # (B, Lq+T)
     attention = torch.cat([query_mask, response_mask], dim=1)  # (B, Lq+T)
     position_ids = (attention.cumsum(-1) - 1).clamp(min=0)  # (B, Lq+T)
@@ -310,13 +312,13 @@ def batched_token_logprobs(model, rollout: Rollout, temperature: float, batch_si
 @torch.no_grad()
 def batched_logprobs_and_values(model, rollout: Rollout, temperature: float, batch_size: int,
                                 logits_to_keep: bool = True, with_values: bool = False,
-                                paired: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                                prompt_group: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`token_logprobs_and_values` without gradient over the whole rollout, `batch_size` sequences
-    at a time (an even number when `paired`)."""
+    at a time (a multiple of `prompt_group`)."""
     tokens = (rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask)  # (B, ...) each
     B = rollout.query_ids.shape[0]
     parts = [token_logprobs_and_values(model, *(t[i:i + batch_size] for t in tokens), temperature,
-                                       logits_to_keep, with_values, paired)
+                                       logits_to_keep, with_values, prompt_group)
              for i in range(0, B, batch_size)]
     logps = torch.cat([p[0] for p in parts])  # (B, T)
     return logps, (torch.cat([p[1] for p in parts]) if with_values else None)
@@ -343,8 +345,8 @@ PACKABLE_MODEL_TYPES = {"llama", "gpt2", "gpt_neox", "phi3", "opt", "falcon", "m
 
 
 def shares_prompt_forward(model, packed_length: int | None = None) -> bool:
-    """Whether `pair_token_logprobs` is exact on `model` for packed sequences of up to `packed_length`
-    tokens (prompt + 2 responses): positions from `position_ids` (a packable architecture, no ALiBi:
+    """Whether `group_token_logprobs` is exact on `model` for packed sequences of up to `packed_length`
+    tokens (prompt + k responses): positions from `position_ids` (a packable architecture, no ALiBi:
     its biases follow the mask's token count, not the positions given), attention that sees every
     earlier token (no sliding window, or one at least `packed_length` wide: Phi-3 ships 2047), and an
     attention that takes a custom 4D mask."""
@@ -370,31 +372,42 @@ def _config_of(model):
     return getattr(getattr(model, "module", model), "config", None)
 
 
-def pair_token_logprobs(model, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
-                        response_mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """`token_logprobs` for pairs, rows 2p and 2p+1 sharing a prompt, with the prompt run once: one
-    sequence [prompt, y1, y2] per pair, y2 attending to the prompt and to itself, never to y1, at
-    the positions it would have alone. The same log-probs (up to float rounding) from
-    Lq + 2T tokens instead of 2(Lq + T). (B, Lq), (B, T) -> (B, T); 0 on padding."""
+def group_token_logprobs(model, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
+                         response_mask: torch.Tensor, temperature: float = 1.0, k: int = 2) -> torch.Tensor:
+    """`token_logprobs` for groups of k rows sharing a prompt (rows k*g .. k*g+k-1), with the prompt
+    run once: one sequence [prompt, y1, ..., yk] per group, each response attending to the prompt
+    and to itself, never to another response, at the positions it would have alone. The same
+    log-probs (up to float rounding) from Lq + kT tokens instead of k(Lq + T). (B, Lq), (B, T) ->
+    (B, T); 0 on padding."""
     B, T = response_ids.shape
-    query, prompt_mask = query_ids[::2], query_mask[::2]  # (P, Lq)
-    P, Lq = query.shape
-    L, device = Lq + 2 * T, query.device
-    input_ids = torch.cat([query, response_ids.reshape(P, 2 * T)], dim=1)  # (P, L)
-    real = torch.cat([prompt_mask, response_mask.reshape(P, 2 * T)], dim=1).bool()  # (P, L)
-    steps = torch.arange(T, device=device).repeat(2)  # (2T,)
+    query, prompt_mask = query_ids[::k], query_mask[::k]  # (G, Lq)
+    G, Lq = query.shape
+    L, device = Lq + k * T, query.device
+    input_ids = torch.cat([query, response_ids.reshape(G, k * T)], dim=1)  # (G, L)
+    real = torch.cat([prompt_mask, response_mask.reshape(G, k * T)], dim=1).bool()  # (G, L)
+    steps = torch.arange(T, device=device).repeat(k)  # (kT,)
     position_ids = torch.cat([(prompt_mask.cumsum(-1) - 1).clamp(min=0),
-                              prompt_mask.sum(-1, keepdim=True) + steps], dim=1)  # (P, L)
-    block = torch.cat([torch.full((Lq,), -1, device=device), torch.arange(2, device=device).repeat_interleave(T)])
+                              prompt_mask.sum(-1, keepdim=True) + steps], dim=1)  # (G, L)
+    block = torch.cat([torch.full((Lq,), -1, device=device), torch.arange(k, device=device).repeat_interleave(T)])
     visible = ((block[None, :] == -1) | (block[:, None] == block[None, :])) & torch.ones(L, L, dtype=torch.bool,
                                                                                           device=device).tril()
-    allowed = (visible[None] & real[:, None, :]) | torch.eye(L, dtype=torch.bool, device=device)  # (P, L, L)
-    mask = allowed[:, None]  # (P, 1, L, L); a padding row sees itself only, so no row is empty
+    allowed = (visible[None] & real[:, None, :]) | torch.eye(L, dtype=torch.bool, device=device)  # (G, L, L)
+    mask = allowed[:, None]  # (G, 1, L, L); a padding row sees itself only, so no row is empty
     if _config_of(model)._attn_implementation == "eager":  # eager attention adds the mask to its scores
         mask = torch.zeros(mask.shape, device=device).masked_fill(~mask, torch.finfo(torch.float32).min)
-    # y1's token t is predicted at Lq-1+t; y2's first token at the prompt's end, its others at Lq+T-1+t
-    keep = torch.cat([torch.arange(Lq - 1, Lq + T - 1), torch.tensor([Lq - 1]), torch.arange(Lq + T, L - 1)]).to(device)
+    # Response i's first token is predicted at the prompt's end (Lq-1), its token t > 0 at Lq+iT+t-1.
+    keep = torch.cat([torch.cat([torch.tensor([Lq - 1]), torch.arange(Lq + i * T, Lq + (i + 1) * T - 1)])
+                      for i in range(k)]).to(device)  # (kT,)
     logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
-                   logits_to_keep=keep).logits  # (P, 2T, V)
+                   logits_to_keep=keep).logits  # (G, kT, V)
     logps = selective_log_softmax(logits, input_ids[:, Lq:], temperature).reshape(B, T)  # (B, T)
     return torch.where(response_mask.bool(), logps, torch.zeros_like(logps))
+
+
+def worth_sharing_prompts(k: int, prompt_length: int, response_length: int) -> bool:
+    """Whether running each group's k responses as one [prompt, y1, ..., yk] sequence is no dearer:
+    it saves (k-1) prompts' tokens in every matmul, and computes one attention matrix of
+    (Lq + kT)^2 entries instead of k of (Lq + T)^2. Shared while that matrix is at most twice the
+    k separate ones: always for k = 2, for k = 4 while T <= 1.56 Lq (Lq, T: the batch's padded
+    prompt and response lengths)."""
+    return k >= 2 and (prompt_length + k * response_length) ** 2 <= 2 * k * (prompt_length + response_length) ** 2
