@@ -283,8 +283,8 @@ def token_logprobs_and_values(model, query_ids: torch.Tensor, query_mask: torch.
 
     Position ids follow the attention mask, as in `generate`, so left padding changes nothing.
     """
-    if prompt_group > 1 and not with_values and worth_sharing_prompts(prompt_group, *query_ids.shape[1:],
-                                                                      response_ids.shape[1]):
+    if (prompt_group > 1 and not with_values
+            and worth_sharing_prompts(prompt_group, query_ids.shape[1], response_ids.shape[1])):
         return group_token_logprobs(model, query_ids, query_mask, response_ids, response_mask, temperature,
                                     prompt_group), None
     input_ids = torch.cat([query_ids, response_ids], dim=1)  # (B, Lq+T)
