@@ -46,8 +46,9 @@ def fast_decoder(model, gen_config) -> "FastDecoder | None":
     from p3o.rl.kv_cache import supports_static_cache
 
     config = getattr(model, "config", None)
-    if (getattr(config, "model_type", None) not in MODEL_TYPES or model.device.type != "cpu" or not _plain_sampling(gen_config)
-            or getattr(config, "hidden_act", None) != "silu" or getattr(config, "pretraining_tp", 1) != 1
+    if (getattr(config, "model_type", None) not in MODEL_TYPES or model.device.type != "cpu"
+            or not _plain_sampling(gen_config) or getattr(config, "hidden_act", None) != "silu"
+            or getattr(config, "pretraining_tp", 1) != 1
             or (model.training and getattr(config, "attention_dropout", 0.0))
             or not supports_static_cache(model)):  # every layer full attention (no sliding window)
         return None
@@ -236,7 +237,8 @@ def _linear(module, dtype) -> _Linear | None:
 
 
 def _is_rms_norm(module) -> bool:
-    return type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon") and hasattr(module, "weight")
+    return (type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon")
+            and hasattr(module, "weight"))
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
