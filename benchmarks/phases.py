@@ -165,8 +165,24 @@ def weight_bytes(module) -> int:
     return total
 
 
+def own_loop(trainer) -> bool:
+    """Whether the trainer samples with p3o's own decoding loop (`p3o.rl.decoding`)."""
+    from p3o.rl.decoding import fast_decoder
+    from p3o.rl.sampling import as_inverse_cdf
+
+    model = trainer.unwrapped_policy
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft, as sampling unwraps it
+    with trainer.accelerator.autocast():
+        return (trainer.cfg.decoding_loop == "p3o" and not trainer.cfg.compile_sampling
+                and fast_decoder(model, as_inverse_cdf(trainer.gen_config)[0]) is not None)
+
+
 def work(trainer, seq) -> dict:  # seq: the step's Rollout
     """FLOPs of each phase and bytes read by sampling, for the rollout `seq`, as the engine runs it."""
+    import torch
+
+    from p3o.rl.rollout import worth_sharing_prompts
+
     policy = trainer.unwrapped_policy
     config = policy.config
     layers = getattr(config, "num_hidden_layers", None) or config.n_layer
@@ -183,17 +199,20 @@ def work(trainer, seq) -> dict:  # seq: the step's Rollout
     def attention(queries_by_keys: float) -> float:  # QK^T and AV: 2 matmuls, 2 FLOPs per multiply-add
         return 4 * d_attn * layers * queries_by_keys
 
-    # sampling: prefill B x Lq (head at the last position), then T - 1 decode steps of B tokens
-    sampled_tokens = B * (Lq + T - 1)
+    # sampling: prefill B x Lq (head at the last position), then T - 1 decode steps of B tokens;
+    # p3o's decoding loop prefills each distinct prompt once (U of them)
+    U = len(torch.unique(seq.query_ids, dim=0)) if own_loop(trainer) else B
+    sampled_tokens = U * Lq + B * (T - 1)
     sampling = 2 * body * sampled_tokens + 2 * head * B * T
-    sampling += attention(B * Lq * (Lq + 1) / 2 + B * sum(Lq + j for j in range(1, T)))
+    sampling += attention(U * Lq * (Lq + 1) / 2 + B * sum(Lq + j for j in range(1, T)))
     kv_bytes = 2 if bf16 else 4
     kv = sum(B * (Lq + j) * layers * 2 * kv_heads * head_dim * kv_bytes for j in range(T))  # cache read per step
     sampling_bytes = T * weight_bytes(policy) + kv
     # one forward of the rollout (reference, old pass, the update's forward), logits at response positions
-    if trainer.pairs_share_prompt:  # one [prompt, y1, y2] per pair; each response sees the prompt and itself
-        tokens = B // 2 * (Lq + 2 * T)
-        pairs = attention(B // 2 * Lq * (Lq + 1) / 2 + B * sum(Lq + t for t in range(1, T + 1)))
+    k = trainer.prompt_group
+    if k > 1 and worth_sharing_prompts(k, Lq, T):  # one [prompt, y1, ..., yk] per group; each sees the prompt and itself
+        tokens = B // k * (Lq + k * T)
+        pairs = attention(B // k * Lq * (Lq + 1) / 2 + B * sum(Lq + t for t in range(1, T + 1)))
     else:
         tokens = B * (Lq + T)
         pairs = attention(B * (Lq + T) * (Lq + T + 1) / 2)

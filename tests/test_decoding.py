@@ -94,6 +94,33 @@ def test_eos_ends_a_row_and_later_positions_hold_the_pad_token(tokenizer):
     assert our_mask[0].sum() <= 3 and (ours[0, int(our_mask[0].sum()):] == tokenizer.pad_token_id).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_without_padding_the_loop_calls_attention_as_transformers_does(tokenizer, dtype):
+    """Prompts of one length: `transformers` passes attention no mask (the causal flag, SDPA's
+    own grouped heads), and so does the loop."""
+    model = tiny(tokenizer, "llama")
+    ids, mask = tokenize_prompts(tokenizer, ["the cow", "the cow", "big cat", "big cat"], 64)
+    assert mask.all()
+    config = generation_config(sampling(max_new_tokens=8), tokenizer, [tokenizer.eos_token_id])
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        (theirs, _), (ours, _) = both_loops(model, ids, mask, config, [tokenizer.eos_token_id])
+    assert torch.equal(ours, theirs)
+
+
+def test_right_padded_prompts_and_eager_attention_go_to_generate(tokenizer, monkeypatch):
+    import p3o.rl.decoding as decoding
+
+    model = tiny(tokenizer, "llama")
+    config = generation_config(sampling(max_new_tokens=4), tokenizer, [tokenizer.eos_token_id])
+    ids, mask = prompts(tokenizer)
+    monkeypatch.setattr(decoding.FastDecoder, "sample", lambda *a, **k: pytest.fail("the loop ran"))
+    right_ids, right_mask = ids.flip(1), mask.flip(1)  # the same prompts, padded on the right
+    tokens, _ = sample_responses(model, right_ids, right_mask, config, [tokenizer.eos_token_id])
+    assert tokens.shape[0] == ids.shape[0]
+    model.set_attn_implementation("eager")  # it rounds attention differently from sdpa
+    assert not served(model, config)
+
+
 def test_under_bf16_autocast_on_a_bf16_base_the_loop_samples_generates_tokens(tokenizer):
     """--mixed_precision bf16 with LoRA: the frozen base in bf16, the weights prepacked for oneDNN."""
     model = with_adapters(tiny(tokenizer, "llama"))

@@ -14,16 +14,21 @@ with fewer, larger operations and no modules:
   are copied to each row.
 
 The same arithmetic as `transformers`' forward of these models, operation by operation: the norms,
-rotary embeddings, attention (SDPA, the key-value heads' query groups packed as `transformers`
-packs them for one query) and residuals in the same dtypes; only the matmuls' grouping differs. The
-tokens are drawn exactly as `generate` draws them (`InverseCdfSampler`, the same random numbers),
-EOS ends a row, and later positions hold the pad token. Tested against `generate` (the same tokens
-for a fixed seed). Log-probabilities for training always come from the training forward.
+rotary embeddings, attention (SDPA called as `transformers` calls it: its mask, or none and the
+causal flag where nothing is padded, the query heads grouped the same way) and residuals in the
+same dtypes; only the matmuls' grouping differs. The tokens are drawn exactly as `generate` draws
+them (`InverseCdfSampler`, the same random numbers), EOS ends a row, and later positions hold the
+pad token. Tested against `generate`: the same tokens for a fixed seed. One rounding caveat: a
+float32 matmul's result can depend on how many rows it has, so running a shared prompt once can
+move a float32 logit by about 1e-8 (none in bf16 on the tests); a drawn token then differs only if
+its random number falls that close to a boundary. Log-probabilities for training always come from
+the training forward.
 
-Served: `transformers`' Llama and Qwen2 classes (SmolLM, Llama 2/3, Mistral-style Llamas, Qwen2 and
-2.5) with full attention in every layer and plain or LoRA linear layers. Anything else (another
-architecture, sliding windows, DoRA, quantised layers, beam search, repetition penalties) gets `None`
-from `fast_decoder`, and `generate` samples it.
+Served: `transformers`' own Llama and Qwen2 classes (SmolLM, Llama 2 and 3, TinyLlama, Qwen2 and
+2.5) with sdpa attention, full attention in every layer, plain or LoRA linear layers, and
+left-padded prompts. Anything else (another architecture or remote code, eager attention, sliding
+windows, DoRA, quantised layers, beam search, repetition penalties) gets `None` from `fast_decoder`,
+and `generate` samples it.
 """
 from __future__ import annotations
 
@@ -31,13 +36,15 @@ import torch
 import torch.nn.functional as F
 
 MODEL_TYPES = ("llama", "qwen2")  # decoder layers exactly: RMSNorm, rotary GQA attention, SiLU-gated MLP
+MODULES = ("transformers.models.llama.", "transformers.models.qwen2.")  # their code, not a remote one
 # GenerationConfig options that `generate` turns into logits processors or stopping rules this loop
 # does not apply: any of them set (non-default) leaves sampling to `generate`.
 UNHANDLED_OPTIONS = ("encoder_repetition_penalty", "no_repeat_ngram_size", "bad_words_ids",
                      "min_length", "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id",
                      "forced_eos_token_id", "sequence_bias", "stop_strings", "min_p", "typical_p", "epsilon_cutoff",
                      "eta_cutoff", "exponential_decay_length_penalty", "guidance_scale", "watermarking_config",
-                     "renormalize_logits", "max_time", "prompt_lookup_num_tokens", "assistant_model")
+                     "renormalize_logits", "remove_invalid_values", "max_time", "prompt_lookup_num_tokens",
+                     "assistant_model")
 
 
 def fast_decoder(model, gen_config) -> "FastDecoder | None":
@@ -45,8 +52,12 @@ def fast_decoder(model, gen_config) -> "FastDecoder | None":
     (see the module's docstring). Call it inside the autocast context sampling runs under."""
     from p3o.rl.kv_cache import supports_static_cache
 
+    import os
+
     config = getattr(model, "config", None)
-    if (getattr(config, "model_type", None) not in MODEL_TYPES or model.device.type != "cpu"
+    if (getattr(config, "model_type", None) not in MODEL_TYPES or not type(model).__module__.startswith(MODULES)
+            or getattr(config, "_attn_implementation", None) != "sdpa"  # eager or flex attention round otherwise
+            or os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA", "0") == "1" or model.device.type != "cpu"
             or not _plain_sampling(gen_config) or getattr(config, "hidden_act", None) != "silu"
             or getattr(config, "pretraining_tp", 1) != 1
             or (model.training and getattr(config, "attention_dropout", 0.0))
@@ -89,9 +100,13 @@ class FastDecoder:
         first = torch.full((len(distinct),), B, dtype=torch.long).scatter_reduce_(
             0, inverse, torch.arange(B), "amin")  # (U,) a row holding each distinct prompt
         self._empty_cache(len(first), Lq + T, query_ids.device)
+        # Without padding `transformers` passes attention no mask (SDPA's causal flag instead), and
+        # so does this loop: None. With padding, a padding query attends to itself only, so no row
+        # of the mask is empty (nothing real reads it).
+        padded = not bool(mask.all())
         causal = torch.ones(Lq, Lq, dtype=torch.bool, device=mask.device).tril()  # (Lq, Lq)
-        # A padding query attends to itself only: no row of the mask is empty (nothing real reads it).
-        allowed = (causal & mask[first, None, None, :]) | torch.eye(Lq, dtype=torch.bool, device=mask.device)
+        allowed = ((causal & mask[first, None, None, :]) | torch.eye(Lq, dtype=torch.bool, device=mask.device)
+                   if padded else None)  # (U, 1, Lq, Lq)
         logits = self.forward(query_ids[first], positions[first], 0, allowed)[inverse]  # (B, V)
         self.cache = [(keys[inverse], values[inverse]) for keys, values in self.cache]  # (B, Hkv, Lq + T, hd)
 
@@ -112,13 +127,15 @@ class FastDecoder:
                 break
             allowed[:, 0, 0, Lq + t] = True
             position = position + 1
-            logits = self.forward(token, position, Lq + t, allowed[..., : Lq + t + 1])
+            logits = self.forward(token, position, Lq + t, allowed[..., : Lq + t + 1] if padded else None)
         self.cache = []
         return torch.cat(tokens, dim=1)  # (B, T)
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, start: int, allowed: torch.Tensor) -> torch.Tensor:
-        """ids, positions (B, S) at cache positions start .. start+S-1; allowed (B, 1, S, start+S)
-        -> the last position's logits (B, V). Writes the S positions' keys and values."""
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, start: int,
+                allowed: torch.Tensor | None) -> torch.Tensor:
+        """ids, positions (B, S) at cache positions start .. start+S-1; allowed (B, 1, S, start+S), or
+        None for causal attention over every position -> the last position's logits (B, V). Writes
+        the S positions' keys and values."""
         h = F.embedding(ids, self.embedding)  # (B, S, D)
         cos, sin = self.rotary(h, positions)  # (B, S, hd) each
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (B, S, 1, hd): one rotation for every head
@@ -138,10 +155,10 @@ class FastDecoder:
 class _Layer:
     """One decoder layer: x + attention(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, norms, qkv, out, gate_up, down, heads: int, kv_heads: int, head_dim: int):
+    def __init__(self, norms, qkv, out, gate_up, down, heads: int, kv_heads: int, head_dim: int, scaling: float):
         (self.norm1, self.eps1), (self.norm2, self.eps2) = norms
         self.qkv, self.out, self.gate_up, self.down = qkv, out, gate_up, down
-        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.heads, self.kv_heads, self.head_dim, self.scaling = heads, kv_heads, head_dim, scaling
 
     def __call__(self, h, cos, sin, keys, values, start: int, allowed):
         B, S, _ = h.shape
@@ -152,7 +169,8 @@ class _Layer:
         end = start + S
         keys[:, :, start:end] = qk[:, :, H:].transpose(1, 2)  # (B, Hkv, S, hd)
         values[:, :, start:end] = qkv[..., (H + Hkv) * hd:].view(B, S, Hkv, hd).transpose(1, 2)
-        attended = _attention(qk[:, :, :H].transpose(1, 2), keys[:, :, :end], values[:, :, :end], allowed)
+        attended = _attention(qk[:, :, :H].transpose(1, 2), keys[:, :, :end], values[:, :, :end], allowed,
+                              self.scaling)
         h = h + self.out(attended)  # (B, S, D)
         gate, up = self.gate_up(_rms_norm(h, self.norm2, self.eps2)).chunk(2, dim=-1)  # (B, S, I) each
         return h + self.down(F.silu(gate) * up)
@@ -183,17 +201,17 @@ def _layer(layer, dtype: torch.dtype) -> _Layer | None:
             or not (_is_rms_norm(layer.input_layernorm) and _is_rms_norm(layer.post_attention_layernorm))
             or set(attention._modules) != set(names)):  # nothing else inside (Qwen3's q/k norms, ...)
         return None
-    head_dim = attention.head_dim
-    if abs(attention.scaling - head_dim ** -0.5) > 1e-12:
+    head_dim, scaling, config = (getattr(attention, name, None) for name in ("head_dim", "scaling", "config"))
+    if head_dim is None or config is None or scaling is None or abs(scaling - head_dim ** -0.5) > 1e-12:
         return None
     qkv = _fused([attention.q_proj, attention.k_proj, attention.v_proj], dtype)
     gate_up = _fused([mlp.gate_proj, mlp.up_proj], dtype)
     out, down = _linear(attention.o_proj, dtype), _linear(mlp.down_proj, dtype)
     if None in (qkv, gate_up, out, down):
         return None
-    config = attention.config
     norms = [(n.weight, n.variance_epsilon) for n in (layer.input_layernorm, layer.post_attention_layernorm)]
-    return _Layer(norms, qkv, out, gate_up, down, config.num_attention_heads, config.num_key_value_heads, head_dim)
+    return _Layer(norms, qkv, out, gate_up, down, config.num_attention_heads, config.num_key_value_heads, head_dim,
+                  scaling)
 
 
 def _weight_and_bias(module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -223,7 +241,8 @@ def _fused(modules, dtype) -> _Linear | None:
     parts = [_weight_and_bias(m) for m in modules]
     if any(p is None for p in parts):
         return None
-    weight = torch.cat([w.to(dtype) for w, _ in parts])  # (sum of outs, in)
+    weights = [w.to(dtype) for w, _ in parts]
+    weight = weights[0] if len(weights) == 1 else torch.cat(weights)  # (sum of outs, in)
     biases = [b for _, b in parts]
     if all(b is None for b in biases):
         return _Linear(weight, None)
@@ -252,16 +271,22 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """q (B, H, S, hd), keys and values (B, Hkv, L, hd), allowed (B, 1, S, L) -> (B, S, H hd)."""
+def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor | None,
+               scale: float) -> torch.Tensor:
+    """q (B, H, S, hd), keys and values (B, Hkv, L, hd), allowed (B, 1, S, L) or None (causal, no
+    padding) -> (B, S, H hd). SDPA called as `transformers`' sdpa attention calls it."""
     B, H, S, hd = q.shape
     groups = H // keys.shape[1]
+    if allowed is None:  # no mask: the causal flag for a prompt, and SDPA's own grouped heads
+        out = F.scaled_dot_product_attention(q, keys, values, is_causal=S > 1, scale=scale, enable_gqa=groups > 1)
+        return out.transpose(1, 2).reshape(B, S, H * hd)
     if S == 1:  # one query: each key-value head's query heads as its queries (`transformers`' pack_gqa)
-        out = F.scaled_dot_product_attention(q.reshape(B, H // groups, groups, hd), keys, values, attn_mask=allowed)
+        out = F.scaled_dot_product_attention(q.reshape(B, H // groups, groups, hd), keys, values, attn_mask=allowed,
+                                             scale=scale)
         return out.reshape(B, 1, H * hd)
     if groups > 1:
         keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)  # (B, H, S, hd)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=scale)  # (B, H, S, hd)
     return out.transpose(1, 2).reshape(B, S, H * hd)
 
 

@@ -190,7 +190,7 @@ def sample_responses(model, query_ids: torch.Tensor, query_mask: torch.Tensor, g
     if loop == "p3o" and not (compiled or synced):
         from p3o.rl.decoding import fast_decoder
 
-        decoder = fast_decoder(model, gen_config)
+        decoder = fast_decoder(model, gen_config) if bool(query_mask[:, -1].all()) else None  # left padding only
         if decoder is not None:
             response_ids = decoder.sample(query_ids, query_mask, gen_config, processors[0] if processors else None)
             return response_ids, response_mask_from_eos(response_ids, eos_ids)
