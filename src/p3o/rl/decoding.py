@@ -13,10 +13,11 @@ with fewer, larger operations and no modules:
 * A prompt that several rows share (the k responses of a prompt) runs once; its keys and values
   are copied to each row.
 
-The same arithmetic as `transformers`' forward of these models, operation by operation: the norms,
-rotary embeddings, attention (SDPA called as `transformers` calls it: its mask, or none and the
-causal flag where nothing is padded, the query heads grouped the same way) and residuals in the
-same dtypes; only the matmuls' grouping differs. The tokens are drawn exactly as `generate` draws
+The same arithmetic as `transformers`' forward of these models, operation by operation: the
+model's own norm modules and rotary embedding, `transformers`' `rotate_half`, attention (SDPA
+called as `transformers` calls it: its mask, or none and the causal flag where nothing is padded,
+the query heads grouped the same way) and residuals in the same dtypes; only the matmuls' grouping
+differs. The tokens are drawn exactly as `generate` draws
 them (`InverseCdfSampler`, the same random numbers), EOS ends a row, and later positions hold the
 pad token. Tested against `generate`: the same tokens for a fixed seed. One rounding caveat: a
 float32 matmul's result can depend on how many rows it has, so running a shared prompt once can
@@ -32,8 +33,11 @@ and `generate` samples it.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import rotate_half  # Qwen2's is the same function
 
 MODEL_TYPES = ("llama", "qwen2")  # decoder layers exactly: RMSNorm, rotary GQA attention, SiLU-gated MLP
 MODULES = ("transformers.models.llama.", "transformers.models.qwen2.")  # their code, not a remote one
@@ -51,8 +55,6 @@ def fast_decoder(model, gen_config) -> "FastDecoder | None":
     """A `FastDecoder` over `model`'s current weights, or None where this loop does not serve it
     (see the module's docstring). Call it inside the autocast context sampling runs under."""
     from p3o.rl.kv_cache import supports_static_cache
-
-    import os
 
     config = getattr(model, "config", None)
     if (getattr(config, "model_type", None) not in MODEL_TYPES or not type(model).__module__.startswith(MODULES)
@@ -80,8 +82,7 @@ class FastDecoder:
     """The model's forward, lean, over its own KV cache; `sample` is `generate`'s sampling loop."""
 
     def __init__(self, config, embedding, rotary, layers, norm, head):
-        self.embedding, self.rotary, self.layers, self.head = embedding, rotary, layers, head
-        self.norm, self.eps = norm.weight, norm.variance_epsilon
+        self.embedding, self.rotary, self.layers, self.norm, self.head = embedding, rotary, layers, norm, head
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.cache: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -94,27 +95,25 @@ class FastDecoder:
         B, Lq = query_ids.shape
         T = gen_config.max_new_tokens
         mask = query_mask.bool()
-        positions = (query_mask.long().cumsum(-1) - 1).masked_fill(~mask, 0)  # (B, Lq), as `generate` numbers them
-        # Each distinct prompt runs once; `inverse` maps rows to them.
+        # Each distinct prompt runs once: (U, Lq) ids and mask; `inverse` maps the B rows to them.
         distinct, inverse = torch.unique(torch.cat([query_ids, query_mask.long()], 1), dim=0, return_inverse=True)
-        first = torch.full((len(distinct),), B, dtype=torch.long).scatter_reduce_(
-            0, inverse, torch.arange(B), "amin")  # (U,) a row holding each distinct prompt
-        self._empty_cache(len(first), Lq + T, query_ids.device)
+        distinct_ids, distinct_mask = distinct[:, :Lq], distinct[:, Lq:].bool()
+        self._empty_cache(len(distinct), Lq + T, query_ids.device)
         # Without padding `transformers` passes attention no mask (SDPA's causal flag instead), and
         # so does this loop: None. With padding, a padding query attends to itself only, so no row
         # of the mask is empty (nothing real reads it).
         padded = not bool(mask.all())
         causal = torch.ones(Lq, Lq, dtype=torch.bool, device=mask.device).tril()  # (Lq, Lq)
-        allowed = ((causal & mask[first, None, None, :]) | torch.eye(Lq, dtype=torch.bool, device=mask.device)
+        allowed = ((causal & distinct_mask[:, None, None, :]) | torch.eye(Lq, dtype=torch.bool, device=mask.device)
                    if padded else None)  # (U, 1, Lq, Lq)
-        logits = self.forward(query_ids[first], positions[first], 0, allowed)[inverse]  # (B, V)
+        logits = self.forward(distinct_ids, _positions(distinct_mask), 0, allowed)[inverse]  # (B, V)
         self.cache = [(keys[inverse], values[inverse]) for keys, values in self.cache]  # (B, Hkv, Lq + T, hd)
 
         eos = torch.tensor(_as_list(gen_config.eos_token_id), dtype=torch.long, device=query_ids.device)
         pad = gen_config.pad_token_id if gen_config.pad_token_id is not None else (eos[0].item() if len(eos) else 0)
         allowed = torch.zeros(B, 1, 1, Lq + T, dtype=torch.bool, device=mask.device)
         allowed[:, 0, 0, :Lq] = mask
-        position = positions[:, -1:]  # (B, 1)
+        position = _positions(mask)[:, -1:]  # (B, 1): the last prompt token's
         unfinished = torch.ones(B, dtype=torch.bool, device=query_ids.device)
         tokens = []
         for t in range(T):
@@ -141,7 +140,7 @@ class FastDecoder:
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (B, S, 1, hd): one rotation for every head
         for layer, (keys, values) in zip(self.layers, self.cache):
             h = layer(h, cos, sin, keys, values, start, allowed)
-        return self.head(_rms_norm(h[:, -1], self.norm, self.eps))  # (B, V)
+        return self.head(self.norm(h[:, -1]))  # (B, V)
 
     def _empty_cache(self, rows: int, capacity: int, device) -> None:
         from p3o.rl.kv_cache import storage_dtype
@@ -153,26 +152,26 @@ class FastDecoder:
 
 
 class _Layer:
-    """One decoder layer: x + attention(norm(x)), then x + mlp(norm(x))."""
+    """One decoder layer: x + attention(norm(x)), then x + mlp(norm(x)); the norms are the model's."""
 
     def __init__(self, norms, qkv, out, gate_up, down, heads: int, kv_heads: int, head_dim: int, scaling: float):
-        (self.norm1, self.eps1), (self.norm2, self.eps2) = norms
+        self.norm1, self.norm2 = norms
         self.qkv, self.out, self.gate_up, self.down = qkv, out, gate_up, down
         self.heads, self.kv_heads, self.head_dim, self.scaling = heads, kv_heads, head_dim, scaling
 
     def __call__(self, h, cos, sin, keys, values, start: int, allowed):
         B, S, _ = h.shape
         H, Hkv, hd = self.heads, self.kv_heads, self.head_dim
-        qkv = self.qkv(_rms_norm(h, self.norm1, self.eps1))  # (B, S, (H + 2 Hkv) hd)
+        qkv = self.qkv(self.norm1(h))  # (B, S, (H + 2 Hkv) hd)
         qk = qkv[..., : (H + Hkv) * hd].view(B, S, H + Hkv, hd)
-        qk = qk * cos + _rotate_half(qk) * sin  # queries' and keys' rotary embeddings at once
+        qk = qk * cos + rotate_half(qk) * sin  # queries' and keys' rotary embeddings at once
         end = start + S
         keys[:, :, start:end] = qk[:, :, H:].transpose(1, 2)  # (B, Hkv, S, hd)
         values[:, :, start:end] = qkv[..., (H + Hkv) * hd:].view(B, S, Hkv, hd).transpose(1, 2)
         attended = _attention(qk[:, :, :H].transpose(1, 2), keys[:, :, :end], values[:, :, :end], allowed,
                               self.scaling)
         h = h + self.out(attended)  # (B, S, D)
-        gate, up = self.gate_up(_rms_norm(h, self.norm2, self.eps2)).chunk(2, dim=-1)  # (B, S, I) each
+        gate, up = self.gate_up(self.norm2(h)).chunk(2, dim=-1)  # (B, S, I) each
         return h + self.down(F.silu(gate) * up)
 
 
@@ -209,7 +208,7 @@ def _layer(layer, dtype: torch.dtype) -> _Layer | None:
     out, down = _linear(attention.o_proj, dtype), _linear(mlp.down_proj, dtype)
     if None in (qkv, gate_up, out, down):
         return None
-    norms = [(n.weight, n.variance_epsilon) for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    norms = (layer.input_layernorm, layer.post_attention_layernorm)
     return _Layer(norms, qkv, out, gate_up, down, config.num_attention_heads, config.num_key_value_heads, head_dim,
                   scaling)
 
@@ -256,19 +255,12 @@ def _linear(module, dtype) -> _Linear | None:
 
 
 def _is_rms_norm(module) -> bool:
-    return (type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon")
-            and hasattr(module, "weight"))
+    return type(module).__name__ in ("LlamaRMSNorm", "Qwen2RMSNorm")
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """`transformers`' LlamaRMSNorm, operation by operation (float32 inside, back to x's dtype)."""
-    x32 = x.to(torch.float32)
-    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Left-padded (B, L) mask -> position ids (B, L), numbered as `generate` numbers them."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(~mask, 0)
 
 
 def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor | None,
