@@ -11,6 +11,8 @@ Levers (see docs/performance.md):
   logprobs   log-probabilities a block of rows at a time from the bf16 logits (off: the float32
              logits accelerate's wrapper copied out, and the plain float32 log-softmax)
   cpu_attention  attention's backward in float32 under CPU bf16 autocast (off: autocast's bf16 backward)
+  attention_grads  that float32 backward written out: probabilities and four matmuls, grouped heads
+             (off: SDPA's float32 flash kernel run forward and backward again)
   (merged_sampling, inverse_cdf and sampling act on `generate`'s path: both sides run --decoding_loop transformers)
   merged_sampling  sampling with the LoRA adapters merged into copies of the weights, prepacked for
              oneDNN in bf16 on a CPU (off: peft's layers, three matmuls each, at every token)
@@ -66,9 +68,9 @@ PHASES = ("time_generate", "time_old_logprobs", "time_reference", "time_update",
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lever", choices=["bf16_base", "logprobs", "cpu_attention", "merged_sampling", "inverse_cdf",
-                                       "sampling", "lean_lora", "kept_less", "bf16_cache", "decoding_loop", "shared_prompt",
-                                       "compiled_sampling", "all"],
+    p.add_argument("--lever", choices=["bf16_base", "logprobs", "cpu_attention", "attention_grads", "merged_sampling",
+                                       "inverse_cdf", "sampling", "lean_lora", "kept_less", "bf16_cache", "decoding_loop",
+                                       "shared_prompt", "compiled_sampling", "all"],
                    required=True)
     p.add_argument("--model", default=str(SMOLLM2), help="A causal LM directory (default: the cached SmolLM2-135M-Instruct).")
     p.add_argument("--algo", default="rloo")
@@ -143,6 +145,9 @@ def lever_off(lever: str):
         if hasattr(installed, "wrapped"):  # B's build installed it: A runs on the plain sdpa
             ALL_ATTENTION_FUNCTIONS["sdpa"] = installed.wrapped
             restore.append(lambda: ALL_ATTENTION_FUNCTIONS.__setitem__("sdpa", installed))
+    if lever == "attention_grads":  # in `all`, cpu_attention above removes the whole wrapper
+        import p3o.models.attention as attention
+        replace(attention, "_float32_grads", lambda *args: None)
     if lever in ("merged_sampling", "sampling", "all"):
         import p3o.models.sampling_weights as weights
         replace(weights, "sampling_weights", lambda model, **kw: contextlib.nullcontext())

@@ -259,10 +259,11 @@ def test_the_training_forward_keeps_no_float32_logits_and_gives_the_plain_gradie
 
 def test_cpu_bf16_attention_forward_is_autocasts_and_its_backward_float32(assets, tmp_path, monkeypatch):
     """The wrapper changes no forward value (log-probs, so ratios, KLs and samples, are those of
-    autocast's attention), runs its backward on float32 inputs, and gives autocast's gradient
-    within bf16 rounding."""
+    autocast's attention), takes its backward in float32 (written out, or SDPA run again on float32
+    inputs: the same gradients), and gives autocast's gradient within bf16 rounding."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    import p3o.models.attention as attention_module
     from p3o.rl.rollout import token_logprobs_and_values
 
     calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
@@ -278,28 +279,107 @@ def test_cpu_bf16_attention_forward_is_autocasts_and_its_backward_float32(assets
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
     installed, results = ALL_ATTENTION_FUNCTIONS["sdpa"], []
     assert installed.p3o_float32_backward
-    for attention in (installed, installed.wrapped):
-        monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", attention)
-        trainer.optimizer.zero_grad()
-        calls.clear()
-        with trainer.accelerator.autocast():
-            logps, _ = token_logprobs_and_values(trainer.policy, *args, prompt_group=trainer.prompt_group)
-        forward = list(calls)
-        (logps * torch.linspace(-1, 1, logps.numel()).reshape(logps.shape)).sum().backward()
-        results.append((logps.detach(), forward, calls[len(forward):],
-                        {n: p.grad.clone() for n, p in trainer.policy.named_parameters() if p.grad is not None}))
-    (logps, forward, backward, grads), (plain_logps, plain_forward, plain_backward, plain_grads) = results
-    assert torch.equal(logps, plain_logps)
-    assert forward == plain_forward and forward and all(dtypes == {torch.bfloat16} for dtypes in forward)
-    assert backward and all(dtypes == {torch.float32} for dtypes in backward) and not plain_backward
-    assert grads.keys() == plain_grads.keys() and grads
+    # the float32 gradient recomputed through SDPA; autocast's own bf16 backward; p3o's default, the
+    # float32 gradient written out (SDPA not called in the backward)
+    for attention, recomputed in ((installed, True), (installed.wrapped, False), (installed, False)):
+        with monkeypatch.context() as patch:
+            patch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", attention)
+            if recomputed:
+                patch.setattr(attention_module, "_float32_grads", lambda *args: None)
+            trainer.optimizer.zero_grad()
+            calls.clear()
+            with trainer.accelerator.autocast():
+                logps, _ = token_logprobs_and_values(trainer.policy, *args, prompt_group=trainer.prompt_group)
+            forward = list(calls)
+            (logps * torch.linspace(-1, 1, logps.numel()).reshape(logps.shape)).sum().backward()
+            results.append((logps.detach(), forward, calls[len(forward):],
+                            {n: p.grad.clone() for n, p in trainer.policy.named_parameters() if p.grad is not None}))
+    (logps, forward, backward, grads), (plain_logps, plain_forward, plain_backward, plain_grads) = results[:2]
+    written_logps, written_forward, written_backward, written_grads = results[2]
+    assert torch.equal(logps, plain_logps) and torch.equal(written_logps, plain_logps)
+    assert forward == plain_forward == written_forward and all(dtypes == {torch.bfloat16} for dtypes in forward)
+    assert forward and backward and all(dtypes == {torch.float32} for dtypes in backward) and not plain_backward
+    assert not written_backward
+    assert grads.keys() == plain_grads.keys() == written_grads.keys() and grads
     for name in grads:  # bf16's own backward is the rougher one: agree to its rounding, as a whole
         gap = (grads[name] - plain_grads[name]).norm() / plain_grads[name].norm().clamp(min=1e-12)
         assert gap < 0.02, (name, gap)
+        # written out or recomputed, the same float32 gradient up to float32 rounding downstream
+        assert torch.allclose(written_grads[name], grads[name], rtol=1e-4, atol=1e-6 * grads[name].abs().max()), name
     with torch.no_grad():  # no gradient recorded (sampling, reference, old pass): autocast's attention itself
         calls.clear()
         trainer.log_probs(seq, {})
         assert calls and all(dtypes == {torch.bfloat16} for dtypes in calls)
+
+
+def attention_case(kind: str, B=3, H=6, Hkv=2, L=14, D=8):
+    """bf16 inputs as autocast leaves them, a mask of `kind`, and an output gradient (B, L, H, D)."""
+    gen = torch.Generator().manual_seed(len(kind))
+    q, k, v = (torch.randn(B, h, L, D, generator=gen).bfloat16() for h in (H, Hkv, Hkv))
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    if kind == "padded":  # left padding: row 0's first 4 queries may attend to nothing at all
+        keep = torch.ones(B, L, dtype=torch.bool)
+        keep[0, :4], keep[1, :2] = False, False
+        mask = (causal & keep[:, None, :])[:, None]
+    elif kind == "packed":  # [prompt, y1, y2]: y2 does not see y1
+        mask = causal[None, None].repeat(B, 1, 1, 1)
+        mask[:, 0, 9:, 4:9] = False
+    elif kind == "additive":
+        mask = torch.zeros(1, 1, L, L).masked_fill(~causal, torch.finfo(torch.float32).min)
+    else:
+        mask = None  # the causal flag
+    return q, k, v, mask, torch.randn(B, L, H, D, generator=gen)
+
+
+@pytest.mark.parametrize("kind", ["padded", "packed", "additive", "causal"])
+@pytest.mark.parametrize("heads", [(6, 2), (4, 4)])
+def test_attention_gradient_written_out_equals_sdpas_in_float64(kind, heads, monkeypatch):
+    """The written-out float32 gradient of `transformers`' sdpa attention (grouped heads, masks of
+    every kind, rows with nothing to attend to, batch rows taken a few at a time) is SDPA's own,
+    taken in float64, to float32 rounding."""
+    import types
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from p3o.models import attention
+
+    H, Hkv = heads
+    q, k, v, mask, grad = attention_case(kind, H=H, Hkv=Hkv)
+    module = types.SimpleNamespace(num_key_value_groups=H // Hkv, is_causal=True)
+    kwargs = dict(dropout=0.0, scaling=0.3, position_ids=None)
+    inputs = [t.double().requires_grad_() for t in (q, k, v)]
+    out = sdpa_attention_forward(module, *inputs, None if mask is None else mask.double() if mask.is_floating_point()
+                                 else mask, **kwargs)[0]
+    exact = torch.autograd.grad(out, inputs, grad.double())
+    for row_limit in (attention.ROW_LIMIT, H * 14 * 14):  # every row at once, and one row at a time
+        monkeypatch.setattr(attention, "ROW_LIMIT", row_limit)
+        written = attention._float32_grads(module, q, k, v, mask, kwargs, grad)
+        for mine, truth in zip(written, exact, strict=True):
+            assert mine.dtype == torch.float32 and mine.shape == truth.shape
+            assert (mine.double() - truth).norm() / truth.norm() < 1e-6
+
+
+def test_attention_gradient_left_to_sdpa_where_the_call_is_not_plain_attention(monkeypatch):
+    """Dropout, arguments that change the arithmetic, masks per head, sequences longer than MAX_KEYS
+    and rows too long to hold the probabilities of: None (the caller recomputes through SDPA in
+    float32)."""
+    import types
+
+    from p3o.models import attention
+
+    q, k, v, mask, grad = attention_case("packed")
+    module = types.SimpleNamespace(num_key_value_groups=3, is_causal=True)
+    plain = dict(dropout=0.0, scaling=0.3)
+    assert attention._float32_grads(module, q, k, v, mask, plain, grad) is not None
+    for kwargs in (dict(plain, dropout=0.1), dict(plain, softcap=30.0), dict(plain, position_bias=mask.float()),
+                   dict(plain, s_aux=torch.zeros(6))):
+        assert attention._float32_grads(module, q, k, v, mask, kwargs, grad) is None, sorted(kwargs)
+    assert attention._float32_grads(module, q, k, v, mask.expand(-1, 6, -1, -1), plain, grad) is None
+    monkeypatch.setattr(attention, "MAX_KEYS", 13)
+    assert attention._float32_grads(module, q, k, v, mask, plain, grad) is None
+    monkeypatch.setattr(attention, "MAX_KEYS", 14)
+    monkeypatch.setattr(attention, "ROW_LIMIT", 6 * 14 * 14 - 1)
+    assert attention._float32_grads(module, q, k, v, mask, plain, grad) is None
 
 
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
