@@ -13,6 +13,9 @@ floating-point work it did, and
 - sampling's bytes/s (the weights read once per decoded token, plus the KV cache) over the copy
   bandwidth: at small batches, decoding is bound by memory, not arithmetic.
 
+and last the step's floor on this machine: each phase at these limits, summed, beside the measured
+sum of the phases.
+
     python benchmarks/phases.py            # a few minutes (5 at 1 thread on this project's CPU)
     python benchmarks/phases.py --quick    # one step each, smaller probes: a smoke run
 
@@ -296,6 +299,17 @@ def main(argv=None) -> None:
             print(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {dtype[r['precision']]} | {phase} | {seconds:.3f} | "
                   f"{flops / 1e9:.1f} | {rate / 1e9:.1f} | {100 * rate / peaks[r['precision']]:.1f}% | "
                   f"{memory[0]} | {memory[1]} |")
+    print("\nThe floor: each phase at this machine's limits (sampling: its FLOPs at the matmul peak or its bytes at "
+          "the copy bandwidth, whichever takes longer; the other phases: their FLOPs at the matmul peak), against "
+          "the measured phases\n")
+    print("| model | dtype | floor s | measured s | floor / measured |")
+    print("|---|---|---|---|---|")
+    for r in results:
+        phases, peak = [phase for phase, key in PHASES.items() if key in r], peaks[r["precision"]]
+        floor = sum(max(r[phase] / peak, r["sampling_bytes"] / bandwidth) if phase == "sampling" else r[phase] / peak
+                    for phase in phases)
+        measured = sum(r[PHASES[phase]] for phase in phases)
+        print(f"| {r['model']} | {dtype[r['precision']]} | {floor:.2f} | {measured:.2f} | {floor / measured:.0%} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"peaks": peaks, "copy_bandwidth": bandwidth, "results": results,
                                                "args": vars(args)}, indent=1))
