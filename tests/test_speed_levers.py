@@ -257,7 +257,8 @@ def test_the_training_forward_keeps_no_float32_logits_and_gives_the_plain_gradie
 
 # --- attention's backward in float32 under CPU bf16 autocast -------------------------------------------
 
-def test_cpu_bf16_attention_forward_is_autocasts_and_its_backward_float32(assets, tmp_path, monkeypatch):
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_cpu_bf16_attention_forward_is_autocasts_and_its_backward_float32(assets, tmp_path, monkeypatch, arch):
     """The wrapper changes no forward value (log-probs, so ratios, KLs and samples, are those of
     autocast's attention), takes its backward in float32 (written out, or SDPA run again on float32
     inputs: the same gradients), and gives autocast's gradient within bf16 rounding."""
@@ -273,7 +274,7 @@ def test_cpu_bf16_attention_forward_is_autocasts_and_its_backward_float32(assets
         calls.append({torch.get_autocast_dtype("cpu")} if autocast else {query.dtype, key.dtype, value.dtype})
         return sdpa(query, key, value, *args, **kwargs)
 
-    trainer = bf16_lora(assets, tmp_path, max_steps=1)
+    trainer = bf16_lora(assets, tmp_path, arch, max_steps=1)
     seq = trainer.collect_rollout(0)[0]
     args = (seq.query_ids, seq.query_mask, seq.response_ids, seq.response_mask, 0.8)
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
