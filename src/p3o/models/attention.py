@@ -13,12 +13,13 @@ on CPU tensors under CPU autocast with gradients on.
 The float32 gradient is written out (`_float32_grads`: the softmax's probabilities, then the
 four matmuls of attention's backward, each key-value head's query heads together so that keys and
 values are never repeated) where the call is plain attention: no dropout, a boolean or additive mask
-shared by the heads, or none and the causal flag, and sequences of at most 160 tokens. At SmolLM2's
-update shapes (8 sequences x 9 heads x 102 tokens) that took about half the time of SDPA's float32
-flash kernel run forward and backward again (5 to 7.5 against 13 to 14 ms a layer), with the same
-float32 gradients (about 2e-7 apart, relative to a float64 reference). Longer sequences stay with
-SDPA: from about 180 tokens on, the kernel, which never holds the (L, L) probabilities, was the
-faster (0.5x at 1024 tokens). Anything else is recomputed through SDPA in float32 as before.
+shared by the heads, or none and the causal flag, and sequences of at most 160 tokens. Against SDPA's
+float32 flash kernel run forward and backward again, with SmolLM2's 9 query and 3 key-value heads
+on this project's 2-core CPU (medians of 15 alternated calls): 5.7 against 9.8 ms at its update's
+shapes (8 sequences of 102 tokens), 1.44x faster at 128 tokens, 1.31x at 160, but 0.94x at 192 and
+0.89x at 256 (about 0.5x at 1024), where the kernel, which never holds the (L, L) probabilities,
+wins; longer sequences keep it. The same float32 gradients (about 2e-7 apart, relative to a float64
+reference). Anything else is recomputed through SDPA in float32 as before.
 """
 from __future__ import annotations
 
@@ -76,7 +77,7 @@ class _Float32Backward(torch.autograd.Function):
 PLAIN_KWARGS = {"dropout", "scaling", "is_causal", "position_ids", "cache_position", "use_cache", "output_attentions",
                 "output_hidden_states", "sliding_window"}
 MAX_KEYS = 160  # longer sequences: SDPA's kernel was the faster (on this project's 2-core CPU; module docstring)
-ROW_LIMIT = 1 << 24  # float32 elements of one tensor of probabilities (64 MiB) a chunk of batch rows may hold
+ROW_LIMIT = 1 << 22  # float32 elements of one tensor of probabilities (16 MiB) a chunk of batch rows may hold
 
 
 def _float32_grads(module, query, key, value, mask, kwargs, grad):
