@@ -313,46 +313,57 @@ def test_cpu_bf16_attention_forward_is_autocasts_and_its_backward_float32(assets
         assert calls and all(dtypes == {torch.bfloat16} for dtypes in calls)
 
 
-def attention_case(kind: str, B=3, H=6, Hkv=2, L=14, D=8):
-    """bf16 inputs as autocast leaves them, a mask of `kind`, and an output gradient (B, L, H, D)."""
+def attention_case(kind: str, H=6, Hkv=2, B=3, L=14, D=8):
+    """bf16 inputs as autocast leaves them, a boolean mask (or None), the attention module's causal
+    flag and the call's keyword arguments for a call of `kind`, and an output gradient (B, Lq, H, D)."""
+    import types
+
     gen = torch.Generator().manual_seed(len(kind))
-    q, k, v = (torch.randn(B, h, L, D, generator=gen).bfloat16() for h in (H, Hkv, Hkv))
-    causal = torch.ones(L, L, dtype=torch.bool).tril()
-    if kind == "padded":  # left padding: row 0's first 4 queries may attend to nothing at all
-        keep = torch.ones(B, L, dtype=torch.bool)
-        keep[0, :4], keep[1, :2] = False, False
+    Lq = {"one query": 1, "cross": 5}.get(kind, L)
+    q = torch.randn(B, H, Lq, D, generator=gen).bfloat16()
+    k, v = (torch.randn(B, Hkv, L, D, generator=gen).bfloat16() for _ in range(2))
+    causal, keep = torch.ones(L, L, dtype=torch.bool).tril(), torch.ones(B, L, dtype=torch.bool)
+    keep[0, :4], keep[1, :2] = False, False  # left padding
+    causal_module = kind not in ("not causal (module)", "cross")
+    module = types.SimpleNamespace(num_key_value_groups=H // Hkv, is_causal=causal_module)
+    kwargs = dict(dropout=0.0, scaling=0.3, position_ids=None)
+    mask = None  # "causal": the causal flag, "cross" and "not causal (module)": attention over every key
+    if kind == "padded":  # row 0's first 4 queries may attend to nothing at all
         mask = (causal & keep[:, None, :])[:, None]
     elif kind == "packed":  # [prompt, y1, y2]: y2 does not see y1
         mask = causal[None, None].repeat(B, 1, 1, 1)
         mask[:, 0, 9:, 4:9] = False
-    elif kind == "additive":
-        mask = torch.zeros(1, 1, L, L).masked_fill(~causal, torch.finfo(torch.float32).min)
-    else:
-        mask = None  # the causal flag
-    return q, k, v, mask, torch.randn(B, L, H, D, generator=gen)
+    elif kind == "not causal (keyword)":  # no mask, the call's is_causal=False: every key
+        kwargs["is_causal"] = False
+    elif kind == "not causal (mask)":  # an encoder's padding mask: every real key, either side
+        mask = keep[:, None, None, :].expand(B, 1, L, L)
+    elif kind == "one query":  # a decoding step
+        mask = keep[:, None, None, :]
+    elif kind == "default scale":
+        mask = causal[None, None]  # one mask for every row
+        del kwargs["scaling"]
+    return q, k, v, mask, module, kwargs, torch.randn(B, Lq, H, D, generator=gen)
 
 
-@pytest.mark.parametrize("kind", ["padded", "packed", "additive", "causal"])
+ATTENTION_KINDS = ["padded", "packed", "causal", "not causal (keyword)", "not causal (module)", "not causal (mask)",
+                   "one query", "cross", "default scale"]
+
+
+@pytest.mark.parametrize("kind", ATTENTION_KINDS)
 @pytest.mark.parametrize("heads", [(6, 2), (4, 4)])
 def test_attention_gradient_written_out_equals_sdpas_in_float64(kind, heads, monkeypatch):
-    """The written-out float32 gradient of `transformers`' sdpa attention (grouped heads, masks of
-    every kind, rows with nothing to attend to, batch rows taken a few at a time) is SDPA's own,
-    taken in float64, to float32 rounding."""
-    import types
-
+    """The written-out float32 gradient of `transformers`' sdpa attention (grouped heads, masks,
+    rows with nothing to attend to, the causal flag or none, the default scale, one query, more keys
+    than queries, batch rows taken a few at a time) is SDPA's own, taken in float64, to float32
+    rounding."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from p3o.models import attention
 
-    H, Hkv = heads
-    q, k, v, mask, grad = attention_case(kind, H=H, Hkv=Hkv)
-    module = types.SimpleNamespace(num_key_value_groups=H // Hkv, is_causal=True)
-    kwargs = dict(dropout=0.0, scaling=0.3, position_ids=None)
+    q, k, v, mask, module, kwargs, grad = attention_case(kind, *heads)
     inputs = [t.double().requires_grad_() for t in (q, k, v)]
-    out = sdpa_attention_forward(module, *inputs, None if mask is None else mask.double() if mask.is_floating_point()
-                                 else mask, **kwargs)[0]
-    exact = torch.autograd.grad(out, inputs, grad.double())
-    for row_limit in (attention.ROW_LIMIT, H * 14 * 14):  # every row at once, and one row at a time
+    exact = torch.autograd.grad(sdpa_attention_forward(module, *inputs, mask, **kwargs)[0], inputs, grad.double())
+    for row_limit in (attention.ROW_LIMIT, q.shape[1] * q.shape[2] * k.shape[2]):  # all rows at once; one at a time
         monkeypatch.setattr(attention, "ROW_LIMIT", row_limit)
         written = attention._float32_grads(module, q, k, v, mask, kwargs, grad)
         for mine, truth in zip(written, exact, strict=True):
@@ -361,21 +372,19 @@ def test_attention_gradient_written_out_equals_sdpas_in_float64(kind, heads, mon
 
 
 def test_attention_gradient_left_to_sdpa_where_the_call_is_not_plain_attention(monkeypatch):
-    """Dropout, arguments that change the arithmetic, masks per head, sequences longer than MAX_KEYS
-    and rows too long to hold the probabilities of: None (the caller recomputes through SDPA in
-    float32)."""
-    import types
-
+    """Dropout, arguments that change the arithmetic, additive or per-head masks, sequences longer
+    than MAX_KEYS and rows too long to hold the probabilities of: None (the caller recomputes
+    through SDPA in float32)."""
     from p3o.models import attention
 
-    q, k, v, mask, grad = attention_case("packed")
-    module = types.SimpleNamespace(num_key_value_groups=3, is_causal=True)
-    plain = dict(dropout=0.0, scaling=0.3)
+    q, k, v, mask, module, plain, grad = attention_case("packed")
     assert attention._float32_grads(module, q, k, v, mask, plain, grad) is not None
     for kwargs in (dict(plain, dropout=0.1), dict(plain, softcap=30.0), dict(plain, position_bias=mask.float()),
                    dict(plain, s_aux=torch.zeros(6))):
         assert attention._float32_grads(module, q, k, v, mask, kwargs, grad) is None, sorted(kwargs)
-    assert attention._float32_grads(module, q, k, v, mask.expand(-1, 6, -1, -1), plain, grad) is None
+    additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    for other in (mask.expand(-1, 6, -1, -1), additive, additive.bfloat16()):
+        assert attention._float32_grads(module, q, k, v, other, plain, grad) is None
     monkeypatch.setattr(attention, "MAX_KEYS", 13)
     assert attention._float32_grads(module, q, k, v, mask, plain, grad) is None
     monkeypatch.setattr(attention, "MAX_KEYS", 14)

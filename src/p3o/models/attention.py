@@ -12,8 +12,8 @@ on CPU tensors under CPU autocast with gradients on.
 
 The float32 gradient is written out (`_float32_grads`: the softmax's probabilities, then the
 four matmuls of attention's backward, each key-value head's query heads together so that keys and
-values are never repeated) where the call is plain attention: no dropout, a boolean or additive mask
-shared by the heads, or none and the causal flag, and sequences of at most 160 tokens. Against SDPA's
+values are never repeated) where the call is plain attention: no dropout, a boolean mask shared by
+the heads (as `transformers` builds for sdpa) or none, and sequences of at most 160 tokens. Against SDPA's
 float32 flash kernel run forward and backward again, with SmolLM2's 9 query and 3 key-value heads
 on this project's 2-core CPU (medians of 15 alternated calls): 5.7 against 9.8 ms at its update's
 shapes (8 sequences of 102 tokens), 1.44x faster at 128 tokens, 1.31x at 160, but 0.94x at 192 and
@@ -85,21 +85,21 @@ def _float32_grads(module, query, key, value, mask, kwargs, grad):
     `transformers`' sdpa attention calls it (its grouped heads, causal flag and scale), or None
     where the call is not plain attention (see PLAIN_KWARGS) or its sequences are longer than MAX_KEYS.
 
-    query (B, H, Lq, D); key, value (B, Hkv, L, D); mask None or (B or 1, 1, Lq, L), boolean (True:
-    attend) or additive; grad (B, Lq, H, D), as `transformers`' attention returns its output."""
+    query (B, H, Lq, D); key, value (B, Hkv, L, D); mask None or boolean (B or 1, 1, Lq, L), True:
+    attend; grad (B, Lq, H, D), as `transformers`' attention returns its output."""
     B, H, Lq, D = query.shape
     Hkv, L = key.shape[1], key.shape[2]
     if (not set(kwargs) <= PLAIN_KWARGS or kwargs.get("dropout", 0.0) != 0.0 or H % Hkv or value.shape[1] != Hkv
             or value.shape[-1] != D or key.shape[0] != B or L > MAX_KEYS or H * Lq * L > ROW_LIMIT):
         return None
-    if mask is not None and (mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-2:] != (Lq, L)
-                             or mask.shape[0] not in (1, B)):
-        return None
+    if mask is not None and (mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1
+                             or mask.shape[-2:] != (Lq, L) or mask.shape[0] not in (1, B)):
+        return None  # additive masks too: a row masked with a finite minimum is not SDPA's row of zeros
     causal = kwargs.get("is_causal")
     causal = Lq > 1 and mask is None and (getattr(module, "is_causal", True) if causal is None else causal)
     if causal and L != Lq:
         return None
-    scale = kwargs.get("scaling") or D ** -0.5
+    scale = D ** -0.5 if kwargs.get("scaling") is None else kwargs["scaling"]
     if mask is None and causal:
         mask = torch.ones(Lq, L, dtype=torch.bool, device=query.device).tril()[None, None]  # (1, 1, Lq, L)
     rows = max(1, ROW_LIMIT // (H * Lq * L))
@@ -121,8 +121,7 @@ def _chunk_grads(query, key, value, mask, grad, scale):
     dout = grad.float().reshape(B, Hkv, g * Lq, D)
     scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).view(B, Hkv, g, Lq, L)
     if mask is not None:  # added as 0 / -inf: a broadcast masked_fill over the heads took 4x as long
-        bias = (torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
-                if mask.dtype == torch.bool else mask.float())
+        bias = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
         scores = scores.add_(bias[:, :, None])  # (b, 1, 1, Lq, L): every head of the group
     probs = torch.softmax(scores, dim=-1)
     nothing_allowed = scores.amax(-1, keepdim=True) == float("-inf")  # such a row's output is 0 in SDPA
