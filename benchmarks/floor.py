@@ -79,12 +79,12 @@ def parts_alone(trainer, rollout, texts, step: int) -> dict[str, float]:
     def reference():
         with torch.no_grad(), trainer.accelerator.autocast():
             batched_logprobs_and_values(trainer.ref_policy, seq, cfg.temperature, batch, trainer.logits_to_keep,
-                                        prompt_group=trainer.prompt_group)
+                                        prompt_group=trainer.packed_group(seq))
 
     def forward_backward():
         for part in rollout.split(trainer.sizes.micro_groups):
             logps, _ = token_logprobs_and_values(trainer.policy, *(getattr(part, k) for k in keys), cfg.temperature,
-                                                 trainer.logits_to_keep, prompt_group=trainer.prompt_group)
+                                                 trainer.logits_to_keep, prompt_group=trainer.packed_group(seq))
             (logps.sum() / rollout.num_groups).backward()
 
     def optimizer_step():

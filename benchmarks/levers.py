@@ -155,7 +155,7 @@ def lever_off(lever: str):
         import p3o.rl.sampling as sampling
         replace(sampling, "as_inverse_cdf", lambda gen_config: (gen_config, None))
     if lever in ("shared_prompt", "all"):
-        replace(rollout, "worth_sharing_prompts", lambda *args: False)
+        replace(engine, "worth_sharing_prompts", lambda *args: False)
     if lever in ("bf16_cache", "all"):
         import p3o.rl.kv_cache as kv_cache
         replace(kv_cache, "storage_dtype", lambda key_states: key_states.dtype)

@@ -184,8 +184,6 @@ def work(trainer, seq) -> dict:  # seq: the step's Rollout
     """FLOPs of each phase and bytes read by sampling, for the rollout `seq`, as the engine runs it."""
     import torch
 
-    from p3o.rl.rollout import worth_sharing_prompts
-
     policy = trainer.unwrapped_policy
     config = policy.config
     layers = getattr(config, "num_hidden_layers", None) or config.n_layer
@@ -212,8 +210,8 @@ def work(trainer, seq) -> dict:  # seq: the step's Rollout
     kv = sum(B * (Lq + j) * layers * 2 * kv_heads * head_dim * kv_bytes for j in range(T))  # cache read per step
     sampling_bytes = T * weight_bytes(policy) + kv
     # one forward of the rollout (reference, old pass, the update's forward), logits at response positions
-    k = trainer.prompt_group
-    if k > 1 and worth_sharing_prompts(k, Lq, T):  # one [prompt, y1, ..., yk] per group; each sees the prompt and itself
+    k = trainer.packed_group(seq)
+    if k > 1:  # one [prompt, y1, ..., yk] per group; each sees the prompt and itself
         tokens = B // k * (Lq + k * T)
         pairs = attention(B // k * Lq * (Lq + 1) / 2 + B * sum(Lq + t for t in range(1, T + 1)))
     else:

@@ -110,14 +110,20 @@ def test_gradient_accumulation_equals_one_large_minibatch(assets, tmp_path, aggr
         assert torch.allclose(one[name], four[name], atol=1e-7, rtol=1e-4), name
 
 
-@pytest.mark.parametrize("algo", ["p3o-v1", "p3o-v2", "rloo", "grpo", "remax", "online-dpo"])
+WHOLE_ROLLOUT = dict(gradient_accumulation_steps=1)  # one micro-batch: prepare may read the whole rollout
+
+
+@pytest.mark.parametrize("algo, extra", [
+    *[(a, dict(gradient_accumulation_steps=2)) for a in ("p3o-v1", "p3o-v2", "rloo", "grpo", "remax", "online-dpo")],
+    ("ppo", WHOLE_ROLLOUT), ("p3o-v1", dict(delta_normalization="rms", **WHOLE_ROLLOUT))])
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
-def test_one_on_policy_pass_takes_pi_old_from_the_training_forward(assets, tmp_path, algo, monkeypatch):
+def test_one_on_policy_pass_takes_pi_old_from_the_training_forward(assets, tmp_path, algo, extra, monkeypatch):
     """epochs 1 and one minibatch: no separate no-grad pass of the policy, and the same gradient,
-    KL and algorithm statistics as with that pass."""
+    KL and algorithm statistics as with that pass (PPO: its values and GAE from the training forward
+    too, when that forward holds the whole rollout its advantages are whitened over)."""
     import p3o.rl.engine as engine
 
-    kw = dict(max_steps=2, epochs=1, pairs_per_step=8, minibatch_pairs=8, gradient_accumulation_steps=2, algo=algo)
+    kw = dict(max_steps=2, epochs=1, pairs_per_step=8, minibatch_pairs=8, algo=algo, **extra)
     rows, original = [], engine.batched_logprobs_and_values
 
     def counting(model, seq, *args, **kwargs):  # rows the policy itself scores without gradient
@@ -136,7 +142,8 @@ def test_one_on_policy_pass_takes_pi_old_from_the_training_forward(assets, tmp_p
     fused, separate = histories
     k = runs[0].sizes.num_generations
     assert separate[-1] - fused[-1] == 2 * 8 * k  # exactly the old pass over both steps' rollouts is gone
-    for name in ("kl", "loss", "delta_abs", "advantage_abs", "tie_fraction"):
+    for name in ("kl", "loss", "delta_abs", "advantage_abs", "tie_fraction", "value_mean", "return_mean",
+                 "explained_variance", "value_loss", "clipfrac"):
         if name in separate[0]:
             assert fused[0][name] == pytest.approx(separate[0][name], rel=1e-4, abs=1e-6), name
     assert "time_old_logprobs" in separate[0] and "time_old_logprobs" not in fused[0]
@@ -147,9 +154,12 @@ def test_one_on_policy_pass_takes_pi_old_from_the_training_forward(assets, tmp_p
         assert torch.allclose(one[name], two[name], atol=1e-7, rtol=1e-4), name
 
 
-@pytest.mark.parametrize("change", [dict(epochs=2), dict(minibatch_pairs=4), dict(algo="ppo"),
-                                    dict(delta_normalization="rms")])
+@pytest.mark.parametrize("change", [dict(epochs=2), dict(minibatch_pairs=4),
+                                    dict(algo="ppo", gradient_accumulation_steps=2),
+                                    dict(delta_normalization="rms", gradient_accumulation_steps=4)])
 def test_the_old_pass_stays_when_the_rollout_is_reused_or_prepared_as_a_whole(assets, tmp_path, change):
+    """Reused, or prepared over the whole rollout (PPO's whitening, P3O's rms) while the update
+    splits it into micro-batches: pi_old needs its own pass."""
     kw = dict(max_steps=1, epochs=1, pairs_per_step=8, minibatch_pairs=8) | change
     assert not build_trainer(train_config(assets, tmp_path, **kw)).fuse_old_pass
 

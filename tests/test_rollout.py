@@ -246,13 +246,38 @@ def test_groups_sharing_their_prompt_give_the_same_logprobs_and_gradients(assets
         assert torch.allclose(plain_grad[name], grouped_grad[name], atol=1e-5, rtol=1e-4), name
 
 
-def test_a_group_shares_its_prompt_only_while_the_packed_attention_stays_small():
+def test_a_group_shares_its_prompt_only_where_that_is_cheaper():
+    """Widths W/h of the benchmark's 1M and 10M Llamas and of SmolLM2-135M, and padded lengths
+    where packing was measured faster or slower (`worth_sharing_prompts`'s docstring)."""
     from p3o.rl.rollout import worth_sharing_prompts
 
-    assert all(worth_sharing_prompts(2, lq, t) for lq in (1, 40, 500) for t in (1, 32, 2048))  # always, for pairs
-    assert worth_sharing_prompts(4, 38, 32)  # SmolLM2's chat prompts, 32 new tokens: 166 tokens for 280
-    assert not worth_sharing_prompts(4, 64, 256)  # a 1088-token square for four of 320
-    assert not worth_sharing_prompts(1, 38, 32)
+    width_1m, width_10m, width_smollm2 = 1282, 3202, 6146
+    assert worth_sharing_prompts(4, 16, 32, width_1m)  # GRPO on the 1M model: 1.23x packed
+    assert worth_sharing_prompts(4, 48, 48, width_1m)  # a longer prompt saves more: 1.44x
+    assert not worth_sharing_prompts(4, 16, 96, width_1m)  # 0.87x: the packed square grows faster
+    assert not worth_sharing_prompts(4, 16, 96, width_10m)  # 0.95x
+    assert not worth_sharing_prompts(4, 16, 160, width_10m)  # 0.82x
+    assert worth_sharing_prompts(4, 38, 32, width_smollm2)  # SmolLM2's chat prompts: 166 tokens for 280
+    assert worth_sharing_prompts(2, 16, 32, width_1m)  # pairs, as the benchmark's RLOO runs them
+    assert not worth_sharing_prompts(2, 1, 2048, width_smollm2)  # a one-token prompt saves nothing
+    assert not worth_sharing_prompts(1, 38, 32, width_smollm2)
+    assert not worth_sharing_prompts(4, 38, 32, 0.0)  # a model whose layout is unknown
+
+
+def test_layer_width_counts_a_layers_weights_per_hidden_unit(assets):
+    """The tiny Llama's W/h, against its config counted by hand: q and o (h x heads*head_dim each),
+    k and v (h x kv_heads*head_dim), the gated MLP (3 h x ff), two norms, and the final norm spread
+    over the layers; the embedding and head not counted."""
+    from p3o.rl.rollout import layer_width
+
+    model = load_causal_lm(str(assets["llama"]))
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    per_layer = (2 * c.hidden_size * c.num_attention_heads * head_dim + 2 * c.hidden_size * c.num_key_value_heads
+                 * head_dim + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size)
+    expected = (per_layer + c.hidden_size / c.num_hidden_layers) / c.hidden_size
+    assert not c.attention_bias and not c.mlp_bias
+    assert layer_width(model) == pytest.approx(expected, rel=1e-12)
 
 
 def test_the_engine_shares_prompts_within_each_group_of_responses(assets, tmp_path):
@@ -276,6 +301,7 @@ def test_grpos_packed_groups_of_four_give_the_rollouts_logprobs_unpacked(assets,
     trainer = build_trainer(train_config(assets, tmp_path, algo="grpo", max_steps=1))
     assert trainer.prompt_group == 4
     rollout, _, _ = trainer.collect_rollout(0)
+    assert trainer.packed_group(rollout) == 4  # packing pays at these lengths: the packed pass ran
     unpacked = batched_logprobs_and_values(trainer.ref_policy, rollout, 1.0, 8, prompt_group=1)[0]
     assert torch.allclose(rollout.ref_token_logp, unpacked, atol=1e-5)
     assert rollout.response_mask.sum(-1).min() < rollout.response_mask.shape[1]  # ragged: some responses end early

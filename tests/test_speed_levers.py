@@ -69,7 +69,8 @@ def test_bf16_base_computes_what_autocast_computed_on_float32_weights(assets, tm
     with trainer.accelerator.autocast():
         expected = batched_token_logprobs(initial, rollout, 1.0, 16)
         reference = batched_token_logprobs(trainer.ref_policy, rollout, 1.0, 16)
-        as_engine = batched_logprobs_and_values(initial, rollout, 1.0, batch, prompt_group=trainer.prompt_group)[0]
+        as_engine = batched_logprobs_and_values(initial, rollout, 1.0, batch,
+                                                prompt_group=trainer.packed_group(rollout))[0]
     assert torch.equal(reference, expected)
     assert torch.equal(rollout.ref_token_logp, as_engine)  # the rollout's reference pass
 

@@ -47,9 +47,11 @@ from p3o.rl.rollout import (
     prompt_budget,
     sample_responses,
     sequence_logprobs,
+    layer_width,
     shares_prompt_forward,
     supports_logits_to_keep,
     token_logprobs_and_values,
+    worth_sharing_prompts,
 )
 from p3o.rl.vllm_backend import VLLMGenerator
 from p3o.utils.distributed import (
@@ -102,6 +104,7 @@ class Trainer:
         if self.algorithm.offline and getattr(prompts, "responses", None) is None:
             raise UsageError(f"--algo {cfg.algo} needs preference data (prompt, chosen, rejected)")
 
+        self.layer_width = layer_width(policy)  # before adapters: what packing a group's prompt saves
         if cfg.use_peft:
             policy = add_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules)
             lean_lora_forward(policy)  # the same function, cast once and scaled at rank r
@@ -137,7 +140,7 @@ class Trainer:
         self.long_prompts = sum(len(ids) > self.max_prompt_length for ids in prompts.token_ids)
         self.fuse_old_pass = _old_pass_is_redundant(cfg, self.sizes, self.algorithm)
         # A group's k responses (P3O and DPO pairs, RLOO, GRPO) run their shared prompt once in a
-        # forward pass where that is exact (here) and no dearer (`worth_sharing_prompts`, per batch):
+        # forward pass where that is exact (here) and cheaper (`packed_group`, per rollout):
         # `prompt_group` rows share a prompt (1: none).
         k = self.sizes.num_generations
         packed = self.max_prompt_length + k * cfg.max_new_tokens  # the longest [prompt, y1, ..., yk]
@@ -246,12 +249,16 @@ class Trainer:
         texts = RolloutTexts([r[self.prompts.prompt_column] for r in rows], completions, rewards)
         return rollout, texts, timings
 
-    def prepare(self, rollout: Rollout, old_token_logp: torch.Tensor | None = None) -> None:
+    def prepare(self, rollout: Rollout, old_token_logp: torch.Tensor | None = None,
+                old_values: torch.Tensor | None = None) -> None:
         """Add the algorithm's quantities to `rollout` in place. `old_token_logp` (B, T): pi_old's
-        token log-probs taken from the training forward (fused pass), with the KL they give."""
+        token log-probs taken from the training forward (fused pass), with the KL they give;
+        `old_values` (B, T): PPO's values from that forward."""
         if old_token_logp is not None:
             old_logp = sequence_logprobs(old_token_logp, rollout.response_mask)  # (B,)
             rollout.update(old_token_logp=old_token_logp, old_logp=old_logp, kl=old_logp - rollout.ref_logp)
+        if old_values is not None:
+            rollout.update(old_values=old_values)
         prepared = self.algorithm.prepare(rollout, self.cfg, self.kl_control.value)
         rollout.update(**prepared.fields)
         rollout.stats.update(prepared.stats)
@@ -271,13 +278,21 @@ class Trainer:
                                     synced=self.sharded, compiled=self.cfg.compile_sampling,
                                     loop=self.cfg.decoding_loop)
 
+    def packed_group(self, rollout: Rollout, paired: bool = True) -> int:
+        """Rows per packed [prompt, y1, ..., yk] sequence in this rollout's forwards: `prompt_group`
+        where packing is exact and, at the rollout's padded lengths and this model's width, cheaper
+        (`worth_sharing_prompts`); else 1. `paired`: as in `log_probs`."""
+        k = self.prompt_group if paired else 1
+        lengths = rollout.query_ids.shape[1], rollout.response_ids.shape[1]  # (Lq, T), padded
+        return k if k > 1 and worth_sharing_prompts(k, *lengths, self.layer_width) else 1
+
     def log_probs(self, rollout: Rollout, timings: dict, old: bool = True, paired: bool = True) -> dict[str, torch.Tensor]:
         """Token and sequence log-probs under pi_ref and (if `old`) pi_old, the latter with the
         values of PPO's head; the KL per response when both are there: Rollout fields by name.
         `paired`: the rollout's groups (not ReMax's one greedy response per prompt)."""
         cfg, out = self.cfg, {}
         batch = self.sizes.micro_groups * self.sizes.num_generations  # sequences per no-grad forward, as in the update
-        group = self.prompt_group if paired else 1
+        group = self.packed_group(rollout, paired)
         with self.accelerator.autocast():
             if old:
                 t0 = time.perf_counter()
@@ -334,14 +349,14 @@ class Trainer:
         # DDP averages gradients over processes, so each divides by the processes' mean normaliser:
         # the result is the global sum over the global count (pairs or tokens).
         normaliser = self._mean_across_processes({"n": _normaliser(minibatch, cfg)})["n"]
-        parts = minibatch.split(self.sizes.micro_groups)
+        parts, group = minibatch.split(self.sizes.micro_groups), self.packed_group(minibatch)
 
         def part_loss(part: Rollout):
             token_logps, values = token_logprobs_and_values(
                 self.policy, part.query_ids, part.query_mask, part.response_ids, part.response_mask,
-                cfg.temperature, self.logits_to_keep, self.with_values, self.prompt_group)  # (b, T) each
-            if fused:  # pi_old is this very forward: the ratio is 1, its gradient exact
-                self.prepare(part, old_token_logp=token_logps.detach())
+                cfg.temperature, self.logits_to_keep, self.with_values, group)  # (b, T) each
+            if fused:  # pi_old (and PPO's V_old) is this very forward: the ratio is 1, its gradient exact
+                self.prepare(part, token_logps.detach(), None if values is None else values.detach())
             unit_losses, part_stats = self.algorithm.loss(part, PolicyOutputs(token_logps, values), cfg)  # (g,)
             return aggregate(unit_losses, normaliser), {**part_stats, **part.stats}
 
@@ -469,11 +484,15 @@ def _without_float32_outputs(module) -> None:
 
 def _old_pass_is_redundant(cfg: TrainConfig, sizes, algorithm) -> bool:
     """One optimiser step per rollout, used once: the policy that sampled the rollout is the one the
-    training forward runs, so pi_old's log-probs are that forward's, detached (TRL does the same
-    when num_iterations is 1). `prepare` then runs per micro-batch, which needs one that reads only
-    each group's own rows: not PPO's (whitening over the rollout) nor P3O's rms normalisation."""
-    return (cfg.epochs == 1 and sizes.minibatches_per_epoch == 1 and algorithm.groupwise_prepare
-            and not algorithm.offline and cfg.delta_normalization == "none")
+    training forward runs, so pi_old's log-probs (and PPO's values) are that forward's, detached
+    (TRL does the same for log-probs when num_iterations is 1). `prepare` then runs per micro-batch,
+    which needs one that reads only each group's own rows, or a single micro-batch per process
+    holding its whole share of the rollout: PPO's whitening and P3O's rms normalisation read all of
+    it (across processes, which each prepare their one micro-batch in the same forward)."""
+    whole_rollout = sizes.micro_groups == sizes.local_groups  # one micro-batch per process
+    groupwise = algorithm.groupwise_prepare and cfg.delta_normalization == "none"
+    return (cfg.epochs == 1 and sizes.minibatches_per_epoch == 1 and (groupwise or whole_rollout)
+            and not algorithm.offline)
 
 
 def _normaliser(batch: Rollout, cfg: TrainConfig) -> float:
