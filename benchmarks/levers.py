@@ -10,6 +10,7 @@ Levers (see docs/performance.md):
              re-cast by autocast at every forward)
   logprobs   log-probabilities a block of rows at a time from the bf16 logits (off: the float32
              logits accelerate's wrapper copied out, and the plain float32 log-softmax)
+  cache_blocks  on a CPU those blocks 2 MiB of float32, in the cores' L2 caches (off: 8 MiB blocks)
   cpu_attention  attention's backward in float32 under CPU bf16 autocast (off: autocast's bf16 backward)
   attention_grads  that float32 backward written out: probabilities and four matmuls, grouped heads
              (off: SDPA's float32 flash kernel run forward and backward again)
@@ -68,7 +69,7 @@ PHASES = ("time_generate", "time_old_logprobs", "time_reference", "time_update",
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lever", choices=["bf16_base", "logprobs", "cpu_attention", "attention_grads", "merged_sampling",
+    p.add_argument("--lever", choices=["bf16_base", "logprobs", "cache_blocks", "cpu_attention", "attention_grads", "merged_sampling",
                                        "inverse_cdf", "sampling", "lean_lora", "kept_less", "bf16_cache", "decoding_loop",
                                        "shared_prompt", "compiled_sampling", "all"],
                    required=True)
@@ -139,6 +140,9 @@ def lever_off(lever: str):
     if lever in ("logprobs", "all"):
         replace(rollout, "selective_log_softmax", plain_selective_log_softmax)
         replace(engine, "_without_float32_outputs", lambda module: None)
+    if lever in ("cache_blocks", "all"):
+        import p3o.utils.ops as ops
+        replace(ops, "_block_elements", lambda device: 1 << 21)
     if lever in ("cpu_attention", "all"):
         replace(engine, "float32_attention_backward_on_cpu", lambda: None)
         installed = ALL_ATTENTION_FUNCTIONS["sdpa"]

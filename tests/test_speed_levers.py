@@ -190,7 +190,7 @@ def naive_selective_log_softmax(logits, index, temperature=1.0):
 def test_blockwise_log_probs_and_gradients_equal_the_plain_ones(monkeypatch, dtype, temperature, block):
     import p3o.utils.ops as ops
 
-    monkeypatch.setattr(ops, "_BLOCK_ELEMENTS", block)
+    monkeypatch.setattr(ops, "_block_elements", lambda device: block)
     torch.manual_seed(0)
     logits = (3 * torch.randn(3, 5, 11)).to(dtype).requires_grad_()
     index, weights = torch.randint(0, 11, (3, 5)), torch.randn(3, 5)
@@ -207,7 +207,7 @@ def test_blockwise_log_probs_and_gradients_equal_the_plain_ones(monkeypatch, dty
 def test_blockwise_log_probs_pass_gradcheck_and_take_any_leading_shape(monkeypatch):
     import p3o.utils.ops as ops
 
-    monkeypatch.setattr(ops, "_BLOCK_ELEMENTS", 7)
+    monkeypatch.setattr(ops, "_block_elements", lambda device: 7)
     logits = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
     index = torch.randint(0, 5, (2, 3))
     assert torch.autograd.gradcheck(lambda x: ops.selective_log_softmax(x, index, 0.6), (logits,))

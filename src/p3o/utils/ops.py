@@ -60,19 +60,25 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, temperature
     return _SelectiveLogSoftmax.apply(logits, index, float(temperature))
 
 
-_BLOCK_ELEMENTS = 1 << 21  # float32 elements of one block's temporaries (8 MiB)
+def _block_elements(device: torch.device) -> int:
+    """float32 elements of one block's temporaries. On a CPU 2 MiB, so that a block's chain of
+    element-wise passes (cast, exp, scale) runs in the cores' L2 caches: at SmolLM2's 49k vocabulary,
+    forward and backward of 512 rows took 68 ms against 99 with 8 MiB blocks (2 AMD EPYC cores;
+    docs/performance.md). Elsewhere 8 MiB, fewer kernel launches."""
+    return 1 << 19 if device.type == "cpu" else 1 << 21
 
 
-def _blocks(shape: torch.Size):
-    """(b, t) slices covering a (B, T, V) tensor, each about `_BLOCK_ELEMENTS` logits: whole rows
+def _blocks(shape: torch.Size, device: torch.device):
+    """(b, t) slices covering a (B, T, V) tensor, each about `_block_elements` logits: whole rows
     several at a time, or pieces of one row when a row is longer."""
     B, T, V = shape
-    if T * V <= _BLOCK_ELEMENTS:
-        step = max(1, _BLOCK_ELEMENTS // max(1, T * V))
+    elements = _block_elements(device)
+    if T * V <= elements:
+        step = max(1, elements // max(1, T * V))
         for b in range(0, B, step):
             yield slice(b, b + step), slice(None)
     else:
-        step = max(1, _BLOCK_ELEMENTS // max(1, V))
+        step = max(1, elements // max(1, V))
         for b in range(B):
             for t in range(0, T, step):
                 yield slice(b, b + 1), slice(t, t + step)
@@ -91,7 +97,7 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         out = torch.empty(index3.shape, dtype=torch.promote_types(logits.dtype, torch.float32),
                           device=logits.device)  # (B, T)
         lse = torch.empty_like(out)
-        for b, t in _blocks(logits3.shape):
+        for b, t in _blocks(logits3.shape, logits.device):
             x = _scaled(logits3[b, t], temperature)  # (b, t, V) float32
             lse[b, t] = torch.logsumexp(x, dim=-1)
             out[b, t] = x.gather(-1, index3[b, t].unsqueeze(-1)).squeeze(-1) - lse[b, t]
@@ -106,7 +112,7 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         logits3 = logits.reshape(-1, *shape[-2:]) if logits.dim() != 3 else logits
         index3, grad3 = index.reshape(-1, shape[-2]), grad.reshape(-1, shape[-2])
         grad_logits = torch.empty(logits3.shape, dtype=logits.dtype, device=logits.device)
-        for b, t in _blocks(logits3.shape):
+        for b, t in _blocks(logits3.shape, logits.device):
             g = grad3[b, t].unsqueeze(-1)  # (b, t, 1)
             # d/dx (x_i - logsumexp x) = onehot(i) - softmax(x), times the incoming gradient; / temperature
             block = (_scaled(logits3[b, t], temperature) - lse[b, t].unsqueeze(-1)).exp_().mul_(-g)
