@@ -427,7 +427,8 @@ ATTENTION_ENTRY_COST = 2.5  # one attention entry, in h multiply-adds of a layer
 
 def layer_width(model) -> float:
     """A decoder layer's weights over the hidden size, W / h: one token's multiply-adds in a layer,
-    per unit of h (4h + 3ff for a Llama: 1,280 for the 1M benchmark model, 6,144 for SmolLM2-135M).
+    per unit of h (2h + 2 h_kv + 3ff for a Llama, h_kv the keys' and values' width: 1,280 for the
+    1M benchmark model, 6,144 for SmolLM2-135M; its norms add a few).
     Counted from the parameters, less the embedding and output matrices (a packed group computes
     the same logits); 0 (never packed) where the config names no layer count or hidden size."""
     config = _config_of(model)
