@@ -404,6 +404,9 @@ def group_token_logprobs(model, query_ids: torch.Tensor, query_mask: torch.Tenso
     return torch.where(response_mask.bool(), logps, torch.zeros_like(logps))
 
 
+ATTENTION_ENTRY_COST = 2.5  # one attention entry, in h multiply-adds of a layer's weights (worth_sharing_prompts)
+
+
 def worth_sharing_prompts(k: int, prompt_length: int, response_length: int, width: float) -> bool:
     """Whether running each group's k responses as one [prompt, y1, ..., yk] sequence is cheaper
     than k sequences [prompt, y_i] (Lq, T: the batch's padded prompt and response lengths).
@@ -420,9 +423,6 @@ def worth_sharing_prompts(k: int, prompt_length: int, response_length: int, widt
     saved_tokens = (k - 1) * prompt_length
     extra_entries = (prompt_length + k * response_length) ** 2 - k * (prompt_length + response_length) ** 2
     return saved_tokens * width >= ATTENTION_ENTRY_COST * extra_entries
-
-
-ATTENTION_ENTRY_COST = 2.5  # one attention entry, in h multiply-adds of a layer's weights (above)
 
 
 def layer_width(model) -> float:
