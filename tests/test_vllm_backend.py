@@ -24,7 +24,9 @@ class FakeLLM:
         self.llm_engine = SimpleNamespace(model_executor=SimpleNamespace(driver_worker=SimpleNamespace(model_runner=runner)))
 
     def load_weights(self, weights):
-        self.loaded.append({name: t.detach().clone() for name, t in weights})
+        weights = dict(weights)
+        assert not any(t.requires_grad or t.grad_fn for t in weights.values())  # no graph of the adapters held
+        self.loaded.append({name: t.clone() for name, t in weights.items()})
 
     def reset_prefix_cache(self):
         self.resets += 1
@@ -70,6 +72,7 @@ def test_vllm_samples_from_the_current_policy_and_keeps_groups_whole(assets, tmp
     assert params.stop_token_ids == trainer.eos_ids and params.ignore_eos  # p3o's EOS ids, and only those
     assert len({p.seed for p in per_prompt}) == len(per_prompt)  # no two prompts share their sampling noise
     assert llm.kwargs["distributed_executor_backend"] == "external_launcher" and llm.kwargs["dtype"] == "float32"
+    assert llm.kwargs["max_num_seqs"] == rollout.response_ids.shape[0]  # one rollout's responses at once
     assert prompts == [q[m.bool()].tolist() for q, m in zip(seq.query_ids[::2], seq.query_mask[::2])]
     for row in range(seq.query_ids.shape[0]):
         g, j = divmod(row, 2)
@@ -103,6 +106,16 @@ def test_vllm_gets_merged_lora_weights_under_plain_names(assets, tmp_path, fake_
     assert not torch.allclose(loaded[q], base)  # merged, not the bare base weight
     after = {n: p.detach() for n, p in trainer.unwrapped_policy.named_parameters()}
     assert all(torch.allclose(after[n], before[n], atol=1e-6) for n in before)  # unmerged again afterwards
+
+
+@pytest.mark.parametrize("mixed_precision, torch_dtype, expected", [
+    ("bf16", "float32", "bfloat16"), ("fp16", "float32", "float16"), ("no", "float32", "float32"),
+    ("bf16", "bfloat16", "bfloat16"), ("no", "auto", "auto")])
+def test_vllm_samples_in_the_precision_the_policy_computes_in(mixed_precision, torch_dtype, expected):
+    """float32 weights trained under autocast sample in its precision, as the transformers backend does."""
+    from p3o.rl.vllm_backend import sampling_dtype
+
+    assert sampling_dtype(SimpleNamespace(mixed_precision=mixed_precision, torch_dtype=torch_dtype)) == expected
 
 
 def test_vllm_is_imported_only_when_asked_for(assets, tmp_path, monkeypatch):

@@ -150,7 +150,8 @@ class Trainer:
         self.vllm = None
         if cfg.generation_backend == "vllm" and not self.algorithm.offline:
             self.vllm = VLLMGenerator(cfg, cfg.model_name_or_path, self.eos_ids,
-                                      self.max_prompt_length + cfg.max_new_tokens, self.accelerator)
+                                      self.max_prompt_length + cfg.max_new_tokens, self.accelerator,
+                                      max_num_seqs=self.sizes.local_groups * k)
         if cfg.compile_sampling:
             _check_compiler(self.accelerator.device)
 

@@ -11,6 +11,7 @@ vLLM is imported only when this backend is asked for; it is not a dependency of 
 from __future__ import annotations
 
 import os
+import socket
 
 import torch
 
@@ -22,14 +23,16 @@ from p3o.utils.seeding import derived_seed
 
 
 class VLLMGenerator:
-    def __init__(self, cfg, model_name_or_path: str, eos_ids: list[int], max_model_len: int, accelerator):
+    def __init__(self, cfg, model_name_or_path: str, eos_ids: list[int], max_model_len: int, accelerator,
+                 max_num_seqs: int):
         if model_name_or_path.lower().endswith(".gguf"):  # vLLM would keep its quantised blocks, which no sync can update
             raise UsageError(f"--generation_backend vllm needs a plain checkpoint, not {model_name_or_path}; convert it "
                              "first: p3o fetch-model FILE.gguf --output_dir DIR")
         try:
             import vllm
-        except ImportError:
-            raise UsageError("--generation_backend vllm needs vLLM, which runs on GPUs: pip install vllm "
+        except ImportError as error:  # absent, or installed against another torch or transformers
+            raise UsageError(f"--generation_backend vllm needs vLLM, which runs on GPUs, and importing it failed "
+                             f"({error}): pip install vllm in a version built for this torch and transformers "
                              "(or use the default --generation_backend transformers)") from None
         self.vllm, self.cfg, self.eos_ids = vllm, cfg, eos_ids
         # As TRL's colocate mode: the engine runs inside this process ("external_launcher", which is
@@ -38,20 +41,21 @@ class VLLMGenerator:
         os.environ.setdefault("LOCAL_RANK", str(accelerator.local_process_index))
         os.environ.setdefault("WORLD_SIZE", str(accelerator.num_processes))
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29511")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))  # `accelerate launch` sets its own
         self.llm = vllm.LLM(model=model_name_or_path, tokenizer=cfg.tokenizer_name_or_path or model_name_or_path,
-                            dtype=cfg.torch_dtype,  # sample from the weights the policy trains, not a cast of them
-                            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, max_model_len=max_model_len,
+                            dtype=sampling_dtype(cfg), gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                            max_model_len=max_model_len, max_num_seqs=max_num_seqs,  # one rollout: no more graphs
                             distributed_executor_backend="external_launcher", seed=cfg.seed + accelerator.process_index,
                             trust_remote_code=cfg.trust_remote_code, enable_prefix_caching=True)
 
     def sync_weights(self, policy) -> None:
         """Push `policy`'s current weights (names as in its Hugging Face checkpoint) into vLLM."""
         engine_model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
-        if is_lora(policy):
-            engine_model.load_weights(merged_lora_state_dict(policy).items())
-        else:
-            engine_model.load_weights((name, p.data) for name, p in policy.named_parameters())
+        with torch.no_grad():  # the merged deltas would otherwise record a graph of the adapters
+            if is_lora(policy):
+                engine_model.load_weights(merged_lora_state_dict(policy).items())
+            else:
+                engine_model.load_weights((name, p.data) for name, p in policy.named_parameters())
         self.llm.reset_prefix_cache()
 
     def sample(self, query_ids: torch.Tensor, query_mask: torch.Tensor, k: int, stream: str, step: int,
@@ -75,6 +79,21 @@ class VLLMGenerator:
         ids, _ = pad_responses(responses, pad_id=0)  # (B, T); the mask comes from EOS positions, as for generate
         ids = ids.to(query_ids.device)
         return ids, _mask(ids, responses, self.eos_ids)
+
+
+def sampling_dtype(cfg) -> str:
+    """The dtype vLLM holds the weights in: the policy's own, except that float32 weights trained under
+    --mixed_precision bf16/fp16 sample in that precision, as the transformers backend does under
+    autocast (vLLM's fast attention kernels take no float32)."""
+    if cfg.torch_dtype == "float32" and cfg.mixed_precision in ("bf16", "fp16"):
+        return {"bf16": "bfloat16", "fp16": "float16"}[cfg.mixed_precision]
+    return cfg.torch_dtype
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _mask(ids: torch.Tensor, responses: list[list[int]], eos_ids: list[int]) -> torch.Tensor:
