@@ -4,6 +4,13 @@ is excluded), and TRL's RLOO (k = 2) on transformers generation and with vLLM co
 every run takes one optimiser step per rollout. Prints responses per second and peak GPU memory for
 each (see gpu_check.sh, which runs it; results/gpu-h100-2026-12-06.md, its one run so far).
 
+Each row runs in a process of its own, under its own time limit (`--row_seconds`, within the whole
+check's `--budget_seconds`): an engine that keeps its memory or its process groups, or a crash, then
+ends one row and not the rows after it. The vLLM rows, never run yet, go first. Peak memory is read
+twice: torch's allocator (vLLM runs inside the row's process and allocates through it, its KV cache
+budget, --vllm_gpu_memory_utilization 0.3 of the GPU, included) and the whole device's used memory,
+polled (CUDA context, NCCL and cuBLAS workspaces too).
+
 `--model DIR` is a plain checkpoint (`p3o fetch-model smollm2 --output_dir DIR`). A directory with
 only config.json and the tokenizer files (what fits through a small transfer) gets random weights of
 the real shapes, said in the output: the step then costs what the real model's does at the same
@@ -12,10 +19,13 @@ lengths, but responses rarely stop early, so they are longer than the real model
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 import json
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -28,7 +38,7 @@ def checkpoint(model: str, out: Path) -> tuple[str, str]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    if any(Path(model).glob("*.safetensors")):
+    if any(Path(model).glob("*.safetensors")) or any(Path(model).glob("*.bin")):
         return model, "real weights"
     torch.manual_seed(0)
     config = AutoConfig.from_pretrained(model)
@@ -53,7 +63,6 @@ def run_p3o(model: str, data: Path, rewards: Path, out: Path, backend: str, args
 
     from p3o.cli import main
 
-    torch.cuda.reset_peak_memory_stats()
     argv = ["train", "--algo", "p3o-v2", "--model_name_or_path", model, "--dataset", str(data),
             "--reward_fn", f"{rewards}:brevity", "--output_dir", str(out), "--max_steps", str(args.steps),
             "--pairs_per_step", str(args.prompts), "--max_new_tokens", str(args.new_tokens),
@@ -71,8 +80,7 @@ def run_p3o(model: str, data: Path, rewards: Path, out: Path, backend: str, args
     steady = lines[1:] or lines  # the first step pays for warm-up
     mean = lambda key: sum(m.get(key, 0.0) for m in steady) / len(steady)  # noqa: E731
     phases = {k: mean(f"time_{k}") for k in ("generate", "reference", "update")}
-    return {"responses_per_s": mean("responses_per_s"), "response_length": mean("response_length"),
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "wall_s": seconds,
+    return {"responses_per_s": mean("responses_per_s"), "response_length": mean("response_length"), "wall_s": seconds,
             "phases": " / ".join(f"{k} {v:.2f}" for k, v in phases.items()) + " s"}
 
 
@@ -96,8 +104,6 @@ def run_trl_rloo(model: str, data: Path, args, use_vllm: bool = True) -> dict:
             self.ends.append(time.perf_counter())
 
     gpu = torch.cuda.is_available()
-    if gpu:
-        torch.cuda.reset_peak_memory_stats()
     config = RLOOConfig(output_dir=tempfile.mkdtemp(prefix="trl_"), use_cpu=not gpu, bf16=gpu, num_generations=2,
                         num_iterations=1, beta=0.05, per_device_train_batch_size=2 * args.prompts,
                         gradient_accumulation_steps=1, max_completion_length=args.new_tokens, temperature=1.0,
@@ -119,22 +125,89 @@ def run_trl_rloo(model: str, data: Path, args, use_vllm: bool = True) -> dict:
     steady = [b - a for a, b in zip(clock.ends, clock.ends[1:])] or [seconds]  # the first step pays for warm-up
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
     return {"responses_per_s": 2 * args.prompts / (sum(steady) / len(steady)),
-            "response_length": sum(lengths[1:] or lengths) / max(1, len(lengths[1:] or lengths)),
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else float("nan"), "wall_s": seconds}
+            "response_length": sum(lengths[1:] or lengths) / max(1, len(lengths[1:] or lengths)), "wall_s": seconds}
 
 
-def row(run) -> str:
-    """One table row's cells for a run; a failure becomes its row (traceback on stderr), so the other
-    runs still report."""
+class DevicePeak:
+    """The device's used memory (total - free), polled every 0.2 s on a thread while a row runs."""
+
+    def __init__(self):
+        import torch
+
+        self.torch, self.peak, self.done = torch, 0, threading.Event()
+        self.thread = threading.Thread(target=self.poll, daemon=True)
+        self.thread.start()
+
+    def poll(self):
+        while not self.done.wait(0.2):
+            free, total = self.torch.cuda.mem_get_info()
+            self.peak = max(self.peak, total - free)
+
+    def stop(self) -> float:
+        self.done.set()
+        self.thread.join()
+        return self.peak / 2**30
+
+
+def rows(model: str, data: Path, rewards: Path, root: Path, args) -> list[tuple[str, str, str, object]]:
+    """(key, title, why it cannot run or "", the run) for every row, in the order they run."""
+    have = {name: importlib.util.find_spec(name) is not None for name in ("vllm", "trl")}
+    return [("p3o_vllm", "p3o, vLLM", "" if have["vllm"] else "vLLM not installed",
+             lambda: run_p3o(model, data, rewards, root / "vllm", "vllm", args)),
+            ("trl_vllm", "TRL RLOO + vLLM colocate", "" if have["trl"] and have["vllm"] else "TRL or vLLM not installed",
+             lambda: run_trl_rloo(model, data, args)),
+            ("p3o_hf", "p3o, transformers generate", "",
+             lambda: run_p3o(model, data, rewards, root / "transformers", "transformers", args)),
+            ("p3o_compiled", "p3o, transformers generate, --compile_sampling (a CUDA graph per token)", "",
+             lambda: run_p3o(model, data, rewards, root / "compiled", "transformers", args, ("--compile_sampling",))),
+            ("trl_hf", "TRL RLOO, transformers generate", "" if have["trl"] else "TRL not installed",
+             lambda: run_trl_rloo(model, data, args, use_vllm=False))]
+
+
+def run_row(key: str, root: Path, args) -> int:
+    """The child process of one row: runs it and writes its result to root/KEY.json."""
+    import torch
+
+    model, weights = json.loads((root / "model.json").read_text())
+    run = next(r for k, _, _, r in rows(model, root / "prompts.jsonl", root / "rewards.py", root, args) if k == key)
+    device = DevicePeak()
     try:
-        r = run()
+        result = run()
     except Exception as exc:
         traceback.print_exc()
-        r = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+        result = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    result.update(torch_peak_gib=torch.cuda.max_memory_allocated() / 2**30, device_peak_gib=device.stop())
+    (root / f"{key}.json").write_text(json.dumps(result))
+    return 0
+
+
+def cells(r: dict) -> str:
+    """One table row's cells for a row's result; a failure becomes its row (traceback on stderr)."""
     if "error" in r:
-        return f"{r['error']} | | | | |"
-    return (f"{r['responses_per_s']:.1f} | {r['response_length']:.1f} | {r['peak_gib']:.2f} | {r['wall_s']:.0f} | "
-            f"{r.get('phases', '')} |")
+        return f"{r['error']} | | | | | |"
+    return (f"{r['responses_per_s']:.1f} | {r['response_length']:.1f} | {r['torch_peak_gib']:.2f} | "
+            f"{r['device_peak_gib']:.2f} | {r['wall_s']:.0f} | {r.get('phases', '')} |")
+
+
+def child(key: str, root: Path, args, seconds: float) -> dict:
+    """Row `key` in a process of its own, ended after `seconds`."""
+    argv = [sys.executable, __file__, "--row", key, "--root", str(root), "--model", args.model, "--steps",
+            str(args.steps), "--prompts", str(args.prompts), "--new_tokens", str(args.new_tokens)]
+    try:
+        code = subprocess.run(argv, timeout=seconds).returncode
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {seconds:.0f} s"}
+    out = root / f"{key}.json"
+    return json.loads(out.read_text()) if code == 0 and out.exists() else {"error": f"the row's process ended with exit {code}"}
+
+
+def installed(name: str) -> str:
+    """A package's version, read without importing it (this process stays off the GPU: the rows' device
+    memory is then theirs)."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
 
 
 def main() -> int:
@@ -143,34 +216,39 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--prompts", type=int, default=64, help="prompts per step (x2 responses)")
     parser.add_argument("--new_tokens", type=int, default=128)
+    parser.add_argument("--rows", default="p3o_vllm,trl_vllm,p3o_hf,p3o_compiled,trl_hf",
+                        help="which rows, in this order")
+    parser.add_argument("--row_seconds", type=float, default=150, help="each row's time limit")
+    parser.add_argument("--budget_seconds", type=float, default=450, help="the whole check's; later rows get what is left")
+    parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run this one row (a child process)
+    parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.row:
+        return run_row(args.row, Path(args.root), args)
     import torch
 
     if not torch.cuda.is_available():
         print("no GPU: this check is for a GPU machine")
         return 1
+    start = time.perf_counter()
     root = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     model, weights = checkpoint(args.model, root / "model")
-    data, rewards = prompts(root / "prompts.jsonl"), root / "rewards.py"
-    rewards.write_text(REWARD)
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; {Path(args.model).name} ({weights}); "
-          f"P3O-V2 + LoRA, bf16, {args.prompts} prompts x 2 responses, up to {args.new_tokens} new tokens, "
-          f"{args.steps} steps (first excluded)")
-    print("| run | responses/s | mean length | peak GPU memory (GiB) | wall (s) | generate / reference / update |\n"
-          "|---|---|---|---|---|---|", flush=True)
-    have = {name: importlib.util.find_spec(name) is not None for name in ("vllm", "trl")}
-    runs = [("p3o, vLLM", have["vllm"], "vLLM not installed",
-             lambda: run_p3o(model, data, rewards, root / "vllm", "vllm", args)),
-            ("p3o, transformers generate", True, "",
-             lambda: run_p3o(model, data, rewards, root / "transformers", "transformers", args)),
-            ("p3o, transformers generate, --compile_sampling (a CUDA graph per token)", True, "",
-             lambda: run_p3o(model, data, rewards, root / "compiled", "transformers", args, ("--compile_sampling",))),
-            ("TRL RLOO, transformers generate", have["trl"], "TRL not installed",
-             lambda: run_trl_rloo(model, data, args, use_vllm=False)),
-            ("TRL RLOO + vLLM colocate", have["trl"] and have["vllm"], "TRL or vLLM not installed",
-             lambda: run_trl_rloo(model, data, args))]
-    for name, runnable, missing, run in runs:
-        print(f"| {name} | " + (row(run) if runnable else f"skipped: {missing} | | | | |"), flush=True)
+    (root / "model.json").write_text(json.dumps([model, weights]))
+    prompts(root / "prompts.jsonl")
+    (root / "rewards.py").write_text(REWARD)
+    print(f"# torch {torch.__version__}, " + ", ".join(f"{name} {installed(name)}" for name in ("transformers", "trl", "vllm"))
+          + f"; {Path(args.model).name} ({weights}); P3O-V2 + LoRA, bf16, {args.prompts} prompts x 2 responses, "
+          f"up to {args.new_tokens} new tokens, {args.steps} steps (first excluded)")
+    print("| run | responses/s | mean length | torch peak memory (GiB) | device peak memory (GiB) | wall (s) | "
+          "generate / reference / update |\n|---|---|---|---|---|---|---|", flush=True)
+    table = {key: (title, missing) for key, title, missing, _ in rows(model, root / "prompts.jsonl", root / "rewards.py", root, args)}
+    for key in args.rows.split(","):
+        title, missing = table[key]
+        left = args.budget_seconds - (time.perf_counter() - start)
+        if missing or left < 30:
+            print(f"| {title} | skipped: {missing or 'no time left'} | | | | | |", flush=True)
+            continue
+        print(f"| {title} | " + cells(child(key, root, args, min(args.row_seconds, left))), flush=True)
     return 0
 
 

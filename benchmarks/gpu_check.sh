@@ -11,6 +11,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 VLLM_LOGGING_LEVEL=WARNING
 nvidia-smi -L
+# each row runs in its own process under its own limit (gpu_check.py --row_seconds, --budget_seconds);
+# this outer limit only catches a hang outside them
 timeout 480 python3 benchmarks/gpu_check.py --model "${1:?give the SmolLM2 checkpoint directory}" --steps 10 \
     --prompts 64 --new_tokens 128 "${@:2}"
