@@ -2,15 +2,19 @@
 `peft.LoraConfig`, callbacks) and runs the same code path as `p3o train`."""
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import logging
 
 import pytest
 import torch
+import yaml
 from conftest import REWARD_FILE, prompt_rows, write_jsonl
 
 from p3o import P3OConfig, P3OTrainer
 from p3o.cli import main
+from p3o.cli.args import add_dataclass_arguments, build_config
 from p3o.errors import UsageError
 
 REWARDS = {}
@@ -312,6 +316,27 @@ def test_trl_names_carry_over_on_the_command_line(assets, tmp_path):
                  "--pairs_per_step", "4", "--max_completion_length", "3", "--disable_progress_bar"]) == 0
     m = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert m["response_length"] <= 3
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["max_new_tokens"] == 3 and saved["max_completion_length"] is None  # one spelling kept
+    assert saved["dataset"] == str(assets["prompts"]) and saved["dataset_name"] is None
+
+
+def test_a_flag_overrides_the_config_file_under_either_spelling(assets, tmp_path):
+    """A file written with TRL's names (or by an older p3o, which kept both) is overridden by a flag
+    under p3o's name, and the other way round."""
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"max_completion_length": 4, "max_new_tokens": 4, "dataset_name": "a.jsonl",
+                                      "output_dir": str(tmp_path / "o"), "reward_fn": "r.py:f",
+                                      "model_name_or_path": "m"}))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config")
+    add_dataclass_arguments(parser, P3OConfig)
+    cfg = build_config(P3OConfig, parser.parse_args(["--config", str(config), "--max_new_tokens", "7",
+                                                     "--dataset", "b.jsonl"]))
+    assert (cfg.max_new_tokens, cfg.dataset) == (7, "b.jsonl")
+    cfg = build_config(P3OConfig, parser.parse_args(["--config", str(config), "--max_completion_length", "9"]))
+    assert (cfg.max_new_tokens, cfg.dataset) == (9, "a.jsonl")
+    assert dataclasses.replace(cfg, max_new_tokens=5).max_new_tokens == 5  # Python's override too
 
 
 def test_a_peft_model_an_iterable_dataset_and_a_loaded_reward_model_are_taken_as_they_are(assets, tmp_path):

@@ -53,12 +53,20 @@ def build_config(cls: type[C], namespace: argparse.Namespace) -> C:
             values[key] = _coerce(fields[key], value, config_path)
     for key, value in vars(namespace).items():
         if key in fields:
+            for other in _spellings(fields, key) - {key}:  # a flag overrides the file under either name
+                values.pop(other, None)
             values[key] = _coerce(fields[key], value, f"--{key}")
     for name, f in fields.items():  # the command line has no objects to stand in for a required path
         aliases = [n for n, g in fields.items() if g.metadata.get("alias_of") == name]  # TRL's names
         if f.metadata.get("required") and all(values.get(n, fields[n].default) is None for n in [name, *aliases]):
             raise UsageError(f"--{name} is required")
     return cls(**values)
+
+
+def _spellings(fields: dict, name: str) -> set[str]:
+    """`name` and its other spellings (TRL's names: max_completion_length for max_new_tokens)."""
+    canonical = fields[name].metadata.get("alias_of") or name
+    return {canonical} | {n for n, f in fields.items() if f.metadata.get("alias_of") == canonical}
 
 
 def config_from_argv(cls: type[C], argv: list[str]) -> C:

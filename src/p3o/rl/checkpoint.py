@@ -19,7 +19,8 @@ from p3o.utils.distributed import load_module_state
 from p3o.utils.io import save_pretrained_atomically
 
 # Settings a resumed run may change; any other difference would change the trajectory.
-RESUMABLE_CHANGES = RESUMABLE_RUN_SETTINGS | {"max_steps", "log_completions"}
+# TRL's spellings are folded into p3o's (compared there); an older run's config.yaml may hold both.
+RESUMABLE_CHANGES = RESUMABLE_RUN_SETTINGS | {"max_steps", "log_completions", "max_completion_length", "dataset_name"}
 
 
 def save_checkpoint(trainer, out: Path, limit: int | None) -> Path:

@@ -144,10 +144,12 @@ class P3OConfig:
         for name in ("reward_fn", "reward_model", "reward_url"):  # one path is a list of one
             if isinstance(getattr(self, name), str):
                 setattr(self, name, [getattr(self, name)])
+        # TRL's names fold into p3o's and are cleared, so the config (and config.yaml, and
+        # dataclasses.replace) holds one spelling, which a flag or a replace then overrides.
         if self.max_completion_length is not None:
-            self.max_new_tokens = self.max_completion_length
+            self.max_new_tokens, self.max_completion_length = self.max_completion_length, None
         if self.dataset_name is not None:
-            self.dataset = self.dataset_name
+            self.dataset, self.dataset_name = self.dataset_name, None
         if self.max_steps is not None and self.num_train_epochs is not None:
             log.warning("--max_steps %d and --num_train_epochs %g: max_steps wins (as in transformers)",
                         self.max_steps, self.num_train_epochs)
