@@ -62,6 +62,24 @@ def test_a_local_recipe_runs_every_stage(tmp_path, assets, capsys):
         assert (tmp_path / "run" / stage / "model.safetensors").is_file(), stage
 
 
+@pytest.mark.parametrize("section, mistake", [
+    ("sft", {"dataset": "missing.jsonl"}), ("sft", {"model_name_or_path": "/no/such/model"}),
+    ("train", {"reward_fn": "nope.py:f"}), ("train", {"pairs_per_step": 5, "minibatch_pairs": 2})])
+def test_check_finds_what_the_run_would_refuse_before_running_anything(tmp_path, assets, capsys, section, mistake):
+    """`--check` checks the recipe as a run does first: missing files, models, reward functions, sizes."""
+    from conftest import write_jsonl
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": " b"}])
+    stages = {"sft": {"model_name_or_path": str(assets["llama"]), "dataset": str(data)},
+              "train": {"dataset": str(data), "reward_fn": f"{assets['rewards']}:fruit"}}
+    stages[section].update(mistake)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "run"), **stages}))
+    assert main(["pipeline", "--config", str(recipe), "--check"]) != 0
+    assert str(next(iter(mistake.values()))).split(":")[0] in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_train_section_with_a_reward_function_keeps_the_sft_model(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "o"), "sft": {"model_name_or_path": "m", "dataset": "d"},

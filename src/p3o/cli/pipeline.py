@@ -1,20 +1,22 @@
 """`p3o pipeline --config recipe.yaml`: SFT -> reward model -> RL on your own data."""
 from __future__ import annotations
 
-from p3o.pipeline.recipe import STAGES, load_recipe, run_recipe
+from p3o.pipeline.recipe import STAGES, check_stages, load_recipe, run_recipe
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--config", required=True, help="Recipe: output_dir and sections sft, rm, train (see configs/recipes/).")
     parser.add_argument("--output_dir", help="Overrides the recipe's output_dir.")
     parser.add_argument("--overwrite", action="store_true", help="Allow non-empty stage directories.")
-    parser.add_argument("--check", action="store_true", help="Only load and check the recipe; run nothing.")
+    parser.add_argument("--check", action="store_true", help="Only load and check the recipe (options, models, data "
+                        "files, reward functions, batch sizes, stage directories), as a run does first; run nothing.")
 
 
 def run(args) -> None:
     overrides = {"output_dir": args.output_dir, "overwrite": args.overwrite}
     if args.check:
         recipe = load_recipe(args.config, overrides)
+        check_stages(recipe, recipe["output_dir"])
         for name in STAGES:
             if name in recipe:
                 cfg, fmt = recipe[name]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from p3o.data.converters import CONVERTERS, convert_rows
-from p3o.data.files import read_rows
+from p3o.data.files import LOCAL_SUFFIXES, read_rows
 from p3o.errors import UsageError
 from p3o.models.loading import _check_exists, _looks_local
 from p3o.options import _coerce, read_yaml_config
@@ -79,7 +79,7 @@ def _typed(cls, values: dict, where: str) -> dict:
 def run_recipe(path: str, overrides: dict[str, Any] | None = None) -> Path:
     recipe = load_recipe(path, overrides)
     out = recipe["output_dir"]
-    _check_stages(recipe, out)
+    check_stages(recipe, out)
     runners = {"sft": run_sft, "rm": run_rm, "train": run_train}
     for name in STAGES:
         if name in recipe:
@@ -91,7 +91,7 @@ def run_recipe(path: str, overrides: dict[str, Any] | None = None) -> Path:
     return out
 
 
-def _check_stages(recipe: dict, out: Path) -> None:
+def check_stages(recipe: dict, out: Path) -> None:
     """What each stage will read and write, checked before the first stage runs: a mistake in the
     train section is reported before hours of SFT, not after."""
     for name in STAGES:
@@ -103,7 +103,7 @@ def _check_stages(recipe: dict, out: Path) -> None:
             _check_exists(model, f"{name}: model")
         for flag in ("dataset", "eval_dataset"):
             data = getattr(cfg, flag, None)
-            if data and _looks_local(data) and not Path(data).exists():
+            if data and (_looks_local(data) or data.endswith(LOCAL_SUFFIXES)) and not Path(data).exists():
                 raise UsageError(f"{name}: --{flag} {data} does not exist; give a data file or a `datasets` name")
         for flag in ("reward_fn", "monitor_reward_fn"):
             value = getattr(cfg, flag, None)
