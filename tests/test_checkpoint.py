@@ -1,6 +1,7 @@
 """Never lose a run: atomic checkpoints, exact resume after SIGKILL, SIGTERM, non-finite training."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -114,6 +115,29 @@ def test_resume_refuses_changed_settings_and_a_directory_without_checkpoints(ass
     assert "holds no complete checkpoint" in capsys.readouterr().err and (other / "notes.txt").read_text() == "mine"
     fresh = tmp_path / "fresh"  # nothing there yet: --resume starts from the beginning
     assert main(cli_args(assets, fresh, "--resume", "--max_steps", "2")) == 0
+
+
+def test_the_python_api_resumes_from_checkpoint_as_transformers_does(assets, tmp_path, capsys):
+    """`train(resume_from_checkpoint=True or DIR)` on a directory holding checkpoints: the same weights
+    as a run never stopped; a named checkpoint is checked against the run's settings as --resume is."""
+    from p3o import P3OConfig, P3OTrainer
+    from p3o.cli.args import config_from_argv
+
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert main(cli_args(assets, whole, "--max_steps", "4")) == 0
+    assert main(cli_args(assets, part, "--max_steps", "4", "--save_steps", "2")) == 0
+    for name in ("model.safetensors", "metrics.jsonl"):  # as if the run had died after checkpoint-2
+        (part / name).unlink()
+    assert main(cli_args(assets, part, "--max_steps", "4", "--save_steps", "2")) == 2  # the command line says how to continue
+    assert "--resume to continue from its latest checkpoint" in capsys.readouterr().err
+    cfg = config_from_argv(P3OConfig, cli_args(assets, part, "--max_steps", "4", "--save_steps", "2")[1:])
+    changed = P3OTrainer(args=dataclasses.replace(cfg, learning_rate=5e-4))
+    with pytest.raises(UsageError, match="--learning_rate 0.001 -> 0.0005"):
+        changed.train(resume_from_checkpoint=str(part / "checkpoint-2"))
+    with pytest.raises(UsageError, match="not a complete checkpoint"):
+        changed.train(resume_from_checkpoint=str(part / "checkpoint-3"))
+    P3OTrainer(args=cfg).train(resume_from_checkpoint=True)
+    assert_same_weights(weights(whole), weights(part))
 
 
 def test_a_half_written_checkpoint_is_never_taken_for_a_complete_one(assets, tmp_path):

@@ -29,7 +29,7 @@ from p3o.rl.checkpoint import RESUMABLE_CHANGES, load_policy_weights, load_train
 from p3o.rl.config import P3OConfig, TrainConfig, check_reward_sources, derive_sizes
 from p3o.rl.engine import Trainer
 from p3o.utils.callbacks import CallbackHandler
-from p3o.utils.checkpoints import StopRequest, resume_point
+from p3o.utils.checkpoints import StopRequest, given_checkpoint, latest_checkpoint, resume_point
 from p3o.utils.distributed import any_process, gathered, loading_whole, make_accelerator
 from p3o.utils.io import (
     JsonlWriter,
@@ -72,7 +72,9 @@ class P3OTrainer:
             args, model = dataclasses.replace(args, model_name_or_path=str(model)), None
         self.callbacks = list(callbacks or [])
         checkpoint = _resume_point(args) if args.resume else None
-        check_output_dir(args.output_dir, args.overwrite or checkpoint is not None, _input_paths(args))
+        # A directory holding checkpoints may be resumed by train(resume_from_checkpoint=...); train()
+        # refuses it otherwise (`p3o train` checks before building: run_train).
+        check_output_dir(args.output_dir, args.overwrite or args.resume or _has_checkpoint(args), _input_paths(args))
         self.engine = _build_engine(args, model, processing_class, train_dataset, eval_dataset,
                                     _as_list(reward_funcs), peft_config, ref_model)
         self.args = self.engine.cfg  # as resolved (e.g. max_steps from num_train_epochs)
@@ -96,7 +98,7 @@ class P3OTrainer:
         if resume_from_checkpoint is True:
             checkpoint = _resume_point(self.args)
         elif resume_from_checkpoint:
-            checkpoint = Path(resume_from_checkpoint)
+            checkpoint = given_checkpoint(resume_from_checkpoint, dataclasses.asdict(self.args), RESUMABLE_CHANGES)
         if checkpoint is not None:
             load_policy_weights(self.engine, checkpoint)
             load_training_state(self.engine, checkpoint)
@@ -129,6 +131,7 @@ def build_trainer(cfg: P3OConfig, checkpoint: Path | None = None) -> Trainer:
 
 def run_train(cfg: P3OConfig) -> Path:
     """`p3o train`: the API on the config's paths."""
+    check_output_dir(cfg.output_dir, cfg.overwrite or cfg.resume, _input_paths(cfg))  # before loading anything
     P3OTrainer(args=cfg).train()
     return Path(cfg.output_dir)
 
@@ -239,6 +242,10 @@ def _input_paths(cfg: P3OConfig) -> dict[str, str | None]:
     for i, path in enumerate(cfg.reward_model or []):
         paths[f"reward_model {i + 1}" if i else "reward_model"] = path
     return paths
+
+
+def _has_checkpoint(cfg: P3OConfig) -> bool:
+    return latest_checkpoint(Path(cfg.output_dir)) is not None
 
 
 def _resume_point(cfg: P3OConfig) -> Path | None:

@@ -113,6 +113,20 @@ def resume_point(output_dir: str, current: dict | None, changeable: set[str]) ->
     return checkpoint
 
 
+def given_checkpoint(path: str | Path, current: dict, changeable: set[str]) -> Path:
+    """A checkpoint directory named directly (`train(resume_from_checkpoint=DIR)`): complete, and
+    written by a run with the same settings as `current` (its config.yaml beside it), as --resume checks."""
+    import yaml
+
+    checkpoint = Path(path)
+    if not (checkpoint / STATE_FILE).is_file():
+        raise UsageError(f"resume_from_checkpoint: {checkpoint} is not a complete checkpoint (a checkpoint-N "
+                         f"directory with {STATE_FILE}); give one, or True for the latest in output_dir")
+    if (checkpoint.parent / "config.yaml").is_file():
+        check_resumable(yaml.safe_load((checkpoint.parent / "config.yaml").read_text()), current, changeable)
+    return checkpoint
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM: a checkpoint was saved; the message says how to resume."""
 

@@ -57,8 +57,7 @@ def check_output_dir(output_dir: str, overwrite: bool, inputs: dict[str, str | N
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_dir {output_dir} is a file; give a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"--output_dir {output_dir} is not empty; pass --overwrite to replace its files, or choose "
-                         "a new directory")
+        raise _not_empty(output_dir)
 
 
 def prepare_output_dir(path: str, overwrite: bool) -> Path:
@@ -67,9 +66,16 @@ def prepare_output_dir(path: str, overwrite: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_dir {path} is a file; give a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"--output_dir {path} is not empty; pass --overwrite to replace its files, or choose a new directory")
+        raise _not_empty(path)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def _not_empty(path: str) -> UsageError:
+    resume = (", --resume to continue from its latest checkpoint (in Python: train(resume_from_checkpoint=True))"
+              if any(Path(path).glob("checkpoint-*")) else "")
+    return UsageError(f"--output_dir {path} is not empty; pass --overwrite to replace its files{resume}, or choose "
+                      "a new directory")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
