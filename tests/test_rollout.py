@@ -408,3 +408,22 @@ def test_a_sliding_window_wider_than_the_packed_pair_keeps_packing_exact():
         and not shares_prompt_forward(model)
     assert torch.allclose(group_token_logprobs(model, ids, mask, response, response_mask),
                           token_logprobs(model, ids, mask, response, response_mask), atol=1e-5)
+
+
+@pytest.mark.parametrize("config, fields, context", [
+    ("MptConfig", {"max_seq_len": 256}, 256), ("GPT2Config", {"n_positions": 300}, 300),
+    ("LlamaConfig", {"max_position_embeddings": 320}, 320), ("PretrainedConfig", {"seq_length": 200}, 200),
+    ("PretrainedConfig", {"n_ctx": 180}, 180), ("BloomConfig", {}, None)])
+def test_the_context_is_read_under_each_family_s_name_and_prompts_are_cut_to_it(config, fields, context):
+    """MPT says max_seq_len, Qwen-1 and ChatGLM seq_length, old GPT-2 configs n_ctx: read as the context,
+    long prompts are cut to fit it instead of crashing the forward (BLOOM's ALiBi has no limit)."""
+    import transformers
+
+    from p3o.errors import UsageError
+    from p3o.rl.rollout import prompt_budget
+
+    cfg = getattr(transformers, config)(**fields)
+    assert prompt_budget(cfg, max_new_tokens=16) == (context - 16 if context else 1024)
+    if context:
+        with pytest.raises(UsageError, match=f"context of {context} tokens"):
+            prompt_budget(cfg, max_new_tokens=context)

@@ -15,7 +15,7 @@ from typing import Callable
 from p3o.core.supervised import RESUMABLE_CHANGES, Stage, SupervisedConfig, fit, total_steps
 from p3o.data.turns import stop_token_ids
 from p3o.errors import UsageError
-from p3o.models.loading import _check_exists, load_tokenizer, prepare_tokenizer
+from p3o.models.loading import _check_exists, context_length, load_tokenizer, prepare_tokenizer
 from p3o.models.lora import ADAPTER_DIR, add_lora, is_lora, merged_lora_state_dict
 from p3o.utils.checkpoints import STATE_FILE, StopRequest, check_resumable, resume_point
 from p3o.utils.distributed import check_supported, is_deepspeed, is_sharded, make_accelerator
@@ -188,7 +188,7 @@ def _fit_context(cfg: SupervisedConfig, model) -> None:
     """--max_length beyond the model's context would crash the forward pass: cap it in `cfg` (which
     the stage's tokenizer reads), and say so."""
     config = getattr(model, "config", None)
-    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    context = context_length(config) if config is not None else None
     if context is None or cfg.max_length <= context:
         return
     logging.getLogger("p3o").warning("--max_length %d exceeds the model's context of %d tokens; using %d: examples "

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from p3o.errors import UsageError
-from p3o.models.loading import _check_exists, load_causal_lm, load_tokenizer
+from p3o.models.loading import _check_exists, context_length, load_causal_lm, load_tokenizer
 from p3o.reward import RewardFunction, build_reward, load_reward_function
 from p3o.rl.rollout import pad_prompts, supports_logits_to_keep
 from p3o.tasks import get_task
@@ -597,7 +597,7 @@ class HFJudge:
         self.model, self.tokenizer, self.name, self.settings = model, tokenizer, name, settings
         self.labels = {label: _label_token_ids(tokenizer, label, name) for label in ("A", "B")}
         config = model.config
-        self.max_length = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 10**9
+        self.max_length = context_length(config) or 10**9
         self.stats = {"truncated": 0}
 
     @torch.no_grad()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from p3o.errors import UsageError
-from p3o.models.loading import load_causal_lm, pretrained_source
+from p3o.models.loading import context_length, load_causal_lm, pretrained_source
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def _settle_limits(model, tokenizer) -> None:
     """GGUF files leave the tokenizer without a length limit and the generation config with the
     config's ids; make both say what the model does: its context length, and turns that end at the
     tokenizer's EOS (`<|im_end|>` for ChatML models such as SmolLM2-Instruct)."""
-    context = getattr(model.config, "max_position_embeddings", None)
+    context = context_length(model.config)
     if context:
         tokenizer.model_max_length = context
     gen = model.generation_config

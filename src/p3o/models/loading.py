@@ -22,6 +22,17 @@ log = logging.getLogger(__name__)
 GGUF_INSTALL = "pip install 'p3o[gguf]' (or pip install gguf)"
 
 
+# Where configs keep the context length: Llama-likes and most others, GPT-2 (and its older n_ctx),
+# MPT, Qwen-1 and ChatGLM, and others.
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx", "max_sequence_length")
+
+
+def context_length(model_config) -> int | None:
+    """The model's context in tokens, where its config says (None for a config that says nothing)."""
+    return next((value for f in CONTEXT_FIELDS if isinstance(value := getattr(model_config, f, None), int) and value > 0),
+                None)
+
+
 def is_gguf(name: str) -> bool:
     return str(name).lower().endswith(".gguf")
 

@@ -9,7 +9,14 @@ import torch
 
 from p3o.data.prompts import render_prompt
 from p3o.errors import UsageError
-from p3o.models.loading import _check_exists, as_plain_model, gguf_model_kwargs, load_tokenizer, pretrained_source
+from p3o.models.loading import (
+    _check_exists,
+    as_plain_model,
+    context_length,
+    gguf_model_kwargs,
+    load_tokenizer,
+    pretrained_source,
+)
 from p3o.reward.functions import check_rewards
 
 
@@ -64,7 +71,7 @@ class RewardModelScorer:
     def __init__(self, model, tokenizer, name: str, batch_size: int = 64, device=None, max_length: int | None = None):
         self.model, self.tokenizer, self.name, self.batch_size = model, tokenizer, name, batch_size
         self.device = device or next(model.parameters()).device
-        self.max_length = max_length or getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
+        self.max_length = max_length or context_length(model.config) or tokenizer.model_max_length
         self.autocast_dtype = None  # see `score_in`
         self.owns_model = False  # loaded here (not a model the caller passed in): its weights may be narrowed
 

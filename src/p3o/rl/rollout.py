@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from p3o.errors import UsageError
+from p3o.models.loading import context_length
 from p3o.utils.ops import masked_sum, response_mask_from_eos, selective_log_softmax
 
 
@@ -106,11 +107,6 @@ class PolicyOutputs:
 
     token_logps: torch.Tensor  # (b, T) log pi_theta(y_t | x, y_<t), with gradient; 0 on padding
     values: torch.Tensor | None = None  # (b, T) the critic's values, with gradient (PPO)
-
-
-def context_length(model_config) -> int | None:
-    """The model's context in tokens, where its config says (learned or rotary position tables)."""
-    return getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
 
 
 def prompt_budget(model_config, max_new_tokens: int, max_prompt_length: int | None = None) -> int:
