@@ -90,8 +90,15 @@ def test_weighted_rewards_are_summed_logged_by_part_and_a_callback_stops_the_run
         def on_train_end(self, args, state, control, **kwargs):
             seen.append(("end", state.global_step))
 
+    class Meddler(TrainerCallback):  # given as a class, as transformers.Trainer allows; empties what it is handed
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs.clear()
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            metrics.clear()
+
     trainer = P3OTrainer(str(assets["llama"]), [fruit, length], train_dataset=prompt_rows(),
-                         eval_dataset=prompt_rows(6, seed=9), callbacks=[StopAtTwo()],
+                         eval_dataset=prompt_rows(6, seed=9), callbacks=[StopAtTwo(), Meddler],
                          args=args(tmp_path, max_steps=10, reward_weights=[1.0, 0.5], save_steps=1))
     metrics = trainer.train()
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -103,6 +110,8 @@ def test_weighted_rewards_are_summed_logged_by_part_and_a_callback_stops_the_run
     assert [s for s in seen if s[0] in ("evaluate", "save")] == [("evaluate", 0, 6), ("save", "checkpoint-1"),
                                                                ("evaluate", 2, 6)]  # the stop's step is evaluated
     assert metrics["eval_n"] == 6 and "eval_reward" in metrics
+    held_out = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in held_out] == [0, 2] and all("reward" in e for e in held_out)  # the Meddler changed no file
     assert (tmp_path / "run" / "model.safetensors").is_file()  # stopped cleanly, outputs written
     assert (tmp_path / "run" / "config.yaml").is_file()
 
@@ -315,7 +324,7 @@ def test_trl_names_carry_over_on_the_command_line(assets, tmp_path):
                  "--reward_fn", f"{assets['rewards']}:fruit", "--output_dir", str(out), "--max_steps", "1",
                  "--pairs_per_step", "4", "--max_completion_length", "3", "--disable_progress_bar"]) == 0
     m = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-    assert m["response_length"] <= 3
+    assert m["response_length"] <= 3 and m["reward/fruit"] == m["reward"]  # one reward is logged by name too
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["max_new_tokens"] == 3 and saved["max_completion_length"] is None  # one spelling kept
     assert saved["dataset"] == str(assets["prompts"]) and saved["dataset_name"] is None

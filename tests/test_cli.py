@@ -152,6 +152,14 @@ def test_help_of_p3o_and_of_every_command(command, capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: p3o") and ("95%" in out if command in (None, "winrate") else True)
+    assert "%%" not in out  # argparse's escape never shows
+
+
+def test_an_unknown_flag_is_reported_by_the_command_it_was_given_to(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--model", "x"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("unrecognized arguments: --model x (see p3o train --help)")
 
 
 def test_tiny_model_command(tmp_path, capsys):

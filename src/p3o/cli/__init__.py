@@ -37,8 +37,18 @@ COMMANDS = {  # name: (module with add_arguments/run, or (config class, run func
 class _OneLineParser(argparse.ArgumentParser):
     """Flag errors in one line, like every other error, with the exit code 2 argparse uses."""
 
+    commands: dict[str, argparse.ArgumentParser] = {}
+
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but a flag the command does not know is reported by the command's parser:
+        `p3o train: error: ... (see p3o train --help)`."""
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.commands.get(getattr(namespace, "command", None), self).error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,11 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     # allow_abbrev=False: --model must not silently mean --model_name_or_path
     parser = _OneLineParser(prog="p3o", description="Pairwise Proximal Policy Optimization for RLHF.", allow_abbrev=False)
+    parser.commands = {}
     parser.add_argument("--version", action="version", version=f"p3o {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
-        help_text = help_text.replace("%", "%%")  # argparse formats help strings with %
-        command = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
+        # argparse formats a help string with % (a description only where it names %(prog))
+        command = sub.add_parser(name, help=help_text.replace("%", "%%"), description=help_text, allow_abbrev=False)
+        parser.commands[name] = command
         command.add_argument("--debug", action="store_true", help="Show full tracebacks for errors.")
         if isinstance(module, tuple):  # every flag is a field of the command's config dataclass
             command.add_argument("--config", help="YAML file of option: value pairs; flags given here override it.")

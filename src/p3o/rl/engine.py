@@ -229,7 +229,7 @@ class Trainer:
             rollout.rewards = (rollout.raw_rewards if self.reward_scale is None else
                                self.reward_scale(rollout.raw_rewards, self.accelerator.device))
             parts = getattr(self.reward, "last_parts", {})
-            if len(parts) > 1:  # several rewards: each part's mean beside their weighted sum
+            if parts:  # each part's mean beside their weighted sum (one part too: reward/<name> is always there)
                 rollout.stats.update({f"reward/{name}": values.mean().item() for name, values in parts.items()})
         timings["time_score"] = time.perf_counter() - t0
 

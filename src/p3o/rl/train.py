@@ -274,7 +274,7 @@ def _run(api: P3OTrainer, out: Path, resuming: bool) -> dict:
     def evaluate(step: int) -> str:
         line, point = evaluator(step)
         last.update({f"eval_{k}": v for k, v in point.items() if k != "step"})
-        callbacks.fire("on_evaluate", metrics=point)
+        callbacks.fire("on_evaluate", metrics=dict(point))
         return line
 
     def on_step(metrics, texts) -> bool:

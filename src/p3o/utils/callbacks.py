@@ -14,7 +14,9 @@ class CallbackHandler:
     def __init__(self, callbacks: list, args, engine, step: int = 0):
         from transformers import TrainerControl, TrainerState
 
-        self.callbacks, self.args, self.engine = callbacks, args, engine
+        # A class is instantiated, as transformers.Trainer does (callbacks=[PrinterCallback]).
+        self.callbacks = [c() if isinstance(c, type) else c for c in callbacks]
+        self.args, self.engine = args, engine
         acc = engine.accelerator
         self.state = TrainerState(max_steps=args.max_steps, global_step=step, logging_steps=args.logging_steps,
                                   eval_steps=args.eval_steps, save_steps=args.save_steps,
@@ -40,4 +42,4 @@ class CallbackHandler:
         self.state.global_step = metrics["step"]
         self.state.log_history.append(dict(metrics))
         self.fire("on_step_end")
-        return self.fire("on_log", logs=metrics)
+        return self.fire("on_log", logs=dict(metrics))  # a copy: what a callback does to it is not logged
