@@ -330,6 +330,24 @@ def test_trl_names_carry_over_on_the_command_line(assets, tmp_path):
     assert saved["dataset"] == str(assets["prompts"]) and saved["dataset_name"] is None
 
 
+def test_a_trl_reward_function_works_unchanged(assets, tmp_path):
+    """TRL calls reward functions by keyword, so its `fn(completions, **kwargs)` takes the prompts among
+    the keywords; p3o calls a function that names `completions` the same way."""
+    seen = {}
+
+    def reward_len(completions, **kwargs):  # TRL's documentation example
+        seen.update(kwargs)
+        return [-abs(20 - len(completion)) for completion in completions]
+
+    def reversed_names(completions, prompts, **kwargs):  # by name, so the order of the parameters is free
+        return [float(len(c) > len(p)) for p, c in zip(prompts, completions)]
+
+    metrics = P3OTrainer(str(assets["llama"]), [reward_len, reversed_names], train_dataset=prompt_rows(),
+                         args=args(tmp_path, max_steps=1)).train()
+    assert {"prompts", "completion_ids", "topic"} <= seen.keys() and len(seen["prompts"]) == 16  # 8 pairs
+    assert metrics["reward/reward_len"] <= 0 and 0 <= metrics["reward/reversed_names"] <= 1
+
+
 def test_a_flag_overrides_the_config_file_under_either_spelling(assets, tmp_path):
     """A file written with TRL's names (or by an older p3o, which kept both) is overridden by a flag
     under p3o's name, and the other way round."""

@@ -16,7 +16,7 @@ import torch
 
 from p3o.errors import UsageError
 from p3o.models.loading import load_tokenizer
-from p3o.reward.functions import RewardFunction, load_reward_function
+from p3o.reward.functions import RewardFunction, load_reward_function, takes_names
 from p3o.reward.model import RewardModelScorer
 from p3o.reward.remote import RemoteReward
 
@@ -101,8 +101,9 @@ def _reward_source(source, index: int, trust_remote_code: bool, batch_size: int,
 
 
 def check_reward_signature(fn: Callable, where: str) -> None:
-    """fn must take (prompts, completions, **kwargs): the dataset's other columns and completion_ids
-    come as keywords (a column may also be a named parameter, as `fn(prompts, completions, topic, **kw)`)."""
+    """fn must take (prompts, completions, **kwargs), or TRL's (completions, **kwargs): the dataset's
+    other columns and completion_ids come as keywords (a column may also be a named parameter, as
+    `fn(prompts, completions, topic, **kw)`)."""
     try:
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):  # builtins without a signature: trust them
@@ -110,10 +111,10 @@ def check_reward_signature(fn: Callable, where: str) -> None:
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     varargs = any(p.kind == p.VAR_POSITIONAL for p in params)
     varkw = any(p.kind == p.VAR_KEYWORD for p in params)
-    if not ((len(positional) >= 2 or varargs) and varkw):
+    if not ((len(positional) >= 2 or varargs or takes_names(fn)) and varkw):
         raise UsageError(f"{where} {getattr(fn, '__name__', fn)}{inspect.signature(fn)} must accept "
-                         "(prompts, completions, **kwargs): the dataset's other columns and completion_ids "
-                         "come as keyword arguments")
+                         "(prompts, completions, **kwargs), or (completions, **kwargs) as in TRL: the dataset's "
+                         "other columns and completion_ids come as keyword arguments")
 
 
 def _loaded_reward_model(model, where: str, trust_remote_code: bool, batch_size: int, device):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import math
 import sys
 from collections.abc import Iterable, Mapping
@@ -74,18 +75,30 @@ def check_rewards(values: Any, expected: int, name: str) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64)
 
 
+def takes_names(fn: Callable) -> bool:
+    """Whether `fn` names a `completions` parameter: then it is called as TRL calls reward functions,
+    every argument by keyword (`prompts=`, `completions=`, ...), so TRL's `fn(completions, **kwargs)`
+    works unchanged; otherwise positionally, `fn(prompts, completions, **kwargs)` under any names."""
+    try:
+        return "completions" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
+
+
 class RewardFunction:
-    """A user callable `fn(prompts, completions, **kwargs) -> list[float]`, checked on every call.
+    """A user callable `fn(prompts, completions, **kwargs) -> list[float]` (or TRL's
+    `fn(completions, **kwargs)`), checked on every call.
 
     kwargs are the prompt dataset's other columns (one entry per completion) and `completion_ids`.
     """
 
     def __init__(self, fn: Callable, name: str):
-        self.fn, self.name = fn, name
+        self.fn, self.name, self.by_name = fn, name, takes_names(fn)
 
     def __call__(self, prompts: list, completions: list, **kwargs) -> torch.Tensor:
         try:
-            values = self.fn(prompts, completions, **kwargs)
+            values = (self.fn(prompts=prompts, completions=completions, **kwargs) if self.by_name
+                      else self.fn(prompts, completions, **kwargs))
         except Exception as exc:
             raise RewardError(f"reward function {self.name} raised {type(exc).__name__}: {exc}") from exc
         return check_rewards(values, len(completions), f"function {self.name}")
