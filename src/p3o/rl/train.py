@@ -53,7 +53,9 @@ class P3OTrainer:
         (default: `args.model_name_or_path`).
     reward_funcs: a function `fn(prompts, completions, **kwargs)`, a function spec (`module:fn`,
         `file.py:fn`), a reward-model path or a loaded sequence-classification model, or a list of
-        them, summed with `args.reward_weights`; added to `args.reward_fn`/`args.reward_model`.
+        them, used after `args.reward_fn`, `args.reward_model` and `args.reward_url` and summed with
+        them under `args.reward_weights` (in that order). config.yaml records the args' own rewards
+        only: give paths and specs in `args` for a run its config.yaml replays.
     train_dataset, eval_dataset: a `datasets.Dataset`, an iterable dataset or a list of dicts (read
         whole), or a path or hub name; the columns and formats `p3o train` reads.
     processing_class: the tokenizer (default: the model's).
