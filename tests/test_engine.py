@@ -413,3 +413,18 @@ def test_entropy_of_the_sampled_responses_is_logged(assets, tmp_path, fused):
     seq = rollout
     expected = -(seq.old_token_logp * seq.response_mask).sum() / seq.response_mask.sum()
     assert metrics["entropy"] == pytest.approx(expected.item(), rel=1e-12) and metrics["entropy"] > 0
+
+
+def test_missing_eos_penalty_lowers_exactly_the_rewards_of_cut_off_responses(assets, tmp_path):
+    """TRL's --missing_eos_penalty: the same rollout (same seed), each response without an EOS token
+    scored P lower, the others as they were; truncated_fraction counts them."""
+    rollouts = [build_trainer(train_config(assets, tmp_path / str(p), missing_eos_penalty=p, max_new_tokens=3))
+                .collect_rollout(0)[0] for p in (0.0, 2.5)]
+    plain, penalised = rollouts
+    assert torch.equal(plain.response_ids, penalised.response_ids)
+    eos = build_trainer(train_config(assets, tmp_path / "e")).eos_ids
+    ended = torch.tensor([any(t in eos for t in ids[mask.bool()].tolist())
+                          for ids, mask in zip(plain.response_ids, plain.response_mask)])
+    assert 0 < ended.sum() < len(ended)  # both kinds in the rollout
+    assert torch.equal(plain.raw_rewards - penalised.raw_rewards, 2.5 * (~ended).double())
+    assert plain.stats["truncated_fraction"] == pytest.approx((~ended).float().mean().item())

@@ -106,6 +106,7 @@ class P3OConfig:
     logging_steps: int = option(1, "Print a summary line every N steps (metrics.jsonl always gets every step).")
     log_completions: int = option(2, "Prompts whose completions and rewards go to completions.jsonl every logging step (0: none).")
     reward_batch_size: int = option(64, "Sequences per reward-model forward pass.")
+    missing_eos_penalty: float = option(0.0, "Subtracted from the reward of a response that ends without an end-of-turn or EOS token (cut at --max_new_tokens), as TRL's option of that name. A reward model scores the reply re-rendered by its chat template, which closes every turn, so a cut-off reply otherwise scores as if it had ended.")
     mixed_precision: str = option("no", "no, bf16 or fp16 (passed to accelerate).", choices=("no", "bf16", "fp16"))
     report_to: str = option("none", "Also log metrics to: none, tensorboard, wandb, or several joined by commas (metrics.jsonl is always written).")
     overwrite: bool = option(False, "Allow a non-empty output_dir; files of the same name are replaced.")
@@ -123,7 +124,7 @@ class P3OConfig:
         "data": ("dataset", "dataset_name", "dataset_split", "dataset_config", "prompt_column", "chosen_column", "rejected_column",
                  "eval_dataset", "eval_steps", "eval_max_prompts"),
         "rewards": ("reward_fn", "reward_model", "reward_url", "reward_url_timeout", "reward_url_retries",
-                    "reward_weights", "monitor_reward_fn", "reward_batch_size"),
+                    "reward_weights", "monitor_reward_fn", "reward_batch_size", "missing_eos_penalty"),
         "rollout": ("max_steps", "num_train_epochs", "pairs_per_step", "num_generations", "max_new_tokens",
                     "max_completion_length", "max_prompt_length", "generation_backend", "vllm_gpu_memory_utilization",
                     "compile_sampling", "decoding_loop", "temperature", "top_k", "top_p"),
@@ -170,6 +171,7 @@ class P3OConfig:
         if self.log_completions < 0:
             raise UsageError("--log_completions must be >= 0")
         checks = [
+            (self.missing_eos_penalty >= 0, "--missing_eos_penalty must be >= 0 (it is subtracted)"),
             (self.temperature > 0, "--temperature must be > 0"),
             (0 < self.top_p <= 1, "--top_p must be in (0, 1]"),
             (self.top_k >= 0, "--top_k must be >= 0 (0 disables it)"),

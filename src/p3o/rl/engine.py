@@ -225,7 +225,12 @@ class Trainer:
         t0 = time.perf_counter()
         completions = self.completions(rollout)
         if not offline:
+            ended = ((response_ids.unsqueeze(-1) == torch.tensor(self.eos_ids or [-1], device=response_ids.device))
+                     .any(-1) & response_mask.bool()).any(-1).cpu()  # (B,) an end-of-turn/EOS token was sampled
+            rollout.stats["truncated_fraction"] = (~ended).float().mean().item()
             rollout.raw_rewards = self.score(self.reward, rows, completions, response_ids, response_mask, k)  # on the CPU
+            if self.cfg.missing_eos_penalty:  # before any scaling, as TRL does
+                rollout.raw_rewards = rollout.raw_rewards - self.cfg.missing_eos_penalty * (~ended).double()
             rollout.rewards = (rollout.raw_rewards if self.reward_scale is None else
                                self.reward_scale(rollout.raw_rewards, self.accelerator.device))
             parts = getattr(self.reward, "last_parts", {})
