@@ -151,8 +151,10 @@ def test_frontier_sweeps_draws_and_skips_finished_runs(assets, tmp_path):
     with open(out / "runs" / "dpo-beta0.3-seed0" / "eval.jsonl", "a") as f:
         f.write('{"step": 5, "kl"')  # a line torn by a crash is not fatal
     args = frontier_args(assets, tmp_path, out, *judge)
-    args[args.index("--dpo_learning_rate") + 1] = "5e-4"  # other settings: the dpo runs and their win rate are redone
-    assert main(args) == 0
+    args[args.index("--dpo_learning_rate") + 1] = "5e-4"  # other settings: refused, nothing deleted ...
+    assert main(args) == 2
+    assert stamps[0] == (out / "runs" / "dpo-beta0.1-seed0" / "model.safetensors").stat().st_mtime_ns
+    assert main([*args, "--overwrite"]) == 0  # ... unless asked: the dpo runs and their win rate are redone
     assert (out / "runs" / "dpo-beta0.1-seed0" / "model.safetensors").stat().st_mtime_ns != stamps[0]
     assert (out / "winrates" / "p3o-v2-vs-sft-seed0.json").stat().st_mtime_ns == stamps[1]  # p3o-v2 untouched
     assert json.loads((out / "winrates" / "dpo-vs-sft-seed0.json").read_text())["config"]["model_a"].endswith("dpo-beta0.1-seed0")
@@ -160,12 +162,27 @@ def test_frontier_sweeps_draws_and_skips_finished_runs(assets, tmp_path):
 
 def test_frontier_reports_failed_runs_and_keeps_the_rest(assets, tmp_path, capsys):
     out = tmp_path / "sweep"
-    args = frontier_args(assets, tmp_path, out)
-    args[args.index("--dpo_betas") + 1] = "-1"  # refused by p3o train: that run fails, the others finish
+    args = frontier_args(assets, tmp_path, out, "--dpo_betas", "0.1")
+    write_jsonl(tmp_path / "bad-prefs.jsonl", [{"prompt": "a", "chosen": " b"}] * 4)  # no rejected column
+    args[args.index("--preference_dataset") + 1] = str(tmp_path / "bad-prefs.jsonl")  # the dpo run fails, p3o-v2 not
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "1 of 2 runs failed" in err[0] and "dpo-beta-1-seed0.log" in err[0]
+    assert len(err) == 1 and "1 of 2 runs failed" in err[0] and "dpo-beta0.1-seed0.log" in err[0]
     assert (out / "points.csv").is_file() and (out / "runs" / "p3o-v2-beta0.05-seed0" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("mistake", [("--dpo_betas", "-1", "beta"), ("--train_config", "typo", "learning_rat"),
+                                     ("--output_dir", "file", "is a file")])
+def test_frontier_checks_every_run_s_settings_before_writing_anything(assets, tmp_path, capsys, mistake):
+    flag, value, message = mistake
+    (tmp_path / "typo.yaml").write_text("learning_rat: 0.001\n")
+    (tmp_path / "file").write_text("mine")
+    value = {"typo": str(tmp_path / "typo.yaml"), "file": str(tmp_path / "file")}.get(value, value)
+    args = frontier_args(assets, tmp_path, tmp_path / "sweep")
+    args = [*args[:args.index(flag)], *args[args.index(flag) + 2:]] if flag in args else args
+    assert main([*args, flag, value]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "sweep").exists() and (tmp_path / "file").read_text() == "mine"
 
 
 def test_frontier_refuses_a_train_config_that_sets_what_it_sweeps(assets, tmp_path, capsys):

@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,10 +29,11 @@ from p3o.errors import UsageError
 from p3o.eval.plots import plot_frontier
 from p3o.eval.winrate import WinrateConfig, run_winrate, win_rate_interval
 from p3o.models.loading import _check_exists, _looks_local
-from p3o.options import option, read_yaml_config
+from p3o.options import _coerce, option, read_yaml_config
 from p3o.pipeline.demo import build_task_base
 from p3o.reward import load_reward_function
 from p3o.rl.algorithms import ALGORITHMS, default_setting, get_algorithm
+from p3o.tasks import get_task
 from p3o.utils.checkpoints import same_setting
 from p3o.utils.io import atomic_write_text
 
@@ -69,6 +71,7 @@ class FrontierConfig:
     num_workers: int = option(0, "Runs in parallel, one thread each; 0: one per CPU core.")
     judge: str | None = option(None, "Judge for the win-rate table (gold:TASK, reward_model:PATH, reward_fn:SPEC, ...); default gold:TASK for an embedded task.")
     winrate_prompts: int = option(200, "Held-out prompts per win rate.")
+    overwrite: bool = option(False, "Retrain the runs whose directory holds a run made with other settings (without it such a sweep is refused: no run is deleted silently).")
     disable_progress_bar: bool = option(False, "Hide progress bars.")
 
     def __post_init__(self) -> None:
@@ -147,12 +150,18 @@ def plan_runs(cfg: FrontierConfig) -> list[Run]:
 
 def run_frontier(cfg: FrontierConfig) -> dict:
     out = Path(cfg.output_dir)
-    if not cfg.task:
-        check_inputs(cfg)  # before anything is written: a bad path is one clear line, not N failed runs
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output_dir {out} is a file; give a directory")
+    runs = plan_runs(cfg)
+    # Before anything is written: a bad path, a typo in --train_config or a bad value is one clear
+    # line, not N failed runs (nor a base built for nothing).
+    get_task(cfg.task) if cfg.task else check_inputs(cfg)
+    for run in runs:
+        check_settings(run_settings(cfg, run, dict.fromkeys(SOURCES, "checked"), out / "runs" / run.name), run)
     out.mkdir(parents=True, exist_ok=True)
     sources = _sources(cfg, out)
-    runs = plan_runs(cfg)
     settings = {r: run_settings(cfg, r, sources, out / "runs" / r.name) for r in runs}
+    _refuse_replacing_other_runs(cfg, out, runs, settings)
     todo = [r for r in runs if not is_finished(out / "runs" / r.name, settings[r])]
     log.info("frontier: %d runs (%d finished already, %d to train) in %s", len(runs), len(runs) - len(todo), len(todo), out)
     failed = _train_all(cfg, out, todo, settings)
@@ -167,6 +176,30 @@ def run_frontier(cfg: FrontierConfig) -> dict:
         raise UsageError(f"{len(failed)} of {len(runs)} runs failed (see {logs}); the frontier shows the others. "
                          "Fix the cause and run the same command again: finished runs are kept")
     return summary
+
+
+SOURCES = ("model", "reward_model", "reward_fn", "dataset", "eval_dataset", "preferences", "gold")
+
+
+def check_settings(settings: dict, run: Run) -> None:
+    """A run's `p3o train` settings as `p3o train --config` would read them: no unknown key, every
+    value of its type and in range."""
+    from p3o.rl.config import P3OConfig
+
+    fields = {f.name: f for f in dataclasses.fields(P3OConfig)}
+    where = f"run {run.name}"
+    if unknown := sorted(set(settings) - set(fields)):
+        raise UsageError(f"{where}: unknown `p3o train` option {unknown[0]!r} (from --train_config?); see p3o train --help")
+    P3OConfig(**{k: _coerce(fields[k], v, where) for k, v in settings.items()})
+
+
+def _refuse_replacing_other_runs(cfg: FrontierConfig, out: Path, runs: list[Run], settings: dict) -> None:
+    """A run directory made with other settings is retrained (so deleted) only with --overwrite."""
+    other = [r for r in runs if (out / "runs" / r.name).exists() and not _same_settings(out / "runs" / r.name, settings[r])]
+    if other and not cfg.overwrite:
+        names = ", ".join(r.name for r in other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
+        raise UsageError(f"{out / 'runs'} holds {names} made with other settings than these; pass --overwrite to "
+                         "retrain them (their results are deleted), or use a new --output_dir")
 
 
 def _sources(cfg: FrontierConfig, out: Path) -> dict:
@@ -241,7 +274,8 @@ def _same_settings(run_dir: Path, settings: dict) -> bool:
 
 def _train_all(cfg: FrontierConfig, out: Path, todo: list[Run], settings: dict) -> list[Run]:
     """Train the runs in parallel subprocesses, one thread each; returns the ones that failed. A run
-    left unfinished continues from its checkpoint; one made with other settings starts again."""
+    left unfinished continues from its checkpoint; one made with other settings starts again (only
+    with --overwrite: `_refuse_replacing_other_runs`)."""
     import shutil
 
     (out / "logs").mkdir(exist_ok=True)
