@@ -56,6 +56,13 @@ def paths(assets, tmp_path_factory):
     no_pad_tokenizer.pad_token = None
     no_pad_tokenizer.save_pretrained(nopad)
 
+    truncated = shutil.copytree(assets["llama"], root / "truncated")  # a download or copy cut short
+    weights = next(truncated.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    no_weights = shutil.copytree(assets["llama"], root / "no_weights")
+    next(no_weights.glob("*.safetensors")).unlink()
+    (root / "fake.gguf").write_text("not a gguf file")
+
     sft_section = {"model_name_or_path": str(assets["llama"]), "dataset": str(root / "sft.jsonl"), "max_length": 32,
                    "learning_rate": 1e-3, "eval_fraction": 0.2, "disable_progress_bar": True}
     train_section = {"dataset": str(assets["prompts"]), "reward_fn": f"{assets['rewards']}:fruit", "max_steps": 1,
@@ -129,6 +136,20 @@ def with_(args, flag, value):
 
 
 CASES = [
+    pytest.param(with_(train(), "--model_name_or_path", "{F}/truncated"), ["could not read the weights", "truncated"],
+                 id="train-truncated-weights"),
+    pytest.param(with_(sft(), "--model_name_or_path", "{F}/no_weights"), ["could not read the weights", "no_weights"],
+                 id="sft-no-weights"),
+    pytest.param(with_(evaluate(), "--model_name_or_path", "{F}/truncated"), ["could not read the weights"],
+                 id="eval-truncated-weights"),
+    pytest.param(["fetch-model", "{F}/fake.gguf", "--output_dir", "{out}/m"], ["fake.gguf", "not a GGUF file"],
+                 id="fetch-model-not-gguf"),
+    pytest.param(with_(train(), "--reward_fn", "{rewards}"), ["name the function too"], id="train-reward-fn-no-function"),
+    pytest.param(train("--adam_beta1", "1.5"), ["--adam_beta1 and --adam_beta2 must be in [0, 1)"], id="train-adam-beta"),
+    pytest.param(train("--adam_epsilon", "-1"), ["--adam_epsilon must be > 0"], id="train-adam-epsilon"),
+    pytest.param(train("--weight_decay", "-0.1"), ["--weight_decay must be >= 0"], id="train-weight-decay"),
+    pytest.param(train("--warmup_steps", "-1"), ["--warmup_steps must be >= 0"], id="train-warmup-steps"),
+    pytest.param(sft("--weight_decay", "-0.1"), ["--weight_decay must be >= 0"], id="sft-weight-decay"),
     # p3o train (its missing files, malformed/missing-column/empty data, unknown --algo, pairs/minibatch, NaN and
     # raising rewards, a non-empty --output_dir are in test_cli.py)
     pytest.param(with_(train(), "--reward_fn", "p3o.no_such_module:fn"), ["cannot import module 'p3o.no_such_module'"],
@@ -345,3 +366,25 @@ def test_a_prompt_longer_than_the_context_is_reported(paths, tmp_path, capsys, c
                    for w in warnings), warnings
     else:
         assert code == 2 and len(err) == 1 and "context" in err[0], (code, err)
+
+
+@pytest.mark.parametrize("template", [train(), sft(), winrate()], ids=["train", "sft", "winrate"])
+def test_an_output_place_this_user_cannot_write_is_refused_before_the_work(paths, tmp_path, capsys, monkeypatch, template):
+    """(The tests run as root, who may write anywhere: the check's os.access answers as for another user.)"""
+    import p3o.utils.io
+
+    monkeypatch.setattr(p3o.utils.io.os, "access", lambda path, mode: False)
+    assert_one_line_and_untouched(fill(template, paths, tmp_path / "out"), capsys, tmp_path, "keep.txt",
+                                  ["is not writable by this user"])
+
+
+def test_a_permission_error_the_checks_did_not_foresee_is_one_line(monkeypatch, capsys):
+    import p3o.cli
+
+    def refused(args):
+        raise PermissionError(13, "Permission denied", "/runs/x/metrics.jsonl")
+
+    monkeypatch.setattr(p3o.cli, "run_command", refused)
+    code, err = run_cli(["tiny-model", "--output_dir", "/runs/x"], capsys)
+    assert code == 2 and err == ["p3o tiny-model: error: cannot write /runs/x/metrics.jsonl: permission denied; "
+                                 "choose a place you can write to"]

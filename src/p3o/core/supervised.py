@@ -123,6 +123,7 @@ class SupervisedConfig:
             (self.learning_rate > 0, "--learning_rate must be > 0"),
             (0 <= self.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
             (self.warmup_steps >= 0, "--warmup_steps must be >= 0"),
+            (self.weight_decay >= 0, "--weight_decay must be >= 0"),
             (self.eval_steps >= 0, "--eval_steps must be >= 0 (0: evaluate at each epoch's end only)"),
             (self.lora_alpha > 0, "--lora_alpha must be > 0"),
             (self.max_grad_norm >= 0, "--max_grad_norm must be >= 0 (0 disables clipping)"),

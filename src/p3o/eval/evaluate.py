@@ -18,7 +18,7 @@ from pathlib import Path
 from p3o.data.prompts import load_prompts
 from p3o.errors import UsageError
 from p3o.options import option
-from p3o.utils.io import atomic_write_text
+from p3o.utils.io import atomic_write_text, check_writable
 
 log = logging.getLogger("p3o")
 
@@ -118,6 +118,7 @@ def check_outputs(cfg: EvalConfig) -> dict[str, Path]:
                 raise UsageError(f"{path} would overwrite --{flag}; choose another --output_file")
         if path.exists() and not cfg.overwrite:
             raise UsageError(f"{path} exists; pass --overwrite to replace it, or choose another --output_file")
+        check_writable(path.parent, "--output_file")
     return paths
 
 

@@ -157,7 +157,7 @@ def run_frontier(cfg: FrontierConfig) -> dict:
     # line, not N failed runs (nor a base built for nothing).
     get_task(cfg.task) if cfg.task else check_inputs(cfg)
     for run in runs:
-        check_settings(run_settings(cfg, run, dict.fromkeys(SOURCES, "checked"), out / "runs" / run.name), run)
+        check_settings(run_settings(cfg, run, dict.fromkeys(SOURCES, "checked.py:fn"), out / "runs" / run.name), run)
     out.mkdir(parents=True, exist_ok=True)
     sources = _sources(cfg, out)
     settings = {r: run_settings(cfg, r, sources, out / "runs" / r.name) for r in runs}

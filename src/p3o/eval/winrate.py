@@ -30,7 +30,7 @@ from p3o.eval.judges import ABSTAIN, JudgeSettings, build_judge, check_judge, or
 from p3o.models.loading import _check_exists, eos_token_ids, load_causal_lm, load_tokenizer
 from p3o.options import option
 from p3o.rl.rollout import decode_completions, generation_config, pad_prompts, prompt_budget, sample_responses
-from p3o.utils.io import atomic_write_text
+from p3o.utils.io import atomic_write_text, check_writable
 from p3o.utils.seeding import seed_global_rng
 
 log = logging.getLogger(__name__)
@@ -219,6 +219,7 @@ def check_output_file(cfg: WinrateConfig) -> Path:
         raise UsageError(f"--output_file {out} is a directory; give a file name such as {out / 'winrate.json'}")
     if out.exists() and not cfg.overwrite:
         raise UsageError(f"--output_file {out} exists; pass --overwrite to replace it, or choose another file")
+    check_writable(out.parent, "--output_file")
     return out
 
 

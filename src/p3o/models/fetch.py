@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from p3o.errors import UsageError
-from p3o.models.loading import context_length, load_causal_lm, pretrained_source
+from p3o.models.loading import _not_found, context_length, load_causal_lm, pretrained_source
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,10 @@ def load_gguf_checkpoint(gguf: Path, dtype: str = "float32"):
 
     source, extra = pretrained_source(str(gguf))
     # Not `load_tokenizer`: that one sets p3o's run-time choices (left padding), not the model's own.
-    tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+    except (OSError, ValueError) as exc:  # not a GGUF file, or a damaged one
+        raise _not_found(str(gguf), "tokenizer", exc) from None
     model = load_causal_lm(str(gguf), dtype=dtype)
     _settle_limits(model, tokenizer)
     return model, tokenizer

@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from p3o.data.turns import special_ids, stop_token_ids
@@ -89,7 +90,14 @@ def _check_exists(name: str, what: str) -> None:
 
 def _not_found(name: str, what: str, exc: Exception) -> UsageError:
     where = "" if Path(name).exists() else " (no such local directory, and the hub did not provide it)"
-    return UsageError(f"could not load a {what} from {name}{where}: {str(exc).splitlines()[0]}")
+    return UsageError(f"could not load a {what} from {name}{where}: {one_line(exc)}")
+
+
+def one_line(exc: Exception, limit: int = 300) -> str:
+    """A library's error message on one line (some end their first line with a colon and list the
+    rest below), cut at `limit` characters."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
@@ -139,7 +147,10 @@ def load_causal_lm(name: str, trust_remote_code: bool = False, dtype: str = "flo
                                                      **gguf_model_kwargs(extra))
     except ValueError as exc:
         raise UsageError(f"{what} {name} is not a causal language model ({type(config).__name__}): "
-                         f"{str(exc).splitlines()[0]}") from None
+                         f"{one_line(exc)}") from None
+    except (OSError, SafetensorError) as exc:  # weights missing, truncated or unreadable
+        raise UsageError(f"could not read the weights of {what} {name}: {one_line(exc)}; give a complete "
+                         "checkpoint (config.json with model.safetensors, or a .gguf file)") from None
     disable_dropout(model)
     return as_plain_model(model)
 

@@ -145,6 +145,10 @@ class P3OConfig:
         for name in ("reward_fn", "reward_model", "reward_url"):  # one path is a list of one
             if isinstance(getattr(self, name), str):
                 setattr(self, name, [getattr(self, name)])
+        for spec in self.reward_fn or []:  # else it would be taken for a reward model's path
+            if ":" not in spec:
+                raise UsageError(f"--reward_fn {spec}: name the function too, as path/to/file.py:function or "
+                                 "package.module:function")
         # TRL's names fold into p3o's and are cleared, so the config (and config.yaml, and
         # dataclasses.replace) holds one spelling, which a flag or a replace then overrides.
         if self.max_completion_length is not None:
@@ -180,6 +184,10 @@ class P3OConfig:
             (self.importance_clamp >= 1, "--importance_clamp (C) must be >= 1"),
             (self.learning_rate > 0, "--learning_rate must be > 0"),
             (0 <= self.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
+            (self.warmup_steps >= 0, "--warmup_steps must be >= 0"),
+            (self.weight_decay >= 0, "--weight_decay must be >= 0"),
+            (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "--adam_beta1 and --adam_beta2 must be in [0, 1)"),
+            (self.adam_epsilon > 0, "--adam_epsilon must be > 0"),
             (self.max_grad_norm >= 0, "--max_grad_norm must be >= 0 (0 disables clipping)"),
             (self.delta_clip is None or self.delta_clip > 0, "--delta_clip must be > 0"),
             (self.reward_clip > 0, "--reward_clip must be > 0"),

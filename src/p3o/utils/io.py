@@ -50,12 +50,23 @@ def run_directory(output_dir: str, overwrite: bool, inputs: dict[str, str | None
         raise
 
 
+def check_writable(path: str | Path, flag: str = "--output_dir") -> None:
+    """`path` can be created (or written) by this user: its nearest existing folder is writable. Checked
+    before the work, so a run or an evaluation is not computed only to fail at its first write."""
+    existing = Path(path).expanduser().absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: {existing} is not writable by this user; choose a place you can write to")
+
+
 def check_output_dir(output_dir: str, overwrite: bool, inputs: dict[str, str | None]) -> None:
     """`run_directory`'s checks alone, creating nothing: before anything expensive is loaded."""
     _refuse_overwriting_inputs(output_dir, inputs)
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_dir {output_dir} is a file; give a directory")
+    check_writable(out)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise _not_empty(output_dir)
 
@@ -65,6 +76,7 @@ def prepare_output_dir(path: str, overwrite: bool) -> Path:
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_dir {path} is a file; give a directory")
+    check_writable(out)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise _not_empty(path)
     out.mkdir(parents=True, exist_ok=True)
