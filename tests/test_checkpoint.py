@@ -115,6 +115,14 @@ def test_resume_refuses_changed_settings_and_a_directory_without_checkpoints(ass
     assert "holds no complete checkpoint" in capsys.readouterr().err and (other / "notes.txt").read_text() == "mine"
     fresh = tmp_path / "fresh"  # nothing there yet: --resume starts from the beginning
     assert main(cli_args(assets, fresh, "--resume", "--max_steps", "2")) == 0
+    # A longer run resumes where the schedule does not span the run (the default), not under a decay
+    constant = cli_args(assets, tmp_path / "constant", "--save_steps", "1")
+    assert main([*constant, "--max_steps", "2"]) == 0
+    assert main([*constant, "--max_steps", "3", "--resume"]) == 0
+    linear = cli_args(assets, tmp_path / "linear", "--lr_scheduler_type", "linear", "--save_steps", "1")
+    assert main([*linear, "--max_steps", "2"]) == 0
+    assert main([*linear, "--max_steps", "3", "--resume"]) == 2
+    assert "--max_steps 2 -> 3" in capsys.readouterr().err
 
 
 def test_the_python_api_resumes_from_checkpoint_as_transformers_does(assets, tmp_path, capsys):

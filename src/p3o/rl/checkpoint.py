@@ -23,6 +23,14 @@ from p3o.utils.io import save_pretrained_atomically
 RESUMABLE_CHANGES = RESUMABLE_RUN_SETTINGS | {"max_steps", "log_completions", "max_completion_length", "dataset_name"}
 
 
+def resumable_changes(cfg) -> set[str]:
+    """RESUMABLE_CHANGES for this run: a longer (or shorter) --max_steps continues a run exactly only
+    where the learning-rate schedule does not span the run (constant, warm-up in steps)."""
+    spans_the_run = cfg.lr_scheduler_type not in ("constant", "constant_with_warmup") or (
+        cfg.warmup_ratio > 0 and not cfg.warmup_steps)
+    return RESUMABLE_CHANGES - {"max_steps"} if spans_the_run else RESUMABLE_CHANGES
+
+
 def save_checkpoint(trainer, out: Path, limit: int | None) -> Path:
     """Write checkpoint-<step>. Every process must call it (gathering a sharded state dict is a
     collective); only the main process writes."""

@@ -25,7 +25,7 @@ from p3o.models.lora import ADAPTER_DIR, in_saved_dtypes, is_lora, merged_lora_s
 from p3o.models.value_head import VALUE_HEAD_FILE, split_state_dict
 from p3o.reward import build_rewards, score_in
 from p3o.rl.algorithms import get_algorithm
-from p3o.rl.checkpoint import RESUMABLE_CHANGES, load_policy_weights, load_training_state, save_checkpoint
+from p3o.rl.checkpoint import load_policy_weights, load_training_state, resumable_changes, save_checkpoint
 from p3o.rl.config import P3OConfig, TrainConfig, check_reward_sources, derive_sizes
 from p3o.rl.engine import Trainer
 from p3o.utils.callbacks import CallbackHandler
@@ -100,7 +100,7 @@ class P3OTrainer:
         if resume_from_checkpoint is True:
             checkpoint = _resume_point(self.args)
         elif resume_from_checkpoint:
-            checkpoint = given_checkpoint(resume_from_checkpoint, dataclasses.asdict(self.args), RESUMABLE_CHANGES)
+            checkpoint = given_checkpoint(resume_from_checkpoint, dataclasses.asdict(self.args), resumable_changes(self.args))
         if checkpoint is not None:
             load_policy_weights(self.engine, checkpoint)
             load_training_state(self.engine, checkpoint)
@@ -251,7 +251,7 @@ def _has_checkpoint(cfg: P3OConfig) -> bool:
 
 
 def _resume_point(cfg: P3OConfig) -> Path | None:
-    return resume_point(cfg.output_dir, dataclasses.asdict(cfg), RESUMABLE_CHANGES)
+    return resume_point(cfg.output_dir, dataclasses.asdict(cfg), resumable_changes(cfg))
 
 
 def _run(api: P3OTrainer, out: Path, resuming: bool) -> dict:
