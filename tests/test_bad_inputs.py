@@ -62,6 +62,8 @@ def paths(assets, tmp_path_factory):
     no_weights = shutil.copytree(assets["llama"], root / "no_weights")
     next(no_weights.glob("*.safetensors")).unlink()
     (root / "fake.gguf").write_text("not a gguf file")
+    write_jsonl(root / "usr.jsonl", [{"prompt": [{"role": "usr", "content": "story : the cat"}]}])
+    write_jsonl(root / "no_content.jsonl", [{"prompt": [{"role": "user"}]}])
 
     sft_section = {"model_name_or_path": str(assets["llama"]), "dataset": str(root / "sft.jsonl"), "max_length": 32,
                    "learning_rate": 1e-3, "eval_fraction": 0.2, "disable_progress_bar": True}
@@ -145,6 +147,10 @@ CASES = [
     pytest.param(["fetch-model", "{F}/fake.gguf", "--output_dir", "{out}/m"], ["fake.gguf", "not a GGUF file"],
                  id="fetch-model-not-gguf"),
     pytest.param(with_(train(), "--reward_fn", "{rewards}"), ["name the function too"], id="train-reward-fn-no-function"),
+    pytest.param(with_(train(), "--dataset", "{F}/usr.jsonl"), ["row 1", "role 'usr'", "did you mean 'user'"],
+                 id="train-chat-role-typo"),
+    pytest.param(with_(train(), "--dataset", "{F}/no_content.jsonl"), ["row 1", "message 0 has no content"],
+                 id="train-chat-message-without-content"),
     pytest.param(train("--adam_beta1", "1.5"), ["--adam_beta1 and --adam_beta2 must be in [0, 1)"], id="train-adam-beta"),
     pytest.param(train("--adam_epsilon", "-1"), ["--adam_epsilon must be > 0"], id="train-adam-epsilon"),
     pytest.param(train("--weight_decay", "-0.1"), ["--weight_decay must be >= 0"], id="train-weight-decay"),

@@ -264,9 +264,15 @@ def test_encodings_and_empty_prompts(assets, tmp_path, capsys):
     assert "row 2: the prompt is empty" in error_of(capsys, train_args(assets, tmp_path / "c", "--dataset", str(empty)))
 
 
-def test_tiny_model_refuses_heads_that_do_not_divide(tmp_path, capsys):
-    assert main(["tiny-model", "--words", "a b", "--num_heads", "3", "--output_dir", str(tmp_path / "m")]) == 2
-    assert "multiple of --num_heads 3" in capsys.readouterr().err and not (tmp_path / "m").exists()
+@pytest.mark.parametrize("extra, message", [
+    (["--words", "a b", "--num_heads", "3"], "multiple of --num_heads 3"),
+    (["--words", "a b", "--num_layers", "0"], "--num_layers must be at least 1, got 0"),
+    (["--corpus", "{empty}"], "no vocabulary"), ([], "no vocabulary")])
+def test_tiny_model_refuses_shapes_and_corpora_it_cannot_build(tmp_path, capsys, extra, message):
+    (tmp_path / "empty.txt").write_text("")
+    extra = [a.format(empty=tmp_path / "empty.txt") for a in extra]
+    assert main(["tiny-model", *extra, "--output_dir", str(tmp_path / "m")]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "m").exists()
 
 
 def test_progress_bar_shows_step_reward_and_kl(assets, tmp_path, capsys):

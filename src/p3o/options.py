@@ -69,3 +69,11 @@ def read_yaml_config(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UsageError(f"config file {path} must be a mapping of option names to values")
     return data
+
+
+def did_you_mean(key: str, known) -> str:
+    """" (did you mean 'learning_rate'?)" for a near miss among `known`, else ""."""
+    import difflib
+
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

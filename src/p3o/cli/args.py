@@ -9,7 +9,7 @@ import dataclasses
 from typing import TypeVar
 
 from p3o.errors import UsageError
-from p3o.options import _coerce, _scalar_type, is_list, option, read_yaml_config  # noqa: F401 (re-exported)
+from p3o.options import _coerce, _scalar_type, did_you_mean, is_list, option, read_yaml_config  # noqa: F401 (re-exported)
 
 C = TypeVar("C")
 
@@ -49,7 +49,7 @@ def build_config(cls: type[C], namespace: argparse.Namespace) -> C:
     if config_path:
         for key, value in read_yaml_config(config_path).items():
             if key not in fields:
-                raise UsageError(f"{config_path}: unknown option {key!r}; valid options: {', '.join(fields)}")
+                raise UsageError(f"{config_path}: unknown option {key!r}{did_you_mean(key, fields)}; see the command's --help")
             values[key] = _coerce(fields[key], value, config_path)
     for key, value in vars(namespace).items():
         if key in fields:

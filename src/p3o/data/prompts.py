@@ -7,6 +7,7 @@ from typing import Any
 from p3o.data.files import read_rows, require_columns
 from p3o.data.turns import ReplyEnds
 from p3o.errors import UsageError
+from p3o.options import did_you_mean
 
 
 @dataclass
@@ -33,6 +34,7 @@ def render_prompt(prompt: Any, tokenizer, where: str, add_generation_prompt: boo
     if isinstance(prompt, str):
         return prompt
     if is_conversational(prompt):
+        _check_roles(prompt, where)
         if not getattr(tokenizer, "chat_template", None):
             raise UsageError(f"{where}: the prompt is a list of chat messages but the tokenizer has no chat "
                              "template; give plain-text prompts or a tokenizer with a chat_template")
@@ -47,8 +49,32 @@ def render_prompt(prompt: Any, tokenizer, where: str, add_generation_prompt: boo
             raise UsageError(f"{where}: the tokenizer's chat template refused these messages "
                              f"({type(exc).__name__}: {exc})") from None
         return text
+    _check_messages(prompt, where)
     raise UsageError(f"{where}: a prompt must be text or a list of {{'role', 'content'}} messages, "
                      f"got {type(prompt).__name__}")
+
+
+# Roles that chat templates know; another (a typo such as "usr") most templates would render silently.
+ROLES = ("system", "developer", "user", "assistant", "tool", "ipython", "function")
+
+
+def _check_messages(prompt: Any, where: str) -> None:
+    """A list of message dicts that is not quite one says which message and what it lacks."""
+    if not (isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt)):
+        return
+    for i, message in enumerate(prompt):
+        missing = [key for key in ("role", "content") if key not in message]
+        if missing:
+            raise UsageError(f"{where}: message {i} has no {' and no '.join(missing)}; each message needs "
+                             "'role' and 'content'")
+
+
+def _check_roles(prompt: list, where: str) -> None:
+    for i, message in enumerate(prompt):
+        if message["role"] not in ROLES:
+            role = str(message["role"])
+            raise UsageError(f"{where}: message {i} has role {role!r}{did_you_mean(role, ROLES)}; roles are "
+                             f"{', '.join(ROLES)}")
 
 
 _OPENS_REPLIES: set[str] = set()  # chat templates whose generation prompt was checked (a template's property)

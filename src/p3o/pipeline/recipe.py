@@ -17,7 +17,7 @@ from p3o.data.converters import CONVERTERS, convert_rows
 from p3o.data.files import LOCAL_SUFFIXES, read_rows
 from p3o.errors import UsageError
 from p3o.models.loading import _check_exists, _looks_local
-from p3o.options import _coerce, read_yaml_config
+from p3o.options import _coerce, did_you_mean, read_yaml_config
 from p3o.reward import load_reward_function
 from p3o.reward.train import RMConfig, run_rm
 from p3o.rl.config import TrainConfig, derive_sizes
@@ -66,7 +66,9 @@ def _chain(recipe: dict, out: Path, path: str, overwrite: bool) -> dict[str, Any
         values.update(output_dir=str(out / name), overwrite=overwrite)
         bad = set(values) - fields
         if bad:
-            raise UsageError(f"{path}: unknown option {sorted(bad)[0]!r} in section {name}; see `p3o {name} --help`")
+            key = sorted(bad)[0]
+            raise UsageError(f"{path}: unknown option {key!r} in section {name}{did_you_mean(key, fields)}; see "
+                             f"`p3o {name} --help`")
         stages[name] = (classes[name](**_typed(classes[name], values, f"{path}: {name}")), fmt)
     return stages
 

@@ -90,6 +90,12 @@ def _not_empty(path: str) -> UsageError:
                       "a new directory")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temporary file in the same directory, fsync, then rename over `path`."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -98,6 +104,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would outlive the rename: as open() would make it
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
