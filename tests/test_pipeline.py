@@ -80,6 +80,37 @@ def test_check_finds_what_the_run_would_refuse_before_running_anything(tmp_path,
     assert not (tmp_path / "run").exists()
 
 
+def test_resume_keeps_finished_stages_after_a_later_one_failed(tmp_path, assets, capsys):
+    """The train stage fails (its reward returns NaN) after SFT finished; the recipe is fixed and run
+    again with --resume: SFT is kept as it was, train runs. A finished stage with other settings is refused."""
+    from conftest import write_jsonl
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"story : the {n} is", "completion": " a cat ."}
+                                               for n in ("cat", "dog", "cow", "fish")])
+    (tmp_path / "nan.py").write_text("def nan(prompts, completions, **kw):\n    return [float('nan')] * len(prompts)\n")
+    sections = {"output_dir": str(tmp_path / "run"),
+                "sft": {"model_name_or_path": str(assets["llama"]), "dataset": str(data), "max_length": 32,
+                        "eval_fraction": 0.25, "disable_progress_bar": True},
+                "train": {"dataset": str(data), "reward_fn": f"{tmp_path / 'nan.py'}:nan", "max_steps": 1,
+                          "pairs_per_step": 2, "max_new_tokens": 2, "disable_progress_bar": True}}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(sections))
+    assert main(["pipeline", "--config", str(recipe)]) == 2
+    sft_model = tmp_path / "run" / "sft" / "model.safetensors"
+    stamp = sft_model.stat().st_mtime_ns
+    sections["train"]["reward_fn"] = f"{assets['rewards']}:fruit"  # fixed
+    recipe.write_text(yaml.safe_dump(sections))
+    assert main(["pipeline", "--config", str(recipe)]) == 2  # without --resume: the finished stage is not redone
+    assert "not empty" in capsys.readouterr().err
+    assert main(["pipeline", "--config", str(recipe), "--resume"]) == 0
+    assert sft_model.stat().st_mtime_ns == stamp and (tmp_path / "run" / "train" / "model.safetensors").is_file()
+    assert "sft finished already" in capsys.readouterr().out
+    sections["sft"]["learning_rate"] = 0.5
+    recipe.write_text(yaml.safe_dump(sections))
+    assert main(["pipeline", "--config", str(recipe), "--resume"]) == 2
+    assert "stage sft finished" in capsys.readouterr().err and sft_model.stat().st_mtime_ns == stamp
+
+
 def test_a_train_section_with_a_reward_function_keeps_the_sft_model(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "o"), "sft": {"model_name_or_path": "m", "dataset": "d"},

@@ -8,12 +8,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--config", required=True, help="Recipe: output_dir and sections sft, rm, train (see configs/recipes/).")
     parser.add_argument("--output_dir", help="Overrides the recipe's output_dir.")
     parser.add_argument("--overwrite", action="store_true", help="Allow non-empty stage directories.")
+    parser.add_argument("--resume", action="store_true", help="Keep the stages that finished with these settings and "
+                        "continue an interrupted one from its latest checkpoint (a recipe whose later stage failed, "
+                        "fixed and run again).")
     parser.add_argument("--check", action="store_true", help="Only load and check the recipe (options, models, data "
                         "files, reward functions, batch sizes, stage directories), as a run does first; run nothing.")
 
 
 def run(args) -> None:
-    overrides = {"output_dir": args.output_dir, "overwrite": args.overwrite}
+    overrides = {"output_dir": args.output_dir, "overwrite": args.overwrite, "resume": args.resume}
     if args.check:
         recipe = load_recipe(args.config, overrides)
         check_stages(recipe, recipe["output_dir"])

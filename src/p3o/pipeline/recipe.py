@@ -23,6 +23,7 @@ from p3o.reward.train import RMConfig, run_rm
 from p3o.rl.config import TrainConfig, derive_sizes
 from p3o.rl.train import run_train
 from p3o.sft.train import SFTConfig, run_sft
+from p3o.utils.checkpoints import same_setting
 from p3o.utils.io import atomic_write_text
 
 STAGES = ("sft", "rm", "train")
@@ -79,18 +80,51 @@ def _typed(cls, values: dict, where: str) -> dict:
 
 
 def run_recipe(path: str, overrides: dict[str, Any] | None = None) -> Path:
+    """Run the recipe's stages in order. With overrides["resume"], a stage that finished (its model
+    saved) with the same settings is kept, and one that was interrupted continues from its latest
+    checkpoint: a recipe whose last stage failed is fixed and run again without redoing the others."""
     recipe = load_recipe(path, overrides)
     out = recipe["output_dir"]
+    if (overrides or {}).get("resume"):
+        recipe.update({name: (dataclasses.replace(recipe[name][0], resume=True), recipe[name][1])
+                       for name in STAGES if name in recipe})
     check_stages(recipe, out)
     runners = {"sft": run_sft, "rm": run_rm, "train": run_train}
     for name in STAGES:
         if name in recipe:
             cfg, fmt = recipe[name]
+            if cfg.resume and _finished(cfg, name, converted=fmt is not None):
+                print(f"\n== p3o pipeline: {name} finished already in {cfg.output_dir}: kept", flush=True)
+                continue
             if fmt is not None:
                 cfg = _with_converted_data(cfg, fmt, name, out / "data")
             print(f"\n== p3o pipeline: {name} -> {cfg.output_dir}", flush=True)
             runners[name](cfg)
     return out
+
+
+def _finished(cfg, stage: str, converted: bool) -> bool:
+    """The stage saved its model, with these settings (else --resume is refused: it would mix runs).
+    `converted`: the stage read a converted copy of its data, whose path and split its run recorded."""
+    import yaml
+
+    stage_out = Path(cfg.output_dir)
+    if not ((stage_out / "model.safetensors").is_file() and (stage_out / "config.yaml").is_file()):
+        return False
+    saved = yaml.safe_load((stage_out / "config.yaml").read_text())
+    current = dataclasses.asdict(cfg)
+    cosmetic = STAGE_COSMETIC | ({"dataset", "dataset_split", "dataset_config"} if converted else set())
+    changed = sorted(k for k in set(saved) & set(current) - cosmetic if not same_setting(saved[k], current[k]))
+    if changed:
+        detail = ", ".join(f"{k} {saved[k]!r} -> {current[k]!r}" for k in changed[:3])
+        raise UsageError(f"--resume: stage {stage} finished in {stage_out} with other settings ({detail}); pass "
+                         "--overwrite to run it again, or use another output_dir")
+    return True
+
+
+# Settings of a finished stage that do not change its model.
+STAGE_COSMETIC = {"output_dir", "overwrite", "resume", "save_steps", "save_total_limit", "disable_progress_bar",
+                  "logging_steps", "log_completions", "report_to"}
 
 
 def check_stages(recipe: dict, out: Path) -> None:
