@@ -68,3 +68,16 @@ def test_instruct_demo_runs_every_stage_and_resumes(tiny_demo, capsys):
 
     assert demo("--resume", "--seed", "3") == 2  # other settings than the interrupted run's
     assert "other settings" in capsys.readouterr().err
+
+
+def test_a_demo_that_fails_before_any_stage_finished_leaves_nothing_behind(tmp_path, capsys):
+    """Otherwise the corrected command is refused (not empty) and --resume too (another model)."""
+    from p3o.cli import main
+
+    (tmp_path / "not-a-model").mkdir()
+    (tmp_path / "not-a-model" / "notes.txt").write_text("mine")
+    out = tmp_path / "demo"
+    assert main(["demo", "--task", "instruct", "--model_name_or_path", str(tmp_path / "not-a-model"),
+                 "--output_dir", str(out), "--quick"]) == 2
+    assert "could not load a tokenizer" in capsys.readouterr().err
+    assert not out.exists() and (tmp_path / "not-a-model" / "notes.txt").read_text() == "mine"

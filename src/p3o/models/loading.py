@@ -90,7 +90,8 @@ def _check_exists(name: str, what: str) -> None:
 
 def _not_found(name: str, what: str, exc: Exception) -> UsageError:
     where = "" if Path(name).exists() else " (no such local directory, and the hub did not provide it)"
-    return UsageError(f"could not load a {what} from {name}{where}: {one_line(exc)}")
+    return UsageError(f"could not load a {what} from {name}{where}: {one_line(exc)}; give a model directory "
+                      "(config.json, weights and tokenizer files), a .gguf file or a hub name")
 
 
 def one_line(exc: Exception, limit: int = 300) -> str:

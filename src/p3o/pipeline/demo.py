@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from p3o.eval.policy import evaluate_policy
 from p3o.models.loading import load_causal_lm, load_tokenizer
 from p3o.models.tiny import build_tiny_model, build_word_tokenizer
 from p3o.options import option
-from p3o.pipeline.instruct_demo import INSTRUCT_PRESETS, gold_winrate, run_instruct_demo, write_results
+from p3o.pipeline.instruct_demo import INSTRUCT_PRESETS, STAGE_SECONDS, gold_winrate, run_instruct_demo, write_results
 from p3o.pipeline.report import write_demo_report
 from p3o.reward import build_reward
 from p3o.reward.train import RMConfig, run_rm
@@ -74,10 +75,16 @@ PRESETS = {False: Preset(n_sft=8000, n_pref=8000, n_eval=200, sft_epochs=6, rl_s
 
 
 def run_demo(cfg: DemoConfig) -> Path:
+    fresh = not Path(cfg.output_dir).exists()
     with run_directory(cfg.output_dir, cfg.overwrite or cfg.resume, {}, clean_up=False) as out:  # keep finished stages
-        if cfg.task == "instruct":
+        if cfg.task != "instruct":
+            return _demo(cfg, out, PRESETS[cfg.quick])
+        try:
             return run_instruct_demo(cfg, out, INSTRUCT_PRESETS[cfg.quick])
-        return _demo(cfg, out, PRESETS[cfg.quick])
+        except BaseException:
+            if fresh and not (out / STAGE_SECONDS).is_file():  # no stage finished: leave nothing to block a rerun
+                shutil.rmtree(out, ignore_errors=True)
+            raise
 
 
 def _demo(cfg: DemoConfig, out: Path, preset: Preset) -> Path:

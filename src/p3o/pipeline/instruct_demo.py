@@ -132,6 +132,9 @@ STAGE_FIELDS = {  # the sizes each stage's output depends on (beyond those of th
 }
 
 
+STAGE_SECONDS = "stage_seconds.json"  # written when the first stage finishes
+
+
 def check_run_dir(cfg, preset: InstructPreset, out: Path) -> str | None:
     """Record the run's settings in demo.json. On --resume: refuse another seed or start model, and
     return the first stage that other sizes change (it and the later ones are redone), else None."""
@@ -156,7 +159,7 @@ def run_instruct_demo(cfg, out: Path, preset: InstructPreset) -> Path:
     timings: dict[str, float] = {}
     start_time = time.perf_counter()
     stale = check_run_dir(cfg, preset, out)
-    recorded_path = out / "stage_seconds.json"  # each finished stage's time, kept across --resume invocations
+    recorded_path = out / STAGE_SECONDS  # each finished stage's time, kept across --resume invocations
     recorded = json.loads(recorded_path.read_text()) if cfg.resume and recorded_path.is_file() else {}
     redo = not cfg.resume  # without --resume every stage runs (over what an --overwrite run left)
 
