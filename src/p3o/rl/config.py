@@ -9,7 +9,7 @@ which refuses inexact division.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 from p3o.errors import UsageError
@@ -236,6 +236,22 @@ class P3OConfig:
                              "--delta_normalization rms cannot follow; drop one of them")
         if self.kl_target is not None and not algorithm.kl_penalty:
             raise UsageError(f"--kl_target adapts a KL penalty, but --algo {self.algo} has none (its --beta is beta_dpo)")
+        self._warn_unused()
+
+    def _warn_unused(self) -> None:
+        """Say which settings, changed from their defaults, this run does not use (a typo'd --algo or a
+        forgotten --use_peft would otherwise pass unnoticed)."""
+        # (settings, whether they act in this run, what they need)
+        scoped = [(("vf_coef", "value_clip_eps", "gamma", "gae_lambda"), self.algo == "ppo", "--algo ppo"),
+                  (("scale_rewards",), self.algo == "grpo", "--algo grpo"),
+                  (("delta_normalization", "delta_clip"), self.algo.startswith("p3o"), "--algo p3o-v1 or p3o-v2"),
+                  (("lora_r", "lora_alpha", "lora_target_modules"), self.use_peft, "--use_peft")]
+        defaults = {f.name: f.default for f in fields(self)}
+        for names, used, needs in scoped:
+            changed = [f"--{n}" for n in names if not used and getattr(self, n) != defaults[n]]
+            if changed:
+                log.warning("%s %s no effect without %s", ", ".join(changed), "has" if len(changed) == 1 else "have",
+                            needs)
 
 
 TrainConfig = P3OConfig  # the name before the Python API; kept for scripts that use it
