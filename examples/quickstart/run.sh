@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The quick start: build a tiny Llama model offline, then train it with P3O-V2 to use colour words.
-# Until `p3o demo` (the full SFT -> RM -> RL pipeline on embedded tasks) lands, this is the main job.
+# (`make demo` runs the whole SFT -> RM -> RL pipeline on an embedded task.)
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 out="${OUT:-runs/quickstart}"
