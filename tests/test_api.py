@@ -384,7 +384,10 @@ def test_a_peft_model_an_iterable_dataset_and_a_loaded_reward_model_are_taken_as
     assert len(trainer.engine.prompts) == 16  # read whole: p3o draws prompts by index
 
 
-def test_settings_the_run_does_not_use_are_named_in_a_warning(tmp_path, caplog):
+def test_settings_the_run_does_not_use_are_named_in_a_warning(tmp_path, caplog, monkeypatch):
+    import p3o.rl.config
+
+    monkeypatch.setattr(p3o.rl.config, "_WARNED", set())  # each message is given once a process
     with caplog.at_level(logging.WARNING, logger="p3o"):
         P3OConfig(output_dir=str(tmp_path), algo="p3o-v2", vf_coef=0.5, gamma=0.9, lora_r=8, reward_fn="r.py:f")
     assert "--vf_coef, --gamma have no effect without --algo ppo" in caplog.text

@@ -37,8 +37,6 @@ COMMANDS = {  # name: (module with add_arguments/run, or (config class, run func
 class _OneLineParser(argparse.ArgumentParser):
     """Flag errors in one line, like every other error, with the exit code 2 argparse uses."""
 
-    commands: dict[str, argparse.ArgumentParser] = {}
-
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
@@ -47,7 +45,8 @@ class _OneLineParser(argparse.ArgumentParser):
         `p3o train: error: ... (see p3o train --help)`."""
         namespace, extras = self.parse_known_args(args, namespace)
         if extras:
-            self.commands.get(getattr(namespace, "command", None), self).error(f"unrecognized arguments: {' '.join(extras)}")
+            commands = getattr(self, "commands", {})  # set by build_parser: name -> the command's parser
+            commands.get(getattr(namespace, "command", None), self).error(f"unrecognized arguments: {' '.join(extras)}")
         return namespace
 
 

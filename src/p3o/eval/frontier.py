@@ -13,13 +13,13 @@ frontier.md (the best reward each algorithm reaches within KL budgets) and front
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,7 +155,10 @@ def run_frontier(cfg: FrontierConfig) -> dict:
     runs = plan_runs(cfg)
     # Before anything is written: a bad path, a typo in --train_config or a bad value is one clear
     # line, not N failed runs (nor a base built for nothing).
-    get_task(cfg.task) if cfg.task else check_inputs(cfg)
+    if cfg.task:
+        get_task(cfg.task)
+    else:
+        check_inputs(cfg)
     for run in runs:
         check_settings(run_settings(cfg, run, dict.fromkeys(SOURCES, "checked.py:fn"), out / "runs" / run.name), run)
     out.mkdir(parents=True, exist_ok=True)

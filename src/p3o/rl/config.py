@@ -249,10 +249,13 @@ class P3OConfig:
         defaults = {f.name: f.default for f in fields(self)}
         for names, used, needs in scoped:
             changed = [f"--{n}" for n in names if not used and getattr(self, n) != defaults[n]]
-            if changed:
-                log.warning("%s %s no effect without %s", ", ".join(changed), "has" if len(changed) == 1 else "have",
-                            needs)
+            message = f"{', '.join(changed)} {'has' if len(changed) == 1 else 'have'} no effect without {needs}"
+            if changed and message not in _WARNED:  # once: dataclasses.replace runs this again
+                _WARNED.add(message)
+                log.warning(message)
 
+
+_WARNED: set[str] = set()  # `_warn_unused`'s messages already given in this process
 
 TrainConfig = P3OConfig  # the name before the Python API; kept for scripts that use it
 
