@@ -310,7 +310,7 @@ def test_stage_trainers_name_their_bad_arguments(assets, tmp_path):
 
     with pytest.raises(UsageError, match="train_dataset: row 1 has no column 'completion'"):
         SFTTrainer(str(assets["llama"]), SFTConfig(output_dir=str(tmp_path / "a")), [{"prompt": "x"}]).train()
-    with pytest.raises(UsageError, match="one-label sequence-classification model or a path, got LlamaForCausalLM"):
+    with pytest.raises(UsageError, match="one-label sequence-classification model or a path, got LlamaForCausalLM$"):
         RewardTrainer(AutoModelForCausalLM.from_pretrained(assets["llama"]), RewardConfig(output_dir=str(tmp_path)),
                       pref_rows())
     with pytest.raises(UsageError, match="needs args=SFTConfig"):

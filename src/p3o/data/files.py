@@ -73,7 +73,8 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise UsageError(f"{path}:{number}: malformed JSON ({exc.msg}); each line must be one JSON object") from None
+                raise UsageError(f"{path}:{number}: malformed JSON ({exc.msg} at column {exc.colno}); each line must be "
+                                 "one JSON object") from None
             if not isinstance(row, dict):
                 raise UsageError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
             rows.append(row)

@@ -17,7 +17,7 @@ import torch
 from p3o.errors import UsageError
 from p3o.models.loading import load_tokenizer
 from p3o.reward.functions import RewardFunction, load_reward_function, takes_names
-from p3o.reward.model import RewardModelScorer
+from p3o.reward.model import RewardModelScorer, model_kind
 from p3o.reward.remote import RemoteReward
 
 
@@ -121,7 +121,7 @@ def _loaded_reward_model(model, where: str, trust_remote_code: bool, batch_size:
     kind = type(model).__name__  # the class, not config.architectures (copied from the checkpoint it came from)
     if not kind.endswith("ForSequenceClassification") or model.config.num_labels != 1:
         raise UsageError(f"{where}: a model given as a reward must be a sequence-classification model with one "
-                         f"label, got {kind} with {model.config.num_labels} labels")
+                         f"label, got {model_kind(model)}")
     name = getattr(model.config, "name_or_path", "") or getattr(model, "name_or_path", "")
     if not name:
         raise UsageError(f"{where}: cannot find the reward model's tokenizer (the model has no name_or_path); "

@@ -126,3 +126,9 @@ class RewardModelScorer:
                 ids, mask = pad_right(self.tokenizer, sequences[start:start + self.batch_size], self.device)
                 scores.extend(last_token_scores(self.model, ids, mask).tolist())
         return check_rewards(scores, len(completions), f"model {self.name}")
+
+
+def model_kind(model) -> str:
+    """A model's class, with its label count where it is a classifier (every config has num_labels)."""
+    kind = type(model).__name__
+    return f"{kind} with {model.config.num_labels} labels" if kind.endswith("ForSequenceClassification") else kind

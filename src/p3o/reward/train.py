@@ -27,7 +27,7 @@ from p3o.models.loading import (
     pretrained_source,
 )
 from p3o.options import option
-from p3o.reward.model import LastTokenReward, pad_right, reward_input_ids
+from p3o.reward.model import LastTokenReward, model_kind, pad_right, reward_input_ids
 from p3o.sft.train import _api_inputs
 
 
@@ -139,7 +139,7 @@ class RewardTrainer:
         if self.model is not None and (not type(self.model).__name__.endswith("ForSequenceClassification")
                                        or self.model.config.num_labels != 1):
             raise UsageError(f"model must be a one-label sequence-classification model or a path, got "
-                             f"{type(self.model).__name__} with {getattr(self.model.config, 'num_labels', '?')} labels")
+                             f"{model_kind(self.model)}")
 
     def train(self) -> list[dict]:
         return run_rm(self.args, self.model, self.tokenizer, *self.data)
