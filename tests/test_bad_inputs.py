@@ -62,7 +62,7 @@ def paths(assets, tmp_path_factory):
     no_weights = shutil.copytree(assets["llama"], root / "no_weights")
     next(no_weights.glob("*.safetensors")).unlink()
     (root / "fake.gguf").write_text("not a gguf file")
-    write_jsonl(root / "usr.jsonl", [{"prompt": [{"role": "usr", "content": "story : the cat"}]}])
+    write_jsonl(root / "usr.jsonl", [{"prompt": [{"role": "usr", "content": "story : the cat"}]}])  # near "user"
     write_jsonl(root / "no_content.jsonl", [{"prompt": [{"role": "user"}]}])
 
     sft_section = {"model_name_or_path": str(assets["llama"]), "dataset": str(root / "sft.jsonl"), "max_length": 32,
@@ -376,12 +376,19 @@ def test_a_prompt_longer_than_the_context_is_reported(paths, tmp_path, capsys, c
 
 @pytest.mark.parametrize("template", [train(), sft(), winrate()], ids=["train", "sft", "winrate"])
 def test_an_output_place_this_user_cannot_write_is_refused_before_the_work(paths, tmp_path, capsys, monkeypatch, template):
-    """(The tests run as root, who may write anywhere: the check's os.access answers as for another user.)"""
+    """(The tests run as root, who may write anywhere: the check answers as for another user.)"""
     import p3o.utils.io
 
-    monkeypatch.setattr(p3o.utils.io.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(p3o.utils.io, "_writable", lambda folder: False)
     assert_one_line_and_untouched(fill(template, paths, tmp_path / "out"), capsys, tmp_path, "keep.txt",
                                   ["is not writable by this user"])
+
+
+def test_an_output_dir_under_a_file_is_refused_before_the_work(paths, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    code, err = run_cli(fill(with_(train(), "--output_dir", str(tmp_path / "notes.txt" / "run")), paths, tmp_path), capsys)
+    assert code == 2 and len(err) == 1 and "notes.txt is a file, not a folder" in err[0]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_a_permission_error_the_checks_did_not_foresee_is_one_line(monkeypatch, capsys):
@@ -392,5 +399,5 @@ def test_a_permission_error_the_checks_did_not_foresee_is_one_line(monkeypatch, 
 
     monkeypatch.setattr(p3o.cli, "run_command", refused)
     code, err = run_cli(["tiny-model", "--output_dir", "/runs/x"], capsys)
-    assert code == 2 and err == ["p3o tiny-model: error: cannot write /runs/x/metrics.jsonl: permission denied; "
-                                 "choose a place you can write to"]
+    assert code == 2 and err == ["p3o tiny-model: error: Permission denied: /runs/x/metrics.jsonl; check that "
+                                 "path's permissions (--debug shows where)"]

@@ -62,10 +62,13 @@ def test_a_local_recipe_runs_every_stage(tmp_path, assets, capsys):
         assert (tmp_path / "run" / stage / "model.safetensors").is_file(), stage
 
 
-@pytest.mark.parametrize("section, mistake", [
-    ("sft", {"dataset": "missing.jsonl"}), ("sft", {"model_name_or_path": "/no/such/model"}),
-    ("train", {"reward_fn": "nope.py:f"}), ("train", {"pairs_per_step": 5, "minibatch_pairs": 2})])
-def test_check_finds_what_the_run_would_refuse_before_running_anything(tmp_path, assets, capsys, section, mistake):
+@pytest.mark.parametrize("section, mistake, message", [
+    ("sft", {"dataset": "missing.jsonl"}, "--dataset missing.jsonl does not exist"),
+    ("sft", {"model_name_or_path": "/no/such/model"}, "model /no/such/model does not exist"),
+    ("train", {"reward_fn": "nope.py:f"}, "nope.py does not exist"),
+    ("train", {"pairs_per_step": 5, "minibatch_pairs": 2}, "--pairs_per_step 5 must be a multiple of --minibatch_pairs 2")])
+def test_check_finds_what_the_run_would_refuse_before_running_anything(tmp_path, assets, capsys, section, mistake,
+                                                                        message):
     """`--check` checks the recipe as a run does first: missing files, models, reward functions, sizes."""
     from conftest import write_jsonl
 
@@ -75,23 +78,30 @@ def test_check_finds_what_the_run_would_refuse_before_running_anything(tmp_path,
     stages[section].update(mistake)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "run"), **stages}))
-    assert main(["pipeline", "--config", str(recipe), "--check"]) != 0
-    assert str(next(iter(mistake.values()))).split(":")[0] in capsys.readouterr().err
+    assert main(["pipeline", "--config", str(recipe), "--check"]) == 2
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
-def test_resume_keeps_finished_stages_after_a_later_one_failed(tmp_path, assets, capsys):
-    """The train stage fails (its reward returns NaN) after SFT finished; the recipe is fixed and run
-    again with --resume: SFT is kept as it was, train runs. A finished stage with other settings is refused."""
+@pytest.mark.parametrize("fail_at", [1, 3], ids=["first-step", "after-metrics"])
+def test_resume_keeps_finished_stages_after_a_later_one_failed(tmp_path, assets, capsys, fail_at):
+    """The train stage fails (its reward raises at step `fail_at`, with no checkpoint yet) after SFT
+    finished; the recipe is fixed and run again with --resume: SFT is kept as it was (its max_length
+    capped to the tiny model's context, as recorded), train starts again. A finished stage with other
+    settings is refused before anything runs, --check included."""
     from conftest import write_jsonl
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"story : the {n} is", "completion": " a cat ."}
                                                for n in ("cat", "dog", "cow", "fish")])
-    (tmp_path / "nan.py").write_text("def nan(prompts, completions, **kw):\n    return [float('nan')] * len(prompts)\n")
+    (tmp_path / "flaky.py").write_text(
+        "calls = []\n"
+        "def flaky(prompts, completions, **kw):\n"
+        f"    calls.append(1)\n    if len(calls) >= {fail_at}:\n        raise ValueError('broken')\n"
+        "    return [0.0] * len(prompts)\n")
     sections = {"output_dir": str(tmp_path / "run"),
-                "sft": {"model_name_or_path": str(assets["llama"]), "dataset": str(data), "max_length": 32,
+                "sft": {"model_name_or_path": str(assets["llama"]), "dataset": str(data), "max_length": 512,
                         "eval_fraction": 0.25, "disable_progress_bar": True},
-                "train": {"dataset": str(data), "reward_fn": f"{tmp_path / 'nan.py'}:nan", "max_steps": 1,
+                "train": {"dataset": str(data), "reward_fn": f"{tmp_path / 'flaky.py'}:flaky", "max_steps": 4,
                           "pairs_per_step": 2, "max_new_tokens": 2, "disable_progress_bar": True}}
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(sections))
@@ -102,13 +112,15 @@ def test_resume_keeps_finished_stages_after_a_later_one_failed(tmp_path, assets,
     recipe.write_text(yaml.safe_dump(sections))
     assert main(["pipeline", "--config", str(recipe)]) == 2  # without --resume: the finished stage is not redone
     assert "not empty" in capsys.readouterr().err
+    assert main(["pipeline", "--config", str(recipe), "--check", "--resume"]) == 0
     assert main(["pipeline", "--config", str(recipe), "--resume"]) == 0
     assert sft_model.stat().st_mtime_ns == stamp and (tmp_path / "run" / "train" / "model.safetensors").is_file()
     assert "sft finished already" in capsys.readouterr().out
     sections["sft"]["learning_rate"] = 0.5
     recipe.write_text(yaml.safe_dump(sections))
-    assert main(["pipeline", "--config", str(recipe), "--resume"]) == 2
-    assert "stage sft finished" in capsys.readouterr().err and sft_model.stat().st_mtime_ns == stamp
+    for check in (["--check"], []):
+        assert main(["pipeline", "--config", str(recipe), "--resume", *check]) == 2
+        assert "stage sft finished" in capsys.readouterr().err and sft_model.stat().st_mtime_ns == stamp
 
 
 def test_a_train_section_with_a_reward_function_keeps_the_sft_model(tmp_path):

@@ -14,8 +14,10 @@ from p3o.reward.model import RewardModelScorer
 def test_reward_function_from_a_file_and_from_a_module(assets):
     fn = build_reward(f"{assets['rewards']}:fruit", None)
     assert fn(["p", "p"], ["apple pear dog", "cat"]).tolist() == [2.0, 0.0]
-    module_fn = build_reward("p3o.utils.ops:masked_sum", None)  # a module path resolves too
-    assert module_fn.fn.__name__ == "masked_sum"
+    module_fn = build_reward("p3o.tasks.dialogue:gold_reward", None)  # a module path resolves too
+    assert module_fn.fn.__name__ == "gold_reward"
+    with pytest.raises(UsageError, match="masked_sum.* must accept"):  # checked before any rollout
+        build_reward("p3o.utils.ops:masked_sum", None)
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -124,3 +126,32 @@ def test_numbers_from_numpy_torch_and_tuples_are_accepted(values):
 def test_anything_but_a_flat_list_of_numbers_is_refused(values):
     with pytest.raises(RewardError, match="reward f must return a"):
         check_rewards(values, 3, "f")
+
+
+def test_reward_functions_are_called_positionally_unless_they_take_completions_first():
+    """TRL's `f(completions, **kw)` gets everything by keyword; a p3o function gets (prompts,
+    completions) positionally whatever it names them, positional-only and decorated ones too."""
+    import functools
+
+    from p3o.reward.functions import RewardFunction
+
+    def decorated(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            return fn(*args, **kwargs)
+        return wrapper
+
+    def p3o_style(prompt, completions, **kwargs):  # not named `prompts`: still positional
+        return [float(len(p)) for p in prompt]
+
+    def positional_only(prompts, completions, /, **kwargs):
+        return [float(len(p)) for p in prompts]
+
+    def trl_style(completions, **kwargs):
+        return [float(len(p)) for p in kwargs["prompts"]]
+
+    def keyword_only(*, completions, prompts, **kwargs):
+        return [float(len(p)) for p in prompts]
+
+    for fn in (p3o_style, positional_only, decorated(p3o_style), trl_style, keyword_only):
+        assert RewardFunction(fn, "f")(["ab", "abc"], ["x", "y"]).tolist() == [2.0, 3.0], fn.__name__

@@ -104,11 +104,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"p3o {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except PermissionError as exc:  # a place the checks could not foresee (a file made read-only, ...)
+    except PermissionError as exc:  # a path the checks could not foresee (a file made read-only, ...)
         if args.debug:
             raise
-        print(f"p3o {args.command}: error: cannot write {exc.filename}: permission denied; choose a place you "
-              "can write to", file=sys.stderr)
+        print(f"p3o {args.command}: error: {exc.strerror or 'permission denied'}: {exc.filename or exc}; check "
+              "that path's permissions (--debug shows where)", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # a run that saved a checkpoint says how to resume
         print(f"p3o {args.command}: {str(exc) or 'interrupted'}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """Prompt-only data: `prompt` as plain text or as chat messages rendered with the chat template."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,11 +71,19 @@ def _check_messages(prompt: Any, where: str) -> None:
 
 
 def _check_roles(prompt: list, where: str) -> None:
+    """A role near a known one is a typo (refused); another may be a custom template's own (said once)."""
     for i, message in enumerate(prompt):
-        if message["role"] not in ROLES:
-            role = str(message["role"])
-            raise UsageError(f"{where}: message {i} has role {role!r}{did_you_mean(role, ROLES)}; roles are "
-                             f"{', '.join(ROLES)}")
+        role = str(message["role"])
+        if role in ROLES or role in _UNKNOWN_ROLES:
+            continue
+        if near := did_you_mean(role, ROLES):
+            raise UsageError(f"{where}: message {i} has role {role!r}{near}; roles are {', '.join(ROLES)}")
+        _UNKNOWN_ROLES.add(role)
+        logging.getLogger("p3o").warning("%s: role %r is none of %s; it goes to the chat template as it is", where,
+                                         role, ", ".join(ROLES))
+
+
+_UNKNOWN_ROLES: set[str] = set()  # roles already warned about
 
 
 _OPENS_REPLIES: set[str] = set()  # chat templates whose generation prompt was checked (a template's property)

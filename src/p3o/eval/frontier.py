@@ -252,6 +252,9 @@ def run_settings(cfg: FrontierConfig, run: Run, sources: dict, run_dir: Path) ->
         save_steps=cfg.eval_steps, save_total_limit=1, resume=True)  # a killed sweep continues each run
     if cfg.train_config:
         extra = read_yaml_config(cfg.train_config)
+        for alias, name in (("max_completion_length", "max_new_tokens"), ("dataset_name", "dataset")):  # TRL's
+            if alias in extra:  # p3o train folds them so: compared with config.yaml, which holds p3o's names
+                extra[name] = extra.pop(alias)
         if clash := sorted(SWEPT & set(extra)):
             raise UsageError(f"--train_config {cfg.train_config} sets {', '.join(clash)}, which the sweep sets for "
                              "each run; remove them (use --algos, --betas, --seeds and the model/data flags)")

@@ -10,6 +10,7 @@ Every section is checked before the first stage starts.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from p3o.reward.train import RMConfig, run_rm
 from p3o.rl.config import TrainConfig, derive_sizes
 from p3o.rl.train import run_train
 from p3o.sft.train import SFTConfig, run_sft
-from p3o.utils.checkpoints import same_setting
+from p3o.utils.checkpoints import latest_checkpoint
 from p3o.utils.io import atomic_write_text
 
 STAGES = ("sft", "rm", "train")
@@ -40,10 +41,11 @@ def load_recipe(path: str, overrides: dict[str, Any] | None = None) -> dict[str,
         raise UsageError(f"{path}: give output_dir (in the recipe or as --output_dir)")
     if not any(stage in recipe for stage in STAGES):
         raise UsageError(f"{path}: a recipe needs at least one of the sections sft, rm, train")
-    return {"output_dir": out, **_chain(recipe, out, path, (overrides or {}).get("overwrite", False))}
+    overrides = overrides or {}
+    return {"output_dir": out, **_chain(recipe, out, path, overrides.get("overwrite", False), overrides.get("resume", False))}
 
 
-def _chain(recipe: dict, out: Path, path: str, overwrite: bool) -> dict[str, Any]:
+def _chain(recipe: dict, out: Path, path: str, overwrite: bool, resume: bool = False) -> dict[str, Any]:
     classes = {"sft": SFTConfig, "rm": RMConfig, "train": TrainConfig}
     # a stage starts from what an earlier stage of this recipe makes, and from nothing else
     made = {"model_name_or_path": str(out / "sft")} if "sft" in recipe else {}
@@ -64,7 +66,7 @@ def _chain(recipe: dict, out: Path, path: str, overwrite: bool) -> dict[str, Any
         if "reward_fn" in section:  # RL against a reward function instead of the recipe's reward model
             values.pop("reward_model", None)
         values.update(section)
-        values.update(output_dir=str(out / name), overwrite=overwrite)
+        values.update(output_dir=str(out / name), overwrite=overwrite, **({"resume": True} if resume else {}))
         bad = set(values) - fields
         if bad:
             key = sorted(bad)[0]
@@ -80,45 +82,54 @@ def _typed(cls, values: dict, where: str) -> dict:
 
 
 def run_recipe(path: str, overrides: dict[str, Any] | None = None) -> Path:
-    """Run the recipe's stages in order. With overrides["resume"], a stage that finished (its model
-    saved) with the same settings is kept, and one that was interrupted continues from its latest
-    checkpoint: a recipe whose last stage failed is fixed and run again without redoing the others."""
+    """Run the recipe's stages in order. With overrides["resume"], a stage that finished with the same
+    recipe settings is kept, one interrupted after a checkpoint continues from it, and one that failed
+    before any checkpoint starts again: a recipe whose last stage failed is fixed and run again
+    without redoing the others."""
     recipe = load_recipe(path, overrides)
     out = recipe["output_dir"]
-    if (overrides or {}).get("resume"):
-        recipe.update({name: (dataclasses.replace(recipe[name][0], resume=True), recipe[name][1])
-                       for name in STAGES if name in recipe})
     check_stages(recipe, out)
     runners = {"sft": run_sft, "rm": run_rm, "train": run_train}
     for name in STAGES:
         if name in recipe:
             cfg, fmt = recipe[name]
-            if cfg.resume and _finished(cfg, name, converted=fmt is not None):
+            stamp = _stage_stamp(cfg, fmt)
+            if cfg.resume and _finished(cfg, name, stamp):
                 print(f"\n== p3o pipeline: {name} finished already in {cfg.output_dir}: kept", flush=True)
                 continue
+            if cfg.resume and latest_checkpoint(Path(cfg.output_dir)) is None:  # failed before its first checkpoint
+                cfg = dataclasses.replace(cfg, resume=False, overwrite=True)
+            (Path(cfg.output_dir) / STAMP).unlink(missing_ok=True)  # not finished until it is written again
             if fmt is not None:
                 cfg = _with_converted_data(cfg, fmt, name, out / "data")
             print(f"\n== p3o pipeline: {name} -> {cfg.output_dir}", flush=True)
             runners[name](cfg)
+            atomic_write_text(Path(cfg.output_dir) / STAMP, json.dumps(stamp, indent=1, sort_keys=True))
     return out
 
 
-def _finished(cfg, stage: str, converted: bool) -> bool:
-    """The stage saved its model, with these settings (else --resume is refused: it would mix runs).
-    `converted`: the stage read a converted copy of its data, whose path and split its run recorded."""
-    import yaml
+STAMP = "pipeline_stage.json"  # a stage's recipe settings, written when it finished
 
-    stage_out = Path(cfg.output_dir)
-    if not ((stage_out / "model.safetensors").is_file() and (stage_out / "config.yaml").is_file()):
+
+def _stage_stamp(cfg, fmt: str | None) -> dict:
+    """What a stage was asked for (before a stage resolves or caps anything), less what does not change
+    its model; the data as the recipe names it, with its format."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in STAGE_COSMETIC}
+    return json.loads(json.dumps({**settings, "dataset_format": fmt}))
+
+
+def _finished(cfg, stage: str, stamp: dict) -> bool:
+    """The stage finished with these recipe settings; one that finished with others is refused (resuming
+    over it would mix runs)."""
+    path = Path(cfg.output_dir) / STAMP
+    if not path.is_file():
         return False
-    saved = yaml.safe_load((stage_out / "config.yaml").read_text())
-    current = dataclasses.asdict(cfg)
-    cosmetic = STAGE_COSMETIC | ({"dataset", "dataset_split", "dataset_config"} if converted else set())
-    changed = sorted(k for k in set(saved) & set(current) - cosmetic if not same_setting(saved[k], current[k]))
+    saved = json.loads(path.read_text())
+    changed = sorted(k for k in set(saved) | set(stamp) if saved.get(k) != stamp.get(k))
     if changed:
-        detail = ", ".join(f"{k} {saved[k]!r} -> {current[k]!r}" for k in changed[:3])
-        raise UsageError(f"--resume: stage {stage} finished in {stage_out} with other settings ({detail}); pass "
-                         "--overwrite to run it again, or use another output_dir")
+        detail = ", ".join(f"{k} {saved.get(k)!r} -> {stamp.get(k)!r}" for k in changed[:3])
+        raise UsageError(f"--resume: stage {stage} finished in {cfg.output_dir} with other settings ({detail}); "
+                         "pass --overwrite to run it again, or use another output_dir")
     return True
 
 
@@ -133,7 +144,7 @@ def check_stages(recipe: dict, out: Path) -> None:
     for name in STAGES:
         if name not in recipe:
             continue
-        cfg, _ = recipe[name]
+        cfg, fmt = recipe[name]
         model = cfg.model_name_or_path
         if not model.startswith(str(out)):  # not made by an earlier stage of this recipe
             _check_exists(model, f"{name}: model")
@@ -148,15 +159,15 @@ def check_stages(recipe: dict, out: Path) -> None:
         if isinstance(cfg, TrainConfig):
             derive_sizes(cfg)
         stage_out = Path(cfg.output_dir)
-        if stage_out.is_dir() and any(stage_out.iterdir()) and not (cfg.overwrite or getattr(cfg, "resume", False)):
+        if cfg.resume:  # a finished stage whose settings changed: refused before any stage runs
+            _finished(cfg, name, _stage_stamp(cfg, fmt))
+        if stage_out.is_dir() and any(stage_out.iterdir()) and not (cfg.overwrite or cfg.resume):
             raise UsageError(f"{name}: {stage_out} is not empty; pass --overwrite to replace its files, or choose "
                              "another --output_dir")
 
 
 def _with_converted_data(cfg, fmt: str, stage: str, data_dir: Path):
     """Convert the stage's dataset with `p3o convert`'s converter and point the stage at the result."""
-    import json
-
     rows, _ = convert_rows(fmt, read_rows(cfg.dataset, cfg.dataset_split, cfg.dataset_config), cfg.dataset)
     if stage == "sft":
         rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]

@@ -71,7 +71,7 @@ def build_reward(reward_fn: str | None, reward_model: str | None, trust_remote_c
                  batch_size: int = 64, device=None):
     """One reward from a function spec or a reward-model path (the evaluation commands' form)."""
     if reward_fn is not None:
-        return RewardFunction(load_reward_function(reward_fn), reward_fn)
+        return RewardFunction(_checked(load_reward_function(reward_fn), reward_fn), reward_fn)
     return RewardModelScorer.load(reward_model, trust_remote_code=trust_remote_code, batch_size=batch_size,
                                   device=device)
 
@@ -86,7 +86,7 @@ def _reward_source(source, index: int, trust_remote_code: bool, batch_size: int,
             remote = RemoteReward(source, *url_settings)
             return remote.name, remote
         if ":" in source and not Path(source).exists():
-            return source.rpartition(":")[2], RewardFunction(load_reward_function(source), source)
+            return source.rpartition(":")[2], RewardFunction(_checked(load_reward_function(source), source), source)
         scorer = RewardModelScorer.load(source, trust_remote_code=trust_remote_code, batch_size=batch_size,
                                         device=device)
         return Path(source.rstrip("/")).name or source, scorer
@@ -98,6 +98,12 @@ def _reward_source(source, index: int, trust_remote_code: bool, batch_size: int,
         return name, RewardFunction(source, name)
     raise UsageError(f"{where} is a {type(source).__name__}; give a function fn(prompts, completions, **kwargs), "
                      "a reward-model path or a loaded sequence-classification model")
+
+
+def _checked(fn: Callable, spec: str) -> Callable:
+    """A function named by a spec, its signature checked before any rollout is sampled."""
+    check_reward_signature(fn, f"reward function {spec}:")
+    return fn
 
 
 def check_reward_signature(fn: Callable, where: str) -> None:

@@ -76,13 +76,19 @@ def check_rewards(values: Any, expected: int, name: str) -> torch.Tensor:
 
 
 def takes_names(fn: Callable) -> bool:
-    """Whether `fn` names a `completions` parameter: then it is called as TRL calls reward functions,
-    every argument by keyword (`prompts=`, `completions=`, ...), so TRL's `fn(completions, **kwargs)`
-    works unchanged; otherwise positionally, `fn(prompts, completions, **kwargs)` under any names."""
+    """Whether `fn` takes `completions` first (or by keyword only), as TRL's `fn(completions, **kwargs)`
+    does: then it is called as TRL calls reward functions, every argument by keyword (the prompts in
+    `kwargs["prompts"]`). Every other function is called positionally, `fn(prompts, completions,
+    **kwargs)`, whatever its parameters are named."""
     try:
-        return "completions" in inspect.signature(fn).parameters
+        params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):  # builtins without a signature
         return False
+    named = {p.name: p for p in params}
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    first = positional[0].name if positional else None
+    return "completions" in named and named["completions"].kind != inspect.Parameter.POSITIONAL_ONLY and (
+        first == "completions" or named["completions"].kind == inspect.Parameter.KEYWORD_ONLY)
 
 
 class RewardFunction:

@@ -196,7 +196,8 @@ def score_greedy_responses(engine, rollout: Rollout, rows: list[dict], step: int
     response_ids, response_mask = engine.generate(query_ids, query_mask, engine.greedy_config, "greedy", step)  # (G, T)
     greedy = Rollout(1, query_ids, query_mask, response_ids, response_mask)
     texts = engine.completions(greedy)
-    rewards = engine.score(engine.reward, rows, texts, greedy.response_ids, greedy.response_mask, 1)  # (G,)
+    scores = engine.score(engine.reward, rows, texts, greedy.response_ids, greedy.response_mask, 1)  # (G,)
+    rewards, _ = engine.penalised(scores, greedy.response_ids, greedy.response_mask)  # as the samples are
     kl = engine.log_probs(greedy, {}, paired=False)["kl"]  # (G,)
     return {"baseline_rewards": rewards, "baseline_kl": kl}
 

@@ -240,11 +240,15 @@ class P3OConfig:
 
     def _warn_unused(self) -> None:
         """Say which settings, changed from their defaults, this run does not use (a typo'd --algo or a
-        forgotten --use_peft would otherwise pass unnoticed)."""
+        forgotten --use_peft would otherwise pass unnoticed). An algorithm registered outside p3o may
+        read any setting, so only the built-in ones are judged."""
+        built_in = self.algo in BUILT_IN
         # (settings, whether they act in this run, what they need)
-        scoped = [(("vf_coef", "value_clip_eps", "gamma", "gae_lambda"), self.algo == "ppo", "--algo ppo"),
-                  (("scale_rewards",), self.algo == "grpo", "--algo grpo"),
-                  (("delta_normalization", "delta_clip"), self.algo.startswith("p3o"), "--algo p3o-v1 or p3o-v2"),
+        scoped = [(("vf_coef", "value_clip_eps", "gamma", "gae_lambda"), not built_in or self.algo == "ppo",
+                   "--algo ppo"),
+                  (("scale_rewards",), not built_in or self.algo == "grpo", "--algo grpo"),
+                  (("delta_normalization", "delta_clip"), not built_in or self.algo.startswith("p3o"),
+                   "--algo p3o-v1 or p3o-v2"),
                   (("lora_r", "lora_alpha", "lora_target_modules"), self.use_peft, "--use_peft")]
         defaults = {f.name: f.default for f in fields(self)}
         for names, used, needs in scoped:
@@ -256,6 +260,7 @@ class P3OConfig:
 
 
 _WARNED: set[str] = set()  # `_warn_unused`'s messages already given in this process
+BUILT_IN = ("p3o-v1", "p3o-v2", "rloo", "grpo", "remax", "ppo", "dpo", "online-dpo")  # p3o's own algorithms
 
 TrainConfig = P3OConfig  # the name before the Python API; kept for scripts that use it
 

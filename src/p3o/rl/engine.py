@@ -225,12 +225,9 @@ class Trainer:
         t0 = time.perf_counter()
         completions = self.completions(rollout)
         if not offline:
-            ended = ((response_ids.unsqueeze(-1) == torch.tensor(self.eos_ids or [-1], device=response_ids.device))
-                     .any(-1) & response_mask.bool()).any(-1).cpu()  # (B,) an end-of-turn/EOS token was sampled
+            scores = self.score(self.reward, rows, completions, response_ids, response_mask, k)  # (B,) on the CPU
+            rollout.raw_rewards, ended = self.penalised(scores, response_ids, response_mask)
             rollout.stats["truncated_fraction"] = (~ended).float().mean().item()
-            rollout.raw_rewards = self.score(self.reward, rows, completions, response_ids, response_mask, k)  # on the CPU
-            if self.cfg.missing_eos_penalty:  # before any scaling, as TRL does
-                rollout.raw_rewards = rollout.raw_rewards - self.cfg.missing_eos_penalty * (~ended).double()
             rollout.rewards = (rollout.raw_rewards if self.reward_scale is None else
                                self.reward_scale(rollout.raw_rewards, self.accelerator.device))
             parts = getattr(self.reward, "last_parts", {})
@@ -327,6 +324,15 @@ class Trainer:
         extra = {name: [row.get(name) for row in rows for _ in range(k)] for name in rows[0] if name not in reserved}
         ids = [seq[:n] for seq, n in zip(response_ids.tolist(), response_mask.sum(-1).tolist())]
         return reward(prompts, completions, completion_ids=ids, **extra)
+
+    def penalised(self, rewards: torch.Tensor, response_ids, response_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rewards less --missing_eos_penalty for each response without an end-of-turn or EOS token,
+        before any scaling as in TRL; whether each ended), all (B,) on the CPU."""
+        eos = torch.tensor(self.eos_ids or [-1], device=response_ids.device)
+        ended = ((response_ids.unsqueeze(-1) == eos).any(-1) & response_mask.bool()).any(-1).cpu()  # (B,)
+        if self.cfg.missing_eos_penalty:
+            rewards = rewards - self.cfg.missing_eos_penalty * (~ended).double()
+        return rewards, ended
 
     def update(self, rollout: Rollout, step: int) -> dict[str, float]:
         """K epochs over the rollout; each epoch shuffles whole groups into minibatches (or, with

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -53,11 +54,18 @@ def run_directory(output_dir: str, overwrite: bool, inputs: dict[str, str | None
 def check_writable(path: str | Path, flag: str = "--output_dir") -> None:
     """`path` can be created (or written) by this user: its nearest existing folder is writable. Checked
     before the work, so a run or an evaluation is not computed only to fail at its first write."""
-    existing = Path(path).expanduser().absolute()
+    target = Path(path).expanduser().absolute()
+    existing = target
     while not existing.exists():
         existing = existing.parent
-    if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+    if existing != target and not existing.is_dir():
+        raise UsageError(f"{flag} {path}: {existing} is a file, not a folder; choose another place")
+    if existing.is_dir() and not _writable(existing):
         raise UsageError(f"{flag} {path}: {existing} is not writable by this user; choose a place you can write to")
+
+
+def _writable(folder: Path) -> bool:
+    return os.access(folder, os.W_OK | os.X_OK)
 
 
 def check_output_dir(output_dir: str, overwrite: bool, inputs: dict[str, str | None]) -> None:
@@ -90,7 +98,10 @@ def _not_empty(path: str) -> UsageError:
                       "a new directory")
 
 
+@functools.cache
 def _umask() -> int:
+    """The process's umask, read once (reading it sets it for a moment, which a thread forking then
+    would pass on)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
