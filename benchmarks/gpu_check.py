@@ -198,7 +198,9 @@ def child(key: str, root: Path, args, seconds: float) -> dict:
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {seconds:.0f} s"}
     out = root / f"{key}.json"
-    return json.loads(out.read_text()) if code == 0 and out.exists() else {"error": f"the row's process ended with exit {code}"}
+    if code == 0 and out.exists():
+        return json.loads(out.read_text())
+    return {"error": f"the row's process ended with exit {code}"}
 
 
 def installed(name: str) -> str:
@@ -236,12 +238,14 @@ def main() -> int:
     (root / "model.json").write_text(json.dumps([model, weights]))
     prompts(root / "prompts.jsonl")
     (root / "rewards.py").write_text(REWARD)
-    print(f"# torch {torch.__version__}, " + ", ".join(f"{name} {installed(name)}" for name in ("transformers", "trl", "vllm"))
+    versions = ", ".join(f"{name} {installed(name)}" for name in ("transformers", "trl", "vllm"))
+    print(f"# torch {torch.__version__}, {versions}"
           + f"; {Path(args.model).name} ({weights}); P3O-V2 + LoRA, bf16, {args.prompts} prompts x 2 responses, "
           f"up to {args.new_tokens} new tokens, {args.steps} steps (first excluded)")
     print("| run | responses/s | mean length | torch peak memory (GiB) | device peak memory (GiB) | wall (s) | "
           "generate / reference / update |\n|---|---|---|---|---|---|---|", flush=True)
-    table = {key: (title, missing) for key, title, missing, _ in rows(model, root / "prompts.jsonl", root / "rewards.py", root, args)}
+    planned = rows(model, root / "prompts.jsonl", root / "rewards.py", root, args)
+    table = {key: (title, missing) for key, title, missing, _ in planned}
     for key in args.rows.split(","):
         title, missing = table[key]
         left = args.budget_seconds - (time.perf_counter() - start)

@@ -49,7 +49,8 @@ def build_config(cls: type[C], namespace: argparse.Namespace) -> C:
     if config_path:
         for key, value in read_yaml_config(config_path).items():
             if key not in fields:
-                raise UsageError(f"{config_path}: unknown option {key!r}{did_you_mean(key, fields)}; see the command's --help")
+                raise UsageError(f"{config_path}: unknown option {key!r}{did_you_mean(key, fields)}; see the "
+                                 "command's --help")
             values[key] = _coerce(fields[key], value, config_path)
     for key, value in vars(namespace).items():
         if key in fields:

@@ -42,7 +42,8 @@ def load_recipe(path: str, overrides: dict[str, Any] | None = None) -> dict[str,
     if not any(stage in recipe for stage in STAGES):
         raise UsageError(f"{path}: a recipe needs at least one of the sections sft, rm, train")
     overrides = overrides or {}
-    return {"output_dir": out, **_chain(recipe, out, path, overrides.get("overwrite", False), overrides.get("resume", False))}
+    stages = _chain(recipe, out, path, overrides.get("overwrite", False), overrides.get("resume", False))
+    return {"output_dir": out, **stages}
 
 
 def _chain(recipe: dict, out: Path, path: str, overwrite: bool, resume: bool = False) -> dict[str, Any]:
