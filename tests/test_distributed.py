@@ -20,15 +20,17 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 ENV = {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
 
 
-def launch(processes: int, *target: str, fsdp: bool = False, zero_stage: int = 0) -> subprocess.CompletedProcess:
+def launch(processes: int, *target: str, fsdp: bool = False, zero_stage: int = 0,
+           ddp_yaml: bool = False) -> subprocess.CompletedProcess:
     """`torchrun --standalone` (a free port of its own) on `processes` CPU processes; `fsdp`: the
-    worker shards every run with FSDP2 (see ddp_worker.force_fsdp_on_cpu); `zero_stage` 2 or 3:
-    `accelerate launch` with the shipped configs/accelerate/zero2.yaml or zero3.yaml, as a user runs it."""
+    worker shards every run with FSDP2 (see ddp_worker.force_fsdp_on_cpu); `zero_stage` 2 or 3, or
+    `ddp_yaml`: `accelerate launch` with the shipped configs/accelerate/zero2.yaml, zero3.yaml or
+    ddp.yaml, as a user runs it."""
     env = {**os.environ, **ENV, "PYTHONPATH": str(WORKER.parent), "P3O_TEST_FSDP": "1" if fsdp else "0"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-    if zero_stage:
-        env.pop("ACCELERATE_USE_CPU")  # accelerate ignores DeepSpeed under it
-        config = Path(__file__).parents[1] / "configs" / "accelerate" / f"zero{zero_stage}.yaml"
+    if zero_stage or ddp_yaml:
+        env.pop("ACCELERATE_USE_CPU")  # accelerate ignores DeepSpeed under it; ddp.yaml: as a user has it
+        config = Path(__file__).parents[1] / "configs" / "accelerate" / ("ddp.yaml" if ddp_yaml else f"zero{zero_stage}.yaml")
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
                    "--num_processes", str(processes), "--main_process_port", str(free_port())]
     command.extend(target)
@@ -161,6 +163,15 @@ def test_train_under_torchrun_writes_once_and_resumes_on_one_process(assets, tmp
     logged = [r["prompt"] for r in read_jsonl(out / "completions.jsonl") if r["step"] == 2]
     fresh = build_trainer(train_config(assets, tmp_path, pairs_per_step=8))
     assert logged == [fresh.prompts.rows[i]["prompt"] for i in fresh.prompt_indices(1)]  # step 2 = index 1
+
+
+def test_the_shipped_ddp_config_runs_one_run_of_two_processes_on_cpu(assets, tmp_path):
+    """accelerate alone starts each process of a `ddp.yaml` launch on a machine without GPUs as a run
+    of its own (all writing one directory); p3o runs them as one, over gloo."""
+    out = tmp_path / "run"
+    done = launch(2, "-m", "p3o", "train", *run_args(assets, tmp_path, "p3o-v2", pairs=4), ddp_yaml=True)
+    assert done.stderr.count("(2 in each of 2 processes)") == 1
+    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2]
 
 
 def test_two_processes_learn_the_held_out_word_task_as_well_as_one(assets, tmp_path):

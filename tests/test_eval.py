@@ -82,6 +82,8 @@ def test_gold_reward_column_samples_and_overwrite(assets, held_out, tmp_path):
     assert main(args) == 2  # an existing output is refused ...
     assert main(args + ["--overwrite"]) == 0  # ... unless asked for, and the seeded stream repeats exactly
     assert out.read_text() == first
+    assert main([a for a in args if a != "--save_samples"] + ["--overwrite"]) == 0
+    assert not (tmp_path / "results.samples.jsonl").exists()  # the earlier run's samples are not left beside
 
 
 def test_evaluate_models_gives_a_copy_of_the_reference_the_same_samples_and_zero_kl(assets, held_out, tmp_path):

@@ -536,7 +536,8 @@ def test_abstentions_leave_the_denominator_and_bound_the_rate():
     warnings = judge_warnings(result)
     assert len(warnings) == 1 and "5 of 15 prompts are abstentions" in warnings[0] and "[0.467, 0.800]" in warnings[0]
     nothing = summarise([Verdict("abstain")] * 3)
-    assert nothing["n"] == 0 and math.isnan(nothing["win_rate"]) and (nothing["ci_low"], nothing["ci_high"]) == (0, 1)
+    assert nothing["n"] == 0 and nothing["win_rate"] is None and (nothing["ci_low"], nothing["ci_high"]) == (0, 1)
+    json.loads(json.dumps(nothing), parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))  # null, not NaN
     assert "n/a (no prompt judged" in summary_line({**nothing, "judge": "j", "model_a": "a", "model_b": "b"}, "o")
 
 
@@ -589,7 +590,10 @@ def test_answers_are_parsed_in_the_forms_judges_write():
              "A common mistake in learning to cook is using too much salt.": None,
              "A more helpful response would be to list the steps.": None,
              "Response A is better in tone, but Response B is better in substance.": None,
-             "Both responses are good. A's explanation is longer.": None, "I choose a different approach": None}
+             "Both responses are good. A's explanation is longer.": None, "I choose a different approach": None,
+             # "more" with a word that is no praise, and "neither ... nor", name no winner
+             "Response A is more confusing than Response B.": None, "B is more harmful.": None,
+             "Neither A nor B is better.": None, "Response B is more accurate.": "B"}
     assert {reply: parse_answer(reply) for reply in cases} == cases
 
 

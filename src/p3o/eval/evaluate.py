@@ -205,6 +205,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, dict]:
     if "samples" in paths:
         lines = [json.dumps({"model": path, **sample}) for path, r in results.items() for sample in r["samples"]]
         atomic_write_text(paths["samples"], "".join(line + "\n" for line in lines))
+    else:  # an earlier run's samples would stand beside these results as if they were theirs
+        output_paths(cfg.output_file, save_samples=True)["samples"].unlink(missing_ok=True)
     atomic_write_text(paths["markdown"], table)
     atomic_write_text(paths["json"], json.dumps(summary, indent=1) + "\n")
     print("\n" + table)

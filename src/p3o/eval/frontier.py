@@ -460,7 +460,7 @@ def win_rates(cfg: FrontierConfig, out: Path, sources: dict, judge: str, retrain
         wins, losses, ties = (sum(r[k] for r in results) for k in ("wins", "losses", "ties"))
         n = wins + losses + ties
         low, high = win_rate_interval(wins, losses, ties)
-        pooled[pair] = {"win_rate": (wins + ties / 2) / n if n else float("nan"), "ci_low": low, "ci_high": high,
+        pooled[pair] = {"win_rate": (wins + ties / 2) / n if n else None, "ci_low": low, "ci_high": high,
                         "wins": wins, "losses": losses, "ties": ties, "n": n, "seeds": len(results),
                         "per_seed": [r["win_rate"] for r in results]}
     opponent_names = ["SFT", *(["PPO"] if "ppo" in runs else [])]
@@ -471,7 +471,8 @@ def win_rates(cfg: FrontierConfig, out: Path, sources: dict, judge: str, retrain
              "| algorithm | " + " | ".join(f"vs {n}" for n in opponent_names) + " |", "|---|" + "---|" * len(opponent_names)]
     for algo in runs:
         cells = [(f"{r['win_rate']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] ("
-                  + ", ".join(f"{x:.2f}" for x in r["per_seed"]) + ")") if (r := pooled.get((algo, n))) else "–"
+                  + ", ".join("n/a" if x is None else f"{x:.2f}" for x in r["per_seed"]) + ")")
+                 if (r := pooled.get((algo, n))) and r["n"] else "–"
                  for n in opponent_names]
         lines.append(f"| {algo} | " + " | ".join(cells) + " |")
     atomic_write_text(out / "winrates.md", "\n".join(lines) + "\n")

@@ -205,9 +205,15 @@ def _check_task(name: str, settings: JudgeSettings) -> None:
     get_task(name)
 
 
-def _check_path(what: str) -> Callable[[str, JudgeSettings], None]:
+def _check_path(what: str, heads: tuple[str, ...]) -> Callable[[str, JudgeSettings], None]:
+    """The model exists and, where its config.json names its class, has one of `heads`: checked before
+    the policies generate, not after."""
     def check(name: str, settings: JudgeSettings) -> None:
         _check_exists(name, what)
+        config = Path(name) / "config.json"
+        saved = json.loads(config.read_text()).get("architectures") or [] if config.is_file() else []
+        if saved and not any(a.endswith(heads) for a in saved):
+            raise UsageError(f"{what} {name} was saved as {', '.join(saved)}; give a model ending in {' or '.join(heads)}")
 
     return check
 
@@ -222,7 +228,7 @@ def _reward_fn_judge(spec: str, settings: JudgeSettings) -> ScoreJudge:
     return ScoreJudge(f"reward_fn:{spec}", build_reward(spec, None), settings.tie_margin)
 
 
-@register_judge("reward_model", "PATH", _check_path("reward model"))
+@register_judge("reward_model", "PATH", _check_path("reward model", ("ForSequenceClassification",)))
 def _reward_model_judge(path: str, settings: JudgeSettings) -> ScoreJudge:
     reward = build_reward(None, path, settings.trust_remote_code, settings.batch_size, settings.device)
     return ScoreJudge(f"reward_model:{path}", reward, settings.tie_margin)
@@ -239,10 +245,14 @@ ANCHORED_RE = re.compile(  # "The answer is "B"", "Answer: B", "**Verdict:** B",
     r"|\bI\s+(?i:would\s+)?(?i:choose|pick|prefer|select|go\s+with))" + _NAMED)
 LEADING_RE = re.compile(  # a reply that opens with the label, then an explanation: "B. Response B ...", "A - ..."
     r"""^[\s"'*`(\[]*(?:(?i:response|option)\s+)?""" + _LABEL + r"""(?:\s*(?:$|[.:,;!)\]\n—–-])|["'*`])""")
+_PRAISE = (r"accurate|helpful|complete|relevant|concise|informative|correct|appropriate|detailed|clear|coherent|"
+           r"useful|thorough|faithful|fluent|precise|specific|honest|harmless|engaging|readable|natural")
 BETTER_RE = re.compile(  # "Response B is better", "A is the best answer", "B is a more accurate one": a capital A
-    # before "is" is never the article; negations ("A is not better") and "worse"/"less" are not matched
+    # before "is" is never the article; negations ("A is not better"), "worse"/"less" and "more" with a word
+    # that is not praise ("A is more confusing") are not matched
     r"(?:(?i:response|option)\s+)?\b(A|B)\s+(?i:is|was)\s+" + _ADVERB + r"(?i:(?:the|a|an|much|far|slightly|only)\s+)*"
-    r"(?i:better|best|preferred|superior|stronger|correct|right|winner|more\s+(?!likely)\w+)\b")
+    r"(?i:better|best|preferred|superior|stronger|correct|right|winner|more\s+(?:" + _PRAISE + r"))\b")
+NEITHER_RE = re.compile(r"(?i:\bneither\b|\bnor\b)")  # "Neither A nor B is better": no verdict from BETTER_RE
 OPENS_WITH_LABEL = re.compile(r"""^[\s"'*`(\[]*(?:A|B)(?![\w'’-])""")  # "A common mistake ...": an article
 TIE_RE = re.compile(r"(?i:\b(?:it'?s|it\s+is|this\s+is)\s+a\s+tie\b)")
 _WRAPPERS = "\"'*`_.,:;!()[]{}<> \t\n"
@@ -268,7 +278,7 @@ def parse_answer(reply: str) -> str | None:
         return _label(found[-1])
     if found := LEADING_RE.match(reply):
         return _label(found.group(1))
-    if len(found := set(BETTER_RE.findall(reply))) == 1:
+    if not NEITHER_RE.search(reply) and len(found := set(BETTER_RE.findall(reply))) == 1:
         return found.pop()
     if TIE_RE.search(reply):
         return "tie"
@@ -419,15 +429,27 @@ class LLMJudge:
         self.stats["cached"] += len(keys) - len(todo)
         if todo:
             log.info("asking %s for %d verdicts (%d cached)", self.name, len(todo), len(keys) - len(todo))
-            error, pool = None, ThreadPoolExecutor(self.settings.workers)
+            error, pool, failed = None, ThreadPoolExecutor(self.settings.workers), threading.Event()
+
+            def guarded(conversation):  # a worker that failed must not start the next request itself
+                if failed.is_set():
+                    raise _Dropped
+                try:
+                    return self.request(conversation)
+                except Exception:
+                    failed.set()
+                    raise
+
             try:
                 with _progress(len(todo), f"judging with {self.name}", "request", self.settings) as bar:
-                    futures = {pool.submit(self.request, c): k for k, c in todo.items()}
+                    futures = {pool.submit(guarded, c): k for k, c in todo.items()}
                     for future in as_completed(futures):
                         if future.cancelled():
                             continue
                         try:
                             entry = future.result()
+                        except _Dropped:
+                            continue
                         except Exception as exc:  # noqa: BLE001 - the first error is raised once the rest is in
                             if error is None:
                                 error = exc
@@ -582,6 +604,10 @@ def _llm_judge(model: str, settings: JudgeSettings) -> LLMJudge:
     return LLMJudge(model, settings)
 
 
+class _Dropped(Exception):
+    """A request not sent because another one had failed."""
+
+
 class HFJudge:
     """A local causal LM as judge, shown the same judging prompt as `llm:`. In each order it gives
     d = log p("A") - log p("B") for its next token; the preference for policy A is
@@ -656,7 +682,7 @@ def _label_token_ids(tokenizer, label: str, name: str) -> list[int]:
     return sorted(ids)
 
 
-@register_judge("hf", "PATH", _check_path("judge model"))
+@register_judge("hf", "PATH", _check_path("judge model", ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")))
 def _hf_judge(path: str, settings: JudgeSettings) -> HFJudge:
     tokenizer = load_tokenizer(path, settings.trust_remote_code)
     model = load_causal_lm(path, settings.trust_remote_code, settings.dtype, what="judge model").to(settings.device).eval()

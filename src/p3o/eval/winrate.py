@@ -153,7 +153,7 @@ def summarise(verdicts) -> dict:
     abstentions = len(verdicts) - n
     low, high = win_rate_interval(wins, losses, ties)
     points = wins + ties / 2
-    result = {"win_rate": points / n if n else float("nan"), "ci_low": low, "ci_high": high,
+    result = {"win_rate": points / n if n else None, "ci_low": low, "ci_high": high,  # None: JSON's null
               "wins": wins, "losses": losses, "ties": ties, "n": n, "abstentions": abstentions,
               "prompts": len(verdicts),
               "abstention_bounds": [points / len(verdicts), (points + abstentions) / len(verdicts)] if verdicts else None,
@@ -180,10 +180,10 @@ def judge_warnings(result: dict) -> list[str]:
     if share is not None and max(share, 1 - share) > POSITION_BIAS:
         agreement = diagnostics["agreement"]
         warnings.append(f"the judge named the {'first' if share > 0.5 else 'second'} position in "
-                        f"{max(share, 1 - share):.0%} of its answers: it is mostly position-biased, and only pairs "
-                        f"whose two orders agreed count as wins or losses (agreement "
-                        f"{'n/a' if agreement is None else f'{agreement:.0%}'}); use a stronger judge for a win rate "
-                        "that tells the policies apart")
+                        f"{max(share, 1 - share):.0%} of its answers: it is mostly position-biased, and only the "
+                        f"part of its preference that survives swapping the order counts (its two orders agreed on "
+                        f"{'n/a' if agreement is None else f'{agreement:.0%}'} of the pairs); use a stronger judge "
+                        "for a win rate that tells the policies apart")
     return warnings
 
 
@@ -217,9 +217,16 @@ def check_output_file(cfg: WinrateConfig) -> Path:
     out = Path(cfg.output_file)
     if out.is_dir():
         raise UsageError(f"--output_file {out} is a directory; give a file name such as {out / 'winrate.json'}")
+    if Path(cfg.dataset).exists() and Path(cfg.dataset).resolve() == out.resolve():
+        raise UsageError(f"--output_file {out} would overwrite --dataset; choose another file")
     if out.exists() and not cfg.overwrite:
         raise UsageError(f"--output_file {out} exists; pass --overwrite to replace it, or choose another file")
     check_writable(out.parent, "--output_file")
+    if cfg.judge.startswith("llm:"):  # the replies are cached as they arrive: the cache must be writable first
+        cache = cfg.judge_settings().cache_path
+        if cache.is_dir():
+            raise UsageError(f"--judge_cache {cache} is a directory; give a file name such as {cache / 'judge_cache.jsonl'}")
+        check_writable(cache.parent, "--judge_cache")
     return out
 
 

@@ -17,15 +17,25 @@ from p3o.utils import zero
 
 
 def make_accelerator(**kwargs):
-    """accelerate's `Accelerator(**kwargs)`. DeepSpeed on a machine without GPUs is given gloo, for which
-    accelerate finds no backend of its own (it would run each process alone)."""
+    """accelerate's `Accelerator(**kwargs)`. On a machine without GPUs, a launch of several processes
+    would run each process alone where accelerate finds no backend of its own: DeepSpeed is given gloo,
+    and plain DDP (`ddp.yaml`, `--multi_gpu`) is run as accelerate's multi-CPU (gloo) setup. A launch
+    that still ends with one process per run is refused (N runs would write one directory)."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not torch.cuda.is_available():
+    uses = {name: os.environ.get(f"ACCELERATE_USE_{name}", "false").lower() == "true" for name in ("DEEPSPEED", "FSDP")}
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if uses["DEEPSPEED"] and not torch.cuda.is_available():
         kwargs["kwargs_handlers"] = [*kwargs.get("kwargs_handlers", []), InitProcessGroupKwargs(backend="gloo")]
+    elif launched > 1 and not uses["FSDP"] and not torch.cuda.is_available():
+        kwargs.setdefault("cpu", True)
     allow_another_precision(kwargs.get("mixed_precision"))
-    return Accelerator(**kwargs)
+    accelerator = Accelerator(**kwargs)
+    if launched > 1 and accelerator.num_processes == 1:
+        raise UsageError(f"launched as {launched} processes, but accelerate set up each as a run of its own; on a "
+                         "machine without GPUs launch with torchrun or ACCELERATE_USE_CPU=true (docs/distributed.md)")
+    return accelerator
 
 
 def allow_another_precision(mixed_precision: str | None) -> None:

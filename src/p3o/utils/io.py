@@ -51,17 +51,17 @@ def run_directory(output_dir: str, overwrite: bool, inputs: dict[str, str | None
         raise
 
 
-def check_writable(path: str | Path, flag: str = "--output_dir") -> None:
-    """`path` can be created (or written) by this user: its nearest existing folder is writable. Checked
-    before the work, so a run or an evaluation is not computed only to fail at its first write."""
-    target = Path(path).expanduser().absolute()
-    existing = target
+def check_writable(folder: str | Path, flag: str = "--output_dir") -> None:
+    """`folder` (an output directory, or the one an output file goes in) is a folder, or can be made one,
+    that this user can write into. Checked before the work, so a run or an evaluation is not computed
+    only to fail at its first write."""
+    existing = Path(folder).expanduser().absolute()
     while not existing.exists():
         existing = existing.parent
-    if existing != target and not existing.is_dir():
-        raise UsageError(f"{flag} {path}: {existing} is a file, not a folder; choose another place")
-    if existing.is_dir() and not _writable(existing):
-        raise UsageError(f"{flag} {path}: {existing} is not writable by this user; choose a place you can write to")
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {folder}: {existing} is a file, not a folder; choose another place")
+    if not _writable(existing):
+        raise UsageError(f"{flag} {folder}: {existing} is not writable by this user; choose a place you can write to")
 
 
 def _writable(folder: Path) -> bool:
