@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from p3o.errors import UsageError
-from p3o.models.loading import _check_exists, context_length, load_causal_lm, load_tokenizer
+from p3o.models.loading import CAUSAL_LM_HEADS, _check_exists, context_length, load_causal_lm, load_tokenizer
 from p3o.reward import RewardFunction, build_reward, load_reward_function
 from p3o.rl.rollout import pad_prompts, supports_logits_to_keep
 from p3o.tasks import get_task
@@ -213,7 +213,8 @@ def _check_path(what: str, heads: tuple[str, ...]) -> Callable[[str, JudgeSettin
         config = Path(name) / "config.json"
         saved = json.loads(config.read_text()).get("architectures") or [] if config.is_file() else []
         if saved and not any(a.endswith(heads) for a in saved):
-            raise UsageError(f"{what} {name} was saved as {', '.join(saved)}; give a model ending in {' or '.join(heads)}")
+            raise UsageError(f"{what} {name} was saved as {', '.join(saved)}; give a model ending in "
+                             f"{' or '.join(heads)}")
 
     return check
 
@@ -682,7 +683,7 @@ def _label_token_ids(tokenizer, label: str, name: str) -> list[int]:
     return sorted(ids)
 
 
-@register_judge("hf", "PATH", _check_path("judge model", ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")))
+@register_judge("hf", "PATH", _check_path("judge model", CAUSAL_LM_HEADS))
 def _hf_judge(path: str, settings: JudgeSettings) -> HFJudge:
     tokenizer = load_tokenizer(path, settings.trust_remote_code)
     model = load_causal_lm(path, settings.trust_remote_code, settings.dtype, what="judge model").to(settings.device).eval()

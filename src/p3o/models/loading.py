@@ -28,6 +28,9 @@ GGUF_INSTALL = "pip install 'p3o[gguf]' (or pip install gguf)"
 CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx", "max_sequence_length")
 
 
+CAUSAL_LM_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")  # class names that generate text
+
+
 def context_length(model_config) -> int | None:
     """The model's context in tokens, where its config says (None for a config that says nothing)."""
     return next((value for f in CONTEXT_FIELDS if isinstance(value := getattr(model_config, f, None), int) and value > 0),
@@ -138,7 +141,7 @@ def load_causal_lm(name: str, trust_remote_code: bool = False, dtype: str = "flo
     except (OSError, ValueError) as exc:
         raise _not_found(name, what, exc) from None
     saved = getattr(config, "architectures", None) or []
-    if saved and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in saved):
+    if saved and not any(a.endswith(CAUSAL_LM_HEADS) for a in saved):
         # e.g. a reward model: it would load with a fresh, random language-model head
         raise UsageError(f"{what} {name} was saved as {', '.join(saved)}, not a causal language model; give a "
                          "policy (an *ForCausalLM checkpoint such as the SFT model)")

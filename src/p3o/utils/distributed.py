@@ -24,7 +24,8 @@ def make_accelerator(**kwargs):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    uses = {name: os.environ.get(f"ACCELERATE_USE_{name}", "false").lower() == "true" for name in ("DEEPSPEED", "FSDP")}
+    uses = {name: os.environ.get(f"ACCELERATE_USE_{name}", "false").lower() == "true"
+            for name in ("DEEPSPEED", "FSDP")}
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if uses["DEEPSPEED"] and not torch.cuda.is_available():
         kwargs["kwargs_handlers"] = [*kwargs.get("kwargs_handlers", []), InitProcessGroupKwargs(backend="gloo")]
