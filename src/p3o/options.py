@@ -77,3 +77,10 @@ def did_you_mean(key: str, known) -> str:
 
     close = difflib.get_close_matches(key, list(known), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def typed(cls, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """`values` (option names of the dataclass `cls`, as a YAML file gives them) each checked against
+    its field's type; `where` names their source in an error."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    return {k: _coerce(fields[k], v, where) for k, v in values.items()}

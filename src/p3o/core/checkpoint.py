@@ -17,11 +17,13 @@ from p3o.utils.checkpoints import STATE_FILE, rng_state, set_rng_state, write_ch
 from p3o.utils.distributed import full_optimizer_state, load_optimizer_state
 from p3o.utils.io import atomic_write_text
 
-# Settings every stage's resumed run may change: where and how often it writes and logs, and when
-# it gives up on non-finite steps. None of them changes what is trained; a stage adds its own.
-RESUMABLE_RUN_SETTINGS = frozenset({"output_dir", "save_steps", "save_total_limit", "resume", "overwrite",
-                                    "logging_steps", "disable_progress_bar", "report_to", "max_consecutive_skips",
-                                    "eval_steps"})
+# Settings that never change what a run trains: where and how often it writes and logs. Runs that
+# differ only in them are the same run (a frontier sweep's, a pipeline's finished stage).
+COSMETIC_SETTINGS = frozenset({"output_dir", "overwrite", "resume", "save_steps", "save_total_limit",
+                               "disable_progress_bar", "logging_steps", "log_completions", "report_to"})
+# Settings every stage's resumed run may change: those, when it gives up on non-finite steps and how
+# often it evaluates; a stage adds its own.
+RESUMABLE_RUN_SETTINGS = COSMETIC_SETTINGS | {"max_consecutive_skips", "eval_steps"}
 
 
 def save_training_checkpoint(out: Path, step: int, state: dict, accelerator, model, optimizer, scheduler,

@@ -29,10 +29,12 @@ from p3o.errors import UsageError
 from p3o.eval.plots import plot_frontier
 from p3o.eval.winrate import WinrateConfig, run_winrate, win_rate_interval
 from p3o.models.loading import _check_exists, _looks_local
-from p3o.options import _coerce, option, read_yaml_config
+from p3o.options import option, read_yaml_config, typed
 from p3o.pipeline.demo import build_task_base
 from p3o.reward import load_reward_function
+from p3o.core.checkpoint import COSMETIC_SETTINGS
 from p3o.rl.algorithms import ALGORITHMS, default_setting, get_algorithm
+from p3o.rl.config import P3OConfig, trl_names
 from p3o.tasks import get_task
 from p3o.utils.checkpoints import same_setting
 from p3o.utils.io import atomic_write_text
@@ -187,13 +189,10 @@ SOURCES = ("model", "reward_model", "reward_fn", "dataset", "eval_dataset", "pre
 def check_settings(settings: dict, run: Run) -> None:
     """A run's `p3o train` settings as `p3o train --config` would read them: no unknown key, every
     value of its type and in range."""
-    from p3o.rl.config import P3OConfig
-
-    fields = {f.name: f for f in dataclasses.fields(P3OConfig)}
     where = f"run {run.name}"
-    if unknown := sorted(set(settings) - set(fields)):
+    if unknown := sorted(set(settings) - {f.name for f in dataclasses.fields(P3OConfig)}):
         raise UsageError(f"{where}: unknown `p3o train` option {unknown[0]!r} (from --train_config?); see p3o train --help")
-    P3OConfig(**{k: _coerce(fields[k], v, where) for k, v in settings.items()})
+    P3OConfig(**typed(P3OConfig, settings, where))
 
 
 def _refuse_replacing_other_runs(cfg: FrontierConfig, out: Path, runs: list[Run], settings: dict) -> None:
@@ -231,9 +230,6 @@ def _check_base(base: Path, identity: dict) -> None:
 # Keys the sweep sets for each run, which --train_config may not override.
 SWEPT = {"algo", "beta", "seed", "output_dir", "model_name_or_path", "dataset", "eval_dataset", "reward_model",
          "reward_fn", "monitor_reward_fn", "resume", "overwrite"}
-# Keys of a run's settings that do not change its results.
-COSMETIC = {"output_dir", "overwrite", "resume", "save_steps", "save_total_limit", "disable_progress_bar",
-            "logging_steps", "log_completions"}
 
 
 def run_settings(cfg: FrontierConfig, run: Run, sources: dict, run_dir: Path) -> dict:
@@ -252,8 +248,8 @@ def run_settings(cfg: FrontierConfig, run: Run, sources: dict, run_dir: Path) ->
         save_steps=cfg.eval_steps, save_total_limit=1, resume=True)  # a killed sweep continues each run
     if cfg.train_config:
         extra = read_yaml_config(cfg.train_config)
-        for alias, name in (("max_completion_length", "max_new_tokens"), ("dataset_name", "dataset")):  # TRL's
-            if alias in extra:  # p3o train folds them so: compared with config.yaml, which holds p3o's names
+        for alias, name in trl_names().items():  # p3o train folds them so: config.yaml holds p3o's names
+            if alias in extra:
                 extra[name] = extra.pop(alias)
         if clash := sorted(SWEPT & set(extra)):
             raise UsageError(f"--train_config {cfg.train_config} sets {', '.join(clash)}, which the sweep sets for "
@@ -275,7 +271,7 @@ def _same_settings(run_dir: Path, settings: dict) -> bool:
     if not config.is_file():
         return False
     saved = yaml.safe_load(config.read_text())
-    return all(same_setting(saved.get(k), v) for k, v in settings.items() if k not in COSMETIC)
+    return all(same_setting(saved.get(k), v) for k, v in settings.items() if k not in COSMETIC_SETTINGS)
 
 
 def _train_all(cfg: FrontierConfig, out: Path, todo: list[Run], settings: dict) -> list[Run]:

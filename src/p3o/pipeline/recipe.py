@@ -14,11 +14,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from p3o.core.checkpoint import COSMETIC_SETTINGS
 from p3o.data.converters import CONVERTERS, convert_rows
 from p3o.data.files import LOCAL_SUFFIXES, read_rows
 from p3o.errors import UsageError
 from p3o.models.loading import _check_exists, _looks_local
-from p3o.options import _coerce, did_you_mean, read_yaml_config
+from p3o.options import did_you_mean, read_yaml_config, typed
 from p3o.reward import load_reward_function
 from p3o.reward.train import RMConfig, run_rm
 from p3o.rl.config import TrainConfig, derive_sizes
@@ -73,13 +74,8 @@ def _chain(recipe: dict, out: Path, path: str, overwrite: bool, resume: bool = F
             key = sorted(bad)[0]
             raise UsageError(f"{path}: unknown option {key!r} in section {name}{did_you_mean(key, fields)}; see "
                              f"`p3o {name} --help`")
-        stages[name] = (classes[name](**_typed(classes[name], values, f"{path}: {name}")), fmt)
+        stages[name] = (classes[name](**typed(classes[name], values, f"{path}: {name}")), fmt)
     return stages
-
-
-def _typed(cls, values: dict, where: str) -> dict:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    return {k: _coerce(fields[k], v, where) for k, v in values.items()}
 
 
 def run_recipe(path: str, overrides: dict[str, Any] | None = None) -> Path:
@@ -115,7 +111,7 @@ STAMP = "pipeline_stage.json"  # a stage's recipe settings, written when it fini
 def _stage_stamp(cfg, fmt: str | None) -> dict:
     """What a stage was asked for (before a stage resolves or caps anything), less what does not change
     its model; the data as the recipe names it, with its format."""
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in STAGE_COSMETIC}
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in COSMETIC_SETTINGS}
     return json.loads(json.dumps({**settings, "dataset_format": fmt}))
 
 
@@ -132,11 +128,6 @@ def _finished(cfg, stage: str, stamp: dict) -> bool:
         raise UsageError(f"--resume: stage {stage} finished in {cfg.output_dir} with other settings ({detail}); "
                          "pass --overwrite to run it again, or use another output_dir")
     return True
-
-
-# Settings of a finished stage that do not change its model.
-STAGE_COSMETIC = {"output_dir", "overwrite", "resume", "save_steps", "save_total_limit", "disable_progress_bar",
-                  "logging_steps", "log_completions", "report_to"}
 
 
 def check_stages(recipe: dict, out: Path) -> None:

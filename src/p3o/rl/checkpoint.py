@@ -13,6 +13,7 @@ from pathlib import Path
 
 from p3o.core.checkpoint import RESUMABLE_RUN_SETTINGS, load_training_checkpoint, save_training_checkpoint
 from p3o.errors import UsageError
+from p3o.rl.config import trl_names
 from p3o.models.lora import is_lora, load_adapter
 from p3o.models.value_head import VALUE_HEAD_FILE, split_state_dict
 from p3o.utils.distributed import load_module_state
@@ -20,7 +21,7 @@ from p3o.utils.io import save_pretrained_atomically
 
 # Settings a resumed run may change; any other difference would change the trajectory.
 # TRL's spellings are folded into p3o's (compared there); an older run's config.yaml may hold both.
-RESUMABLE_CHANGES = RESUMABLE_RUN_SETTINGS | {"max_steps", "log_completions", "max_completion_length", "dataset_name"}
+RESUMABLE_CHANGES = RESUMABLE_RUN_SETTINGS | {"max_steps"} | set(trl_names())
 
 
 def resumable_changes(cfg) -> set[str]:

@@ -151,10 +151,10 @@ class P3OConfig:
                                  "package.module:function")
         # TRL's names fold into p3o's and are cleared, so the config (and config.yaml, and
         # dataclasses.replace) holds one spelling, which a flag or a replace then overrides.
-        if self.max_completion_length is not None:
-            self.max_new_tokens, self.max_completion_length = self.max_completion_length, None
-        if self.dataset_name is not None:
-            self.dataset, self.dataset_name = self.dataset_name, None
+        for alias, name in trl_names().items():
+            if getattr(self, alias) is not None:
+                setattr(self, name, getattr(self, alias))
+                setattr(self, alias, None)
         if self.max_steps is not None and self.num_train_epochs is not None:
             log.warning("--max_steps %d and --num_train_epochs %g: max_steps wins (as in transformers)",
                         self.max_steps, self.num_train_epochs)
@@ -257,6 +257,11 @@ class P3OConfig:
             if changed and message not in _WARNED:  # once: dataclasses.replace runs this again
                 _WARNED.add(message)
                 log.warning(message)
+
+
+def trl_names() -> dict[str, str]:
+    """TRL's names of P3OConfig's options (max_completion_length -> max_new_tokens, ...)."""
+    return {f.name: f.metadata["alias_of"] for f in fields(P3OConfig) if f.metadata.get("alias_of")}
 
 
 _WARNED: set[str] = set()  # `_warn_unused`'s messages already given in this process
