@@ -396,3 +396,14 @@ def test_settings_the_run_does_not_use_are_named_in_a_warning(tmp_path, caplog, 
     with caplog.at_level(logging.WARNING, logger="p3o"):
         P3OConfig(output_dir=str(tmp_path), algo="ppo", vf_coef=0.5, use_peft=True, lora_r=8, reward_fn="r.py:f")
     assert "no effect" not in caplog.text
+
+
+def test_evaluation_settings_without_an_eval_dataset_are_named_in_a_warning(tmp_path, caplog, assets):
+    with caplog.at_level(logging.WARNING, logger="p3o"):
+        P3OTrainer(assets["llama"], fruit, train_dataset=prompt_rows(4), args=args(tmp_path, "a", eval_steps=2))
+    assert "--eval_steps has no effect without --eval_dataset" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="p3o"):
+        P3OTrainer(assets["llama"], fruit, train_dataset=prompt_rows(4), eval_dataset=prompt_rows(2),
+                   args=args(tmp_path, "b", eval_steps=2))
+    assert "no effect" not in caplog.text

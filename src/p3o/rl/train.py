@@ -153,6 +153,10 @@ def _build_engine(cfg: P3OConfig, model=None, tokenizer=None, train_dataset=None
         raise UsageError("give the policy: --model_name_or_path (Python: model=)")
     sources = [*(cfg.reward_fn or []), *(cfg.reward_model or []), *(cfg.reward_url or []), *reward_funcs]
     check_reward_sources(cfg, [_source_name(s) for s in sources], eval_spec is not None)
+    unused_eval = [f"--{n}" for n in ("eval_steps", "eval_max_prompts") if getattr(cfg, n) not in (0, None)]
+    if unused_eval and eval_spec is None:
+        log.warning("%s %s no effect without --eval_dataset (Python: eval_dataset=)", " and ".join(unused_eval),
+                    "has" if len(unused_eval) == 1 else "have")
     accelerator = make_accelerator(mixed_precision=cfg.mixed_precision, log_with=trackers or None,
                                    project_dir=cfg.output_dir)
     derive_sizes(cfg, accelerator.num_processes)
