@@ -186,6 +186,34 @@ def test_remax_scores_a_greedy_response_per_prompt(assets, tmp_path):
     assert torch.equal(other.collect_rollout(0)[0].baseline_rewards, base)
 
 
+def test_remax_greedy_baseline_is_in_the_samples_units_under_running_std(assets, tmp_path):
+    """--reward_normalization running_std clips and divides the samples' rewards; the greedy
+    baseline subtracted from them must be clipped and divided the same way (it was raw)."""
+    words = tmp_path / "words.py"
+    words.write_text("def words(prompts, completions, **kw):\n    return [len(c.split()) - 2.0 for c in completions]\n")
+    trainer = build_trainer(train_config(assets, tmp_path, algo="remax", num_generations=2, reward_clip=3.0,
+                                         reward_fn=f"{words}:words", reward_normalization="running_std"))
+    scored, score = [], trainer.score
+    trainer.score = lambda *a, **kw: scored.append(score(*a, **kw)) or scored[-1]
+    rollout, _, _ = trainer.collect_rollout(0)
+    samples, greedy = scored  # the samples' raw scores (16,), then the greedy responses' (8,)
+    std = trainer.reward_scale.std
+    assert std != 1.0 and samples.abs().max() > 3 and not torch.equal(greedy.clamp(-3, 3) / std, greedy)
+    assert torch.equal(rollout.rewards, samples.clamp(-3, 3) / std)
+    assert torch.equal(rollout.baseline_rewards, greedy.clamp(-3, 3) / std)
+
+
+def test_running_std_leaves_rewards_unscaled_until_they_spread():
+    from p3o.rl.reward_scaling import RunningRewardScale
+
+    scale = RunningRewardScale(clip=10.0)
+    for _ in range(3):  # a constant reward has no spread to divide by (it was divided by 1e-8)
+        assert torch.equal(scale(torch.full((4,), 0.1, dtype=torch.float64)), torch.full((4,), 0.1, dtype=torch.float64))
+    spread = scale(torch.tensor([0.0, 2.0], dtype=torch.float64))
+    assert scale.std == pytest.approx(torch.tensor([0.1] * 12 + [0.0, 2.0], dtype=torch.float64).std().item())
+    assert torch.allclose(spread, torch.tensor([0.0, 2.0], dtype=torch.float64) / scale.std)
+
+
 def test_online_dpo_labels_pairs_by_reward_and_drops_ties(assets, tmp_path):
     trainer = build_trainer(train_config(assets, tmp_path, algo="online-dpo"))
     rollout, _, _ = trainer.collect_rollout(0)

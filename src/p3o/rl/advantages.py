@@ -60,7 +60,7 @@ def token_rewards(scores: torch.Tensor, old_token_logp: torch.Tensor, ref_token_
     """PPO's per-token reward: -beta * (log pi_old(y_t) - log pi_ref(y_t)), plus the score r(x, y) on
     the last response token.  scores (B,), the rest (B, T) -> (B, T), zero on padding."""
     rewards = -beta * (old_token_logp - ref_token_logp)  # (B, T)
-    last = (mask.sum(-1) - 1).clamp(min=0).long()  # (B,) index of the last response token
+    last = (mask.sum(-1) - 1).clamp(min=0).long()  # (B,) the last response token (masks are prefixes)
     rewards = rewards.scatter_add(1, last[:, None], scores.to(rewards.dtype)[:, None])
     return torch.where(mask.bool(), rewards, torch.zeros_like(rewards))
 

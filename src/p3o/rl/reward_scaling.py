@@ -1,7 +1,8 @@
 """`--reward_normalization running_std`: the authors' reward processing (trlx's), as an option.
 
 Raw rewards are clipped to +-`clip`, then divided by the standard deviation of every clipped reward
-seen so far, this rollout's included, over all processes. Off by default: a per-prompt shift still
+seen so far, this rollout's included, over all processes (left as they are while every reward so
+far is equal: there is no spread to divide by). Off by default: a per-prompt shift still
 cancels inside each group's differences, but it changes the running std, so the scale of every
 update depends on the shift (docs/p3o.md section 8); clipping also cuts differences between large
 rewards.
@@ -24,24 +25,31 @@ class RunningRewardScale:
 
     @property
     def std(self) -> float:
-        if self.count < 2:
-            return 1.0
-        return math.sqrt(self.var * self.count / (self.count - 1))
+        """The unbiased std of the rewards so far; 1 (no scaling) until they have spread: every reward
+        equal would otherwise be divided by a std of 0 (or of rounding)."""
+        std = math.sqrt(self.var * self.count / (self.count - 1)) if self.count >= 2 else 0.0
+        return std if std > 1e-9 * max(1.0, abs(self.mean)) else 1.0
 
     def __call__(self, rewards: torch.Tensor, device=None) -> torch.Tensor:
         """(B,) raw float64 rewards -> clipped and divided by the running std (B,), after this batch.
         `device`: where the processes' collective runs (NCCL needs the GPU)."""
-        clipped = rewards.clamp(-self.clip, self.clip)
-        self.update(clipped, device)
-        return clipped / max(self.std, 1e-8)
+        self.update(rewards.clamp(-self.clip, self.clip), device)
+        return self.scale(rewards)
+
+    def scale(self, rewards: torch.Tensor) -> torch.Tensor:
+        """Clipped and divided by the running std as it is, which this does not update (ReMax's greedy
+        baseline is scaled as its rollout's samples were)."""
+        return rewards.clamp(-self.clip, self.clip) / self.std
 
     def update(self, values: torch.Tensor, device=None) -> None:
-        sums = torch.stack([torch.tensor(float(len(values)), dtype=torch.float64), values.sum(), values.pow(2).sum()])
-        n, total, squares = sum_across_processes(sums.to(device)).tolist()  # the whole rollout's, on every process
+        sums = torch.stack([torch.tensor(float(len(values)), dtype=torch.float64), values.sum()])
+        n, total = sum_across_processes(sums.to(device)).tolist()  # the whole rollout's, on every process
         if n == 0:
             return
         mean = total / n
-        var = max(squares / n - mean * mean, 0.0)
+        # Centred before squaring (a second collective): sum(x^2)/n - mean^2 cancels to rounding noise,
+        # which a constant reward would then be divided by.
+        var = sum_across_processes((values - mean).pow(2).sum().reshape(1).to(device)).item() / n
         count = self.count + n
         delta = mean - self.mean
         self.var = (self.var * self.count + var * n + delta * delta * self.count * n / count) / count
