@@ -268,3 +268,39 @@ def test_few_distinct_prompts_fall_back_to_holding_out_rows():
     one_prompt = [{"prompt": "same", "completion": str(i)} for i in range(20)]
     train, held_out = split_held_out(one_prompt, 0.1, seed=0)
     assert len(held_out) == 2 and len(train) == 18
+
+
+def test_text_parts_are_joined_and_other_contents_refused_in_one_line(tmp_path):
+    parts = [{"type": "text", "text": "What is "}, {"type": "text", "text": "2 + 2?"}]
+    rows = load_completions(str(write_jsonl(tmp_path / "a.jsonl", [{"prompt": [user("x")], "completion": [
+        {"role": "assistant", "content": parts}]}])))
+    assert rows[0]["completion"] == [bot("What is 2 + 2?")]
+    for content, message in ((42, "message 0's content is int (42); give it as text"),
+                             ([{"type": "image", "url": "x.png"}], "message 0's content has parts p3o cannot train on (image)")):
+        path = write_jsonl(tmp_path / "b.jsonl", [{"prompt": [user("x")], "completion": [bot("y")]},
+                                                  {"prompt": [user("x")], "completion": [{"role": "assistant", "content": content}]}])
+        with pytest.raises(UsageError, match=re.escape(f"b.jsonl: row 2: {message}")):  # it said "completion is empty"
+            load_completions(str(path))
+
+
+def test_rows_keep_their_file_and_line_through_the_held_out_split(tmp_path, assets, tokenizer, capsys):
+    """Errors found while tokenizing name the row's file and line (the split reorders rows)."""
+    from p3o.cli import main
+    from p3o.data.formats import WHERE
+
+    rows = [{"prompt": f"story : {i}", "completion": " the cat ."} for i in range(12)]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    train, held_out = load_with_held_out(load_completions, str(path), eval_fraction=0.25, seed=3)
+    assert {r[WHERE] for r in held_out} != {f"{path}: row {i}" for i in (1, 2, 3)}  # not the first rows
+    for row in train + held_out:
+        assert row[WHERE] == f"{path}: row {int(row['prompt'].split()[-1]) + 1}"
+    chat = [{"prompt": [user("story : cat")], "completion": [bot("the cat .")]}] * 2
+    write_jsonl(tmp_path / "eval.jsonl", chat)
+    plain = copy.deepcopy(tokenizer)  # the session's tokenizer is shared
+    plain.chat_template = None  # chat rows are refused while tokenizing
+    plain.save_pretrained(tmp_path / "tok")
+    code = main(["sft", "--model_name_or_path", str(assets["llama"]), "--tokenizer_name_or_path", str(tmp_path / "tok"),
+                 "--dataset", str(path), "--eval_dataset", str(tmp_path / "eval.jsonl"),
+                 "--output_dir", str(tmp_path / "out")])
+    assert code == 2 and not (tmp_path / "out").exists()
+    assert f"{tmp_path / 'eval.jsonl'}: row 1: " in capsys.readouterr().err  # it said "held-out row 1"

@@ -89,3 +89,23 @@ def test_group_by_prompt_batches_hold_one_prompt_each(assets, tokenizer, tmp_pat
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4]
     assert (out / "model.safetensors").is_file()
+
+
+def test_scores_are_read_where_transformers_reads_them_when_a_text_ends_with_the_pad_token(assets, tokenizer):
+    """pad == EOS (GPT-2) and data that carries its EOS: a plain `transformers` classifier reads the
+    score before the trailing pad tokens, and p3o (training and scoring) must read it there too, or a
+    saved reward model scores differently outside p3o."""
+    from transformers import AutoModelForSequenceClassification
+
+    pad = tokenizer.pad_token_id
+    torch.manual_seed(0)
+    classifier = AutoModelForSequenceClassification.from_pretrained(assets["llama"], num_labels=1).eval()
+    classifier.config.pad_token_id = pad
+    sequences = [[5, 6, 7], [5, 6, 7, pad], [5, 6, pad, pad], [8, 9, 10, 11, 12]]  # the 2nd and 3rd end in pad
+    ids, mask = pad_right(tokenizer, sequences)
+    assert mask[1, :4].all() and mask[2, :4].all()  # attended: the pad tokens are the text's own
+    with torch.no_grad():
+        ours = LastTokenReward(classifier)(ids, mask)
+        theirs = torch.stack([classifier(input_ids=torch.tensor([s])).logits[0, 0] for s in sequences])
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert ours[0] == ours[1] and ours[1] != ours[2]  # [5, 6, 7] read at 7 with or without the trailing pad

@@ -79,6 +79,54 @@ def test_labels_cover_the_reply_and_one_end_of_turn_token(smollm2):
     assert example["labels"][-1] == example["input_ids"][-1] == im_end  # nothing follows the end of turn
 
 
+def trained_spans(tokenizer, example) -> list[str]:
+    """The decoded runs of trained tokens (labels not IGNORE), in order."""
+    from p3o.sft.train import IGNORE
+
+    spans, run = [], []
+    for token, label in zip(example["input_ids"], example["labels"]):
+        if label != IGNORE:
+            run.append(token)
+        elif run:
+            spans, run = [*spans, tokenizer.decode(run)], []
+    return spans + ([tokenizer.decode(run)] if run else [])
+
+
+def test_a_conversation_trains_every_assistant_reply_or_only_the_last(smollm2):
+    """TRL's assistant_only_loss: each reply and its <|im_end|>, nothing of the user's turns or of the
+    newline after each <|im_end|>; the tokens are those of the whole conversation tokenized at once."""
+    from transformers import AutoTokenizer
+
+    from p3o.sft.train import tokenize_example
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    conversation = [{"role": "system", "content": "Be brief."}, user("Hi"), bot("Sure."), user(QUESTIONS[0]),
+                    bot(ANSWERS[0])]
+    every = tokenize_example(tokenizer, conversation[:-1], conversation[-1:], 512, "row", all_turns=True)
+    last = tokenize_example(tokenizer, conversation[:-1], conversation[-1:], 512, "row", all_turns=False)
+    assert trained_spans(tokenizer, every) == ["Sure." + IM_END, ANSWERS[0] + IM_END]
+    assert trained_spans(tokenizer, last) == [ANSWERS[0] + IM_END]
+    whole = tokenizer(tokenizer.apply_chat_template(conversation, tokenize=False), add_special_tokens=False)["input_ids"]
+    assert every["input_ids"] == last["input_ids"] == whole[:-1]  # all but the template's final newline
+    # Two assistant messages given as the completion: both are learned (the first was all that was).
+    two = tokenize_example(tokenizer, conversation[:2], [bot("first part"), bot("second part")], 512, "row",
+                           all_turns=True)
+    assert trained_spans(tokenizer, two) == ["first part" + IM_END, "second part" + IM_END]
+
+
+def test_a_prompt_cut_to_max_length_keeps_no_stray_im_start(smollm2):
+    """SmolLM2's bos_token is <|im_start|>, which only its template writes: a prompt that loses its
+    start must not keep it alone (a turn with no role)."""
+    from transformers import AutoTokenizer
+
+    from p3o.sft.train import tokenize_example
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    example = tokenize_example(tokenizer, [user(QUESTIONS[0])], [bot(ANSWERS[0])], 12, "row")
+    assert len(example["input_ids"]) == 12 and example["cut"] == "the start of their prompt"
+    assert tokenizer.decode(example["input_ids"]) == " of France?<|im_end|>\n<|im_start|>assistant\nParis.<|im_end|>"
+
+
 def test_preference_responses_end_at_one_end_of_turn_token(smollm2, tmp_path):
     from transformers import AutoTokenizer
 

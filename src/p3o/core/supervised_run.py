@@ -10,9 +10,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections import Counter
 from typing import Callable
 
 from p3o.core.supervised import RESUMABLE_CHANGES, Stage, SupervisedConfig, fit, total_steps
+from p3o.data.formats import WHERE
 from p3o.data.turns import stop_token_ids
 from p3o.errors import UsageError
 from p3o.models.loading import _check_exists, context_length, load_tokenizer, prepare_tokenizer
@@ -50,12 +52,12 @@ def run_supervised(cfg: SupervisedConfig, title: str, load_rows: Callable, token
         if checkpoint is not None and (out / "config.yaml").is_file():  # against the settings as the run used them
             check_resumable(yaml.safe_load((out / "config.yaml").read_text()), dataclasses.asdict(cfg), RESUMABLE_CHANGES)
         name = data_name or cfg.dataset
-        train = [tokenize(tokenizer, row, f"{name}: row {i + 1}") for i, row in enumerate(train_rows)]
-        held_out = [tokenize(tokenizer, row, f"held-out row {i + 1}") for i, row in enumerate(eval_rows)]
-        if cut := sum(bool(example.pop("cut", False)) for example in train + held_out):
-            logging.getLogger("p3o").warning("%d of %d examples are longer than --max_length %d and lose the start of "
-                                             "their prompt (SFT keeps at least a quarter of the budget for it)", cut,
-                                             len(train) + len(held_out), cfg.max_length)
+        train = [tokenize(tokenizer, row, row.get(WHERE, f"{name}: row {i + 1}")) for i, row in enumerate(train_rows)]
+        held_out = [tokenize(tokenizer, row, row.get(WHERE, f"held-out row {i + 1}")) for i, row in enumerate(eval_rows)]
+        lost = Counter(example.pop("cut") for example in train + held_out if "cut" in example)
+        for what, count in sorted(lost.items()):  # what the stage's examples lost, in its own words
+            logging.getLogger("p3o").warning("%d of %d examples are longer than --max_length %d and lose %s", count,
+                                             len(train) + len(held_out), cfg.max_length, what)
         stage = make_stage(tokenizer, cfg.per_device_eval_batch_size)
         return run_stage(cfg, model, tokenizer, train, held_out, stage, out, title, saved_model=saved,
                          checkpoint=checkpoint)

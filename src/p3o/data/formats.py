@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from p3o.data.files import LOCAL_SUFFIXES, read_rows
-from p3o.data.prompts import is_conversational, render_prompt
+from p3o.data.prompts import is_conversational, render_prompt, text_contents
 from p3o.data.turns import ReplyEnds, cut_at_stop
 from p3o.errors import UsageError
 
@@ -37,7 +37,8 @@ def load_completions(spec: str, split: str = "train", config: str | None = None,
     A `messages` column is split into prompt (all turns but the last) and completion (the last turn,
     which must be the assistant's) when the prompt and completion columns are both absent.
     """
-    rows = read_rows(spec, split, config)
+    rows = [_with_text_contents(row, [prompt_column, completion_column, "messages"], f"{spec}: row {i}")
+            for i, row in enumerate(read_rows(spec, split, config), start=1)]
     if prompt_column not in rows[0] and completion_column not in rows[0] and "messages" in rows[0]:
         rows = [_split_messages(row, f"{spec}: row {i}") for i, row in enumerate(rows, start=1)]
         prompt_column, completion_column = "prompt", "completion"
@@ -59,7 +60,8 @@ def load_preferences(spec: str, split: str = "train", config: str | None = None,
     beginning becomes the prompt (`extract_prompt`). Rows with chosen == rejected are kept (they carry
     no preference but are part of the data) and counted in a warning.
     """
-    rows = read_rows(spec, split, config)
+    rows = [_with_text_contents(row, [prompt_column, chosen_column, rejected_column], f"{spec}: row {i}")
+            for i, row in enumerate(read_rows(spec, split, config), start=1)]
     implicit = prompt_column not in rows[0]
     out, first_kind = [], None
     for i, row in enumerate(rows, start=1):
@@ -159,17 +161,24 @@ def load_with_held_out(loader: Callable[..., list[Row]], spec: str, eval_spec: s
     The eval rows come from `eval_spec` if given, else from a `test`/`validation` split of a `datasets`
     source, else from `split_held_out` of the training rows.
     """
-    train = loader(spec, **kw)
+    train = _numbered(loader(spec, **kw), f"{spec}")
     if eval_spec is not None:
-        held_out = loader(eval_spec, **kw)
+        held_out = _numbered(loader(eval_spec, **kw), f"{eval_spec}")
     elif eval_split := _held_out_split(spec, kw.get("split", "train"), kw.get("config")):
-        held_out = loader(spec, **{**kw, "split": eval_split})
+        held_out = _numbered(loader(spec, **{**kw, "split": eval_split}), f"{spec} ({eval_split} split)")
     else:
         train, held_out = split_held_out(train, eval_fraction, seed)
     if not train or not held_out:  # loaders refuse empty datasets; this guards custom loaders
         raise UsageError(f"dataset {spec}: need at least one training and one eval row, "
                          f"got {len(train)} and {len(held_out)}")
     return train, held_out
+
+
+WHERE = "_p3o_where"  # a row's place in its file, kept through the held-out split for later errors
+
+
+def _numbered(rows: list[Row], name: str) -> list[Row]:
+    return [{**row, WHERE: f"{name}: row {i}"} for i, row in enumerate(rows, start=1)]
 
 
 def render_example(prompt: Any, completion: Any, tokenizer, where: str) -> tuple[str, str]:
@@ -205,10 +214,43 @@ def example_token_ids(tokenizer, prompt: Any, completion: Any, where: str,
     template writes after it); a completion without one gets the end of turn (chat) or EOS.
     `ends`: the tokenizer's `ReplyEnds`, computed once per dataset by the caller."""
     ends = ends or ReplyEnds.of(tokenizer)
+    if is_conversational(completion) and len(completion) > 1:  # it would be cut at the first one's end
+        raise UsageError(f"{where}: the completion has {len(completion)} messages; give the one assistant reply "
+                         "(earlier turns belong in the prompt)")
     prompt_text, completion_text = render_example(prompt, completion, tokenizer, where)
     prompt_ids = tokenizer(prompt_text, add_special_tokens=isinstance(prompt, str))["input_ids"]
     completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
     return prompt_ids, cut_at_stop(completion_ids, ends.stop_ids, ends.text if isinstance(prompt, str) else ends.chat)
+
+
+def earlier_replies(tokenizer, prompt: Any, where: str, ends: ReplyEnds) -> tuple[list[int], list[bool]]:
+    """A prompt's ids as `example_token_ids` gives them, and which of them are its assistant replies
+    (each up to and including its end-of-turn token, as a sampled reply ends): what SFT on a whole
+    conversation trains besides the final reply. Plain text, or a chat prompt without an assistant
+    turn: no reply.
+
+    The prompt is rendered in pieces: up to each reply (with the generation prompt, as the model
+    would answer there), then the reply through the template's end of its turn. That holds only for
+    templates that render a conversation's beginning the same whatever follows, which is checked."""
+    if isinstance(prompt, str) or not any(m["role"] == "assistant" for m in prompt[1:]):
+        ids = tokenizer(render_prompt(prompt, tokenizer, where), add_special_tokens=isinstance(prompt, str))["input_ids"]
+        return ids, [False] * len(ids)
+    whole = render_prompt(prompt, tokenizer, where)
+    ids, trained, done = [], [], 0  # `done`: characters of `whole` already tokenized
+    for j in (j for j, m in enumerate(prompt) if j > 0 and m["role"] == "assistant"):
+        before, reply = render_example(prompt[:j], prompt[j:j + 1], tokenizer, where)
+        if not (whole.startswith(before + reply) and len(before) >= done):
+            raise UsageError(f"{where}: the chat template renders the conversation's earlier turns differently "
+                             "once later turns follow, so its assistant replies cannot be cut out; train the "
+                             "final reply only (SFT: --assistant_turns last)")
+        context = tokenizer(before[done:], add_special_tokens=False)["input_ids"]
+        reply_ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
+        end = next((i + 1 for i, t in enumerate(reply_ids) if t in ends.stop_ids), len(reply_ids))
+        ids += context + reply_ids
+        trained += [False] * len(context) + [True] * end + [False] * (len(reply_ids) - end)  # `\n` after the end
+        done = len(before) + len(reply)
+    rest = tokenizer(whole[done:], add_special_tokens=False)["input_ids"]
+    return ids + rest, trained + [False] * len(rest)
 
 
 def _split_messages(row: Row, where: str) -> Row:
@@ -248,6 +290,11 @@ def _same_kind(first: str | None, kind: str, where: str) -> str:
     if first is not None and kind != first:
         raise UsageError(f"{where}: mixes plain-text and chat-message rows; use one format in a dataset")
     return kind
+
+
+def _with_text_contents(row: Row, columns: list[str], where: str) -> Row:
+    """`row` with the messages of `columns` given text contents (`text_contents`)."""
+    return {key: text_contents(value, where) if key in columns else value for key, value in row.items()}
 
 
 def _require(row: Row, columns: list[str], where: str) -> None:

@@ -30,6 +30,30 @@ def is_conversational(prompt: Any) -> bool:
     return isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt)
 
 
+def text_contents(value: Any, where: str) -> Any:
+    """`value` with every message's content as text: a list of text parts (OpenAI's layout,
+    `[{"type": "text", "text": ...}]`) is joined into one string; content that is neither (a number,
+    an image part) is refused in one line. Anything that is not a list of messages is returned as is."""
+    if not is_conversational(value):
+        return value
+    out = []
+    for i, message in enumerate(value):
+        content = message["content"]
+        if isinstance(content, list):
+            kinds = sorted({str(part.get("type")) if isinstance(part, dict) else type(part).__name__
+                            for part in content} - {"text"})
+            if kinds or not all(isinstance(part.get("text"), str) for part in content):
+                raise UsageError(f"{where}: message {i}'s content has parts p3o cannot train on "
+                                 f"({', '.join(kinds) or 'a text part without text'}); give text, or text parts "
+                                 "{'type': 'text', 'text': ...}")
+            message = {**message, "content": "".join(part["text"] for part in content)}
+        elif content is not None and not isinstance(content, str):  # None: a tool call's turn
+            raise UsageError(f"{where}: message {i}'s content is {type(content).__name__} ({content!r:.40}); "
+                             "give it as text")
+        out.append(message)
+    return out
+
+
 def render_prompt(prompt: Any, tokenizer, where: str, add_generation_prompt: bool = True) -> str:
     """Plain text is used as is; chat messages go through the tokenizer's chat template."""
     if isinstance(prompt, str):
@@ -118,6 +142,7 @@ def load_prompts(spec: str, tokenizer, split: str = "train", config: str | None 
     chat = is_conversational(rows[0][column])
     for i, row in enumerate(rows):
         where = f"{spec}: row {i + 1}"
+        rows[i] = row = {**row, column: text_contents(row[column], where)}
         if is_conversational(row[column]) != chat:
             raise UsageError(f"{where}: mixes plain-text and chat-message prompts; use one format in a dataset")
         texts.append(render_prompt(row[column], tokenizer, where))

@@ -38,15 +38,28 @@ def pad_right(tokenizer, sequences: list[list[int]], device=None) -> tuple[torch
 
 
 def last_token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(b, L) right-padded -> (b,) the one-label head at each row's last attended position."""
+    """(b, L) right-padded -> (b,) the one-label head at each row's last real token (`last_real`)."""
     head = getattr(model, "score", None)
     # A LoRA run trains the head as a copy inside peft's wrapper, which calls it like the head itself.
     if not isinstance(getattr(head, "original_module", head), torch.nn.Linear):  # other heads: transformers finds the last non-pad token itself
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
     trunk = getattr(model, model.base_model_prefix)
     hidden = trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (b, L, H)
-    last = attention_mask.sum(-1) - 1  # (b,)
+    last = last_real(input_ids, attention_mask, getattr(model.config, "pad_token_id", None))  # (b,)
     return head(hidden[torch.arange(len(last), device=last.device), last])[:, 0].float()  # (b,)
+
+
+def last_real(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int | None) -> torch.Tensor:
+    """(b, L) -> (b,) each row's last attended position that does not hold the pad token: where
+    `transformers`' sequence classifiers read their score, so a saved reward model scores the same
+    there. A text that ends with the pad token itself (EOS, where pad == EOS) is read before it; a row
+    of nothing but pad tokens at its last attended position."""
+    real = attention_mask.bool()  # (b, L)
+    if pad_id is not None:
+        not_pad = real & (input_ids != pad_id)
+        real = torch.where(not_pad.any(-1, keepdim=True), not_pad, real)
+    positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
+    return (positions * real).argmax(-1)  # (b,)
 
 
 class LastTokenReward(torch.nn.Module):
@@ -64,8 +77,9 @@ class LastTokenReward(torch.nn.Module):
 class RewardModelScorer:
     """r(x, y) = the one-label head read at the last real token of prompt + completion.
 
-    Inputs are right-padded; the last real token is found from the attention mask. `config.pad_token_id`
-    is set too, so the plain `transformers` forward (used for heads not called `score`) agrees.
+    Inputs are right-padded; the last real token is the last attended one that is not the pad token,
+    as `transformers` reads it. `config.pad_token_id` is set too, so the plain `transformers` forward
+    (used for heads not called `score`) agrees.
     """
 
     def __init__(self, model, tokenizer, name: str, batch_size: int = 64, device=None, max_length: int | None = None):

@@ -40,12 +40,13 @@ class RMConfig(SupervisedConfig):
 
 
 def tokenize_pair(tokenizer, row: dict, max_length: int, where: str = "row") -> dict[str, list[int]]:
-    """Both sides' reward-model inputs; a pair with a side over `max_length` (which keeps its end) is
-    marked `"cut": True` (for the run's count)."""
+    """Both sides' reward-model inputs; a pair with a side over `max_length` (which keeps its end) says
+    so under "cut" (for the run's count)."""
     full = {side: reward_input_ids(tokenizer, row["prompt"], row[side], None, where) for side in ("chosen", "rejected")}
     pair = {side: ids[-max_length:] for side, ids in full.items()}
     pair["group"] = json.dumps(row["prompt"], sort_keys=True)  # which pairs share a prompt (--group_by_prompt)
-    return {**pair, "cut": True} if any(len(ids) > max_length for ids in full.values()) else pair
+    cut = any(len(ids) > max_length for ids in full.values())
+    return {**pair, "cut": "their start (the score is read at their end, which is kept)"} if cut else pair
 
 
 def scored_once(examples: list[dict]) -> tuple[list[list[int]], list[int], list[int]]:

@@ -15,7 +15,8 @@ import torch
 from p3o.core.supervised import Stage, SupervisedConfig
 from p3o.core.supervised_run import run_supervised
 from p3o.data.files import as_dataset_spec
-from p3o.data.formats import example_token_ids, load_completions, load_with_held_out
+from p3o.data.formats import earlier_replies, example_token_ids, load_completions, load_with_held_out
+from p3o.data.prompts import is_conversational
 from p3o.data.turns import ReplyEnds
 from p3o.errors import UsageError
 from p3o.models.loading import disable_dropout, load_causal_lm, load_tokenizer
@@ -30,23 +31,50 @@ IGNORE = -100  # label of a position that is not trained on (prompt, padding)
 class SFTConfig(SupervisedConfig):
     prompt_column: str = option("prompt", "Column holding the prompt: plain text or chat messages.")
     completion_column: str = option("completion", "Column holding the completion: plain text or assistant messages.")
+    assistant_turns: str = option("all", "In a conversation (`messages`, or a chat prompt holding earlier assistant turns): all (learn every assistant reply, as TRL's assistant_only_loss) or last (the final reply only; the earlier ones are context).", choices=("all", "last"))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.assistant_turns not in ("all", "last"):
+            raise UsageError(f"--assistant_turns must be all or last, got {self.assistant_turns!r}")
 
 
-def tokenize_example(tokenizer, prompt, completion, max_length: int, where: str, ends=None) -> dict[str, list[int]]:
+def tokenize_example(tokenizer, prompt, completion, max_length: int, where: str, ends=None,
+                     all_turns: bool = False) -> dict[str, list[int]]:
     """input_ids = prompt tokens + completion tokens up to their first stop token (EOS or end of
-    turn, as sampling stops; `example_token_ids`); labels = IGNORE on the prompt. An example that had
-    to be cut to `max_length` is marked `"cut": True` (for the run's count)."""
+    turn, as sampling stops; `example_token_ids`); labels = IGNORE on the prompt, except, with
+    `all_turns`, on a conversation's earlier assistant replies (`earlier_replies`). A completion of
+    several messages ends with its last; the others join the prompt. An example that had to be cut
+    to `max_length` says what it lost under "cut" (for the run's count)."""
+    ends = ends or ReplyEnds.of(tokenizer)
+    if is_conversational(completion) and len(completion) > 1:
+        prompt, completion = prompt + completion[:-1], completion[-1:]
     prompt_ids, completion_ids = example_token_ids(tokenizer, prompt, completion, where, ends)
-    cut = len(prompt_ids) + len(completion_ids) > max_length
+    trained = [False] * len(prompt_ids)  # which prompt tokens are replies to learn
+    if all_turns:
+        prompt_ids, trained = earlier_replies(tokenizer, prompt, where, ends)
     # An over-long completion gives up its end, never all of its prompt: a quarter of the budget
     # (or the whole prompt, if shorter) stays for the prompt's last tokens.
-    completion_ids = completion_ids[:max_length - min(len(prompt_ids), max(1, max_length // 4))]
+    budget = max_length - min(len(prompt_ids), max(1, max_length // 4))
+    lost = ["the end of their completion (and its EOS)"] if len(completion_ids) > budget else []
+    completion_ids = completion_ids[:budget]
     keep = max_length - len(completion_ids)  # prompt tokens that fit: the last ones, and BOS
     if len(prompt_ids) > keep:
-        bos = prompt_ids[:1] if keep and prompt_ids[0] == tokenizer.bos_token_id else []
-        prompt_ids = bos + prompt_ids[len(prompt_ids) - keep + len(bos):] if keep else []
-    example = {"input_ids": prompt_ids + completion_ids, "labels": [IGNORE] * len(prompt_ids) + completion_ids}
-    return {**example, "cut": True} if cut else example
+        lost.insert(0, "the start of their prompt")
+        bos = prompt_ids[:1] if keep and adds_bos(tokenizer) and prompt_ids[0] == tokenizer.bos_token_id else []
+        start = len(prompt_ids) - keep + len(bos)
+        prompt_ids, trained = (bos + prompt_ids[start:], [False] * len(bos) + trained[start:]) if keep else ([], [])
+    labels = [token if learn else IGNORE for token, learn in zip(prompt_ids, trained)] + completion_ids
+    example = {"input_ids": prompt_ids + completion_ids, "labels": labels}
+    return {**example, "cut": " and ".join(lost)} if lost else example
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer itself starts a text with BOS: that token opens every sequence and is
+    kept when a prompt loses its start. (SmolLM2's `bos_token` is `<|im_start|>`, which only its chat
+    template writes: kept alone, it would open a turn with no role.)"""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
 
 def sft_stage(tokenizer, eval_batch_size: int = 16) -> Stage:
@@ -143,7 +171,8 @@ def run_sft(cfg: SFTConfig, model=None, tokenizer=None, dataset=None, eval_datas
     def tokenize(tokenizer, row, where):
         if "ends" not in ends:
             ends["ends"] = ReplyEnds.of(tokenizer)
-        return tokenize_example(tokenizer, row["prompt"], row["completion"], cfg.max_length, where, ends["ends"])
+        return tokenize_example(tokenizer, row["prompt"], row["completion"], cfg.max_length, where, ends["ends"],
+                                all_turns=cfg.assistant_turns == "all")
 
     def build_model(cfg, tokenizer):
         if model is not None:
