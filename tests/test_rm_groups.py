@@ -5,10 +5,12 @@ from __future__ import annotations
 import itertools
 import json
 
+import pytest
 import torch
 from conftest import write_jsonl
 
 from p3o.cli import main
+from p3o.errors import UsageError
 from p3o.reward.model import LastTokenReward, pad_right
 from p3o.reward.train import prompt_grouped_order, rm_stage, scored_once, tokenize_pair
 
@@ -109,3 +111,27 @@ def test_scores_are_read_where_transformers_reads_them_when_a_text_ends_with_the
         theirs = torch.stack([classifier(input_ids=torch.tensor([s])).logits[0, 0] for s in sequences])
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     assert ours[0] == ours[1] and ours[1] != ours[2]  # [5, 6, 7] read at 7 with or without the trailing pad
+
+
+def test_a_margin_column_and_centring_enter_the_loss_as_in_trl(assets, tokenizer):
+    """TRL's RewardTrainer: -log sigmoid(r_c - r_r - margin), plus c * mean((r_c + r_r)^2)."""
+    from transformers import AutoModelForSequenceClassification
+
+    rows = [{**row, "margin": m} for row, m in zip(all_pairs("a story :", RESPONSES[:3]), (0.0, 1.5, -2.0))]
+    examples = [tokenize_pair(tokenizer, row, 64) for row in rows]
+    assert [e["margin"] for e in examples] == [0.0, 1.5, -2.0]
+    torch.manual_seed(0)
+    classifier = AutoModelForSequenceClassification.from_pretrained(assets["llama"], num_labels=1)
+    classifier.config.pad_token_id = tokenizer.pad_token_id
+    scorer = LastTokenReward(classifier)
+    ids, mask = pad_right(tokenizer, [e["chosen"] for e in examples] + [e["rejected"] for e in examples])
+    with torch.no_grad():
+        chosen, rejected = scorer(ids, mask).chunk(2)
+        margins = torch.tensor([0.0, 1.5, -2.0])
+        plain = -torch.nn.functional.logsigmoid(chosen - rejected - margins).sum()
+        torch.testing.assert_close(rm_stage(tokenizer).loss(scorer, rm_stage(tokenizer).collate(examples))[0], plain)
+        centred = rm_stage(tokenizer, center_rewards_coefficient=0.01)
+        torch.testing.assert_close(centred.loss(scorer, centred.collate(examples))[0],
+                                   plain + 0.01 * ((chosen + rejected) ** 2).sum())
+    with pytest.raises(UsageError, match="row 1: margin must be a finite number"):
+        tokenize_pair(tokenizer, {**rows[0], "margin": "high"}, 64, "row 1")

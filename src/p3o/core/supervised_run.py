@@ -22,6 +22,7 @@ from p3o.models.lora import ADAPTER_DIR, add_lora, is_lora, merged_lora_state_di
 from p3o.utils.checkpoints import STATE_FILE, StopRequest, check_resumable, resume_point
 from p3o.utils.distributed import check_supported, is_deepspeed, is_sharded, make_accelerator
 from p3o.utils.io import JsonlWriter, run_directory, save_pretrained_atomically, truncate_jsonl, write_yaml
+from p3o.utils.model_card import write_stage_card
 from p3o.utils.tracking import check_trackers, finish_trackers, start_trackers
 
 
@@ -129,6 +130,7 @@ def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_o
             model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
             model.generation_config.pad_token_id = tokenizer.pad_token_id
         save_pretrained_atomically(model, tokenizer, out, state_dict=state_dict)
+        write_stage_card(out, cfg, title, evaluations[-1] if evaluations else {})
     return evaluations
 
 

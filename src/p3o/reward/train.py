@@ -8,6 +8,7 @@ pairwise accuracy and mean margin are reported after every epoch.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -36,7 +37,13 @@ class RMConfig(SupervisedConfig):
     prompt_column: str = option("prompt", "Column holding the prompt (absent: taken from the shared start of chosen/rejected).")
     chosen_column: str = option("chosen", "Column holding the preferred completion.")
     rejected_column: str = option("rejected", "Column holding the other completion.")
+    center_rewards_coefficient: float | None = option(None, "Add this times the mean of (r_chosen + r_rejected)^2 to the loss, which keeps scores centred on 0 (TRL's option; Eisenstein et al. use 0.01). Unset: none.")
     group_by_prompt: bool = option(False, "Keep each prompt's pairs together in the shuffled batches, so that a response compared several times (all pairs of k responses per prompt) is scored once per batch: with k = 4 and a batch of 6 pairs, 4 forwards instead of 12. The loss is the same sum; only which pairs share a batch changes.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.center_rewards_coefficient is not None and not self.center_rewards_coefficient >= 0:
+            raise UsageError(f"--center_rewards_coefficient must be >= 0, got {self.center_rewards_coefficient}")
 
 
 def tokenize_pair(tokenizer, row: dict, max_length: int, where: str = "row") -> dict[str, list[int]]:
@@ -45,6 +52,11 @@ def tokenize_pair(tokenizer, row: dict, max_length: int, where: str = "row") -> 
     full = {side: reward_input_ids(tokenizer, row["prompt"], row[side], None, where) for side in ("chosen", "rejected")}
     pair = {side: ids[-max_length:] for side, ids in full.items()}
     pair["group"] = json.dumps(row["prompt"], sort_keys=True)  # which pairs share a prompt (--group_by_prompt)
+    if "margin" in row:  # TRL's column: how much higher chosen must score (the loss's offset)
+        margin = row["margin"]
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+            raise UsageError(f"{where}: margin must be a finite number, got {margin!r:.40}")
+        pair["margin"] = float(margin)
     cut = any(len(ids) > max_length for ids in full.values())
     return {**pair, "cut": "their start (the score is read at their end, which is kept)"} if cut else pair
 
@@ -69,29 +81,37 @@ def prompt_grouped_order(examples: list[dict], generator: torch.Generator) -> li
     return [i for g in torch.randperm(len(blocks), generator=generator).tolist() for i in blocks[g]]
 
 
-def rm_stage(tokenizer, eval_batch_size: int = 16, group_by_prompt: bool = False) -> Stage:
+def rm_stage(tokenizer, eval_batch_size: int = 16, group_by_prompt: bool = False,
+             center_rewards_coefficient: float | None = None) -> Stage:
+    """Bradley-Terry: -log sigmoid(r_chosen - r_rejected - m) summed over pairs, m the row's `margin`
+    (0 without one), plus, with `center_rewards_coefficient` c, c (r_chosen + r_rejected)^2."""
     def collate(examples):
         sequences, chosen, rejected = scored_once(examples)
         ids, mask = pad_right(tokenizer, sequences)  # (u, L): the batch's u <= 2b distinct sequences
         return {"input_ids": ids, "attention_mask": mask, "chosen": torch.tensor(chosen),  # (b,) rows of ids
-                "rejected": torch.tensor(rejected)}
+                "rejected": torch.tensor(rejected), "offset": torch.tensor([e.get("margin", 0.0) for e in examples])}
 
     def units(examples):
         return float(len(examples))
 
-    def margins(scorer, batch):
+    def pair_losses(scorer, batch):
         scores = scorer(batch["input_ids"], batch["attention_mask"])  # (u,)
-        return scores[batch["chosen"]] - scores[batch["rejected"]]  # (b,)
+        chosen, rejected = scores[batch["chosen"]], scores[batch["rejected"]]  # (b,) each
+        losses = -F.logsigmoid(chosen - rejected - batch["offset"].to(scores))  # (b,)
+        if center_rewards_coefficient:
+            losses = losses + center_rewards_coefficient * (chosen + rejected) ** 2
+        return losses, chosen - rejected
 
     def loss(scorer, batch):
-        margin = margins(scorer, batch)
-        return -F.logsigmoid(margin).sum(), {"accuracy": (margin > 0).float().mean().item()}
+        losses, margin = pair_losses(scorer, batch)
+        return losses.sum(), {"accuracy": (margin > 0).float().mean().item()}
 
     def eval_totals(scorer, examples):
         device = next(scorer.parameters()).device
-        all_margins = torch.cat([margins(scorer, {k: v.to(device) for k, v in collate(examples[i:i + eval_batch_size]).items()})
-                                 for i in range(0, len(examples), eval_batch_size)] or [torch.zeros(0, device=device)])
-        return {"loss": -F.logsigmoid(all_margins).sum().item(), "correct": (all_margins > 0).sum().item(),
+        parts = [pair_losses(scorer, {k: v.to(device) for k, v in collate(examples[i:i + eval_batch_size]).items()})
+                 for i in range(0, len(examples), eval_batch_size)]
+        losses, all_margins = (torch.cat(x) for x in zip(*parts)) if parts else (torch.zeros(0), torch.zeros(0))
+        return {"loss": losses.sum().item(), "correct": (all_margins > 0).sum().item(),
                 "margin": all_margins.sum().item(), "pairs": float(len(all_margins))}
 
     def eval_metrics(totals):
@@ -170,5 +190,6 @@ def run_rm(cfg: RMConfig, model=None, tokenizer=None, dataset=None, eval_dataset
             trunk = load_reward_trunk(cfg, tokenizer)
         return LastTokenReward(trunk), trunk  # train the last-token scorer, save the classifier
 
-    stage = partial(rm_stage, group_by_prompt=cfg.group_by_prompt)
+    stage = partial(rm_stage, group_by_prompt=cfg.group_by_prompt,
+                    center_rewards_coefficient=cfg.center_rewards_coefficient)
     return run_supervised(cfg, "p3o rm", load_rows, tokenize, build_model, stage, tokenizer, str(dataset))

@@ -50,6 +50,35 @@ def write_model_card(out: Path, cfg, base_model: str, metrics: dict) -> None:
     (out / "README.md").write_text("\n".join(lines))
 
 
+STAGE_SETTINGS = ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+                  "gradient_accumulation_steps", "max_length", "assistant_turns", "center_rewards_coefficient",
+                  "use_peft", "lora_r", "seed")
+
+
+def write_stage_card(out: Path, cfg, command: str, evaluation: dict) -> None:
+    """README.md for `p3o sft` (a causal LM) or `p3o rm` (a one-label sequence classifier): base model,
+    data, key settings and the last held-out evaluation."""
+    reward_model = command == "p3o rm"
+    kind = "AutoModelForSequenceClassification" if reward_model else "AutoModelForCausalLM"
+    front = {"library_name": "transformers", "tags": ["p3o", "reward-model" if reward_model else "sft"],
+             "base_model": cfg.model_name_or_path or "a model given in Python"}
+    what = "a reward model (Bradley-Terry, one score at the last token)" if reward_model else "supervised fine-tuning"
+    lines = [
+        "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+        f"# {Path(cfg.output_dir).name}", "",
+        f"`{front['base_model']}` trained as {what} by [p3o](https://pypi.org/project/p3o/) (`{command}`) on "
+        f"`{cfg.dataset or 'a dataset given in Python'}`.", "",
+        "## Settings", "", "| setting | value |", "|---|---|",
+        *(f"| `{name}` | {getattr(cfg, name)} |" for name in STAGE_SETTINGS if getattr(cfg, name, None) is not None),
+        "", "The whole configuration is in `config.yaml`, every step's metrics in `metrics.jsonl`.", "",
+        "## Held-out results", "", "| metric | value |", "|---|---|",
+        *(f"| `{k}` | {v:.4f} |" for k, v in evaluation.items() if k.startswith("eval_") and isinstance(v, float)),
+        "", "## Use", "", "```python", f"from transformers import {kind}, AutoTokenizer", "",
+        f'model = {kind}.from_pretrained("{out}")', f'tokenizer = AutoTokenizer.from_pretrained("{out}")', "```", "",
+    ]
+    (out / "README.md").write_text("\n".join(lines))
+
+
 def _metric_row(name: str, metrics: dict) -> str:
     def shown(key):
         value = metrics.get(key)
