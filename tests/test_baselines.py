@@ -232,12 +232,14 @@ def test_offline_dpo_loss_is_log_two_at_the_start(assets, tmp_path, preferences)
     assert torch.allclose(losses, torch.full((8,), math.log(2)))
 
 
-def test_offline_dpo_through_the_cli_sizes_the_run_by_epochs(assets, tmp_path, preferences):
+def test_offline_dpo_through_the_cli_sizes_the_run_by_epochs(assets, tmp_path, preferences, caplog):
     out = tmp_path / "dpo"
     args = ["train", "--algo", "dpo", "--model_name_or_path", str(assets["llama"]), "--dataset", str(preferences),
             "--output_dir", str(out), "--num_train_epochs", "0.5", "--pairs_per_step", "8", "--max_new_tokens", "12",
             "--learning_rate", "1e-3", "--disable_progress_bar"]
-    assert main(args) == 0
+    with caplog.at_level(logging.WARNING, logger="p3o"):
+        assert main(args) == 0
+    assert "max_steps wins" not in caplog.text  # no --max_steps was given
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 6  # ceil(0.5 * 96 / 8)
     assert {"chosen_reward", "rejected_reward", "reward_margin", "reward_accuracy"} <= metrics[0].keys()

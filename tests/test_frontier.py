@@ -195,3 +195,14 @@ def test_frontier_refuses_a_train_config_that_sets_what_it_sweeps(assets, tmp_pa
 def test_frontier_without_a_task_needs_the_users_models(tmp_path, capsys):
     assert main(["frontier", "--task", "", "--output_dir", str(tmp_path / "o")]) == 2
     assert "without --task, give --model_name_or_path" in capsys.readouterr().err
+
+
+def test_the_gold_reward_judges_the_win_rates_unless_a_judge_is_given(tmp_path):
+    from p3o.eval.frontier import FrontierConfig, default_judge
+
+    own = dict(output_dir=str(tmp_path), task="", model_name_or_path="sft", dataset="p.jsonl", eval_dataset="e.jsonl",
+               reward_fn="r.py:f", algos="p3o-v2")
+    assert default_judge(FrontierConfig(output_dir=str(tmp_path))) == "gold:summarize"
+    assert default_judge(FrontierConfig(**own, gold_reward_fn="gold.py:score")) == "reward_fn:gold.py:score"
+    assert default_judge(FrontierConfig(**own, gold_reward_fn="gold.py:score", judge="llm:m")) == "llm:m"
+    assert default_judge(FrontierConfig(**own)) is None  # said in the log: no win rates

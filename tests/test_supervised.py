@@ -204,3 +204,23 @@ def test_sft_sigterm_saves_a_checkpoint_and_says_how_to_resume(word_task, tmp_pa
     assert checkpoint is not None and (checkpoint / "optimizer.pt").is_file()
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert state["step"] >= 1 and checkpoint.name == f"checkpoint-{state['step']}"
+
+
+def test_saved_weights_and_checkpoints_get_the_modes_the_umask_allows(word_task, tmp_path):
+    """safetensors writes 0600 and mkdtemp makes 0700: p3o's files must be readable as the user's
+    umask says (0644 under 022), like every other file it writes."""
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        assert main(["sft", "--model_name_or_path", str(word_task["root"] / "init"), "--dataset", str(word_task["sft"]),
+                     "--output_dir", str(tmp_path / "sft"), "--max_steps", "2", "--save_steps", "1",
+                     "--disable_progress_bar"]) == 0
+    finally:
+        os.umask(previous)
+    out = tmp_path / "sft"
+    for path in [out / "model.safetensors", out / "config.json", out / "checkpoint-1" / "model.safetensors",
+                 out / "checkpoint-1" / "optimizer.pt"]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+    assert stat.S_IMODE((out / "checkpoint-1").stat().st_mode) == 0o755

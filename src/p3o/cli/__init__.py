@@ -18,7 +18,7 @@ COMMANDS = {  # name: (module with add_arguments/run, or (config class, run func
     "demo": ("p3o.cli.demo", "Run SFT -> reward model -> P3O-V2 on an embedded task, offline, with a report."),
     "sft": (("p3o.sft.train:SFTConfig", "p3o.sft.train:run_sft"),
             "Supervised fine-tuning on prompt-completion data (loss on completion tokens only)."),
-    "rm": (("p3o.reward.train:RMConfig", "p3o.reward.train:run_rm"),
+    "rm": (("p3o.reward.train:RewardConfig", "p3o.reward.train:run_rm"),
            "Train a reward model on preference data with the Bradley-Terry loss."),
     "train": (("p3o.rl.config:P3OConfig", "p3o.rl.train:run_train"),
               "RL fine-tuning of a causal LM against a reward: P3O-V1/V2, PPO, RLOO, GRPO, ReMax, DPO."),

@@ -71,7 +71,7 @@ class FrontierConfig:
     epochs: int = option(2, "Passes over each rollout (RL algorithms; dpo takes 1).")
     train_config: str | None = option(None, "YAML of further `p3o train` settings for every run (keys are its flags).")
     num_workers: int = option(0, "Runs in parallel, one thread each; 0: one per CPU core.")
-    judge: str | None = option(None, "Judge for the win-rate table (gold:TASK, reward_model:PATH, reward_fn:SPEC, ...); default gold:TASK for an embedded task.")
+    judge: str | None = option(None, "Judge for the win-rate table (gold:TASK, reward_model:PATH, reward_fn:SPEC, ...); default gold:TASK for an embedded task, reward_fn:GOLD with --gold_reward_fn GOLD, else no win rates.")
     winrate_prompts: int = option(200, "Held-out prompts per win rate.")
     overwrite: bool = option(False, "Retrain the runs whose directory holds a run made with other settings (without it such a sweep is refused: no run is deleted silently).")
     disable_progress_bar: bool = option(False, "Hide progress bars.")
@@ -173,9 +173,11 @@ def run_frontier(cfg: FrontierConfig) -> dict:
     points = collect_points(out, [r for r in runs if r not in failed], has_gold=bool(sources["gold"]))
     summary = summarise(points, cfg.algo_list)
     write_outputs(out, points, summary, cfg)
-    judge = cfg.judge or (f"gold:{cfg.task}" if cfg.task else None)
+    judge = default_judge(cfg)
     if judge and not failed:
         win_rates(cfg, out, sources, judge, retrained={r.name for r in todo})
+    elif not judge:
+        log.info("frontier: no win rates (no judge): give --judge, or --gold_reward_fn, which then judges")
     if failed:
         logs = ", ".join(str(out / "logs" / f"{r.name}.log") for r in failed)
         raise UsageError(f"{len(failed)} of {len(runs)} runs failed (see {logs}); the frontier shows the others. "
@@ -427,6 +429,15 @@ def representatives(cfg: FrontierConfig, algo: str) -> list[Run]:
     default = default_setting(algorithm, "beta")
     beta = default if default in betas else betas[len(betas) // 2]
     return [Run(algo, beta, int(seed)) for seed in cfg.seeds.split(",")]
+
+
+def default_judge(cfg: FrontierConfig) -> str | None:
+    """--judge, else the gold reward: the embedded task's, or --gold_reward_fn; None without either."""
+    if cfg.judge:
+        return cfg.judge
+    if cfg.task:
+        return f"gold:{cfg.task}"
+    return f"reward_fn:{cfg.gold_reward_fn}" if cfg.gold_reward_fn else None
 
 
 def win_rates(cfg: FrontierConfig, out: Path, sources: dict, judge: str, retrained: set[str] = frozenset()) -> dict:

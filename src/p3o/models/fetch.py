@@ -15,6 +15,7 @@ from pathlib import Path
 
 from p3o.errors import UsageError
 from p3o.models.loading import _not_found, context_length, load_causal_lm, pretrained_source
+from p3o.utils.io import with_umask_modes
 
 
 @dataclass(frozen=True)
@@ -104,12 +105,10 @@ def save_checkpoint(model, tokenizer, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     old = out.parent / f".{out.name}.old-{os.getpid()}"
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        with_umask_modes(tmp)  # mkdtemp's 0700 and safetensors' 0600 would outlive the rename
         if out.exists():
             os.replace(out, old)
         os.replace(tmp, out)

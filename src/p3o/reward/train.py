@@ -33,7 +33,7 @@ from p3o.sft.train import _api_inputs
 
 
 @dataclass
-class RMConfig(SupervisedConfig):
+class RewardConfig(SupervisedConfig):
     prompt_column: str = option("prompt", "Column holding the prompt (absent: taken from the shared start of chosen/rejected).")
     chosen_column: str = option("chosen", "Column holding the preferred completion.")
     rejected_column: str = option("rejected", "Column holding the other completion.")
@@ -122,7 +122,7 @@ def rm_stage(tokenizer, eval_batch_size: int = 16, group_by_prompt: bool = False
     return Stage(collate, units, loss, eval_totals, eval_metrics, prompt_grouped_order if group_by_prompt else None)
 
 
-def load_reward_trunk(cfg: RMConfig, tokenizer):
+def load_reward_trunk(cfg: RewardConfig, tokenizer):
     """A one-label sequence classifier on the model's trunk; a new score head is seeded by --seed."""
     from transformers import AutoModelForSequenceClassification
 
@@ -140,7 +140,7 @@ def load_reward_trunk(cfg: RMConfig, tokenizer):
     return as_plain_model(model)
 
 
-RewardConfig = RMConfig  # the Python API's name, beside SFTConfig and P3OConfig
+RMConfig = RewardConfig  # its name before the Python API took TRL's
 
 
 class RewardTrainer:
@@ -153,7 +153,7 @@ class RewardTrainer:
     `p3o rm` writes and returns the held-out evaluations. With `args.use_peft`, a model given in
     memory gets its LoRA adapters and its head's trained copy in place (peft's way)."""
 
-    def __init__(self, model=None, args: RMConfig | None = None, train_dataset=None, eval_dataset=None,
+    def __init__(self, model=None, args: RewardConfig | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None):
         self.args, self.model, self.data, self.tokenizer = _api_inputs(args, model, train_dataset, eval_dataset,
                                                                        processing_class, "RewardConfig")
@@ -166,7 +166,7 @@ class RewardTrainer:
         return run_rm(self.args, self.model, self.tokenizer, *self.data)
 
 
-def run_rm(cfg: RMConfig, model=None, tokenizer=None, dataset=None, eval_dataset=None) -> list[dict]:
+def run_rm(cfg: RewardConfig, model=None, tokenizer=None, dataset=None, eval_dataset=None) -> list[dict]:
     """`p3o rm`; the arguments after `cfg` are what `RewardTrainer` takes as objects."""
     dataset = dataset if dataset is not None else cfg.dataset
     eval_dataset = eval_dataset if eval_dataset is not None else cfg.eval_dataset

@@ -175,7 +175,8 @@ def _build_engine(cfg: P3OConfig, model=None, tokenizer=None, train_dataset=None
     if reward is not None:
         score_in(reward, cfg.mixed_precision)  # a reward model runs in the policy's precision
     if cfg.num_train_epochs is not None:  # the run's length in passes over the data
-        cfg = dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.num_train_epochs * len(prompts) / cfg.pairs_per_step)))
+        steps = max(1, math.ceil(cfg.num_train_epochs * len(prompts) / cfg.pairs_per_step))
+        cfg = dataclasses.replace(cfg, max_steps=steps, num_train_epochs=None)  # as it was: no "max_steps wins"
     if cfg.algo == "grpo" and cfg.num_generations == 2:
         log.warning("grpo with --num_generations 2 keeps only the sign of r1 - r2: the reward advantages are "
                     "+-1/sqrt(2) whatever the gap (and 0 for a tie); use k >= 4, or rloo / p3o for pairs")

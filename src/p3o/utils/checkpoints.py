@@ -20,6 +20,7 @@ import torch
 
 from p3o.errors import UsageError
 from p3o.utils.distributed import sum_across_processes
+from p3o.utils.io import with_umask_modes
 
 STATE_FILE = "trainer_state.json"
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -46,6 +47,7 @@ def write_checkpoint(out: Path, step: int, write: Callable[[Path], None], limit:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     write(tmp)
+    with_umask_modes(tmp)
     _fsync_tree(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)

@@ -107,6 +107,15 @@ def _umask() -> int:
     return mask
 
 
+def with_umask_modes(directory: Path) -> None:
+    """Give `directory` and everything in it the modes the umask allows (files 0666, folders 0777,
+    less the umask), as `open()` would have: safetensors writes weights 0600 and `mkdtemp` makes 0700
+    folders, which would otherwise outlive the rename into place."""
+    mask = _umask()
+    for path in [directory, *directory.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temporary file in the same directory, fsync, then rename over `path`."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -158,6 +167,7 @@ def save_pretrained_atomically(model, tokenizer, out: Path, state_dict=None, sav
             tokenizer.save_pretrained(tmp)
         for name, tensors in (extra_tensors or {}).items():
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
+        with_umask_modes(tmp)
         # Weights last: a directory whose weights file exists has everything else already.
         for item in sorted(tmp.iterdir(), key=lambda p: p.name.endswith((".safetensors", ".safetensors.index.json"))):
             target = out / item.name
