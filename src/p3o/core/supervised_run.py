@@ -13,6 +13,8 @@ import logging
 from collections import Counter
 from typing import Callable
 
+from transformers.utils import logging as transformers_logging
+
 from p3o.core.supervised import RESUMABLE_CHANGES, Stage, SupervisedConfig, fit, total_steps
 from p3o.data.formats import WHERE
 from p3o.data.turns import stop_token_ids
@@ -40,6 +42,8 @@ def run_supervised(cfg: SupervisedConfig, title: str, load_rows: Callable, token
     inputs = {"model_name_or_path": cfg.model_name_or_path, "tokenizer_name_or_path": cfg.tokenizer_name_or_path,
               "dataset": cfg.dataset, "eval_dataset": cfg.eval_dataset}
     checkpoint = resume_point(cfg.output_dir, None, RESUMABLE_CHANGES) if cfg.resume else None  # checked below
+    if cfg.disable_progress_bar:  # transformers' own bars too (loading and saving weights), as `p3o` does
+        transformers_logging.disable_progress_bar()
     with run_directory(cfg.output_dir, cfg.overwrite or checkpoint is not None, inputs, clean_up=checkpoint is None) as out:
         set_seed(cfg.seed)  # also seeds any new weights, such as a reward head
         if tokenizer is None:

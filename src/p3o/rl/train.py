@@ -15,6 +15,8 @@ import logging
 import math
 from pathlib import Path
 
+from transformers.utils import logging as transformers_logging
+
 from p3o.data.files import as_dataset_spec
 from p3o.data.prompts import load_preference_pairs, load_prompts
 from p3o.errors import UsageError
@@ -144,6 +146,8 @@ def _build_engine(cfg: P3OConfig, model=None, tokenizer=None, train_dataset=None
     from accelerate.utils import set_seed
 
     algorithm = get_algorithm(cfg.algo)
+    if cfg.disable_progress_bar:  # transformers' own bars too (loading and saving weights), as `p3o` does
+        transformers_logging.disable_progress_bar()
     trackers = check_trackers(cfg.report_to)
     train_spec = as_dataset_spec(train_dataset, "train_dataset") if train_dataset is not None else cfg.dataset
     eval_spec = as_dataset_spec(eval_dataset, "eval_dataset") if eval_dataset is not None else cfg.eval_dataset
