@@ -81,3 +81,35 @@ def test_a_demo_that_fails_before_any_stage_finished_leaves_nothing_behind(tmp_p
                  "--output_dir", str(out), "--quick"]) == 2
     assert "could not load a tokenizer" in capsys.readouterr().err
     assert not out.exists() and (tmp_path / "not-a-model" / "notes.txt").read_text() == "mine"
+
+
+def test_comparisons_with_an_empty_reply_are_left_out(tmp_path, monkeypatch, caplog):
+    """A policy may end its turn at once; `p3o rm` refuses an empty reply as bad data, so the demo
+    leaves those comparisons out (and says so) instead of failing at the reward-model stage."""
+    import logging
+
+    from p3o.tasks import instruct
+
+    model = build("smollm2", tmp_path / "models").path
+    files = instruct.write_prompts(tmp_path / "data", n_prompts=6, n_eval=2)
+    prefs = {"train": tmp_path / "data" / "prefs_train.jsonl", "eval": tmp_path / "data" / "prefs_eval.jsonl"}
+    calls = []
+
+    def replies(policy, tokenizer, prompts, *args, **kwargs):  # the first sample of prompt 0 is empty
+        calls.append(1)
+        return ["" if (len(calls), i) == (1, 0) else f"reply {len(calls)} {i}" for i in range(len(prompts))]
+
+    monkeypatch.setattr(instruct_demo, "sample_completions", replies)
+    with caplog.at_level(logging.WARNING, logger="p3o"):
+        instruct_demo._comparisons(argparse_namespace(seed=0), TINY, model, files, prefs)
+    train = [json.loads(line) for line in prefs["train"].read_text().splitlines()]
+    assert len(train) == TINY.pairs(4) - 3  # prompt 0's 3 pairs with its empty sample
+    assert all(row["chosen"][0]["content"] and row["rejected"][0]["content"] for row in train)
+    assert len(prefs["eval"].read_text().splitlines()) == TINY.pairs(2)
+    assert "3 of 36 comparisons have an empty reply" in caplog.text
+
+
+def argparse_namespace(**kw):
+    import argparse
+
+    return argparse.Namespace(disable_progress_bar=True, **kw)

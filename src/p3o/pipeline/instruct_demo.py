@@ -38,7 +38,7 @@ from p3o.models.fetch import fetch_model
 from p3o.models.loading import load_causal_lm, load_tokenizer
 from p3o.pipeline.report import write_instruct_report
 from p3o.reward import build_reward
-from p3o.reward.train import RMConfig, run_rm
+from p3o.reward.train import RewardConfig, run_rm
 from p3o.rl.config import TrainConfig
 from p3o.rl.train import run_train
 from p3o.tasks import instruct
@@ -269,13 +269,25 @@ def _comparisons(cfg, preset: InstructPreset, start: Path, files: dict, prefs: d
     rows = [{**row, "chosen": [{"role": "assistant", "content": row["chosen"]}],
              "rejected": [{"role": "assistant", "content": row["rejected"]}]} for row in rows]
     cut = len(rows) - preset.pairs(preset.comparison_prompts_eval)  # the last prompts' pairs are held out
+    train, held_out = _with_replies(rows[:cut]), _with_replies(rows[cut:])
+    if dropped := len(rows) - len(train) - len(held_out):
+        log.warning("%d of %d comparisons have an empty reply (the policy ended its turn at once) and are left out",
+                    dropped, len(rows))
+    if not train or not held_out:
+        raise UsageError(f"the start policy's replies are empty in {dropped} of {len(rows)} comparisons, leaving "
+                         "none to train or evaluate the reward model on; give a model that answers the prompts")
     prefs["train"].parent.mkdir(parents=True, exist_ok=True)
-    _write_rows(prefs["eval"], rows[cut:])
-    _write_rows(prefs["train"], rows[:cut])  # last: its presence marks the stage finished
+    _write_rows(prefs["eval"], held_out)
+    _write_rows(prefs["train"], train)  # last: its presence marks the stage finished
+
+
+def _with_replies(rows: list[dict]) -> list[dict]:
+    """The comparisons whose two replies both hold text (`p3o rm` refuses an empty one as bad data)."""
+    return [row for row in rows if row["chosen"][0]["content"].strip() and row["rejected"][0]["content"].strip()]
 
 
 def _rm(cfg, preset: InstructPreset, start: Path, prefs: dict, out: Path) -> None:
-    run_rm(RMConfig(model_name_or_path=str(start), dataset=str(prefs["train"]), eval_dataset=str(prefs["eval"]),
+    run_rm(RewardConfig(model_name_or_path=str(start), dataset=str(prefs["train"]), eval_dataset=str(prefs["eval"]),
                     output_dir=str(out), num_train_epochs=None if preset.rm_max_steps else preset.rm_epochs,
                     max_steps=preset.rm_max_steps,
                     per_device_train_batch_size=preset.rm_batch_size, learning_rate=preset.rm_learning_rate,
