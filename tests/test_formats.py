@@ -304,3 +304,9 @@ def test_rows_keep_their_file_and_line_through_the_held_out_split(tmp_path, asse
                  "--output_dir", str(tmp_path / "out")])
     assert code == 2 and not (tmp_path / "out").exists()
     assert f"{tmp_path / 'eval.jsonl'}: row 1: " in capsys.readouterr().err  # it said "held-out row 1"
+
+
+def test_a_text_only_dataset_is_refused_with_what_sft_needs(tmp_path):
+    path = write_jsonl(tmp_path / "lm.jsonl", [{"text": "the cat sat ."}])
+    with pytest.raises(UsageError, match="has a 'text' column but no 'prompt'/'completion'"):
+        load_completions(str(path))

@@ -42,6 +42,10 @@ def load_completions(spec: str, split: str = "train", config: str | None = None,
     if prompt_column not in rows[0] and completion_column not in rows[0] and "messages" in rows[0]:
         rows = [_split_messages(row, f"{spec}: row {i}") for i, row in enumerate(rows, start=1)]
         prompt_column, completion_column = "prompt", "completion"
+    if prompt_column not in rows[0] and completion_column not in rows[0] and "text" in rows[0]:
+        raise UsageError(f"{spec} has a 'text' column but no {prompt_column!r}/{completion_column!r} (or 'messages'): "
+                         "p3o sft learns replies to prompts, as the RL stage then samples them; split each text "
+                         "into prompt and completion, or give chat messages")
     out, first_kind = [], None
     for i, row in enumerate(rows, start=1):
         where = f"{spec}: row {i}"
