@@ -201,6 +201,7 @@ def test_remax_greedy_baseline_is_in_the_samples_units_under_running_std(assets,
     assert std != 1.0 and samples.abs().max() > 3 and not torch.equal(greedy.clamp(-3, 3) / std, greedy)
     assert torch.equal(rollout.rewards, samples.clamp(-3, 3) / std)
     assert torch.equal(rollout.baseline_rewards, greedy.clamp(-3, 3) / std)
+    assert rollout.stats["baseline_reward"] == greedy.mean().item()  # logged raw, as `reward` is
 
 
 def test_running_std_leaves_rewards_unscaled_until_they_spread():

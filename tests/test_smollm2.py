@@ -114,6 +114,66 @@ def test_a_conversation_trains_every_assistant_reply_or_only_the_last(smollm2):
     assert trained_spans(tokenizer, two) == ["first part" + IM_END, "second part" + IM_END]
 
 
+LLAMA3 = ("{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+          " + message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}"
+          "{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+          "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+MISTRAL = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+           "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% else %}{{ message['content'] + eos_token }}{% endif %}"
+           "{% endfor %}")
+QWEN3 = ("{% for message in messages %}{% if message.role == 'assistant' and loop.last %}"  # reasoning on the last only
+         "{{ '<|im_start|>assistant\n<think>\n\n</think>\n\n' + message.content + '<|im_end|>\n' }}"
+         "{% else %}{{ '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}{% endif %}"
+         "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("family", ["llama3", "mistral"])
+def test_every_reply_is_cut_from_the_conversation_tokenized_whole(smollm2, family):
+    """Other templates than ChatML: the ids are those of the whole rendered conversation (as RL and
+    inference tokenize it), and each reply with its end-of-turn token is what is learned."""
+    from transformers import AutoTokenizer
+
+    from p3o.sft.train import tokenize_example
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    specials = {"llama3": ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+                "mistral": ["<s>", "</s>"]}[family]
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    tokenizer.bos_token, tokenizer.eos_token = specials[0], specials[-1]
+    tokenizer.chat_template = {"llama3": LLAMA3, "mistral": MISTRAL}[family]
+    conversation = [user("Hi there"), bot("Sure."), user(QUESTIONS[0]), bot(ANSWERS[0])]
+    example = tokenize_example(tokenizer, conversation[:-1], conversation[-1:], 512, "row", all_turns=True)
+    prompt = tokenizer.apply_chat_template(conversation[:-1], tokenize=False, add_generation_prompt=True)
+    whole = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert example["input_ids"][:len(whole)] == whole
+    end = specials[-1]
+    assert [s.strip() for s in trained_spans(tokenizer, example)] == ["Sure." + end, ANSWERS[0] + end]
+    # Cut to 12 tokens, the prompt keeps the BOS its template writes once (this tokenizer adds none).
+    cut = tokenize_example(tokenizer, conversation[:-1], conversation[-1:], 12, "row", all_turns=True)
+    assert cut["input_ids"][0] == tokenizer.bos_token_id and tokenizer.bos_token_id not in cut["input_ids"][1:]
+
+
+def test_a_template_that_rewrites_earlier_turns_learns_the_final_reply_with_a_warning(smollm2, caplog):
+    """Qwen3's template renders the last reply with a reasoning block and earlier ones without: the
+    earlier replies cannot be cut out of the conversation, so it learns the final one, and says so."""
+    import logging
+
+    from transformers import AutoTokenizer
+
+    import p3o.sft.train
+    from p3o.sft.train import tokenize_example
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    tokenizer.chat_template = QWEN3
+    conversation = [user("Hi"), bot("Sure."), user(QUESTIONS[0]), bot(ANSWERS[0])]
+    p3o.sft.train._SAID.clear()
+    with caplog.at_level(logging.WARNING, logger="p3o"):
+        example = tokenize_example(tokenizer, conversation[:-1], conversation[-1:], 512, "data.jsonl: row 1",
+                                   all_turns=True)
+    assert trained_spans(tokenizer, example) == ["<think>\n\n</think>\n\n" + ANSWERS[0] + IM_END]  # as rendered
+    assert "data.jsonl: row 1: the chat template renders a conversation's earlier turns differently" in caplog.text
+
+
 def test_a_prompt_cut_to_max_length_keeps_no_stray_im_start(smollm2):
     """SmolLM2's bos_token is <|im_start|>, which only its template writes: a prompt that loses its
     start must not keep it alone (a turn with no role)."""

@@ -212,15 +212,37 @@ def test_saved_weights_and_checkpoints_get_the_modes_the_umask_allows(word_task,
     import os
     import stat
 
+    from p3o.utils import io
+
     previous = os.umask(0o022)
+    io._umask.cache_clear()  # read once a process: this test sets its own
     try:
         assert main(["sft", "--model_name_or_path", str(word_task["root"] / "init"), "--dataset", str(word_task["sft"]),
                      "--output_dir", str(tmp_path / "sft"), "--max_steps", "2", "--save_steps", "1",
                      "--disable_progress_bar"]) == 0
     finally:
         os.umask(previous)
+        io._umask.cache_clear()
     out = tmp_path / "sft"
     for path in [out / "model.safetensors", out / "config.json", out / "checkpoint-1" / "model.safetensors",
                  out / "checkpoint-1" / "optimizer.pt"]:
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
     assert stat.S_IMODE((out / "checkpoint-1").stat().st_mode) == 0o755
+
+
+def test_a_run_from_before_assistant_turns_resumes_only_with_the_value_it_ran_with(word_task, tmp_path, capsys):
+    """Older config.yaml files lack --assistant_turns, and those runs learned the final reply only: a
+    resume under the new default would change what the run learns halfway, so it is refused."""
+    import yaml
+
+    out = tmp_path / "sft"
+    args = ["sft", "--model_name_or_path", str(word_task["root"] / "init"), "--dataset", str(word_task["sft"]),
+            "--output_dir", str(out), "--max_steps", "2", "--save_steps", "1", "--disable_progress_bar"]
+    assert main(args) == 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    del config["assistant_turns"]  # as an older p3o wrote it
+    (out / "config.yaml").write_text(yaml.safe_dump(config))
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 2
+    assert "--assistant_turns 'last' -> 'all'" in capsys.readouterr().err
+    assert main([*args, "--resume", "--assistant_turns", "last"]) == 0

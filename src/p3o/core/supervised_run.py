@@ -65,11 +65,11 @@ def run_supervised(cfg: SupervisedConfig, title: str, load_rows: Callable, token
                                              len(train) + len(held_out), cfg.max_length, what)
         stage = make_stage(tokenizer, cfg.per_device_eval_batch_size)
         return run_stage(cfg, model, tokenizer, train, held_out, stage, out, title, saved_model=saved,
-                         checkpoint=checkpoint)
+                         checkpoint=checkpoint, data_name=str(name))
 
 
 def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_out: list[dict], stage: Stage, out,
-              title: str, saved_model=None, checkpoint=None) -> list[dict]:
+              title: str, saved_model=None, checkpoint=None, data_name: str | None = None) -> list[dict]:
     """Everything around `fit` for one command: accelerate, gradient checkpointing and LoRA as asked
     for, config.yaml, metrics.jsonl (every `logging_steps` steps and every evaluation), a progress
     bar, and the saved model and tokenizer (LoRA: merged, the adapter under adapter/)."""
@@ -134,7 +134,8 @@ def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_o
             model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
             model.generation_config.pad_token_id = tokenizer.pad_token_id
         save_pretrained_atomically(model, tokenizer, out, state_dict=state_dict)
-        write_stage_card(out, cfg, title, evaluations[-1] if evaluations else {})
+        base = cfg.model_name_or_path or getattr(getattr(model, "config", None), "name_or_path", None) or None
+        write_stage_card(out, cfg, title, evaluations[-1] if evaluations else {}, base, data_name or str(cfg.dataset))
     return evaluations
 
 

@@ -227,34 +227,38 @@ def example_token_ids(tokenizer, prompt: Any, completion: Any, where: str,
     return prompt_ids, cut_at_stop(completion_ids, ends.stop_ids, ends.text if isinstance(prompt, str) else ends.chat)
 
 
-def earlier_replies(tokenizer, prompt: Any, where: str, ends: ReplyEnds) -> tuple[list[int], list[bool]]:
-    """A prompt's ids as `example_token_ids` gives them, and which of them are its assistant replies
-    (each up to and including its end-of-turn token, as a sampled reply ends): what SFT on a whole
-    conversation trains besides the final reply. Plain text, or a chat prompt without an assistant
-    turn: no reply.
+def earlier_replies(tokenizer, prompt: Any, where: str, ends: ReplyEnds) -> tuple[list[int], list[bool]] | None:
+    """A prompt's ids exactly as `example_token_ids` gives them (the rendered prompt tokenized
+    whole), and which of them are its assistant replies, each up to and including its end-of-turn
+    token as a sampled reply ends: what SFT on a whole conversation learns besides the final reply.
+    Plain text, or a chat prompt without an assistant turn: no reply.
 
-    The prompt is rendered in pieces: up to each reply (with the generation prompt, as the model
-    would answer there), then the reply through the template's end of its turn. That holds only for
-    templates that render a conversation's beginning the same whatever follows, which is checked."""
-    if isinstance(prompt, str) or not any(m["role"] == "assistant" for m in prompt[1:]):
-        ids = tokenizer(render_prompt(prompt, tokenizer, where), add_special_tokens=isinstance(prompt, str))["input_ids"]
-        return ids, [False] * len(ids)
+    Each reply's characters are found by rendering the conversation up to it (with the generation
+    prompt, where the model would answer) and through it; a token is a reply's if it holds any of its
+    characters. None where that cannot be done: a template that renders earlier turns differently
+    once later ones follow (Qwen3's drops their reasoning), or a tokenizer without character offsets."""
     whole = render_prompt(prompt, tokenizer, where)
-    ids, trained, done = [], [], 0  # `done`: characters of `whole` already tokenized
-    for j in (j for j, m in enumerate(prompt) if j > 0 and m["role"] == "assistant"):
+    replies = [j for j, m in enumerate(prompt) if j > 0 and m["role"] == "assistant"] if not isinstance(prompt, str) else []
+    if not replies:
+        ids = tokenizer(whole, add_special_tokens=isinstance(prompt, str))["input_ids"]
+        return ids, [False] * len(ids)
+    if not getattr(tokenizer, "is_fast", False):
+        return None
+    spans = []  # (start, end) characters of each reply in `whole`
+    for j in replies:
         before, reply = render_example(prompt[:j], prompt[j:j + 1], tokenizer, where)
-        if not (whole.startswith(before + reply) and len(before) >= done):
-            raise UsageError(f"{where}: the chat template renders the conversation's earlier turns differently "
-                             "once later turns follow, so its assistant replies cannot be cut out; train the "
-                             "final reply only (SFT: --assistant_turns last)")
-        context = tokenizer(before[done:], add_special_tokens=False)["input_ids"]
-        reply_ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
-        end = next((i + 1 for i, t in enumerate(reply_ids) if t in ends.stop_ids), len(reply_ids))
-        ids += context + reply_ids
-        trained += [False] * len(context) + [True] * end + [False] * (len(reply_ids) - end)  # `\n` after the end
-        done = len(before) + len(reply)
-    rest = tokenizer(whole[done:], add_special_tokens=False)["input_ids"]
-    return ids + rest, trained + [False] * len(rest)
+        if not whole.startswith(before + reply):
+            return None
+        spans.append((len(before), len(before) + len(reply)))
+    encoded = tokenizer(whole, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    trained = [False] * len(ids)
+    for first, last in spans:
+        inside = [i for i, (a, b) in enumerate(offsets) if a < last and b > first and b > a]
+        stop = next((i for i in inside if ids[i] in ends.stop_ids), None)  # the reply ends here, as sampled
+        for i in inside if stop is None else [i for i in inside if i <= stop]:
+            trained[i] = True
+    return ids, trained
 
 
 def _split_messages(row: Row, where: str) -> Row:

@@ -25,7 +25,7 @@ from p3o.reward.train import RMConfig, run_rm
 from p3o.rl.config import TrainConfig, derive_sizes
 from p3o.rl.train import run_train
 from p3o.sft.train import SFTConfig, run_sft
-from p3o.utils.checkpoints import latest_checkpoint
+from p3o.utils.checkpoints import latest_checkpoint, with_former_defaults
 from p3o.utils.io import atomic_write_text
 
 STAGES = ("sft", "rm", "train")
@@ -122,6 +122,7 @@ def _finished(cfg, stage: str, stamp: dict) -> bool:
     if not path.is_file():
         return False
     saved = json.loads(path.read_text())
+    saved = with_former_defaults(saved, stamp)  # a stamp from before a setting existed: its former value
     changed = sorted(k for k in set(saved) | set(stamp) if saved.get(k) != stamp.get(k))
     if changed:
         detail = ", ".join(f"{k} {saved.get(k)!r} -> {stamp.get(k)!r}" for k in changed[:3])

@@ -198,6 +198,7 @@ def score_greedy_responses(engine, rollout: Rollout, rows: list[dict], step: int
     texts = engine.completions(greedy)
     scores = engine.score(engine.reward, rows, texts, greedy.response_ids, greedy.response_mask, 1)  # (G,)
     rewards, _ = engine.penalised(scores, greedy.response_ids, greedy.response_mask)  # as the samples are
+    rollout.stats["baseline_reward"] = rewards.mean().item()  # raw, as `reward` is logged
     if engine.reward_scale is not None:  # in the samples' units: clipped, divided by the same std
         rewards = engine.reward_scale.scale(rewards)
     kl = engine.log_probs(greedy, {}, paired=False)["kl"]  # (G,)

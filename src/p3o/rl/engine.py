@@ -430,7 +430,6 @@ class Trainer:
             **({"reward_scale": self.reward_scale.std} if self.reward_scale is not None else {}),
             **({"kl": r.kl.mean().item()} if r.kl is not None else {}),
             **({"monitor_reward": r.monitor_rewards.mean().item()} if r.monitor_rewards is not None else {}),
-            **({"baseline_reward": r.baseline_rewards.mean().item()} if r.baseline_rewards is not None else {}),
             "response_length": r.response_mask.sum(-1).float().mean().item(),
             **({"entropy": _entropy(r.old_token_logp, r.response_mask)} if r.old_token_logp is not None else {}),
             **r.stats,

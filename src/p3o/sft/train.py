@@ -31,7 +31,7 @@ IGNORE = -100  # label of a position that is not trained on (prompt, padding)
 class SFTConfig(SupervisedConfig):
     prompt_column: str = option("prompt", "Column holding the prompt: plain text or chat messages.")
     completion_column: str = option("completion", "Column holding the completion: plain text or assistant messages.")
-    assistant_turns: str = option("all", "In a conversation (`messages`, or a chat prompt holding earlier assistant turns): all (learn every assistant reply, as TRL's assistant_only_loss) or last (the final reply only; the earlier ones are context).", choices=("all", "last"))
+    assistant_turns: str = option("all", "In a conversation (`messages`, or a chat prompt holding earlier assistant turns): all (learn every assistant reply, as TRL's assistant_only_loss; where the chat template renders earlier turns differently once later ones follow, as Qwen3's drops their reasoning, the final reply only, with a warning) or last (the final reply only; the earlier ones are context, as before this option).", choices=("all", "last"))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -51,8 +51,11 @@ def tokenize_example(tokenizer, prompt, completion, max_length: int, where: str,
         prompt, completion = prompt + completion[:-1], completion[-1:]
     prompt_ids, completion_ids = example_token_ids(tokenizer, prompt, completion, where, ends)
     trained = [False] * len(prompt_ids)  # which prompt tokens are replies to learn
-    if all_turns:
-        prompt_ids, trained = earlier_replies(tokenizer, prompt, where, ends)
+    if all_turns and (found := earlier_replies(tokenizer, prompt, where, ends)) is not None:
+        prompt_ids, trained = found
+    elif all_turns and _CANNOT_CUT not in _SAID:  # this conversation learns its final reply only
+        _SAID.add(_CANNOT_CUT)
+        log.warning("%s: %s", where, _CANNOT_CUT)
     # An over-long completion gives up its end, never all of its prompt: a quarter of the budget
     # (or the whole prompt, if shorter) stays for the prompt's last tokens.
     budget = max_length - min(len(prompt_ids), max(1, max_length // 4))
@@ -61,7 +64,7 @@ def tokenize_example(tokenizer, prompt, completion, max_length: int, where: str,
     keep = max_length - len(completion_ids)  # prompt tokens that fit: the last ones, and BOS
     if len(prompt_ids) > keep:
         lost.insert(0, "the start of their prompt")
-        bos = prompt_ids[:1] if keep and adds_bos(tokenizer) and prompt_ids[0] == tokenizer.bos_token_id else []
+        bos = prompt_ids[:1] if keep and _opens_with_bos(tokenizer, prompt_ids) else []
         start = len(prompt_ids) - keep + len(bos)
         prompt_ids, trained = (bos + prompt_ids[start:], [False] * len(bos) + trained[start:]) if keep else ([], [])
     labels = [token if learn else IGNORE for token, learn in zip(prompt_ids, trained)] + completion_ids
@@ -69,12 +72,21 @@ def tokenize_example(tokenizer, prompt, completion, max_length: int, where: str,
     return {**example, "cut": " and ".join(lost)} if lost else example
 
 
-def adds_bos(tokenizer) -> bool:
-    """Whether the tokenizer itself starts a text with BOS: that token opens every sequence and is
-    kept when a prompt loses its start. (SmolLM2's `bos_token` is `<|im_start|>`, which only its chat
-    template writes: kept alone, it would open a turn with no role.)"""
+def _opens_with_bos(tokenizer, ids: list[int]) -> bool:
+    """Whether `ids` open with a BOS that opens the whole sequence, to keep when the prompt loses its
+    start: BOS first, and not a token the chat template writes at every turn (SmolLM2's `bos_token`
+    is `<|im_start|>`: kept alone, it would open a turn with no role) unless the tokenizer itself
+    starts every text with it."""
     bos = tokenizer.bos_token_id
-    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+    if bos is None or not ids or ids[0] != bos:
+        return False
+    return bos not in ids[1:] or tokenizer("a")["input_ids"][:1] == [bos]
+
+
+_CANNOT_CUT = ("the chat template renders a conversation's earlier turns differently once later turns follow (or "
+               "the tokenizer gives no character offsets), so its earlier assistant replies cannot be cut out: such "
+               "conversations learn their final reply only (--assistant_turns last says so for all)")
+_SAID: set[str] = set()  # warnings given once a process
 
 
 def sft_stage(tokenizer, eval_batch_size: int = 16) -> Stage:

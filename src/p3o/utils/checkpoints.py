@@ -83,10 +83,23 @@ def same_setting(a, b) -> bool:
     return a == b or (isinstance(b, list) and b == [a]) or (isinstance(a, list) and a == [b])
 
 
+# Settings added since older versions whose new default acts differently: what a run whose
+# config.yaml lacks one ran with (it is compared as that value, not skipped).
+FORMER_DEFAULTS = {"assistant_turns": "last"}
+
+
+def with_former_defaults(saved: dict, current: dict) -> dict:
+    """A run's saved settings with the values older versions ran with where it lacks one that
+    `current` (the same kind of run now) has."""
+    return {**{k: v for k, v in FORMER_DEFAULTS.items() if k in current}, **saved}
+
+
 def check_resumable(saved: dict, current: dict, changeable: set[str]) -> None:
     """Refuse to resume with settings that would change the trajectory."""
     # Settings one side lacks were added (or removed) by another p3o version since the run started:
-    # not a change the user made, so a run resumes across versions.
+    # not a change the user made, so a run resumes across versions (unless the default acts
+    # differently from the older versions: FORMER_DEFAULTS).
+    saved = with_former_defaults(saved, current)
     changed = sorted(k for k in set(saved) & set(current)
                      if k not in changeable and not same_setting(saved.get(k), current.get(k)))
     if changed:

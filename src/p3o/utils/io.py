@@ -113,7 +113,8 @@ def with_umask_modes(directory: Path) -> None:
     folders, which would otherwise outlive the rename into place."""
     mask = _umask()
     for path in [directory, *directory.rglob("*")]:
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+        if not path.is_symlink():  # a link's target may lie outside
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -3,6 +3,8 @@ then the story of the run: base model, algorithm, data, key settings, final and 
 how to load it, and the method's citation)."""
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import yaml
@@ -55,28 +57,40 @@ STAGE_SETTINGS = ("learning_rate", "num_train_epochs", "max_steps", "per_device_
                   "use_peft", "lora_r", "seed")
 
 
-def write_stage_card(out: Path, cfg, command: str, evaluation: dict) -> None:
+def write_stage_card(out: Path, cfg, command: str, evaluation: dict, base_model: str | None, data: str) -> None:
     """README.md for `p3o sft` (a causal LM) or `p3o rm` (a one-label sequence classifier): base model,
-    data, key settings and the last held-out evaluation."""
+    data, key settings and the last held-out evaluation. `base_model`: the model's path or hub name,
+    None for a model given in Python without one (then left out of the front matter)."""
     reward_model = command == "p3o rm"
     kind = "AutoModelForSequenceClassification" if reward_model else "AutoModelForCausalLM"
     front = {"library_name": "transformers", "tags": ["p3o", "reward-model" if reward_model else "sft"],
-             "base_model": cfg.model_name_or_path or "a model given in Python"}
+             **({"base_model": base_model} if base_model else {})}
     what = "a reward model (Bradley-Terry, one score at the last token)" if reward_model else "supervised fine-tuning"
+    shown = [name for name in STAGE_SETTINGS if getattr(cfg, name, None) is not None
+             and (cfg.use_peft or not name.startswith("lora_"))]
     lines = [
         "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-        f"# {Path(cfg.output_dir).name}", "",
-        f"`{front['base_model']}` trained as {what} by [p3o](https://pypi.org/project/p3o/) (`{command}`) on "
-        f"`{cfg.dataset or 'a dataset given in Python'}`.", "",
+        f"# {Path(out).resolve().name}", "",
+        f"{_code(base_model) if base_model else 'A model given in Python'} trained as {what} by [p3o](https://pypi.org/project/p3o/) "
+        f"(`{command}`) on {_code(data)}.", "",
         "## Settings", "", "| setting | value |", "|---|---|",
-        *(f"| `{name}` | {getattr(cfg, name)} |" for name in STAGE_SETTINGS if getattr(cfg, name, None) is not None),
+        *(f"| `{name}` | {getattr(cfg, name)} |" for name in shown),
         "", "The whole configuration is in `config.yaml`, every step's metrics in `metrics.jsonl`.", "",
         "## Held-out results", "", "| metric | value |", "|---|---|",
-        *(f"| `{k}` | {v:.4f} |" for k, v in evaluation.items() if k.startswith("eval_") and isinstance(v, float)),
+        *(f"| `{k}` | {v:.4g} |" for k, v in evaluation.items()
+          if k.startswith("eval_") and isinstance(v, (int, float)) and not isinstance(v, bool)),
         "", "## Use", "", "```python", f"from transformers import {kind}, AutoTokenizer", "",
-        f'model = {kind}.from_pretrained("{out}")', f'tokenizer = AutoTokenizer.from_pretrained("{out}")', "```", "",
+        f"model = {kind}.from_pretrained({json.dumps(str(out))})",
+        f"tokenizer = AutoTokenizer.from_pretrained({json.dumps(str(out))})", "```", "",
     ]
     (out / "README.md").write_text("\n".join(lines))
+
+
+def _code(text: str) -> str:
+    """`text` as inline code, fenced with more backticks than it holds."""
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def _metric_row(name: str, metrics: dict) -> str:
