@@ -391,3 +391,18 @@ def test_values_are_read_at_the_state_before_each_response_token_under_left_padd
         hidden = model.policy(input_ids=full, output_hidden_states=True).hidden_states[-1]  # (1, 7, H) unpadded
         expected = model.value_head(hidden).squeeze(-1)[:, 2:6]  # V at the prompt's last token .. y_3's state
     assert torch.allclose(values, expected, atol=1e-5)
+
+
+def test_a_run_sized_by_epochs_resumes_with_the_same_command(assets, tmp_path, preferences, capsys):
+    """--num_train_epochs becomes max_steps only once the data is read; the resume check compared the
+    unresolved flags with the run's saved max_steps and refused the very command that made it."""
+    out = tmp_path / "dpo"
+    args = ["train", "--algo", "dpo", "--model_name_or_path", str(assets["llama"]), "--dataset", str(preferences),
+            "--output_dir", str(out), "--num_train_epochs", "0.25", "--pairs_per_step", "8", "--max_new_tokens", "8",
+            "--save_steps", "2", "--lr_scheduler_type", "linear", "--disable_progress_bar"]
+    assert main(args) == 0
+    assert main([*args, "--resume"]) == 0
+    longer = [*args, "--resume"]
+    longer[longer.index("--num_train_epochs") + 1] = "0.5"  # 6 steps, not 3, under a schedule spanning the run
+    capsys.readouterr()
+    assert main(longer) == 2 and "--max_steps 3 -> 6" in capsys.readouterr().err

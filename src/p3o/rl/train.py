@@ -75,13 +75,15 @@ class P3OTrainer:
         if isinstance(model, (str, Path)):  # a path is recorded in config.yaml like the flag
             args, model = dataclasses.replace(args, model_name_or_path=str(model)), None
         self.callbacks = list(callbacks or [])
-        checkpoint = _resume_point(args) if args.resume else None
+        checkpoint = _resume_point(args, resolved=False) if args.resume else None
         # A directory holding checkpoints may be resumed by train(resume_from_checkpoint=...); train()
         # refuses it otherwise (`p3o train` checks before building: run_train).
         check_output_dir(args.output_dir, args.overwrite or args.resume or _has_checkpoint(args), _input_paths(args))
         self.engine = _build_engine(args, model, processing_class, train_dataset, eval_dataset,
                                     _as_list(reward_funcs), peft_config, ref_model)
         self.args = self.engine.cfg  # as resolved (e.g. max_steps from num_train_epochs)
+        if checkpoint is not None and args.num_train_epochs is not None:  # its length, now known
+            checkpoint = _resume_point(self.args)
         self._checkpoint, self._metrics = checkpoint, {}
         self._base_model = args.model_name_or_path or _name_of(model, required=False)
 
@@ -259,8 +261,14 @@ def _has_checkpoint(cfg: P3OConfig) -> bool:
     return latest_checkpoint(Path(cfg.output_dir)) is not None
 
 
-def _resume_point(cfg: P3OConfig) -> Path | None:
-    return resume_point(cfg.output_dir, dataclasses.asdict(cfg), resumable_changes(cfg))
+def _resume_point(cfg: P3OConfig, resolved: bool = True) -> Path | None:
+    """The checkpoint --resume continues from, its run's settings checked against `cfg`. Before the
+    data is read (`resolved` False), --num_train_epochs is not yet a number of steps (the saved run's
+    max_steps): the run's length is compared once it is."""
+    changeable = resumable_changes(cfg)
+    if not resolved and cfg.num_train_epochs is not None:
+        changeable = changeable | {"num_train_epochs", "max_steps"}
+    return resume_point(cfg.output_dir, dataclasses.asdict(cfg), changeable)
 
 
 def _run(api: P3OTrainer, out: Path, resuming: bool) -> dict:
