@@ -362,3 +362,21 @@ def test_save_checkpoint_replaces_a_directory_whole_or_not_at_all(assets, tokeni
     save_checkpoint(model, tokenizer, out)
     assert (out / "model.safetensors").is_file() and not (out / "old.txt").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_a_long_chat_prompt_keeps_its_end_and_no_stray_im_start(smollm2):
+    """SmolLM2 names `<|im_start|>` its BOS: a prompt cut for --max_prompt_length kept it in front of
+    text from the middle of a message (a turn with no role)."""
+    from transformers import AutoTokenizer
+
+    from p3o.rl.rollout import pad_prompts
+    from p3o.utils.tracking import _as_text
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    conversation = [{"role": "system", "content": "Answer in one word."}, user(QUESTIONS[0])]
+    ids = tokenizer(tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True),
+                    add_special_tokens=False)["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id and len(ids) > 12
+    cut, mask = pad_prompts(tokenizer, [ids], 12)
+    assert cut[0].tolist() == ids[-12:] and mask.all()
+    assert _as_text(conversation) == "system: Answer in one word.\nuser: " + QUESTIONS[0]  # the tracker's prompt

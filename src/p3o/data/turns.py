@@ -43,6 +43,17 @@ def end_of_turn_id(tokenizer) -> int | None:
     return ids[first]
 
 
+def opens_with_bos(tokenizer, ids: list[int]) -> bool:
+    """Whether `ids` open with a BOS that opens the whole sequence, to keep when a prompt loses its
+    start: BOS first, and not a token the chat template writes at every turn (SmolLM2's `bos_token`
+    is `<|im_start|>`: kept alone, it would open a turn with no role) unless the tokenizer itself
+    starts every text with it."""
+    bos = tokenizer.bos_token_id
+    if bos is None or not ids or ids[0] != bos:
+        return False
+    return bos not in ids[1:] or tokenizer("a")["input_ids"][:1] == [bos]
+
+
 def stop_token_ids(tokenizer, extra: list[int] = ()) -> list[int]:
     """The tokenizer's EOS and the chat template's end of turn, plus `extra` (the model's own); a
     UsageError if there are none, since a response could then never end."""

@@ -70,7 +70,7 @@ class P3OConfig:
     vllm_gpu_memory_utilization: float = option(0.3, "Fraction of the GPU's memory vLLM may take (with --generation_backend vllm; training shares the device).")
     compile_sampling: bool = option(False, "Run each sampled token after the prompt through one torch.compile'd forward over a static KV cache (transformers backend): a CUDA graph per token on GPUs; fused element-wise kernels on a CPU (needs a C++ compiler). The first rollout pays for compiling (up to a minute on 2 CPU cores; less once inductor's cache holds the kernels). On a CPU it pays on small models, not on SmolLM2-135M-sized ones (docs/performance.md).")
     decoding_loop: str = option("p3o", "Who runs the sampling loop (transformers backend): p3o (default) runs Llama-style models (Llama, Qwen2 and kin) on a CPU with its own loop, the same arithmetic and tokens as transformers' generate with far fewer operations a token, and hands every other model to generate; transformers: generate always.", choices=("p3o", "transformers"))
-    temperature: float = option(1.0, "Sampling temperature; log-probabilities use the same tempered distribution.")
+    temperature: float = option(1.0, "Sampling temperature; log-probabilities use the same tempered distribution (as TRL's, without --top_k/--top_p's truncation).")
     top_k: int = option(0, "Top-k sampling; 0 disables it (the default, as P3O assumes the policy's own distribution).")
     top_p: float = option(1.0, "Nucleus sampling; 1.0 disables it.")
     # --- objective ----------------------------------------------------------------------------

@@ -456,8 +456,9 @@ class Trainer:
 
 
 def _entropy(token_logps: torch.Tensor, mask: torch.Tensor) -> float:
-    """Per-token entropy of the sampling policy, estimated by the sampled tokens' mean -log pi_old
-    (unbiased: E_{y~pi}[-log pi(y)] = H(pi)); free, since the rollout has those log-probs already."""
+    """Per-token entropy of the tempered policy, estimated by the sampled tokens' mean -log pi_old
+    (unbiased without top-k/top-p: E_{y~pi}[-log pi(y)] = H(pi); with them the tokens come from the
+    truncated distribution); free, since the rollout has those log-probs already."""
     return (-(token_logps * mask).sum() / mask.sum().clamp(min=1)).item()
 
 

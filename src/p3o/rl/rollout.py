@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from p3o.data.turns import opens_with_bos
 from p3o.errors import UsageError
 from p3o.models.loading import context_length
 from p3o.utils.ops import masked_sum, response_mask_from_eos, selective_log_softmax
@@ -127,12 +128,12 @@ def prompt_budget(model_config, max_new_tokens: int, max_prompt_length: int | No
 
 def pad_prompts(tokenizer, token_ids: list[list[int]], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompt ids and mask (G, Lq). A prompt over `max_length` keeps its last tokens
-    (the ones next to the response), and its BOS if it began with one."""
-    bos = tokenizer.bos_token_id
+    (the ones next to the response), and its BOS if it began with one that opens the whole sequence
+    (`opens_with_bos`: not ChatML's `<|im_start|>`, which SmolLM2 names its BOS)."""
     kept = []
     for ids in token_ids:
         if len(ids) > max_length:
-            head = ids[:1] if bos is not None and ids[0] == bos else []
+            head = ids[:1] if opens_with_bos(tokenizer, ids) else []
             ids = head + ids[len(ids) - (max_length - len(head)):]
         kept.append(ids)
     batch = tokenizer.pad({"input_ids": kept}, padding=True, return_tensors="pt", padding_side="left")

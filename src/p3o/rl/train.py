@@ -455,7 +455,7 @@ def _warn_about_inputs(trainer: Trainer) -> None:
                         else "this model's KV cache cannot be static: sliding windows or non-attention layers")
     if trainer.long_prompts:
         log.warning("%d of %d prompts are longer than %d tokens (--max_prompt_length, by default the context "
-                    "minus --max_new_tokens); they keep their last tokens, and their BOS", trainer.long_prompts,
+                    "minus --max_new_tokens); they keep their last tokens (and a BOS that opens the sequence)", trainer.long_prompts,
                     len(trainer.prompts), trainer.max_prompt_length)
 
 

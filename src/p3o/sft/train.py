@@ -17,7 +17,7 @@ from p3o.core.supervised_run import run_supervised
 from p3o.data.files import as_dataset_spec
 from p3o.data.formats import earlier_replies, example_token_ids, load_completions, load_with_held_out
 from p3o.data.prompts import is_conversational
-from p3o.data.turns import ReplyEnds
+from p3o.data.turns import ReplyEnds, opens_with_bos
 from p3o.errors import UsageError
 from p3o.models.loading import disable_dropout, load_causal_lm, load_tokenizer
 from p3o.options import option
@@ -64,23 +64,12 @@ def tokenize_example(tokenizer, prompt, completion, max_length: int, where: str,
     keep = max_length - len(completion_ids)  # prompt tokens that fit: the last ones, and BOS
     if len(prompt_ids) > keep:
         lost.insert(0, "the start of their prompt")
-        bos = prompt_ids[:1] if keep and _opens_with_bos(tokenizer, prompt_ids) else []
+        bos = prompt_ids[:1] if keep and opens_with_bos(tokenizer, prompt_ids) else []
         start = len(prompt_ids) - keep + len(bos)
         prompt_ids, trained = (bos + prompt_ids[start:], [False] * len(bos) + trained[start:]) if keep else ([], [])
     labels = [token if learn else IGNORE for token, learn in zip(prompt_ids, trained)] + completion_ids
     example = {"input_ids": prompt_ids + completion_ids, "labels": labels}
     return {**example, "cut": " and ".join(lost)} if lost else example
-
-
-def _opens_with_bos(tokenizer, ids: list[int]) -> bool:
-    """Whether `ids` open with a BOS that opens the whole sequence, to keep when the prompt loses its
-    start: BOS first, and not a token the chat template writes at every turn (SmolLM2's `bos_token`
-    is `<|im_start|>`: kept alone, it would open a turn with no role) unless the tokenizer itself
-    starts every text with it."""
-    bos = tokenizer.bos_token_id
-    if bos is None or not ids or ids[0] != bos:
-        return False
-    return bos not in ids[1:] or tokenizer("a")["input_ids"][:1] == [bos]
 
 
 _CANNOT_CUT = ("the chat template renders a conversation's earlier turns differently once later turns follow (or "

@@ -37,13 +37,21 @@ def finish_trackers(acc) -> None:
         tracker.finish()
 
 
+def _as_text(prompt) -> str:
+    """A prompt as text: a conversation as its messages, one `role: content` line each (every turn,
+    the system message included, is context for the reply)."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(f"{m.get('role')}: {m.get('content')}" for m in prompt)
+
+
 def log_completions(acc, step: int, records: list[dict]) -> None:
     """A logging step's sampled completions to the trackers as text: a Markdown table in TensorBoard,
     a table in W&B (other trackers get nothing: they have no text panel accelerate reaches)."""
     if not acc.log_with or not records:
         return
-    rows = [(r["prompt"] if isinstance(r["prompt"], str) else r["prompt"][-1]["content"], c,
-             r["rewards"][i] if "rewards" in r else None) for r in records for i, c in enumerate(r["completions"])]
+    rows = [(_as_text(r["prompt"]), c, r["rewards"][i] if "rewards" in r else None)
+            for r in records for i, c in enumerate(r["completions"])]
     for tracker in acc.trackers:
         if tracker.name == "tensorboard":
             cell = lambda text: str(text).replace("|", "\\|").replace("\n", " ")  # noqa: E731
