@@ -91,17 +91,28 @@ def takes_names(fn: Callable) -> bool:
         first == "completions" or named["completions"].kind == inspect.Parameter.KEYWORD_ONLY)
 
 
+TRL_CONTEXT = ("trainer_state", "log_extra", "log_metric")  # what TRL passes reward functions besides data
+
+
 class RewardFunction:
     """A user callable `fn(prompts, completions, **kwargs) -> list[float]` (or TRL's
     `fn(completions, **kwargs)`), checked on every call.
 
-    kwargs are the prompt dataset's other columns (one entry per completion) and `completion_ids`.
+    kwargs are the prompt dataset's other columns (one entry per completion) and `completion_ids`;
+    during training also TRL's `trainer_state`, `log_extra` and `log_metric` (`context`), to a
+    function that takes `**kwargs` or names them.
     """
 
     def __init__(self, fn: Callable, name: str):
         self.fn, self.name, self.by_name = fn, name, takes_names(fn)
+        try:
+            params = inspect.signature(fn).parameters.values()
+        except (TypeError, ValueError):
+            params = []
+        self.accepts = {p.name for p in params} | ({"*"} if any(p.kind == p.VAR_KEYWORD for p in params) else set())
 
-    def __call__(self, prompts: list, completions: list, **kwargs) -> torch.Tensor:
+    def __call__(self, prompts: list, completions: list, context: dict | None = None, **kwargs) -> torch.Tensor:
+        kwargs.update({k: v for k, v in (context or {}).items() if "*" in self.accepts or k in self.accepts})
         try:
             values = (self.fn(prompts=prompts, completions=completions, **kwargs) if self.by_name
                       else self.fn(prompts, completions, **kwargs))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -79,6 +79,7 @@ class RolloutTexts:
     prompts: list  # (G,) raw prompts as in the dataset
     completions: list[str]  # (B,)
     rewards: list[float] | None  # (B,); None when nothing was scored (offline DPO)
+    extra: dict[str, list] = field(default_factory=dict)  # columns reward functions logged (log_extra), (B,) each
 
 
 class Trainer:
@@ -99,6 +100,7 @@ class Trainer:
         self.sizes = derive_sizes(cfg, self.accelerator.num_processes)
         configure_for_updates(self.accelerator, self.sizes.micro_groups * self.sizes.num_generations, cfg.max_grad_norm)
         self.state = TrainerState()
+        self.reward_logs: dict[str, list] = {}  # what reward functions logged this step: log_metric, log_extra
         self.kl_control = KLController(cfg.beta, cfg.kl_target, cfg.kl_horizon)
         self.reward_scale = RunningRewardScale(cfg.reward_clip) if cfg.reward_normalization == "running_std" else None
         if self.algorithm.offline and getattr(prompts, "responses", None) is None:
@@ -249,7 +251,10 @@ class Trainer:
         if self.monitor_reward is not None and not offline:  # after `prepare`, which never sees it
             rollout.monitor_rewards = self.score(self.monitor_reward, rows, completions, response_ids, response_mask, k)
         rewards = rollout.raw_rewards.tolist() if rollout.raw_rewards is not None else None
-        texts = RolloutTexts([r[self.prompts.prompt_column] for r in rows], completions, rewards)
+        logged, self.reward_logs = self.reward_logs, {}
+        rollout.stats.update({name[7:]: sum(v) / len(v) for name, v in logged.items() if name.startswith("metric:")})
+        extra = {name[6:]: v for name, v in logged.items() if name.startswith("extra:") and len(v) == len(completions)}
+        texts = RolloutTexts([r[self.prompts.prompt_column] for r in rows], completions, rewards, extra)
         return rollout, texts, timings
 
     def prepare(self, rollout: Rollout, old_token_logp: torch.Tensor | None = None,
@@ -323,7 +328,19 @@ class Trainer:
         reserved = {column, "prompts", "completions", "completion_ids"}
         extra = {name: [row.get(name) for row in rows for _ in range(k)] for name in rows[0] if name not in reserved}
         ids = [seq[:n] for seq, n in zip(response_ids.tolist(), response_mask.sum(-1).tolist())]
-        return reward(prompts, completions, completion_ids=ids, **extra)
+        return reward(prompts, completions, completion_ids=ids, **extra, context=self.reward_context())
+
+    def reward_context(self) -> dict:
+        """What TRL passes reward functions besides the data: `trainer_state` (`global_step` the steps
+        done, `max_steps` the run's: their ratio is the share of training done, as in TRL), and
+        `log_metric(name, value)` (its mean over the step's calls goes to metrics.jsonl) and
+        `log_extra(column, values)` (one value per completion, beside them in completions.jsonl)."""
+        from transformers import TrainerState as HFTrainerState
+
+        logs = self.reward_logs
+        return {"trainer_state": HFTrainerState(global_step=self.state.step, max_steps=self.cfg.max_steps),
+                "log_metric": lambda name, value: logs.setdefault(f"metric:{name}", []).append(float(value)),
+                "log_extra": lambda column, values: logs.__setitem__(f"extra:{column}", list(values))}
 
     def penalised(self, rewards: torch.Tensor, response_ids, response_mask) -> tuple[torch.Tensor, torch.Tensor]:
         """(rewards less --missing_eos_penalty for each response without an end-of-turn or EOS token,

@@ -497,6 +497,7 @@ def _completion_records(step: int, texts, count: int):
         record = {"step": step, "prompt": prompt, "completions": texts.completions[g * k:(g + 1) * k]}
         if texts.rewards is not None:
             record["rewards"] = texts.rewards[g * k:(g + 1) * k]
+        record.update({column: values[g * k:(g + 1) * k] for column, values in texts.extra.items()})  # log_extra
         yield record
 
 
