@@ -157,7 +157,8 @@ def test_reward_functions_are_called_positionally_unless_they_take_completions_f
         assert RewardFunction(fn, "f")(["ab", "abc"], ["x", "y"]).tolist() == [2.0, 3.0], fn.__name__
 
 
-def test_reward_functions_get_trls_trainer_state_and_logging_hooks(assets, tmp_path):
+@pytest.mark.parametrize("algo", ["p3o-v2", "remax"])  # remax: its greedy responses' scoring logs nothing
+def test_reward_functions_get_trls_trainer_state_and_logging_hooks(assets, tmp_path, algo):
     """TRL passes trainer_state, log_metric and log_extra: a curriculum reward that reads the state,
     and one that logs, run unchanged; log_metric's mean goes to metrics.jsonl, log_extra's column to
     completions.jsonl. p3o's own fn(prompts, completions, **kwargs) gets them too, in kwargs."""
@@ -179,7 +180,7 @@ def test_reward_functions_get_trls_trainer_state_and_logging_hooks(assets, tmp_p
     assert main(["train", "--model_name_or_path", str(assets["llama"]), "--dataset", str(assets["prompts"]),
                  "--reward_fn", f"{rewards}:curriculum", "--reward_fn", f"{rewards}:plain", "--output_dir", str(out),
                  "--max_steps", "2", "--pairs_per_step", "4", "--max_new_tokens", "4", "--log_completions", "1",
-                 "--disable_progress_bar"]) == 0
+                 "--algo", algo, "--disable_progress_bar"]) == 0
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["share_done"] for m in metrics] == [0.0, 0.5]
     record = json.loads((out / "completions.jsonl").read_text().splitlines()[0])

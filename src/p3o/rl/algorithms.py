@@ -196,7 +196,8 @@ def score_greedy_responses(engine, rollout: Rollout, rows: list[dict], step: int
     response_ids, response_mask = engine.generate(query_ids, query_mask, engine.greedy_config, "greedy", step)  # (G, T)
     greedy = Rollout(1, query_ids, query_mask, response_ids, response_mask)
     texts = engine.completions(greedy)
-    scores = engine.score(engine.reward, rows, texts, greedy.response_ids, greedy.response_mask, 1)  # (G,)
+    scores = engine.score(engine.reward, rows, texts, greedy.response_ids, greedy.response_mask, 1,
+                          logged=False)  # (G,): what the functions log is the samples' only
     rewards, _ = engine.penalised(scores, greedy.response_ids, greedy.response_mask)  # as the samples are
     rollout.stats["baseline_reward"] = rewards.mean().item()  # raw, as `reward` is logged
     if engine.reward_scale is not None:  # in the samples' units: clipped, divided by the same std

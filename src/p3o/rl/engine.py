@@ -249,7 +249,8 @@ class Trainer:
         if not self.fuse_old_pass:  # else per micro-batch, from the training forward (`optimizer_step`)
             self.prepare(rollout)
         if self.monitor_reward is not None and not offline:  # after `prepare`, which never sees it
-            rollout.monitor_rewards = self.score(self.monitor_reward, rows, completions, response_ids, response_mask, k)
+            rollout.monitor_rewards = self.score(self.monitor_reward, rows, completions, response_ids, response_mask, k,
+                                                 logged=False)
         rewards = rollout.raw_rewards.tolist() if rollout.raw_rewards is not None else None
         logged, self.reward_logs = self.reward_logs, {}
         rollout.stats.update({name[7:]: sum(v) / len(v) for name, v in logged.items() if name.startswith("metric:")})
@@ -319,8 +320,11 @@ class Trainer:
             out["kl"] = out["old_logp"] - out["ref_logp"]  # (B,)
         return out
 
-    def score(self, reward, rows: list[dict], completions: list[str], response_ids, response_mask, k: int) -> torch.Tensor:
-        """Call the reward with the dataset's raw prompts (chat messages stay messages) and columns."""
+    def score(self, reward, rows: list[dict], completions: list[str], response_ids, response_mask, k: int,
+              logged: bool = True) -> torch.Tensor:
+        """Call the reward with the dataset's raw prompts (chat messages stay messages) and columns.
+        `logged`: what the reward functions log counts (the rollout's samples; not ReMax's greedy
+        responses or the monitor reward, whose log_metric and log_extra do nothing)."""
         column = self.prompts.prompt_column
         prompts = [row[column] for row in rows for _ in range(k)]
         if prompts and not isinstance(prompts[0], str):  # conversational: completions as messages too
@@ -328,16 +332,16 @@ class Trainer:
         reserved = {column, "prompts", "completions", "completion_ids"}
         extra = {name: [row.get(name) for row in rows for _ in range(k)] for name in rows[0] if name not in reserved}
         ids = [seq[:n] for seq, n in zip(response_ids.tolist(), response_mask.sum(-1).tolist())]
-        return reward(prompts, completions, completion_ids=ids, **extra, context=self.reward_context())
+        return reward(prompts, completions, completion_ids=ids, **extra, context=self.reward_context(logged))
 
-    def reward_context(self) -> dict:
+    def reward_context(self, logged: bool = True) -> dict:
         """What TRL passes reward functions besides the data: `trainer_state` (`global_step` the steps
         done, `max_steps` the run's: their ratio is the share of training done, as in TRL), and
         `log_metric(name, value)` (its mean over the step's calls goes to metrics.jsonl) and
         `log_extra(column, values)` (one value per completion, beside them in completions.jsonl)."""
         from transformers import TrainerState as HFTrainerState
 
-        logs = self.reward_logs
+        logs = self.reward_logs if logged else {}  # a scratch dict: logged nowhere
         return {"trainer_state": HFTrainerState(global_step=self.state.step, max_steps=self.cfg.max_steps),
                 "log_metric": lambda name, value: logs.setdefault(f"metric:{name}", []).append(float(value)),
                 "log_extra": lambda column, values: logs.__setitem__(f"extra:{column}", list(values))}
