@@ -185,3 +185,43 @@ def test_reward_functions_get_trls_trainer_state_and_logging_hooks(assets, tmp_p
     assert [m["share_done"] for m in metrics] == [0.0, 0.5]
     record = json.loads((out / "completions.jsonl").read_text().splitlines()[0])
     assert record["words"] == [len(c.split()) for c in record["completions"]]
+
+
+def test_what_reward_functions_log_never_replaces_p3os_own_metrics_or_fields(assets, tmp_path):
+    """log_metric('reward') or ('step') went over p3o's own (no checkpoint was then ever due);
+    log_extra with numpy values crashed the JSON writer; a held-out evaluation called TRL-style
+    functions without their trainer_state."""
+    import json
+
+    from p3o.cli import main
+
+    rewards = tmp_path / "clashing.py"
+    rewards.write_text(
+        "import numpy as np\n"
+        "def clash(completions, trainer_state, log_metric, log_extra, **kwargs):\n"
+        "    log_metric('reward', 1234.0); log_metric('step', 99); log_metric('mine', 1.0)\n"
+        "    log_extra('rewards', [np.float32(1.5)] * len(completions))\n"
+        "    log_extra('short', [1])\n"
+        "    return [float(len(c)) for c in completions]\n")
+    out = tmp_path / "run"
+    assert main(["train", "--model_name_or_path", str(assets["llama"]), "--dataset", str(assets["prompts"]),
+                 "--eval_dataset", str(assets["prompts"]), "--eval_max_prompts", "2", "--eval_steps", "1",
+                 "--reward_fn", f"{rewards}:clash", "--output_dir", str(out), "--max_steps", "3", "--save_steps", "2",
+                 "--pairs_per_step", "4", "--max_new_tokens", "4", "--log_completions", "1",
+                 "--disable_progress_bar"]) == 0
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3] and all(m["reward"] != 1234.0 for m in metrics)
+    assert metrics[0]["log_metric/reward"] == 1234.0 and metrics[0]["log_metric/step"] == 99 and metrics[0]["mine"] == 1
+    record = json.loads((out / "completions.jsonl").read_text().splitlines()[0])
+    assert record["log_extra/rewards"] == [1.5, 1.5] and record["rewards"] != [1.5, 1.5] and "short" not in record
+    assert (out / "checkpoint-2").is_dir()
+
+
+def test_outside_training_trl_style_functions_get_a_fresh_state_and_silent_hooks():
+    from p3o.reward.functions import RewardFunction
+
+    def curriculum(completions, trainer_state, log_metric, **kwargs):  # as `p3o eval` and `winrate` call it
+        log_metric("ignored", 1.0)
+        return [float(trainer_state.global_step)] * len(completions)
+
+    assert RewardFunction(curriculum, "curriculum")(["p"], ["c"]).tolist() == [0.0]

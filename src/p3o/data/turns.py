@@ -47,11 +47,11 @@ def opens_with_bos(tokenizer, ids: list[int]) -> bool:
     """Whether `ids` open with a BOS that opens the whole sequence, to keep when a prompt loses its
     start: BOS first, and not a token the chat template writes at every turn (SmolLM2's `bos_token`
     is `<|im_start|>`: kept alone, it would open a turn with no role) unless the tokenizer itself
-    starts every text with it."""
+    starts every text with it, or it is EOS too (GPT-2's `<|endoftext|>`, written after replies)."""
     bos = tokenizer.bos_token_id
     if bos is None or not ids or ids[0] != bos:
         return False
-    return bos not in ids[1:] or tokenizer("a")["input_ids"][:1] == [bos]
+    return bos not in ids[1:] or bos == tokenizer.eos_token_id or tokenizer("a")["input_ids"][:1] == [bos]
 
 
 def stop_token_ids(tokenizer, extra: list[int] = ()) -> list[int]:

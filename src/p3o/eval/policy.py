@@ -36,7 +36,7 @@ def mean_and_stderr(values: list[float]) -> tuple[float, float]:
 @torch.no_grad()
 def evaluate_policy(policy, reference, tokenizer, prompts, rewards: dict, max_new_tokens: int, seed: int = 0,
                     batch_size: int = 64, temperature: float = 1.0, first_index: int = 0, synced: bool = False,
-                    max_prompt_length: int | None = None) -> dict:
+                    max_prompt_length: int | None = None, reward_context: dict | None = None) -> dict:
     """Metrics of `policy` on `prompts` (a PromptDataset): `kl`, `length` and one entry per reward,
     each with its standard error (`*_stderr`), plus the samples themselves (each with its own values).
     `first_index`: where `prompts` start in a larger set split between processes (it seeds the
@@ -76,7 +76,8 @@ def evaluate_policy(policy, reference, tokenizer, prompts, rewards: dict, max_ne
     columns = {name: [row.get(name) for row in prompts.rows] for name in prompts.rows[0] if name not in reserved}
     values = {"kl": kl, "length": [float(x) for x in lengths]}
     for name, reward in rewards.items():
-        values[name] = reward(raw, completions_for_reward, completion_ids=completion_ids, **columns).tolist()
+        context = {"context": reward_context} if reward_context is not None else {}  # training's, not logged
+        values[name] = reward(raw, completions_for_reward, completion_ids=completion_ids, **columns, **context).tolist()
     samples = [{"prompt": p, "completion": c, **{name: v[i] for name, v in values.items()}}
                for i, (p, c) in enumerate(zip(raw, completions))]
     return {**summarise(samples, list(values)), "samples": samples}

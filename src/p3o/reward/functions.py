@@ -91,7 +91,12 @@ def takes_names(fn: Callable) -> bool:
         first == "completions" or named["completions"].kind == inspect.Parameter.KEYWORD_ONLY)
 
 
-TRL_CONTEXT = ("trainer_state", "log_extra", "log_metric")  # what TRL passes reward functions besides data
+def outside_training() -> dict:
+    """TRL's reward context where no run is training: a fresh TrainerState, hooks that log nothing."""
+    from transformers import TrainerState
+
+    return {"trainer_state": TrainerState(), "log_metric": lambda name, value: None,
+            "log_extra": lambda column, values: None}
 
 
 class RewardFunction:
@@ -112,7 +117,8 @@ class RewardFunction:
         self.accepts = {p.name for p in params} | ({"*"} if any(p.kind == p.VAR_KEYWORD for p in params) else set())
 
     def __call__(self, prompts: list, completions: list, context: dict | None = None, **kwargs) -> torch.Tensor:
-        kwargs.update({k: v for k, v in (context or {}).items() if "*" in self.accepts or k in self.accepts})
+        context = context if context is not None else outside_training()  # `p3o eval`, `winrate`, the demos
+        kwargs.update({k: v for k, v in context.items() if "*" in self.accepts or k in self.accepts})
         try:
             values = (self.fn(prompts=prompts, completions=completions, **kwargs) if self.by_name
                       else self.fn(prompts, completions, **kwargs))

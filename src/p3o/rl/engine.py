@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -66,6 +67,9 @@ from p3o.utils.distributed import (
 from p3o.utils.seeding import generator, seed_global_rng
 
 
+log = logging.getLogger("p3o")
+
+
 @dataclass
 class TrainerState:
     step: int = 0  # rollout-and-update iterations done
@@ -101,6 +105,7 @@ class Trainer:
         configure_for_updates(self.accelerator, self.sizes.micro_groups * self.sizes.num_generations, cfg.max_grad_norm)
         self.state = TrainerState()
         self.reward_logs: dict[str, list] = {}  # what reward functions logged this step: log_metric, log_extra
+        self.logged_metrics: dict[str, float] = {}  # the step's log_metric means, for `step_metrics`
         self.kl_control = KLController(cfg.beta, cfg.kl_target, cfg.kl_horizon)
         self.reward_scale = RunningRewardScale(cfg.reward_clip) if cfg.reward_normalization == "running_std" else None
         if self.algorithm.offline and getattr(prompts, "responses", None) is None:
@@ -253,9 +258,12 @@ class Trainer:
                                                  logged=False)
         rewards = rollout.raw_rewards.tolist() if rollout.raw_rewards is not None else None
         logged, self.reward_logs = self.reward_logs, {}
-        rollout.stats.update({name[7:]: sum(v) / len(v) for name, v in logged.items() if name.startswith("metric:")})
-        extra = {name[6:]: v for name, v in logged.items() if name.startswith("extra:") and len(v) == len(completions)}
-        texts = RolloutTexts([r[self.prompts.prompt_column] for r in rows], completions, rewards, extra)
+        self.logged_metrics = {name[7:]: sum(v) / len(v) for name, v in logged.items() if name.startswith("metric:")}
+        extra = {name[6:]: v for name, v in logged.items() if name.startswith("extra:")}
+        if wrong := sorted(name for name, v in extra.items() if len(v) != len(completions)):
+            log.warning("log_extra column %s has not one value per completion (%d); left out", wrong[0], len(completions))
+        texts = RolloutTexts([r[self.prompts.prompt_column] for r in rows], completions, rewards,
+                             {name: v for name, v in extra.items() if name not in wrong})
         return rollout, texts, timings
 
     def prepare(self, rollout: Rollout, old_token_logp: torch.Tensor | None = None,
@@ -342,9 +350,12 @@ class Trainer:
         from transformers import TrainerState as HFTrainerState
 
         logs = self.reward_logs if logged else {}  # a scratch dict: logged nowhere
-        return {"trainer_state": HFTrainerState(global_step=self.state.step, max_steps=self.cfg.max_steps),
+        state = HFTrainerState(global_step=self.state.step, max_steps=self.cfg.max_steps,
+                               is_world_process_zero=self.accelerator.is_main_process,
+                               is_local_process_zero=self.accelerator.is_local_main_process)
+        return {"trainer_state": state,
                 "log_metric": lambda name, value: logs.setdefault(f"metric:{name}", []).append(float(value)),
-                "log_extra": lambda column, values: logs.__setitem__(f"extra:{column}", list(values))}
+                "log_extra": lambda column, values: logs.__setitem__(f"extra:{column}", [_plain(v) for v in values])}
 
     def penalised(self, rewards: torch.Tensor, response_ids, response_mask) -> tuple[torch.Tensor, torch.Tensor]:
         """(rewards less --missing_eos_penalty for each response without an end-of-turn or EOS token,
@@ -467,13 +478,24 @@ class Trainer:
         metrics["skipped_updates"] = self.state.skipped_updates
         metrics["step_time"] = seconds
         metrics.update(timings)
+        # What reward functions logged (log_metric), by name unless p3o writes that name itself.
+        user = self._mean_across_processes(self.logged_metrics)
+        metrics.update({name if name not in metrics else f"log_metric/{name}": value for name, value in user.items()})
         return metrics
 
     def _mean_across_processes(self, values: dict[str, float]) -> dict[str, float]:
         if self.accelerator.num_processes == 1:
             return values
-        stacked = torch.tensor(list(values.values()), device=self.accelerator.device, dtype=torch.float64)
-        return dict(zip(values, (sum_across_processes(stacked) / self.accelerator.num_processes).tolist()))
+        names = sorted(values)  # one order on every process (a reward function's log_metric calls may differ)
+        stacked = torch.tensor([values[n] for n in names], device=self.accelerator.device, dtype=torch.float64)
+        return dict(zip(names, (sum_across_processes(stacked) / self.accelerator.num_processes).tolist()))
+
+
+def _plain(value):
+    """A value a reward function logged, as JSON writes it: numpy and torch scalars as Python ones,
+    anything else JSON cannot write as its text."""
+    value = value.item() if hasattr(value, "item") and getattr(value, "ndim", 1) == 0 else value
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
 
 
 def _entropy(token_logps: torch.Tensor, mask: torch.Tensor) -> float:

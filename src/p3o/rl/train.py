@@ -414,7 +414,8 @@ class HeldOutEvaluator:
                 samples = evaluate_policy(t.unwrapped_policy, t.ref_policy, t.tokenizer, self.prompts, self.rewards,
                                           t.cfg.max_new_tokens, seed=self.SEED, temperature=t.cfg.temperature,
                                           first_index=self.first, synced=t.sharded,
-                                          max_prompt_length=t.max_prompt_length)["samples"][:self.real]
+                                          max_prompt_length=t.max_prompt_length,
+                                          reward_context=t.reward_context(logged=False))["samples"][:self.real]
         if t.accelerator.num_processes > 1:
             samples = gather_object([{name: sample[name] for name in names} for sample in samples])
         point = {"step": step, **summarise(samples, names), "n": len(samples)}
@@ -497,7 +498,8 @@ def _completion_records(step: int, texts, count: int):
         record = {"step": step, "prompt": prompt, "completions": texts.completions[g * k:(g + 1) * k]}
         if texts.rewards is not None:
             record["rewards"] = texts.rewards[g * k:(g + 1) * k]
-        record.update({column: values[g * k:(g + 1) * k] for column, values in texts.extra.items()})  # log_extra
+        record.update({column if column not in record else f"log_extra/{column}": values[g * k:(g + 1) * k]
+                       for column, values in texts.extra.items()})  # log_extra, beside the record's own fields
         yield record
 
 
