@@ -18,6 +18,16 @@ ADAPTER_DIR = "adapter"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
+def wrapped_quietly(get_peft_model, model, config):
+    """peft's `get_peft_model`, without the FutureWarning its read of transformers' deprecated
+    `is_gradient_checkpointing` prints on every run (peft's to fix, nothing the user can act on)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, config)
+
+
 def add_lora(model, r: int, alpha: float, target_modules: str, task_type: str = "CAUSAL_LM",
              modules_to_save: list[str] | None = None):
     """`model` wrapped in fresh LoRA adapters (B = 0, so it starts as `model` exactly); the modules
@@ -31,7 +41,7 @@ def add_lora(model, r: int, alpha: float, target_modules: str, task_type: str = 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, task_type=task_type,
                         modules_to_save=modules_to_save)
     try:
-        return get_peft_model(model, config)
+        return wrapped_quietly(get_peft_model, model, config)
     except ValueError as exc:
         raise UsageError(f"--lora_target_modules {target_modules!r}: {str(exc).splitlines()[0]}") from None
 

@@ -23,7 +23,7 @@ from p3o.errors import UsageError
 from p3o.eval.policy import evaluate_policy, summarise
 from p3o.eval.watch import Block, OverOptimisationWatch
 from p3o.models.loading import load_causal_lm, load_tokenizer, prepare_tokenizer
-from p3o.models.lora import ADAPTER_DIR, in_saved_dtypes, is_lora, merged_lora_state_dict
+from p3o.models.lora import ADAPTER_DIR, in_saved_dtypes, is_lora, merged_lora_state_dict, wrapped_quietly
 from p3o.models.value_head import VALUE_HEAD_FILE, split_state_dict
 from p3o.reward import build_rewards, score_in
 from p3o.rl.algorithms import get_algorithm
@@ -229,7 +229,7 @@ def _with_peft(policy, peft_config, cfg: P3OConfig):
         raise UsageError("give LoRA once: peft_config or args.use_peft, not both")
     from peft import get_peft_model
 
-    return get_peft_model(policy, peft_config)  # its dropout is switched off with the policy's
+    return wrapped_quietly(get_peft_model, policy, peft_config)  # its dropout is switched off with the policy's
 
 
 def _name_of(model, required: bool = True) -> str:
