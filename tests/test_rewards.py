@@ -157,14 +157,26 @@ def test_reward_functions_are_called_positionally_unless_they_take_completions_f
         assert RewardFunction(fn, "f")(["ab", "abc"], ["x", "y"]).tolist() == [2.0, 3.0], fn.__name__
 
 
+def trained_with(assets, out, reward_fns: list[str], *extra) -> list[dict]:
+    """`p3o train` of the tiny model against `reward_fns` (4 prompts a step, completions logged);
+    the lines of its metrics.jsonl."""
+    import json
+
+    from p3o.cli import main
+
+    assert main(["train", "--model_name_or_path", str(assets["llama"]), "--dataset", str(assets["prompts"]),
+                 *[arg for fn in reward_fns for arg in ("--reward_fn", fn)], "--output_dir", str(out),
+                 "--pairs_per_step", "4", "--max_new_tokens", "4", "--log_completions", "1", "--disable_progress_bar",
+                 *extra]) == 0
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.parametrize("algo", ["p3o-v2", "remax"])  # remax: its greedy responses' scoring logs nothing
 def test_reward_functions_get_trls_trainer_state_and_logging_hooks(assets, tmp_path, algo):
     """TRL passes trainer_state, log_metric and log_extra: a curriculum reward that reads the state,
     and one that logs, run unchanged; log_metric's mean goes to metrics.jsonl, log_extra's column to
     completions.jsonl. p3o's own fn(prompts, completions, **kwargs) gets them too, in kwargs."""
     import json
-
-    from p3o.cli import main
 
     rewards = tmp_path / "trl_rewards.py"
     rewards.write_text(
@@ -177,11 +189,8 @@ def test_reward_functions_get_trls_trainer_state_and_logging_hooks(assets, tmp_p
         "    assert kwargs['trainer_state'].max_steps == 2\n"
         "    return [0.0 for _ in completions]\n")
     out = tmp_path / "run"
-    assert main(["train", "--model_name_or_path", str(assets["llama"]), "--dataset", str(assets["prompts"]),
-                 "--reward_fn", f"{rewards}:curriculum", "--reward_fn", f"{rewards}:plain", "--output_dir", str(out),
-                 "--max_steps", "2", "--pairs_per_step", "4", "--max_new_tokens", "4", "--log_completions", "1",
-                 "--algo", algo, "--disable_progress_bar"]) == 0
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = trained_with(assets, out, [f"{rewards}:curriculum", f"{rewards}:plain"], "--max_steps", "2",
+                           "--algo", algo)
     assert [m["share_done"] for m in metrics] == [0.0, 0.5]
     record = json.loads((out / "completions.jsonl").read_text().splitlines()[0])
     assert record["words"] == [len(c.split()) for c in record["completions"]]
@@ -193,8 +202,6 @@ def test_what_reward_functions_log_never_replaces_p3os_own_metrics_or_fields(ass
     functions without their trainer_state."""
     import json
 
-    from p3o.cli import main
-
     rewards = tmp_path / "clashing.py"
     rewards.write_text(
         "import numpy as np\n"
@@ -204,12 +211,8 @@ def test_what_reward_functions_log_never_replaces_p3os_own_metrics_or_fields(ass
         "    log_extra('short', [1])\n"
         "    return [float(len(c)) for c in completions]\n")
     out = tmp_path / "run"
-    assert main(["train", "--model_name_or_path", str(assets["llama"]), "--dataset", str(assets["prompts"]),
-                 "--eval_dataset", str(assets["prompts"]), "--eval_max_prompts", "2", "--eval_steps", "1",
-                 "--reward_fn", f"{rewards}:clash", "--output_dir", str(out), "--max_steps", "3", "--save_steps", "2",
-                 "--pairs_per_step", "4", "--max_new_tokens", "4", "--log_completions", "1",
-                 "--disable_progress_bar"]) == 0
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = trained_with(assets, out, [f"{rewards}:clash"], "--max_steps", "3", "--save_steps", "2",
+                           "--eval_dataset", str(assets["prompts"]), "--eval_max_prompts", "2", "--eval_steps", "1")
     assert [m["step"] for m in metrics] == [1, 2, 3] and all(m["reward"] != 1234.0 for m in metrics)
     assert metrics[0]["log_metric/reward"] == 1234.0 and metrics[0]["log_metric/step"] == 99 and metrics[0]["mine"] == 1
     record = json.loads((out / "completions.jsonl").read_text().splitlines()[0])
