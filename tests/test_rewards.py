@@ -228,3 +228,19 @@ def test_outside_training_trl_style_functions_get_a_fresh_state_and_silent_hooks
         return [float(trainer_state.global_step)] * len(completions)
 
     assert RewardFunction(curriculum, "curriculum")(["p"], ["c"]).tolist() == [0.0]
+
+
+def test_a_dataset_column_named_context_reaches_the_reward_function(assets, tmp_path):
+    """The run's TRL context travels under its own keyword: a dataset's `context` column (QA data
+    has one) is just another column, as before."""
+    import json
+
+    rows = [{"prompt": json.loads(line)["prompt"], "context": f"doc {i}"}
+            for i, line in enumerate(assets["prompts"].read_text().splitlines())]
+    data = tmp_path / "with_context.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rewards = tmp_path / "uses_context.py"
+    rewards.write_text("def f(prompts, completions, context, **kwargs):\n"
+                       "    assert all(c.startswith('doc ') for c in context) and 'trainer_state' in kwargs\n"
+                       "    return [0.0] * len(completions)\n")
+    assert trained_with(assets, tmp_path / "run", [f"{rewards}:f"], "--max_steps", "1", "--dataset", str(data))

@@ -112,12 +112,12 @@ def test_gradient_checkpointing_gives_the_same_gradient(assets, tokenizer, tmp_p
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from p3o.reward.model import LastTokenReward
-    from p3o.reward.train import RMConfig, rm_stage, tokenize_pair
+    from p3o.reward.train import RewardConfig, rm_stage, tokenize_pair
     from p3o.sft.train import SFTConfig, sft_stage, tokenize_example
     from p3o.core.supervised_run import prepare_model
 
     if command == "rm":
-        Config, stage = RMConfig, rm_stage(tokenizer)
+        Config, stage = RewardConfig, rm_stage(tokenizer)
         examples = [tokenize_pair(tokenizer, row, 64) for row in preference_rows(4)]
     else:
         Config, stage = SFTConfig, sft_stage(tokenizer)

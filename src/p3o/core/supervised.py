@@ -101,8 +101,8 @@ class SupervisedConfig:
                  "group_by_prompt"),
         "optimisation": ("num_train_epochs", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
                          "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "warmup_ratio",
-                         "warmup_steps", "weight_decay", "max_grad_norm", "center_rewards_coefficient", "max_consecutive_skips",
-                         "seed"),
+                         "warmup_steps", "weight_decay", "max_grad_norm", "center_rewards_coefficient",
+                         "max_consecutive_skips", "seed"),
         "logging": ("logging_steps", "eval_steps", "report_to", "disable_progress_bar"),
         "checkpoints": ("output_dir", "overwrite", "save_steps", "save_total_limit", "resume"),
     }

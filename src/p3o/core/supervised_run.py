@@ -58,7 +58,8 @@ def run_supervised(cfg: SupervisedConfig, title: str, load_rows: Callable, token
             check_resumable(yaml.safe_load((out / "config.yaml").read_text()), dataclasses.asdict(cfg), RESUMABLE_CHANGES)
         name = data_name or cfg.dataset
         train = [tokenize(tokenizer, row, row.get(WHERE, f"{name}: row {i + 1}")) for i, row in enumerate(train_rows)]
-        held_out = [tokenize(tokenizer, row, row.get(WHERE, f"held-out row {i + 1}")) for i, row in enumerate(eval_rows)]
+        held_out = [tokenize(tokenizer, row, row.get(WHERE, f"held-out row {i + 1}"))
+                    for i, row in enumerate(eval_rows)]
         lost = Counter(example.pop("cut") for example in train + held_out if "cut" in example)
         for what, count in sorted(lost.items()):  # what the stage's examples lost, in its own words
             logging.getLogger("p3o").warning("%d of %d examples are longer than --max_length %d and lose %s", count,

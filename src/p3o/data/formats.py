@@ -238,7 +238,7 @@ def earlier_replies(tokenizer, prompt: Any, where: str, ends: ReplyEnds) -> tupl
     characters. None where that cannot be done: a template that renders earlier turns differently
     once later ones follow (Qwen3's drops their reasoning), or a tokenizer without character offsets."""
     whole = render_prompt(prompt, tokenizer, where)
-    replies = [j for j, m in enumerate(prompt) if j > 0 and m["role"] == "assistant"] if not isinstance(prompt, str) else []
+    replies = [] if isinstance(prompt, str) else [j for j, m in enumerate(prompt) if j > 0 and m["role"] == "assistant"]
     if not replies:
         ids = tokenizer(whole, add_special_tokens=isinstance(prompt, str))["input_ids"]
         return ids, [False] * len(ids)

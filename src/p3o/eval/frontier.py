@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from p3o.core.checkpoint import COSMETIC_SETTINGS
 from p3o.errors import UsageError
 from p3o.eval.plots import plot_frontier
 from p3o.eval.winrate import WinrateConfig, run_winrate, win_rate_interval
@@ -32,7 +33,6 @@ from p3o.models.loading import _check_exists, _looks_local
 from p3o.options import option, read_yaml_config, typed
 from p3o.pipeline.demo import build_task_base
 from p3o.reward import load_reward_function
-from p3o.core.checkpoint import COSMETIC_SETTINGS
 from p3o.rl.algorithms import ALGORITHMS, default_setting, get_algorithm
 from p3o.rl.config import P3OConfig, trl_names
 from p3o.tasks import get_task
@@ -199,7 +199,8 @@ def check_settings(settings: dict, run: Run) -> None:
 
 def _refuse_replacing_other_runs(cfg: FrontierConfig, out: Path, runs: list[Run], settings: dict) -> None:
     """A run directory made with other settings is retrained (so deleted) only with --overwrite."""
-    other = [r for r in runs if (out / "runs" / r.name).exists() and not _same_settings(out / "runs" / r.name, settings[r])]
+    other = [r for r in runs
+             if (out / "runs" / r.name).exists() and not _same_settings(out / "runs" / r.name, settings[r])]
     if other and not cfg.overwrite:
         names = ", ".join(r.name for r in other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
         raise UsageError(f"{out / 'runs'} holds {names} made with other settings than these; pass --overwrite to "

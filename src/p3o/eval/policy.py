@@ -72,11 +72,11 @@ def evaluate_policy(policy, reference, tokenizer, prompts, rewards: dict, max_ne
         completions_for_reward = [[{"role": "assistant", "content": c}] for c in completions]
     else:
         completions_for_reward = completions
-    reserved = {prompts.prompt_column, "prompts", "completions", "completion_ids"}
+    reserved = {prompts.prompt_column, "prompts", "completions", "completion_ids", "trl_context"}
     columns = {name: [row.get(name) for row in prompts.rows] for name in prompts.rows[0] if name not in reserved}
     values = {"kl": kl, "length": [float(x) for x in lengths]}
     for name, reward in rewards.items():
-        context = {"context": reward_context} if reward_context is not None else {}  # training's, not logged
+        context = {"trl_context": reward_context} if reward_context is not None else {}  # training's, not logged
         values[name] = reward(raw, completions_for_reward, completion_ids=completion_ids, **columns, **context).tolist()
     samples = [{"prompt": p, "completion": c, **{name: v[i] for name, v in values.items()}}
                for i, (p, c) in enumerate(zip(raw, completions))]

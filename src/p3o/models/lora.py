@@ -18,10 +18,12 @@ ADAPTER_DIR = "adapter"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def wrapped_quietly(get_peft_model, model, config):
+def get_peft_model_quietly(model, config):
     """peft's `get_peft_model`, without the FutureWarning its read of transformers' deprecated
     `is_gradient_checkpointing` prints on every run (peft's to fix, nothing the user can act on)."""
     import warnings
+
+    from peft import get_peft_model
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
@@ -33,7 +35,7 @@ def add_lora(model, r: int, alpha: float, target_modules: str, task_type: str = 
     """`model` wrapped in fresh LoRA adapters (B = 0, so it starts as `model` exactly); the modules
     named in `modules_to_save` (a classifier's head) are trained whole, as copies."""
     try:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
     except ImportError:
         raise UsageError("--use_peft needs peft: pip install 'p3o[lora]'") from None
     targets = target_modules if target_modules == "all-linear" else [m.strip() for m in target_modules.split(",")]
@@ -41,7 +43,7 @@ def add_lora(model, r: int, alpha: float, target_modules: str, task_type: str = 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, task_type=task_type,
                         modules_to_save=modules_to_save)
     try:
-        return wrapped_quietly(get_peft_model, model, config)
+        return get_peft_model_quietly(model, config)
     except ValueError as exc:
         raise UsageError(f"--lora_target_modules {target_modules!r}: {str(exc).splitlines()[0]}") from None
 

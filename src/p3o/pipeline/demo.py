@@ -23,7 +23,7 @@ from p3o.options import option
 from p3o.pipeline.instruct_demo import INSTRUCT_PRESETS, STAGE_SECONDS, gold_winrate, run_instruct_demo, write_results
 from p3o.pipeline.report import write_demo_report
 from p3o.reward import build_reward
-from p3o.reward.train import RMConfig, run_rm
+from p3o.reward.train import RewardConfig, run_rm
 from p3o.rl.config import TrainConfig
 from p3o.rl.train import run_train
 from p3o.sft.train import SFTConfig, run_sft
@@ -170,11 +170,12 @@ def _sft(cfg: DemoConfig, preset: Preset, init: Path, files: dict, out: Path) ->
 
 
 def _rm(cfg: DemoConfig, preset: Preset, sft: Path, files: dict, out: Path) -> dict:
-    evaluations = run_rm(RMConfig(model_name_or_path=str(sft), dataset=str(files["prefs_train"]),
-                                  eval_dataset=str(files["prefs_eval"]), output_dir=str(out), num_train_epochs=preset.rm_epochs,
-                                  per_device_train_batch_size=32, learning_rate=1e-3, warmup_ratio=0.05,
-                                  max_length=160, seed=cfg.seed, logging_steps=20,
-                                  disable_progress_bar=cfg.disable_progress_bar, overwrite=cfg.overwrite))
+    evaluations = run_rm(RewardConfig(model_name_or_path=str(sft), dataset=str(files["prefs_train"]),
+                                      eval_dataset=str(files["prefs_eval"]), output_dir=str(out),
+                                      num_train_epochs=preset.rm_epochs, per_device_train_batch_size=32,
+                                      learning_rate=1e-3, warmup_ratio=0.05, max_length=160, seed=cfg.seed,
+                                      logging_steps=20, disable_progress_bar=cfg.disable_progress_bar,
+                                      overwrite=cfg.overwrite))
     return evaluations[-1]
 
 

@@ -288,13 +288,13 @@ def _with_replies(rows: list[dict]) -> list[dict]:
 
 def _rm(cfg, preset: InstructPreset, start: Path, prefs: dict, out: Path) -> None:
     run_rm(RewardConfig(model_name_or_path=str(start), dataset=str(prefs["train"]), eval_dataset=str(prefs["eval"]),
-                    output_dir=str(out), num_train_epochs=None if preset.rm_max_steps else preset.rm_epochs,
-                    max_steps=preset.rm_max_steps,
-                    per_device_train_batch_size=preset.rm_batch_size, learning_rate=preset.rm_learning_rate,
-                    warmup_ratio=0.1, max_length=256, seed=cfg.seed, logging_steps=5, use_peft=True,
-                    lora_r=preset.lora_r, lora_alpha=2.0 * preset.lora_r, group_by_prompt=True,
-                    mixed_precision=fast_precision(),
-                    disable_progress_bar=cfg.disable_progress_bar, overwrite=True))
+                        output_dir=str(out), num_train_epochs=None if preset.rm_max_steps else preset.rm_epochs,
+                        max_steps=preset.rm_max_steps,
+                        per_device_train_batch_size=preset.rm_batch_size, learning_rate=preset.rm_learning_rate,
+                        warmup_ratio=0.1, max_length=256, seed=cfg.seed, logging_steps=5, use_peft=True,
+                        lora_r=preset.lora_r, lora_alpha=2.0 * preset.lora_r, group_by_prompt=True,
+                        mixed_precision=fast_precision(),
+                        disable_progress_bar=cfg.disable_progress_bar, overwrite=True))
 
 
 def _p3o(cfg, preset: InstructPreset, start: Path, files: dict, rm_dir: Path, out: Path) -> None:

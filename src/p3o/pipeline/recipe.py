@@ -21,7 +21,7 @@ from p3o.errors import UsageError
 from p3o.models.loading import _check_exists, _looks_local
 from p3o.options import did_you_mean, read_yaml_config, typed
 from p3o.reward import load_reward_function
-from p3o.reward.train import RMConfig, run_rm
+from p3o.reward.train import RewardConfig, run_rm
 from p3o.rl.config import TrainConfig, derive_sizes
 from p3o.rl.train import run_train
 from p3o.sft.train import SFTConfig, run_sft
@@ -48,7 +48,7 @@ def load_recipe(path: str, overrides: dict[str, Any] | None = None) -> dict[str,
 
 
 def _chain(recipe: dict, out: Path, path: str, overwrite: bool, resume: bool = False) -> dict[str, Any]:
-    classes = {"sft": SFTConfig, "rm": RMConfig, "train": TrainConfig}
+    classes = {"sft": SFTConfig, "rm": RewardConfig, "train": TrainConfig}
     # a stage starts from what an earlier stage of this recipe makes, and from nothing else
     made = {"model_name_or_path": str(out / "sft")} if "sft" in recipe else {}
     defaults = {"sft": {}, "rm": dict(made),

@@ -31,11 +31,11 @@ class WeightedRewards:
     def names(self) -> list[str]:
         return [name for name, _, _ in self.parts]
 
-    def __call__(self, prompts: list, completions: list, context: dict | None = None, **kwargs) -> torch.Tensor:
-        """`context`: TRL's trainer_state, log_extra and log_metric, for the reward functions only (a
-        reward model or a URL has no use for them)."""
+    def __call__(self, prompts: list, completions: list, trl_context: dict | None = None, **kwargs) -> torch.Tensor:
+        """`trl_context`: TRL's trainer_state, log_extra and log_metric, for the reward functions only
+        (a reward model or a URL has no use for them)."""
         self.last_parts = {name: source(prompts, completions, **kwargs,
-                                        **({"context": context} if isinstance(source, RewardFunction) else {}))
+                                        **({"trl_context": trl_context} if isinstance(source, RewardFunction) else {}))
                            for name, source, _ in self.parts}
         total = None
         for name, _, weight in self.parts:  # weight 1 of one reward gives that reward bit for bit

@@ -103,22 +103,22 @@ class RewardFunction:
     """A user callable `fn(prompts, completions, **kwargs) -> list[float]` (or TRL's
     `fn(completions, **kwargs)`), checked on every call.
 
-    kwargs are the prompt dataset's other columns (one entry per completion) and `completion_ids`;
-    during training also TRL's `trainer_state`, `log_extra` and `log_metric` (`context`), to a
-    function that takes `**kwargs` or names them.
+    kwargs are the prompt dataset's other columns (one entry per completion), `completion_ids`, and
+    TRL's `trainer_state`, `log_extra` and `log_metric` (`trl_context`: the training run's, else
+    `outside_training()`) where `fn` takes `**kwargs` or names them (one built here in Python may not).
     """
 
     def __init__(self, fn: Callable, name: str):
         self.fn, self.name, self.by_name = fn, name, takes_names(fn)
         try:
             params = inspect.signature(fn).parameters.values()
-        except (TypeError, ValueError):
+        except (TypeError, ValueError):  # builtins without a signature
             params = []
-        self.accepts = {p.name for p in params} | ({"*"} if any(p.kind == p.VAR_KEYWORD for p in params) else set())
+        self.takes = None if any(p.kind == p.VAR_KEYWORD for p in params) else {p.name for p in params}  # None: all
 
-    def __call__(self, prompts: list, completions: list, context: dict | None = None, **kwargs) -> torch.Tensor:
-        context = context if context is not None else outside_training()  # `p3o eval`, `winrate`, the demos
-        kwargs.update({k: v for k, v in context.items() if "*" in self.accepts or k in self.accepts})
+    def __call__(self, prompts: list, completions: list, trl_context: dict | None = None, **kwargs) -> torch.Tensor:
+        context = trl_context if trl_context is not None else outside_training()  # eval, winrate, the demos
+        kwargs.update({k: v for k, v in context.items() if self.takes is None or k in self.takes})
         try:
             values = (self.fn(prompts=prompts, completions=completions, **kwargs) if self.by_name
                       else self.fn(prompts, completions, **kwargs))

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from p3o.core.checkpoint import RESUMABLE_RUN_SETTINGS, load_training_checkpoint, save_training_checkpoint
 from p3o.errors import UsageError
-from p3o.rl.config import trl_names
 from p3o.models.lora import is_lora, load_adapter
 from p3o.models.value_head import VALUE_HEAD_FILE, split_state_dict
+from p3o.rl.config import trl_names
 from p3o.utils.distributed import load_module_state
 from p3o.utils.io import save_pretrained_atomically
 

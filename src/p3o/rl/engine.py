@@ -261,7 +261,8 @@ class Trainer:
         self.logged_metrics = {name[7:]: sum(v) / len(v) for name, v in logged.items() if name.startswith("metric:")}
         extra = {name[6:]: v for name, v in logged.items() if name.startswith("extra:")}
         if wrong := sorted(name for name, v in extra.items() if len(v) != len(completions)):
-            log.warning("log_extra column %s has not one value per completion (%d); left out", wrong[0], len(completions))
+            log.warning("log_extra column %s has not one value per completion (%d); left out", wrong[0],
+                        len(completions))
         texts = RolloutTexts([r[self.prompts.prompt_column] for r in rows], completions, rewards,
                              {name: v for name, v in extra.items() if name not in wrong})
         return rollout, texts, timings
@@ -337,10 +338,10 @@ class Trainer:
         prompts = [row[column] for row in rows for _ in range(k)]
         if prompts and not isinstance(prompts[0], str):  # conversational: completions as messages too
             completions = [[{"role": "assistant", "content": c}] for c in completions]
-        reserved = {column, "prompts", "completions", "completion_ids"}
+        reserved = {column, "prompts", "completions", "completion_ids", "trl_context"}
         extra = {name: [row.get(name) for row in rows for _ in range(k)] for name in rows[0] if name not in reserved}
         ids = [seq[:n] for seq, n in zip(response_ids.tolist(), response_mask.sum(-1).tolist())]
-        return reward(prompts, completions, completion_ids=ids, **extra, context=self.reward_context(logged))
+        return reward(prompts, completions, completion_ids=ids, **extra, trl_context=self.reward_context(logged))
 
     def reward_context(self, logged: bool = True) -> dict:
         """What TRL passes reward functions besides the data: `trainer_state` (`global_step` the steps

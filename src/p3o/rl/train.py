@@ -23,7 +23,7 @@ from p3o.errors import UsageError
 from p3o.eval.policy import evaluate_policy, summarise
 from p3o.eval.watch import Block, OverOptimisationWatch
 from p3o.models.loading import load_causal_lm, load_tokenizer, prepare_tokenizer
-from p3o.models.lora import ADAPTER_DIR, in_saved_dtypes, is_lora, merged_lora_state_dict, wrapped_quietly
+from p3o.models.lora import ADAPTER_DIR, in_saved_dtypes, is_lora, merged_lora_state_dict, get_peft_model_quietly
 from p3o.models.value_head import VALUE_HEAD_FILE, split_state_dict
 from p3o.reward import build_rewards, score_in
 from p3o.rl.algorithms import get_algorithm
@@ -104,7 +104,8 @@ class P3OTrainer:
         if resume_from_checkpoint is True:
             checkpoint = _resume_point(self.args)
         elif resume_from_checkpoint:
-            checkpoint = given_checkpoint(resume_from_checkpoint, dataclasses.asdict(self.args), resumable_changes(self.args))
+            checkpoint = given_checkpoint(resume_from_checkpoint, dataclasses.asdict(self.args),
+                                          resumable_changes(self.args))
         if checkpoint is not None:
             load_policy_weights(self.engine, checkpoint)
             load_training_state(self.engine, checkpoint)
@@ -227,9 +228,7 @@ def _with_peft(policy, peft_config, cfg: P3OConfig):
         raise UsageError("peft_config: the model already has LoRA adapters; give a plain model or no peft_config")
     if cfg.use_peft:
         raise UsageError("give LoRA once: peft_config or args.use_peft, not both")
-    from peft import get_peft_model
-
-    return wrapped_quietly(get_peft_model, policy, peft_config)  # its dropout is switched off with the policy's
+    return get_peft_model_quietly(policy, peft_config)  # its dropout is switched off with the policy's
 
 
 def _name_of(model, required: bool = True) -> str:
@@ -456,8 +455,8 @@ def _warn_about_inputs(trainer: Trainer) -> None:
                         else "this model's KV cache cannot be static: sliding windows or non-attention layers")
     if trainer.long_prompts:
         log.warning("%d of %d prompts are longer than %d tokens (--max_prompt_length, by default the context "
-                    "minus --max_new_tokens); they keep their last tokens (and a BOS that opens the sequence)", trainer.long_prompts,
-                    len(trainer.prompts), trainer.max_prompt_length)
+                    "minus --max_new_tokens); they keep their last tokens (and a BOS that opens the sequence)",
+                    trainer.long_prompts, len(trainer.prompts), trainer.max_prompt_length)
 
 
 def _record_generation_ids(trainer: Trainer) -> None:
