@@ -150,14 +150,28 @@ def test_train_under_torchrun_writes_once_and_resumes_on_one_process(assets, tmp
     from p3o.rl.train import build_trainer
 
     held_out, out = write_jsonl(tmp_path / "held_out.jsonl", prompt_rows(20, seed=7)), tmp_path / "run"
-    done = launch(2, "-m", "p3o", *train_cli(assets, out, held_out, steps=2))
+    # A second reward that applies on process 1 only (None, TRL's "not applicable", on process 0):
+    # reward/on_one is the mean of process 1's values, not NaN or half of it.
+    partial = tmp_path / "partial.py"
+    partial.write_text("import json, os\n"
+                       "def on_one(completions, **kwargs):\n"
+                       "    rank = os.environ.get('RANK', '1')\n"
+                       "    values = [None if rank == '0' else float(len(c)) for c in completions]\n"
+                       f"    with open({str(tmp_path)!r} + f'/values-{{rank}}.jsonl', 'a') as f:\n"
+                       "        f.write(json.dumps(values) + '\\n')\n"
+                       "    return values\n")
+    two_rewards = ["--reward_fn", f"{partial}:on_one"]
+    done = launch(2, "-m", "p3o", *train_cli(assets, out, held_out, steps=2), *two_rewards)
     assert done.stderr.count("saved the trained policy") == 1 and done.stderr.count("p3o-v2: ") == 1  # one voice
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2]
+    on_one = [json.loads(line) for line in (tmp_path / "values-1.jsonl").read_text().splitlines()]
+    assert [m["reward/on_one"] for m in read_jsonl(out / "metrics.jsonl")] == pytest.approx(
+        [sum(v) / len(v) for v in on_one if len(v) == 8], abs=1e-12)  # the rollouts' 4 pairs (held-out: 10 prompts)
     assert [(e["step"], e["n"]) for e in read_jsonl(out / "eval.jsonl")] == [(0, 20), (2, 20)]  # all prompts, split
     assert (out / "checkpoint-1" / "trainer_state.json").is_file()
 
     # The checkpoint of 2 processes, resumed in 1: it continues at step 2 with the prompts of step 2.
-    assert main([*train_cli(assets, out, held_out, steps=3), "--resume"]) == 0
+    assert main([*train_cli(assets, out, held_out, steps=3), *two_rewards, "--resume"]) == 0
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
     assert [e["step"] for e in read_jsonl(out / "eval.jsonl")] == [0, 3]
     logged = [r["prompt"] for r in read_jsonl(out / "completions.jsonl") if r["step"] == 2]

@@ -244,3 +244,65 @@ def test_a_dataset_column_named_context_reaches_the_reward_function(assets, tmp_
                        "    assert all(c.startswith('doc ') for c in context) and 'trainer_state' in kwargs\n"
                        "    return [0.0] * len(completions)\n")
     assert trained_with(assets, tmp_path / "run", [f"{rewards}:f"], "--max_steps", "1", "--dataset", str(data))
+
+
+def test_none_is_not_applicable_beside_other_rewards_as_in_trl(caplog):
+    """TRL's multi-task rewards return None where they do not apply: that part is left out of the
+    weighted sum (0 where no part applies, with a warning, TRL's nansum). A NaN is still refused, and
+    a reward standing alone (`p3o eval`, a judge) still refuses None."""
+    from p3o.reward import WeightedRewards
+
+    def maths(completions, **kwargs):
+        return [None if c.startswith("story") else float(len(c)) for c in completions]
+
+    def style(completions, **kwargs):
+        return [None if c.startswith("sum") else 0.25 for c in completions]
+
+    both = WeightedRewards([("maths", RewardFunction(maths, "maths"), 2.0),
+                            ("style", RewardFunction(style, "style"), 1.0)])
+    completions = ["sum 12", "story one", "sum and story", "both"]
+    with caplog.at_level("WARNING", logger="p3o"):
+        assert both(["p"] * 4, completions).tolist() == [12.0, 0.25, 26.0, 8.25]
+    assert not caplog.records
+    assert both.last_parts["maths"][1].isnan() and both.last_parts["style"][0].isnan()
+    with caplog.at_level("WARNING", logger="p3o"):
+        assert both(["p"] * 2, ["sum story", "story sum"]).tolist() == [18.0, 0.25]  # one part each
+    alone = WeightedRewards([("maths", RewardFunction(maths, "maths"), 1.0)])
+    with caplog.at_level("WARNING", logger="p3o"):
+        assert alone(["p"] * 2, ["story", "sum"]).tolist() == [0.0, 3.0]
+    assert "no reward applies to 1 of 2 completions" in caplog.text
+    with pytest.raises(RewardError, match="accepted only beside other rewards"):
+        RewardFunction(maths, "maths")(["p"], ["story"])
+    with pytest.raises(RewardError, match="non-finite value"):
+        check_rewards([1.0, float("nan"), None], 3, "f", none_allowed=True)
+
+
+def test_a_reward_part_that_applies_to_some_completions_is_logged_as_their_mean(assets, tmp_path, monkeypatch):
+    """reward/<name> is the mean over the completions a part applies to (TRL's nanmean); the reward
+    the run trains on leaves the part out where it is None."""
+    import json
+
+    rewards = tmp_path / "partial.py"
+    rewards.write_text(
+        "import json, os\n"
+        "LOG = os.environ['PARTIAL_LOG']\n"
+        "def odd_lengths(completions, **kwargs):\n"
+        "    values = [float(len(c)) if len(c) % 2 else None for c in completions]\n"
+        "    with open(LOG, 'a') as f: f.write(json.dumps(values) + '\\n')\n"
+        "    return values\n"
+        "def always(completions, **kwargs):\n"
+        "    return [1.0 for c in completions]\n")
+    log_file = tmp_path / "values.jsonl"
+    monkeypatch.setenv("PARTIAL_LOG", str(log_file))
+    metrics = trained_with(assets, tmp_path / "run", [f"{rewards}:odd_lengths", f"{rewards}:always"],
+                           "--max_steps", "3")
+    calls = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert len(calls) == len(metrics) == 3 and any(None in c for c in calls)
+    for m, values in zip(metrics, calls):
+        known = [v for v in values if v is not None]
+        assert m["reward"] == pytest.approx(sum(known) / len(values) + 1.0, abs=1e-12)
+        if known:
+            assert m["reward/odd_lengths"] == pytest.approx(sum(known) / len(known), abs=1e-12)
+        else:
+            assert "reward/odd_lengths" not in m
+        assert m["reward/always"] == 1.0

@@ -9,6 +9,7 @@ weighted sum changes nothing.
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,9 +21,15 @@ from p3o.reward.functions import RewardFunction, load_reward_function, takes_nam
 from p3o.reward.model import RewardModelScorer, model_kind
 from p3o.reward.remote import RemoteReward
 
+log = logging.getLogger("p3o")
+
 
 class WeightedRewards:
-    """r = sum_i w_i * r_i over named parts; `last_parts` holds each part of the last call (B,)."""
+    """r = sum_i w_i * r_i over named parts; `last_parts` holds each part of the last call (B,).
+
+    A reward function may return None for a completion, TRL's "not applicable" (NaN in `last_parts`):
+    that completion's reward is the weighted sum of the parts that apply, and 0 where none does
+    (TRL's nansum), with a warning."""
 
     def __init__(self, parts: list[tuple[str, Callable, float]]):
         self.parts, self.last_parts = parts, {}
@@ -34,13 +41,18 @@ class WeightedRewards:
     def __call__(self, prompts: list, completions: list, trl_context: dict | None = None, **kwargs) -> torch.Tensor:
         """`trl_context`: TRL's trainer_state, log_extra and log_metric, for the reward functions only
         (a reward model or a URL has no use for them)."""
-        self.last_parts = {name: source(prompts, completions, **kwargs,
-                                        **({"trl_context": trl_context} if isinstance(source, RewardFunction) else {}))
+        self.last_parts = {name: (source.scores(prompts, completions, trl_context, True, **kwargs)
+                                  if isinstance(source, RewardFunction) else source(prompts, completions, **kwargs))
                            for name, source, _ in self.parts}
-        total = None
+        total, applies = None, None
         for name, _, weight in self.parts:  # weight 1 of one reward gives that reward bit for bit
-            term = self.last_parts[name] * weight
-            total = term if total is None else total + term
+            part = self.last_parts[name]
+            known = ~part.isnan()
+            term = torch.where(known, part * weight, 0.0)
+            total, applies = (term, known) if total is None else (total + term, applies | known)
+        if not applies.all():
+            log.warning("no reward applies to %d of %d completions (every reward function returned None); "
+                        "their reward is 0, as in TRL", int((~applies).sum()), len(applies))
         return total
 
 

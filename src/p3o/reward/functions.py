@@ -51,24 +51,29 @@ def _import_file(path: str, spec: str):
     return module
 
 
-def check_rewards(values: Any, expected: int, name: str) -> torch.Tensor:
+def check_rewards(values: Any, expected: int, name: str, none_allowed: bool = False) -> torch.Tensor:
     """A flat list of `expected` finite numbers -> float64 tensor (B,), else a RewardError naming `name`.
 
     Lists, tuples and 1-D numpy arrays or torch tensors are accepted; strings, mappings, nested
-    lists and None are not (each would silently mean something else)."""
+    lists and None are not (each would silently mean something else). `none_allowed`: None is TRL's
+    "not applicable to this completion", returned as NaN (a NaN the function returns is still refused)."""
     if hasattr(values, "tolist") and not isinstance(values, (str, bytes)):  # numpy / torch
         values = values.tolist()
     if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
         raise RewardError(f"reward {name} must return a list of numbers, got {type(values).__name__}")
     values = list(values)
     for value in values:
+        if value is None and none_allowed:
+            continue
         if isinstance(value, (str, bytes, list, tuple, Mapping)) or not hasattr(value, "__float__"):
-            raise RewardError(f"reward {name} must return a flat list of numbers, got an element {value!r}")
+            hint = " (None, TRL's 'not applicable', is accepted only beside other rewards in training)" * (
+                value is None)
+            raise RewardError(f"reward {name} must return a flat list of numbers, got an element {value!r}{hint}")
     if len(values) != expected:
         raise RewardError(f"reward {name} returned {len(values)} values for {expected} completions; "
                           "it must return one float per completion")
-    values = [float(v) for v in values]
-    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+    bad = [i for i, v in enumerate(values) if v is not None and not math.isfinite(float(v))]
+    values = [math.nan if v is None else float(v) for v in values]
     if bad:
         raise RewardError(f"reward {name} returned a non-finite value ({values[bad[0]]}) for completion {bad[0]} "
                           f"({len(bad)} of {expected}); it must return finite floats")
@@ -117,6 +122,13 @@ class RewardFunction:
         self.takes = None if any(p.kind == p.VAR_KEYWORD for p in params) else {p.name for p in params}  # None: all
 
     def __call__(self, prompts: list, completions: list, trl_context: dict | None = None, **kwargs) -> torch.Tensor:
+        """(B,) finite rewards: a None refused (this reward stands alone)."""
+        return self.scores(prompts, completions, trl_context, False, **kwargs)
+
+    def scores(self, prompts: list, completions: list, trl_context: dict | None = None, none_allowed: bool = True,
+               /, **kwargs) -> torch.Tensor:
+        """(B,) rewards, NaN where the function returned None (`WeightedRewards` leaves it out of the sum).
+        Positional-only, so a dataset column may be named like any parameter here."""
         context = trl_context if trl_context is not None else outside_training()  # eval, winrate, the demos
         kwargs.update({k: v for k, v in context.items() if self.takes is None or k in self.takes})
         try:
@@ -124,4 +136,4 @@ class RewardFunction:
                       else self.fn(prompts, completions, **kwargs))
         except Exception as exc:
             raise RewardError(f"reward function {self.name} raised {type(exc).__name__}: {exc}") from exc
-        return check_rewards(values, len(completions), f"function {self.name}")
+        return check_rewards(values, len(completions), f"function {self.name}", none_allowed)

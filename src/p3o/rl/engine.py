@@ -237,9 +237,9 @@ class Trainer:
             rollout.stats["truncated_fraction"] = (~ended).float().mean().item()
             rollout.rewards = (rollout.raw_rewards if self.reward_scale is None else
                                self.reward_scale(rollout.raw_rewards, self.accelerator.device))
-            parts = getattr(self.reward, "last_parts", {})
-            if parts:  # each part's mean beside their weighted sum (one part too: reward/<name> is always there)
-                rollout.stats.update({f"reward/{name}": values.mean().item() for name, values in parts.items()})
+            for name, values in getattr(self.reward, "last_parts", {}).items():  # each part beside their sum
+                known = values[~values.isnan()]  # a function's None: not applicable, left out of its mean
+                rollout.part_sums[name] = (known.sum().item(), float(len(known)))
         timings["time_score"] = time.perf_counter() - t0
 
         # 4. Log-probs under pi_old (with values for PPO) and pi_ref; kl(y) = l_old(y) - l_ref(y) (docs/p3o.md section 3).
@@ -468,7 +468,13 @@ class Trainer:
             **r.stats,
             **update_stats,
         }
+        for name, (total, count) in r.part_sums.items():  # reduced as sums: a part may apply to none here
+            local.update({f"reward_sum/{name}": total, f"reward_count/{name}": count})
         metrics = {"step": self.state.step, **self._mean_across_processes(local)}
+        for name in r.part_sums:  # reward/<name>: the mean where it applies (one part too: always there)
+            total, count = metrics.pop(f"reward_sum/{name}"), metrics.pop(f"reward_count/{name}")
+            if count > 0:
+                metrics[f"reward/{name}"] = total / count
         if "monitor_reward" in metrics and "reward" in metrics:  # how far the proxy has drifted from the monitored (gold) reward
             metrics["proxy_gold_gap"] = metrics["reward"] - metrics["monitor_reward"]
         metrics["pairs_per_s"] = rollout.num_groups * self.accelerator.num_processes / seconds  # prompt groups

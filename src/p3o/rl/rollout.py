@@ -67,6 +67,8 @@ class Rollout:
     baseline_kl: torch.Tensor | None = _tensor(GROUP)  # (G,) ReMax: the greedy response's KL
     group_extra: dict[str, torch.Tensor] = field(default_factory=dict, metadata={"per": GROUP})  # (G, ...) each
     stats: dict[str, float] = field(default_factory=dict)  # per-rollout statistics to log
+    part_sums: dict[str, tuple[float, float]] = field(default_factory=dict)  # reward part -> (sum, count) of
+    #   the completions it applies to (a function's None does not): logged as reward/<name>
 
     @property
     def num_groups(self) -> int:
