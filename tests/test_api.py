@@ -407,3 +407,35 @@ def test_evaluation_settings_without_an_eval_dataset_are_named_in_a_warning(tmp_
         P3OTrainer(assets["llama"], fruit, train_dataset=prompt_rows(4), eval_dataset=prompt_rows(2),
                    args=args(tmp_path, "b", eval_steps=2))
     assert "no effect" not in caplog.text
+
+
+def test_the_trainer_offers_trls_evaluate_state_and_callback_methods(assets, tmp_path):
+    """A ported TRL script calls trainer.evaluate(), reads trainer.state.log_history and adds
+    callbacks after construction."""
+    from transformers import TrainerCallback
+
+    class Counter(TrainerCallback):
+        steps = 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            Counter.steps += 1
+
+    trainer = P3OTrainer(str(assets["llama"]), fruit, train_dataset=prompt_rows(),
+                         eval_dataset=prompt_rows(6, seed=9), args=args(tmp_path, max_steps=2))
+    before = trainer.evaluate()
+    assert before["eval_kl"] == 0.0 and before["eval_n"] == 6  # the initial policy is the reference
+    assert trainer.evaluate(eval_dataset=prompt_rows(4, seed=3))["eval_n"] == 4
+    assert not (tmp_path / "run" / "eval.jsonl").exists()  # evaluate() writes nothing
+    trainer.add_callback(Counter)
+    trainer.add_callback(StopNever := TrainerCallback())
+    assert trainer.pop_callback(StopNever) is StopNever and trainer.pop_callback(StopNever) is None
+    trainer.train()
+    assert Counter.steps == 2
+    history = trainer.state.log_history
+    assert [h["step"] for h in history if "reward" in h] == [1, 2]
+    assert [h["step"] for h in history if "eval_reward" in h] == [0, 2]  # the run's held-out points
+    after = trainer.evaluate()
+    assert after["eval_kl"] > 0 and trainer.state.log_history[-1] == {**after, "step": 2}
+    with pytest.raises(UsageError, match="evaluate\\(\\) needs held-out prompts"):
+        P3OTrainer(str(assets["llama"]), fruit, train_dataset=prompt_rows(),
+                   args=args(tmp_path, "none")).evaluate()

@@ -406,3 +406,21 @@ def test_a_run_sized_by_epochs_resumes_with_the_same_command(assets, tmp_path, p
     longer[longer.index("--num_train_epochs") + 1] = "0.5"  # 6 steps, not 3, under a schedule spanning the run
     capsys.readouterr()
     assert main(longer) == 2 and "--max_steps 3 -> 6" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("algo", ["dpo", "online-dpo"])
+def test_dpo_scores_at_temperature_one_whatever_it_samples_at(assets, tmp_path, preferences, algo):
+    """TRL's DPOTrainer has no temperature and its OnlineDPOTrainer samples tempered but scores at 1:
+    --temperature changes what online DPO samples, never the log-probs its loss compares. P3O's
+    log-probs stay those of the tempered distribution it samples from (its ratios need them)."""
+    from p3o.rl.rollout import batched_token_logprobs
+
+    make = (lambda **kw: dpo_config(assets, tmp_path, preferences, **kw)) if algo == "dpo" else (
+        lambda **kw: train_config(assets, tmp_path, algo=algo, **kw))
+    trainer = build_trainer(make(temperature=0.5))
+    rollout, _, _ = trainer.collect_rollout(0)
+    at_one = batched_token_logprobs(trainer.ref_policy, rollout, 1.0, 16)
+    assert torch.allclose(rollout.ref_token_logp, at_one, atol=1e-6)
+    p3o = build_trainer(train_config(assets, tmp_path, temperature=0.5))
+    rollout, _, _ = p3o.collect_rollout(0)
+    assert torch.allclose(rollout.ref_token_logp, batched_token_logprobs(p3o.ref_policy, rollout, 0.5, 16), atol=1e-6)

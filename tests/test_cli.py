@@ -362,3 +362,45 @@ def test_held_out_prompts_are_cut_as_training_cuts_them(assets, tmp_path, monkey
                 "--output_file", str(tmp_path / "winrate.json"), *common]
     assert main(args) == 0
     assert budgets and set(budgets) == {3}
+
+
+def test_trls_names_get_p3os_name_not_a_near_spelling(assets, tmp_path, capsys):
+    """TRL's epsilon is the clipping range: difflib's nearest, adam_epsilon, would have changed the
+    optimiser instead. The same hint on the command line, in a YAML file and in Python."""
+    from p3o import P3OConfig
+    from p3o.sft.train import SFTConfig
+
+    for flag, hint in [("--epsilon", "(TRL's epsilon is 'clip_eps' here: the clipping range)"),
+                       ("--learnin_rate=1", "(did you mean 'learning_rate'?)")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(train_args(assets, tmp_path / "a", flag))
+        assert exit_info.value.code == 2 and capsys.readouterr().err.strip().endswith(f"{hint} (see p3o train --help)")
+    config = tmp_path / "trl.yaml"
+    config.write_text("loss_type: dapo\n")
+    message = error_of(capsys, [*train_args(assets, tmp_path / "c"), "--config", str(config)])
+    assert "unknown option 'loss_type'" in message and "'loss_aggregation'" in message and "token-mean" in message
+    with pytest.raises(TypeError, match="P3OConfig has no option 'num_iterations' .*'epochs'"):
+        P3OConfig(output_dir="x", num_iterations=1)
+    with pytest.raises(TypeError, match="SFTConfig has no option 'bf16' .*'mixed_precision' here: set it to bf16"):
+        SFTConfig(output_dir="x", bf16=True)
+    with pytest.raises(TypeError, match=r"has no option 'epsilon'$"):  # no clip_eps in SFT: no hint
+        SFTConfig(output_dir="x", epsilon=0.2)
+
+
+def test_trls_report_to_list_and_max_steps_minus_one_are_read_as_trl_means_them(assets, tmp_path):
+    from p3o import P3OConfig
+    from p3o.sft.train import SFTConfig
+
+    assert P3OConfig(output_dir="x", report_to=["tensorboard", "none"]).report_to == "tensorboard,none"
+    assert SFTConfig(output_dir="x", report_to=("none",)).report_to == "none"
+    trl_dump = P3OConfig(output_dir="x", max_steps=-1, num_train_epochs=2)  # transformers' "unset"
+    assert trl_dump.max_steps is None and trl_dump.num_train_epochs == 2
+    assert SFTConfig(output_dir="x", max_steps=-1).num_train_epochs == 1
+    config = tmp_path / "trl.yaml"
+    config.write_text("report_to: [tensorboard]\nmax_steps: -1\nnum_train_epochs: 1\n")
+    out = tmp_path / "run"
+    args = train_args(assets, out, "--config", str(config))
+    del args[args.index("--max_steps"):args.index("--max_steps") + 2]  # the file's -1 and epochs decide
+    assert main(args) == 0
+    assert next(out.glob("p3o/events.out.tfevents.*")).is_file()
+    assert yaml.safe_load((out / "config.yaml").read_text())["report_to"] == "tensorboard"

@@ -110,3 +110,40 @@ def test_gradient_checkpointing_keeps_less_and_gives_the_same_gradient(assets, t
         assert torch.allclose(one[name], two[name], atol=1e-7, rtol=1e-4), name
     trainer = build_trainer(train_config(assets, tmp_path, gradient_checkpointing=True, **kw))
     assert not trainer.unwrapped_policy.training  # generation keeps its KV cache
+
+
+@pytest.mark.parametrize("algo", ["p3o-v2", "dpo"])
+def test_a_peft_model_with_trained_adapters_is_its_own_reference(assets, tmp_path, algo):
+    """After LoRA SFT a PeftModel comes with adapters that change the model: the reference is the
+    policy as given (adapters on, as they were), not the base model (adapters off), so the KL
+    starts at 0 and DPO's first loss is log 2, as TRL's. Training then moves the adapters, not the
+    reference."""
+    import math
+
+    from conftest import prompt_rows, write_jsonl
+    from peft import LoraConfig, get_peft_model
+
+    from p3o import P3OConfig, P3OTrainer
+
+    torch.manual_seed(0)
+    model = get_peft_model(load_causal_lm(str(assets["llama"])), LoraConfig(r=4, target_modules="all-linear"))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.5)  # as if trained by SFT
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    data = {"train_dataset": prompt_rows()} if algo != "dpo" else {
+        "train_dataset": write_jsonl(tmp_path / "pairs.jsonl", [
+            {"prompt": r["prompt"], "chosen": " the apple .", "rejected": " a stone ."} for r in prompt_rows()])}
+    trainer = P3OTrainer(model, None if algo == "dpo" else f"{assets['rewards']}:fruit",
+                         eval_dataset=prompt_rows(4, seed=9), processing_class=None, **data,
+                         args=P3OConfig(output_dir=str(tmp_path / "run"), algo=algo, max_steps=2, pairs_per_step=4,
+                                        max_new_tokens=4, learning_rate=1e-2, disable_progress_bar=True))
+    assert trainer.evaluate()["eval_kl"] == 0.0
+    trainer.train()
+    first = next(h for h in trainer.state.log_history if h["step"] == 1)
+    if algo == "dpo":
+        assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    else:
+        assert abs(first["kl"]) < 1e-6
+    moved = [n for n, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(p, start[n])]
+    assert moved and trainer.evaluate()["eval_kl"] != 0.0

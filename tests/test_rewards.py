@@ -306,3 +306,37 @@ def test_a_reward_part_that_applies_to_some_completions_is_logged_as_their_mean(
         else:
             assert "reward/odd_lengths" not in m
         assert m["reward/always"] == 1.0
+
+
+def test_async_reward_functions_run_together_on_one_loop_kept_between_calls():
+    """TRL runs `async def` reward functions concurrently on one event loop; a function that waits
+    for another's event would hang (and here time out) if they ran one after the other, and a loop
+    kept between calls keeps a client made on it usable."""
+    import asyncio
+
+    from p3o.reward import WeightedRewards
+
+    loops, ready = [], {}
+
+    async def waits(completions, **kwargs):
+        loops.append(asyncio.get_running_loop())
+        await asyncio.wait_for(ready.setdefault("event", asyncio.Event()).wait(), timeout=10)
+        return [1.0] * len(completions)
+
+    async def signals(completions, **kwargs):
+        await asyncio.sleep(0)
+        ready.setdefault("event", asyncio.Event()).set()
+        return [None, 2.0]
+
+    async def fails(completions, **kwargs):
+        raise ValueError("judge unreachable")
+
+    both = WeightedRewards([("waits", RewardFunction(waits, "waits"), 1.0),
+                            ("signals", RewardFunction(signals, "signals"), 1.0)])
+    assert both(["p", "p"], ["a", "b"]).tolist() == [1.0, 3.0]
+    ready.clear()
+    assert both(["p", "p"], ["a", "b"]).tolist() == [1.0, 3.0]
+    assert loops[0] is loops[1]
+    with pytest.raises(RewardError, match="reward function fails raised ValueError: judge unreachable"):
+        RewardFunction(fails, "fails")(["p"], ["a"])
+    assert RewardFunction(waits, "alone")(["p"], ["a"]).tolist() == [1.0]  # the event is still set

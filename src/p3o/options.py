@@ -4,6 +4,7 @@ field's type. The configs of every stage use these; `p3o.cli.args` turns the sam
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,8 @@ def is_list(field: dataclasses.Field) -> bool:
 def _coerce(field: dataclasses.Field, value: Any, source: str) -> Any:
     if value is None or (value == "" and "None" in str(field.type)):  # `--reward_fn ""` means unset
         return None
+    if field.metadata.get("comma_list") and isinstance(value, (list, tuple)):  # report_to: [a, b] as "a,b"
+        value = ",".join(map(str, value))
     if is_list(field):  # one value or several; each checked like a scalar
         values = list(value) if isinstance(value, (list, tuple)) else [value]
         return [_coerce_scalar(field, v, source) for v in values if v != ""] or None
@@ -71,12 +74,64 @@ def read_yaml_config(path: str) -> dict[str, Any]:
     return data
 
 
+# TRL's names for settings p3o names otherwise (name -> p3o's option, how it differs): an unknown
+# option is looked up here before a near spelling, which for these would mislead (epsilon is not
+# adam_epsilon). Each hint is given only where the config has that option.
+TRL_NAMES = {
+    "epsilon": ("clip_eps", "the clipping range"),
+    "cliprange": ("clip_eps", "the clipping range"),
+    "cliprange_value": ("value_clip_eps", "the value function's clipping range"),
+    "num_iterations": ("epochs", "passes over each rollout; TRL's default is 1, p3o's 4"),
+    "num_ppo_epochs": ("epochs", "passes over each rollout"),
+    "per_device_train_batch_size": ("pairs_per_step", "prompts a step, each sampled num_generations times; "
+                                    "TRL counts completions per device"),
+    "generation_batch_size": ("pairs_per_step", "prompts a step, each sampled num_generations times"),
+    "loss_type": ("loss_aggregation", "TRL's 'dapo' is token-mean, 'grpo' group-mean"),
+    "bf16": ("mixed_precision", "set it to bf16"),
+    "fp16": ("mixed_precision", "set it to fp16"),
+    "eval_strategy": ("eval_steps", "also evaluate every N steps"),
+    "rloo_k": ("num_generations", "responses per prompt"),
+    "kl_coef": ("beta", "the KL coefficient"),
+    "lam": ("gae_lambda", "GAE's lambda"),
+    "response_length": ("max_new_tokens", "the longest response sampled"),
+    "use_vllm": ("generation_backend", "set it to vllm"),
+    "assistant_only_loss": ("assistant_turns", "all (the default) learns every assistant reply"),
+}
+
+
 def did_you_mean(key: str, known) -> str:
-    """" (did you mean 'learning_rate'?)" for a near miss among `known`, else ""."""
+    """" (TRL's epsilon is 'clip_eps' here: ...)" or " (did you mean 'learning_rate'?)" for a near
+    miss among `known`, else ""."""
     import difflib
 
-    close = difflib.get_close_matches(key, list(known), n=1)
+    known = list(known)
+    if key in TRL_NAMES and TRL_NAMES[key][0] in known:
+        name, how = TRL_NAMES[key]
+        return f" (TRL's {key} is {name!r} here: {how})"
+    close = difflib.get_close_matches(key, known, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class UnknownOption(UsageError, TypeError):
+    """A config built in Python with an option it does not have: a TypeError, as a dataclass raises,
+    that says what was meant."""
+
+
+def hints_unknown_options(cls):
+    """Class decorator (after @dataclass): `cls(unknown=...)` says which option was meant, TRL's
+    names included, instead of the dataclass's bare TypeError."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in kwargs:
+            if key not in names:
+                raise UnknownOption(f"{cls.__name__} has no option {key!r}{did_you_mean(key, names)}")
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
 
 
 def typed(cls, values: dict[str, Any], where: str) -> dict[str, Any]:

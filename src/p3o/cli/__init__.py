@@ -12,6 +12,7 @@ import sys
 
 from p3o.cli.args import add_dataclass_arguments, build_config
 from p3o.errors import UsageError
+from p3o.options import did_you_mean
 from p3o.utils.distributed import launched_rank, shut_down
 
 COMMANDS = {  # name: (module with add_arguments/run, or (config class, run function) of a config command, help)
@@ -21,7 +22,7 @@ COMMANDS = {  # name: (module with add_arguments/run, or (config class, run func
     "rm": (("p3o.reward.train:RewardConfig", "p3o.reward.train:run_rm"),
            "Train a reward model on preference data with the Bradley-Terry loss."),
     "train": (("p3o.rl.config:P3OConfig", "p3o.rl.train:run_train"),
-              "RL fine-tuning of a causal LM against a reward: P3O-V1/V2, PPO, RLOO, GRPO, ReMax, DPO."),
+              "RL fine-tuning of a causal LM against a reward: P3O-V1/V2, PPO, RLOO, GRPO, ReMax, DPO, online DPO."),
     "eval": ("p3o.cli.evaluate", "Evaluate policies on held-out prompts: KL to a reference, proxy and gold reward, length."),
     "winrate": (("p3o.eval.winrate:WinrateConfig", "p3o.eval.winrate:run_winrate"),
                 "Win rate of policy A against policy B on the same prompts, by a judge, with a 95% interval."),
@@ -46,7 +47,10 @@ class _OneLineParser(argparse.ArgumentParser):
         namespace, extras = self.parse_known_args(args, namespace)
         if extras:
             commands = getattr(self, "commands", {})  # set by build_parser: name -> the command's parser
-            commands.get(getattr(namespace, "command", None), self).error(f"unrecognized arguments: {' '.join(extras)}")
+            command = commands.get(getattr(namespace, "command", None), self)
+            flag = next((e for e in extras if e.startswith("--")), "").removeprefix("--").partition("=")[0]
+            hint = did_you_mean(flag, [a.dest for a in command._actions]) if flag else ""  # TRL's names too
+            command.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
         return namespace
 
 

@@ -36,7 +36,8 @@ from p3o.core.skips import count_skip
 from p3o.core.step import accumulate_and_step
 from p3o.errors import UsageError
 from p3o.models.lora import load_adapter, save_adapter_state
-from p3o.options import option
+from p3o.options import hints_unknown_options, option
+from p3o.utils.tracking import joined_names
 from p3o.utils.distributed import (
     configure_for_updates,
     is_deepspeed,
@@ -48,6 +49,7 @@ from p3o.utils.io import without_aliases
 from p3o.utils.seeding import generator
 
 
+@hints_unknown_options
 @dataclass
 class SupervisedConfig:
     """Options shared by `p3o sft` and `p3o rm` (Hugging Face Trainer names where one exists)."""
@@ -83,7 +85,7 @@ class SupervisedConfig:
     lora_alpha: float = option(32.0, "LoRA scale numerator: updates are scaled by lora_alpha / lora_r (with --use_peft).")
     lora_target_modules: str = option("all-linear", "Modules that get adapters: all-linear (every linear layer but the output head) or comma-separated names such as q_proj,v_proj (with --use_peft).")
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass instead of storing them: less memory for longer sequences and bigger batches, at about one more forward's time; the same gradient.")
-    report_to: str = option("none", "Also log metrics to: none, tensorboard, wandb, ... (comma-separated).")
+    report_to: str = option("none", "Also log metrics to: none, tensorboard, wandb, ... (comma-separated).", comma_list=True)
     overwrite: bool = option(False, "Allow a non-empty output_dir; files of the same name are replaced.")
     disable_progress_bar: bool = option(False, "Hide the progress bar.")
     save_steps: int = option(0, "Write a checkpoint (weights, optimiser, scheduler, RNG, position) every N optimiser steps into output_dir/checkpoint-N; 0: only on Ctrl-C/SIGTERM.")
@@ -110,6 +112,9 @@ class SupervisedConfig:
     def __post_init__(self) -> None:
         if not self.output_dir:  # the model and the data may come as objects (the Python API)
             raise UsageError("--output_dir is required")
+        self.report_to = joined_names(self.report_to)  # TRL's list of trackers
+        if self.max_steps == -1:  # transformers' "unset" (TRL's configs carry it): the epochs decide
+            self.max_steps = None
         if self.max_steps is not None and self.num_train_epochs is not None:
             logging.getLogger("p3o").warning("--max_steps %d and --num_train_epochs %g: max_steps wins (as in "
                                              "transformers)", self.max_steps, self.num_train_epochs)

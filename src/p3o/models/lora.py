@@ -120,6 +120,50 @@ class AdaptersDisabled:
             return self.model(*args, **kwargs)
 
 
+class InitialAdapters:
+    """The reference policy of a LoRA run whose model came with adapters already trained (a
+    `PeftModel` after LoRA SFT): the policy with its adapters as they were at the start, swapped in
+    for the reference's no-grad forward. Turning them off would make the reference the base model,
+    not the initial policy (TRL copies them into a frozen "ref" adapter). Holds a copy of the trained
+    parameters only, not of the model."""
+
+    def __init__(self, peft_model):
+        self.model = peft_model
+        self.initial = {name: p.detach().clone() for name, p in peft_model.named_parameters() if p.requires_grad}
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def __call__(self, *args, **kwargs):
+        params = dict(self.model.named_parameters())
+        held = {name: params[name].data for name in self.initial}
+        try:
+            for name, start in self.initial.items():
+                param = params[name]
+                if start.device != param.device or start.dtype != param.dtype:  # placed by accelerate since
+                    self.initial[name] = start = start.to(param.device, param.dtype)
+                param.data = start
+            return self.model(*args, **kwargs)
+        finally:
+            for name, data in held.items():
+                params[name].data = data
+
+
+def adapters_change_the_model(peft_model) -> bool:
+    """Whether `peft_model` with its adapters on differs from it with them off: a LoRA B matrix that
+    is not zero (trained, or PiSSA's initialisation), or trained parameters besides the adapters
+    (`modules_to_save`)."""
+    for name, param in peft_model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if "lora_A" in name or "lora_embedding_A" in name or "lora_magnitude_vector" in name:
+            continue  # with B zero these change nothing (DoRA's magnitude starts at the weight's norm)
+        if not ("lora_B" in name or "lora_embedding_B" in name) or param.detach().any():
+            return True
+    return False
+
+
 def load_adapter(peft_model, directory: Path) -> None:
     """The adapter weights a checkpoint saved, into `peft_model` (whose base is the initial policy)."""
     from peft import set_peft_model_state_dict

@@ -17,7 +17,7 @@ import torch
 
 from p3o.errors import UsageError
 from p3o.models.loading import load_tokenizer
-from p3o.reward.functions import RewardFunction, load_reward_function, takes_names
+from p3o.reward.functions import RewardFunction, load_reward_function, settled, takes_names
 from p3o.reward.model import RewardModelScorer, model_kind
 from p3o.reward.remote import RemoteReward
 
@@ -41,9 +41,11 @@ class WeightedRewards:
     def __call__(self, prompts: list, completions: list, trl_context: dict | None = None, **kwargs) -> torch.Tensor:
         """`trl_context`: TRL's trainer_state, log_extra and log_metric, for the reward functions only
         (a reward model or a URL has no use for them)."""
-        self.last_parts = {name: (source.scores(prompts, completions, trl_context, True, **kwargs)
-                                  if isinstance(source, RewardFunction) else source(prompts, completions, **kwargs))
-                           for name, source, _ in self.parts}
+        functions = {name for name, source, _ in self.parts if isinstance(source, RewardFunction)}
+        values = settled([source.call(prompts, completions, trl_context, **kwargs) if name in functions
+                          else source(prompts, completions, **kwargs) for name, source, _ in self.parts])  # async together
+        self.last_parts = {name: source.checked(v, len(completions), True) if name in functions else v
+                           for (name, source, _), v in zip(self.parts, values)}
         total, applies = None, None
         for name, _, weight in self.parts:  # weight 1 of one reward gives that reward bit for bit
             part = self.last_parts[name]

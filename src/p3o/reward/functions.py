@@ -1,11 +1,14 @@
 """Reward functions named `package.module:function` or `path/to/file.py:function`."""
 from __future__ import annotations
 
+import asyncio
+import functools
 import importlib
 import importlib.util
 import inspect
 import math
 import sys
+import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Callable
@@ -129,11 +132,46 @@ class RewardFunction:
                /, **kwargs) -> torch.Tensor:
         """(B,) rewards, NaN where the function returned None (`WeightedRewards` leaves it out of the sum).
         Positional-only, so a dataset column may be named like any parameter here."""
+        values = settled([self.call(prompts, completions, trl_context, **kwargs)])[0]
+        return self.checked(values, len(completions), none_allowed)
+
+    def call(self, prompts: list, completions: list, trl_context: dict | None = None, /, **kwargs):
+        """What the function returns: its values, or for an `async def` one a coroutine (`settled`)."""
         context = trl_context if trl_context is not None else outside_training()  # eval, winrate, the demos
         kwargs.update({k: v for k, v in context.items() if self.takes is None or k in self.takes})
         try:
-            values = (self.fn(prompts=prompts, completions=completions, **kwargs) if self.by_name
-                      else self.fn(prompts, completions, **kwargs))
+            return (self.fn(prompts=prompts, completions=completions, **kwargs) if self.by_name
+                    else self.fn(prompts, completions, **kwargs))
         except Exception as exc:
             raise RewardError(f"reward function {self.name} raised {type(exc).__name__}: {exc}") from exc
-        return check_rewards(values, len(completions), f"function {self.name}", none_allowed)
+
+    def checked(self, values, expected: int, none_allowed: bool) -> torch.Tensor:
+        """`call`'s values, settled, as a (B,) tensor; an exception an async function raised, as a RewardError."""
+        if isinstance(values, Exception):
+            raise RewardError(f"reward function {self.name} raised {type(values).__name__}: {values}") from values
+        return check_rewards(values, expected, f"function {self.name}", none_allowed)
+
+
+def settled(results: list) -> list:
+    """`results` with each coroutine replaced by what it returns (or the exception it raises), the
+    coroutines run together, as TRL runs async reward functions: on one event loop, in a thread of
+    its own, kept for the process (a client a function keeps between calls stays on its loop)."""
+    pending = [i for i, r in enumerate(results) if inspect.isawaitable(r)]
+    if not pending:
+        return results
+
+    async def together():
+        return await asyncio.gather(*(results[i] for i in pending), return_exceptions=True)
+
+    done = asyncio.run_coroutine_threadsafe(together(), _event_loop()).result()
+    out = list(results)
+    for i, value in zip(pending, done):
+        out[i] = value
+    return out
+
+
+@functools.cache
+def _event_loop() -> asyncio.AbstractEventLoop:
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, name="p3o-async-rewards", daemon=True).start()
+    return loop

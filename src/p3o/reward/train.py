@@ -27,11 +27,12 @@ from p3o.models.loading import (
     load_tokenizer,
     pretrained_source,
 )
-from p3o.options import option
+from p3o.options import hints_unknown_options, option
 from p3o.reward.model import LastTokenReward, model_kind, pad_right, reward_input_ids
 from p3o.sft.train import _api_inputs
 
 
+@hints_unknown_options
 @dataclass
 class RewardConfig(SupervisedConfig):
     prompt_column: str = option("prompt", "Column holding the prompt (absent: taken from the shared start of chosen/rejected).")

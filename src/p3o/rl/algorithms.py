@@ -59,6 +59,7 @@ class Algorithm:
     # Facts about the algorithm's maths that the engine and the config read.
     kl_penalty: bool = True  # beta penalises KL in the reward (False: DPO's beta is beta_dpo)
     groupwise_prepare: bool = True  # `prepare` reads only each group's own rows (so it can run per micro-batch)
+    tempered_logprobs: bool = True  # log-probs under --temperature, the distribution sampled (False: at 1, DPO's)
 
     @property
     def offline(self) -> bool:
@@ -273,6 +274,6 @@ def dpo_pair_loss(batch: Rollout, out: PolicyOutputs, cfg):
 # One pass per batch by default: DPO has no importance weights for reusing the policy's own samples.
 _dpo_defaults = {"beta": 0.1, "epochs": 1}
 register_algorithm(Algorithm("dpo", dataset_preferences, dpo_pair_loss, defaults=_dpo_defaults,
-                             given_responses=dataset_pairs, kl_penalty=False))
+                             given_responses=dataset_pairs, kl_penalty=False, tempered_logprobs=False))
 register_algorithm(Algorithm("online-dpo", online_preferences, dpo_pair_loss, defaults=_dpo_defaults,
-                             kl_penalty=False))
+                             kl_penalty=False, tempered_logprobs=False))  # TRL's: sampled tempered, scored at 1

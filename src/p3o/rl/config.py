@@ -13,7 +13,8 @@ from dataclasses import dataclass, fields
 from typing import ClassVar
 
 from p3o.errors import UsageError
-from p3o.options import option
+from p3o.options import hints_unknown_options, option
+from p3o.utils.tracking import joined_names
 from p3o.rl.algorithms import default_setting, get_algorithm
 from p3o.rl.losses import AGGREGATIONS
 
@@ -22,6 +23,7 @@ log = logging.getLogger("p3o")
 ALGOS = ("p3o-v2", "p3o-v1", "ppo", "rloo", "grpo", "remax", "online-dpo", "dpo")
 
 
+@hints_unknown_options
 @dataclass
 class P3OConfig:
     # --- what to train, on what, against what -------------------------------------------------
@@ -70,7 +72,7 @@ class P3OConfig:
     vllm_gpu_memory_utilization: float = option(0.3, "Fraction of the GPU's memory vLLM may take (with --generation_backend vllm; training shares the device).")
     compile_sampling: bool = option(False, "Run each sampled token after the prompt through one torch.compile'd forward over a static KV cache (transformers backend): a CUDA graph per token on GPUs; fused element-wise kernels on a CPU (needs a C++ compiler). The first rollout pays for compiling (up to a minute on 2 CPU cores; less once inductor's cache holds the kernels). On a CPU it pays on small models, not on SmolLM2-135M-sized ones (docs/performance.md).")
     decoding_loop: str = option("p3o", "Who runs the sampling loop (transformers backend): p3o (default) runs Llama-style models (Llama, Qwen2 and kin) on a CPU with its own loop, the same arithmetic and tokens as transformers' generate with far fewer operations a token, and hands every other model to generate; transformers: generate always.", choices=("p3o", "transformers"))
-    temperature: float = option(1.0, "Sampling temperature; log-probabilities use the same tempered distribution (as TRL's, without --top_k/--top_p's truncation).")
+    temperature: float = option(1.0, "Sampling temperature; log-probabilities use the same tempered distribution (as TRL's, without --top_k/--top_p's truncation), except dpo's and online-dpo's, at 1 as in TRL's DPO trainers.")
     top_k: int = option(0, "Top-k sampling; 0 disables it (the default, as P3O assumes the policy's own distribution).")
     top_p: float = option(1.0, "Nucleus sampling; 1.0 disables it.")
     # --- objective ----------------------------------------------------------------------------
@@ -108,7 +110,7 @@ class P3OConfig:
     reward_batch_size: int = option(64, "Sequences per reward-model forward pass.")
     missing_eos_penalty: float = option(0.0, "Subtracted from the reward of a response that ends without an end-of-turn or EOS token (cut at --max_new_tokens), as TRL's option of that name. A reward model scores the reply re-rendered by its chat template, which closes every turn, so a cut-off reply otherwise scores as if it had ended.")
     mixed_precision: str = option("no", "no, bf16 or fp16 (passed to accelerate).", choices=("no", "bf16", "fp16"))
-    report_to: str = option("none", "Also log metrics to: none, tensorboard, wandb, or several joined by commas (metrics.jsonl is always written).")
+    report_to: str = option("none", "Also log metrics to: none, tensorboard, wandb, or several joined by commas (metrics.jsonl is always written).", comma_list=True)
     overwrite: bool = option(False, "Allow a non-empty output_dir; files of the same name are replaced.")
     save_steps: int = option(0, "Write a checkpoint (policy, optimiser, scheduler, RNG, counters) every N steps into output_dir/checkpoint-N; 0: only on Ctrl-C/SIGTERM.")
     save_total_limit: int | None = option(None, "Keep only the newest N checkpoints (default: all).")
@@ -142,6 +144,9 @@ class P3OConfig:
     def __post_init__(self) -> None:
         if not self.output_dir:
             raise UsageError("--output_dir is required")
+        self.report_to = joined_names(self.report_to)  # TRL's list of trackers
+        if self.max_steps == -1:  # transformers' "unset" (TRL's configs carry it): the epochs decide
+            self.max_steps = None
         for name in ("reward_fn", "reward_model", "reward_url"):  # one path is a list of one
             if isinstance(getattr(self, name), str):
                 setattr(self, name, [getattr(self, name)])

@@ -30,7 +30,8 @@ from p3o.models.attention import float32_attention_backward_on_cpu
 from p3o.models.loading import disable_dropout, eos_token_ids
 from p3o.models.lean_lora import lean_lora_forward
 from p3o.models.lean_mlp import lean_gated_mlp
-from p3o.models.lora import AdaptersDisabled, add_lora, hold_frozen_base_in, is_lora
+from p3o.models.lora import (AdaptersDisabled, InitialAdapters, add_lora, adapters_change_the_model,
+                             hold_frozen_base_in, is_lora)
 from p3o.rl.algorithms import get_algorithm
 from p3o.rl.config import TrainConfig, derive_sizes
 from p3o.rl.kl_control import KLController
@@ -120,6 +121,8 @@ class Trainer:
             float32_attention_backward_on_cpu()
         disable_dropout(policy)  # log-ratios must be exact: rho is 1 at the first update
         self.ref_policy = self._reference(policy, ref_policy)
+        # Log-probs of the tempered distribution sampled (the ratio's and KL's), except DPO's, at 1 as TRL's.
+        self.logprob_temperature = cfg.temperature if self.algorithm.tempered_logprobs else 1.0
         if cfg.gradient_checkpointing:  # acts in the training forward only (see `optimizer_step`)
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = self.algorithm.wrap_policy(policy) if self.algorithm.wrap_policy else policy  # PPO: critic on the trunk
@@ -164,9 +167,9 @@ class Trainer:
 
     def _reference(self, policy, given):
         """The frozen reference: `given`, else the initial policy; under LoRA that is the policy itself
-        with its adapters off (no second copy of the weights)."""
+        with its adapters off (no second copy of the weights), or with the adapters it came with."""
         if given is None and is_lora(policy):
-            return AdaptersDisabled(policy)
+            return InitialAdapters(policy) if adapters_change_the_model(policy) else AdaptersDisabled(policy)
         reference = (given or copy.deepcopy(policy)).requires_grad_(False).eval()
         disable_dropout(reference)
         return reference.to(self.accelerator.device)
@@ -315,14 +318,15 @@ class Trainer:
             if old:
                 t0 = time.perf_counter()
                 out["old_token_logp"], values = batched_logprobs_and_values(
-                    self.trained_module, rollout, cfg.temperature, batch, self.logits_to_keep, self.with_values, group)
+                    self.trained_module, rollout, self.logprob_temperature, batch, self.logits_to_keep,
+                    self.with_values, group)
                 if values is not None:
                     out["old_values"] = values  # (B, T)
                 out["old_logp"] = sequence_logprobs(out["old_token_logp"], rollout.response_mask)  # (B,)
                 timings["time_old_logprobs"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            out["ref_token_logp"], _ = batched_logprobs_and_values(self.ref_policy, rollout, cfg.temperature, batch,
-                                                                   self.logits_to_keep, prompt_group=group)
+            out["ref_token_logp"], _ = batched_logprobs_and_values(
+                self.ref_policy, rollout, self.logprob_temperature, batch, self.logits_to_keep, prompt_group=group)
             timings["time_reference"] = time.perf_counter() - t0
         out["ref_logp"] = sequence_logprobs(out["ref_token_logp"], rollout.response_mask)  # (B,)
         if old:
@@ -399,7 +403,7 @@ class Trainer:
         def part_loss(part: Rollout):
             token_logps, values = token_logprobs_and_values(
                 self.policy, part.query_ids, part.query_mask, part.response_ids, part.response_mask,
-                cfg.temperature, self.logits_to_keep, self.with_values, group)  # (b, T) each
+                self.logprob_temperature, self.logits_to_keep, self.with_values, group)  # (b, T) each
             if fused:  # pi_old (and PPO's V_old) is this very forward: the ratio is 1, its gradient exact
                 self.prepare(part, token_logps.detach(), None if values is None else values.detach())
             unit_losses, part_stats = self.algorithm.loss(part, PolicyOutputs(token_logps, values), cfg)  # (g,)

@@ -65,7 +65,8 @@ class P3OTrainer:
     callbacks: objects with `transformers.TrainerCallback` hooks (`on_train_begin`, `on_step_end`,
         `on_log`, `on_evaluate`, `on_save`, `on_train_end`); `state.global_step` counts
         rollout-and-update steps; `control.should_training_stop` ends the run cleanly.
-    ref_model: the frozen reference (default: `args.ref_model_name_or_path`, else the initial policy).
+    ref_model: the frozen reference (default: `args.ref_model_name_or_path`, else the initial policy, a
+        `PeftModel` given with trained adapters included).
     """
 
     def __init__(self, model=None, reward_funcs=None, args: P3OConfig | None = None, train_dataset=None,
@@ -86,6 +87,9 @@ class P3OTrainer:
             checkpoint = _resume_point(self.args)
         self._checkpoint, self._metrics = checkpoint, {}
         self._base_model = args.model_name_or_path or _name_of(model, required=False)
+        from transformers import TrainerState
+
+        self.state = TrainerState(max_steps=self.args.max_steps, global_step=self.engine.state.step)  # train()'s after it
 
     @property
     def model(self):
@@ -114,6 +118,35 @@ class P3OTrainer:
                            clean_up=not resuming) as out:
             self._metrics = _run(self, out, resuming)
             return self._metrics
+
+    def evaluate(self, eval_dataset=None) -> dict:
+        """The held-out evaluation of the policy as it is now, on `eval_dataset` (else the trainer's):
+        KL to the reference, the rewards and the length with their standard errors, as `eval_*`
+        metrics (added to `state.log_history`, as transformers' Trainer does). Writes no file."""
+        engine = self.engine
+        prompts = (engine.eval_prompts if eval_dataset is None else
+                   _eval_prompts(self.args, as_dataset_spec(eval_dataset, "eval_dataset"), engine.tokenizer))
+        if prompts is None or len(prompts) == 0:
+            raise UsageError("evaluate() needs held-out prompts: give eval_dataset= here or to P3OTrainer")
+        _, point = HeldOutEvaluator(engine, None, prompts=prompts)(engine.state.step)
+        metrics = {f"eval_{k}": v for k, v in point.items() if k != "step"}
+        self.state.log_history.append({**metrics, "step": point["step"]})
+        return metrics
+
+    def add_callback(self, callback) -> None:
+        """Add a callback (an instance, or a class to instantiate) for the next train()."""
+        self.callbacks.append(callback)
+
+    def pop_callback(self, callback):
+        """Remove and return the first callback that is `callback` or an instance of that class (None if none is)."""
+        for i, c in enumerate(self.callbacks):
+            if c is callback or (isinstance(callback, type) and isinstance(c, callback)):
+                return self.callbacks.pop(i)
+        return None
+
+    def remove_callback(self, callback) -> None:
+        """Remove the first callback that is `callback` or an instance of that class."""
+        self.pop_callback(callback)
 
     def save_model(self, output_dir: str | None = None) -> Path:
         """The policy and tokenizer as `p3o train` writes them at the end: a plain causal LM
@@ -285,6 +318,7 @@ def _run(api: P3OTrainer, out: Path, resuming: bool) -> dict:
         _warn_about_inputs(trainer)
     start_trackers(acc, cfg)
     callbacks = CallbackHandler(api.callbacks, cfg, trainer, resumed_at)
+    api.state = callbacks.state  # log_history: every step's metrics and every held-out evaluation
     evaluator = HeldOutEvaluator(trainer, out / "eval.jsonl", append=resuming) if trainer.eval_prompts else None
     watch, stop, last = OverOptimisationWatch(), StopRequest(), {}
     bar = _progress_bar(cfg, disable=not acc.is_main_process, initial=resumed_at)
@@ -292,6 +326,7 @@ def _run(api: P3OTrainer, out: Path, resuming: bool) -> dict:
     def evaluate(step: int) -> str:
         line, point = evaluator(step)
         last.update({f"eval_{k}": v for k, v in point.items() if k != "step"})
+        callbacks.state.log_history.append({**{f"eval_{k}": v for k, v in point.items() if k != "step"}, "step": step})
         callbacks.fire("on_evaluate", metrics=dict(point))
         return line
 
@@ -386,20 +421,21 @@ class HeldOutEvaluator:
 
     SEED = 0
 
-    def __init__(self, trainer: Trainer, path: Path, append: bool = False):
+    def __init__(self, trainer: Trainer, path: Path | None, append: bool = False, prompts=None):
+        """`path`: eval.jsonl (None: write nothing); `prompts`: else the trainer's held-out prompts."""
         acc = trainer.accelerator
         self.trainer = trainer
-        self.writer = JsonlWriter(path, append) if acc.is_main_process else None
+        self.writer = JsonlWriter(path, append) if acc.is_main_process and path is not None else None
         self.watch = OverOptimisationWatch(patience=2)  # held-out points are few and each already averaged
         self.rewards = {name: r for name, r in (("reward", trainer.reward), ("monitor_reward", trainer.monitor_reward))
                         if r is not None}
-        n, share = len(trainer.eval_prompts), math.ceil(len(trainer.eval_prompts) / acc.num_processes)
+        prompts = trainer.eval_prompts if prompts is None else prompts
+        n, share = len(prompts), math.ceil(len(prompts) / acc.num_processes)
         self.first = min(n, acc.process_index * share)  # this process's contiguous share of the prompts
-        self.prompts = _subset(trainer.eval_prompts, range(self.first, min(n, self.first + share)))
+        self.prompts = _subset(prompts, range(self.first, min(n, self.first + share)))
         self.real = len(self.prompts)
         if trainer.sharded:  # every forward is a collective: each process evaluates as many prompts (padded)
-            self.prompts = _subset(trainer.eval_prompts, [*range(self.first, self.first + self.real),
-                                                          *[0] * (share - self.real)])
+            self.prompts = _subset(prompts, [*range(self.first, self.first + self.real), *[0] * (share - self.real)])
 
     def __call__(self, step: int) -> tuple[str, dict]:
         """(the summary line, the point written to eval.jsonl)."""

@@ -20,13 +20,14 @@ from p3o.data.prompts import is_conversational
 from p3o.data.turns import ReplyEnds, opens_with_bos
 from p3o.errors import UsageError
 from p3o.models.loading import disable_dropout, load_causal_lm, load_tokenizer
-from p3o.options import option
+from p3o.options import hints_unknown_options, option
 from p3o.utils.ops import masked_sum, selective_log_softmax
 
 log = logging.getLogger("p3o")
 IGNORE = -100  # label of a position that is not trained on (prompt, padding)
 
 
+@hints_unknown_options
 @dataclass
 class SFTConfig(SupervisedConfig):
     prompt_column: str = option("prompt", "Column holding the prompt: plain text or chat messages.")

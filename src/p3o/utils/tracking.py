@@ -11,8 +11,11 @@ TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "m
 
 
 def check_trackers(report_to: str) -> list[str]:
-    """Names from --report_to, each known and importable (accelerate would silently drop a missing one)."""
+    """Names from --report_to, each known and importable (accelerate would silently drop a missing one);
+    `all`, as in transformers, is every installed one."""
     names = [name.strip() for name in report_to.split(",") if name.strip() not in ("", "none")]
+    if "all" in names:
+        names = [name for name, package in TRACKER_PACKAGES.items() if importlib.util.find_spec(package)]
     for name in names:
         if name not in TRACKER_PACKAGES:
             raise UsageError(f"--report_to {name!r} is not a tracker; use none or any of {', '.join(TRACKER_PACKAGES)}")
@@ -63,3 +66,8 @@ def log_completions(acc, step: int, records: list[dict]) -> None:
 
             tracker.log({"completions": wandb.Table(columns=["prompt", "completion", "reward"],
                                                     data=[list(row) for row in rows])}, step=step)
+
+
+def joined_names(report_to) -> str:
+    """TRL's `report_to=["tensorboard", "wandb"]` as p3o's "tensorboard,wandb" (a string stays as it is)."""
+    return ",".join(map(str, report_to)) if isinstance(report_to, (list, tuple)) else report_to
