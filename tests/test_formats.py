@@ -88,6 +88,13 @@ def test_plain_preferences_keep_ties_and_count_them(caplog):
     assert "1 of 2 rows have chosen == rejected" in caplog.text
 
 
+def test_preferences_that_are_all_ties_are_refused(tmp_path):
+    path = tmp_path / "ties.jsonl"
+    path.write_text('{"prompt": "p", "chosen": " a", "rejected": " a"}\n' * 3)
+    with pytest.raises(UsageError, match="every row has chosen == rejected"):
+        load_preferences(str(path))
+
+
 def test_chat_and_csv_preferences():
     chat = load_preferences(str(FIXTURES / "preferences_chat.jsonl"))
     assert chat[0]["prompt"] == [user("story : the cat")] and chat[0]["rejected"] == [bot("the cat sleeps .")]

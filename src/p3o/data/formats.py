@@ -79,7 +79,11 @@ def load_preferences(spec: str, split: str = "train", config: str | None = None,
         _check_example(row[prompt_column], row[rejected_column], rejected_column, where)  # same prompt: same kind
         first_kind = _same_kind(first_kind, kind, where)
         out.append(_rename(row, {prompt_column: "prompt", chosen_column: "chosen", rejected_column: "rejected"}))
-    if ties := count_ties(out):
+    ties = count_ties(out)
+    if out and ties == len(out):
+        raise UsageError(f"{spec}: every row has chosen == rejected, so there is no preference to learn; "
+                         "check the chosen and rejected columns")
+    if ties:
         log.warning("%s: %d of %d rows have chosen == rejected; they are kept but carry no preference",
                     spec, ties, len(out))
     return out
