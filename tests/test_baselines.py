@@ -371,6 +371,7 @@ def test_online_dpo_ties_carry_no_loss_and_no_statistics(assets, tmp_path):
     # pair 2 prefers y2, which rose by 2 * 0.6 = 1.2 nats relative to y1: margin 0.5 * 1.2
     assert losses[1] == pytest.approx(-math.log(1 / (1 + math.exp(-0.6))), rel=1e-5)
     assert stats["reward_accuracy"] == 1.0 and stats["reward_margin"] == pytest.approx(0.6, rel=1e-5)
+    assert (stats["chosen_logp"], stats["rejected_logp"]) == pytest.approx((-4.8, -2.0))  # the tie left out
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

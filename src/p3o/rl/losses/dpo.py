@@ -29,8 +29,10 @@ def dpo_loss(
         losses = losses * weight
     counted = torch.ones_like(margin, dtype=torch.bool) if weight is None else weight > 0  # ties say nothing
     implicit_rewards, margin = implicit_rewards.detach()[counted], margin.detach()[counted]
+    logp = logp.detach()[counted]  # (P', 2)
     stats = {"chosen_reward": _mean(implicit_rewards[:, 0]), "rejected_reward": _mean(implicit_rewards[:, 1]),
-             "reward_margin": _mean(margin), "reward_accuracy": _mean((margin > 0).float())}
+             "reward_margin": _mean(margin), "reward_accuracy": _mean((margin > 0).float()),
+             "chosen_logp": _mean(logp[:, 0]), "rejected_logp": _mean(logp[:, 1])}  # TRL's logps/chosen, /rejected
     return losses, stats
 
 
