@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from test_checkpoint import assert_same_weights, cli_args, weights
 
 from p3o.cli import main
+from p3o.errors import UsageError
 from p3o.models.loading import load_causal_lm
 from p3o.models.lora import AdaptersDisabled
 from p3o.rl.rollout import batched_token_logprobs
@@ -147,3 +148,62 @@ def test_a_peft_model_with_trained_adapters_is_its_own_reference(assets, tmp_pat
         assert abs(first["kl"]) < 1e-6
     moved = [n for n, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(p, start[n])]
     assert moved and trainer.evaluate()["eval_kl"] != 0.0
+
+
+def test_a_lora_adapter_directory_is_its_base_with_the_adapter_merged(assets, tmp_path, capsys):
+    """peft's save_pretrained writes an adapter directory (no config.json, no tokenizer): as a policy
+    or a reference it is the model it stands for, its base plus the adapter, and KL starts at 0."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+
+    from p3o.models.loading import load_tokenizer
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(load_causal_lm(str(assets["llama"])), LoraConfig(r=4, target_modules="all-linear"))
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.5)
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    assert not (adapter / "config.json").exists() and not (adapter / "tokenizer_config.json").exists()
+    merged = load_causal_lm(str(adapter))
+    assert all(p.requires_grad for p in merged.parameters())
+    ids = torch.tensor([[1, 5, 9, 4]])
+    assert torch.allclose(merged(ids).logits, peft_model(ids).logits, atol=1e-5)
+    assert load_tokenizer(str(adapter)).vocab_size == load_tokenizer(str(assets["llama"])).vocab_size
+
+    out = tmp_path / "run"
+    assert main([*cli_args(assets, out, "--max_steps", "2"), "--model_name_or_path", str(adapter),
+                 "--ref_model_name_or_path", str(adapter)]) == 0
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert abs(first["kl"]) < 1e-6  # the reference is the policy as the adapter made it
+
+    for_rm = tmp_path / "rm-adapter"
+    for_rm.mkdir()
+    (for_rm / "adapter_config.json").write_text(json.dumps({"task_type": "SEQ_CLS", "base_model_name_or_path": "x"}))
+    with pytest.raises(UsageError, match="a PEFT adapter for SEQ_CLS, not a causal language model"):
+        load_causal_lm(str(for_rm))
+
+
+def test_a_model_with_nothing_to_train_and_an_unsafe_pickle_are_refused_in_one_line(assets, tmp_path):
+    from conftest import prompt_rows
+
+    from p3o import P3OConfig, P3OTrainer
+
+    frozen = load_causal_lm(str(assets["llama"])).requires_grad_(False)  # as merge_and_unload leaves a model
+    with pytest.raises(UsageError, match="no trainable parameters"):
+        P3OTrainer(frozen, f"{assets['rewards']}:fruit", train_dataset=prompt_rows(),
+                   args=P3OConfig(output_dir=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()
+
+    class Runs:  # what a malicious pytorch_model.bin holds: a call made while unpickling
+        def __reduce__(self):
+            return (print, ("this ran",))
+
+    unsafe = tmp_path / "unsafe"
+    shutil.copytree(assets["llama"], unsafe)
+    (unsafe / "model.safetensors").unlink()
+    torch.save({"model.embed_tokens.weight": Runs()}, unsafe / "pytorch_model.bin")
+    with pytest.raises(UsageError, match="holds more than tensors"):
+        load_causal_lm(str(unsafe))

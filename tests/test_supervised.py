@@ -148,6 +148,11 @@ def test_sft_and_rm_resume_from_a_checkpoint_bit_for_bit(word_task, tmp_path, co
     assert main([*base, "--output_dir", str(tmp_path / "whole")]) == 0
     found = [p.name for p in checkpoints(tmp_path / "whole")]
     assert found and all((tmp_path / "whole" / name / "optimizer.pt").is_file() for name in found)
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    auto = AutoModelForCausalLM if command == "sft" else AutoModelForSequenceClassification
+    _, info = auto.from_pretrained(tmp_path / "whole" / found[0], output_loading_info=True)  # a model, as it was then
+    assert not any(info.values()) and AutoTokenizer.from_pretrained(tmp_path / "whole" / found[0]).vocab_size
     rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     epoch_end = next(row["step"] for row in rows if "eval_loss" in row)  # saved after that epoch's evaluation
     for keep in (f"checkpoint-{epoch_end - 1}", f"checkpoint-{epoch_end}"):  # as if killed right after it was written

@@ -37,7 +37,6 @@ from p3o.core.step import accumulate_and_step
 from p3o.errors import UsageError
 from p3o.models.lora import load_adapter, save_adapter_state
 from p3o.options import hints_unknown_options, option
-from p3o.utils.tracking import joined_names
 from p3o.utils.distributed import (
     configure_for_updates,
     is_deepspeed,
@@ -45,8 +44,9 @@ from p3o.utils.distributed import (
     load_module_state,
     sum_across_processes,
 )
-from p3o.utils.io import without_aliases
+from p3o.utils.io import save_pretrained_atomically
 from p3o.utils.seeding import generator
+from p3o.utils.tracking import joined_names
 
 
 @hints_unknown_options
@@ -183,20 +183,23 @@ def total_steps(cfg: SupervisedConfig, examples: int, processes: int) -> tuple[i
 
 
 def fit(cfg: SupervisedConfig, model, train: list[dict], held_out: list[dict], stage: Stage, accelerator,
-        on_log: Callable[[dict], None], out=None, checkpoint=None, stop=None, peft_model=None) -> tuple[list[dict], object]:
+        on_log: Callable[[dict], None], out=None, checkpoint=None, stop=None, peft_model=None, saved_model=None,
+        tokenizer=None) -> tuple[list[dict], object]:
     """Train `model` in place; `on_log` gets every step's metrics and each evaluation; returns the
     evaluations (after each epoch, at the last step and every `eval_steps`), and the model as prepared
     (under DeepSpeed an engine around it). With `out`, checkpoints go there every `save_steps` and
     when `stop` is requested; with `checkpoint`, training continues from it exactly. `peft_model`:
-    the LoRA model inside `model`, whose adapter the checkpoints hold instead of the whole weights."""
+    the LoRA model inside `model`, whose adapter the checkpoints hold instead of the whole weights.
+    A checkpoint's weights are a model transformers loads: `saved_model` (the transformers model inside
+    `model`, if not `model` itself) with `tokenizer`."""
     batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes  # global
     steps_per_epoch, total = total_steps(cfg, len(train), accelerator.num_processes)
     optimizer = adamw(model, cfg.learning_rate, cfg.weight_decay)
     configure_for_updates(accelerator, cfg.per_device_train_batch_size, cfg.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = lr_scheduler(cfg.lr_scheduler_type, optimizer, total, cfg.warmup_steps, cfg.warmup_ratio)
-    state = (_load_checkpoint(checkpoint, accelerator, model, optimizer, scheduler, peft_model) if checkpoint
-             else FitState())
+    state = (_load_checkpoint(checkpoint, accelerator, model, optimizer, scheduler, peft_model, saved_model)
+             if checkpoint else FitState())
     state.examples_per_step = batch
     start = time.perf_counter()
 
@@ -205,7 +208,8 @@ def fit(cfg: SupervisedConfig, model, train: list[dict], held_out: list[dict], s
         due = (cfg.save_steps and state.step % cfg.save_steps == 0) or stopping
         if out is None or not due or state.step >= total:
             return
-        path = _save_checkpoint(out, cfg, state, accelerator, model, optimizer, scheduler, peft_model)
+        path = _save_checkpoint(out, cfg, state, accelerator, model, optimizer, scheduler, peft_model,
+                                (saved_model, tokenizer))
         if stopping:
             raise stop.interrupted(state.step, path)
 
@@ -257,31 +261,48 @@ def _evaluate(stage: Stage, accelerator, model, held_out: list[dict]) -> dict[st
     return stage.eval_metrics(dict(zip(totals, summed.tolist())))
 
 
-def _save_checkpoint(out, cfg, state: FitState, accelerator, model, optimizer, scheduler, peft_model=None):
-    from safetensors.torch import save_file
-
+def _save_checkpoint(out, cfg, state: FitState, accelerator, model, optimizer, scheduler, peft_model=None,
+                     as_model=(None, None)):
+    """checkpoint-<step>: the weights as a loadable model (`as_model`: the transformers model inside
+    `model`, or None for `model` itself, and the tokenizer), or under LoRA the adapter; then the
+    optimiser, scheduler, RNG and `state`."""
     # FSDP, ZeRO-3: gathered whole (a collective); ZeRO-2: cloned. LoRA (never sharded): the adapter only.
     weights = accelerator.get_state_dict(model) if peft_model is None else None
+    trained, (saved, tokenizer) = accelerator.unwrap_model(model), as_model
 
     def write_weights(tmp) -> None:
         if peft_model is not None:  # the frozen base is the model the run started from
             save_adapter_state(peft_model, tmp)
         else:
-            save_file(without_aliases(accelerator.unwrap_model(model), weights), str(tmp / "model.safetensors"))
+            hf_model = saved if saved is not None else trained
+            save_pretrained_atomically(hf_model, tokenizer, tmp, state_dict=part_state(trained, hf_model, weights))
 
     return save_training_checkpoint(out, state.step, dataclasses.asdict(state), accelerator, model, optimizer,
                                     scheduler, write_weights, cfg.save_total_limit)
 
 
-def _load_checkpoint(path, accelerator, model, optimizer, scheduler, peft_model=None) -> FitState:
-    from safetensors.torch import load_file, load_model
+def part_state(trained, part, state_dict: dict) -> dict:
+    """The entries of `trained`'s `state_dict` that belong to its submodule `part`, named as in `part`
+    (a reward model's classifier inside the scorer that trains it)."""
+    if part is trained:
+        return state_dict
+    prefix = next(name for name, module in trained.named_modules() if module is part) + "."
+    return {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def _load_checkpoint(path, accelerator, model, optimizer, scheduler, peft_model=None, saved_model=None) -> FitState:
+    from safetensors.torch import load_file
 
     if peft_model is not None:  # onto the base the run started from, as the checkpoint's was
         load_adapter(peft_model, path)
-    elif is_sharded(accelerator) or is_deepspeed(accelerator):  # each its shard; DeepSpeed its fp32 master copy too
-        load_module_state(accelerator, model, load_file(str(path / "model.safetensors")))
     else:
-        load_model(accelerator.unwrap_model(model), str(path / "model.safetensors"))
+        state = {k: v for file in sorted(path.glob("model*.safetensors")) for k, v in load_file(str(file)).items()}
+        trained = accelerator.unwrap_model(model)
+        if saved_model is not None and saved_model is not trained and state.keys() <= saved_model.state_dict().keys():
+            prefix = next(name for name, module in trained.named_modules() if module is saved_model) + "."
+            state = {prefix + k: v for k, v in state.items()}  # the saved model's names, back into the trainer's
+            # (checkpoints written before 2026-12-07 hold the trainer's own names)
+        load_module_state(accelerator, model, state)  # each process its shard; DeepSpeed its fp32 master copy too
     return FitState(**load_training_checkpoint(path, accelerator, model, optimizer, scheduler))
 
 

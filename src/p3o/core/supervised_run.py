@@ -15,7 +15,7 @@ from typing import Callable
 
 from transformers.utils import logging as transformers_logging
 
-from p3o.core.supervised import RESUMABLE_CHANGES, Stage, SupervisedConfig, fit, total_steps
+from p3o.core.supervised import RESUMABLE_CHANGES, Stage, SupervisedConfig, fit, part_state, total_steps
 from p3o.data.formats import WHERE
 from p3o.data.turns import stop_token_ids
 from p3o.errors import UsageError
@@ -84,6 +84,7 @@ def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_o
     if cfg.use_peft and (is_sharded(acc) or is_deepspeed(acc)):
         raise UsageError("--use_peft is not supported under FSDP or DeepSpeed yet; launch with configs/accelerate/ddp.yaml")
     model, peft_model = prepare_model(cfg, model, saved_model)
+    _stop_where_replies_end(saved_model if saved_model is not None else model, tokenizer)  # checkpoints' too
     acc.wait_for_everyone()
     saved = json.loads((checkpoint / STATE_FILE).read_text()) if checkpoint else {}
     _check_same_global_batch(saved.get("examples_per_step", 0), cfg, acc.num_processes, checkpoint)  # before any write
@@ -113,7 +114,7 @@ def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_o
     try:
         with stop.installed():
             evaluations, prepared = fit(cfg, model, train, held_out, stage, acc, on_log, out=out, checkpoint=checkpoint,
-                                        stop=stop, peft_model=peft_model)
+                                        stop=stop, peft_model=peft_model, saved_model=saved_model, tokenizer=tokenizer)
     finally:
         bar.close()
         if writer is not None:
@@ -130,10 +131,6 @@ def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_o
         if peft_model is not None:
             (out / ADAPTER_DIR).mkdir(exist_ok=True)
             save_pretrained_atomically(peft_model, None, out / ADAPTER_DIR)
-        if getattr(model, "generation_config", None) is not None:  # generate stops where the data's replies end
-            stops = stop_token_ids(tokenizer)
-            model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
-            model.generation_config.pad_token_id = tokenizer.pad_token_id
         save_pretrained_atomically(model, tokenizer, out, state_dict=state_dict)
         base = cfg.model_name_or_path or getattr(getattr(model, "config", None), "name_or_path", None) or None
         write_stage_card(out, cfg, title, evaluations[-1] if evaluations else {}, base, data_name or str(cfg.dataset))
@@ -172,6 +169,15 @@ def prepare_model(cfg: SupervisedConfig, model, saved=None):
     return model, peft_model
 
 
+def _stop_where_replies_end(model, tokenizer) -> None:
+    """`generate` on the saved model stops where the data's replies end (the chat template's end of turn)."""
+    config = getattr(model, "generation_config", None)
+    if config is not None:
+        stops = stop_token_ids(tokenizer)
+        config.eos_token_id = stops[0] if len(stops) == 1 else stops
+        config.pad_token_id = tokenizer.pad_token_id
+
+
 def _check_same_global_batch(saved: int, cfg: SupervisedConfig, processes: int, checkpoint) -> None:
     """A run resumes on any number of processes if its optimiser steps keep their size (`saved`)."""
     batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * processes
@@ -186,12 +192,7 @@ def _gathered_weights(acc, model, saved) -> dict:
     """The whole state dict of `saved` (the trained module or a part of it, as the reward model's
     classifier inside its scorer), gathered from the shards under FSDP and ZeRO-3 (a collective: all
     call it) and copied out of DeepSpeed's flat buffers under ZeRO-2."""
-    state_dict = acc.get_state_dict(model) or {}  # ZeRO-3: on the main process only
-    trained = acc.unwrap_model(model)
-    if saved is trained:
-        return state_dict
-    prefix = next(name for name, module in trained.named_modules() if module is saved) + "."
-    return {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+    return part_state(acc.unwrap_model(model), saved, acc.get_state_dict(model) or {})  # ZeRO-3: the main process's
 
 
 def _fit_context(cfg: SupervisedConfig, model) -> None:

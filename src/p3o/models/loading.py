@@ -8,6 +8,7 @@ asked dtype, and the model then trains and saves as an ordinary safetensors chec
 from __future__ import annotations
 
 import logging
+import pickle
 from pathlib import Path
 
 import torch
@@ -86,6 +87,24 @@ def as_plain_model(model):
     return model
 
 
+def adapter_base(name: str) -> str | None:
+    """The base model a PEFT LoRA adapter directory (adapter_config.json, no config.json) was trained
+    on, as its adapter_config.json names it; None for anything else."""
+    import json
+
+    path = Path(str(name)).expanduser()
+    if not ((path / "adapter_config.json").is_file() and not (path / "config.json").is_file()):
+        return None
+    config = json.loads((path / "adapter_config.json").read_text())
+    base = config.get("base_model_name_or_path")
+    kind = config.get("task_type")
+    if kind not in (None, "CAUSAL_LM") or not base:
+        problem = f"for {kind}, not a causal language model" if base else "that names no base model"
+        raise UsageError(f"{name} is a PEFT adapter {problem}: merge it into its base model (peft's "
+                         "merge_and_unload) and give that")
+    return base
+
+
 def _check_exists(name: str, what: str) -> None:
     if _looks_local(name) and not Path(name).expanduser().exists():
         raise UsageError(f"{what} {name} does not exist; give a model directory or a hub name")
@@ -109,6 +128,8 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     _check_exists(name, "tokenizer")
+    if (base := adapter_base(name)) is not None and not (Path(name).expanduser() / "tokenizer_config.json").is_file():
+        name = base  # an adapter saved without its tokenizer uses its base model's
     source, extra = pretrained_source(name, "tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
@@ -131,10 +152,13 @@ def prepare_tokenizer(tokenizer):
 def load_causal_lm(name: str, trust_remote_code: bool = False, dtype: str = "float32", what: str = "model"):
     """An `AutoModelForCausalLM` with dropout switched off (RL log-ratios must be deterministic).
 
-    `dtype` is a torch dtype name or "auto" (as saved); training wants float32 master weights."""
+    `dtype` is a torch dtype name or "auto" (as saved); training wants float32 master weights. A PEFT
+    LoRA adapter directory loads as its base model with the adapter merged in: the model it is."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     _check_exists(name, what)
+    if (base := adapter_base(name)) is not None:
+        return _merged_adapter(name, load_causal_lm(base, trust_remote_code, dtype, f"{what}'s base model"))
     source, extra = pretrained_source(name, what)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
@@ -155,8 +179,26 @@ def load_causal_lm(name: str, trust_remote_code: bool = False, dtype: str = "flo
     except (OSError, SafetensorError) as exc:  # weights missing, truncated or unreadable
         raise UsageError(f"could not read the weights of {what} {name}: {one_line(exc)}; give a complete "
                          "checkpoint (config.json with model.safetensors, or a .gguf file)") from None
+    except pickle.UnpicklingError:  # torch's weights_only refused what the pickle would run or build
+        raise UsageError(f"{what} {name}: its pytorch_model.bin holds more than tensors (code or objects a "
+                         "weights-only load refuses, for safety); convert it to safetensors where you trust it") from None
     disable_dropout(model)
     return as_plain_model(model)
+
+
+def _merged_adapter(name: str, base):
+    """`base` with the adapter in directory `name` merged into its weights, every weight trainable
+    again (peft freezes the base; merge_and_unload leaves it so)."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise UsageError(f"{name} is a LoRA adapter: reading it needs peft (pip install 'p3o[lora]')") from None
+    try:
+        model = PeftModel.from_pretrained(base, str(Path(name).expanduser())).merge_and_unload()
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:  # missing or mismatched adapter weights
+        raise UsageError(f"could not apply the adapter {name} to its base model: {one_line(exc)}") from None
+    log.info("%s: a LoRA adapter, merged into its base model %s", name, base.name_or_path)
+    return model.requires_grad_(True)
 
 
 def disable_dropout(model: nn.Module) -> None:

@@ -5,7 +5,10 @@ training (`p3o rm`), so a reward model sees the same token layout in both.
 """
 from __future__ import annotations
 
+import pickle
+
 import torch
+from safetensors import SafetensorError
 
 from p3o.data.prompts import render_prompt
 from p3o.errors import UsageError
@@ -15,6 +18,7 @@ from p3o.models.loading import (
     context_length,
     gguf_model_kwargs,
     load_tokenizer,
+    one_line,
     pretrained_source,
 )
 from p3o.reward.functions import check_rewards
@@ -116,8 +120,11 @@ class RewardModelScorer:
                              f"(found {', '.join(config.architectures or ['no architecture'])} with "
                              f"{config.num_labels} labels); train one with `p3o rm`")
         tokenizer = load_tokenizer(name, trust_remote_code)
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            source, trust_remote_code=trust_remote_code, output_loading_info=True, **gguf_model_kwargs(extra))
+        try:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                source, trust_remote_code=trust_remote_code, output_loading_info=True, **gguf_model_kwargs(extra))
+        except (OSError, SafetensorError, pickle.UnpicklingError) as exc:  # the last: weights_only refused
+            raise UsageError(f"could not read the weights of reward model {name}: {one_line(exc)}") from None
         as_plain_model(model)
         if info["missing_keys"]:
             raise UsageError(f"reward model {name} lacks weights for {', '.join(sorted(info['missing_keys'])[:3])}: "

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 
 from p3o.core.supervised import Stage, SupervisedConfig
 from p3o.core.supervised_run import run_supervised
@@ -21,10 +23,12 @@ from p3o.data.formats import load_preferences, load_with_held_out
 from p3o.errors import UsageError
 from p3o.models.loading import (
     _check_exists,
+    adapter_base,
     as_plain_model,
     disable_dropout,
     gguf_model_kwargs,
     load_tokenizer,
+    one_line,
     pretrained_source,
 )
 from p3o.options import hints_unknown_options, option
@@ -128,14 +132,16 @@ def load_reward_trunk(cfg: RewardConfig, tokenizer):
     from transformers import AutoModelForSequenceClassification
 
     _check_exists(cfg.model_name_or_path, "model")
+    if adapter_base(cfg.model_name_or_path) is not None:
+        raise UsageError(f"{cfg.model_name_or_path} is a LoRA adapter: a reward model starts from a whole model; "
+                         "give the SFT run's output directory (merged), or merge the adapter and save that")
     source, extra = pretrained_source(cfg.model_name_or_path)
     dtype = cfg.torch_dtype if cfg.torch_dtype == "auto" else getattr(torch, cfg.torch_dtype)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             source, num_labels=1, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **gguf_model_kwargs(extra))
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"could not load {cfg.model_name_or_path} as a sequence classifier: "
-                         f"{str(exc).splitlines()[0]}") from None
+    except (OSError, ValueError, SafetensorError, pickle.UnpicklingError) as exc:  # the last: weights_only refused
+        raise UsageError(f"could not load {cfg.model_name_or_path} as a sequence classifier: {one_line(exc)}") from None
     model.config.pad_token_id = tokenizer.pad_token_id
     disable_dropout(model)
     return as_plain_model(model)

@@ -14,9 +14,9 @@ from typing import ClassVar
 
 from p3o.errors import UsageError
 from p3o.options import hints_unknown_options, option
-from p3o.utils.tracking import joined_names
 from p3o.rl.algorithms import default_setting, get_algorithm
 from p3o.rl.losses import AGGREGATIONS
+from p3o.utils.tracking import joined_names
 
 
 log = logging.getLogger("p3o")
