@@ -43,15 +43,15 @@ def test_checkpoints_hold_the_whole_state_and_rotate(assets, tmp_path, algo):
     out = tmp_path / "run"
     assert main(cli_args(assets, out, "--algo", algo, "--save_steps", "2", "--save_total_limit", "2")) == 0
     found = checkpoints(out)
-    assert [p.name for p in found] == ["checkpoint-2", "checkpoint-4"]  # checkpoint-6 is the final model itself
-    names = {p.name for p in found[-1].iterdir()}
+    assert [p.name for p in found] == ["checkpoint-4", "checkpoint-6"]  # the last step's too, as transformers
+    names = {p.name for p in found[0].iterdir()}
     assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json", "config.json",
             "tokenizer.json"} <= names
     assert ("value_head.safetensors" in names) == (algo == "ppo")
-    state = json.loads((found[-1] / "trainer_state.json").read_text())
+    state = json.loads((found[0] / "trainer_state.json").read_text())
     assert state["step"] == 4 and state["optimizer_steps"] == 4 * 2 * 2 and state["kl_control"]["value"] == 0.05
-    torch.load(found[-1] / "optimizer.pt", weights_only=True)  # loadable without unpickling code
-    torch.load(found[-1] / "rng.pt", weights_only=True)
+    torch.load(found[0] / "optimizer.pt", weights_only=True)  # loadable without unpickling code
+    torch.load(found[0] / "rng.pt", weights_only=True)
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary left behind
 
 
@@ -150,7 +150,7 @@ def test_the_python_api_resumes_from_checkpoint_as_transformers_does(assets, tmp
 
 def test_a_half_written_checkpoint_is_never_taken_for_a_complete_one(assets, tmp_path):
     out = tmp_path / "run"
-    assert main(cli_args(assets, out, "--save_steps", "2", "--max_steps", "4")) == 0
+    assert main(cli_args(assets, out, "--save_steps", "2", "--max_steps", "2")) == 0
     torn = out / "checkpoint-3"  # a directory without its state file: a crash before the rename cannot make it
     torn.mkdir()
     (torn / "model.safetensors").write_bytes(b"garbage")
@@ -188,3 +188,85 @@ def test_the_config_flags_of_checkpointing_are_validated(assets, tmp_path):
     with pytest.raises(UsageError, match="max_consecutive_skips must be at least 1"):
         train_config(assets, tmp_path, max_consecutive_skips=0)
     assert run_train  # the Python entry point used by the pipeline stays importable
+
+
+def test_overwrite_removes_the_earlier_runs_checkpoints_so_resume_never_mixes_two_runs(assets, tmp_path):
+    """Run A's checkpoint-4 stayed under run B's --overwrite: B's --resume continued from it (two
+    runs mixed, silently) and --save_total_limit deleted B's own checkpoints instead."""
+    out = tmp_path / "run"
+    assert main(cli_args(assets, out, "--max_steps", "4", "--save_steps", "2")) == 0
+    (out / "notes.txt").write_text("mine")
+    assert main(cli_args(assets, out, "--max_steps", "2", "--save_steps", "1", "--seed", "5", "--overwrite")) == 0
+    assert [p.name for p in checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
+    assert (out / "notes.txt").read_text() == "mine"  # only the run's own folders go
+
+
+def test_a_requeued_resume_starts_over_where_the_first_try_died_before_its_first_checkpoint(assets, tmp_path,
+                                                                                             capsys):
+    out = tmp_path / "run"
+    assert main(cli_args(assets, out, "--max_steps", "2")) == 0  # as if killed after logging, before a checkpoint
+    for path in out.iterdir():  # keep what a run writes before its first checkpoint
+        if path.name not in ("config.yaml", "metrics.jsonl", "completions.jsonl"):
+            path.unlink()
+    (out / ".checkpoint-1.tmp").mkdir()  # a torn one too
+    assert main(cli_args(assets, out, "--max_steps", "2", "--resume")) == 0
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert (out / "model.safetensors").is_file() and not (out / ".checkpoint-1.tmp").exists()
+    for path in out.iterdir():
+        if path.name not in ("config.yaml", "metrics.jsonl", "completions.jsonl"):
+            path.unlink()
+    (out / "notes.txt").write_text("mine")  # a file p3o did not write: refused, as before
+    assert main(cli_args(assets, out, "--max_steps", "2", "--resume")) == 2
+    assert "holds no complete checkpoint" in capsys.readouterr().err
+
+
+def test_the_last_step_is_checkpointed_so_a_finished_run_extends_and_a_signal_waits_for_the_final_save(
+        assets, tmp_path, monkeypatch):
+    import p3o.rl.train as rl_train
+
+    out = tmp_path / "run"
+    save = rl_train._save_policy
+
+    def interrupted_save(trainer, where):  # SIGTERM while the final model is being written
+        os.kill(os.getpid(), signal.SIGTERM)
+        save(trainer, where)
+
+    monkeypatch.setattr(rl_train, "_save_policy", interrupted_save)
+    assert main(cli_args(assets, out, "--max_steps", "2", "--save_steps", "1")) == 0
+    assert (out / "model.safetensors").is_file() and latest_checkpoint(out).name == "checkpoint-2"
+    monkeypatch.setattr(rl_train, "_save_policy", save)
+    assert main(cli_args(assets, out, "--max_steps", "3", "--save_steps", "1", "--resume")) == 0  # from step 2
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    straight = tmp_path / "straight"
+    assert main(cli_args(assets, straight, "--max_steps", "3")) == 0
+    assert_same_weights(weights(straight), weights(out))
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_half_written_checkpoint(assets, tmp_path, monkeypatch, capsys):
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    import p3o.rl.train as rl_train
+    from p3o.utils.checkpoints import write_checkpoint
+
+    def torn(tmp):  # torch.save on a full disk: a RuntimeError of its own, not an OSError
+        (tmp / "optimizer.pt").write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 159488 vs 159376")
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1024))
+    with pytest.raises(UsageError, match="no space left on the device of .* while writing checkpoint-3"):
+        write_checkpoint(tmp_path, 3, torn, None)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, 10**12))
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # with space to spare it is no disk error
+        write_checkpoint(tmp_path, 3, torn, None)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "config.yaml"))
+
+    monkeypatch.setattr(rl_train, "write_yaml", full)
+    assert main(cli_args(assets, tmp_path / "run")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "Traceback" not in err[0]

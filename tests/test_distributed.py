@@ -107,18 +107,18 @@ def _launch_worker_runs(assets, root: Path) -> None:
 
     two += commands("two")[1:] + [poisoned("two")]  # DDP's `p3o train` has a test of its own
     fsdp = [fixed(f"fsdp-{a}-{g}", a, g) for a, g in FSDP] + commands("fsdp")
-    def interrupted(prefix: str, **zero_optimization) -> list[dict]:  # PPO for 2 steps; again, then step 2 again from checkpoint-1
+    def interrupted(prefix: str, **zero_optimization) -> list[dict]:  # PPO for 2 steps; 1 step, then step 2 from checkpoint-1
         def train(name: str, steps: int, *extra: str) -> dict:
             return {"name": f"{prefix}-{name}", "fixed": False, "zero_optimization": zero_optimization, "argv": [
                 "train", *run_args(assets, root / f"{prefix}-{name}", "ppo", pairs=8, steps=steps), "--save_steps", "1",
                 *extra]}
-        return [train("straight", 2), train("resumed", 2), train("resumed", 2, "--resume")]
+        return [train("straight", 2), train("resumed", 1), train("resumed", 2, "--resume")]
 
     zero = {stage: [fixed(f"zero{stage}-{a}-{g}", a, g) for a, g in ZERO[stage]] + commands(f"zero{stage}") + [
         fixed(f"zero{stage}-accumulated-p3o-v1-token-mean", "p3o-v1", "token-mean", accumulation=2),
         poisoned(f"zero{stage}"), *interrupted(f"zero{stage}")] for stage in (2, 3)}
     zero[3] += interrupted("zero3sub", sub_group_size=1000)  # ZeRO-3 splits each group into sub-groups
-    zero[3].append({"name": "zero3-from-fsdp", "fixed": False,  # FSDP2's run, copied below, resumed from checkpoint-1
+    zero[3].append({"name": "zero3-from-fsdp", "fixed": False,  # FSDP2's run, copied below, resumed from checkpoint-2
                     "argv": [*train_cli(assets, root / "zero3-from-fsdp" / "run", held_out, steps=3), "--resume"]})
     for name, processes, runs in (("two", 2, two), ("one", 1, one), ("fsdp", 2, fsdp), ("zero2", 2, zero[2]),
                                   ("zero3", 2, zero[3])):
@@ -170,13 +170,14 @@ def test_train_under_torchrun_writes_once_and_resumes_on_one_process(assets, tmp
     assert [(e["step"], e["n"]) for e in read_jsonl(out / "eval.jsonl")] == [(0, 20), (2, 20)]  # all prompts, split
     assert (out / "checkpoint-1" / "trainer_state.json").is_file()
 
-    # The checkpoint of 2 processes, resumed in 1: it continues at step 2 with the prompts of step 2.
+    # The last step's checkpoint of 2 processes, resumed in 1: it goes on at step 3 with the prompts of step 3.
     assert main([*train_cli(assets, out, held_out, steps=3), *two_rewards, "--resume"]) == 0
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
-    assert [e["step"] for e in read_jsonl(out / "eval.jsonl")] == [0, 3]
-    logged = [r["prompt"] for r in read_jsonl(out / "completions.jsonl") if r["step"] == 2]
+    assert [e["step"] for e in read_jsonl(out / "eval.jsonl")] == [0, 2, 3]
     fresh = build_trainer(train_config(assets, tmp_path, pairs_per_step=8))
-    assert logged == [fresh.prompts.rows[i]["prompt"] for i in fresh.prompt_indices(1)]  # step 2 = index 1
+    for step in (1, 3):  # step 1 by two processes (--log_completions 8: both processes' prompts), 3 by one
+        logged = [r["prompt"] for r in read_jsonl(out / "completions.jsonl") if r["step"] == step]
+        assert logged == [fresh.prompts.rows[i]["prompt"] for i in fresh.prompt_indices(step - 1)]
 
 
 def test_the_shipped_ddp_config_runs_one_run_of_two_processes_on_cpu(assets, tmp_path):
@@ -399,7 +400,7 @@ def test_deepspeed_zero_trains_sampled_ppo_as_ddp(worker_runs, stage):
 
 @pytest.mark.parametrize("stage", ["2", "3", "3sub"])  # 3sub: ZeRO-3 with sub-groups of 1000 elements
 def test_a_zero_checkpoint_resumes_under_zero_where_the_uninterrupted_run_ends(worker_runs, stage):
-    """PPO under ZeRO for 2 steps, then step 2 again from checkpoint-1 under ZeRO (the whole optimiser
+    """PPO under ZeRO for 2 steps, and for 1 step then step 2 from its checkpoint-1 under ZeRO (the whole optimiser
     state scattered back to the partitions, the value head into the module and its fp32 master copy):
     the uninterrupted run's weights."""
     straight, resumed = (worker_runs / f"zero{stage}-{name}" / "run" for name in ("straight", "resumed"))
@@ -415,8 +416,8 @@ def test_an_fsdp_checkpoint_resumes_under_zero3(worker_runs):
     """Both sharded, differently: FSDP2's whole optimiser state by name scattered into ZeRO-3's partitions."""
     out = worker_runs / "zero3-from-fsdp" / "run"
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
-    assert [e["step"] for e in read_jsonl(out / "eval.jsonl")] == [0, 3]  # from checkpoint-1: step 2 again
-    optimizer = torch.load(out / "checkpoint-2" / "optimizer.pt", weights_only=True)
+    assert [e["step"] for e in read_jsonl(out / "eval.jsonl")] == [0, 2, 3]  # from FSDP's checkpoint-2
+    optimizer = torch.load(out / "checkpoint-3" / "optimizer.pt", weights_only=True)  # written under ZeRO-3
     assert optimizer["state"] and all(isinstance(name, str) for name in optimizer["state"])
 
 
@@ -488,6 +489,7 @@ def test_supervised_stage_on_two_processes_takes_the_single_process_steps(assets
     optimizer = torch.load(split / "checkpoint-2" / "optimizer.pt", weights_only=True)
     if launch_kind != "two":
         assert optimizer["state"] and all(isinstance(name, str) for name in optimizer["state"])  # whole, by name
+    shutil.rmtree(split / "checkpoint-4")  # the last step's: as if stopped in it, so the run resumes mid-way
     assert main([*common, "--output_dir", str(split), "--per_device_train_batch_size", "4", "--resume"]) == 2
     assert main([*common, "--output_dir", str(split), "--per_device_train_batch_size", "8", "--resume"]) == 0
     assert_close_weights(split, one)

@@ -6,6 +6,7 @@ Errors in the user's input end the run with one line (what is wrong, how to fix 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -113,6 +114,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"p3o {args.command}: error: {exc.strerror or 'permission denied'}: {exc.filename or exc}; check "
               "that path's permissions (--debug shows where)", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk or a read-only one, met while writing
+        if args.debug or exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        print(f"p3o {args.command}: error: {exc.strerror}: {exc.filename or exc}; free some space or choose "
+              "another --output_dir (--debug shows where)", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # a run that saved a checkpoint says how to resume
         print(f"p3o {args.command}: {str(exc) or 'interrupted'}", file=sys.stderr)

@@ -204,9 +204,11 @@ def fit(cfg: SupervisedConfig, model, train: list[dict], held_out: list[dict], s
     start = time.perf_counter()
 
     def save_if_due() -> None:  # after the step's evaluation, which the checkpoint then holds
-        stopping = stop is not None and stop.agreed(accelerator.device)
-        due = (cfg.save_steps and state.step % cfg.save_steps == 0) or stopping
-        if out is None or not due or state.step >= total:
+        finishing = state.step >= total  # then the final save follows
+        stopping = stop is not None and stop.agreed(accelerator.device) and not finishing
+        # With --save_steps, the last step too (as transformers): a finished run extends with --resume.
+        due = (cfg.save_steps and (state.step % cfg.save_steps == 0 or finishing)) or stopping
+        if out is None or not due:
             return
         path = _save_checkpoint(out, cfg, state, accelerator, model, optimizer, scheduler, peft_model,
                                 (saved_model, tokenizer))

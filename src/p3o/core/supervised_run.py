@@ -44,7 +44,8 @@ def run_supervised(cfg: SupervisedConfig, title: str, load_rows: Callable, token
     checkpoint = resume_point(cfg.output_dir, None, RESUMABLE_CHANGES) if cfg.resume else None  # checked below
     if cfg.disable_progress_bar:  # transformers' own bars too (loading and saving weights), as `p3o` does
         transformers_logging.disable_progress_bar()
-    with run_directory(cfg.output_dir, cfg.overwrite or checkpoint is not None, inputs, clean_up=checkpoint is None) as out:
+    with run_directory(cfg.output_dir, cfg.overwrite or cfg.resume or checkpoint is not None, inputs,
+                       clean_up=checkpoint is None, fresh=checkpoint is None) as out:
         set_seed(cfg.seed)  # also seeds any new weights, such as a reward head
         if tokenizer is None:
             _check_exists(cfg.model_name_or_path, "model")  # named as the model, not as its tokenizer
@@ -111,16 +112,26 @@ def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_o
                 f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("eval_")))
 
     stop = StopRequest()
-    try:
-        with stop.installed():
+    with stop.installed():  # through the final save: a signal then waits for it, and the run is complete
+        try:
             evaluations, prepared = fit(cfg, model, train, held_out, stage, acc, on_log, out=out, checkpoint=checkpoint,
                                         stop=stop, peft_model=peft_model, saved_model=saved_model, tokenizer=tokenizer)
-    finally:
-        bar.close()
-        if writer is not None:
-            writer.close()
-        finish_trackers(acc)
-    acc.wait_for_everyone()
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+            finish_trackers(acc)
+        acc.wait_for_everyone()
+        _save_final(cfg, acc, prepared, peft_model, saved_model, tokenizer, out, title, evaluations, data_name)
+    if stop.requested:
+        logging.getLogger("p3o").info("%s came during the final save, which finished: the run is complete",
+                                      stop.requested)
+    return evaluations
+
+
+def _save_final(cfg, acc, prepared, peft_model, saved_model, tokenizer, out, title: str, evaluations: list[dict],
+                data_name: str | None) -> None:
+    """The trained model and tokenizer into `out` (LoRA: merged, the adapter under adapter/), and its card."""
     if peft_model is not None:  # a plain model: the adapters merged (out of place), the head's trained copy
         model, state_dict = peft_model.get_base_model(), merged_lora_state_dict(peft_model) if acc.is_main_process else {}
     else:
@@ -134,7 +145,6 @@ def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_o
         save_pretrained_atomically(model, tokenizer, out, state_dict=state_dict)
         base = cfg.model_name_or_path or getattr(getattr(model, "config", None), "name_or_path", None) or None
         write_stage_card(out, cfg, title, evaluations[-1] if evaluations else {}, base, data_name or str(cfg.dataset))
-    return evaluations
 
 
 def prepare_model(cfg: SupervisedConfig, model, saved=None):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 from pathlib import Path
@@ -114,8 +115,8 @@ class P3OTrainer:
             load_policy_weights(self.engine, checkpoint)
             load_training_state(self.engine, checkpoint)
         resuming = checkpoint is not None
-        with run_directory(self.args.output_dir, self.args.overwrite or resuming, _input_paths(self.args),
-                           clean_up=not resuming) as out:
+        with run_directory(self.args.output_dir, self.args.overwrite or self.args.resume or resuming,
+                           _input_paths(self.args), clean_up=not resuming, fresh=not resuming) as out:
             self._metrics = _run(self, out, resuming)
             return self._metrics
 
@@ -341,10 +342,14 @@ def _run(api: P3OTrainer, out: Path, resuming: bool) -> dict:
         finishing = step == cfg.max_steps or any_process(control.should_training_stop, acc.device)
         evaluation = (evaluate(step) if evaluator is not None and ((cfg.eval_steps and step % cfg.eval_steps == 0)
                                                                   or finishing) else None)
+        logged = step % cfg.logging_steps == 0 or step == cfg.max_steps
+        if logged and acc.num_processes > 1 and cfg.log_completions > len(texts.prompts):  # more than this process has
+            texts = _all_texts(texts)  # a collective: every process has as many prompts, so all know it is due
         if writers:
-            _write_step(metrics, texts, evaluation)
-        stopping = stop.agreed(acc.device)
-        if not finishing and ((cfg.save_steps and step % cfg.save_steps == 0) or stopping):
+            _write_step(metrics, texts, evaluation, logged)
+        stopping = stop.agreed(acc.device) and not finishing  # at the last step the final save follows
+        # With --save_steps, the last step too (as transformers): a finished run extends with --resume.
+        if (cfg.save_steps and (step % cfg.save_steps == 0 or finishing)) or stopping:
             path = save_checkpoint(trainer, out, cfg.save_total_limit)
             callbacks.fire("on_save", checkpoint=path)
             if stopping:
@@ -353,13 +358,13 @@ def _run(api: P3OTrainer, out: Path, resuming: bool) -> dict:
             log.info("a callback stopped the run after step %d", step)
         return finishing
 
-    def _write_step(metrics, texts, evaluation: str | None):
+    def _write_step(metrics, texts, evaluation: str | None, logged: bool):
         writers["metrics"].write(metrics)
         if "monitor_reward" in metrics and (warning := watch.update(metrics["reward"], metrics["monitor_reward"])):
             bar.write(f"WARNING step {metrics['step']}: {warning}")
         if evaluation is not None:
             bar.write(evaluation)
-        if metrics["step"] % cfg.logging_steps == 0 or metrics["step"] == cfg.max_steps:
+        if logged:
             bar.write(_summary_line(metrics))
             records = list(_completion_records(metrics["step"], texts, cfg.log_completions))
             for record in records:
@@ -367,24 +372,33 @@ def _run(api: P3OTrainer, out: Path, resuming: bool) -> dict:
             log_completions(acc, metrics["step"], records)
 
     callbacks.fire("on_train_begin")
-    try:
-        if evaluator is not None and not resuming:
-            evaluate(0)  # the starting point: KL 0, the initial policy's rewards
-        with stop.installed():
+    with stop.installed():  # through the final save: a signal then waits for it, and the run is complete
+        try:
+            if evaluator is not None and not resuming:
+                evaluate(0)  # the starting point: KL 0, the initial policy's rewards
             trainer.train(on_step)
-    finally:
-        bar.close()
-        for writer in writers.values():
-            writer.close()
-        if evaluator is not None:
-            evaluator.close()
-        finish_trackers(acc)
-    acc.wait_for_everyone()
-    _save_policy(trainer, out)
-    if acc.is_main_process:
-        write_model_card(out, cfg, api._base_model, last)
+        finally:
+            bar.close()
+            for writer in writers.values():
+                writer.close()
+            if evaluator is not None:
+                evaluator.close()
+            finish_trackers(acc)
+        acc.wait_for_everyone()
+        _save_policy(trainer, out)
+        if acc.is_main_process:
+            write_model_card(out, cfg, api._base_model, last or _last_line(out / "metrics.jsonl"))
+    if stop.requested:
+        log.info("%s came during the final save, which finished: the run is complete", stop.requested)
     callbacks.fire("on_train_end")
     return last
+
+
+def _last_line(path: Path) -> dict:
+    """The last record of a jsonl file ({} if none): a resumed run that had no step left to take
+    still describes its last step in the model card."""
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return json.loads(lines[-1]) if lines else {}
 
 
 def _save_policy(trainer: Trainer, out: Path) -> None:
@@ -524,6 +538,19 @@ def _start_line(trainer: Trainer) -> str:
             f"{sizes.groups_per_step} prompts{shared} x {sizes.num_generations}{greedy} responses{given}, "
             f"{cfg.epochs} epochs of {sizes.minibatches_per_epoch} "
             f"minibatches of {sizes.minibatch_groups} prompts; {sizes.optimizer_steps} optimiser steps in all")
+
+
+def _all_texts(texts):
+    """Every process's prompts, completions, rewards and logged columns, in process order."""
+    from accelerate.utils import gather_object
+
+    parts = gather_object([texts])
+    columns = set.intersection(*(set(part.extra) for part in parts))  # a column some process lacks is left out
+    return dataclasses.replace(
+        texts, prompts=[x for part in parts for x in part.prompts],
+        completions=[x for part in parts for x in part.completions],
+        rewards=None if texts.rewards is None else [x for part in parts for x in part.rewards],
+        extra={column: [x for part in parts for x in part.extra[column]] for column in sorted(columns)})
 
 
 def _completion_records(step: int, texts, count: int):

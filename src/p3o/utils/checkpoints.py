@@ -20,7 +20,7 @@ import torch
 
 from p3o.errors import UsageError
 from p3o.utils.distributed import sum_across_processes
-from p3o.utils.io import with_umask_modes
+from p3o.utils.io import out_of_space, with_umask_modes
 
 STATE_FILE = "trainer_state.json"
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -46,9 +46,16 @@ def write_checkpoint(out: Path, step: int, write: Callable[[Path], None], limit:
     tmp = out / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    write(tmp)
-    with_umask_modes(tmp)
-    _fsync_tree(tmp)
+    try:
+        write(tmp)
+        with_umask_modes(tmp)
+        _fsync_tree(tmp)
+    except Exception as exc:  # a half-written checkpoint must not keep the disk full
+        full = out_of_space(out, exc, final.name)  # before the space is freed
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full is not None:
+            raise full from None
+        raise
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     _fsync_dir(out)
@@ -117,15 +124,23 @@ def resume_point(output_dir: str, current: dict | None, changeable: set[str]) ->
     out = Path(output_dir)
     checkpoint = latest_checkpoint(out)
     if checkpoint is None:
-        if out.is_dir() and any(out.iterdir()):
+        if out.is_dir() and not all(_written_before_a_checkpoint(p.name) for p in out.iterdir()):
             raise UsageError(f"--resume: {out} holds no complete checkpoint (checkpoint-N with {STATE_FILE}) to "
                              "continue from; run without --resume and with --overwrite to start again")
+        # Empty, or a start stopped before its first checkpoint: a requeued job may always pass --resume.
         log.info("--resume: %s has no checkpoint yet; starting from the beginning", out)
         return None
     if current is not None and (out / "config.yaml").is_file():
         check_resumable(yaml.safe_load((out / "config.yaml").read_text()), current, changeable)
     log.info("resuming from %s", checkpoint)
     return checkpoint
+
+
+def _written_before_a_checkpoint(name: str) -> bool:
+    """Whether a run writes `name` into its output directory before its first checkpoint (its logs,
+    the trackers' folder, temporary files): a directory holding only these has nothing to resume."""
+    return (name in ("config.yaml", "metrics.jsonl", "completions.jsonl", "eval.jsonl", "p3o")
+            or (name.startswith(".") and name.endswith(".tmp")) or name.startswith(".saving-"))
 
 
 def given_checkpoint(path: str | Path, current: dict, changeable: set[str]) -> Path:

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -34,15 +36,32 @@ def _remove_partial_run(out: Path, existed: bool) -> None:
         shutil.rmtree(out, ignore_errors=True)
 
 
+def remove_earlier_checkpoints(out: Path) -> None:
+    """A run started from step 0 over an earlier one (--overwrite) removes that run's checkpoints
+    (and its unfinished temporary ones): --resume would continue from them, and --save_total_limit
+    would keep them instead of the new run's."""
+    stale = [p for pattern in ("checkpoint-*", ".checkpoint-*.tmp", ".saving-*") for p in out.glob(pattern)
+             if p.is_dir()]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    if stale:
+        logging.getLogger("p3o").warning("--overwrite: removed %d checkpoint folder(s) of the run that was in %s",
+                                         len(stale), out)
+
+
 @contextlib.contextmanager
-def run_directory(output_dir: str, overwrite: bool, inputs: dict[str, str | None], clean_up: bool = True):
+def run_directory(output_dir: str, overwrite: bool, inputs: dict[str, str | None], clean_up: bool = True,
+                  fresh: bool = False):
     """The run's output directory, checked before anything is loaded: never one of the inputs, and
     non-empty only with `overwrite`. A run that fails before writing a metrics line removes what it
-    wrote, so that running the same command again is not refused."""
+    wrote, so that running the same command again is not refused. `fresh`: the run starts from step
+    0, so checkpoints an earlier run left there go (`remove_earlier_checkpoints`)."""
     _refuse_overwriting_inputs(output_dir, inputs)
     out = Path(output_dir)
     existed = out.exists()
     prepare_output_dir(output_dir, overwrite)
+    if fresh and existed:
+        remove_earlier_checkpoints(out)
     try:
         yield out
     except BaseException:
@@ -152,6 +171,20 @@ class JsonlWriter:
         self.fh.close()
 
 
+def out_of_space(path: Path, exc: BaseException, what: str) -> UsageError | None:
+    """One line for a write into `path` that failed because its disk is full (torch and tokenizers
+    report that in errors of their own, not as OSError), else None."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        full = True
+    else:
+        try:
+            full = shutil.disk_usage(path).free < 64 * 2**20
+        except OSError:
+            full = False
+    return UsageError(f"no space left on the device of {path} while writing {what}: free some space, then run "
+                      "the same command with --resume (it continues from the last complete checkpoint)") if full else None
+
+
 def save_pretrained_atomically(model, tokenizer, out: Path, state_dict=None, save_function=None,
                                extra_tensors: dict[str, dict] | None = None) -> None:
     """`save_pretrained` (safetensors) into a temporary directory, then move each file into `out`.
@@ -175,6 +208,10 @@ def save_pretrained_atomically(model, tokenizer, out: Path, state_dict=None, sav
             if target.is_dir():
                 shutil.rmtree(target)
             os.replace(item, target)
+    except Exception as exc:
+        if (full := out_of_space(out, exc, "the model")) is not None:  # asked before `finally` frees the space
+            raise full from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
