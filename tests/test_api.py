@@ -107,8 +107,8 @@ def test_weighted_rewards_are_summed_logged_by_part_and_a_callback_stops_the_run
         assert m["reward"] == pytest.approx(m["reward/fruit"] + 0.5 * m["reward/length"], abs=1e-12)
     assert seen[0] == ("begin", 0) and seen[-1] == ("end", 2)
     assert [s[1:] for s in seen if s[0] == "log"] == [(m["step"], m["reward"]) for m in lines]
-    assert [s for s in seen if s[0] in ("evaluate", "save")] == [("evaluate", 0, 6), ("save", "checkpoint-1"),
-                                                               ("evaluate", 2, 6)]  # the stop's step is evaluated
+    assert [s for s in seen if s[0] in ("evaluate", "save")] == [  # the stop's step is evaluated and checkpointed
+        ("evaluate", 0, 6), ("save", "checkpoint-1"), ("evaluate", 2, 6), ("save", "checkpoint-2")]
     assert metrics["eval_n"] == 6 and "eval_reward" in metrics
     held_out = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
     assert [e["step"] for e in held_out] == [0, 2] and all("reward" in e for e in held_out)  # the Meddler changed no file
