@@ -218,13 +218,20 @@ def test_the_python_api_example_runs_and_its_callback_stops_it_early(tmp_path):
 def test_the_run_directory_has_a_model_card(assets, tmp_path):
     import yaml
 
+    from p3o.utils.model_card import hub_name
+
+    assert [hub_name(n) for n in ("HuggingFaceTB/SmolLM2-135M-Instruct", "gpt2", str(tmp_path), "./x", None)] == [
+        "HuggingFaceTB/SmolLM2-135M-Instruct", "gpt2", None, None, None]
+
     trainer = P3OTrainer(str(assets["llama"]), fruit, train_dataset=prompt_rows(), eval_dataset=prompt_rows(8, seed=3),
                          args=args(tmp_path, max_steps=2, eval_max_prompts=4))
     metrics = trainer.train()
     card = (tmp_path / "run" / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])
-    assert front == {"library_name": "transformers", "tags": ["p3o", "rlhf", "p3o-v2"], "base_model": str(assets["llama"])}
+    assert front == {"library_name": "transformers", "tags": ["p3o", "rlhf", "p3o-v2"]}  # a path is no Hub id
+    assert f"`{assets['llama']}` fine-tuned with **p3o-v2**" in card
     assert "| `algo` | p3o-v2 |" in card and "arXiv:2310.00212" in card and "from_pretrained" in card
+    assert "| `lora_r` |" not in card and "| `importance_clamp` |" in card  # what this run used, not LoRA's rank
     assert f"| kl | {metrics['kl']:.4f} | {metrics['eval_kl']:.4f} ± {metrics['eval_kl_stderr']:.4f} |" in card
 
 

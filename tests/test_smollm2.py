@@ -222,7 +222,7 @@ def test_sft_and_rm_train_and_save_plain_checkpoints(smollm2, tmp_path):
         metrics = [json.loads(line) for line in (tmp_path / stage / "metrics.jsonl").read_text().splitlines()]
         assert metrics and all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics if "loss" in m)
         card = (tmp_path / stage / "README.md").read_text()  # a model card, as `p3o train` writes
-        assert f"base_model: {smollm2}" in card and "| `eval_loss` |" in card
+        assert f"`{smollm2}` trained as" in card and "base_model:" not in card and "| `eval_loss` |" in card
     assert "AutoModelForSequenceClassification.from_pretrained" in (tmp_path / "rm" / "README.md").read_text()
     reward_model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
     assert reward_model.config.num_labels == 1 and reward_model.score.weight.abs().sum() > 0

@@ -29,9 +29,29 @@ KEY_SETTINGS = ("algo", "beta", "clip_eps", "importance_clamp", "epochs", "pairs
 SHOWN_METRICS = ("reward", "kl", "response_length", "monitor_reward", "reward_accuracy", "loss")
 
 
+def hub_name(name: str | None) -> str | None:
+    """`name` where it is a Hub repository id (the Hub's `base_model` takes only those), else None
+    (a local path, which the card's text still names)."""
+    if not name or Path(name).expanduser().exists() or not re.fullmatch(r"\w[\w.-]*(/\w[\w.-]*)?", name):
+        return None
+    return name
+
+
+def _shown(cfg, name: str) -> bool:
+    """Whether a key setting applies to this run: LoRA's rank under LoRA, the ratio clip where a loss reads it."""
+    if name == "lora_r":
+        return bool(cfg.use_peft)
+    if name == "importance_clamp":
+        return cfg.algo in ("p3o-v1", "p3o-v2")
+    if name == "clip_eps":
+        return cfg.algo not in ("dpo", "online-dpo")
+    return getattr(cfg, name, None) is not None
+
+
 def write_model_card(out: Path, cfg, base_model: str, metrics: dict) -> None:
     title, arxiv = CITATIONS.get(cfg.algo, CITATIONS["p3o-v2"])
-    front = {"library_name": "transformers", "tags": ["p3o", "rlhf", cfg.algo], "base_model": base_model}
+    front = {"library_name": "transformers", "tags": ["p3o", "rlhf", cfg.algo],
+             **({"base_model": hub_name(base_model)} if hub_name(base_model) else {})}
     data = cfg.dataset or "a dataset given in Python"
     rewards = [*(cfg.reward_fn or []), *(cfg.reward_model or []), *(cfg.reward_url or [])]
     lines = [
@@ -40,8 +60,10 @@ def write_model_card(out: Path, cfg, base_model: str, metrics: dict) -> None:
         f"`{base_model}` fine-tuned with **{cfg.algo}** by [p3o](https://pypi.org/project/p3o/) on `{data}`"
         + (f", against {', '.join(f'`{r}`' for r in rewards)}" if rewards else "") + ".", "",
         "## Settings", "", "| setting | value |", "|---|---|",
-        *(f"| `{name}` | {getattr(cfg, name)} |" for name in KEY_SETTINGS if getattr(cfg, name, None) is not None),
-        "", "The whole configuration is in `config.yaml`, every step's metrics in `metrics.jsonl`.", "",
+        *(f"| `{name}` | {getattr(cfg, name)} |" for name in KEY_SETTINGS if _shown(cfg, name)),
+        "", "The whole configuration is in `config.yaml`, every step's metrics in `metrics.jsonl`"
+        + ("; the LoRA adapter alone is under `adapter/` (the weights here have it merged)" if cfg.use_peft else "")
+        + ".", "",
         "## Results", "", "| metric | last training step | held out |", "|---|---|---|",
         *(_metric_row(name, metrics) for name in SHOWN_METRICS if name in metrics or f"eval_{name}" in metrics),
         "", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
@@ -64,7 +86,7 @@ def write_stage_card(out: Path, cfg, command: str, evaluation: dict, base_model:
     reward_model = command == "p3o rm"
     kind = "AutoModelForSequenceClassification" if reward_model else "AutoModelForCausalLM"
     front = {"library_name": "transformers", "tags": ["p3o", "reward-model" if reward_model else "sft"],
-             **({"base_model": base_model} if base_model else {})}
+             **({"base_model": hub_name(base_model)} if hub_name(base_model) else {})}
     what = "a reward model (Bradley-Terry, one score at the last token)" if reward_model else "supervised fine-tuning"
     shown = [name for name in STAGE_SETTINGS if getattr(cfg, name, None) is not None
              and (cfg.use_peft or not name.startswith("lora_"))]
