@@ -422,10 +422,13 @@ def test_the_trainer_offers_trls_evaluate_state_and_callback_methods(assets, tmp
     from transformers import TrainerCallback
 
     class Counter(TrainerCallback):
-        steps = 0
+        steps = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            Counter.steps.append(("begin", state.global_step))
 
         def on_step_end(self, args, state, control, **kwargs):
-            Counter.steps += 1
+            Counter.steps.append(("end", state.global_step))
 
     trainer = P3OTrainer(str(assets["llama"]), fruit, train_dataset=prompt_rows(),
                          eval_dataset=prompt_rows(6, seed=9), args=args(tmp_path, max_steps=2))
@@ -437,7 +440,7 @@ def test_the_trainer_offers_trls_evaluate_state_and_callback_methods(assets, tmp
     trainer.add_callback(StopNever := TrainerCallback())
     assert trainer.pop_callback(StopNever) is StopNever and trainer.pop_callback(StopNever) is None
     trainer.train()
-    assert Counter.steps == 2
+    assert Counter.steps == [("begin", 0), ("end", 1), ("begin", 1), ("end", 2)]
     history = trainer.state.log_history
     assert [h["step"] for h in history if "reward" in h] == [1, 2]
     assert [h["step"] for h in history if "eval_reward" in h] == [0, 2]  # the run's held-out points

@@ -187,11 +187,13 @@ class Trainer:
 
     # --- the loop ----------------------------------------------------------------------------
 
-    def train(self, on_step=None) -> list[dict]:
+    def train(self, on_step=None, before_step=None) -> list[dict]:
         """Run until `max_steps`; `on_step(metrics, texts)` is called after every step (logging,
-        checkpoints, callbacks) and ends the run early by returning True."""
+        checkpoints, callbacks) and ends the run early by returning True; `before_step()` before each."""
         history = []
         while self.state.step < self.cfg.max_steps:
+            if before_step is not None:
+                before_step()
             start = time.perf_counter()
             rollout, texts, timings = self.collect_rollout(self.state.step)
             t0 = time.perf_counter()

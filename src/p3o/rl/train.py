@@ -63,7 +63,7 @@ class P3OTrainer:
         whole), or a path or hub name; the columns and formats `p3o train` reads.
     processing_class: the tokenizer (default: the model's).
     peft_config: a `peft.LoraConfig` (or `args.use_peft` for p3o's default LoRA).
-    callbacks: objects with `transformers.TrainerCallback` hooks (`on_train_begin`, `on_step_end`,
+    callbacks: objects with `transformers.TrainerCallback` hooks (`on_train_begin`, `on_step_begin`, `on_step_end`,
         `on_log`, `on_evaluate`, `on_save`, `on_train_end`); `state.global_step` counts
         rollout-and-update steps; `control.should_training_stop` ends the run cleanly.
     ref_model: the frozen reference (default: `args.ref_model_name_or_path`, else the initial policy, a
@@ -376,7 +376,7 @@ def _run(api: P3OTrainer, out: Path, resuming: bool) -> dict:
         try:
             if evaluator is not None and not resuming:
                 evaluate(0)  # the starting point: KL 0, the initial policy's rewards
-            trainer.train(on_step)
+            trainer.train(on_step, before_step=lambda: callbacks.fire("on_step_begin"))
         finally:
             bar.close()
             for writer in writers.values():

@@ -7,7 +7,7 @@ Called as transformers calls them, `hook(args, state, control, **kwargs)`, with 
 """
 from __future__ import annotations
 
-HOOKS = ("on_train_begin", "on_step_end", "on_log", "on_evaluate", "on_save", "on_train_end")
+HOOKS = ("on_train_begin", "on_step_begin", "on_step_end", "on_log", "on_evaluate", "on_save", "on_train_end")
 
 
 class CallbackHandler:
