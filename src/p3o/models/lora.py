@@ -136,8 +136,13 @@ class InitialAdapters:
         return self.model.config
 
     def __call__(self, *args, **kwargs):
+        import torch
+
         params = dict(self.model.named_parameters())
         held = {name: params[name].data for name in self.initial}
+        # Autocast keeps its casts of trainable parameters by tensor until its region ends, and swapping
+        # `.data` does not reach them: without clearing, the reference would run the current adapters' casts.
+        torch.clear_autocast_cache()
         try:
             for name, start in self.initial.items():
                 param = params[name]
@@ -148,6 +153,7 @@ class InitialAdapters:
         finally:
             for name, data in held.items():
                 params[name].data = data
+            torch.clear_autocast_cache()  # nor may the policy's next forward run the initial adapters' casts
 
 
 def adapters_change_the_model(peft_model) -> bool:
