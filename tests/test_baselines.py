@@ -422,6 +422,9 @@ def test_dpo_scores_at_temperature_one_whatever_it_samples_at(assets, tmp_path, 
     rollout, _, _ = trainer.collect_rollout(0)
     at_one = batched_token_logprobs(trainer.ref_policy, rollout, 1.0, 16)
     assert torch.allclose(rollout.ref_token_logp, at_one, atol=1e-6)
+    # The training forward too: the first update compares the policy with itself, log 2 a pair (ties: 0)
+    first = build_trainer(make(temperature=0.5, max_steps=1, epochs=1, minibatch_pairs=8)).train()[0]
+    assert first["loss"] == pytest.approx(math.log(2) * (1 - first.get("tie_fraction", 0.0)), abs=1e-6)
     p3o = build_trainer(train_config(assets, tmp_path, temperature=0.5))
     rollout, _, _ = p3o.collect_rollout(0)
     assert torch.allclose(rollout.ref_token_logp, batched_token_logprobs(p3o.ref_policy, rollout, 0.5, 16), atol=1e-6)

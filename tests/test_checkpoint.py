@@ -199,6 +199,10 @@ def test_overwrite_removes_the_earlier_runs_checkpoints_so_resume_never_mixes_tw
     assert main(cli_args(assets, out, "--max_steps", "2", "--save_steps", "1", "--seed", "5", "--overwrite")) == 0
     assert [p.name for p in checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
     assert (out / "notes.txt").read_text() == "mine"  # only the run's own folders go
+    # A checkpoint that is this run's own input is refused, never removed.
+    assert main([*cli_args(assets, out, "--max_steps", "2", "--overwrite"), "--model_name_or_path",
+                 str(out / "checkpoint-1")]) == 2
+    assert [p.name for p in checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
 
 
 def test_a_requeued_resume_starts_over_where_the_first_try_died_before_its_first_checkpoint(assets, tmp_path,
@@ -262,6 +266,14 @@ def test_a_full_disk_is_one_line_and_leaves_no_half_written_checkpoint(assets, t
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, 10**12))
     with pytest.raises(RuntimeError, match="unexpected pos"):  # with space to spare it is no disk error
         write_checkpoint(tmp_path, 3, torn, None)
+
+    def bug(tmp):  # a genuine bug while the disk happens to be nearly full: not called a full disk
+        raise TypeError("Object of type set is not JSON serializable")
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1024))
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        write_checkpoint(tmp_path, 3, bug, None)
+    assert list(tmp_path.iterdir()) == []
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "config.yaml"))

@@ -150,13 +150,15 @@ def test_train_under_torchrun_writes_once_and_resumes_on_one_process(assets, tmp
     from p3o.rl.train import build_trainer
 
     held_out, out = write_jsonl(tmp_path / "held_out.jsonl", prompt_rows(20, seed=7)), tmp_path / "run"
-    # A second reward that applies on process 1 only (None, TRL's "not applicable", on process 0):
-    # reward/on_one is the mean of process 1's values, not NaN or half of it.
+    # A second reward that applies to every completion on process 1, to half of them on process 0 (None,
+    # TRL's "not applicable", elsewhere): reward/on_one is the mean over all that it applies to, not
+    # the mean of the processes' means.
     partial = tmp_path / "partial.py"
     partial.write_text("import json, os\n"
                        "def on_one(completions, **kwargs):\n"
                        "    rank = os.environ.get('RANK', '1')\n"
-                       "    values = [None if rank == '0' else float(len(c)) for c in completions]\n"
+                       "    values = [None if rank == '0' and i % 2 else float(len(c))\n"
+                       "              for i, c in enumerate(completions)]\n"
                        f"    with open({str(tmp_path)!r} + f'/values-{{rank}}.jsonl', 'a') as f:\n"
                        "        f.write(json.dumps(values) + '\\n')\n"
                        "    return values\n")
@@ -164,9 +166,13 @@ def test_train_under_torchrun_writes_once_and_resumes_on_one_process(assets, tmp
     done = launch(2, "-m", "p3o", *train_cli(assets, out, held_out, steps=2), *two_rewards)
     assert done.stderr.count("saved the trained policy") == 1 and done.stderr.count("p3o-v2: ") == 1  # one voice
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2]
-    on_one = [json.loads(line) for line in (tmp_path / "values-1.jsonl").read_text().splitlines()]
-    assert [m["reward/on_one"] for m in read_jsonl(out / "metrics.jsonl")] == pytest.approx(
-        [sum(v) / len(v) for v in on_one if len(v) == 8], abs=1e-12)  # the rollouts' 4 pairs (held-out: 10 prompts)
+    rollouts = [[json.loads(line) for line in (tmp_path / f"values-{rank}.jsonl").read_text().splitlines()
+                 if len(json.loads(line)) == 8] for rank in (0, 1)]  # the rollouts' 4 pairs (held-out: 10 prompts)
+    expected = []
+    for zero, one in zip(*rollouts):
+        known = [v for v in zero + one if v is not None]
+        expected.append(sum(known) / len(known))
+    assert [m["reward/on_one"] for m in read_jsonl(out / "metrics.jsonl")] == pytest.approx(expected, abs=1e-12)
     assert [(e["step"], e["n"]) for e in read_jsonl(out / "eval.jsonl")] == [(0, 20), (2, 20)]  # all prompts, split
     assert (out / "checkpoint-1" / "trainer_state.json").is_file()
 

@@ -194,10 +194,19 @@ def test_a_model_with_nothing_to_train_and_an_unsafe_pickle_are_refused_in_one_l
 
     from p3o import P3OConfig, P3OTrainer
 
+    from peft import LoraConfig, get_peft_model
+
     frozen = load_causal_lm(str(assets["llama"])).requires_grad_(False)  # as merge_and_unload leaves a model
+    config = P3OConfig(output_dir=str(tmp_path / "run"))
     with pytest.raises(UsageError, match="no trainable parameters"):
-        P3OTrainer(frozen, f"{assets['rewards']}:fruit", train_dataset=prompt_rows(),
-                   args=P3OConfig(output_dir=str(tmp_path / "run")))
+        P3OTrainer(frozen, f"{assets['rewards']}:fruit", train_dataset=prompt_rows(), args=config)
+    peft_model = get_peft_model(load_causal_lm(str(assets["llama"])), LoraConfig(r=4, target_modules="all-linear"))
+    peft_model.requires_grad_(False)  # as PeftModel.from_pretrained loads an adapter
+    with pytest.raises(UsageError, match="load it with is_trainable=True"):
+        P3OTrainer(peft_model, f"{assets['rewards']}:fruit", train_dataset=prompt_rows(), args=config)
+    peft_model.requires_grad_(True)  # the base too: its training would be in no checkpoint
+    with pytest.raises(UsageError, match="also trains .* weights outside its adapters"):
+        P3OTrainer(peft_model, f"{assets['rewards']}:fruit", train_dataset=prompt_rows(), args=config)
     assert not (tmp_path / "run").exists()
 
     class Runs:  # what a malicious pytorch_model.bin holds: a call made while unpickling

@@ -271,7 +271,7 @@ def test_none_is_not_applicable_beside_other_rewards_as_in_trl(caplog):
     with caplog.at_level("WARNING", logger="p3o"):
         assert alone(["p"] * 2, ["story", "sum"]).tolist() == [0.0, 3.0]
     assert "no reward applies to 1 of 2 completions" in caplog.text
-    with pytest.raises(RewardError, match="accepted only beside other rewards"):
+    with pytest.raises(RewardError, match="accepted in training's rewards, not here"):
         RewardFunction(maths, "maths")(["p"], ["story"])
     with pytest.raises(RewardError, match="non-finite value"):
         check_rewards([1.0, float("nan"), None], 3, "f", none_allowed=True)
@@ -340,3 +340,15 @@ def test_async_reward_functions_run_together_on_one_loop_kept_between_calls():
     with pytest.raises(RewardError, match="reward function fails raised ValueError: judge unreachable"):
         RewardFunction(fails, "fails")(["p"], ["a"])
     assert RewardFunction(waits, "alone")(["p"], ["a"]).tolist() == [1.0]  # the event is still set
+
+
+def test_an_async_reward_that_raises_systemexit_raises_it_here_and_the_loop_lives_on():
+    async def quits(completions, **kwargs):
+        raise SystemExit(3)
+
+    async def fine(completions, **kwargs):
+        return [1.0] * len(completions)
+
+    with pytest.raises(SystemExit):
+        RewardFunction(quits, "quits")(["p"], ["a"])
+    assert RewardFunction(fine, "fine")(["p"], ["a"]).tolist() == [1.0]  # the next call does not hang

@@ -133,7 +133,7 @@ def test_sft_and_rm_bad_input(word_task, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command", ["sft", "rm"])
-def test_sft_and_rm_resume_from_a_checkpoint_bit_for_bit(word_task, tmp_path, command):
+def test_sft_and_rm_resume_from_a_checkpoint_bit_for_bit(word_task, tmp_path, command, capsys):
     """Checkpoints mid-epoch and at an epoch's end; a run resumed from either ends with the same weights."""
     import shutil
 
@@ -169,6 +169,16 @@ def test_sft_and_rm_resume_from_a_checkpoint_bit_for_bit(word_task, tmp_path, co
             return [(row["step"], sorted(row)) for row in rows]
 
         assert shape(part) == shape(tmp_path / "whole")
+    from safetensors.torch import save_file  # a checkpoint that lost a tensor is refused, not resumed half-initial
+
+    torn = tmp_path / "torn"
+    shutil.copytree(tmp_path / "whole", torn)
+    for later in found[1:]:
+        shutil.rmtree(torn / later)
+    weights = load_file(str(torn / found[0] / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if "layers.0.mlp" not in k}, str(torn / found[0] / "model.safetensors"))
+    assert main([*base, "--output_dir", str(torn), "--resume"]) == 2
+    assert "lacks weights for" in capsys.readouterr().err
 
 
 def test_sft_skips_non_finite_steps_and_stops_after_too_many(tokenizer, tmp_path):

@@ -21,6 +21,9 @@ def adamw(model: torch.nn.Module, learning_rate: float, weight_decay: float, bet
     """AdamW over `model`'s trainable parameters (torch's defaults for betas and eps)."""
     groups = param_groups(model, weight_decay)
     if not any(group["params"] for group in groups):  # else a traceback from backward() after the first rollout
+        if any(hasattr(module, "peft_config") for module in model.modules()):
+            raise UsageError("the LoRA model's adapters are frozen (peft's PeftModel.from_pretrained loads them so): "
+                             "load it with is_trainable=True")
         raise UsageError("the model has no trainable parameters (requires_grad is False on every one, as peft's "
                          "merge_and_unload leaves them): call model.requires_grad_(True), or train LoRA adapters "
                          "(use_peft)")

@@ -86,7 +86,7 @@ class SupervisedConfig:
     lora_target_modules: str = option("all-linear", "Modules that get adapters: all-linear (every linear layer but the output head) or comma-separated names such as q_proj,v_proj (with --use_peft).")
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass instead of storing them: less memory for longer sequences and bigger batches, at about one more forward's time; the same gradient.")
     report_to: str = option("none", "Also log metrics to: none, tensorboard, wandb, ... (comma-separated).", comma_list=True)
-    overwrite: bool = option(False, "Allow a non-empty output_dir; files of the same name are replaced.")
+    overwrite: bool = option(False, "Allow a non-empty output_dir: files of the same name are replaced, and the checkpoints of the run that was there removed (other files are kept).")
     disable_progress_bar: bool = option(False, "Hide the progress bar.")
     save_steps: int = option(0, "Write a checkpoint (weights, optimiser, scheduler, RNG, position) every N optimiser steps into output_dir/checkpoint-N; 0: only on Ctrl-C/SIGTERM.")
     save_total_limit: int | None = option(None, "Keep only the newest N checkpoints (default: all).")
@@ -304,6 +304,10 @@ def _load_checkpoint(path, accelerator, model, optimizer, scheduler, peft_model=
             prefix = next(name for name, module in trained.named_modules() if module is saved_model) + "."
             state = {prefix + k: v for k, v in state.items()}  # the saved model's names, back into the trainer's
             # (checkpoints written before 2026-12-07 hold the trainer's own names)
+        tied = {n for n, _ in trained.named_parameters(remove_duplicate=False)} - {n for n, _ in trained.named_parameters()}
+        if missing := sorted(set(trained.state_dict()) - set(state) - tied):
+            raise UsageError(f"{path} lacks weights for {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}; "
+                             "resume from another checkpoint (or start again with --overwrite)")
         load_module_state(accelerator, model, state)  # each process its shard; DeepSpeed its fp32 master copy too
     return FitState(**load_training_checkpoint(path, accelerator, model, optimizer, scheduler))
 

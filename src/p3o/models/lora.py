@@ -156,6 +156,17 @@ class InitialAdapters:
             torch.clear_autocast_cache()  # nor may the policy's next forward run the initial adapters' casts
 
 
+def check_trains_adapters_only(peft_model) -> None:
+    """A LoRA model's checkpoints hold its adapters (and `modules_to_save`) only: base weights it
+    also trains would be lost on --resume, so they are refused."""
+    outside = [name for name, param in peft_model.named_parameters()
+               if param.requires_grad and "lora_" not in name and "modules_to_save" not in name]
+    if outside:
+        raise UsageError(f"the LoRA model also trains {len(outside)} weights outside its adapters ({outside[0]}, ...), "
+                         "which its checkpoints would not hold: freeze them (requires_grad_(False)), or merge the "
+                         "adapters and train the whole model")
+
+
 def adapters_change_the_model(peft_model) -> bool:
     """Whether `peft_model` with its adapters on differs from it with them off: a LoRA B matrix that
     is not zero (trained, or PiSSA's initialisation), or trained parameters besides the adapters

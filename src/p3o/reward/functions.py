@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import importlib
 import importlib.util
 import inspect
@@ -69,8 +68,7 @@ def check_rewards(values: Any, expected: int, name: str, none_allowed: bool = Fa
         if value is None and none_allowed:
             continue
         if isinstance(value, (str, bytes, list, tuple, Mapping)) or not hasattr(value, "__float__"):
-            hint = " (None, TRL's 'not applicable', is accepted only beside other rewards in training)" * (
-                value is None)
+            hint = " (None, TRL's 'not applicable', is accepted in training's rewards, not here)" * (value is None)
             raise RewardError(f"reward {name} must return a flat list of numbers, got an element {value!r}{hint}")
     if len(values) != expected:
         raise RewardError(f"reward {name} returned {len(values)} values for {expected} completions; "
@@ -155,23 +153,37 @@ class RewardFunction:
 def settled(results: list) -> list:
     """`results` with each coroutine replaced by what it returns (or the exception it raises), the
     coroutines run together, as TRL runs async reward functions: on one event loop, in a thread of
-    its own, kept for the process (a client a function keeps between calls stays on its loop)."""
+    its own, kept for the process (a client a function keeps between calls stays on its loop). A
+    SystemExit or KeyboardInterrupt one raises is raised here, in the caller's thread."""
     pending = [i for i, r in enumerate(results) if inspect.isawaitable(r)]
     if not pending:
         return results
 
+    async def caught(awaitable):  # every exception comes back as a value: none may stop the loop's thread
+        try:
+            return await awaitable
+        except BaseException as exc:  # noqa: BLE001
+            return exc
+
     async def together():
-        return await asyncio.gather(*(results[i] for i in pending), return_exceptions=True)
+        return await asyncio.gather(*(caught(results[i]) for i in pending))
 
     done = asyncio.run_coroutine_threadsafe(together(), _event_loop()).result()
+    if stop := next((v for v in done if isinstance(v, BaseException) and not isinstance(v, Exception)), None):
+        raise stop
     out = list(results)
     for i, value in zip(pending, done):
         out[i] = value
     return out
 
 
-@functools.cache
+_LOOP: list = []  # [(loop, thread)] once made
+
+
 def _event_loop() -> asyncio.AbstractEventLoop:
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, name="p3o-async-rewards", daemon=True).start()
-    return loop
+    if not _LOOP or not _LOOP[0][1].is_alive():
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="p3o-async-rewards", daemon=True)
+        thread.start()
+        _LOOP[:] = [(loop, thread)]
+    return _LOOP[0][0]

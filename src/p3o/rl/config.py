@@ -111,7 +111,7 @@ class P3OConfig:
     missing_eos_penalty: float = option(0.0, "Subtracted from the reward of a response that ends without an end-of-turn or EOS token (cut at --max_new_tokens), as TRL's option of that name. A reward model scores the reply re-rendered by its chat template, which closes every turn, so a cut-off reply otherwise scores as if it had ended.")
     mixed_precision: str = option("no", "no, bf16 or fp16 (passed to accelerate).", choices=("no", "bf16", "fp16"))
     report_to: str = option("none", "Also log metrics to: none, tensorboard, wandb, or several joined by commas (metrics.jsonl is always written).", comma_list=True)
-    overwrite: bool = option(False, "Allow a non-empty output_dir; files of the same name are replaced.")
+    overwrite: bool = option(False, "Allow a non-empty output_dir: files of the same name are replaced, and the checkpoints of the run that was there removed (other files are kept).")
     save_steps: int = option(0, "Write a checkpoint (policy, optimiser, scheduler, RNG, counters) every N steps into output_dir/checkpoint-N; 0: only on Ctrl-C/SIGTERM.")
     save_total_limit: int | None = option(None, "Keep only the newest N checkpoints (default: all).")
     resume: bool = option(False, "Continue from the latest complete checkpoint in --output_dir, bit-for-bit as if never stopped (same settings required); starts afresh if the directory is empty.")

@@ -31,7 +31,7 @@ from p3o.models.loading import disable_dropout, eos_token_ids
 from p3o.models.lean_lora import lean_lora_forward
 from p3o.models.lean_mlp import lean_gated_mlp
 from p3o.models.lora import (AdaptersDisabled, InitialAdapters, add_lora, adapters_change_the_model,
-                             hold_frozen_base_in, is_lora)
+                             check_trains_adapters_only, hold_frozen_base_in, is_lora)
 from p3o.rl.algorithms import get_algorithm
 from p3o.rl.config import TrainConfig, derive_sizes
 from p3o.rl.kl_control import KLController
@@ -168,6 +168,8 @@ class Trainer:
     def _reference(self, policy, given):
         """The frozen reference: `given`, else the initial policy; under LoRA that is the policy itself
         with its adapters off (no second copy of the weights), or with the adapters it came with."""
+        if is_lora(policy):
+            check_trains_adapters_only(policy)
         if given is None and is_lora(policy):
             return InitialAdapters(policy) if adapters_change_the_model(policy) else AdaptersDisabled(policy)
         reference = (given or copy.deepcopy(policy)).requires_grad_(False).eval()
@@ -470,7 +472,8 @@ class Trainer:
             **({"kl": r.kl.mean().item()} if r.kl is not None else {}),
             **({"monitor_reward": r.monitor_rewards.mean().item()} if r.monitor_rewards is not None else {}),
             "response_length": r.response_mask.sum(-1).float().mean().item(),
-            **({"entropy": _entropy(r.old_token_logp, r.response_mask)} if r.old_token_logp is not None else {}),
+            **({"entropy": _entropy(r.old_token_logp, r.response_mask)}  # of the distribution sampled
+               if r.old_token_logp is not None and self.logprob_temperature == self.cfg.temperature else {}),
             **r.stats,
             **update_stats,
         }

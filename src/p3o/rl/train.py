@@ -464,7 +464,8 @@ class HeldOutEvaluator:
                                           t.cfg.max_new_tokens, seed=self.SEED, temperature=t.cfg.temperature,
                                           first_index=self.first, synced=t.sharded,
                                           max_prompt_length=t.max_prompt_length,
-                                          reward_context=t.reward_context(logged=False))["samples"][:self.real]
+                                          reward_context=t.reward_context(logged=False),
+                                          score_temperature=t.logprob_temperature)["samples"][:self.real]
         if t.accelerator.num_processes > 1:
             samples = gather_object([{name: sample[name] for name in names} for sample in samples])
         point = {"step": step, **summarise(samples, names), "n": len(samples)}

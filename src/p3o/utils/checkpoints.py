@@ -54,7 +54,7 @@ def write_checkpoint(out: Path, step: int, write: Callable[[Path], None], limit:
         full = out_of_space(out, exc, final.name)  # before the space is freed
         shutil.rmtree(tmp, ignore_errors=True)
         if full is not None:
-            raise full from None
+            raise full from exc
         raise
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)

@@ -36,12 +36,18 @@ def _remove_partial_run(out: Path, existed: bool) -> None:
         shutil.rmtree(out, ignore_errors=True)
 
 
-def remove_earlier_checkpoints(out: Path) -> None:
+def remove_earlier_checkpoints(out: Path, inputs: dict[str, str | None]) -> None:
     """A run started from step 0 over an earlier one (--overwrite) removes that run's checkpoints
     (and its unfinished temporary ones): --resume would continue from them, and --save_total_limit
-    would keep them instead of the new run's."""
+    would keep them instead of the new run's. One that holds an input of this run is refused instead."""
     stale = [p for pattern in ("checkpoint-*", ".checkpoint-*.tmp", ".saving-*") for p in out.glob(pattern)
              if p.is_dir()]
+    for flag, value in inputs.items():
+        where = Path(value).resolve() if value and Path(value).exists() else None
+        for path in stale:
+            if where is not None and where.is_relative_to(path.resolve()):
+                raise UsageError(f"--{flag} {value} is in {path}, a checkpoint of the run in --output_dir that "
+                                 "--overwrite would remove; copy it elsewhere first, or choose another --output_dir")
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
     if stale:
@@ -61,7 +67,7 @@ def run_directory(output_dir: str, overwrite: bool, inputs: dict[str, str | None
     existed = out.exists()
     prepare_output_dir(output_dir, overwrite)
     if fresh and existed:
-        remove_earlier_checkpoints(out)
+        remove_earlier_checkpoints(out, inputs)
     try:
         yield out
     except BaseException:
@@ -172,15 +178,21 @@ class JsonlWriter:
 
 
 def out_of_space(path: Path, exc: BaseException, what: str) -> UsageError | None:
-    """One line for a write into `path` that failed because its disk is full (torch and tokenizers
-    report that in errors of their own, not as OSError), else None."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        full = True
-    else:
+    """One line for a write into `path` that failed because its disk is full, else None. torch and
+    tokenizers report a full disk in errors of their own, not as OSError: their words count, torch's
+    short write ("unexpected pos") only where the disk is in fact (nearly) full."""
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    text = " ".join(str(e) for e in chain)
+    full = (any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in chain)
+            or "No space left on device" in text or "os error 28" in text)
+    if not full and "unexpected pos" in text:
         try:
             full = shutil.disk_usage(path).free < 64 * 2**20
         except OSError:
-            full = False
+            pass
     return UsageError(f"no space left on the device of {path} while writing {what}: free some space, then run "
                       "the same command with --resume (it continues from the last complete checkpoint)") if full else None
 
@@ -210,7 +222,7 @@ def save_pretrained_atomically(model, tokenizer, out: Path, state_dict=None, sav
             os.replace(item, target)
     except Exception as exc:
         if (full := out_of_space(out, exc, "the model")) is not None:  # asked before `finally` frees the space
-            raise full from None
+            raise full from exc
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
