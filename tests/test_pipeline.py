@@ -64,8 +64,14 @@ def test_a_local_recipe_runs_every_stage(tmp_path, assets, capsys):
 
 @pytest.mark.parametrize("section, mistake, message", [
     ("sft", {"dataset": "missing.jsonl"}, "--dataset missing.jsonl does not exist"),
-    ("sft", {"model_name_or_path": "/no/such/model"}, "model /no/such/model does not exist"),
+    ("sft", {"model_name_or_path": "/no/such/model"}, "sft: --model_name_or_path /no/such/model does not exist"),
     ("train", {"reward_fn": "nope.py:f"}, "nope.py does not exist"),
+    ("train", {"reward_model": "./runs/nope_rm"}, "train: --reward_model ./runs/nope_rm does not exist"),
+    ("train", {"ref_model_name_or_path": "./runs/nope"}, "train: --ref_model_name_or_path ./runs/nope does not"),
+    ("train", {"prompt_column": "question"}, "has no column 'question'"),  # found before SFT runs
+    ("sft", {"completion_column": "answer"}, "no column 'answer'"),
+    ("train", {"model_name_or_path": "{run}_missing/sft"}, "_missing/sft does not exist"),  # not an earlier stage's
+    ("train", {"mixed_precision": "bf17"}, "section train: --mixed_precision must be"),
     ("train", {"pairs_per_step": 5, "minibatch_pairs": 2}, "--pairs_per_step 5 must be a multiple of --minibatch_pairs 2")])
 def test_check_finds_what_the_run_would_refuse_before_running_anything(tmp_path, assets, capsys, section, mistake,
                                                                         message):
@@ -75,7 +81,7 @@ def test_check_finds_what_the_run_would_refuse_before_running_anything(tmp_path,
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": " b"}])
     stages = {"sft": {"model_name_or_path": str(assets["llama"]), "dataset": str(data)},
               "train": {"dataset": str(data), "reward_fn": f"{assets['rewards']}:fruit"}}
-    stages[section].update(mistake)
+    stages[section].update({k: v.format(run=tmp_path / "run") if isinstance(v, str) else v for k, v in mistake.items()})
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "run"), **stages}))
     assert main(["pipeline", "--config", str(recipe), "--check"]) == 2
@@ -116,6 +122,16 @@ def test_resume_keeps_finished_stages_after_a_later_one_failed(tmp_path, assets,
     assert main(["pipeline", "--config", str(recipe), "--resume"]) == 0
     assert sft_model.stat().st_mtime_ns == stamp and (tmp_path / "run" / "train" / "model.safetensors").is_file()
     assert "sft finished already" in capsys.readouterr().out
+    # An earlier stage that runs again (its folder removed) makes every later one run again: train is
+    # not kept, since it was trained from the SFT model that is gone.
+    import shutil
+
+    train_model = tmp_path / "run" / "train" / "model.safetensors"
+    trained_at = train_model.stat().st_mtime_ns
+    shutil.rmtree(tmp_path / "run" / "sft")
+    assert main(["pipeline", "--config", str(recipe), "--resume"]) == 0
+    assert "finished already" not in capsys.readouterr().out and train_model.stat().st_mtime_ns != trained_at
+    stamp = sft_model.stat().st_mtime_ns
     sections["sft"]["learning_rate"] = 0.5
     recipe.write_text(yaml.safe_dump(sections))
     for check in (["--check"], []):
@@ -129,3 +145,37 @@ def test_a_train_section_with_a_reward_function_keeps_the_sft_model(tmp_path):
                                       "train": {"dataset": "p.jsonl", "reward_fn": "p3o.tasks.dialogue:gold_reward"}}))
     train, _ = load_recipe(str(recipe))["train"]
     assert train.model_name_or_path == str(tmp_path / "o" / "sft") and train.reward_model is None
+
+
+def test_a_signal_during_a_stages_final_save_keeps_the_stage_and_stops_the_pipeline(tmp_path, assets, capsys,
+                                                                                   monkeypatch):
+    """The stage finished its save, so it is kept; the pipeline stops there (it went on to the next
+    stage before) and --resume continues with the next one."""
+    from conftest import write_jsonl
+
+    import p3o.pipeline.recipe as recipe_module
+    from p3o.utils.checkpoints import StoppedAfterFinishing
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"story : the {n} is", "completion": " a cat ."}
+                                               for n in ("cat", "dog", "cow", "fish")])
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "run"),
+                                      "sft": {"model_name_or_path": str(assets["llama"]), "dataset": str(data),
+                                              "max_steps": 1, "disable_progress_bar": True},
+                                      "train": {"dataset": str(data), "reward_fn": f"{assets['rewards']}:fruit",
+                                                "max_steps": 1, "pairs_per_step": 4, "max_new_tokens": 4,
+                                                "disable_progress_bar": True}}))
+    run_sft = recipe_module.run_sft
+
+    def signalled(cfg):
+        run_sft(cfg)
+        raise StoppedAfterFinishing("stopped by SIGTERM during the final save, which finished first")
+
+    monkeypatch.setattr(recipe_module, "run_sft", signalled)
+    assert main(["pipeline", "--config", str(recipe)]) == 130
+    assert "as stage sft finished; continue with the same command plus --resume" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "train").exists()
+    monkeypatch.setattr(recipe_module, "run_sft", run_sft)
+    assert main(["pipeline", "--config", str(recipe), "--resume"]) == 0
+    assert "sft finished already" in capsys.readouterr().out
+    assert (tmp_path / "run" / "train" / "model.safetensors").is_file()

@@ -261,3 +261,24 @@ def test_a_run_from_before_assistant_turns_resumes_only_with_the_value_it_ran_wi
     assert main([*args, "--resume"]) == 2
     assert "--assistant_turns 'last' -> 'all'" in capsys.readouterr().err
     assert main([*args, "--resume", "--assistant_turns", "last"]) == 0
+
+
+def test_a_stop_before_the_first_metrics_line_keeps_the_checkpoint_it_saved(word_task, tmp_path, monkeypatch, capsys):
+    """SFT logs every --logging_steps: a Ctrl-C after step 1 saved checkpoint-1 and said so, and then
+    the clean-up of a run that failed before logging anything removed the whole directory."""
+    from p3o.utils.checkpoints import StopRequest
+
+    def asked(self, device):  # as if SIGTERM came during step 1
+        self.requested = "SIGTERM"
+        return True
+
+    monkeypatch.setattr(StopRequest, "agreed", asked)
+    out = tmp_path / "sft"
+    args = ["sft", "--model_name_or_path", str(word_task["root"] / "init"), "--dataset", str(word_task["sft"]),
+            "--per_device_train_batch_size", "8", "--logging_steps", "1000", "--disable_progress_bar",
+            "--output_dir", str(out)]
+    assert main(args) == 130
+    assert "checkpoint saved to" in capsys.readouterr().err
+    assert (out / "checkpoint-1" / "trainer_state.json").is_file()
+    monkeypatch.undo()
+    assert main([*args, "--resume"]) == 0 and (out / "model.safetensors").is_file()

@@ -12,7 +12,8 @@ def add_arguments(parser) -> None:
                         "continue an interrupted one from its latest checkpoint (a recipe whose later stage failed, "
                         "fixed and run again).")
     parser.add_argument("--check", action="store_true", help="Only load and check the recipe (options, models, data "
-                        "files, reward functions, batch sizes, stage directories), as a run does first; run nothing.")
+                        "files and their rows, reward functions, batch sizes, stage directories), as a run does "
+                        "first; run nothing.")
 
 
 def run(args) -> None:

@@ -123,9 +123,8 @@ def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_o
             finish_trackers(acc)
         acc.wait_for_everyone()
         _save_final(cfg, acc, prepared, peft_model, saved_model, tokenizer, out, title, evaluations, data_name)
-    if stop.requested:
-        logging.getLogger("p3o").info("%s came during the final save, which finished: the run is complete",
-                                      stop.requested)
+    if stop.requested:  # the run is complete; the signal still stops what runs it (a pipeline's next stage)
+        raise stop.finished_anyway(out)
     return evaluations
 
 

@@ -45,7 +45,7 @@ class EvalSettings:
     max_prompt_length: int | None = option(None, "Longer prompts keep their last tokens, as in training: give the value the policies were trained with. Default: the model's context minus max_new_tokens.")
     temperature: float = option(1.0, "Sampling temperature; the KL uses the same tempered distributions.")
     batch_size: int = option(64, "Prompts per generation batch and sequences per reward-model pass.")
-    seed: int = option(0, "Seed of the sampling stream; 0 matches the held-out evaluations of `p3o train`.")
+    seed: int = option(0, "Seed of the sampling stream; 0 matches the held-out evaluations of `p3o train` (float32, with the same --batch_size; under bf16 training samples in bf16, so they differ).")
     torch_dtype: str = option("float32", "Weights of the policies and reference: float32, bfloat16, float16 or auto (as saved).")
     trust_remote_code: bool = option(False, "Allow model repositories to run their own code. Off unless asked for.")
     save_samples: bool = option(False, "Also write every prompt, completion and its values to <stem>.samples.jsonl.")

@@ -16,6 +16,7 @@ from typing import Any
 
 from p3o.core.checkpoint import COSMETIC_SETTINGS
 from p3o.data.converters import CONVERTERS, convert_rows
+from p3o.data.formats import load_completions, load_preferences
 from p3o.data.files import LOCAL_SUFFIXES, read_rows
 from p3o.errors import UsageError
 from p3o.models.loading import _check_exists, _looks_local
@@ -25,7 +26,7 @@ from p3o.reward.train import RewardConfig, run_rm
 from p3o.rl.config import TrainConfig, derive_sizes
 from p3o.rl.train import run_train
 from p3o.sft.train import SFTConfig, run_sft
-from p3o.utils.checkpoints import latest_checkpoint, with_former_defaults
+from p3o.utils.checkpoints import StoppedAfterFinishing, TrainingInterrupted, latest_checkpoint, with_former_defaults
 from p3o.utils.io import atomic_write_text
 
 STAGES = ("sft", "rm", "train")
@@ -74,7 +75,10 @@ def _chain(recipe: dict, out: Path, path: str, overwrite: bool, resume: bool = F
             key = sorted(bad)[0]
             raise UsageError(f"{path}: unknown option {key!r} in section {name}{did_you_mean(key, fields)}; see "
                              f"`p3o {name} --help`")
-        stages[name] = (classes[name](**typed(classes[name], values, f"{path}: {name}")), fmt)
+        try:
+            stages[name] = (classes[name](**typed(classes[name], values, f"{path}: {name}")), fmt)
+        except UsageError as exc:  # a check of the stage's config: say which section
+            raise UsageError(exc if str(exc).startswith(str(path)) else f"{path}: section {name}: {exc}") from None
     return stages
 
 
@@ -87,21 +91,29 @@ def run_recipe(path: str, overrides: dict[str, Any] | None = None) -> Path:
     out = recipe["output_dir"]
     check_stages(recipe, out)
     runners = {"sft": run_sft, "rm": run_rm, "train": run_train}
+    redone = False  # a stage ran: every later one runs again from the start, on its new inputs
     for name in STAGES:
         if name in recipe:
             cfg, fmt = recipe[name]
             stamp = _stage_stamp(cfg, fmt)
-            if cfg.resume and _finished(cfg, name, stamp):
+            if cfg.resume and not redone and _finished(cfg, name, stamp):
                 print(f"\n== p3o pipeline: {name} finished already in {cfg.output_dir}: kept", flush=True)
                 continue
-            if cfg.resume and latest_checkpoint(Path(cfg.output_dir)) is None:  # failed before its first checkpoint
-                cfg = dataclasses.replace(cfg, resume=False, overwrite=True)
+            if cfg.resume and (redone or latest_checkpoint(Path(cfg.output_dir)) is None):
+                cfg = dataclasses.replace(cfg, resume=False, overwrite=True)  # failed before its first checkpoint,
+                #   or made from an earlier stage that has run again since
             (Path(cfg.output_dir) / STAMP).unlink(missing_ok=True)  # not finished until it is written again
             if fmt is not None:
                 cfg = _with_converted_data(cfg, fmt, name, out / "data")
             print(f"\n== p3o pipeline: {name} -> {cfg.output_dir}", flush=True)
-            runners[name](cfg)
+            try:
+                runners[name](cfg)
+            except StoppedAfterFinishing:  # a signal during the stage's final save: it is complete, the rest waits
+                atomic_write_text(Path(cfg.output_dir) / STAMP, json.dumps(stamp, indent=1, sort_keys=True))
+                raise TrainingInterrupted(f"stopped by a signal as stage {name} finished; continue with the same "
+                                          "command plus --resume") from None
             atomic_write_text(Path(cfg.output_dir) / STAMP, json.dumps(stamp, indent=1, sort_keys=True))
+            redone = True
     return out
 
 
@@ -134,17 +146,23 @@ def _finished(cfg, stage: str, stamp: dict) -> bool:
 def check_stages(recipe: dict, out: Path) -> None:
     """What each stage will read and write, checked before the first stage runs: a mistake in the
     train section is reported before hours of SFT, not after."""
+    made = []  # what the earlier stages of this recipe will write
     for name in STAGES:
         if name not in recipe:
             continue
         cfg, fmt = recipe[name]
-        model = cfg.model_name_or_path
-        if not model.startswith(str(out)):  # not made by an earlier stage of this recipe
-            _check_exists(model, f"{name}: model")
+        for flag in ("model_name_or_path", "ref_model_name_or_path", "tokenizer_name_or_path", "reward_model"):
+            value = getattr(cfg, flag, None)
+            for path in [value] if isinstance(value, str) else value or []:
+                if not any(Path(path).resolve().is_relative_to(m.resolve()) for m in made):
+                    _check_exists(path, f"{name}: --{flag}")
         for flag in ("dataset", "eval_dataset"):
             data = getattr(cfg, flag, None)
             if data and (_looks_local(data) or data.endswith(LOCAL_SUFFIXES)) and not Path(data).exists():
                 raise UsageError(f"{name}: --{flag} {data} does not exist; give a data file or a `datasets` name")
+            if data and fmt is None and Path(data).is_file():  # its rows as the stage will read them, now
+                _check_rows(name, cfg, data)
+        made.append(Path(cfg.output_dir))
         for flag in ("reward_fn", "monitor_reward_fn"):
             value = getattr(cfg, flag, None)
             for spec in [value] if isinstance(value, str) else value or []:
@@ -157,6 +175,21 @@ def check_stages(recipe: dict, out: Path) -> None:
         if stage_out.is_dir() and any(stage_out.iterdir()) and not (cfg.overwrite or cfg.resume):
             raise UsageError(f"{name}: {stage_out} is not empty; pass --overwrite to replace its files, or choose "
                              "another --output_dir")
+
+
+def _check_rows(stage: str, cfg, data: str) -> None:
+    """A local data file read as `stage` will read it (columns, formats, empty replies), before any
+    stage runs; the prompts of an RL stage only for their column."""
+    if stage == "sft":
+        load_completions(data, prompt_column=cfg.prompt_column, completion_column=cfg.completion_column)
+    elif stage == "rm" or getattr(cfg, "algo", None) == "dpo":
+        load_preferences(data, prompt_column=cfg.prompt_column, chosen_column=cfg.chosen_column,
+                         rejected_column=cfg.rejected_column)
+    else:
+        rows = read_rows(data)
+        if rows and cfg.prompt_column not in rows[0]:
+            raise UsageError(f"{stage}: {data} has no column {cfg.prompt_column!r} (columns: {', '.join(rows[0])}); "
+                             "set prompt_column in the recipe")
 
 
 def _with_converted_data(cfg, fmt: str, stage: str, data_dir: Path):

@@ -388,9 +388,9 @@ def _run(api: P3OTrainer, out: Path, resuming: bool) -> dict:
         _save_policy(trainer, out)
         if acc.is_main_process:
             write_model_card(out, cfg, api._base_model, last or _last_line(out / "metrics.jsonl"))
-    if stop.requested:
-        log.info("%s came during the final save, which finished: the run is complete", stop.requested)
     callbacks.fire("on_train_end")
+    if stop.requested:  # the run is complete; the signal still stops what runs it (a pipeline's next stage)
+        raise stop.finished_anyway(out)
     return last
 
 

@@ -161,6 +161,11 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM: a checkpoint was saved; the message says how to resume."""
 
 
+class StoppedAfterFinishing(TrainingInterrupted):
+    """Ctrl-C or SIGTERM during the final save, which finished first: the run is complete (a pipeline
+    keeps the stage and stops)."""
+
+
 class StopRequest:
     """SIGINT/SIGTERM ask the run to stop after the current step (and save a checkpoint); a second
     Ctrl-C stops at once."""
@@ -193,6 +198,10 @@ class StopRequest:
         if asked and self.requested is None:
             self.requested = "a signal to another process"
         return asked
+
+    def finished_anyway(self, out: Path) -> StoppedAfterFinishing:
+        return StoppedAfterFinishing(f"stopped by {self.requested} during the final save, which finished first: "
+                                     f"the run in {out} is complete")
 
     def interrupted(self, step: int, path: Path) -> TrainingInterrupted:
         return TrainingInterrupted(f"stopped by {self.requested} after step {step}; checkpoint saved to {path}. "

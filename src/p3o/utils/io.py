@@ -71,7 +71,9 @@ def run_directory(output_dir: str, overwrite: bool, inputs: dict[str, str | None
     try:
         yield out
     except BaseException:
-        if clean_up and (not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").stat().st_size):
+        logged = (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size
+        saved = any((p / "trainer_state.json").is_file() for p in out.glob("checkpoint-*"))  # e.g. Ctrl-C's
+        if clean_up and not logged and not saved:
             _remove_partial_run(out, existed)
         raise
 
