@@ -225,7 +225,7 @@ def test_a_requeued_resume_starts_over_where_the_first_try_died_before_its_first
 
 
 def test_the_last_step_is_checkpointed_so_a_finished_run_extends_and_a_signal_waits_for_the_final_save(
-        assets, tmp_path, monkeypatch, capsys):
+        assets, tmp_path, monkeypatch, caplog):
     import p3o.rl.train as rl_train
 
     out = tmp_path / "run"
@@ -236,8 +236,10 @@ def test_the_last_step_is_checkpointed_so_a_finished_run_extends_and_a_signal_wa
         save(trainer, where)
 
     monkeypatch.setattr(rl_train, "_save_policy", interrupted_save)
-    assert main(cli_args(assets, out, "--max_steps", "2", "--save_steps", "1")) == 130  # stopped, but complete
-    assert "during the final save, which finished first: the run in" in capsys.readouterr().err
+    assert main(cli_args(assets, out, "--max_steps", "2")) == 0  # the run is complete
+    assert "SIGTERM came during the final save, which finished first: the run in" in caplog.text
+    assert (out / "model.safetensors").is_file() and latest_checkpoint(out) is None
+    assert main(cli_args(assets, out, "--max_steps", "2", "--save_steps", "1", "--overwrite")) == 0
     assert (out / "model.safetensors").is_file() and latest_checkpoint(out).name == "checkpoint-2"
     monkeypatch.setattr(rl_train, "_save_policy", save)
     assert main(cli_args(assets, out, "--max_steps", "3", "--save_steps", "1", "--resume")) == 0  # from step 2

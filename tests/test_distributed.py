@@ -107,7 +107,7 @@ def _launch_worker_runs(assets, root: Path) -> None:
 
     two += commands("two")[1:] + [poisoned("two")]  # DDP's `p3o train` has a test of its own
     fsdp = [fixed(f"fsdp-{a}-{g}", a, g) for a, g in FSDP] + commands("fsdp")
-    def interrupted(prefix: str, **zero_optimization) -> list[dict]:  # PPO for 2 steps; 1 step, then step 2 from checkpoint-1
+    def interrupted(prefix: str, **zero_optimization) -> list[dict]:  # PPO 2 steps; 1, then step 2 from checkpoint-1
         def train(name: str, steps: int, *extra: str) -> dict:
             return {"name": f"{prefix}-{name}", "fixed": False, "zero_optimization": zero_optimization, "argv": [
                 "train", *run_args(assets, root / f"{prefix}-{name}", "ppo", pairs=8, steps=steps), "--save_steps", "1",

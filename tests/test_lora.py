@@ -190,6 +190,8 @@ def test_a_lora_adapter_directory_is_its_base_with_the_adapter_merged(assets, tm
 
 
 def test_a_model_with_nothing_to_train_and_an_unsafe_pickle_are_refused_in_one_line(assets, tmp_path):
+    import dataclasses
+
     from conftest import prompt_rows
 
     from p3o import P3OConfig, P3OTrainer
@@ -204,9 +206,16 @@ def test_a_model_with_nothing_to_train_and_an_unsafe_pickle_are_refused_in_one_l
     peft_model.requires_grad_(False)  # as PeftModel.from_pretrained loads an adapter
     with pytest.raises(UsageError, match="load it with is_trainable=True"):
         P3OTrainer(peft_model, f"{assets['rewards']}:fruit", train_dataset=prompt_rows(), args=config)
-    peft_model.requires_grad_(True)  # the base too: its training would be in no checkpoint
-    with pytest.raises(UsageError, match="also trains .* weights outside its adapters"):
+    with pytest.raises(UsageError, match="load it with is_trainable=True"):  # PPO's value head alone would train
+        P3OTrainer(peft_model, f"{assets['rewards']}:fruit", train_dataset=prompt_rows(),
+                   args=dataclasses.replace(config, algo="ppo"))
+    peft_model.requires_grad_(True)  # the base too: the merged model and the reference would be wrong
+    with pytest.raises(UsageError, match="trains .* weights besides LoRA's A and B matrices"):
         P3OTrainer(peft_model, f"{assets['rewards']}:fruit", train_dataset=prompt_rows(), args=config)
+    dora = get_peft_model(load_causal_lm(str(assets["llama"])),
+                          LoraConfig(r=4, target_modules="all-linear", use_dora=True))
+    with pytest.raises(UsageError, match="no DoRA"):  # p3o's merge is W + BA: DoRA's would be another model
+        P3OTrainer(dora, f"{assets['rewards']}:fruit", train_dataset=prompt_rows(), args=config)
     assert not (tmp_path / "run").exists()
 
     class Runs:  # what a malicious pytorch_model.bin holds: a call made while unpickling

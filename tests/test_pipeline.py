@@ -72,6 +72,7 @@ def test_a_local_recipe_runs_every_stage(tmp_path, assets, capsys):
     ("sft", {"completion_column": "answer"}, "no column 'answer'"),
     ("train", {"model_name_or_path": "{run}_missing/sft"}, "_missing/sft does not exist"),  # not an earlier stage's
     ("train", {"mixed_precision": "bf17"}, "section train: --mixed_precision must be"),
+    ("train", {"algo": "dpo"}, "row 1 has no column 'chosen'"),  # DPO's data: pairs (its held-out set: prompts)
     ("train", {"pairs_per_step": 5, "minibatch_pairs": 2}, "--pairs_per_step 5 must be a multiple of --minibatch_pairs 2")])
 def test_check_finds_what_the_run_would_refuse_before_running_anything(tmp_path, assets, capsys, section, mistake,
                                                                         message):
@@ -154,7 +155,7 @@ def test_a_signal_during_a_stages_final_save_keeps_the_stage_and_stops_the_pipel
     from conftest import write_jsonl
 
     import p3o.pipeline.recipe as recipe_module
-    from p3o.utils.checkpoints import StoppedAfterFinishing
+    from p3o.utils.checkpoints import StopRequest
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"story : the {n} is", "completion": " a cat ."}
                                                for n in ("cat", "dog", "cow", "fish")])
@@ -167,15 +168,30 @@ def test_a_signal_during_a_stages_final_save_keeps_the_stage_and_stops_the_pipel
                                                 "disable_progress_bar": True}}))
     run_sft = recipe_module.run_sft
 
-    def signalled(cfg):
+    def signalled(cfg):  # as run_stage ends when SIGTERM came during its final save
         run_sft(cfg)
-        raise StoppedAfterFinishing("stopped by SIGTERM during the final save, which finished first")
+        stop = StopRequest()
+        stop.requested = "SIGTERM"
+        stop.finished_anyway(cfg.output_dir)
 
     monkeypatch.setattr(recipe_module, "run_sft", signalled)
     assert main(["pipeline", "--config", str(recipe)]) == 130
-    assert "as stage sft finished; continue with the same command plus --resume" in capsys.readouterr().err
+    assert "stopped by SIGTERM as stage sft finished; continue with the same command plus --resume" in (
+        capsys.readouterr().err)
     assert not (tmp_path / "run" / "train").exists()
     monkeypatch.setattr(recipe_module, "run_sft", run_sft)
     assert main(["pipeline", "--config", str(recipe), "--resume"]) == 0
     assert "sft finished already" in capsys.readouterr().out
     assert (tmp_path / "run" / "train" / "model.safetensors").is_file()
+
+
+def test_check_takes_a_dpo_section_with_pairs_and_held_out_prompts(tmp_path, assets):
+    from conftest import write_jsonl
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "a", "chosen": " b", "rejected": " c"}])
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "a"}])
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "run"), "train": {
+        "model_name_or_path": str(assets["llama"]), "algo": "dpo", "dataset": str(pairs), "eval_dataset": str(prompts),
+        "reward_model": None}}))
+    assert main(["pipeline", "--config", str(recipe), "--check"]) == 0

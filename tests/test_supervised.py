@@ -282,3 +282,23 @@ def test_a_stop_before_the_first_metrics_line_keeps_the_checkpoint_it_saved(word
     assert (out / "checkpoint-1" / "trainer_state.json").is_file()
     monkeypatch.undo()
     assert main([*args, "--resume"]) == 0 and (out / "model.safetensors").is_file()
+
+
+
+def test_a_signal_during_the_final_save_lets_it_finish(word_task, tmp_path, monkeypatch, caplog):
+    import os
+    import signal
+
+    import p3o.core.supervised_run as supervised_run
+
+    save = supervised_run._save_final
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        save(*args, **kwargs)
+
+    monkeypatch.setattr(supervised_run, "_save_final", interrupted)
+    out = tmp_path / "sft"
+    assert main(["sft", "--model_name_or_path", str(word_task["root"] / "init"), "--dataset", str(word_task["sft"]),
+                 "--max_steps", "1", "--disable_progress_bar", "--output_dir", str(out)]) == 0
+    assert (out / "model.safetensors").is_file() and "came during the final save, which finished first" in caplog.text

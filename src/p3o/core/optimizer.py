@@ -19,15 +19,21 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def adamw(model: torch.nn.Module, learning_rate: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),
           eps: float = 1e-8) -> torch.optim.AdamW:
     """AdamW over `model`'s trainable parameters (torch's defaults for betas and eps)."""
-    groups = param_groups(model, weight_decay)
-    if not any(group["params"] for group in groups):  # else a traceback from backward() after the first rollout
-        if any(hasattr(module, "peft_config") for module in model.modules()):
-            raise UsageError("the LoRA model's adapters are frozen (peft's PeftModel.from_pretrained loads them so): "
-                             "load it with is_trainable=True")
-        raise UsageError("the model has no trainable parameters (requires_grad is False on every one, as peft's "
-                         "merge_and_unload leaves them): call model.requires_grad_(True), or train LoRA adapters "
-                         "(use_peft)")
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps)
+    check_trainable(model)
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=learning_rate, betas=betas, eps=eps)
+
+
+def check_trainable(model: torch.nn.Module) -> None:
+    """A model with something to train; else one line now, not a traceback from backward() after the
+    first rollout (or, beside PPO's value head, a policy that never changes)."""
+    if any(p.requires_grad for p in model.parameters()):
+        return
+    if any(hasattr(module, "peft_config") for module in model.modules()):
+        raise UsageError("the LoRA model's adapters are frozen (peft's PeftModel.from_pretrained loads them so): "
+                         "load it with is_trainable=True")
+    raise UsageError("the model has no trainable parameters (requires_grad is False on every one, as peft's "
+                     "merge_and_unload leaves them): call model.requires_grad_(True), or train LoRA adapters "
+                     "(use_peft)")
 
 
 def lr_scheduler(name: str, optimizer, total_steps: int, warmup_steps: int = 0, warmup_ratio: float = 0.0):

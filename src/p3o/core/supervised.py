@@ -304,7 +304,8 @@ def _load_checkpoint(path, accelerator, model, optimizer, scheduler, peft_model=
             prefix = next(name for name, module in trained.named_modules() if module is saved_model) + "."
             state = {prefix + k: v for k, v in state.items()}  # the saved model's names, back into the trainer's
             # (checkpoints written before 2026-12-07 hold the trainer's own names)
-        tied = {n for n, _ in trained.named_parameters(remove_duplicate=False)} - {n for n, _ in trained.named_parameters()}
+        names = {n for n, _ in trained.named_parameters()}
+        tied = {n for n, _ in trained.named_parameters(remove_duplicate=False)} - names  # saved once
         if missing := sorted(set(trained.state_dict()) - set(state) - tied):
             raise UsageError(f"{path} lacks weights for {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}; "
                              "resume from another checkpoint (or start again with --overwrite)")

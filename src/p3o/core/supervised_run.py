@@ -123,8 +123,8 @@ def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_o
             finish_trackers(acc)
         acc.wait_for_everyone()
         _save_final(cfg, acc, prepared, peft_model, saved_model, tokenizer, out, title, evaluations, data_name)
-    if stop.requested:  # the run is complete; the signal still stops what runs it (a pipeline's next stage)
-        raise stop.finished_anyway(out)
+    if stop.requested:  # the run is complete; a pipeline stops before its next stage
+        stop.finished_anyway(out)
     return evaluations
 
 

@@ -36,13 +36,12 @@ def mean_and_stderr(values: list[float]) -> tuple[float, float]:
 @torch.no_grad()
 def evaluate_policy(policy, reference, tokenizer, prompts, rewards: dict, max_new_tokens: int, seed: int = 0,
                     batch_size: int = 64, temperature: float = 1.0, first_index: int = 0, synced: bool = False,
-                    max_prompt_length: int | None = None, reward_context: dict | None = None,
-                    score_temperature: float | None = None) -> dict:
+                    max_prompt_length: int | None = None, reward_context: dict | None = None) -> dict:
     """Metrics of `policy` on `prompts` (a PromptDataset): `kl`, `length` and one entry per reward,
     each with its standard error (`*_stderr`), plus the samples themselves (each with its own values).
     `first_index`: where `prompts` start in a larger set split between processes (it seeds the
     sampling, so each share draws its own noise); `synced`: the policy is sharded (FSDP), as in
-    `sample_responses`; `score_temperature`: the KL's, if not the sampling `temperature` (DPO's is 1). Prompts are cut as in training (`prompt_budget`): give the run's `max_prompt_length`.
+    `sample_responses`. Prompts are cut as in training (`prompt_budget`): give the run's `max_prompt_length`.
 
     Rewards are called as in training: raw prompts, the dataset's other columns and `completion_ids`."""
     eos = eos_token_ids(tokenizer, policy)
@@ -61,10 +60,9 @@ def evaluate_policy(policy, reference, tokenizer, prompts, rewards: dict, max_ne
         seed_global_rng(seed, "eval", first_index + first)  # the same prompts get the same random stream for every policy
         response, response_mask = sample_responses(policy, ids, mask, config, eos, synced=synced)
         seq = Rollout(1, ids, mask, response, response_mask)
-        scored_at = temperature if score_temperature is None else score_temperature
-        logp = sequence_logprobs(batched_token_logprobs(policy, seq, scored_at, batch_size), response_mask)
+        logp = sequence_logprobs(batched_token_logprobs(policy, seq, temperature, batch_size), response_mask)
         ref = logp if reference is policy else sequence_logprobs(  # the start policy against itself: KL exactly 0
-            batched_token_logprobs(reference, seq, scored_at, batch_size), response_mask)
+            batched_token_logprobs(reference, seq, temperature, batch_size), response_mask)
         kl += (logp - ref).tolist()
         lengths += response_mask.sum(-1).tolist()
         completions += decode_completions(tokenizer, ids, mask, response, response_mask)

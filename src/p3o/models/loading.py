@@ -181,7 +181,8 @@ def load_causal_lm(name: str, trust_remote_code: bool = False, dtype: str = "flo
                          "checkpoint (config.json with model.safetensors, or a .gguf file)") from None
     except pickle.UnpicklingError:  # torch's weights_only refused what the pickle would run or build
         raise UsageError(f"{what} {name}: its pytorch_model.bin holds more than tensors (code or objects a "
-                         "weights-only load refuses, for safety); convert it to safetensors where you trust it") from None
+                         "weights-only load refuses, for safety); convert it to safetensors where you trust "
+                         "it") from None
     disable_dropout(model)
     return as_plain_model(model)
 

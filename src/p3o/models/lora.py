@@ -157,14 +157,16 @@ class InitialAdapters:
 
 
 def check_trains_adapters_only(peft_model) -> None:
-    """A LoRA model's checkpoints hold its adapters (and `modules_to_save`) only: base weights it
-    also trains would be lost on --resume, so they are refused."""
-    outside = [name for name, param in peft_model.named_parameters()
-               if param.requires_grad and "lora_" not in name and "modules_to_save" not in name]
+    """p3o trains a peft model's LoRA matrices (lora_A, lora_B) and `modules_to_save` only: its saved
+    model merges those deltas, and its reference turns the adapters off. Anything else trained (base
+    weights, biases, DoRA's magnitudes, IA3's scales) would make either wrong, so it is refused."""
+    lora = ("lora_A.", "lora_B.", "lora_embedding_A.", "lora_embedding_B.")
+    outside = [name for name, param in peft_model.named_parameters() if param.requires_grad
+               and not ("modules_to_save" in name or (any(k in name for k in lora) and name.endswith("weight")))]
     if outside:
-        raise UsageError(f"the LoRA model also trains {len(outside)} weights outside its adapters ({outside[0]}, ...), "
-                         "which its checkpoints would not hold: freeze them (requires_grad_(False)), or merge the "
-                         "adapters and train the whole model")
+        raise UsageError(f"the peft model trains {len(outside)} weights besides LoRA's A and B matrices "
+                         f"({outside[0]}, ...): p3o merges and turns off plain LoRA adapters only (no DoRA, IA3, "
+                         "trained biases or base weights); freeze those, or use a plain LoraConfig")
 
 
 def adapters_change_the_model(peft_model) -> bool:

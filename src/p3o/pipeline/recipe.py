@@ -23,10 +23,12 @@ from p3o.models.loading import _check_exists, _looks_local
 from p3o.options import did_you_mean, read_yaml_config, typed
 from p3o.reward import load_reward_function
 from p3o.reward.train import RewardConfig, run_rm
+from p3o.rl.algorithms import get_algorithm
 from p3o.rl.config import TrainConfig, derive_sizes
 from p3o.rl.train import run_train
 from p3o.sft.train import SFTConfig, run_sft
-from p3o.utils.checkpoints import StoppedAfterFinishing, TrainingInterrupted, latest_checkpoint, with_former_defaults
+from p3o.utils.checkpoints import (TrainingInterrupted, latest_checkpoint, signal_during_a_final_save,
+                                   with_former_defaults)
 from p3o.utils.io import atomic_write_text
 
 STAGES = ("sft", "rm", "train")
@@ -106,14 +108,13 @@ def run_recipe(path: str, overrides: dict[str, Any] | None = None) -> Path:
             if fmt is not None:
                 cfg = _with_converted_data(cfg, fmt, name, out / "data")
             print(f"\n== p3o pipeline: {name} -> {cfg.output_dir}", flush=True)
-            try:
-                runners[name](cfg)
-            except StoppedAfterFinishing:  # a signal during the stage's final save: it is complete, the rest waits
-                atomic_write_text(Path(cfg.output_dir) / STAMP, json.dumps(stamp, indent=1, sort_keys=True))
-                raise TrainingInterrupted(f"stopped by a signal as stage {name} finished; continue with the same "
-                                          "command plus --resume") from None
+            signal_during_a_final_save()  # forget an earlier run's
+            runners[name](cfg)
             atomic_write_text(Path(cfg.output_dir) / STAMP, json.dumps(stamp, indent=1, sort_keys=True))
             redone = True
+            if signal_name := signal_during_a_final_save():  # the stage is complete; the rest waits
+                raise TrainingInterrupted(f"stopped by {signal_name} as stage {name} finished; continue with the "
+                                          "same command plus --resume")
     return out
 
 
@@ -161,7 +162,7 @@ def check_stages(recipe: dict, out: Path) -> None:
             if data and (_looks_local(data) or data.endswith(LOCAL_SUFFIXES)) and not Path(data).exists():
                 raise UsageError(f"{name}: --{flag} {data} does not exist; give a data file or a `datasets` name")
             if data and fmt is None and Path(data).is_file():  # its rows as the stage will read them, now
-                _check_rows(name, cfg, data)
+                _check_rows(name, cfg, data, held_out=flag == "eval_dataset")
         made.append(Path(cfg.output_dir))
         for flag in ("reward_fn", "monitor_reward_fn"):
             value = getattr(cfg, flag, None)
@@ -177,12 +178,12 @@ def check_stages(recipe: dict, out: Path) -> None:
                              "another --output_dir")
 
 
-def _check_rows(stage: str, cfg, data: str) -> None:
+def _check_rows(stage: str, cfg, data: str, held_out: bool) -> None:
     """A local data file read as `stage` will read it (columns, formats, empty replies), before any
-    stage runs; the prompts of an RL stage only for their column."""
+    stage runs; the prompts of an RL stage (held-out ones too, DPO's included) only for their column."""
     if stage == "sft":
         load_completions(data, prompt_column=cfg.prompt_column, completion_column=cfg.completion_column)
-    elif stage == "rm" or getattr(cfg, "algo", None) == "dpo":
+    elif stage == "rm" or (not held_out and get_algorithm(cfg.algo).offline):
         load_preferences(data, prompt_column=cfg.prompt_column, chosen_column=cfg.chosen_column,
                          rejected_column=cfg.rejected_column)
     else:

@@ -43,7 +43,8 @@ class WeightedRewards:
         (a reward model or a URL has no use for them)."""
         functions = {name for name, source, _ in self.parts if isinstance(source, RewardFunction)}
         values = settled([source.call(prompts, completions, trl_context, **kwargs) if name in functions
-                          else source(prompts, completions, **kwargs) for name, source, _ in self.parts])  # async together
+                          else source(prompts, completions, **kwargs)
+                          for name, source, _ in self.parts])  # async functions' coroutines run together
         self.last_parts = {name: source.checked(v, len(completions), True) if name in functions else v
                            for (name, source, _), v in zip(self.parts, values)}
         total, applies = None, None

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from p3o.core.optimizer import adamw, lr_scheduler
+from p3o.core.optimizer import adamw, check_trainable, lr_scheduler
 from p3o.core.skips import NonFiniteTraining, count_skip  # NonFiniteTraining: still importable from here
 from p3o.core.step import accumulate_and_step
 from p3o.errors import UsageError
@@ -120,6 +120,7 @@ class Trainer:
         if cfg.mixed_precision == "bf16" and self.accelerator.device.type == "cpu":  # bf16 flash backward is slow there
             float32_attention_backward_on_cpu()
         disable_dropout(policy)  # log-ratios must be exact: rho is 1 at the first update
+        check_trainable(policy)  # before PPO's value head, which alone would train
         self.ref_policy = self._reference(policy, ref_policy)
         # Log-probs of the tempered distribution sampled (the ratio's and KL's), except DPO's, at 1 as TRL's.
         self.logprob_temperature = cfg.temperature if self.algorithm.tempered_logprobs else 1.0
@@ -464,16 +465,19 @@ class Trainer:
     def step_metrics(self, rollout: Rollout, update_stats: dict[str, float], timings: dict[str, float],
                      seconds: float) -> dict[str, float]:
         r = rollout
+        # Online DPO scores at temperature 1 what it samples at --temperature: its log-ratio of
+        # samples is then no KL, nor its -log pi an entropy, of the distribution sampled; neither is logged.
+        sampled_as_scored = self.logprob_temperature == self.cfg.temperature
         local = {
             **({"reward": r.raw_rewards.mean().item(),
                 "reward_std": r.raw_rewards.std().item() if len(r.raw_rewards) > 1 else 0.0}
                if r.raw_rewards is not None else {}),
             **({"reward_scale": self.reward_scale.std} if self.reward_scale is not None else {}),
-            **({"kl": r.kl.mean().item()} if r.kl is not None else {}),
+            **({"kl": r.kl.mean().item()} if r.kl is not None and sampled_as_scored else {}),
             **({"monitor_reward": r.monitor_rewards.mean().item()} if r.monitor_rewards is not None else {}),
             "response_length": r.response_mask.sum(-1).float().mean().item(),
-            **({"entropy": _entropy(r.old_token_logp, r.response_mask)}  # of the distribution sampled
-               if r.old_token_logp is not None and self.logprob_temperature == self.cfg.temperature else {}),
+            **({"entropy": _entropy(r.old_token_logp, r.response_mask)} if r.old_token_logp is not None
+               and sampled_as_scored else {}),
             **r.stats,
             **update_stats,
         }

@@ -90,7 +90,7 @@ class P3OTrainer:
         self._base_model = args.model_name_or_path or _name_of(model, required=False)
         from transformers import TrainerState
 
-        self.state = TrainerState(max_steps=self.args.max_steps, global_step=self.engine.state.step)  # train()'s after it
+        self.state = TrainerState(max_steps=self.args.max_steps, global_step=self.engine.state.step)  # then train()'s
 
     @property
     def model(self):
@@ -389,8 +389,8 @@ def _run(api: P3OTrainer, out: Path, resuming: bool) -> dict:
         if acc.is_main_process:
             write_model_card(out, cfg, api._base_model, last or _last_line(out / "metrics.jsonl"))
     callbacks.fire("on_train_end")
-    if stop.requested:  # the run is complete; the signal still stops what runs it (a pipeline's next stage)
-        raise stop.finished_anyway(out)
+    if stop.requested:  # the run is complete; a pipeline stops before its next stage
+        stop.finished_anyway(out)
     return last
 
 
@@ -464,8 +464,7 @@ class HeldOutEvaluator:
                                           t.cfg.max_new_tokens, seed=self.SEED, temperature=t.cfg.temperature,
                                           first_index=self.first, synced=t.sharded,
                                           max_prompt_length=t.max_prompt_length,
-                                          reward_context=t.reward_context(logged=False),
-                                          score_temperature=t.logprob_temperature)["samples"][:self.real]
+                                          reward_context=t.reward_context(logged=False))["samples"][:self.real]
         if t.accelerator.num_processes > 1:
             samples = gather_object([{name: sample[name] for name in names} for sample in samples])
         point = {"step": step, **summarise(samples, names), "n": len(samples)}

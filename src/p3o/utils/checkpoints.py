@@ -161,9 +161,16 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM: a checkpoint was saved; the message says how to resume."""
 
 
-class StoppedAfterFinishing(TrainingInterrupted):
-    """Ctrl-C or SIGTERM during the final save, which finished first: the run is complete (a pipeline
-    keeps the stage and stops)."""
+
+
+_FINISHED_UNDER: list[str] = []  # signals that came during a final save, for `signal_during_a_final_save`
+
+
+def signal_during_a_final_save() -> str | None:
+    """The signal that came during the last run's final save, if one did (read once)."""
+    signal_name = _FINISHED_UNDER[-1] if _FINISHED_UNDER else None
+    _FINISHED_UNDER.clear()
+    return signal_name
 
 
 class StopRequest:
@@ -199,9 +206,13 @@ class StopRequest:
             self.requested = "a signal to another process"
         return asked
 
-    def finished_anyway(self, out: Path) -> StoppedAfterFinishing:
-        return StoppedAfterFinishing(f"stopped by {self.requested} during the final save, which finished first: "
-                                     f"the run in {out} is complete")
+    def finished_anyway(self, out: Path) -> None:
+        """The signal came during the final save, which finished: the run is complete (exit 0, so a
+        requeued `--resume` finds a finished run). What runs several (a pipeline) stops after it:
+        `signal_during_a_final_save`."""
+        log.warning("%s came during the final save, which finished first: the run in %s is complete",
+                    self.requested, out)
+        _FINISHED_UNDER.append(self.requested)
 
     def interrupted(self, step: int, path: Path) -> TrainingInterrupted:
         return TrainingInterrupted(f"stopped by {self.requested} after step {step}; checkpoint saved to {path}. "

@@ -49,7 +49,10 @@ def remove_earlier_checkpoints(out: Path, inputs: dict[str, str | None]) -> None
                 raise UsageError(f"--{flag} {value} is in {path}, a checkpoint of the run in --output_dir that "
                                  "--overwrite would remove; copy it elsewhere first, or choose another --output_dir")
     for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
+        if path.is_symlink():  # rmtree leaves a link in place (and says nothing)
+            path.unlink()
+        else:
+            shutil.rmtree(path, ignore_errors=True)
     if stale:
         logging.getLogger("p3o").warning("--overwrite: removed %d checkpoint folder(s) of the run that was in %s",
                                          len(stale), out)
@@ -195,8 +198,10 @@ def out_of_space(path: Path, exc: BaseException, what: str) -> UsageError | None
             full = shutil.disk_usage(path).free < 64 * 2**20
         except OSError:
             pass
+    if not full:
+        return None
     return UsageError(f"no space left on the device of {path} while writing {what}: free some space, then run "
-                      "the same command with --resume (it continues from the last complete checkpoint)") if full else None
+                      "the same command with --resume (it continues from the last complete checkpoint)")
 
 
 def save_pretrained_atomically(model, tokenizer, out: Path, state_dict=None, save_function=None,
