@@ -208,7 +208,12 @@ def test_overwrite_removes_the_earlier_runs_checkpoints_so_resume_never_mixes_tw
 def test_a_requeued_resume_starts_over_where_the_first_try_died_before_its_first_checkpoint(assets, tmp_path,
                                                                                              capsys):
     out = tmp_path / "run"
-    assert main(cli_args(assets, out, "--max_steps", "2")) == 0  # as if killed after logging, before a checkpoint
+    assert main(cli_args(assets, out, "--max_steps", "2")) == 0
+    before = (out / "model.safetensors").stat().st_mtime_ns
+    assert main(cli_args(assets, out, "--max_steps", "2", "--resume")) == 0  # requeued after it finished: done
+    assert "holds a finished run" in capsys.readouterr().err
+    assert (out / "model.safetensors").stat().st_mtime_ns == before
+    # As if killed after logging, before a checkpoint:
     for path in out.iterdir():  # keep what a run writes before its first checkpoint
         if path.name not in ("config.yaml", "metrics.jsonl", "completions.jsonl"):
             path.unlink()

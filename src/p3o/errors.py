@@ -7,3 +7,8 @@ class UsageError(Exception):
 
 class RewardError(UsageError):
     """A reward function or reward model misbehaved (raised, wrong length, NaN/inf)."""
+
+
+class AlreadyFinished(Exception):
+    """`--resume` on a run that finished (its model saved) with no checkpoint left to continue from:
+    nothing to do, which is success (a requeued job that finished before is done)."""

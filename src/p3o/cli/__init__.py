@@ -12,7 +12,7 @@ import os
 import sys
 
 from p3o.cli.args import add_dataclass_arguments, build_config
-from p3o.errors import UsageError
+from p3o.errors import AlreadyFinished, UsageError
 from p3o.options import did_you_mean
 from p3o.utils.distributed import launched_rank, shut_down
 
@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"p3o {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except AlreadyFinished as exc:  # --resume of a finished run: done
+        print(f"p3o {args.command}: {exc}", file=sys.stderr)
+        return 0
     except PermissionError as exc:  # a path the checks could not foresee (a file made read-only, ...)
         if args.debug:
             raise

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from p3o.errors import UsageError
+from p3o.errors import AlreadyFinished, UsageError
 from p3o.utils.distributed import sum_across_processes
 from p3o.utils.io import out_of_space, with_umask_modes
 
@@ -124,6 +124,9 @@ def resume_point(output_dir: str, current: dict | None, changeable: set[str]) ->
     out = Path(output_dir)
     checkpoint = latest_checkpoint(out)
     if checkpoint is None:
+        if all((out / name).is_file() for name in ("config.yaml", "README.md")) and any(out.glob("model*.safetensors")):
+            raise AlreadyFinished(f"{out} holds a finished run (its model and card are saved) and no checkpoint to "
+                                  "continue from: nothing to do (to train it further, run with --save_steps)")
         if out.is_dir() and not all(_written_before_a_checkpoint(p.name) for p in out.iterdir()):
             raise UsageError(f"--resume: {out} holds no complete checkpoint (checkpoint-N with {STATE_FILE}) to "
                              "continue from; run without --resume and with --overwrite to start again")
