@@ -2,6 +2,7 @@
 downloading anything; a small recipe runs SFT -> RM -> P3O on local data."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -195,3 +196,19 @@ def test_check_takes_a_dpo_section_with_pairs_and_held_out_prompts(tmp_path, ass
         "model_name_or_path": str(assets["llama"]), "algo": "dpo", "dataset": str(pairs), "eval_dataset": str(prompts),
         "reward_model": None}}))
     assert main(["pipeline", "--config", str(recipe), "--check"]) == 0
+
+
+def test_a_converted_dataset_keeps_its_pairs_for_dpo_and_only_prompts_for_sampling(tmp_path):
+    """dataset_format converts a train section's data to prompts, which DPO cannot learn from."""
+    import dataclasses
+
+    from conftest import FIXTURES
+
+    from p3o.pipeline.recipe import _with_converted_data
+    from p3o.rl.config import TrainConfig
+
+    base = TrainConfig(output_dir=str(tmp_path / "run"), dataset=str(FIXTURES / "hh.jsonl"), reward_fn="m:f")
+    for algo, columns in (("p3o-v2", {"prompt"}), ("dpo", {"prompt", "chosen", "rejected"})):
+        cfg = _with_converted_data(dataclasses.replace(base, algo=algo), "hh", "train", tmp_path / algo)
+        first = json.loads(Path(cfg.dataset).read_text().splitlines()[0])
+        assert set(first) == columns, algo

@@ -198,7 +198,7 @@ def _with_converted_data(cfg, fmt: str, stage: str, data_dir: Path):
     rows, _ = convert_rows(fmt, read_rows(cfg.dataset, cfg.dataset_split, cfg.dataset_config), cfg.dataset)
     if stage == "sft":
         rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
-    elif stage == "train":
+    elif stage == "train" and not get_algorithm(cfg.algo).offline:  # DPO learns the pairs themselves
         rows = [{"prompt": r["prompt"]} for r in rows]
     data_dir.mkdir(parents=True, exist_ok=True)
     target = data_dir / f"{stage}-{fmt}.jsonl"
