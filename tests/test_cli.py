@@ -233,6 +233,17 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_debris(assets, tmp_pat
     (out / "notes.txt").write_text("mine")
     error_of(capsys, train_args(assets, out, "--overwrite", "--reward_fn", f"{assets['rewards']}:raises"))
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    # The held-out evaluation at step 0 wrote eval.jsonl before the first rollout failed: it goes too.
+    second = tmp_path / "second_call_raises.py"
+    second.write_text("calls = []\n"
+                      "def f(prompts, completions, **kwargs):\n"
+                      "    calls.append(1)\n"
+                      "    if len(calls) > 1:\n"
+                      "        raise ValueError('broken')\n"
+                      "    return [0.0] * len(completions)\n")
+    error_of(capsys, train_args(assets, out, "--overwrite", "--reward_fn", f"{second}:f", "--eval_dataset",
+                                str(assets["prompts"]), "--eval_max_prompts", "2"))
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
 def test_output_dir_may_not_be_an_input(assets, tmp_path, capsys):

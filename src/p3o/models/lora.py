@@ -171,16 +171,11 @@ def check_trains_adapters_only(peft_model) -> None:
 
 def adapters_change_the_model(peft_model) -> bool:
     """Whether `peft_model` with its adapters on differs from it with them off: a LoRA B matrix that
-    is not zero (trained, or PiSSA's initialisation), or trained parameters besides the adapters
-    (`modules_to_save`)."""
-    for name, param in peft_model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if "lora_A" in name or "lora_embedding_A" in name or "lora_magnitude_vector" in name:
-            continue  # with B zero these change nothing (DoRA's magnitude starts at the weight's norm)
-        if not ("lora_B" in name or "lora_embedding_B" in name) or param.detach().any():
-            return True
-    return False
+    is not zero (trained, or PiSSA's initialisation), or a trained `modules_to_save` copy (A alone,
+    with B zero, changes nothing). `check_trains_adapters_only` has refused anything else trained."""
+    return any(param.requires_grad and ("modules_to_save" in name or (
+        ("lora_B" in name or "lora_embedding_B" in name) and bool(param.detach().any())))
+        for name, param in peft_model.named_parameters())
 
 
 def load_adapter(peft_model, directory: Path) -> None:

@@ -171,8 +171,8 @@ class Trainer:
         with its adapters off (no second copy of the weights), or with the adapters it came with."""
         if is_lora(policy):
             check_trains_adapters_only(policy)
-        if given is None and is_lora(policy):
-            return InitialAdapters(policy) if adapters_change_the_model(policy) else AdaptersDisabled(policy)
+            if given is None:
+                return InitialAdapters(policy) if adapters_change_the_model(policy) else AdaptersDisabled(policy)
         reference = (given or copy.deepcopy(policy)).requires_grad_(False).eval()
         disable_dropout(reference)
         return reference.to(self.accelerator.device)

@@ -20,7 +20,7 @@ import torch
 
 from p3o.errors import AlreadyFinished, UsageError
 from p3o.utils.distributed import sum_across_processes
-from p3o.utils.io import out_of_space, with_umask_modes
+from p3o.utils.io import RUN_FILES, TRACKER_DIR, out_of_space, with_umask_modes
 
 STATE_FILE = "trainer_state.json"
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -142,8 +142,8 @@ def resume_point(output_dir: str, current: dict | None, changeable: set[str]) ->
 def _written_before_a_checkpoint(name: str) -> bool:
     """Whether a run writes `name` into its output directory before its first checkpoint (its logs,
     the trackers' folder, temporary files): a directory holding only these has nothing to resume."""
-    return (name in ("config.yaml", "metrics.jsonl", "completions.jsonl", "eval.jsonl", "p3o")
-            or (name.startswith(".") and name.endswith(".tmp")) or name.startswith(".saving-"))
+    return (name in (*RUN_FILES, TRACKER_DIR) or (name.startswith(".") and name.endswith(".tmp"))
+            or name.startswith(".saving-"))
 
 
 def given_checkpoint(path: str | Path, current: dict, changeable: set[str]) -> Path:

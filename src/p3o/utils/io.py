@@ -16,7 +16,8 @@ import yaml
 
 from p3o.errors import UsageError
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "completions.jsonl")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "completions.jsonl", "eval.jsonl")  # what a run writes before a step
+TRACKER_DIR = "p3o"  # accelerate's trackers write under output_dir/p3o
 
 
 def _refuse_overwriting_inputs(output_dir: str, inputs: dict[str, str | None]) -> None:
@@ -31,7 +32,7 @@ def _remove_partial_run(out: Path, existed: bool) -> None:
     if existed:
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / "p3o", ignore_errors=True)  # tracker logs
+        shutil.rmtree(out / TRACKER_DIR, ignore_errors=True)
     else:
         shutil.rmtree(out, ignore_errors=True)
 
