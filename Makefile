@@ -22,7 +22,7 @@ demo: $(BIN)/.installed
 	$(BIN)/p3o demo --output_dir runs/demo --overwrite
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -n 2 -q
+	$(BIN)/python -m pytest -n 2 --dist loadfile -q
 
 # `make bench`: p3o against TRL on identical work (benchmarks/README.md). TRL lives in its own
 # venv so the test venv never sees it; BENCH_ARGS passes flags, e.g. BENCH_ARGS=--quick, or

@@ -64,8 +64,9 @@ ZERO = {2: FIXED, 3: FSDP}  # ZeRO-3 partitions what ZeRO-2 does, and the weight
 def worker_runs(assets, tmp_path_factory, worker_id) -> Path:
     """Every ddp_worker run of this file, one launch per kind: DDP on 2 processes (sampled runs, the
     FIXED runs with 4 prompts a process, `sft` and `rm`), the FIXED runs on 1 process with all 8, and
-    FSDP2, ZeRO-2 and ZeRO-3 on 2 processes (FIXED runs and the `train`, `sft`, `rm` commands). The
-    first pytest-xdist worker to get here launches them; the others wait for it and read the results."""
+    FSDP2, ZeRO-2 and ZeRO-3 on 2 processes (FIXED runs and the `train`, `sft`, `rm` commands). Under
+    pytest-xdist without --dist loadfile, the first worker to get here launches them and the others
+    wait for it and read the results."""
     from filelock import FileLock
 
     session = tmp_path_factory.getbasetemp()  # under xdist, each worker's own directory in the session's
@@ -141,7 +142,8 @@ def records(root: Path, processes: int) -> list[dict]:
     return [json.loads((root / f"rank{r}.json").read_text()) for r in range(processes)]
 
 
-# Tests with launches of their own first: pytest-xdist runs them while another worker launches `worker_runs`.
+# `make test` runs this file on one pytest-xdist worker (--dist loadfile): the other goes on with the
+# rest of the suite meanwhile, instead of waiting on `worker_runs`' lock for the launches (about 75 s).
 
 
 def test_train_under_torchrun_writes_once_and_resumes_on_one_process(assets, tmp_path):
