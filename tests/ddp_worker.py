@@ -151,7 +151,7 @@ def run(out: Path, fixed: bool, argv: list[str], poison_rank: int | None = None)
 
 
 def force_fsdp_on_cpu() -> None:
-    """FSDP2 as configs/accelerate/fsdp.yaml asks for it, on CPU: torch shards on CPU, but accelerate
+    """FSDP2 as p3o/accelerate_configs/fsdp.yaml asks for it, on CPU: torch shards on CPU, but accelerate
     turns FSDP on only for GPU process types, so every Accelerator built from here on is switched
     to it after construction (the processes, the device and gloo stay as accelerate set them)."""
     import accelerate
@@ -194,7 +194,7 @@ def main() -> None:
 
     if os.environ.get("P3O_TEST_FSDP") == "1":
         force_fsdp_on_cpu()
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":  # launched with configs/accelerate/zero*.yaml
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":  # launched with p3o/accelerate_configs/zero*.yaml
         skip_deepspeed_shm_build()
     out, runs = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
     for spec in runs:

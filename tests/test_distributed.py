@@ -21,18 +21,23 @@ ENV = {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER
 
 
 def launch(processes: int, *target: str, fsdp: bool = False, zero_stage: int = 0,
-           ddp_yaml: bool = False) -> subprocess.CompletedProcess:
+           p3o_flags: bool = False) -> subprocess.CompletedProcess:
     """`torchrun --standalone` (a free port of its own) on `processes` CPU processes; `fsdp`: the
-    worker shards every run with FSDP2 (see ddp_worker.force_fsdp_on_cpu); `zero_stage` 2 or 3, or
-    `ddp_yaml`: `accelerate launch` with the shipped configs/accelerate/zero2.yaml, zero3.yaml or
-    ddp.yaml, as a user runs it."""
+    worker shards every run with FSDP2 (see ddp_worker.force_fsdp_on_cpu); `zero_stage` 2 or 3:
+    `accelerate launch` with p3o's zero2.yaml or zero3.yaml, as a user runs it; `p3o_flags`: no
+    launcher, `python -m p3o <target> --num_processes <processes>` (p3o.cli.launch, ddp.yaml)."""
+    from p3o import accelerate_configs
+
     env = {**os.environ, **ENV, "PYTHONPATH": str(WORKER.parent), "P3O_TEST_FSDP": "1" if fsdp else "0"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-    if zero_stage or ddp_yaml:
-        env.pop("ACCELERATE_USE_CPU")  # accelerate ignores DeepSpeed under it; ddp.yaml: as a user has it
-        config = Path(__file__).parents[1] / "configs" / "accelerate" / ("ddp.yaml" if ddp_yaml else f"zero{zero_stage}.yaml")
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-                   "--num_processes", str(processes), "--main_process_port", str(free_port())]
+    if zero_stage or p3o_flags:
+        env.pop("ACCELERATE_USE_CPU")  # accelerate ignores DeepSpeed under it; p3o's flags: as a user has it
+    if zero_stage:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                   str(accelerate_configs.path(f"zero{zero_stage}")), "--num_processes", str(processes),
+                   "--main_process_port", str(free_port())]
+    if p3o_flags:
+        command, target = [sys.executable, "-m", "p3o"], (*target, "--num_processes", str(processes))
     command.extend(target)
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -189,10 +194,11 @@ def test_train_under_torchrun_writes_once_and_resumes_on_one_process(assets, tmp
 
 
 def test_the_shipped_ddp_config_runs_one_run_of_two_processes_on_cpu(assets, tmp_path):
-    """accelerate alone starts each process of a `ddp.yaml` launch on a machine without GPUs as a run
-    of its own (all writing one directory); p3o runs them as one, over gloo."""
+    """`p3o train --num_processes 2` launches with the shipped ddp.yaml (p3o.cli.launch). accelerate
+    alone starts each process of a `ddp.yaml` launch on a machine without GPUs as a run of its own
+    (all writing one directory); p3o runs them as one, over gloo."""
     out = tmp_path / "run"
-    done = launch(2, "-m", "p3o", "train", *run_args(assets, tmp_path, "p3o-v2", pairs=4), ddp_yaml=True)
+    done = launch(2, "train", *run_args(assets, tmp_path, "p3o-v2", pairs=4), p3o_flags=True)
     assert done.stderr.count("(2 in each of 2 processes)") == 1
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2]
 

@@ -12,6 +12,7 @@ import os
 import sys
 
 from p3o.cli.args import add_dataclass_arguments, build_config
+from p3o.cli.launch import add_launch_arguments, launch, launch_requested
 from p3o.errors import AlreadyFinished, UsageError
 from p3o.options import did_you_mean
 from p3o.utils.distributed import launched_rank, shut_down
@@ -34,6 +35,7 @@ COMMANDS = {  # name: (module with add_arguments/run, or (config class, run func
     "tiny-model": ("p3o.cli.tiny_model", "Build a small random GPT-2/Llama model and a word tokenizer from a corpus."),
     "fetch-model": ("p3o.cli.fetch_model", "Save a real pretrained model (SmolLM2-135M-Instruct) or a .gguf file as a plain checkpoint, offline."),
 }
+LAUNCHED = ("train", "sft", "rm")  # commands that take --num_processes / --accelerate_config (p3o.cli.launch)
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -70,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--debug", action="store_true", help="Show full tracebacks for errors.")
         if isinstance(module, tuple):  # every flag is a field of the command's config dataclass
             command.add_argument("--config", help="YAML file of option: value pairs; flags given here override it.")
+            if name in LAUNCHED:
+                add_launch_arguments(command)
             add_dataclass_arguments(command, _resolve(module[0]))
         else:
             importlib.import_module(module).add_arguments(command)
@@ -98,11 +102,12 @@ def run_command(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import importlib
-
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
     _setup_logging()
     try:
+        if launch_requested(args):
+            return _launch(args, argv)
         run_command(args)
     except UsageError as exc:
         if args.debug:
@@ -130,6 +135,17 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shut_down()  # under torchrun / accelerate launch: before Python finalises (see shut_down)
     return 0
+
+
+def _launch(args: argparse.Namespace, argv: list[str]) -> int:
+    """The command on --num_processes processes (`p3o.cli.launch`), once its config is known to be valid."""
+    config, _ = args.module
+    cfg = build_config(_resolve(config), args)
+    if args.command == "train":  # the rollout must divide between the processes
+        from p3o.rl.config import derive_sizes
+
+        derive_sizes(cfg, max(args.num_processes or 1, 1))
+    return launch(args, argv)
 
 
 def _setup_logging() -> None:

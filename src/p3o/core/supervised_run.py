@@ -83,7 +83,7 @@ def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_o
     acc = make_accelerator(mixed_precision=cfg.mixed_precision, log_with=trackers or None, project_dir=str(out))
     check_supported(acc)
     if cfg.use_peft and (is_sharded(acc) or is_deepspeed(acc)):
-        raise UsageError("--use_peft is not supported under FSDP or DeepSpeed yet; launch with configs/accelerate/ddp.yaml")
+        raise UsageError("--use_peft is not supported under FSDP or DeepSpeed yet; launch with --accelerate_config ddp")
     model, peft_model = prepare_model(cfg, model, saved_model)
     _stop_where_replies_end(saved_model if saved_model is not None else model, tokenizer)  # checkpoints' too
     acc.wait_for_everyone()

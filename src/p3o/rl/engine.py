@@ -101,7 +101,7 @@ class Trainer:
         self.sharded = is_sharded(self.accelerator)  # FSDP2, ZeRO-3: every forward is a collective
         if (self.sharded or is_deepspeed(self.accelerator)) and (cfg.use_peft or cfg.generation_backend == "vllm"):
             raise UsageError("--use_peft and --generation_backend vllm are not supported under FSDP or DeepSpeed yet; "
-                             "launch with configs/accelerate/ddp.yaml")
+                             "launch with --accelerate_config ddp")
         self.sizes = derive_sizes(cfg, self.accelerator.num_processes)
         configure_for_updates(self.accelerator, self.sizes.micro_groups * self.sizes.num_generations, cfg.max_grad_norm)
         self.state = TrainerState()

@@ -98,7 +98,7 @@ def check_supported(accelerator) -> None:
         raise UsageError("DeepSpeed is supported with ZeRO stage 2 or 3 only (zero_stage in the accelerate config)")
     if kind == DistributedType.FSDP and accelerator.state.fsdp_plugin.fsdp_version != 2:
         raise UsageError("FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config "
-                         "(configs/accelerate/fsdp.yaml)")
+                         "(as p3o's --accelerate_config fsdp has it)")
 
 
 def is_deepspeed(accelerator) -> bool:

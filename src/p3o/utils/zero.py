@@ -36,7 +36,7 @@ def configure(accelerator, micro_batch: int, max_grad_norm: float) -> None:
     for offload in ("offload_optimizer", "offload_param"):
         if zero.get(offload, {}).get("device", "none") != "none":
             raise UsageError(f"DeepSpeed {offload} is not supported by p3o yet: set its device to none, or use "
-                             "configs/accelerate/zero3.yaml (ZeRO-3 shards weights, gradients and optimiser state)")
+                             "--accelerate_config zero3 (ZeRO-3 shards weights, gradients and optimiser state)")
     config["gradient_accumulation_steps"] = 1
     config["train_micro_batch_size_per_gpu"] = micro_batch
     config["train_batch_size"] = micro_batch * accelerator.num_processes

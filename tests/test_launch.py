@@ -1,0 +1,149 @@
+"""`--num_processes N [--accelerate_config NAME|FILE]` on `p3o train|sft|rm` (p3o.cli.launch), and the
+configs shipped in the wheel. The real two-process launch through these flags is in
+tests/test_distributed.py (test_the_shipped_ddp_config_runs_one_run_of_two_processes_on_cpu)."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from conftest import prompt_rows, write_jsonl
+
+from p3o import accelerate_configs
+from p3o.cli import main
+from p3o.cli.launch import launch_argv, without_launch_flags
+
+ROOT = Path(__file__).parents[1]
+
+
+def train_args(assets, tmp_path, *extra) -> list[str]:
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", prompt_rows(8))
+    return ["train", "--model_name_or_path", str(assets["llama"]), "--dataset", str(prompts),
+            "--reward_fn", f"{assets['rewards']}:fruit", "--output_dir", str(tmp_path / "run"), *extra]
+
+
+def test_the_launch_flags_are_taken_out_and_the_rest_passed_on_unchanged():
+    argv = ["train", "--num_processes", "2", "--model_name_or_path", "m", "--accelerate_config=zero2", "--seed", "3"]
+    assert without_launch_flags(argv) == ["train", "--model_name_or_path", "m", "--seed", "3"]
+
+
+@pytest.mark.parametrize("name", accelerate_configs.NAMES)
+def test_a_config_name_is_the_shipped_file_and_a_free_port_is_asked_for(name, monkeypatch):
+    from p3o.cli import build_parser
+
+    for var in ("RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    argv = ["train", "--num_processes", "4", "--accelerate_config", name, "--seed", "1"]
+    launcher = launch_argv(build_parser().parse_args(argv), argv)
+    config = Path(launcher[launcher.index("--config_file") + 1])
+    assert config == accelerate_configs.path(name) and config.is_file()
+    if name.startswith("zero"):
+        assert f"zero_stage: {name[-1]}" in config.read_text()
+    assert launcher[launcher.index("--num_processes") + 1] == "4"
+    assert launcher[launcher.index("--main_process_port") + 1] == "0"  # accelerate picks a free one
+    assert launcher[launcher.index("-m"):] == ["-m", "p3o", "train", "--seed", "1"]
+
+
+def test_without_a_name_ddp_and_a_file_of_ones_own_is_taken_as_it_is(tmp_path, monkeypatch):
+    from p3o.cli import build_parser
+
+    for var in ("RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    argv = ["sft", "--num_processes", "2"]
+    launcher = launch_argv(build_parser().parse_args(argv), argv)
+    assert Path(launcher[launcher.index("--config_file") + 1]) == accelerate_configs.path("ddp")
+    own = tmp_path / "mine.yaml"
+    own.write_text("distributed_type: MULTI_GPU\nmain_process_port: 29600\n")
+    argv = ["rm", "--num_processes", "2", "--accelerate_config", str(own)]
+    launcher = launch_argv(build_parser().parse_args(argv), argv)
+    assert launcher[:2] == ["--config_file", str(own)] and "--main_process_port" not in launcher  # the file's port
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--num_processes", "2", "--pairs_per_step", "3"], "make it a multiple of 2"),
+    (["--num_processes", "2", "--accelerate_config", "zero9"], "neither one of p3o's configs (ddp, fsdp, zero2, zero3)"),
+    (["--accelerate_config", "zero2"], "--accelerate_config needs --num_processes N"),
+    (["--num_processes", "0"], "--num_processes must be at least 1"),
+    (["--num_processes", "2", "--learning_rate", "-1"], "learning_rate"),
+])
+def test_a_bad_launch_is_one_line_before_any_process_starts(assets, tmp_path, capsys, monkeypatch, flags, message):
+    import accelerate.commands.launch
+
+    for var in ("RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(accelerate.commands.launch, "launch_command", lambda *a: pytest.fail("launched"))
+    assert main(train_args(assets, tmp_path, *flags)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("p3o train: error:") and message in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_under_a_launcher_already_the_flags_are_refused(assets, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert main(train_args(assets, tmp_path, "--num_processes", "2")) == 2
+    assert "started by a launcher already" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("failure,code", [(("elastic", 2), 2), (("elastic", -15), 143), (("one-process", 3), 3),
+                                          (("signal", 15), 143)])
+def test_a_failed_process_s_exit_code_is_the_command_s_without_torch_s_report(assets, tmp_path, capsys, monkeypatch,
+                                                                               failure, code):
+    """Each process prints its own error line; the launcher adds no traceback (torch's report of the
+    failed processes only with --debug)."""
+    import signal
+
+    import accelerate.commands.launch
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    kind, exitcode = failure
+    launched = []
+
+    def failing(args):
+        launched.append(args)
+        if kind == "elastic":
+            raise ChildFailedError("p3o", {1: ProcessFailure(local_rank=1, pid=1, exitcode=exitcode, error_file="<N/A>")})
+        if kind == "signal":  # the launcher itself was sent SIGTERM (it passes it on to the processes)
+            raise SignalException("stopped", sigval=signal.Signals(exitcode))
+        raise subprocess.CalledProcessError(exitcode, ["p3o"])
+
+    for var in ("RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(accelerate.commands.launch, "launch_command", failing)
+    assert main(train_args(assets, tmp_path, "--num_processes", "2")) == code
+    assert launched and launched[0].num_processes == 2 and launched[0].module
+    assert capsys.readouterr().err == ""
+    if kind != "one-process":  # torch's report of which process failed how, for --debug
+        with pytest.raises((ChildFailedError, SignalException)):
+            main(train_args(assets, tmp_path, "--num_processes", "2", "--debug"))
+
+
+def test_the_wheel_ships_the_named_configs_and_runs_outside_the_checkout(tmp_path):
+    """A `pip install p3o` user has no repository: the configs --accelerate_config names come in the
+    wheel, and the installed package imports and answers --help from elsewhere."""
+    source = tmp_path / "source"  # a copy: setuptools writes build/ into the tree it builds
+    shutil.copytree(ROOT / "src" / "p3o", source / "src" / "p3o", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, source / name)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                            str(source), "--wheel-dir", str(tmp_path / "wheel")], capture_output=True, text=True,
+                           cwd=tmp_path)
+    assert built.returncode == 0, built.stderr[-2000:]
+    wheel = next((tmp_path / "wheel").glob("p3o-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"p3o/accelerate_configs/{n}.yaml" for n in accelerate_configs.NAMES} <= names
+    shipped = {n for n in names if n.startswith("p3o/") and n.endswith(".py")}
+    assert shipped == {str(p.relative_to(ROOT / "src")) for p in (ROOT / "src" / "p3o").rglob("*.py")}
+    target = tmp_path / "installed"
+    zipfile.ZipFile(wheel).extractall(target)
+    check = ("import p3o, p3o.accelerate_configs as c, p3o.cli;"
+             f"assert p3o.__file__.startswith({str(target)!r}), p3o.__file__;"
+             "assert all(c.path(n).is_file() for n in c.NAMES);"
+             "p3o.cli.main(['train', '--help'])")
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=tmp_path,
+                          env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--accelerate_config ACCELERATE_CONFIG" in done.stdout
