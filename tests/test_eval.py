@@ -48,7 +48,8 @@ def test_the_reference_has_kl_exactly_zero_and_a_trained_policy_positive_kl_and_
     ref, rl = results[str(assets["llama"])], results[str(trained)]
     assert list(results) == [str(assets["llama"]), str(trained)]  # keyed by path, in the order given
     assert {"kl", "kl_stderr", "reward", "reward_stderr", "gold", "gold_stderr", "length", "length_stderr",
-            "n"} == ref.keys() == rl.keys()
+            "rlhf_reward", "rlhf_reward_stderr", "n", "samples_per_prompt"} == ref.keys() == rl.keys()
+    assert ref["rlhf_reward"] is None and rl["samples_per_prompt"] == 1  # no --beta, one sample a prompt
     assert ref["kl"] == 0.0 and ref["kl_stderr"] == 0.0  # exactly, not approximately
     assert rl["kl"] > 0 and rl["n"] == ref["n"] == 48
     assert rl["reward"] > ref["reward"] + 2 * math.hypot(rl["reward_stderr"], ref["reward_stderr"]), (ref, rl)
@@ -113,6 +114,11 @@ def test_the_module_imports_without_loading_models():
      "non-finite"),
     (lambda a, p: a.extend(["--reward_model", str(p)]), "at most one proxy reward"),
     (lambda a, p: a.__setitem__(a.index("--output_file") + 1, str(p / "out" / "results.md")), "must end in .json"),
+    (lambda a, p: a.extend(["--num_samples", "0"]), "--num_samples must be at least 1"),
+    (lambda a, p: a.extend(["--beta", "-0.1"]), "--beta needs a proxy reward"),
+    (lambda a, p: (a.__delitem__(slice(a.index("--reward_fn"), a.index("--reward_fn") + 2)),
+                   a.extend(["--gold_reward_fn", "p3o.tasks.summarize:gold_reward", "--beta", "0.1"])),
+     "--beta needs a proxy reward"),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(assets, held_out, tmp_path, capsys, change, message):
     args = eval_args(assets, held_out, tmp_path / "out" / "results.json", assets["llama"], extra=["--max_prompts", "4"])
@@ -129,3 +135,42 @@ def test_an_existing_output_file_is_kept(assets, held_out, tmp_path, capsys):
     assert main(eval_args(assets, held_out, out, assets["llama"])) == 2
     assert "--overwrite" in capsys.readouterr().err and out.read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_several_samples_a_prompt_average_per_prompt_and_beta_gives_the_rlhf_objective(
+        assets, held_out, trained, tmp_path):
+    """--num_samples 3: draw 0 is the one-sample evaluation, the other draws differ; each value's mean
+    and standard error are over the prompts' means (recomputed from the samples); --beta adds
+    reward - beta * KL per response; the options come from --config too, flags overriding it."""
+    import yaml
+
+    from p3o.eval.policy import mean_and_stderr
+
+    one = tmp_path / "one.json"
+    assert main(eval_args(assets, held_out, one, trained, extra=["--max_prompts", "6", "--save_samples"])) == 0
+    config = tmp_path / "eval.yaml"
+    config.write_text(yaml.safe_dump({"model_name_or_path": [str(assets["llama"]), str(trained)], "num_samples": 3,
+                                      "beta": 0.5, "max_prompts": 99}))
+    out = tmp_path / "three.json"
+    args = eval_args(assets, held_out, out, extra=["--max_prompts", "6", "--save_samples", "--config", str(config)])
+    args.remove("--model_name_or_path")  # the policies come from the YAML file
+    assert main(args) == 0
+    results = json.loads(out.read_text())
+    assert list(results) == [str(assets["llama"]), str(trained)] and results[str(trained)]["samples_per_prompt"] == 3
+    samples = [json.loads(line) for line in out.with_name("three.samples.jsonl").read_text().splitlines()]
+    firsts = [json.loads(line) for line in one.with_name("one.samples.jsonl").read_text().splitlines()]
+    mine = [s for s in samples if s["model"] == str(trained)]
+    assert len(mine) == 18 and [s["draw"] for s in mine] == [0, 1, 2] * 6  # prompt by prompt
+    assert [(s["prompt"], s["completion"], s["kl"]) for s in mine if s["draw"] == 0] == \
+        [(s["prompt"], s["completion"], s["kl"]) for s in firsts]  # draw 0: the one-sample evaluation
+    assert len({s["completion"] for s in mine if s["draw"] == 1} ^ {s["completion"] for s in firsts}) > 0
+    for model, result in results.items():
+        rows = [s for s in samples if s["model"] == model]
+        assert result["n"] == 6 and all(s["rlhf_reward"] == s["reward"] - 0.5 * s["kl"] for s in rows)
+        for name in ("kl", "reward", "length", "rlhf_reward"):
+            means = [sum(s[name] for s in rows[i:i + 3]) / 3 for i in range(0, 18, 3)]
+            assert (result[name], result[f"{name}_stderr"]) == pytest.approx(mean_and_stderr(means), abs=1e-12)
+    reference = results[str(assets["llama"])]
+    assert reference["kl"] == 0.0 and reference["rlhf_reward"] == reference["reward"]
+    table = out.with_suffix(".md").read_text()
+    assert "3 samples per prompt" in table and "β = 0.5" in table and "| reward − β·KL |" in table

@@ -1,9 +1,12 @@
 """`p3o eval`: several policies against one reference on the same held-out prompts (docs/p3o.md section 6).
 
-Each policy answers every prompt once, from the same seeded random stream, and gets: the mean
-sequence KL to the reference, KL = mean of l(y) - l_ref(y) over its own samples y (nats; exactly 0
-for the reference itself), the proxy reward, the gold reward where given, and the response length,
-each with its standard error. The reference is loaded once; the policies one at a time.
+Each policy answers every prompt `--num_samples` times (1 by default), from the same seeded random
+streams, and gets: the mean sequence KL to the reference, KL = mean of l(y) - l_ref(y) over its own
+samples y (nats; exactly 0 for the reference itself), the proxy reward, the gold reward where given,
+the response length and, with `--beta`, the objective the policies were trained for, proxy reward -
+beta * KL (TRL's rlhf_reward), each with its standard error. With several samples a prompt's values
+are averaged first, so the standard error is over prompts (its samples are not independent draws
+of the prompt set). The reference is loaded once; the policies one at a time.
 
 `evaluate_models(cfg)` computes and returns the results (no files; `p3o frontier` calls it);
 `run_eval(cfg)` also writes them: the JSON file, a Markdown table beside it, and optionally the samples.
@@ -23,7 +26,8 @@ from p3o.utils.io import atomic_write_text, check_writable
 log = logging.getLogger("p3o")
 
 # Metric name in the results -> column of the Markdown table.
-COLUMNS = {"kl": "KL (nats)", "reward": "reward", "gold": "gold reward", "length": "length (tokens)"}
+COLUMNS = {"kl": "KL (nats)", "reward": "reward", "gold": "gold reward", "length": "length (tokens)",
+           "rlhf_reward": "reward − β·KL"}
 
 
 @dataclass
@@ -44,6 +48,8 @@ class EvalSettings:
     max_new_tokens: int = option(64, "Tokens sampled per response; EOS ends a response early and counts as part of it.")
     max_prompt_length: int | None = option(None, "Longer prompts keep their last tokens, as in training: give the value the policies were trained with. Default: the model's context minus max_new_tokens.")
     temperature: float = option(1.0, "Sampling temperature; the KL uses the same tempered distributions.")
+    num_samples: int = option(1, "Responses sampled per prompt, each from its own seeded stream; a prompt's values are averaged before the mean and its standard error (over prompts). 1 matches p3o train's held-out evaluation.")
+    beta: float | None = option(None, "Also report proxy reward - beta * KL per response (rlhf_reward, the KL-regularised objective RL maximises): give the --beta the policies were trained with.")
     batch_size: int = option(64, "Prompts per generation batch and sequences per reward-model pass.")
     seed: int = option(0, "Seed of the sampling stream; 0 matches the held-out evaluations of `p3o train` (float32, with the same --batch_size; under bf16 training samples in bf16, so they differ).")
     torch_dtype: str = option("float32", "Weights of the policies and reference: float32, bfloat16, float16 or auto (as saved).")
@@ -76,7 +82,10 @@ class EvalConfig(EvalSettings):
         if self.output_file is not None and Path(self.output_file).suffix != ".json":
             raise UsageError(f"--output_file must end in .json (the table goes beside it as <stem>.md), "
                              f"got {self.output_file}")
-        for name in ("max_new_tokens", "batch_size"):
+        if self.beta is not None and not (self.beta >= 0 and (self.reward_fn or self.reward_model)):
+            raise UsageError("--beta needs a proxy reward (--reward_fn or --reward_model) and must be >= 0, "
+                             f"got {self.beta}")
+        for name in ("max_new_tokens", "batch_size", "num_samples"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.max_prompt_length is not None and self.max_prompt_length < 1:
@@ -141,7 +150,6 @@ def evaluate_models(cfg: EvalConfig) -> dict[str, dict]:
     from tqdm.auto import tqdm
 
     # local: these import torch, and `import p3o.eval.evaluate` stays free of it (tests/test_eval.py)
-    from p3o.eval.policy import evaluate_policy
     from p3o.models.loading import _check_exists, load_causal_lm, load_tokenizer
     from p3o.reward import build_reward
 
@@ -168,24 +176,48 @@ def evaluate_models(cfg: EvalConfig) -> dict[str, dict]:
         bar.set_postfix_str(Path(path).name or path)
         policy = reference if _same_model(path, cfg.ref_model) else \
             load_causal_lm(path, what="model", **load).to(device).eval()
-        metrics = evaluate_policy(policy, reference, tokenizer, prompts, rewards, cfg.max_new_tokens, seed=cfg.seed,
-                                  batch_size=cfg.batch_size, temperature=cfg.temperature,
-                                  max_prompt_length=cfg.max_prompt_length)
+        metrics = _evaluate(policy, reference, tokenizer, prompts, rewards, cfg)
         del policy
         results[path] = {**{key: metrics.get(key) for name in COLUMNS for key in (name, f"{name}_stderr")},
-                         "n": len(prompts), "samples": metrics["samples"]}
+                         "n": len(prompts), "samples_per_prompt": cfg.num_samples, "samples": metrics["samples"]}
         bar.write(f"{path}: " + "  ".join(f"{name} {metrics[name]:+.4f} ± {metrics[name + '_stderr']:.4f}"
                                           for name in COLUMNS if name in metrics))
     return results
+
+
+def _evaluate(policy, reference, tokenizer, prompts, rewards: dict, cfg: EvalConfig) -> dict:
+    """`evaluate_policy` cfg.num_samples times: draw k of every prompt from the streams of indices
+    k * len(prompts) onwards (draw 0 is the single-sample evaluation, and no two draws share a
+    stream); each prompt's values averaged over its draws, then the mean and standard error over
+    prompts. Samples are listed prompt by prompt, each with its draw number."""
+    from p3o.eval.policy import evaluate_policy, summarise
+
+    draws = []
+    for k in range(cfg.num_samples):
+        samples = evaluate_policy(policy, reference, tokenizer, prompts, rewards, cfg.max_new_tokens, seed=cfg.seed,
+                                  batch_size=cfg.batch_size, temperature=cfg.temperature,
+                                  first_index=k * len(prompts), max_prompt_length=cfg.max_prompt_length)["samples"]
+        for sample in samples:
+            sample["draw"] = k
+            if cfg.beta is not None:
+                sample["rlhf_reward"] = sample["reward"] - cfg.beta * sample["kl"]
+        draws.append(samples)
+    names = [name for name in COLUMNS if name in draws[0][0]]
+    per_prompt = [{name: sum(draw[i][name] for draw in draws) / len(draws) for name in names}
+                  for i in range(len(prompts))]
+    return {**summarise(per_prompt, names), "samples": [draw[i] for i in range(len(prompts)) for draw in draws]}
 
 
 def markdown_table(results: dict[str, dict], cfg: EvalConfig) -> str:
     """One row per policy: mean ± standard error of each metric (columns only for rewards given)."""
     names = [name for name in COLUMNS if any(r.get(name) is not None for r in results.values())]
     n = next(iter(results.values()))["n"] if results else 0
+    per_prompt = ("one sample per prompt" if cfg.num_samples == 1 else
+                  f"{cfg.num_samples} samples per prompt, averaged per prompt before the standard error")
+    objective = f"; β = {cfg.beta:g}" if "rlhf_reward" in names else ""
     caption = (f"KL to {cfg.ref_model} (nats) and rewards on {n} prompts of {cfg.dataset}: mean ± standard error, "
-               f"one sample per prompt (seed {cfg.seed}, max_new_tokens {cfg.max_new_tokens}, "
-               f"temperature {cfg.temperature:g}).")
+               f"{per_prompt} (seed {cfg.seed}, max_new_tokens {cfg.max_new_tokens}, "
+               f"temperature {cfg.temperature:g}{objective}).")
     lines = [caption, "",
              "| model | " + " | ".join(COLUMNS[name] for name in names) + " | n |",
              "|---|" + "---:|" * (len(names) + 1)]
