@@ -203,6 +203,33 @@ def test_the_shipped_ddp_config_runs_one_run_of_two_processes_on_cpu(assets, tmp
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2]
 
 
+def test_a_pipeline_on_two_processes_chains_its_stages_and_resumes(assets, tmp_path):
+    """`p3o pipeline --num_processes 2`: every process runs the recipe; a stage starts once the main
+    process has saved the one before (a process reading the SFT model while it was being written
+    failed before), each stage's files are written once, and --resume keeps the finished stages."""
+    import yaml
+
+    sft, prefs = (write_jsonl(tmp_path / f"{stage}.jsonl", supervised_rows(stage)) for stage in ("sft", "rm"))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "run"),
+        "sft": {"model_name_or_path": str(assets["llama"]), "dataset": str(sft), "per_device_train_batch_size": 4,
+                "eval_fraction": 0.25, "disable_progress_bar": True},
+        "rm": {"dataset": str(prefs), "per_device_train_batch_size": 4, "eval_fraction": 0.25,
+               "disable_progress_bar": True},
+        "train": {"dataset": str(assets["prompts"]), "max_steps": 2, "pairs_per_step": 4, "max_new_tokens": 4,
+                  "disable_progress_bar": True}}))
+    done = launch(2, "pipeline", "--config", str(recipe), p3o_flags=True)
+    for stage in ("sft", "rm", "train"):
+        assert done.stdout.count(f"== p3o pipeline: {stage} -> ") == 1  # the main process speaks
+        assert (tmp_path / "run" / stage / "model.safetensors").is_file()
+        assert (tmp_path / "run" / stage / "pipeline_stage.json").is_file()
+    assert done.stderr.count("(2 in each of 2 processes)") == 1
+    assert [m["step"] for m in read_jsonl(tmp_path / "run" / "train" / "metrics.jsonl")] == [1, 2]
+    again = launch(2, "pipeline", "--config", str(recipe), "--resume", p3o_flags=True)
+    assert again.stdout.count("finished already") == 3 and "->" not in again.stdout
+
+
 def test_two_processes_learn_the_held_out_word_task_as_well_as_one(assets, tmp_path):
     """P3O-V1 on the fruit reward, 10 steps of 16 pairs (8 a process), judged on 64 held-out prompts
     at the start and the end: both rise far beyond noise, and 2 processes end no worse than 1.

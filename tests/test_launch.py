@@ -147,3 +147,23 @@ def test_the_wheel_ships_the_named_configs_and_runs_outside_the_checkout(tmp_pat
                           env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert done.returncode == 0, done.stderr[-2000:]
     assert "--accelerate_config ACCELERATE_CONFIG" in done.stdout
+
+
+def test_a_pipeline_s_recipe_is_checked_for_the_processes_before_any_starts(assets, tmp_path, capsys, monkeypatch):
+    import accelerate.commands.launch
+    import yaml
+
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(accelerate.commands.launch, "launch_command", lambda *a: pytest.fail("launched"))
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", prompt_rows(8))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "run"), "train": {
+        "model_name_or_path": str(assets["llama"]), "dataset": str(prompts), "reward_fn": f"{assets['rewards']}:fruit",
+        "pairs_per_step": 3, "minibatch_pairs": 1}}))
+    assert main(["pipeline", "--config", str(recipe), "--check"]) == 0  # one process: 3 prompts a step will do
+    capsys.readouterr()
+    assert main(["pipeline", "--config", str(recipe), "--num_processes", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "make it a multiple of 2" in err[0] and err[0].startswith("p3o pipeline: error:"), err
+    assert not (tmp_path / "run").exists()

@@ -35,7 +35,7 @@ COMMANDS = {  # name: (module with add_arguments/run, or (config class, run func
     "tiny-model": ("p3o.cli.tiny_model", "Build a small random GPT-2/Llama model and a word tokenizer from a corpus."),
     "fetch-model": ("p3o.cli.fetch_model", "Save a real pretrained model (SmolLM2-135M-Instruct) or a .gguf file as a plain checkpoint, offline."),
 }
-LAUNCHED = ("train", "sft", "rm")  # commands that take --num_processes / --accelerate_config (p3o.cli.launch)
+LAUNCHED = ("train", "sft", "rm", "pipeline")  # commands that take --num_processes / --accelerate_config (p3o.cli.launch)
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -70,10 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=help_text.replace("%", "%%"), description=help_text, allow_abbrev=False)
         parser.commands[name] = command
         command.add_argument("--debug", action="store_true", help="Show full tracebacks for errors.")
+        if name in LAUNCHED:
+            add_launch_arguments(command)
         if isinstance(module, tuple):  # every flag is a field of the command's config dataclass
             command.add_argument("--config", help="YAML file of option: value pairs; flags given here override it.")
-            if name in LAUNCHED:
-                add_launch_arguments(command)
             add_dataclass_arguments(command, _resolve(module[0]))
         else:
             importlib.import_module(module).add_arguments(command)
@@ -139,12 +139,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _launch(args: argparse.Namespace, argv: list[str]) -> int:
     """The command on --num_processes processes (`p3o.cli.launch`), once its config is known to be valid."""
-    config, _ = args.module
-    cfg = build_config(_resolve(config), args)
-    if args.command == "train":  # the rollout must divide between the processes
-        from p3o.rl.config import derive_sizes
+    counted = args.num_processes is not None and args.num_processes > 0  # otherwise `launch` says what is wrong
+    if args.command == "pipeline":
+        from p3o.cli.pipeline import check
 
-        derive_sizes(cfg, max(args.num_processes or 1, 1))
+        if counted:  # every stage's config, as `p3o pipeline --check` checks them
+            check(args)
+    else:
+        cfg = build_config(_resolve(args.module[0]), args)
+        if args.command == "train" and counted:  # the rollout must divide between the processes
+            from p3o.rl.config import derive_sizes
+
+            derive_sizes(cfg, args.num_processes)
     return launch(args, argv)
 
 

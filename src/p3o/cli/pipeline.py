@@ -16,14 +16,23 @@ def add_arguments(parser) -> None:
                         "first; run nothing.")
 
 
+def check(args) -> dict:
+    """The recipe loaded and checked as a run checks it first (on --num_processes processes, if given)."""
+    recipe = load_recipe(args.config, overrides(args))
+    check_stages(recipe, recipe["output_dir"], getattr(args, "num_processes", None))
+    return recipe
+
+
+def overrides(args) -> dict:
+    return {"output_dir": args.output_dir, "overwrite": args.overwrite, "resume": args.resume}
+
+
 def run(args) -> None:
-    overrides = {"output_dir": args.output_dir, "overwrite": args.overwrite, "resume": args.resume}
     if args.check:
-        recipe = load_recipe(args.config, overrides)
-        check_stages(recipe, recipe["output_dir"])
+        recipe = check(args)
         for name in STAGES:
             if name in recipe:
                 cfg, fmt = recipe[name]
                 print(f"{name}: {cfg.model_name_or_path} on {cfg.dataset}{f' ({fmt})' if fmt else ''} -> {cfg.output_dir}")
         return
-    run_recipe(args.config, overrides)
+    run_recipe(args.config, overrides(args))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from p3o.rl.train import run_train
 from p3o.sft.train import SFTConfig, run_sft
 from p3o.utils.checkpoints import (TrainingInterrupted, latest_checkpoint, signal_during_a_final_save,
                                    with_former_defaults)
+from p3o.utils.distributed import launched_rank, wait_for_all
 from p3o.utils.io import atomic_write_text
 
 STAGES = ("sft", "rm", "train")
@@ -92,6 +94,11 @@ def run_recipe(path: str, overrides: dict[str, Any] | None = None) -> Path:
     recipe = load_recipe(path, overrides)
     out = recipe["output_dir"]
     check_stages(recipe, out)
+    # Under a launcher every process runs the recipe; the main one writes what lies between stages,
+    # and all wait for it: for the checks above before anything is written, for converted data before
+    # a stage reads it, and for a stage's saved model before the next stage loads it.
+    main = launched_rank() == 0
+    wait_for_all()
     runners = {"sft": run_sft, "rm": run_rm, "train": run_train}
     redone = False  # a stage ran: every later one runs again from the start, on its new inputs
     for name in STAGES:
@@ -99,18 +106,24 @@ def run_recipe(path: str, overrides: dict[str, Any] | None = None) -> Path:
             cfg, fmt = recipe[name]
             stamp = _stage_stamp(cfg, fmt)
             if cfg.resume and not redone and _finished(cfg, name, stamp):
-                print(f"\n== p3o pipeline: {name} finished already in {cfg.output_dir}: kept", flush=True)
+                if main:
+                    print(f"\n== p3o pipeline: {name} finished already in {cfg.output_dir}: kept", flush=True)
                 continue
             if cfg.resume and (redone or latest_checkpoint(Path(cfg.output_dir)) is None):
                 cfg = dataclasses.replace(cfg, resume=False, overwrite=True)  # failed before its first checkpoint,
                 #   or made from an earlier stage that has run again since
-            (Path(cfg.output_dir) / STAMP).unlink(missing_ok=True)  # not finished until it is written again
+            if main:
+                (Path(cfg.output_dir) / STAMP).unlink(missing_ok=True)  # not finished until it is written again
             if fmt is not None:
-                cfg = _with_converted_data(cfg, fmt, name, out / "data")
-            print(f"\n== p3o pipeline: {name} -> {cfg.output_dir}", flush=True)
+                cfg = _with_converted_data(cfg, fmt, name, out / "data", write=main)
+                wait_for_all()
+            if main:
+                print(f"\n== p3o pipeline: {name} -> {cfg.output_dir}", flush=True)
             signal_during_a_final_save()  # forget an earlier run's
             runners[name](cfg)
-            atomic_write_text(Path(cfg.output_dir) / STAMP, json.dumps(stamp, indent=1, sort_keys=True))
+            wait_for_all()
+            if main:
+                atomic_write_text(Path(cfg.output_dir) / STAMP, json.dumps(stamp, indent=1, sort_keys=True))
             redone = True
             if signal_name := signal_during_a_final_save():  # the stage is complete; the rest waits
                 raise TrainingInterrupted(f"stopped by {signal_name} as stage {name} finished; continue with the "
@@ -144,9 +157,11 @@ def _finished(cfg, stage: str, stamp: dict) -> bool:
     return True
 
 
-def check_stages(recipe: dict, out: Path) -> None:
+def check_stages(recipe: dict, out: Path, processes: int | None = None) -> None:
     """What each stage will read and write, checked before the first stage runs: a mistake in the
-    train section is reported before hours of SFT, not after."""
+    train section is reported before hours of SFT, not after. `processes`: of the launch (default:
+    this one's)."""
+    processes = processes or int(os.environ.get("WORLD_SIZE", "1"))
     made = []  # what the earlier stages of this recipe will write
     for name in STAGES:
         if name not in recipe:
@@ -169,7 +184,7 @@ def check_stages(recipe: dict, out: Path) -> None:
             for spec in [value] if isinstance(value, str) else value or []:
                 load_reward_function(spec)
         if isinstance(cfg, TrainConfig):
-            derive_sizes(cfg)
+            derive_sizes(cfg, processes)
         stage_out = Path(cfg.output_dir)
         if cfg.resume:  # a finished stage whose settings changed: refused before any stage runs
             _finished(cfg, name, _stage_stamp(cfg, fmt))
@@ -193,14 +208,16 @@ def _check_rows(stage: str, cfg, data: str, held_out: bool) -> None:
                              "set prompt_column in the recipe")
 
 
-def _with_converted_data(cfg, fmt: str, stage: str, data_dir: Path):
-    """Convert the stage's dataset with `p3o convert`'s converter and point the stage at the result."""
+def _with_converted_data(cfg, fmt: str, stage: str, data_dir: Path, write: bool = True):
+    """Convert the stage's dataset with `p3o convert`'s converter and point the stage at the result
+    (written by the main process only: `write`)."""
     rows, _ = convert_rows(fmt, read_rows(cfg.dataset, cfg.dataset_split, cfg.dataset_config), cfg.dataset)
     if stage == "sft":
         rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
     elif stage == "train" and not get_algorithm(cfg.algo).offline:  # DPO learns the pairs themselves
         rows = [{"prompt": r["prompt"]} for r in rows]
-    data_dir.mkdir(parents=True, exist_ok=True)
     target = data_dir / f"{stage}-{fmt}.jsonl"
-    atomic_write_text(target, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    if write:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(target, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return dataclasses.replace(cfg, dataset=str(target), dataset_split="train", dataset_config=None)

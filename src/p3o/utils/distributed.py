@@ -52,6 +52,18 @@ def allow_another_precision(mixed_precision: str | None) -> None:
         AcceleratorState._reset_state()
 
 
+def wait_for_all() -> None:
+    """A barrier across the processes of a launch, for code between stages (`p3o pipeline`): it
+    starts torch's default group where no Accelerator has yet (nccl on GPUs, gloo otherwise, as
+    accelerate would; accelerate and DeepSpeed then take the group as it is). One process: nothing."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return
+    dist = torch.distributed
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    dist.barrier()
+
+
 def world_size() -> int:
     dist = torch.distributed
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
