@@ -32,8 +32,11 @@ def test_the_launch_flags_are_taken_out_and_the_rest_passed_on_unchanged():
 
 @pytest.mark.parametrize("name", accelerate_configs.NAMES)
 def test_a_config_name_is_the_shipped_file_and_a_free_port_is_asked_for(name, monkeypatch):
+    import torch
+
     from p3o.cli import build_parser
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # FSDP: accelerate applies it on GPUs only
     for var in ("RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
     argv = ["train", "--num_processes", "4", "--accelerate_config", name, "--seed", "1"]
@@ -68,6 +71,9 @@ def test_without_a_name_ddp_and_a_file_of_ones_own_is_taken_as_it_is(tmp_path, m
     (["--accelerate_config", "zero2"], "--accelerate_config needs --num_processes N"),
     (["--num_processes", "0"], "--num_processes must be at least 1"),
     (["--num_processes", "2", "--learning_rate", "-1"], "learning_rate"),
+    (["--num_processes", "2", "--dataset", "nope.jsonl"], "--dataset nope.jsonl does not exist"),  # each process
+    (["--num_processes", "2", "--reward_fn", "nope.py:f"], "nope.py does not exist"),  # would say it: once here
+    (["--num_processes", "2", "--accelerate_config", "fsdp"], "FSDP, which accelerate runs on GPUs only"),
 ])
 def test_a_bad_launch_is_one_line_before_any_process_starts(assets, tmp_path, capsys, monkeypatch, flags, message):
     import accelerate.commands.launch
@@ -81,44 +87,91 @@ def test_a_bad_launch_is_one_line_before_any_process_starts(assets, tmp_path, ca
     assert not (tmp_path / "run").exists()
 
 
+def test_a_non_empty_output_dir_a_missing_deepspeed_and_launch_flags_in_yaml_are_one_line(
+        assets, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    import accelerate.commands.launch
+
+    for var in ("RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(accelerate.commands.launch, "launch_command", lambda *a: pytest.fail("launched"))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "mine.txt").write_text("keep")
+    assert main(train_args(assets, tmp_path, "--num_processes", "2")) == 2
+    assert "--output_dir" in capsys.readouterr().err and (tmp_path / "run" / "mine.txt").read_text() == "keep"
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else find_spec(name, *a))
+    assert main(train_args(assets, tmp_path, "--num_processes", "2", "--accelerate_config", "zero3", "--overwrite")) == 2
+    assert "pip install 'p3o[deepspeed]'" in capsys.readouterr().err
+    config = tmp_path / "run.yaml"
+    config.write_text("num_processes: 2\n")
+    assert main(train_args(assets, tmp_path, "--config", str(config))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "num_processes is a command-line flag only" in err[0] and "pass --num_processes" in err[0]
+
+
 def test_under_a_launcher_already_the_flags_are_refused(assets, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert main(train_args(assets, tmp_path, "--num_processes", "2")) == 2
     assert "started by a launcher already" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("failure,code", [(("elastic", 2), 2), (("elastic", -15), 143), (("one-process", 3), 3),
-                                          (("signal", 15), 143)])
-def test_a_failed_process_s_exit_code_is_the_command_s_without_torch_s_report(assets, tmp_path, capsys, monkeypatch,
-                                                                               failure, code):
-    """Each process prints its own error line; the launcher adds no traceback (torch's report of the
-    failed processes only with --debug)."""
-    import signal
+# exit codes of the processes (rank: code; negative: killed by that signal) -> the command's code, its line
+FAILURES = [
+    ({1: 2}, 2, ""),  # a process's own error: it printed its line
+    ({0: -15, 1: 2}, 2, ""),  # the one that failed, not the one torch then stopped with SIGTERM
+    ({0: -15, 1: -9}, 137, "process 1 was killed by SIGKILL"),  # it could print nothing
+    ({1: -15}, 143, "process 1 was killed by SIGTERM"),
+]
 
+
+@pytest.mark.parametrize("codes,code,line", FAILURES)
+def test_a_failed_process_s_exit_code_is_the_command_s_without_torch_s_report(assets, tmp_path, capsys, monkeypatch,
+                                                                               codes, code, line):
+    """A process that failed printed its own error line; the launcher adds no traceback (torch's report
+    of the failed processes only with --debug), but says which process a signal killed."""
     import accelerate.commands.launch
-    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-    kind, exitcode = failure
     launched = []
 
     def failing(args):
         launched.append(args)
-        if kind == "elastic":
-            raise ChildFailedError("p3o", {1: ProcessFailure(local_rank=1, pid=1, exitcode=exitcode, error_file="<N/A>")})
-        if kind == "signal":  # the launcher itself was sent SIGTERM (it passes it on to the processes)
-            raise SignalException("stopped", sigval=signal.Signals(exitcode))
-        raise subprocess.CalledProcessError(exitcode, ["p3o"])
+        raise ChildFailedError("p3o", {rank: ProcessFailure(local_rank=rank, pid=rank + 1, exitcode=exitcode,
+                                                            error_file="<N/A>") for rank, exitcode in codes.items()})
 
     for var in ("RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(accelerate.commands.launch, "launch_command", failing)
     assert main(train_args(assets, tmp_path, "--num_processes", "2")) == code
     assert launched and launched[0].num_processes == 2 and launched[0].module
+    err = capsys.readouterr().err.splitlines()
+    said = f"p3o train: error: {line} (out of memory?); the others were stopped. --debug shows torch's report"
+    assert err == ([said] if line else []), err
+    with pytest.raises(ChildFailedError):
+        main(train_args(assets, tmp_path, "--num_processes", "2", "--debug"))
+
+
+@pytest.mark.parametrize("kind,code", [("signal", 143), ("one-process", 3)])
+def test_the_launcher_stopped_or_one_process_failing_gives_its_code(assets, tmp_path, capsys, monkeypatch, kind, code):
+    """SIGTERM to `p3o` itself (torch's launcher passes it on: each process saves a checkpoint and
+    says so) -> 143; accelerate's one-process launcher's failure -> that process's code."""
+    import signal
+
+    import accelerate.commands.launch
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    def failing(args):
+        if kind == "signal":
+            raise SignalException("stopped", sigval=signal.SIGTERM)
+        raise subprocess.CalledProcessError(code, ["p3o"])
+
+    for var in ("RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(accelerate.commands.launch, "launch_command", failing)
+    assert main(train_args(assets, tmp_path, "--num_processes", "2")) == code
     assert capsys.readouterr().err == ""
-    if kind != "one-process":  # torch's report of which process failed how, for --debug
-        with pytest.raises((ChildFailedError, SignalException)):
-            main(train_args(assets, tmp_path, "--num_processes", "2", "--debug"))
 
 
 def test_the_wheel_ships_the_named_configs_and_runs_outside_the_checkout(tmp_path):

@@ -12,4 +12,6 @@ NAMES = ("ddp", "fsdp", "zero2", "zero3")
 
 def path(name: str) -> Path:
     """The shipped config called `name` (one of NAMES)."""
+    if name not in NAMES:
+        raise ValueError(f"p3o ships no accelerate config {name!r}; it has {', '.join(NAMES)}")
     return Path(str(resources.files(__name__).joinpath(f"{name}.yaml")))

@@ -112,29 +112,35 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         if args.debug:
             raise
-        print(f"p3o {args.command}: error: {exc}", file=sys.stderr)
+        _say(f"p3o {args.command}: error: {exc}")
         return 2
     except AlreadyFinished as exc:  # --resume of a finished run: done
-        print(f"p3o {args.command}: {exc}", file=sys.stderr)
+        _say(f"p3o {args.command}: {exc}")
         return 0
     except PermissionError as exc:  # a path the checks could not foresee (a file made read-only, ...)
         if args.debug:
             raise
-        print(f"p3o {args.command}: error: {exc.strerror or 'permission denied'}: {exc.filename or exc}; check "
-              "that path's permissions (--debug shows where)", file=sys.stderr)
+        _say(f"p3o {args.command}: error: {exc.strerror or 'permission denied'}: {exc.filename or exc}; check "
+              "that path's permissions (--debug shows where)")
         return 2
     except OSError as exc:  # a full disk or a read-only one, met while writing
         if args.debug or exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
             raise
-        print(f"p3o {args.command}: error: {exc.strerror}: {exc.filename or exc}; free some space or choose "
-              "another --output_dir (--debug shows where)", file=sys.stderr)
+        _say(f"p3o {args.command}: error: {exc.strerror}: {exc.filename or exc}; free some space or choose "
+              "another --output_dir (--debug shows where)")
         return 2
     except KeyboardInterrupt as exc:  # a run that saved a checkpoint says how to resume
-        print(f"p3o {args.command}: {str(exc) or 'interrupted'}", file=sys.stderr)
+        _say(f"p3o {args.command}: {str(exc) or 'interrupted'}")
         return 130
     finally:
         shut_down()  # under torchrun / accelerate launch: before Python finalises (see shut_down)
     return 0
+
+
+def _say(line: str) -> None:
+    """One write per line: under several processes, lines from each do not run into one another."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _launch(args: argparse.Namespace, argv: list[str]) -> int:
@@ -147,10 +153,12 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
             check(args)
     else:
         cfg = build_config(_resolve(args.module[0]), args)
-        if args.command == "train" and counted:  # the rollout must divide between the processes
-            from p3o.rl.config import derive_sizes
+        if counted:  # what every process would refuse, said once: models, data, rewards, sizes, output_dir
+            from p3o.pipeline.recipe import check_inputs
+            from p3o.utils.io import check_output_dir
 
-            derive_sizes(cfg, args.num_processes)
+            check_inputs(args.command, cfg, processes=args.num_processes)
+            check_output_dir(cfg.output_dir, cfg.overwrite or cfg.resume, {})
     return launch(args, argv)
 
 

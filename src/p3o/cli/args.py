@@ -48,6 +48,9 @@ def build_config(cls: type[C], namespace: argparse.Namespace) -> C:
     config_path = getattr(namespace, "config", None)
     if config_path:
         for key, value in read_yaml_config(config_path).items():
+            if key in ("num_processes", "accelerate_config"):  # p3o.cli.launch: they start the launcher
+                raise UsageError(f"{config_path}: {key} is a command-line flag only (it starts the processes "
+                                 f"before any config is read); pass --{key}")
             if key not in fields:
                 raise UsageError(f"{config_path}: unknown option {key!r}{did_you_mean(key, fields)}; see the "
                                  "command's --help")

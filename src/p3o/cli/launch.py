@@ -5,12 +5,16 @@ Why here: a `pip install p3o` user has no repository to take a config file from,
 should be one line before N processes start (each would print it). So the command line is parsed
 and its config built here first; then accelerate's own launcher runs `python -m p3o <the same
 arguments>` N times (without these two flags) and waits. The launcher's exit code is the first
-failed process's; torch's report of the failure is shown only with --debug (each process has printed
-its own error line).
+failed process's; torch's report of the failure is shown only with --debug (a process that failed
+has printed its own error line; one killed by a signal could not, so that is said here).
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
+import signal
+import sys
 from pathlib import Path
 
 from p3o.errors import UsageError
@@ -47,8 +51,6 @@ def config_file(name: str | None) -> Path:
 def launch_argv(args, argv: list[str]) -> list[str]:
     """`accelerate launch` arguments that run `p3o <argv>` (less this module's flags) on
     args.num_processes processes with args.accelerate_config."""
-    import os
-
     if "LOCAL_RANK" in os.environ or "RANK" in os.environ:  # set by torchrun and accelerate launch
         raise UsageError("this process was started by a launcher already (torchrun or accelerate launch); "
                          "leave out --num_processes and --accelerate_config")
@@ -59,10 +61,38 @@ def launch_argv(args, argv: list[str]) -> list[str]:
     path = config_file(args.accelerate_config)
     if path.suffix not in (".yaml", ".yml", ".json"):
         raise UsageError(f"--accelerate_config {path} is not a .yaml or .json accelerate config")
+    config = read_config(path)
+    check_runnable(config, path)
     launcher = ["--config_file", str(path), "--num_processes", str(args.num_processes)]
-    if "main_process_port" not in path.read_text():
+    if "main_process_port" not in config:
         launcher += ["--main_process_port", "0"]  # a free port: two runs on one machine do not collide
     return [*launcher, "-m", "p3o", *without_launch_flags(argv)]
+
+
+def read_config(path: Path) -> dict:
+    import yaml
+
+    try:
+        config = yaml.safe_load(path.read_text())  # JSON is YAML too
+    except (OSError, yaml.YAMLError) as exc:
+        raise UsageError(f"--accelerate_config {path} could not be read: {exc}") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"--accelerate_config {path} is not an accelerate config (a mapping of settings)")
+    return config
+
+
+def check_runnable(config: dict, path: Path) -> None:
+    """What would fail in every process, said once here: FSDP without GPUs (accelerate applies it only
+    to GPUs; on a CPU the run would be plain DDP or N separate runs) and DeepSpeed not installed."""
+    import torch
+
+    kind = str(config.get("distributed_type", "")).upper()
+    if kind == "FSDP" and not torch.cuda.is_available():
+        raise UsageError(f"--accelerate_config {path} asks for FSDP, which accelerate runs on GPUs only; on this "
+                         "machine use --accelerate_config ddp (or zero2/zero3)")
+    if kind == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
+        raise UsageError(f"--accelerate_config {path} asks for DeepSpeed, which is not installed: "
+                         "pip install 'p3o[deepspeed]'")
 
 
 def without_launch_flags(argv: list[str]) -> list[str]:
@@ -99,7 +129,12 @@ def launch(args, argv: list[str]) -> int:
             raise
         if isinstance(exc, SignalException):  # the launcher was stopped: it passed the signal on (see docs)
             return 128 + int(exc.sigval)
-        _, failure = exc.get_first_failure()
+        rank, failure = _cause(exc.failures)
+        if failure.exitcode < 0:  # killed (the OOM killer, say): it printed nothing
+            name = signal.Signals(-failure.exitcode).name if -failure.exitcode in signal.valid_signals() else \
+                f"signal {-failure.exitcode}"
+            sys.stderr.write(f"p3o {args.command}: error: process {rank} was killed by {name} (out of memory?); "
+                             "the others were stopped. --debug shows torch's report\n")
         return exit_code(failure.exitcode)
     return 0
 
@@ -113,6 +148,16 @@ def _quiet_torch_elastic() -> None:
     for name in list(logging.root.manager.loggerDict):
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _cause(failures: dict) -> tuple:
+    """The failure behind the others, as (rank, ProcessFailure): a process that exited with an error,
+    else one killed by a signal other than the SIGTERM torch sends the rest, else the first."""
+    def rank(item):
+        code = item[1].exitcode
+        return (0 if code > 0 else 1 if code != -signal.SIGTERM else 2, item[1].timestamp, item[0])
+
+    return min(failures.items(), key=rank)
 
 
 def exit_code(code: int) -> int:

@@ -8,7 +8,7 @@ beta * KL (TRL's rlhf_reward), each with its standard error. With several sample
 are averaged first, so the standard error is over prompts (its samples are not independent draws
 of the prompt set). The reference is loaded once; the policies one at a time.
 
-`evaluate_models(cfg)` computes and returns the results (no files; `p3o frontier` calls it);
+`evaluate_models(cfg)` computes and returns the results (no files; for Python callers);
 `run_eval(cfg)` also writes them: the JSON file, a Markdown table beside it, and optionally the samples.
 """
 from __future__ import annotations
@@ -144,7 +144,8 @@ def _device():
 
 def evaluate_models(cfg: EvalConfig) -> dict[str, dict]:
     """Results keyed by model path, in the order given: `kl`, `reward`, `gold` (None where not given),
-    `length`, each with `*_stderr`, `n` (prompts), and `samples` (prompt, completion and its values).
+    `length`, `rlhf_reward` (None without --beta), each with `*_stderr`, `n` (prompts),
+    `samples_per_prompt`, and `samples` (prompt, completion, its draw and its values).
 
     A policy that is the reference (the same path) is evaluated with the reference's own weights."""
     from tqdm.auto import tqdm

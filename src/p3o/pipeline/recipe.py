@@ -161,36 +161,43 @@ def check_stages(recipe: dict, out: Path, processes: int | None = None) -> None:
     """What each stage will read and write, checked before the first stage runs: a mistake in the
     train section is reported before hours of SFT, not after. `processes`: of the launch (default:
     this one's)."""
-    processes = processes or int(os.environ.get("WORLD_SIZE", "1"))
     made = []  # what the earlier stages of this recipe will write
     for name in STAGES:
         if name not in recipe:
             continue
         cfg, fmt = recipe[name]
-        for flag in ("model_name_or_path", "ref_model_name_or_path", "tokenizer_name_or_path", "reward_model"):
-            value = getattr(cfg, flag, None)
-            for path in [value] if isinstance(value, str) else value or []:
-                if not any(Path(path).resolve().is_relative_to(m.resolve()) for m in made):
-                    _check_exists(path, f"{name}: --{flag}")
-        for flag in ("dataset", "eval_dataset"):
-            data = getattr(cfg, flag, None)
-            if data and (_looks_local(data) or data.endswith(LOCAL_SUFFIXES)) and not Path(data).exists():
-                raise UsageError(f"{name}: --{flag} {data} does not exist; give a data file or a `datasets` name")
-            if data and fmt is None and Path(data).is_file():  # its rows as the stage will read them, now
-                _check_rows(name, cfg, data, held_out=flag == "eval_dataset")
+        check_inputs(name, cfg, fmt, made, processes, where=f"{name}: ")
         made.append(Path(cfg.output_dir))
-        for flag in ("reward_fn", "monitor_reward_fn"):
-            value = getattr(cfg, flag, None)
-            for spec in [value] if isinstance(value, str) else value or []:
-                load_reward_function(spec)
-        if isinstance(cfg, TrainConfig):
-            derive_sizes(cfg, processes)
         stage_out = Path(cfg.output_dir)
         if cfg.resume:  # a finished stage whose settings changed: refused before any stage runs
             _finished(cfg, name, _stage_stamp(cfg, fmt))
         if stage_out.is_dir() and any(stage_out.iterdir()) and not (cfg.overwrite or cfg.resume):
             raise UsageError(f"{name}: {stage_out} is not empty; pass --overwrite to replace its files, or choose "
                              "another --output_dir")
+
+
+def check_inputs(stage: str, cfg, fmt: str | None = None, made: list[Path] = (), processes: int | None = None,
+                 where: str = "") -> None:
+    """A stage's models, data files and their rows, reward functions and batch sizes (on `processes`),
+    as the stage will read them; paths under `made` (earlier stages' outputs) are not there yet."""
+    processes = processes or int(os.environ.get("WORLD_SIZE", "1"))
+    for flag in ("model_name_or_path", "ref_model_name_or_path", "tokenizer_name_or_path", "reward_model"):
+        value = getattr(cfg, flag, None)
+        for path in [value] if isinstance(value, str) else value or []:
+            if not any(Path(path).resolve().is_relative_to(m.resolve()) for m in made):
+                _check_exists(path, f"{where}--{flag}")
+    for flag in ("dataset", "eval_dataset"):
+        data = getattr(cfg, flag, None)
+        if data and (_looks_local(data) or data.endswith(LOCAL_SUFFIXES)) and not Path(data).exists():
+            raise UsageError(f"{where}--{flag} {data} does not exist; give a data file or a `datasets` name")
+        if data and fmt is None and Path(data).is_file():  # its rows as the stage will read them, now
+            _check_rows(stage, cfg, data, held_out=flag == "eval_dataset")
+    for flag in ("reward_fn", "monitor_reward_fn"):
+        value = getattr(cfg, flag, None)
+        for spec in [value] if isinstance(value, str) else value or []:
+            load_reward_function(spec)
+    if isinstance(cfg, TrainConfig):
+        derive_sizes(cfg, processes)
 
 
 def _check_rows(stage: str, cfg, data: str, held_out: bool) -> None:
