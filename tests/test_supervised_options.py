@@ -176,6 +176,28 @@ def test_max_steps_wins_over_epochs_eval_steps_and_warmup_steps(assets, tmp_path
             SFTConfig(output_dir="o", **bad)
 
 
+@pytest.mark.parametrize("epochs,steps,evaluations", [
+    ("0.5", 2, [(2, 0.5)]),  # half of a pass's 4 steps; the last step evaluated
+    ("1.3", 6, [(4, 1), (6, 1.5)]),  # ceil(1.3 x 4) = 6 (transformers' rounding): the first pass's end, the last step
+])
+def test_a_fraction_of_an_epoch_takes_that_share_of_its_steps(assets, tmp_path, epochs, steps, evaluations):
+    """TRL's and transformers' num_train_epochs=0.5 (a float), which p3o refused as not an integer."""
+    from p3o.sft.train import SFTConfig
+
+    data = write_jsonl(tmp_path / "train.jsonl", sft_rows(32))  # 4 optimiser steps per epoch of 8
+    held_out = write_jsonl(tmp_path / "eval.jsonl", sft_rows(2, seed=1))
+    out = tmp_path / "run"
+    assert main(["sft", "--model_name_or_path", str(assets["llama"]), "--dataset", str(data), "--eval_dataset",
+                 str(held_out), "--output_dir", str(out), "--num_train_epochs", epochs, "--per_device_train_batch_size",
+                 "8", "--learning_rate", "1e-3", "--logging_steps", "1", "--disable_progress_bar"]) == 0
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, steps + 1))
+    assert [(r["step"], r["epoch"]) for r in rows if "eval_loss" in r] == evaluations
+    assert SFTConfig(output_dir="o", num_train_epochs=2).num_train_epochs == 2
+    with pytest.raises(Exception, match="must be > 0"):
+        SFTConfig(output_dir="o", num_train_epochs=0)
+
+
 def test_use_peft_under_fsdp_or_deepspeed_is_refused_in_one_line(assets, tmp_path, monkeypatch, capsys):
     import p3o.core.supervised_run as supervised_run
 

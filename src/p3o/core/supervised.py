@@ -62,7 +62,7 @@ class SupervisedConfig:
     dataset_split: str = option("train", "Split to read from a `datasets` name.")
     dataset_config: str | None = option(None, "Configuration name of a `datasets` dataset.")
     tokenizer_name_or_path: str | None = option(None, "Tokenizer; defaults to the model's.")
-    num_train_epochs: int | None = option(None, "Passes over the training data (default 1). Given with --max_steps, max_steps wins, as in transformers.")
+    num_train_epochs: float | None = option(None, "Passes over the training data (default 1); a fraction takes that share of a pass's steps (rounded up), as in transformers. Given with --max_steps, max_steps wins, as in transformers.")
     max_steps: int | None = option(None, "Optimiser steps to take in all (passing over the data as often as that needs); overrides --num_train_epochs, and the learning-rate schedule spans it.")
     per_device_train_batch_size: int = option(8, "Examples per forward/backward pass in each process (an optimiser step takes this x gradient_accumulation_steps x processes).")
     per_device_eval_batch_size: int = option(16, "Examples per evaluation forward pass.")
@@ -121,7 +121,9 @@ class SupervisedConfig:
             self.num_train_epochs = None
         elif self.max_steps is None and self.num_train_epochs is None:
             self.num_train_epochs = 1
-        for name in ("num_train_epochs", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
+        if self.num_train_epochs is not None and not self.num_train_epochs > 0:
+            raise UsageError(f"--num_train_epochs must be > 0, got {self.num_train_epochs}")
+        for name in ("max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
                      "gradient_accumulation_steps", "max_length", "logging_steps", "max_consecutive_skips", "lora_r"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UsageError(f"--{name} must be at least 1, got {getattr(self, name)}")
@@ -179,7 +181,9 @@ def total_steps(cfg: SupervisedConfig, examples: int, processes: int) -> tuple[i
     """(optimiser steps per pass over `examples`, optimiser steps of the whole run)."""
     batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * processes  # global
     steps_per_epoch = math.ceil(examples / batch)
-    return steps_per_epoch, cfg.max_steps if cfg.max_steps is not None else steps_per_epoch * cfg.num_train_epochs
+    if cfg.max_steps is not None:
+        return steps_per_epoch, cfg.max_steps
+    return steps_per_epoch, max(1, math.ceil(steps_per_epoch * cfg.num_train_epochs))  # 0.5: half a pass
 
 
 def fit(cfg: SupervisedConfig, model, train: list[dict], held_out: list[dict], stage: Stage, accelerator,
