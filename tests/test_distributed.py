@@ -230,6 +230,52 @@ def test_a_pipeline_on_two_processes_chains_its_stages_and_resumes(assets, tmp_p
     assert again.stdout.count("finished already") == 3 and "->" not in again.stdout
 
 
+SIGNAL_DURING_THE_SAVE = """
+import os, signal, sys, time
+import p3o.core.supervised_run as run
+save = run._save_final
+
+def slow_save(*args, **kwargs):  # a large model's final save, SIGTERM to the launcher in its midst
+    if os.environ["RANK"] == "0":
+        time.sleep(3)  # the other process is done with its part by now
+        os.kill(os.getppid(), signal.SIGTERM)  # torchrun passes it on to every process
+        time.sleep(1)
+    return save(*args, **kwargs)
+
+run._save_final = slow_save
+from p3o.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_signal_during_a_stage_s_final_save_on_two_processes_keeps_the_stage(assets, tmp_path):
+    """The other process waits for the main one's final save with its signal handler on: the stage is
+    complete and stamped, the pipeline stops, and --resume keeps it. (It left the stage at once, was
+    killed by the signal at the pipeline's barrier, and the main process died there before the stamp:
+    --resume trained SFT again.)"""
+    import yaml
+
+    sft, prefs = (write_jsonl(tmp_path / f"{stage}.jsonl", supervised_rows(stage)) for stage in ("sft", "rm"))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "run"),
+        "sft": {"model_name_or_path": str(assets["llama"]), "dataset": str(sft), "per_device_train_batch_size": 4,
+                "disable_progress_bar": True},
+        "rm": {"dataset": str(prefs), "per_device_train_batch_size": 4, "disable_progress_bar": True}}))
+    script = tmp_path / "slow_save.py"
+    script.write_text(SIGNAL_DURING_THE_SAVE)
+    env = {**os.environ, **ENV, "PYTHONPATH": str(WORKER.parent)}
+    stopped = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              str(script), "pipeline", "--config", str(recipe)], env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert "stopped by SIGTERM as stage sft finished" in stopped.stderr, stopped.stderr[-3000:]
+    assert (tmp_path / "run" / "sft" / "pipeline_stage.json").is_file() and not (tmp_path / "run" / "rm").exists()
+    saved = (tmp_path / "run" / "sft" / "model.safetensors").stat().st_mtime_ns
+    resumed = launch(2, "pipeline", "--config", str(recipe), "--resume", p3o_flags=True)
+    assert "sft finished already" in resumed.stdout and (tmp_path / "run" / "rm" / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "sft" / "model.safetensors").stat().st_mtime_ns == saved
+
+
 def test_two_processes_learn_the_held_out_word_task_as_well_as_one(assets, tmp_path):
     """P3O-V1 on the fruit reward, 10 steps of 16 pairs (8 a process), judged on 64 held-out prompts
     at the start and the end: both rise far beyond noise, and 2 processes end no worse than 1.

@@ -220,3 +220,19 @@ def test_a_pipeline_s_recipe_is_checked_for_the_processes_before_any_starts(asse
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "make it a multiple of 2" in err[0] and err[0].startswith("p3o pipeline: error:"), err
     assert not (tmp_path / "run").exists()
+
+    # A stage in bf16 and one in float32: one process runs them in turn; a launch keeps accelerate's
+    # first precision for every stage, so it is refused before anything runs.
+    sft = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "a", "completion": " b"}] * 4)
+    recipe.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "run"), "sft": {
+        "model_name_or_path": str(assets["llama"]), "dataset": str(sft), "mixed_precision": "bf16"}, "train": {
+        "dataset": str(prompts), "reward_fn": f"{assets['rewards']}:fruit", "pairs_per_step": 4}}))
+    assert main(["pipeline", "--config", str(recipe), "--check"]) == 0
+    capsys.readouterr()
+    assert main(["pipeline", "--config", str(recipe), "--num_processes", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "every stage must use the same mixed_precision (sft bf16, train no)" in err[0], err
+    # --check with --num_processes: checked for 2 processes here, printed once, nothing launched
+    recipe.write_text(recipe.read_text().replace("mixed_precision: bf16", "mixed_precision: 'no'"))
+    assert main(["pipeline", "--config", str(recipe), "--check", "--num_processes", "2"]) == 0
+    assert capsys.readouterr().out.count("train: ") == 1 and not (tmp_path / "run").exists()

@@ -194,8 +194,9 @@ def test_a_fraction_of_an_epoch_takes_that_share_of_its_steps(assets, tmp_path, 
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, steps + 1))
     assert [(r["step"], r["epoch"]) for r in rows if "eval_loss" in r] == evaluations
     assert SFTConfig(output_dir="o", num_train_epochs=2).num_train_epochs == 2
-    with pytest.raises(Exception, match="must be > 0"):
-        SFTConfig(output_dir="o", num_train_epochs=0)
+    for bad in (0, -1, float("inf"), float("nan")):  # inf crashed in the steps' arithmetic
+        with pytest.raises(Exception, match="must be > 0"):
+            SFTConfig(output_dir="o", num_train_epochs=bad)
 
 
 def test_use_peft_under_fsdp_or_deepspeed_is_refused_in_one_line(assets, tmp_path, monkeypatch, capsys):

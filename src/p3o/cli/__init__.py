@@ -147,8 +147,11 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
     """The command on --num_processes processes (`p3o.cli.launch`), once its config is known to be valid."""
     counted = args.num_processes is not None and args.num_processes > 0  # otherwise `launch` says what is wrong
     if args.command == "pipeline":
-        from p3o.cli.pipeline import check
+        from p3o.cli.pipeline import check, run
 
+        if counted and args.check:  # checked here for that many processes: nothing to launch
+            run(args)
+            return 0
         if counted:  # every stage's config, as `p3o pipeline --check` checks them
             check(args)
     else:

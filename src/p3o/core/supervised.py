@@ -121,8 +121,8 @@ class SupervisedConfig:
             self.num_train_epochs = None
         elif self.max_steps is None and self.num_train_epochs is None:
             self.num_train_epochs = 1
-        if self.num_train_epochs is not None and not self.num_train_epochs > 0:
-            raise UsageError(f"--num_train_epochs must be > 0, got {self.num_train_epochs}")
+        if self.num_train_epochs is not None and not 0 < self.num_train_epochs < math.inf:
+            raise UsageError(f"--num_train_epochs must be > 0 and finite, got {self.num_train_epochs}")
         for name in ("max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
                      "gradient_accumulation_steps", "max_length", "logging_steps", "max_consecutive_skips", "lora_r"):
             if getattr(self, name) is not None and getattr(self, name) < 1:

@@ -162,6 +162,12 @@ def check_stages(recipe: dict, out: Path, processes: int | None = None) -> None:
     train section is reported before hours of SFT, not after. `processes`: of the launch (default:
     this one's)."""
     made = []  # what the earlier stages of this recipe will write
+    processes = processes or int(os.environ.get("WORLD_SIZE", "1"))
+    precisions = {name: recipe[name][0].mixed_precision for name in STAGES if name in recipe}
+    if processes > 1 and len(set(precisions.values())) > 1:  # accelerate keeps one state per launched process
+        detail = ", ".join(f"{name} {value}" for name, value in precisions.items())
+        raise UsageError(f"on {processes} processes every stage must use the same mixed_precision ({detail}): "
+                         "set it alike in every section")
     for name in STAGES:
         if name not in recipe:
             continue

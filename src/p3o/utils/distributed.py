@@ -60,7 +60,8 @@ def wait_for_all() -> None:
         return
     dist = torch.distributed
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        on_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true"
+        dist.init_process_group(backend="gloo" if on_cpu else "nccl")
     dist.barrier()
 
 
