@@ -1,6 +1,6 @@
 """`accelerate launch` configurations shipped with p3o, by name: `ddp` (DDP, every process holds the
-whole model), `fsdp` (FSDP2), `zero2` and `zero3` (DeepSpeed). `p3o train|sft|rm --num_processes N
---accelerate_config NAME` launches with one (`p3o.cli.launch`); `accelerate launch --config_file
+whole model), `fsdp` (FSDP2), `zero2` and `zero3` (DeepSpeed). `p3o train|sft|rm|pipeline
+--num_processes N --accelerate_config NAME` launches with one (`p3o.cli.launch`); `accelerate launch --config_file
 FILE -m p3o ...` takes the file itself (`python -c "import p3o.accelerate_configs as c; print(c.path('zero2'))"`)."""
 from __future__ import annotations
 

@@ -121,13 +121,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         _say(f"p3o {args.command}: error: {exc.strerror or 'permission denied'}: {exc.filename or exc}; check "
-              "that path's permissions (--debug shows where)")
+             "that path's permissions (--debug shows where)")
         return 2
     except OSError as exc:  # a full disk or a read-only one, met while writing
         if args.debug or exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
             raise
         _say(f"p3o {args.command}: error: {exc.strerror}: {exc.filename or exc}; free some space or choose "
-              "another --output_dir (--debug shows where)")
+             "another --output_dir (--debug shows where)")
         return 2
     except KeyboardInterrupt as exc:  # a run that saved a checkpoint says how to resume
         _say(f"p3o {args.command}: {str(exc) or 'interrupted'}")

@@ -1,4 +1,4 @@
-"""`p3o train|sft|rm --num_processes N [--accelerate_config NAME|FILE]`: the same command on N
+"""`p3o train|sft|rm|pipeline --num_processes N [--accelerate_config NAME|FILE]`: the same command on N
 processes of this machine, through `accelerate launch`, as TRL's `--accelerate_config` does.
 
 Why here: a `pip install p3o` user has no repository to take a config file from, and a bad flag
@@ -131,8 +131,10 @@ def launch(args, argv: list[str]) -> int:
             return 128 + int(exc.sigval)
         rank, failure = _cause(exc.failures)
         if failure.exitcode < 0:  # killed (the OOM killer, say): it printed nothing
-            name = signal.Signals(-failure.exitcode).name if -failure.exitcode in signal.valid_signals() else \
-                f"signal {-failure.exitcode}"
+            try:
+                name = signal.Signals(-failure.exitcode).name
+            except ValueError:
+                name = f"signal {-failure.exitcode}"
             sys.stderr.write(f"p3o {args.command}: error: process {rank} was killed by {name} (out of memory?); "
                              "the others were stopped. --debug shows torch's report\n")
         return exit_code(failure.exitcode)
@@ -153,14 +155,13 @@ def _quiet_torch_elastic() -> None:
 def _cause(failures: dict) -> tuple:
     """The failure behind the others, as (rank, ProcessFailure): a process that exited with an error,
     else one killed by a signal other than the SIGTERM torch sends the rest, else the first."""
-    def rank(item):
+    def order(item):
         code = item[1].exitcode
         return (0 if code > 0 else 1 if code != -signal.SIGTERM else 2, item[1].timestamp, item[0])
 
-    return min(failures.items(), key=rank)
+    return min(failures.items(), key=order)
 
 
 def exit_code(code: int) -> int:
     """A process killed by signal s exits with -s; a shell reports 128 + s."""
     return 128 - code if code < 0 else code or 1
-
