@@ -203,44 +203,17 @@ def test_the_shipped_ddp_config_runs_one_run_of_two_processes_on_cpu(assets, tmp
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2]
 
 
-def test_a_pipeline_on_two_processes_chains_its_stages_and_resumes(assets, tmp_path):
-    """`p3o pipeline --num_processes 2`: every process runs the recipe; a stage starts once the main
-    process has saved the one before (a process reading the SFT model while it was being written
-    failed before), each stage's files are written once, and --resume keeps the finished stages."""
-    import yaml
-
-    sft, prefs = (write_jsonl(tmp_path / f"{stage}.jsonl", supervised_rows(stage)) for stage in ("sft", "rm"))
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "output_dir": str(tmp_path / "run"),
-        "sft": {"model_name_or_path": str(assets["llama"]), "dataset": str(sft), "per_device_train_batch_size": 4,
-                "eval_fraction": 0.25, "disable_progress_bar": True},
-        "rm": {"dataset": str(prefs), "per_device_train_batch_size": 4, "eval_fraction": 0.25,
-               "disable_progress_bar": True},
-        "train": {"dataset": str(assets["prompts"]), "max_steps": 2, "pairs_per_step": 4, "max_new_tokens": 4,
-                  "disable_progress_bar": True}}))
-    done = launch(2, "pipeline", "--config", str(recipe), p3o_flags=True)
-    for stage in ("sft", "rm", "train"):
-        assert done.stdout.count(f"== p3o pipeline: {stage} -> ") == 1  # the main process speaks
-        assert (tmp_path / "run" / stage / "model.safetensors").is_file()
-        assert (tmp_path / "run" / stage / "pipeline_stage.json").is_file()
-    assert done.stderr.count("(2 in each of 2 processes)") == 1
-    assert [m["step"] for m in read_jsonl(tmp_path / "run" / "train" / "metrics.jsonl")] == [1, 2]
-    again = launch(2, "pipeline", "--config", str(recipe), "--resume", p3o_flags=True)
-    assert again.stdout.count("finished already") == 3 and "->" not in again.stdout
-
-
 SIGNAL_DURING_THE_SAVE = """
 import os, signal, sys, time
 import p3o.core.supervised_run as run
 save = run._save_final
 
-def slow_save(*args, **kwargs):  # a large model's final save, SIGTERM to the launcher in its midst
-    if os.environ["RANK"] == "0":
+def slow_save(cfg, *args, **kwargs):  # the reward model's final save: slow, SIGTERM to the launcher in its midst
+    if os.environ["RANK"] == "0" and cfg.output_dir.endswith("rm"):
         time.sleep(3)  # the other process is done with its part by now
         os.kill(os.getppid(), signal.SIGTERM)  # torchrun passes it on to every process
         time.sleep(1)
-    return save(*args, **kwargs)
+    return save(cfg, *args, **kwargs)
 
 run._save_final = slow_save
 from p3o.cli import main
@@ -248,11 +221,13 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_a_signal_during_a_stage_s_final_save_on_two_processes_keeps_the_stage(assets, tmp_path):
-    """The other process waits for the main one's final save with its signal handler on: the stage is
-    complete and stamped, the pipeline stops, and --resume keeps it. (It left the stage at once, was
-    killed by the signal at the pipeline's barrier, and the main process died there before the stamp:
-    --resume trained SFT again.)"""
+def test_a_pipeline_on_two_processes_keeps_a_stage_signalled_in_its_save_and_chains_the_rest(assets, tmp_path):
+    """Each stage starts once the main process has saved the one before (RM read the SFT model while
+    it was being saved, and failed). A signal during the main process's final save of RM: the other
+    process waits for that save with its signal handler on, so the stage is complete and stamped and
+    the pipeline stops (it left at once, was killed at the pipeline's barrier and took the main one
+    down before the stamp: --resume trained RM again). `--num_processes 2 --resume` keeps both and
+    runs RL, its files written once."""
     import yaml
 
     sft, prefs = (write_jsonl(tmp_path / f"{stage}.jsonl", supervised_rows(stage)) for stage in ("sft", "rm"))
@@ -261,19 +236,29 @@ def test_a_signal_during_a_stage_s_final_save_on_two_processes_keeps_the_stage(a
         "output_dir": str(tmp_path / "run"),
         "sft": {"model_name_or_path": str(assets["llama"]), "dataset": str(sft), "per_device_train_batch_size": 4,
                 "disable_progress_bar": True},
-        "rm": {"dataset": str(prefs), "per_device_train_batch_size": 4, "disable_progress_bar": True}}))
+        "rm": {"dataset": str(prefs), "per_device_train_batch_size": 4, "disable_progress_bar": True},
+        "train": {"dataset": str(assets["prompts"]), "max_steps": 2, "pairs_per_step": 4, "max_new_tokens": 4,
+                  "disable_progress_bar": True}}))
     script = tmp_path / "slow_save.py"
     script.write_text(SIGNAL_DURING_THE_SAVE)
     env = {**os.environ, **ENV, "PYTHONPATH": str(WORKER.parent)}
     stopped = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                               str(script), "pipeline", "--config", str(recipe)], env=env, capture_output=True,
                              text=True, timeout=300)
-    assert "stopped by SIGTERM as stage sft finished" in stopped.stderr, stopped.stderr[-3000:]
-    assert (tmp_path / "run" / "sft" / "pipeline_stage.json").is_file() and not (tmp_path / "run" / "rm").exists()
-    saved = (tmp_path / "run" / "sft" / "model.safetensors").stat().st_mtime_ns
+    assert "stopped by SIGTERM as stage rm finished" in stopped.stderr, stopped.stderr[-3000:]
+    assert stopped.stdout.count("== p3o pipeline: rm -> ") == 1  # the main process speaks
+    for stage in ("sft", "rm"):
+        assert (tmp_path / "run" / stage / "pipeline_stage.json").is_file()
+    assert not (tmp_path / "run" / "train").exists()
+    saved = (tmp_path / "run" / "rm" / "model.safetensors").stat().st_mtime_ns
+
     resumed = launch(2, "pipeline", "--config", str(recipe), "--resume", p3o_flags=True)
-    assert "sft finished already" in resumed.stdout and (tmp_path / "run" / "rm" / "model.safetensors").is_file()
-    assert (tmp_path / "run" / "sft" / "model.safetensors").stat().st_mtime_ns == saved
+    assert resumed.stdout.count("sft finished already") == resumed.stdout.count("rm finished already") == 1
+    assert (tmp_path / "run" / "rm" / "model.safetensors").stat().st_mtime_ns == saved
+    assert resumed.stdout.count("== p3o pipeline: train -> ") == 1
+    assert (tmp_path / "run" / "train" / "pipeline_stage.json").is_file()
+    assert resumed.stderr.count("(2 in each of 2 processes)") == 1
+    assert [m["step"] for m in read_jsonl(tmp_path / "run" / "train" / "metrics.jsonl")] == [1, 2]
 
 
 def test_two_processes_learn_the_held_out_word_task_as_well_as_one(assets, tmp_path):

@@ -123,7 +123,8 @@ def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_o
             finish_trackers(acc)
         acc.wait_for_everyone()
         _save_final(cfg, acc, prepared, peft_model, saved_model, tokenizer, out, title, evaluations, data_name)
-        acc.wait_for_everyone()  # every process keeps its handler until the main one has saved
+        acc.wait_for_everyone()  # until the main process has saved, every process keeps its signal handler
+        #   and stays in the stage (a pipeline's next stage loads this model)
     if stop.requested:  # the run is complete; a pipeline stops before its next stage
         stop.finished_anyway(out)
     return evaluations

@@ -95,8 +95,9 @@ def run_recipe(path: str, overrides: dict[str, Any] | None = None) -> Path:
     out = recipe["output_dir"]
     check_stages(recipe, out)
     # Under a launcher every process runs the recipe; the main one writes what lies between stages,
-    # and all wait for it: for the checks above before anything is written, for converted data before
-    # a stage reads it, and for a stage's saved model before the next stage loads it.
+    # and all wait for it: for the checks above before anything is written, and for converted data
+    # before a stage reads it. A stage itself ends once its model is saved on every process (its
+    # final barrier), so the next one never loads a model mid-save.
     main = launched_rank() == 0
     wait_for_all()
     runners = {"sft": run_sft, "rm": run_rm, "train": run_train}
@@ -121,7 +122,6 @@ def run_recipe(path: str, overrides: dict[str, Any] | None = None) -> Path:
                 print(f"\n== p3o pipeline: {name} -> {cfg.output_dir}", flush=True)
             signal_during_a_final_save()  # forget an earlier run's
             runners[name](cfg)
-            wait_for_all()
             if main:
                 atomic_write_text(Path(cfg.output_dir) / STAMP, json.dumps(stamp, indent=1, sort_keys=True))
             redone = True

@@ -388,7 +388,8 @@ def _run(api: P3OTrainer, out: Path, resuming: bool) -> dict:
         _save_policy(trainer, out)
         if acc.is_main_process:
             write_model_card(out, cfg, api._base_model, last or _last_line(out / "metrics.jsonl"))
-        acc.wait_for_everyone()  # every process keeps its handler until the main one has saved
+        acc.wait_for_everyone()  # until the main process has saved, every process keeps its signal handler
+        #   and stays in the stage (a pipeline's next stage loads this model)
     callbacks.fire("on_train_end")
     if stop.requested:  # the run is complete; a pipeline stops before its next stage
         stop.finished_anyway(out)
