@@ -200,6 +200,14 @@ def test_the_shipped_ddp_config_runs_one_run_of_two_processes_on_cpu(assets, tmp
     out = tmp_path / "run"
     done = launch(2, "train", *run_args(assets, tmp_path, "p3o-v2", pairs=4), p3o_flags=True)
     assert done.stderr.count("(2 in each of 2 processes)") == 1
+    # A folder that exists but holds no model: only loading finds it, in every process; said once.
+    (tmp_path / "empty").mkdir()
+    argv = run_args(assets, tmp_path / "other", "p3o-v2", pairs=4)
+    argv[argv.index("--model_name_or_path") + 1] = str(tmp_path / "empty")
+    failed = subprocess.run([sys.executable, "-m", "p3o", "train", *argv, "--num_processes", "2"], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("p3o train: error:")]
+    assert failed.returncode == 2 and len(errors) == 1 and str(tmp_path / "empty") in errors[0], failed.stderr[-2000:]
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2]
 
 

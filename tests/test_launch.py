@@ -153,6 +153,34 @@ def test_a_failed_process_s_exit_code_is_the_command_s_without_torch_s_report(as
         main(train_args(assets, tmp_path, "--num_processes", "2", "--debug"))
 
 
+def test_the_processes_last_lines_are_printed_once_each(assets, tmp_path, capsys, monkeypatch):
+    """Two processes meeting the same bad input (found only once loading: the parent cannot) hand
+    the same line over: it is printed once; a line only one process has is printed too."""
+    import os
+
+    import accelerate.commands.launch
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from p3o.cli.launch import hand_over
+
+    def processes(args):
+        for rank, lines in ((0, ["p3o train: error: not a model"]), (1, ["p3o train: error: not a model",
+                                                                           "p3o train: error: only here"])):
+            monkeypatch.setenv("RANK", str(rank))
+            for line in lines:
+                assert hand_over(line)
+        monkeypatch.delenv("RANK")
+        raise ChildFailedError("p3o", {r: ProcessFailure(local_rank=r, pid=r + 1, exitcode=2, error_file="<N/A>")
+                                       for r in (0, 1)})
+
+    for var in ("RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(accelerate.commands.launch, "launch_command", processes)
+    assert main(train_args(assets, tmp_path, "--num_processes", "2")) == 2
+    assert capsys.readouterr().err.splitlines() == ["p3o train: error: not a model", "p3o train: error: only here"]
+    assert "P3O_LAUNCH_LINES" not in os.environ and not hand_over("elsewhere")  # no launch: stderr as before
+
+
 @pytest.mark.parametrize("kind,code", [("signal", 143), ("one-process", 3)])
 def test_the_launcher_stopped_or_one_process_failing_gives_its_code(assets, tmp_path, capsys, monkeypatch, kind, code):
     """SIGTERM to `p3o` itself (torch's launcher passes it on: each process saves a checkpoint and

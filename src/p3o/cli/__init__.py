@@ -12,7 +12,7 @@ import os
 import sys
 
 from p3o.cli.args import add_dataclass_arguments, build_config
-from p3o.cli.launch import add_launch_arguments, launch, launch_requested
+from p3o.cli.launch import add_launch_arguments, hand_over, launch, launch_requested
 from p3o.errors import AlreadyFinished, UsageError
 from p3o.options import did_you_mean
 from p3o.utils.distributed import launched_rank, shut_down
@@ -138,9 +138,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _say(line: str) -> None:
-    """One write per line: under several processes, lines from each do not run into one another."""
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
+    """The command's last line (an error, how to resume). In a process that `p3o --num_processes`
+    started it goes to the launching `p3o`, which prints each distinct line once (`p3o.cli.launch`);
+    otherwise to stderr, in one write, so that several processes' lines do not run into one another."""
+    if not hand_over(line):
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
 
 
 def _launch(args: argparse.Namespace, argv: list[str]) -> int:

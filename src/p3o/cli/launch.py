@@ -5,21 +5,26 @@ Why here: a `pip install p3o` user has no repository to take a config file from,
 should be one line before N processes start (each would print it). So the command line is parsed
 and its config built here first; then accelerate's own launcher runs `python -m p3o <the same
 arguments>` N times (without these two flags) and waits. The launcher's exit code is the first
-failed process's; torch's report of the failure is shown only with --debug (a process that failed
-has printed its own error line; one killed by a signal could not, so that is said here).
+failed process's; torch's report of the failure is shown only with --debug. Each process hands its
+last line (an error, how to resume) to this one (`hand_over`), which prints every distinct line
+once when the launch ends: N processes meeting the same bad input say it once. A process killed by
+a signal could say nothing, so that is said here.
 """
 from __future__ import annotations
 
 import importlib.util
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 from p3o.errors import UsageError
 
 FLAGS = ("--num_processes", "--accelerate_config")
+LINES = "P3O_LAUNCH_LINES"  # environment: the folder where the launched processes leave their last lines
 
 
 def add_launch_arguments(parser) -> None:
@@ -110,13 +115,37 @@ def without_launch_flags(argv: list[str]) -> list[str]:
 
 def launch(args, argv: list[str]) -> int:
     """Run `p3o <argv>` through accelerate's launcher; its exit code (the first failed process's)."""
-    import subprocess
-
     from accelerate.commands.launch import launch_command, launch_command_parser
 
     launcher = launch_command_parser().parse_args(launch_argv(args, argv))
     if not args.debug:
         _quiet_torch_elastic()
+    lines = Path(tempfile.mkdtemp(prefix="p3o-launch-"))
+    os.environ[LINES] = str(lines)  # the processes inherit it
+    try:
+        return _launch_and_wait(launch_command, launcher, args)
+    finally:
+        del os.environ[LINES]
+        said = [line for path in sorted(lines.glob("*.txt"), key=lambda p: int(p.stem))
+                for line in path.read_text().splitlines()]
+        for line in dict.fromkeys(said):  # each distinct line once, in rank order
+            sys.stderr.write(line + "\n")
+        shutil.rmtree(lines, ignore_errors=True)
+
+
+def hand_over(line: str) -> bool:
+    """In a process `launch` started: leave `line` for it to print (True); elsewhere False."""
+    folder, rank = os.environ.get(LINES), os.environ.get("RANK")
+    if not folder or rank is None or not Path(folder).is_dir():
+        return False
+    with open(Path(folder) / f"{int(rank)}.txt", "a") as f:
+        f.write(line + "\n")
+    return True
+
+
+def _launch_and_wait(launch_command, launcher, args) -> int:
+    import subprocess
+
     try:
         launch_command(launcher)
     except subprocess.CalledProcessError as exc:  # accelerate's one-process launcher
