@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from p3o.errors import AlreadyFinished, UsageError
-from p3o.utils.distributed import sum_across_processes
+from p3o.utils.distributed import launched_rank, sum_across_processes
 from p3o.utils.io import RUN_FILES, TRACKER_DIR, out_of_space, with_umask_modes
 
 STATE_FILE = "trainer_state.json"
@@ -213,8 +213,8 @@ class StopRequest:
         """The signal came during the final save, which finished: the run is complete (exit 0, so a
         requeued `--resume` finds a finished run). What runs several (a pipeline) stops after it:
         `signal_during_a_final_save`."""
-        log.warning("%s came during the final save, which finished first: the run in %s is complete",
-                    self.requested, out)
+        log.log(_one_voice(), "%s came during the final save, which finished first: the run in %s is complete",
+                self.requested, out)
         _FINISHED_UNDER.append(self.requested)
 
     def interrupted(self, step: int, path: Path) -> TrainingInterrupted:
@@ -225,7 +225,14 @@ class StopRequest:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
-        log.warning("%s: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)", self.requested)
+        log.log(_one_voice(), "%s: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)",
+                self.requested)
+
+
+def _one_voice() -> int:
+    """A signal reaches every process of a launch alike: the main one says what happens (a warning),
+    the others log it at INFO, which they do not show."""
+    return logging.WARNING if launched_rank() == 0 else logging.INFO
 
 
 def _fsync_tree(root: Path) -> None:
