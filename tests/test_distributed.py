@@ -35,21 +35,13 @@ def launch(processes: int, *target: str, fsdp: bool = False, zero_stage: int = 0
     if zero_stage:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                    str(accelerate_configs.path(f"zero{zero_stage}")), "--num_processes", str(processes),
-                   "--main_process_port", str(free_port())]
+                   "--main_process_port", "0"]  # accelerate picks a free port just before binding it
     if p3o_flags:
         command, target = [sys.executable, "-m", "p3o"], (*target, "--num_processes", str(processes))
     command.extend(target)
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def run_args(assets, out: Path, algo: str, pairs: int, steps: int = 2) -> list[str]:
