@@ -15,6 +15,7 @@ from conftest import prompt_rows, write_jsonl
 from p3o import accelerate_configs
 from p3o.cli import main
 from p3o.cli.launch import launch_argv, without_launch_flags
+from p3o.errors import UsageError
 
 ROOT = Path(__file__).parents[1]
 
@@ -23,6 +24,13 @@ def train_args(assets, tmp_path, *extra) -> list[str]:
     prompts = write_jsonl(tmp_path / "prompts.jsonl", prompt_rows(8))
     return ["train", "--model_name_or_path", str(assets["llama"]), "--dataset", str(prompts),
             "--reward_fn", f"{assets['rewards']}:fruit", "--output_dir", str(tmp_path / "run"), *extra]
+
+
+@pytest.fixture(autouse=True)
+def not_launched(monkeypatch):
+    """As `p3o` is run by hand: no launcher's variables (a test that wants one sets it)."""
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
 
 
 def test_the_launch_flags_are_taken_out_and_the_rest_passed_on_unchanged():
@@ -37,8 +45,6 @@ def test_a_config_name_is_the_shipped_file_and_a_free_port_is_asked_for(name, mo
     from p3o.cli import build_parser
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # FSDP: accelerate applies it on GPUs only
-    for var in ("RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(var, raising=False)
     argv = ["train", "--num_processes", "4", "--accelerate_config", name, "--seed", "1"]
     launcher = launch_argv(build_parser().parse_args(argv), argv)
     config = Path(launcher[launcher.index("--config_file") + 1])
@@ -53,8 +59,6 @@ def test_a_config_name_is_the_shipped_file_and_a_free_port_is_asked_for(name, mo
 def test_without_a_name_ddp_and_a_file_of_ones_own_is_taken_as_it_is(tmp_path, monkeypatch):
     from p3o.cli import build_parser
 
-    for var in ("RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(var, raising=False)
     argv = ["sft", "--num_processes", "2"]
     launcher = launch_argv(build_parser().parse_args(argv), argv)
     assert Path(launcher[launcher.index("--config_file") + 1]) == accelerate_configs.path("ddp")
@@ -63,6 +67,9 @@ def test_without_a_name_ddp_and_a_file_of_ones_own_is_taken_as_it_is(tmp_path, m
     argv = ["rm", "--num_processes", "2", "--accelerate_config", str(own)]
     launcher = launch_argv(build_parser().parse_args(argv), argv)
     assert launcher[:2] == ["--config_file", str(own)] and "--main_process_port" not in launcher  # the file's port
+    own.write_text("- not a mapping\n")
+    with pytest.raises(UsageError, match="--accelerate_config: config file .* must be a mapping"):
+        launch_argv(build_parser().parse_args(argv), argv)
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -78,8 +85,6 @@ def test_without_a_name_ddp_and_a_file_of_ones_own_is_taken_as_it_is(tmp_path, m
 def test_a_bad_launch_is_one_line_before_any_process_starts(assets, tmp_path, capsys, monkeypatch, flags, message):
     import accelerate.commands.launch
 
-    for var in ("RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(accelerate.commands.launch, "launch_command", lambda *a: pytest.fail("launched"))
     assert main(train_args(assets, tmp_path, *flags)) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -93,8 +98,6 @@ def test_a_non_empty_output_dir_a_missing_deepspeed_and_launch_flags_in_yaml_are
 
     import accelerate.commands.launch
 
-    for var in ("RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(accelerate.commands.launch, "launch_command", lambda *a: pytest.fail("launched"))
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "mine.txt").write_text("keep")
@@ -141,8 +144,6 @@ def test_a_failed_process_s_exit_code_is_the_command_s_without_torch_s_report(as
         raise ChildFailedError("p3o", {rank: ProcessFailure(local_rank=rank, pid=rank + 1, exitcode=exitcode,
                                                             error_file="<N/A>") for rank, exitcode in codes.items()})
 
-    for var in ("RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(accelerate.commands.launch, "launch_command", failing)
     assert main(train_args(assets, tmp_path, "--num_processes", "2")) == code
     assert launched and launched[0].num_processes == 2 and launched[0].module
@@ -173,8 +174,6 @@ def test_the_processes_last_lines_are_printed_once_each(assets, tmp_path, capsys
         raise ChildFailedError("p3o", {r: ProcessFailure(local_rank=r, pid=r + 1, exitcode=2, error_file="<N/A>")
                                        for r in (0, 1)})
 
-    for var in ("RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(accelerate.commands.launch, "launch_command", processes)
     assert main(train_args(assets, tmp_path, "--num_processes", "2")) == 2
     assert capsys.readouterr().err.splitlines() == ["p3o train: error: not a model", "p3o train: error: only here"]
@@ -195,8 +194,6 @@ def test_the_launcher_stopped_or_one_process_failing_gives_its_code(assets, tmp_
             raise SignalException("stopped", sigval=signal.SIGTERM)
         raise subprocess.CalledProcessError(code, ["p3o"])
 
-    for var in ("RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(accelerate.commands.launch, "launch_command", failing)
     assert main(train_args(assets, tmp_path, "--num_processes", "2")) == code
     assert capsys.readouterr().err == ""
@@ -234,8 +231,6 @@ def test_a_pipeline_s_recipe_is_checked_for_the_processes_before_any_starts(asse
     import accelerate.commands.launch
     import yaml
 
-    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(accelerate.commands.launch, "launch_command", lambda *a: pytest.fail("launched"))
     prompts = write_jsonl(tmp_path / "prompts.jsonl", prompt_rows(8))
     recipe = tmp_path / "recipe.yaml"

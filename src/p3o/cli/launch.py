@@ -75,15 +75,12 @@ def launch_argv(args, argv: list[str]) -> list[str]:
 
 
 def read_config(path: Path) -> dict:
-    import yaml
+    from p3o.options import read_yaml_config
 
     try:
-        config = yaml.safe_load(path.read_text())  # JSON is YAML too
-    except (OSError, yaml.YAMLError) as exc:
-        raise UsageError(f"--accelerate_config {path} could not be read: {exc}") from None
-    if not isinstance(config, dict):
-        raise UsageError(f"--accelerate_config {path} is not an accelerate config (a mapping of settings)")
-    return config
+        return read_yaml_config(str(path))  # JSON is YAML too
+    except UsageError as exc:
+        raise UsageError(f"--accelerate_config: {exc}") from None
 
 
 def check_runnable(config: dict, path: Path) -> None:

@@ -19,7 +19,7 @@ def add_arguments(parser) -> None:
 def check(args) -> dict:
     """The recipe loaded and checked as a run checks it first (on --num_processes processes, if given)."""
     recipe = load_recipe(args.config, overrides(args))
-    check_stages(recipe, recipe["output_dir"], getattr(args, "num_processes", None))
+    check_stages(recipe, recipe["output_dir"], args.num_processes)
     return recipe
 
 
