@@ -34,6 +34,9 @@ Levers (see docs/performance.md):
   compiled_sampling  --compile_sampling: each decoding step one torch.compile'd forward over a
              static KV cache (off: the eager step). Not part of `all`: a flag, off by default. The
              compilation falls in the warm-up step; its time is printed apart.
+  bf16_weights  --torch_dtype bfloat16: the norms, the embedding and so the residual stream in bf16
+             too (peft keeps the adapters in float32; off: the default float32 model, its frozen base
+             held in bf16). Not part of `all`: a choice of precision rather than a speed lever.
   all        every lever above together (off: none of them)
 
 `--clock cpu` times phases in CPU seconds of this process instead of wall seconds: on cores that
@@ -71,7 +74,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lever", choices=["bf16_base", "logprobs", "cache_blocks", "cpu_attention", "attention_grads", "merged_sampling",
                                        "inverse_cdf", "sampling", "lean_lora", "kept_less", "bf16_cache", "decoding_loop",
-                                       "shared_prompt", "compiled_sampling", "all"],
+                                       "shared_prompt", "compiled_sampling", "bf16_weights", "all"],
                    required=True)
     p.add_argument("--model", default=str(SMOLLM2), help="A causal LM directory (default: the cached SmolLM2-135M-Instruct).")
     p.add_argument("--algo", default="rloo")
@@ -104,6 +107,8 @@ def build(args, workdir: Path, on: bool = True):
             "--mixed_precision", "bf16", "--disable_progress_bar", *args.extra]
     if on and args.lever == "compiled_sampling":  # a flag, not a default: B alone asks for it
         argv.append("--compile_sampling")
+    if on and args.lever == "bf16_weights":
+        argv += ["--torch_dtype", "bfloat16"]
     if not on and args.lever in ("decoding_loop", "all"):  # an option: A asks for generate
         argv += ["--decoding_loop", "transformers"]
     if args.lever in GENERATE_LEVERS:  # levers of `generate`'s path: both sides sample through it
