@@ -290,3 +290,24 @@ def test_a_full_disk_is_one_line_and_leaves_no_half_written_checkpoint(assets, t
     assert main(cli_args(assets, tmp_path / "run")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "No space left on device" in err[0] and "Traceback" not in err[0]
+
+
+def test_a_moved_run_keeps_its_neighbours_and_nothing_else():
+    """`moved_along`: a path that lay beside the run's old directory is taken beside the new one;
+    hub names, other paths and runs whose folder is the working directory or / are left as they were."""
+    from p3o.utils.checkpoints import check_resumable, moved_along
+    from p3o.errors import UsageError
+
+    saved = {"output_dir": "/a/runs/train", "model_name_or_path": "/a/runs/sft", "reward_fn": ["/a/runs/r.py:f", "x:y"],
+             "dataset": "/data/p.jsonl", "tokenizer_name_or_path": "HuggingFaceTB/SmolLM2-135M"}
+    moved = moved_along(saved, saved["output_dir"], "/b/runs/train")
+    assert moved == {**saved, "output_dir": "/b/runs/train", "model_name_or_path": "/b/runs/sft",
+                     "reward_fn": ["/b/runs/r.py:f", "x:y"]}
+    assert moved_along(saved, "/a/runs/train", "/a/runs/train") == saved  # not moved
+    assert moved_along({"model_name_or_path": "gpt2"}, "train", "/b/train") == {"model_name_or_path": "gpt2"}
+    assert moved_along({"model_name_or_path": "/a/sft"}, "/train", "/b/train") == {"model_name_or_path": "/a/sft"}
+    current = {**saved, "output_dir": "/b/runs/train", "model_name_or_path": "/b/runs/sft"}
+    check_resumable(saved, current, {"output_dir"})  # moved along: accepted
+    check_resumable(saved, {**current, "model_name_or_path": "/a/runs/sft"}, {"output_dir"})  # the old place: too
+    with pytest.raises(UsageError, match="model_name_or_path"):
+        check_resumable(saved, {**current, "model_name_or_path": "/b/other"}, {"output_dir"})

@@ -141,6 +141,52 @@ def test_resume_keeps_finished_stages_after_a_later_one_failed(tmp_path, assets,
         assert "stage sft finished" in capsys.readouterr().err and sft_model.stat().st_mtime_ns == stamp
 
 
+def test_a_moved_pipeline_resumes(tmp_path, assets, capsys):
+    """A pipeline folder moved (or copied) elsewhere resumes there: its train stage, interrupted after a
+    checkpoint, continues from it although its config.yaml names the SFT model at the old place, and
+    a finished stage is kept although its stamp does too. Before, both were refused as changed settings."""
+    import shutil
+
+    from conftest import write_jsonl
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"story : the {n} is", "completion": " a cat ."}
+                                               for n in ("cat", "dog", "cow", "fish")])
+    broken = tmp_path / "broken"  # while it exists, the reward fails from its third call
+    broken.touch()
+    (tmp_path / "flaky.py").write_text(
+        "import os\ncalls = []\n"
+        "def flaky(prompts, completions, **kw):\n"
+        f"    calls.append(1)\n    if len(calls) >= 3 and os.path.exists({str(broken)!r}):\n"
+        "        raise ValueError('broken')\n"
+        "    return [0.0] * len(prompts)\n")
+    sections = {"sft": {"model_name_or_path": str(assets["llama"]), "dataset": str(data), "max_length": 512,
+                        "eval_fraction": 0.25, "disable_progress_bar": True},
+                "train": {"dataset": str(data), "reward_fn": f"{tmp_path / 'flaky.py'}:flaky", "max_steps": 4,
+                          "save_steps": 2, "pairs_per_step": 2, "max_new_tokens": 2, "disable_progress_bar": True}}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "old" / "run"), **sections}))
+    assert main(["pipeline", "--config", str(recipe)]) == 2  # the reward fails at step 3, after checkpoint-2
+    assert (tmp_path / "old" / "run" / "train" / "checkpoint-2").is_dir()
+    shutil.move(tmp_path / "old", tmp_path / "new")
+    broken.unlink()  # fixed
+    recipe.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "new" / "run"), **sections}))
+    capsys.readouterr()
+    assert main(["pipeline", "--config", str(recipe), "--resume"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "sft finished already" in out
+    steps = [json.loads(line)["step"] for line in (tmp_path / "new" / "run" / "train" / "metrics.jsonl").open()]
+    assert steps == [1, 2, 3, 4]  # continued from checkpoint-2 (a fresh start would log 1 and 2 again)
+    assert (tmp_path / "new" / "run" / "train" / "model.safetensors").is_file()
+    shutil.copytree(tmp_path / "new", tmp_path / "copy")  # moved again, finished this time
+    recipe.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "copy" / "run"), **sections}))
+    assert main(["pipeline", "--config", str(recipe), "--resume"]) == 0, capsys.readouterr().err
+    assert "train finished already" in capsys.readouterr().out
+    sections["train"]["max_new_tokens"] = 3  # a real change is still refused
+    recipe.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "copy" / "run"), **sections}))
+    assert main(["pipeline", "--config", str(recipe), "--resume"]) == 2
+    assert "stage train finished" in capsys.readouterr().err
+
+
 def test_a_train_section_with_a_reward_function_keeps_the_sft_model(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "o"), "sft": {"model_name_or_path": "m", "dataset": "d"},

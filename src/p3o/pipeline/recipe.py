@@ -28,8 +28,8 @@ from p3o.rl.algorithms import get_algorithm
 from p3o.rl.config import TrainConfig, derive_sizes
 from p3o.rl.train import run_train
 from p3o.sft.train import SFTConfig, run_sft
-from p3o.utils.checkpoints import (TrainingInterrupted, latest_checkpoint, signal_during_a_final_save,
-                                   with_former_defaults)
+from p3o.utils.checkpoints import (TrainingInterrupted, latest_checkpoint, moved_along,
+                                   signal_during_a_final_save, with_former_defaults)
 from p3o.utils.distributed import launched_rank, wait_for_all
 from p3o.utils.io import atomic_write_text
 
@@ -136,9 +136,10 @@ STAMP = "pipeline_stage.json"  # a stage's recipe settings, written when it fini
 
 def _stage_stamp(cfg, fmt: str | None) -> dict:
     """What a stage was asked for (before a stage resolves or caps anything), less what does not change
-    its model; the data as the recipe names it, with its format."""
+    its model; the data as the recipe names it, with its format. And where the stage was (output_dir,
+    not compared): paths into the pipeline's folder are compared relative to it, so a moved pipeline resumes."""
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in COSMETIC_SETTINGS}
-    return json.loads(json.dumps({**settings, "dataset_format": fmt}))
+    return json.loads(json.dumps({**settings, "dataset_format": fmt, "output_dir": cfg.output_dir}))
 
 
 def _finished(cfg, stage: str, stamp: dict) -> bool:
@@ -149,7 +150,9 @@ def _finished(cfg, stage: str, stamp: dict) -> bool:
         return False
     saved = json.loads(path.read_text())
     saved = with_former_defaults(saved, stamp)  # a stamp from before a setting existed: its former value
-    changed = sorted(k for k in set(saved) | set(stamp) if saved.get(k) != stamp.get(k))
+    moved = moved_along(saved, saved.get("output_dir"), stamp["output_dir"])  # older stamps lack it: compared as they are
+    changed = sorted(k for k in set(saved) | set(stamp)
+                     if k != "output_dir" and saved.get(k) != stamp.get(k) and moved.get(k) != stamp.get(k))
     if changed:
         detail = ", ".join(f"{k} {saved.get(k)!r} -> {stamp.get(k)!r}" for k in changed[:3])
         raise UsageError(f"--resume: stage {stage} finished in {cfg.output_dir} with other settings ({detail}); "

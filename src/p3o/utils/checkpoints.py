@@ -101,14 +101,36 @@ def with_former_defaults(saved: dict, current: dict) -> dict:
     return {**{k: v for k, v in FORMER_DEFAULTS.items() if k in current}, **saved}
 
 
+def moved_along(saved: dict, old_output_dir, new_output_dir) -> dict:
+    """`saved` settings with the paths that lay beside the run's old output directory (in its parent:
+    a pipeline's earlier stages, sibling runs) taken to the same place beside the new one: a run
+    directory moved together with its neighbours resumes (the old paths are still accepted too)."""
+    if not (isinstance(old_output_dir, str) and isinstance(new_output_dir, str)):
+        return saved
+    old_root, new_root = Path(old_output_dir).parent, Path(new_output_dir).parent
+    if old_root == new_root or not old_root.parts or old_root == Path(old_root.anchor):  # unmoved; or too wide
+        return saved
+
+    def moved(value):
+        if isinstance(value, list):
+            return [moved(v) for v in value]
+        if isinstance(value, str) and value and Path(value).is_relative_to(old_root):
+            return str(new_root / Path(value).relative_to(old_root))
+        return value
+
+    return {k: moved(v) for k, v in saved.items()}
+
+
 def check_resumable(saved: dict, current: dict, changeable: set[str]) -> None:
     """Refuse to resume with settings that would change the trajectory."""
     # Settings one side lacks were added (or removed) by another p3o version since the run started:
     # not a change the user made, so a run resumes across versions (unless the default acts
     # differently from the older versions: FORMER_DEFAULTS).
     saved = with_former_defaults(saved, current)
+    moved = moved_along(saved, saved.get("output_dir"), current.get("output_dir"))
     changed = sorted(k for k in set(saved) & set(current)
-                     if k not in changeable and not same_setting(saved.get(k), current.get(k)))
+                     if k not in changeable and not same_setting(saved.get(k), current.get(k))
+                     and not same_setting(moved.get(k), current.get(k)))
     if changed:
         detail = ", ".join(f"--{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in changed[:4])
         raise UsageError(f"--resume: the run was started with other settings ({detail}); resume with the "
