@@ -9,13 +9,13 @@ import argparse
 import errno
 import logging
 import os
+import re
 import sys
 
 from p3o.cli.args import add_dataclass_arguments, build_config
 from p3o.cli.launch import add_launch_arguments, hand_over, launch, launch_requested
 from p3o.errors import AlreadyFinished, UsageError
 from p3o.options import did_you_mean
-from p3o.utils.distributed import launched_rank, shut_down
 
 COMMANDS = {  # name: (module with add_arguments/run, or (config class, run function) of a config command, help)
     "demo": ("p3o.cli.demo", "Run SFT -> reward model -> P3O-V2 on an embedded task, offline, with a report."),
@@ -42,6 +42,9 @@ class _OneLineParser(argparse.ArgumentParser):
     """Flag errors in one line, like every other error, with the exit code 2 argparse uses."""
 
     def error(self, message: str):
+        typed = re.search(r"argument COMMAND: invalid choice: '([^']*)'", message)
+        if typed:  # `p3o tran`: argparse lists every command; name the one meant
+            message = f"unknown command {typed[1]!r}{did_you_mean(typed[1], COMMANDS)}"
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
     def parse_args(self, args=None, namespace=None):
@@ -57,7 +60,10 @@ class _OneLineParser(argparse.ArgumentParser):
         return namespace
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The `p3o` parser. `only`: the command about to run, the one whose options are read (each
+    command's imports its config, torch and transformers: seconds); the others are listed for
+    `p3o --help` and an unknown command's message. None: every command's options."""
     import importlib
 
     # allow_abbrev=False: --model must not silently mean --model_name_or_path
@@ -69,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         # argparse formats a help string with % (a description only where it names %(prog))
         command = sub.add_parser(name, help=help_text.replace("%", "%%"), description=help_text, allow_abbrev=False)
         parser.commands[name] = command
+        if only is not None and name != only:
+            continue
         command.add_argument("--debug", action="store_true", help="Show full tracebacks for errors.")
         if name in LAUNCHED:
             add_launch_arguments(command)
@@ -103,7 +111,10 @@ def run_command(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    args = build_parser().parse_args(argv)
+    named = next((a for a in argv if not a.startswith("-")), "")  # the command: argparse reads it first
+    args = build_parser(named).parse_args(argv)
+    from p3o.utils.distributed import shut_down
+
     _setup_logging()
     try:
         if launch_requested(args):
@@ -169,6 +180,8 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _setup_logging() -> None:
+    from p3o.utils.distributed import launched_rank
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # One process of several speaks for all; the others report only warnings and errors.
     level = logging.INFO if launched_rank() == 0 else logging.WARNING
