@@ -150,7 +150,7 @@ def _finished(cfg, stage: str, stamp: dict) -> bool:
         return False
     saved = json.loads(path.read_text())
     saved = with_former_defaults(saved, stamp)  # a stamp from before a setting existed: its former value
-    moved = moved_along(saved, saved.get("output_dir"), stamp["output_dir"])  # older stamps lack it: compared as they are
+    moved = moved_along(saved, saved.get("output_dir"), stamp["output_dir"])  # older stamps lack it: as they are
     changed = sorted(k for k in set(saved) | set(stamp)
                      if k != "output_dir" and saved.get(k) != stamp.get(k) and moved.get(k) != stamp.get(k))
     if changed:
