@@ -82,7 +82,7 @@ def test_weighted_rewards_are_summed_logged_by_part_and_a_callback_stops_the_run
                 control.should_training_stop = True
 
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-            seen.append(("evaluate", metrics["step"], metrics["n"]))
+            seen.append(("evaluate", state.global_step, metrics["eval_n"]))  # named as transformers names them
 
         def on_save(self, args, state, control, checkpoint=None, **kwargs):
             seen.append(("save", checkpoint.name))
@@ -165,6 +165,7 @@ def test_lora_from_a_peft_config_and_save_model(assets, tmp_path):
     ("meta", "model has weights on the meta device"),
     ("no-reward", "give a reward"),
     ("no-args", "P3OTrainer needs args=P3OConfig(output_dir=...)"),
+    ("early-stopping", "EarlyStoppingCallback needs transformers' load_best_model_at_end"),
 ])
 def test_bad_arguments_are_one_clear_line_and_nothing_is_written(assets, tmp_path, case, message):
     def bad(x):
@@ -184,6 +185,10 @@ def test_bad_arguments_are_one_clear_line_and_nothing_is_written(assets, tmp_pat
             kw["model"] = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(assets["llama"]))
     elif case == "no-reward":
         kw["reward_funcs"] = None
+    elif case == "early-stopping":
+        from transformers import EarlyStoppingCallback
+
+        kw["callbacks"] = [EarlyStoppingCallback]
     else:
         kw["args"] = None
     with pytest.raises(UsageError) as info:
@@ -430,13 +435,25 @@ def test_the_trainer_offers_trls_evaluate_state_and_callback_methods(assets, tmp
         def on_step_end(self, args, state, control, **kwargs):
             Counter.steps.append(("end", state.global_step))
 
-    trainer = P3OTrainer(str(assets["llama"]), fruit, train_dataset=prompt_rows(),
+    class Evaluations(TrainerCallback):
+        def __init__(self):
+            self.seen = []
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            self.seen.append((state.global_step, dict(metrics)))
+
+    watcher = Evaluations()
+    trainer = P3OTrainer(str(assets["llama"]), fruit, train_dataset=prompt_rows(), callbacks=[watcher],
                          eval_dataset=prompt_rows(6, seed=9), args=args(tmp_path, max_steps=2))
     before = trainer.evaluate()
     assert before["eval_kl"] == 0.0 and before["eval_n"] == 6  # the initial policy is the reference
+    assert watcher.seen == [(0, before)]  # evaluate() calls on_evaluate with its eval_* metrics, as transformers
     assert trainer.evaluate(eval_dataset=prompt_rows(4, seed=3))["eval_n"] == 4
     assert not (tmp_path / "run" / "eval.jsonl").exists()  # evaluate() writes nothing
     trainer.add_callback(Counter)
+    counter = trainer.pop_callback(Counter)  # the instance made when the class was added, as in transformers
+    assert isinstance(counter, Counter)
+    trainer.add_callback(counter)
     trainer.add_callback(StopNever := TrainerCallback())
     assert trainer.pop_callback(StopNever) is StopNever and trainer.pop_callback(StopNever) is None
     trainer.train()
@@ -446,6 +463,8 @@ def test_the_trainer_offers_trls_evaluate_state_and_callback_methods(assets, tmp
     assert [h["step"] for h in history if "eval_reward" in h] == [0, 2]  # the run's held-out points
     after = trainer.evaluate()
     assert after["eval_kl"] > 0 and trainer.state.log_history[-1] == {**after, "step": 2}
+    assert [step for step, _ in watcher.seen] == [0, 0, 0, 2, 2]  # evaluate() twice, the run's two points, then
+    assert watcher.seen[-1] == (2, after)
     with pytest.raises(UsageError, match="evaluate\\(\\) needs held-out prompts"):
         P3OTrainer(str(assets["llama"]), fruit, train_dataset=prompt_rows(),
                    args=args(tmp_path, "none")).evaluate()

@@ -357,12 +357,10 @@ class Trainer:
         done, `max_steps` the run's: their ratio is the share of training done, as in TRL), and
         `log_metric(name, value)` (its mean over the step's calls goes to metrics.jsonl) and
         `log_extra(column, values)` (one value per completion, beside them in completions.jsonl)."""
-        from transformers import TrainerState as HFTrainerState
+        from p3o.utils.callbacks import trainer_state
 
         logs = self.reward_logs if logged else {}  # a scratch dict: logged nowhere
-        state = HFTrainerState(global_step=self.state.step, max_steps=self.cfg.max_steps,
-                               is_world_process_zero=self.accelerator.is_main_process,
-                               is_local_process_zero=self.accelerator.is_local_main_process)
+        state = trainer_state(self.cfg, self.accelerator, self.state.step)
         return {"trainer_state": state,
                 "log_metric": lambda name, value: logs.setdefault(f"metric:{name}", []).append(float(value)),
                 "log_extra": lambda column, values: logs.__setitem__(f"extra:{column}", [_plain(v) for v in values])}

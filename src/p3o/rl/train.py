@@ -31,7 +31,7 @@ from p3o.rl.algorithms import get_algorithm
 from p3o.rl.checkpoint import load_policy_weights, load_training_state, resumable_changes, save_checkpoint
 from p3o.rl.config import P3OConfig, TrainConfig, check_reward_sources, derive_sizes
 from p3o.rl.engine import Trainer
-from p3o.utils.callbacks import CallbackHandler
+from p3o.utils.callbacks import CallbackHandler, instantiated, trainer_state
 from p3o.utils.checkpoints import StopRequest, given_checkpoint, latest_checkpoint, resume_point
 from p3o.utils.distributed import any_process, gathered, loading_whole, make_accelerator
 from p3o.utils.io import (
@@ -76,7 +76,7 @@ class P3OTrainer:
             raise UsageError("P3OTrainer needs args=P3OConfig(output_dir=...): where the run is written")
         if isinstance(model, (str, Path)):  # a path is recorded in config.yaml like the flag
             args, model = dataclasses.replace(args, model_name_or_path=str(model)), None
-        self.callbacks = list(callbacks or [])
+        self.callbacks = [instantiated(c) for c in callbacks or []]
         checkpoint = _resume_point(args, resolved=False) if args.resume else None
         # A directory holding checkpoints may be resumed by train(resume_from_checkpoint=...); train()
         # refuses it otherwise (`p3o train` checks before building: run_train).
@@ -88,9 +88,7 @@ class P3OTrainer:
             checkpoint = _resume_point(self.args)
         self._checkpoint, self._metrics = checkpoint, {}
         self._base_model = args.model_name_or_path or _name_of(model, required=False)
-        from transformers import TrainerState
-
-        self.state = TrainerState(max_steps=self.args.max_steps, global_step=self.engine.state.step)  # then train()'s
+        self.state = trainer_state(self.args, self.engine.accelerator, self.engine.state.step)  # then train()'s
 
     @property
     def model(self):
@@ -132,11 +130,12 @@ class P3OTrainer:
         _, point = HeldOutEvaluator(engine, None, prompts=prompts)(engine.state.step)
         metrics = {f"eval_{k}": v for k, v in point.items() if k != "step"}
         self.state.log_history.append({**metrics, "step": point["step"]})
+        CallbackHandler(self.callbacks, self.args, engine, state=self.state).fire("on_evaluate", metrics=dict(metrics))
         return metrics
 
     def add_callback(self, callback) -> None:
         """Add a callback (an instance, or a class to instantiate) for the next train()."""
-        self.callbacks.append(callback)
+        self.callbacks.append(instantiated(callback))
 
     def pop_callback(self, callback):
         """Remove and return the first callback that is `callback` or an instance of that class (None if none is)."""
@@ -326,9 +325,10 @@ def _run(api: P3OTrainer, out: Path, resuming: bool) -> dict:
 
     def evaluate(step: int) -> str:
         line, point = evaluator(step)
-        last.update({f"eval_{k}": v for k, v in point.items() if k != "step"})
-        callbacks.state.log_history.append({**{f"eval_{k}": v for k, v in point.items() if k != "step"}, "step": step})
-        callbacks.fire("on_evaluate", metrics=dict(point))
+        metrics = {f"eval_{k}": v for k, v in point.items() if k != "step"}  # named as transformers names them
+        last.update(metrics)
+        callbacks.state.log_history.append({**metrics, "step": step})
+        callbacks.fire("on_evaluate", metrics=dict(metrics))  # a copy: what a callback does to it is not logged
         return line
 
     def on_step(metrics, texts) -> bool:

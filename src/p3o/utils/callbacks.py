@@ -7,21 +7,42 @@ Called as transformers calls them, `hook(args, state, control, **kwargs)`, with 
 """
 from __future__ import annotations
 
+from p3o.errors import UsageError
+
 HOOKS = ("on_train_begin", "on_step_begin", "on_step_end", "on_log", "on_evaluate", "on_save", "on_train_end")
 
 
-class CallbackHandler:
-    def __init__(self, callbacks: list, args, engine, step: int = 0):
-        from transformers import TrainerControl, TrainerState
+def trainer_state(args, accelerator, step: int = 0):
+    """A `transformers.TrainerState` for the run's callbacks and reward functions: its length, where
+    it is, and how often it logs, evaluates and saves."""
+    from transformers import TrainerState
 
-        # A class is instantiated, as transformers.Trainer does (callbacks=[PrinterCallback]).
-        self.callbacks = [c() if isinstance(c, type) else c for c in callbacks]
+    return TrainerState(max_steps=args.max_steps, global_step=step, logging_steps=args.logging_steps,
+                        eval_steps=args.eval_steps, save_steps=args.save_steps,
+                        is_local_process_zero=accelerator.is_local_main_process,
+                        is_world_process_zero=accelerator.is_main_process)
+
+
+def instantiated(callback):
+    """A callback given as its class is instantiated when it is added, as transformers.Trainer does
+    (callbacks=[PrinterCallback]); one p3o cannot honour is refused."""
+    from transformers import EarlyStoppingCallback
+
+    callback = callback() if isinstance(callback, type) else callback
+    if isinstance(callback, EarlyStoppingCallback):
+        raise UsageError("EarlyStoppingCallback needs transformers' load_best_model_at_end and metric_for_best_model, "
+                         "which p3o does not have; stop from on_evaluate instead (set control.should_training_stop "
+                         "when metrics['eval_reward'] stops improving)")
+    return callback
+
+
+class CallbackHandler:
+    def __init__(self, callbacks: list, args, engine, step: int = 0, state=None):
+        from transformers import TrainerControl
+
+        self.callbacks = [instantiated(c) for c in callbacks]
         self.args, self.engine = args, engine
-        acc = engine.accelerator
-        self.state = TrainerState(max_steps=args.max_steps, global_step=step, logging_steps=args.logging_steps,
-                                  eval_steps=args.eval_steps, save_steps=args.save_steps,
-                                  is_local_process_zero=acc.is_local_main_process,
-                                  is_world_process_zero=acc.is_main_process)
+        self.state = state if state is not None else trainer_state(args, engine.accelerator, step)
         self.control = TrainerControl()
 
     def fire(self, event: str, **kwargs):
