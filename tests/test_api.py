@@ -468,3 +468,16 @@ def test_the_trainer_offers_trls_evaluate_state_and_callback_methods(assets, tmp
     with pytest.raises(UsageError, match="evaluate\\(\\) needs held-out prompts"):
         P3OTrainer(str(assets["llama"]), fruit, train_dataset=prompt_rows(),
                    args=args(tmp_path, "none")).evaluate()
+
+
+def test_a_reference_given_as_a_path_is_the_flags_reference(assets, tmp_path):
+    """ref_model= takes a path as model= does (it was refused: "must be a causal language model ... or
+    a path, got str"), recorded in config.yaml as --ref_model_name_or_path, to the same weights."""
+    P3OTrainer(str(assets["llama"]), fruit, train_dataset=prompt_rows(), ref_model=str(assets["llama"]),
+               args=args(tmp_path, "path", max_steps=1)).train()
+    P3OTrainer(str(assets["llama"]), fruit, train_dataset=prompt_rows(),
+               args=args(tmp_path, "flag", max_steps=1, ref_model_name_or_path=str(assets["llama"]))).train()
+    saved = yaml.safe_load((tmp_path / "path" / "config.yaml").read_text())
+    assert saved["ref_model_name_or_path"] == str(assets["llama"])
+    a, b = weights(tmp_path / "path"), weights(tmp_path / "flag")
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)

@@ -66,8 +66,8 @@ class P3OTrainer:
     callbacks: objects with `transformers.TrainerCallback` hooks (`on_train_begin`, `on_step_begin`, `on_step_end`,
         `on_log`, `on_evaluate`, `on_save`, `on_train_end`); `state.global_step` counts
         rollout-and-update steps; `control.should_training_stop` ends the run cleanly.
-    ref_model: the frozen reference (default: `args.ref_model_name_or_path`, else the initial policy, a
-        `PeftModel` given with trained adapters included).
+    ref_model: the frozen reference, a model or a path (default: `args.ref_model_name_or_path`, else the
+        initial policy, a `PeftModel` given with trained adapters included).
     """
 
     def __init__(self, model=None, reward_funcs=None, args: P3OConfig | None = None, train_dataset=None,
@@ -76,6 +76,8 @@ class P3OTrainer:
             raise UsageError("P3OTrainer needs args=P3OConfig(output_dir=...): where the run is written")
         if isinstance(model, (str, Path)):  # a path is recorded in config.yaml like the flag
             args, model = dataclasses.replace(args, model_name_or_path=str(model)), None
+        if isinstance(ref_model, (str, Path)):  # and so is a reference's
+            args, ref_model = dataclasses.replace(args, ref_model_name_or_path=str(ref_model)), None
         self.callbacks = [instantiated(c) for c in callbacks or []]
         checkpoint = _resume_point(args, resolved=False) if args.resume else None
         # A directory holding checkpoints may be resumed by train(resume_from_checkpoint=...); train()
