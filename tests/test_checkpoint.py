@@ -229,6 +229,32 @@ def test_a_requeued_resume_starts_over_where_the_first_try_died_before_its_first
     assert "holds no complete checkpoint" in capsys.readouterr().err
 
 
+def test_the_python_apis_resume_from_checkpoint_true_is_resume(assets, tmp_path, capsys):
+    """`train(resume_from_checkpoint=True)` takes what --resume takes: a finished run is nothing to do
+    (AlreadyFinished) and a start that died before its first checkpoint starts over; the trainer's
+    construction refused both as "not empty". A plain train() there is still refused. And --resume of a
+    finished run with other settings is refused, naming them (it said "nothing to do")."""
+    from p3o import P3OConfig, P3OTrainer
+    from p3o.cli.args import config_from_argv
+    from p3o.errors import AlreadyFinished
+
+    out = tmp_path / "run"
+    assert main(cli_args(assets, out, "--max_steps", "2")) == 0
+    cfg = config_from_argv(P3OConfig, cli_args(assets, out, "--max_steps", "2")[1:])
+    with pytest.raises(AlreadyFinished, match="holds a finished run"):
+        P3OTrainer(args=cfg).train(resume_from_checkpoint=True)
+    with pytest.raises(UsageError, match="not empty"):
+        P3OTrainer(args=cfg).train()
+    assert main(cli_args(assets, out, "--max_steps", "2", "--resume", "--beta", "0.5")) == 2
+    assert "started with other settings (--beta 0.05 -> 0.5)" in capsys.readouterr().err
+    for path in out.iterdir():  # as if killed after logging, before a checkpoint
+        if path.name not in ("config.yaml", "metrics.jsonl", "completions.jsonl"):
+            path.unlink()
+    P3OTrainer(args=cfg).train(resume_from_checkpoint=True)
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert (out / "model.safetensors").is_file()
+
+
 def test_the_last_step_is_checkpointed_so_a_finished_run_extends_and_a_signal_waits_for_the_final_save(
         assets, tmp_path, monkeypatch, caplog):
     import p3o.rl.train as rl_train

@@ -32,7 +32,7 @@ from p3o.rl.checkpoint import load_policy_weights, load_training_state, resumabl
 from p3o.rl.config import P3OConfig, TrainConfig, check_reward_sources, derive_sizes
 from p3o.rl.engine import Trainer
 from p3o.utils.callbacks import CallbackHandler, instantiated, trainer_state
-from p3o.utils.checkpoints import StopRequest, given_checkpoint, latest_checkpoint, resume_point
+from p3o.utils.checkpoints import StopRequest, given_checkpoint, resumable, resume_point
 from p3o.utils.distributed import any_process, gathered, loading_whole, make_accelerator
 from p3o.utils.io import (
     JsonlWriter,
@@ -80,9 +80,10 @@ class P3OTrainer:
             args, ref_model = dataclasses.replace(args, ref_model_name_or_path=str(ref_model)), None
         self.callbacks = [instantiated(c) for c in callbacks or []]
         checkpoint = _resume_point(args, resolved=False) if args.resume else None
-        # A directory holding checkpoints may be resumed by train(resume_from_checkpoint=...); train()
+        # A directory --resume would take may be resumed by train(resume_from_checkpoint=...); train()
         # refuses it otherwise (`p3o train` checks before building: run_train).
-        check_output_dir(args.output_dir, args.overwrite or args.resume or _has_checkpoint(args), _input_paths(args))
+        check_output_dir(args.output_dir, args.overwrite or args.resume or resumable(Path(args.output_dir)),
+                         _input_paths(args))
         self.engine = _build_engine(args, model, processing_class, train_dataset, eval_dataset,
                                     _as_list(reward_funcs), peft_config, ref_model)
         self.args = self.engine.cfg  # as resolved (e.g. max_steps from num_train_epochs)
@@ -106,7 +107,7 @@ class P3OTrainer:
         last step's metrics, with the last held-out evaluation as `eval_*`. `resume_from_checkpoint`:
         True for the latest checkpoint in output_dir, or a checkpoint directory."""
         checkpoint = self._checkpoint
-        if resume_from_checkpoint is True:
+        if resume_from_checkpoint is True:  # as --resume: a start with no checkpoint yet starts over
             checkpoint = _resume_point(self.args)
         elif resume_from_checkpoint:
             checkpoint = given_checkpoint(resume_from_checkpoint, dataclasses.asdict(self.args),
@@ -115,8 +116,9 @@ class P3OTrainer:
             load_policy_weights(self.engine, checkpoint)
             load_training_state(self.engine, checkpoint)
         resuming = checkpoint is not None
-        with run_directory(self.args.output_dir, self.args.overwrite or self.args.resume or resuming,
-                           _input_paths(self.args), clean_up=not resuming, fresh=not resuming) as out:
+        allowed = self.args.overwrite or self.args.resume or resume_from_checkpoint is True or resuming
+        with run_directory(self.args.output_dir, allowed, _input_paths(self.args), clean_up=not resuming,
+                           fresh=not resuming) as out:
             self._metrics = _run(self, out, resuming)
             return self._metrics
 
@@ -289,10 +291,6 @@ def _input_paths(cfg: P3OConfig) -> dict[str, str | None]:
     for i, path in enumerate(cfg.reward_model or []):
         paths[f"reward_model {i + 1}" if i else "reward_model"] = path
     return paths
-
-
-def _has_checkpoint(cfg: P3OConfig) -> bool:
-    return latest_checkpoint(Path(cfg.output_dir)) is not None
 
 
 def _resume_point(cfg: P3OConfig, resolved: bool = True) -> Path | None:

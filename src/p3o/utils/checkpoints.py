@@ -146,10 +146,12 @@ def resume_point(output_dir: str, current: dict | None, changeable: set[str]) ->
     out = Path(output_dir)
     checkpoint = latest_checkpoint(out)
     if checkpoint is None:
-        if all((out / name).is_file() for name in ("config.yaml", "README.md")) and any(out.glob("model*.safetensors")):
+        if _finished(out):
+            if current is not None:  # the same command again, not another run's
+                check_resumable(yaml.safe_load((out / "config.yaml").read_text()), current, changeable)
             raise AlreadyFinished(f"{out} holds a finished run (its model and card are saved) and no checkpoint to "
                                   "continue from: nothing to do (to train it further, run with --save_steps)")
-        if out.is_dir() and not all(_written_before_a_checkpoint(p.name) for p in out.iterdir()):
+        if not _started_only(out):
             raise UsageError(f"--resume: {out} holds no complete checkpoint (checkpoint-N with {STATE_FILE}) to "
                              "continue from; run without --resume and with --overwrite to start again")
         # Empty, or a start stopped before its first checkpoint: a requeued job may always pass --resume.
@@ -159,6 +161,20 @@ def resume_point(output_dir: str, current: dict | None, changeable: set[str]) ->
         check_resumable(yaml.safe_load((out / "config.yaml").read_text()), current, changeable)
     log.info("resuming from %s", checkpoint)
     return checkpoint
+
+
+def resumable(out: Path) -> bool:
+    """Whether --resume takes `out`: it holds a checkpoint, a finished run (nothing to do), or only
+    what a start that stopped before its first checkpoint wrote (it starts over), or nothing."""
+    return latest_checkpoint(out) is not None or _finished(out) or _started_only(out)
+
+
+def _finished(out: Path) -> bool:
+    return all((out / name).is_file() for name in ("config.yaml", "README.md")) and any(out.glob("model*.safetensors"))
+
+
+def _started_only(out: Path) -> bool:
+    return not out.is_dir() or all(_written_before_a_checkpoint(p.name) for p in out.iterdir())
 
 
 def _written_before_a_checkpoint(name: str) -> bool:
