@@ -302,3 +302,22 @@ def test_a_signal_during_the_final_save_lets_it_finish(word_task, tmp_path, monk
     assert main(["sft", "--model_name_or_path", str(word_task["root"] / "init"), "--dataset", str(word_task["sft"]),
                  "--max_steps", "1", "--disable_progress_bar", "--output_dir", str(out)]) == 0
     assert (out / "model.safetensors").is_file() and "came during the final save, which finished first" in caplog.text
+
+
+def test_the_default_max_length_is_capped_to_a_small_models_context_without_a_warning(word_task, tmp_path,
+                                                                                        caplog):
+    """Every SFT run on a `p3o tiny-model` (256 positions) warned that the default --max_length 512
+    exceeds it; the cap is a note now, and a warning only for a length the user asked for."""
+    import logging
+
+    common = ["sft", "--model_name_or_path", str(word_task["root"] / "init"), "--dataset", str(word_task["sft"]),
+              "--max_steps", "1", "--disable_progress_bar"]
+    with caplog.at_level(logging.INFO, logger="p3o"):
+        assert main([*common, "--output_dir", str(tmp_path / "default")]) == 0
+    capped = [r for r in caplog.records if "exceeds the model's context" in r.getMessage()]
+    assert [r.levelno for r in capped] == [logging.INFO]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="p3o"):
+        assert main([*common, "--output_dir", str(tmp_path / "asked"), "--max_length", "1024"]) == 0
+    capped = [r for r in caplog.records if "exceeds the model's context" in r.getMessage()]
+    assert [r.levelno for r in capped] == [logging.WARNING]

@@ -12,7 +12,9 @@ from p3o.utils.io import atomic_write_text
 
 def add_arguments(parser) -> None:
     parser.add_argument("--format", required=True, choices=sorted(CONVERTERS),
-                        help="Input schema: tldr (openai/summarize_from_feedback comparisons) or hh (Anthropic/hh-rlhf).")
+                        help="Input schema: tldr (openai/summarize_from_feedback comparisons), hh (Anthropic/hh-rlhf, as chat "
+                             "messages) or hh-text (the same in HH's plain-text layout, for models without a chat "
+                             "template).")
     parser.add_argument("--input", required=True, help="A local .jsonl/.json/.parquet/.csv file or a `datasets` name.")
     parser.add_argument("--split", default="train", help="Split to read from a `datasets` source.")
     parser.add_argument("--config", default=None, help="`datasets` configuration (e.g. comparisons).")

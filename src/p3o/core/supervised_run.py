@@ -208,11 +208,14 @@ def _gathered_weights(acc, model, saved) -> dict:
 
 def _fit_context(cfg: SupervisedConfig, model) -> None:
     """--max_length beyond the model's context would crash the forward pass: cap it in `cfg` (which
-    the stage's tokenizer reads), and say so."""
+    the stage's tokenizer reads), and say so: a warning for a length the user asked for, a note for
+    the default (the examples it then cuts get a warning of their own)."""
     config = getattr(model, "config", None)
     context = context_length(config) if config is not None else None
     if context is None or cfg.max_length <= context:
         return
-    logging.getLogger("p3o").warning("--max_length %d exceeds the model's context of %d tokens; using %d: examples "
-                                     "longer than that lose the start of their prompt", cfg.max_length, context, context)
+    default = next(f.default for f in dataclasses.fields(cfg) if f.name == "max_length")
+    logging.getLogger("p3o").log(logging.INFO if cfg.max_length == default else logging.WARNING,
+                                 "--max_length %d exceeds the model's context of %d tokens; using %d: examples longer "
+                                 "than that lose the start of their prompt", cfg.max_length, context, context)
     cfg.max_length = context
