@@ -416,6 +416,44 @@ def test_trls_names_get_p3os_name_not_a_near_spelling(assets, tmp_path, capsys):
         SFTConfig(output_dir="x", epsilon=0.2)
 
 
+def test_a_python_config_reads_values_as_a_flag_would_and_names_a_wrong_one(tmp_path):
+    """A config built in Python checks each value's type as a flag or YAML value is checked: TRL's
+    list of LoRA target modules (an AttributeError before), report_to=None, log_completions=True, a
+    string learning rate are read as meant; a list beta (OnlineDPOConfig's), a boolean learning rate
+    and transformers' fractions of the run for step counts are one line each (a TypeError deep in
+    the run, or a fraction read as a count, before)."""
+    from p3o import P3OConfig
+    from p3o.errors import UsageError
+    from p3o.sft.train import SFTConfig
+
+    cfg = P3OConfig(output_dir="x", use_peft=True, lora_target_modules=["q_proj", "v_proj"], report_to=None,
+                    log_completions=True, learning_rate="1e-5")
+    assert (cfg.lora_target_modules, cfg.report_to, cfg.log_completions, cfg.learning_rate) == (
+        "q_proj,v_proj", "none", 2, 1e-5)
+    assert P3OConfig(output_dir="x", log_completions=False).log_completions == 0
+    assert SFTConfig(output_dir="x", use_peft=True, lora_target_modules=("q_proj",)).lora_target_modules == "q_proj"
+    for values, message in [({"beta": [0.1]}, "P3OConfig: beta must be float, got [0.1]"),
+                            ({"learning_rate": True}, "P3OConfig: learning_rate must be float, got True"),
+                            ({"max_new_tokens": None}, "P3OConfig: max_new_tokens cannot be None"),
+                            ({"warmup_steps": 0.1}, "warmup_steps must be int, got 0.1 (transformers reads a "
+                                                    "fraction below 1 as a share of the run; p3o counts steps: "
+                                                    "give warmup_ratio"),
+                            ({"save_steps": 0.3}, "save_steps must be int, got 0.3 (transformers reads"),
+                            ({"model_name_or_path": print}, "model_name_or_path must be str, got a builtin")]:
+        with pytest.raises(UsageError) as info:
+            P3OConfig(output_dir="x", **values)
+        assert message in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(UsageError, match="SFTConfig: eval_steps must be int, got 0.5 \\(transformers"):
+        SFTConfig(output_dir="x", eval_steps=0.5)
+    recipe = tmp_path / "r.yaml"  # a YAML list of target modules: one comma list, as on the command line
+    recipe.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "o"), "train": {
+        "model_name_or_path": "m", "dataset": "p.jsonl", "reward_fn": "r.py:f", "use_peft": True,
+        "lora_target_modules": ["q_proj", "v_proj"]}}))
+    from p3o.pipeline.recipe import load_recipe
+
+    assert load_recipe(str(recipe))["train"][0].lora_target_modules == "q_proj,v_proj"
+
+
 def test_trls_report_to_list_and_max_steps_minus_one_are_read_as_trl_means_them(assets, tmp_path):
     from p3o import P3OConfig
     from p3o.sft.train import SFTConfig

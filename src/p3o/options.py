@@ -31,7 +31,17 @@ def is_list(field: dataclasses.Field) -> bool:
     return str(field.type).replace(" ", "").startswith("list[")
 
 
+# Counts that transformers (and so TRL) read as a share of the run when below 1; p3o counts steps.
+FRACTIONS_OF_THE_RUN = {"warmup_steps": "give warmup_ratio for a share of the run",
+                        "save_steps": "give a number of steps", "eval_steps": "give a number of steps",
+                        "logging_steps": "give a number of steps"}
+
+
 def _coerce(field: dataclasses.Field, value: Any, source: str) -> Any:
+    if value is None and "None" not in str(field.type):
+        if "none_is" in field.metadata:  # report_to=None, as transformers takes it
+            return field.metadata["none_is"]
+        raise UsageError(f"{source}: {field.name} cannot be None (its default is {field.default!r})")
     if value is None or (value == "" and "None" in str(field.type)):  # `--reward_fn ""` means unset
         return None
     if field.metadata.get("comma_list") and isinstance(value, (list, tuple)):  # report_to: [a, b] as "a,b"
@@ -44,6 +54,12 @@ def _coerce(field: dataclasses.Field, value: Any, source: str) -> Any:
 
 def _coerce_scalar(field: dataclasses.Field, value: Any, source: str) -> Any:
     kind = _scalar_type(field)
+    if isinstance(value, bool) and kind is not bool:
+        if "true_is" in field.metadata:  # log_completions=True, TRL's switch: p3o's default count
+            return field.metadata["true_is"] if value else kind(0)
+        raise UsageError(f"{source}: {field.name} must be {kind.__name__}, got {value!r}")
+    if kind is str and not isinstance(value, (str, Path, int, float)):
+        raise UsageError(f"{source}: {field.name} must be str, got a {type(value).__name__}")
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -58,7 +74,10 @@ def _coerce_scalar(field: dataclasses.Field, value: Any, source: str) -> Any:
             return kind(value)
         except (TypeError, ValueError):
             pass
-    raise UsageError(f"{source}: {field.name} must be {kind.__name__}, got {value!r}")
+    fraction = (kind is int and isinstance(value, float) and 0 < value < 1 and field.name in FRACTIONS_OF_THE_RUN)
+    hint = (f" (transformers reads a fraction below 1 as a share of the run; p3o counts steps: "
+            f"{FRACTIONS_OF_THE_RUN[field.name]})" if fraction else "")
+    raise UsageError(f"{source}: {field.name} must be {kind.__name__}, got {value!r}{hint}")
 
 
 def read_yaml_config(path: str) -> dict[str, Any]:
@@ -119,16 +138,19 @@ class UnknownOption(UsageError, TypeError):
 
 def hints_unknown_options(cls):
     """Class decorator (after @dataclass): `cls(unknown=...)` says which option was meant, TRL's
-    names included, instead of the dataclass's bare TypeError."""
+    names included, instead of the dataclass's bare TypeError; a value of the wrong type is one line."""
     init = cls.__init__
 
     @functools.wraps(init)
     def __init__(self, *args, **kwargs):
-        names = [f.name for f in dataclasses.fields(cls)]
+        fields = {f.name: f for f in dataclasses.fields(cls)}
         for key in kwargs:
-            if key not in names:
-                raise UnknownOption(f"{cls.__name__} has no option {key!r}{did_you_mean(key, names)}")
-        init(self, *args, **kwargs)
+            if key not in fields:
+                raise UnknownOption(f"{cls.__name__} has no option {key!r}{did_you_mean(key, fields)}")
+        # Each value checked against its field's type as a flag or a YAML value is ("1e-5" is a
+        # float, ["q_proj", "v_proj"] a comma list), so a wrong one is a line naming it, not a
+        # TypeError deep in the run.
+        init(self, *args, **{k: _coerce(fields[k], v, cls.__name__) for k, v in kwargs.items()})
 
     cls.__init__ = __init__
     return cls

@@ -83,9 +83,10 @@ class SupervisedConfig:
     use_peft: bool = option(False, "Train LoRA adapters (peft) instead of every weight; `p3o rm` trains the score head whole beside them. Saves the merged model (a plain model), and the adapter under adapter/. Not under FSDP or DeepSpeed.")
     lora_r: int = option(16, "LoRA rank (with --use_peft).")
     lora_alpha: float = option(32.0, "LoRA scale numerator: updates are scaled by lora_alpha / lora_r (with --use_peft).")
-    lora_target_modules: str = option("all-linear", "Modules that get adapters: all-linear (every linear layer but the output head) or comma-separated names such as q_proj,v_proj (with --use_peft).")
+    lora_target_modules: str = option("all-linear", "Modules that get adapters: all-linear (every linear layer but the output head) or comma-separated names such as q_proj,v_proj (with --use_peft).", comma_list=True)
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass instead of storing them: less memory for longer sequences and bigger batches, at about one more forward's time; the same gradient.")
-    report_to: str = option("none", "Also log metrics to: none, tensorboard, wandb, ... (comma-separated).", comma_list=True)
+    report_to: str = option("none", "Also log metrics to: none, tensorboard, wandb, ... (comma-separated).", comma_list=True,
+                             none_is="none")
     overwrite: bool = option(False, "Allow a non-empty output_dir: files of the same name are replaced, and the checkpoints of the run that was there removed (other files are kept).")
     disable_progress_bar: bool = option(False, "Hide the progress bar.")
     save_steps: int = option(0, "Write a checkpoint (weights, optimiser, scheduler, RNG, position) every N optimiser steps into output_dir/checkpoint-N; 0: only on Ctrl-C/SIGTERM.")

@@ -53,7 +53,7 @@ class P3OConfig:
     use_peft: bool = option(False, "Train LoRA adapters (peft) instead of every weight; the reference is the same model with the adapters off, so one copy of the weights is held. Saves the merged model, and the adapter under adapter/.")
     lora_r: int = option(16, "LoRA rank (with --use_peft).")
     lora_alpha: float = option(32.0, "LoRA scale numerator: updates are scaled by lora_alpha / lora_r (with --use_peft).")
-    lora_target_modules: str = option("all-linear", "Modules that get adapters: all-linear (every linear layer but the output head) or comma-separated names such as q_proj,v_proj (with --use_peft).")
+    lora_target_modules: str = option("all-linear", "Modules that get adapters: all-linear (every linear layer but the output head) or comma-separated names such as q_proj,v_proj (with --use_peft).", comma_list=True)
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass instead of storing them: less memory for longer sequences and bigger batches, at about one more forward's time.")
     # --- sizes --------------------------------------------------------------------------------
     max_steps: int | None = option(None, "Rollout-and-update iterations (default 100). Given with --num_train_epochs, it wins, as in transformers.")
@@ -106,11 +106,12 @@ class P3OConfig:
     # --- run ------------------------------------------------------------------------------------
     seed: int = option(42, "Seed for initialisation, sampling and shuffling: the same seed gives the same weights on CPU.")
     logging_steps: int = option(1, "Print a summary line every N steps (metrics.jsonl always gets every step).")
-    log_completions: int = option(2, "Prompts whose completions and rewards go to completions.jsonl every logging step (0: none).")
+    log_completions: int = option(2, "Prompts whose completions and rewards go to completions.jsonl every logging step (0: none; TRL's True: 2).", true_is=2)
     reward_batch_size: int = option(64, "Sequences per reward-model forward pass.")
     missing_eos_penalty: float = option(0.0, "Subtracted from the reward of a response that ends without an end-of-turn or EOS token (cut at --max_new_tokens), as TRL's option of that name. A reward model scores the reply re-rendered by its chat template, which closes every turn, so a cut-off reply otherwise scores as if it had ended.")
     mixed_precision: str = option("no", "no, bf16 or fp16 (passed to accelerate).", choices=("no", "bf16", "fp16"))
-    report_to: str = option("none", "Also log metrics to: none, tensorboard, wandb, or several joined by commas (metrics.jsonl is always written).", comma_list=True)
+    report_to: str = option("none", "Also log metrics to: none, tensorboard, wandb, or several joined by commas (metrics.jsonl is always written).", comma_list=True,
+                             none_is="none")
     overwrite: bool = option(False, "Allow a non-empty output_dir: files of the same name are replaced, and the checkpoints of the run that was there removed (other files are kept).")
     save_steps: int = option(0, "Write a checkpoint (policy, optimiser, scheduler, RNG, counters) every N steps into output_dir/checkpoint-N; 0: only on Ctrl-C/SIGTERM.")
     save_total_limit: int | None = option(None, "Keep only the newest N checkpoints (default: all).")
