@@ -414,6 +414,18 @@ def test_trls_names_get_p3os_name_not_a_near_spelling(assets, tmp_path, capsys):
         SFTConfig(output_dir="x", bf16=True)
     with pytest.raises(TypeError, match=r"has no option 'epsilon'$"):  # no clip_eps in SFT: no hint
         SFTConfig(output_dir="x", epsilon=0.2)
+    # TRL's options with no counterpart say what to do; a far spelling is not offered as a near one
+    # (use_cpu was "did you mean 'use_peft'?", rpo_alpha "'lora_alpha'", bf16=False "set it to bf16")
+    for option, hint in [("use_cpu", "(TRL's use_cpu: p3o trains where accelerate finds a device"),
+                         ("rpo_alpha", "(TRL's rpo_alpha: p3o's dpo is the sigmoid DPO loss alone)"),
+                         ("bf16", "(TRL's bf16=False is p3o's default, mixed_precision 'no': leave it out)"),
+                         ("num_completions_to_print", "'log_completions' here")]:
+        with pytest.raises(TypeError) as info:
+            P3OConfig(output_dir="x", **{option: False})
+        assert hint in str(info.value)
+    with pytest.raises(TypeError) as info:
+        P3OConfig(output_dir="x", shuffle_dataset=True)
+    assert str(info.value) == "P3OConfig has no option 'shuffle_dataset'"
 
 
 def test_a_python_config_reads_values_as_a_flag_would_and_names_a_wrong_one(tmp_path):

@@ -105,7 +105,6 @@ TRL_NAMES = {
     "per_device_train_batch_size": ("pairs_per_step", "prompts a step, each sampled num_generations times; "
                                     "TRL counts completions per device"),
     "generation_batch_size": ("pairs_per_step", "prompts a step, each sampled num_generations times"),
-    "loss_type": ("loss_aggregation", "TRL's 'dapo' is token-mean, 'grpo' group-mean"),
     "bf16": ("mixed_precision", "set it to bf16"),
     "fp16": ("mixed_precision", "set it to fp16"),
     "eval_strategy": ("eval_steps", "also evaluate every N steps"),
@@ -115,19 +114,45 @@ TRL_NAMES = {
     "response_length": ("max_new_tokens", "the longest response sampled"),
     "use_vllm": ("generation_backend", "set it to vllm"),
     "assistant_only_loss": ("assistant_turns", "all (the default) learns every assistant reply"),
+    "loss_type": ("loss_aggregation", "GRPO's 'dapo' is token-mean, 'grpo' group-mean; DPO's loss is the "
+                  "sigmoid one, p3o's only"),
+    "epsilon_high": ("clip_eps", "one symmetric clipping range"),
+    "num_completions_to_print": ("log_completions", "prompts whose completions go to completions.jsonl"),
+    "mask_truncated_completions": ("missing_eos_penalty", "a cut response is penalised rather than masked"),
+    "model_init_kwargs": ("torch_dtype", "with trust_remote_code, what p3o passes when loading"),
+    "max_length": ("max_new_tokens", "the prompt (max_prompt_length) and the response are capped apart"),
+}
+# TRL options with no counterpart here: what to do instead (an unknown option's hint; never ignored).
+TRL_ONLY = {
+    "use_cpu": "p3o trains where accelerate finds a device; hide the GPUs (CUDA_VISIBLE_DEVICES=) for the CPU",
+    "remove_unused_columns": "every dataset column reaches the reward functions; leave it out",
+    "push_to_hub": "upload the output directory with huggingface_hub's upload_folder after the run",
+    "use_liger_kernel": "p3o takes log-probabilities a block of rows at a time without float32 logits itself",
+    "repetition_penalty": "a penalised sampler is not the policy whose ratios are trained; not supported",
+    "min_p": "use top_p or top_k",
+    "rpo_alpha": "p3o's dpo is the sigmoid DPO loss alone",
+    "loss_weights": "p3o's dpo is the sigmoid DPO loss alone",
+    "delta": "GRPO's upper bound on the ratio has no counterpart; importance_clamp bounds it",
+    "completion_only_loss": "p3o's SFT always learns the completion (assistant) tokens only",
+    "per_device_eval_batch_size": "held-out prompts are sampled 64 at a time on each process",
 }
 
 
-def did_you_mean(key: str, known) -> str:
+def did_you_mean(key: str, known, value=None) -> str:
     """" (TRL's epsilon is 'clip_eps' here: ...)" or " (did you mean 'learning_rate'?)" for a near
-    miss among `known`, else ""."""
+    miss among `known`, else "". `value`: the one given, where known (TRL's bf16=False is the default)."""
     import difflib
 
     known = list(known)
+    if key in ("bf16", "fp16") and value is False:
+        return f" (TRL's {key}=False is p3o's default, mixed_precision 'no': leave it out)"
     if key in TRL_NAMES and TRL_NAMES[key][0] in known:
         name, how = TRL_NAMES[key]
         return f" (TRL's {key} is {name!r} here: {how})"
-    close = difflib.get_close_matches(key, known, n=1)
+    if key in TRL_ONLY:
+        return f" (TRL's {key}: {TRL_ONLY[key]})"
+    # A close spelling only: at difflib's default 0.6 use_cpu was "use_peft", rpo_alpha "lora_alpha".
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
@@ -146,7 +171,7 @@ def hints_unknown_options(cls):
         fields = {f.name: f for f in dataclasses.fields(cls)}
         for key in kwargs:
             if key not in fields:
-                raise UnknownOption(f"{cls.__name__} has no option {key!r}{did_you_mean(key, fields)}")
+                raise UnknownOption(f"{cls.__name__} has no option {key!r}{did_you_mean(key, fields, kwargs[key])}")
         # Each value checked against its field's type as a flag or a YAML value is ("1e-5" is a
         # float, ["q_proj", "v_proj"] a comma list), so a wrong one is a line naming it, not a
         # TypeError deep in the run.

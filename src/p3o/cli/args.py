@@ -52,7 +52,7 @@ def build_config(cls: type[C], namespace: argparse.Namespace) -> C:
                 raise UsageError(f"{config_path}: {key} is a command-line flag only (it starts the processes "
                                  f"before any config is read); pass --{key}")
             if key not in fields:
-                raise UsageError(f"{config_path}: unknown option {key!r}{did_you_mean(key, fields)}; see the "
+                raise UsageError(f"{config_path}: unknown option {key!r}{did_you_mean(key, fields, value)}; see the "
                                  "command's --help")
             values[key] = _coerce(fields[key], value, config_path)
     for key, value in vars(namespace).items():

@@ -77,7 +77,8 @@ def _chain(recipe: dict, out: Path, path: str, overwrite: bool, resume: bool = F
         bad = set(values) - fields
         if bad:
             key = sorted(bad)[0]
-            raise UsageError(f"{path}: unknown option {key!r} in section {name}{did_you_mean(key, fields)}; see "
+            hint = did_you_mean(key, fields, values[key])
+            raise UsageError(f"{path}: unknown option {key!r} in section {name}{hint}; see "
                              f"`p3o {name} --help`")
         try:
             stages[name] = (classes[name](**typed(classes[name], values, f"{path}: {name}")), fmt)
