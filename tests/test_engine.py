@@ -238,9 +238,10 @@ def test_warmup_schedule_and_metrics(assets, tmp_path):
     trainer = build_trainer(train_config(assets, tmp_path, warmup_steps=4, lr_scheduler_type="linear",
                                          max_steps=2, epochs=2, minibatch_pairs=4))
     history = trainer.train()
-    # 8 optimiser steps in all: after 4 (step 1) warm-up ends at the peak, then linear decay to 0
-    assert history[0]["lr"] == pytest.approx(1e-3)
-    assert history[1]["lr"] == pytest.approx(0.0)
+    # 8 optimiser steps in all, 4 a step; `lr` is the rate of each step's first update (as TRL logs the
+    # rate applied): warm-up from 0 over step 1, then linear decay from the peak over step 2
+    assert history[0]["lr"] == pytest.approx(0.0)
+    assert history[1]["lr"] == pytest.approx(1e-3)
     for key in ("step", "reward", "kl", "loss", "clipfrac", "pairs_per_s", "approx_kl", "grad_norm",
                 "time_generate", "time_score", "time_reference", "time_update"):
         assert key in history[0], key

@@ -164,8 +164,9 @@ def test_max_steps_wins_over_epochs_eval_steps_and_warmup_steps(assets, tmp_path
     rows = read_metrics(out)
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5]
-    # linear with 2 warm-up steps (not the ratio's 3) over 5 steps: the scheduler's total follows max_steps
-    assert [r["lr"] for r in steps] == pytest.approx([x * 1e-3 for x in (0.5, 1.0, 2 / 3, 1 / 3, 0.0)])
+    # linear with 2 warm-up steps (not the ratio's 3) over 5 steps: the scheduler's total follows max_steps;
+    # each step logs the rate it applied, as transformers does (from 0, the peak at step 3)
+    assert [r["lr"] for r in steps] == pytest.approx([x * 1e-3 for x in (0.0, 0.5, 1.0, 2 / 3, 1 / 3)])
     evaluations = [(r["step"], r["epoch"]) for r in rows if "eval_loss" in r]
     assert evaluations == [(2, 1), (3, 1.5), (4, 2), (5, 2.5)]  # epoch ends, every 3 steps, and the last step
 

@@ -238,9 +238,10 @@ def fit(cfg: SupervisedConfig, model, train: list[dict], held_out: list[dict], s
             if position < state.step:
                 continue  # taken before the checkpoint this run resumed from
             examples = [train[i] for i in order[first:first + batch]]
+            lr = scheduler.get_last_lr()[0]  # the rate this step applies, as transformers logs it
             stats = _optimizer_step(cfg, model, optimizer, scheduler, examples, stage, accelerator, state)
             state.step += 1
-            on_log({"step": state.step, "epoch": state.step / steps_per_epoch, "lr": scheduler.get_last_lr()[0],
+            on_log({"step": state.step, "epoch": state.step / steps_per_epoch, "lr": lr,
                     "elapsed": time.perf_counter() - start, **stats})
             if index == steps_per_epoch - 1:
                 evaluate(epoch + 1)

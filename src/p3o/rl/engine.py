@@ -199,11 +199,12 @@ class Trainer:
                 before_step()
             start = time.perf_counter()
             rollout, texts, timings = self.collect_rollout(self.state.step)
+            lr = self.scheduler.get_last_lr()[0]  # the rate the rollout's first update applies, as TRL logs it
             t0 = time.perf_counter()
             update_stats = self.update(rollout, self.state.step)
             timings["time_update"] = time.perf_counter() - t0
             self.state.step += 1
-            metrics = self.step_metrics(rollout, update_stats, timings, time.perf_counter() - start)
+            metrics = self.step_metrics(rollout, update_stats, timings, time.perf_counter() - start, lr)
             if "kl" in metrics:  # beta for the next rollout
                 self.kl_control.update(metrics["kl"], rollout.num_groups * rollout.num_generations * self.accelerator.num_processes)
             history.append(metrics)
@@ -461,7 +462,9 @@ class Trainer:
         return cache[epoch]
 
     def step_metrics(self, rollout: Rollout, update_stats: dict[str, float], timings: dict[str, float],
-                     seconds: float) -> dict[str, float]:
+                     seconds: float, lr: float | None = None) -> dict[str, float]:
+        """The step's line of metrics.jsonl; `lr` the learning rate its first update applied (default:
+        the scheduler's current one)."""
         r = rollout
         # Online DPO scores at temperature 1 what it samples at --temperature: its log-ratio of
         # samples is then no KL, nor its -log pi an entropy, of the distribution sampled; neither is logged.
@@ -490,7 +493,7 @@ class Trainer:
             metrics["proxy_gold_gap"] = metrics["reward"] - metrics["monitor_reward"]
         metrics["pairs_per_s"] = rollout.num_groups * self.accelerator.num_processes / seconds  # prompt groups
         metrics["responses_per_s"] = metrics["pairs_per_s"] * rollout.num_generations
-        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        metrics["lr"] = lr if lr is not None else self.scheduler.get_last_lr()[0]
         if self.algorithm.kl_penalty:
             metrics["beta"] = self.kl_control.value  # the penalty this rollout was trained with
         metrics["skipped_updates"] = self.state.skipped_updates
