@@ -481,3 +481,27 @@ def test_a_reference_given_as_a_path_is_the_flags_reference(assets, tmp_path):
     assert saved["ref_model_name_or_path"] == str(assets["llama"])
     a, b = weights(tmp_path / "path"), weights(tmp_path / "flag")
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_trls_trainer_arguments_p3o_does_not_take_are_one_line_saying_what_to_do(assets, tmp_path):
+    """A ported script passing TRL's judge=, reward_processing_classes=, or peft_config=/callbacks= to
+    the stage trainers got a bare TypeError; TRL scripts call trainer.accelerator.print."""
+    from p3o import RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
+
+    for make, message in [
+        (lambda: P3OTrainer(str(assets["llama"]), fruit, args=args(tmp_path), judge=object()),
+         "P3OTrainer takes no judge (TRL's): score with reward_funcs"),
+        (lambda: P3OTrainer(str(assets["llama"]), fruit, args=args(tmp_path), reward_processing_classes=[None, 1]),
+         "P3OTrainer takes no reward_processing_classes (TRL's): p3o reads each reward model with its own"),
+        (lambda: SFTTrainer(str(assets["llama"]), SFTConfig(output_dir=str(tmp_path / "s")), peft_config=object()),
+         "SFTTrainer takes no peft_config (TRL's): set use_peft=True"),
+        (lambda: RewardTrainer(str(assets["llama"]), RewardConfig(output_dir=str(tmp_path / "r")), callbacks=[object()]),
+         "RewardTrainer takes no callbacks (TRL's)"),
+    ]:
+        with pytest.raises(UsageError) as info:
+            make()
+        assert str(info.value).startswith(message)
+    SFTTrainer(str(assets["llama"]), SFTConfig(output_dir=str(tmp_path / "s")), train_dataset=prompt_rows(),
+               callbacks=[])  # none asked for: taken
+    trainer = P3OTrainer(str(assets["llama"]), fruit, train_dataset=prompt_rows(), args=args(tmp_path, max_steps=1))
+    assert trainer.accelerator is trainer.engine.accelerator

@@ -138,6 +138,24 @@ TRL_ONLY = {
 }
 
 
+# Trainer arguments of TRL's that p3o's trainers do not take: what to do instead.
+TRL_TRAINER_ARGUMENTS = {
+    "peft_config": "set use_peft=True (with lora_r, lora_alpha, lora_target_modules) in the config",
+    "callbacks": "P3OTrainer takes callbacks; for SFT and the reward model read metrics.jsonl",
+    "formatting_func": "give prompt/completion or messages columns",
+    "judge": "score with reward_funcs (a function or a reward model); p3o winrate judges after training",
+    "reward_processing_classes": "p3o reads each reward model with its own tokenizer, from its directory",
+    "optimizers": "p3o builds AdamW from the config (learning_rate, adam_beta2, weight_decay, ...)",
+}
+
+
+def refuse_trl_arguments(trainer: str, given: dict) -> None:
+    """One line for the first of TRL's trainer arguments given that `trainer` does not take."""
+    for name, value in given.items():
+        if value is not None and not (isinstance(value, (list, tuple)) and not value):  # [] asks for nothing
+            raise UsageError(f"{trainer} takes no {name} (TRL's): {TRL_TRAINER_ARGUMENTS[name]}")
+
+
 def did_you_mean(key: str, known, value=None) -> str:
     """" (TRL's epsilon is 'clip_eps' here: ...)" or " (did you mean 'learning_rate'?)" for a near
     miss among `known`, else "". `value`: the one given, where known (TRL's bf16=False is the default)."""

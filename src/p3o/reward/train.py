@@ -31,7 +31,7 @@ from p3o.models.loading import (
     one_line,
     pretrained_source,
 )
-from p3o.options import hints_unknown_options, option
+from p3o.options import hints_unknown_options, option, refuse_trl_arguments
 from p3o.reward.model import LastTokenReward, model_kind, pad_right, reward_input_ids
 from p3o.sft.train import _api_inputs
 
@@ -161,7 +161,9 @@ class RewardTrainer:
     memory gets its LoRA adapters and its head's trained copy in place (peft's way)."""
 
     def __init__(self, model=None, args: RewardConfig | None = None, train_dataset=None, eval_dataset=None,
-                 processing_class=None):
+                 processing_class=None, peft_config=None, callbacks=None, optimizers=None):
+        refuse_trl_arguments("RewardTrainer", {"peft_config": peft_config, "callbacks": callbacks,
+                                               "optimizers": optimizers})
         self.args, self.model, self.data, self.tokenizer = _api_inputs(args, model, train_dataset, eval_dataset,
                                                                        processing_class, "RewardConfig")
         if self.model is not None and (not type(self.model).__name__.endswith("ForSequenceClassification")

@@ -26,6 +26,7 @@ from p3o.eval.watch import Block, OverOptimisationWatch
 from p3o.models.loading import load_causal_lm, load_tokenizer, prepare_tokenizer
 from p3o.models.lora import ADAPTER_DIR, in_saved_dtypes, is_lora, merged_lora_state_dict, get_peft_model_quietly
 from p3o.models.value_head import VALUE_HEAD_FILE, split_state_dict
+from p3o.options import refuse_trl_arguments
 from p3o.reward import build_rewards, score_in
 from p3o.rl.algorithms import get_algorithm
 from p3o.rl.checkpoint import load_policy_weights, load_training_state, resumable_changes, save_checkpoint
@@ -71,7 +72,10 @@ class P3OTrainer:
     """
 
     def __init__(self, model=None, reward_funcs=None, args: P3OConfig | None = None, train_dataset=None,
-                 eval_dataset=None, processing_class=None, peft_config=None, callbacks=None, ref_model=None):
+                 eval_dataset=None, processing_class=None, peft_config=None, callbacks=None, ref_model=None,
+                 judge=None, reward_processing_classes=None, optimizers=None):
+        refuse_trl_arguments("P3OTrainer", {"judge": judge, "reward_processing_classes": reward_processing_classes,
+                                            "optimizers": optimizers})
         if args is None:
             raise UsageError("P3OTrainer needs args=P3OConfig(output_dir=...): where the run is written")
         if isinstance(model, (str, Path)):  # a path is recorded in config.yaml like the flag
@@ -101,6 +105,11 @@ class P3OTrainer:
     @property
     def processing_class(self):
         return self.engine.tokenizer
+
+    @property
+    def accelerator(self):
+        """The run's `accelerate.Accelerator` (TRL scripts call `trainer.accelerator.print`)."""
+        return self.engine.accelerator
 
     def train(self, resume_from_checkpoint: bool | str | None = None) -> dict:
         """Run to `args.max_steps` (or until a callback stops it) into `args.output_dir`; return the

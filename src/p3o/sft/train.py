@@ -20,7 +20,7 @@ from p3o.data.prompts import is_conversational
 from p3o.data.turns import ReplyEnds, opens_with_bos
 from p3o.errors import UsageError
 from p3o.models.loading import disable_dropout, load_causal_lm, load_tokenizer
-from p3o.options import hints_unknown_options, option
+from p3o.options import hints_unknown_options, option, refuse_trl_arguments
 from p3o.utils.ops import masked_sum, selective_log_softmax
 
 log = logging.getLogger("p3o")
@@ -127,7 +127,9 @@ class SFTTrainer:
     `args.use_peft`, a model given in memory gets its LoRA adapters in place (peft's way)."""
 
     def __init__(self, model=None, args: SFTConfig | None = None, train_dataset=None, eval_dataset=None,
-                 processing_class=None):
+                 processing_class=None, peft_config=None, callbacks=None, formatting_func=None, optimizers=None):
+        refuse_trl_arguments("SFTTrainer", {"peft_config": peft_config, "callbacks": callbacks,
+                                            "formatting_func": formatting_func, "optimizers": optimizers})
         self.args, self.model, self.data, self.tokenizer = _api_inputs(args, model, train_dataset, eval_dataset,
                                                                        processing_class, "SFTConfig")
 
