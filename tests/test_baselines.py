@@ -428,3 +428,33 @@ def test_dpo_scores_at_temperature_one_whatever_it_samples_at(assets, tmp_path, 
     p3o = build_trainer(train_config(assets, tmp_path, temperature=0.5))
     rollout, _, _ = p3o.collect_rollout(0)
     assert torch.allclose(rollout.ref_token_logp, batched_token_logprobs(p3o.ref_policy, rollout, 0.5, 16), atol=1e-6)
+
+
+def test_dpo_evaluates_its_held_out_pairs_as_it_trains_on_pairs(assets, tmp_path, preferences):
+    """A held-out preference file gives DPO's eval_loss and implicit rewards on those pairs (TRL's
+    eval_loss, eval_rewards/accuracies, ...), beside the sampled KL; before, chosen and rejected were
+    ignored and only the prompts were evaluated. The policy starts as the reference: every pair's loss
+    is log 2 at step 0. A prompt-only held-out file is evaluated as before."""
+    out = tmp_path / "dpo"
+    common = ["train", "--algo", "dpo", "--model_name_or_path", str(assets["llama"]), "--dataset", str(preferences),
+              "--max_steps", "4", "--pairs_per_step", "8", "--max_new_tokens", "12", "--learning_rate", "1e-3",
+              "--eval_max_prompts", "12", "--disable_progress_bar"]
+    assert main([*common, "--output_dir", str(out), "--eval_dataset", str(preferences)]) == 0
+    points = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    start, end = points[0], points[-1]
+    assert start["pairs"] == 12 and start["n"] == 12 and "kl" in start
+    assert start["loss"] == pytest.approx(math.log(2), abs=1e-6) and start["loss_stderr"] == pytest.approx(0, abs=1e-6)
+    assert start["reward_margin"] == pytest.approx(0, abs=1e-6) and start["chosen_logp"] < 0
+    assert end["loss"] < start["loss"] and end["reward_accuracy"] > 0.5  # trained on these very pairs
+    assert end["reward_margin"] == pytest.approx(end["chosen_reward"] - end["rejected_reward"], abs=1e-6)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in preference_rows()[:4]])
+    assert main([*common, "--output_dir", str(tmp_path / "plain"), "--eval_dataset", str(prompts)]) == 0
+    plain = json.loads((tmp_path / "plain" / "eval.jsonl").read_text().splitlines()[0])
+    assert "loss" not in plain and plain["n"] == 4
+    from p3o import P3OConfig, P3OTrainer  # and trainer.evaluate(eval_dataset=pairs) from Python
+
+    trainer = P3OTrainer(str(assets["llama"]), args=P3OConfig(output_dir=str(tmp_path / "api"), algo="dpo",
+                                                              dataset=str(preferences), max_new_tokens=12,
+                                                              eval_max_prompts=6))
+    metrics = trainer.evaluate(eval_dataset=str(preferences))
+    assert metrics["eval_loss"] == pytest.approx(math.log(2), abs=1e-6) and metrics["eval_pairs"] == 6

@@ -91,9 +91,10 @@ class Trainer:
     """Trains `policy` against `reward` on `prompts`. One instance per run; `train()` runs it."""
 
     def __init__(self, cfg: TrainConfig, policy, tokenizer, reward, prompts, ref_policy=None, accelerator=None,
-                 monitor_reward=None, eval_prompts=None):
+                 monitor_reward=None, eval_prompts=None, eval_pairs=None):
         self.cfg, self.tokenizer, self.reward, self.prompts = cfg, tokenizer, reward, prompts
         self.eval_prompts = eval_prompts  # held-out prompts (a PromptDataset) for `p3o.rl.train.HeldOutEvaluator`
+        self.eval_pairs = eval_pairs  # and DPO's held-out preference pairs, where the held-out data has them
         self.monitor_reward = monitor_reward  # scored and logged, never trained on
         self.algorithm = get_algorithm(cfg.algo)
         self.accelerator = accelerator or make_accelerator(mixed_precision=cfg.mixed_precision)
@@ -338,6 +339,33 @@ class Trainer:
         if old:
             out["kl"] = out["old_logp"] - out["ref_logp"]  # (B,)
         return out
+
+    PAIR_METRICS = ("loss", "chosen_reward", "rejected_reward", "reward_margin", "reward_accuracy", "chosen_logp",
+                    "rejected_logp")
+
+    @torch.no_grad()
+    def pair_evaluation(self, pairs, indices: list[int]) -> list[dict[str, float]]:
+        """DPO's loss and implicit rewards on given preference pairs (held out; `pairs` as
+        `load_preference_pairs` gives them, `indices` into them): one dict of PAIR_METRICS per pair,
+        each as the training step's metric of that name (TRL's eval_loss, eval_rewards/accuracies, ...).
+        Every process of a sharded model must call it with as many pairs."""
+        from p3o.rl.losses.dpo import dpo_loss
+
+        device, results = self.accelerator.device, []
+        for first in range(0, len(indices), self.sizes.micro_groups):
+            chunk = indices[first:first + self.sizes.micro_groups]
+            query_ids, query_mask = pad_prompts(self.tokenizer, [pairs.token_ids[i] for i in chunk],
+                                                self.max_prompt_length)  # (P, Lq)
+            response_ids, response_mask = pad_responses(self.algorithm.given_responses(pairs, chunk),
+                                                        self.tokenizer.pad_token_id)  # (2P, T): chosen, rejected
+            rollout = Rollout(2, query_ids.repeat_interleave(2, 0).to(device), query_mask.repeat_interleave(2, 0).to(device),
+                              response_ids.to(device), response_mask.to(device))
+            out = self.log_probs(rollout, {}, old=True)
+            logp, ref_logp = out["old_logp"].view(-1, 2).float(), out["ref_logp"].view(-1, 2).float()  # (P, 2)
+            for i in range(len(chunk)):  # each pair's own statistics, for their standard errors
+                loss, stats = dpo_loss(logp[i:i + 1], ref_logp[i:i + 1], beta=self.cfg.beta)
+                results.append({"loss": loss.item(), **stats})
+        return results
 
     def score(self, reward, rows: list[dict], completions: list[str], response_ids, response_mask, k: int,
               logged: bool = True) -> torch.Tensor:

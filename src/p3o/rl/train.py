@@ -135,12 +135,15 @@ class P3OTrainer:
         """The held-out evaluation of the policy as it is now, on `eval_dataset` (else the trainer's):
         KL to the reference, the rewards and the length with their standard errors, as `eval_*`
         metrics (added to `state.log_history`, as transformers' Trainer does). Writes no file."""
-        engine = self.engine
-        prompts = (engine.eval_prompts if eval_dataset is None else
-                   _eval_prompts(self.args, as_dataset_spec(eval_dataset, "eval_dataset"), engine.tokenizer))
+        engine, pairs = self.engine, self.engine.eval_pairs
+        prompts = engine.eval_prompts
+        if eval_dataset is not None:
+            spec = as_dataset_spec(eval_dataset, "eval_dataset")
+            prompts = _eval_prompts(self.args, spec, engine.tokenizer)
+            pairs = _eval_pairs(self.args, engine.algorithm, spec, engine.tokenizer, prompts)
         if prompts is None or len(prompts) == 0:
             raise UsageError("evaluate() needs held-out prompts: give eval_dataset= here or to P3OTrainer")
-        _, point = HeldOutEvaluator(engine, None, prompts=prompts)(engine.state.step)
+        _, point = HeldOutEvaluator(engine, None, prompts=prompts, pairs=pairs)(engine.state.step)
         metrics = {f"eval_{k}": v for k, v in point.items() if k != "step"}
         self.state.log_history.append({**metrics, "step": point["step"]})
         CallbackHandler(self.callbacks, self.args, engine, state=self.state).fire("on_evaluate", metrics=dict(metrics))
@@ -223,6 +226,7 @@ def _build_engine(cfg: P3OConfig, model=None, tokenizer=None, train_dataset=None
     else:
         prompts = load_prompts(train_spec, tokenizer, cfg.dataset_split, cfg.dataset_config, cfg.prompt_column)
     eval_prompts = _eval_prompts(cfg, eval_spec, tokenizer)
+    eval_pairs = _eval_pairs(cfg, algorithm, eval_spec, tokenizer, eval_prompts)
     reward = build_rewards(sources, cfg.reward_weights, cfg.trust_remote_code, cfg.reward_batch_size,
                            accelerator.device, (cfg.reward_url_timeout, cfg.reward_url_retries))  # dpo: for eval only
     if reward is not None:
@@ -243,7 +247,7 @@ def _build_engine(cfg: P3OConfig, model=None, tokenizer=None, train_dataset=None
         policy = _with_peft(policy, peft_config, cfg)
     monitor = build_rewards([cfg.monitor_reward_fn]) if cfg.monitor_reward_fn else None
     return Trainer(cfg, policy, tokenizer, reward, prompts, ref_policy=ref, accelerator=accelerator,
-                   monitor_reward=monitor, eval_prompts=eval_prompts)
+                   monitor_reward=monitor, eval_prompts=eval_prompts, eval_pairs=eval_pairs)
 
 
 def _eval_prompts(cfg: P3OConfig, spec, tokenizer):
@@ -251,6 +255,21 @@ def _eval_prompts(cfg: P3OConfig, spec, tokenizer):
         return None
     prompts = load_prompts(spec, tokenizer, column=cfg.prompt_column)
     return _subset(prompts, range(min(len(prompts), cfg.eval_max_prompts or len(prompts))))
+
+
+def _eval_pairs(cfg: P3OConfig, algorithm, spec, tokenizer, eval_prompts):
+    """An offline algorithm's (DPO's) held-out preference pairs, where the held-out rows have the
+    chosen and rejected columns (else None: the held-out prompts alone are evaluated)."""
+    if not algorithm.offline or eval_prompts is None or not len(eval_prompts):
+        return None
+    row = eval_prompts.rows[0]
+    if cfg.chosen_column not in row or cfg.rejected_column not in row:
+        return None
+    pairs = load_preference_pairs(spec, tokenizer, cfg.dataset_split, cfg.dataset_config, cfg.prompt_column,
+                                  cfg.chosen_column, cfg.rejected_column, cfg.max_new_tokens)
+    n = min(len(pairs), cfg.eval_max_prompts or len(pairs))  # the first ones, as for the prompts
+    return dataclasses.replace(pairs, rows=pairs.rows[:n], texts=pairs.texts[:n], token_ids=pairs.token_ids[:n],
+                               responses=pairs.responses[:n])
 
 
 def _checked_model(model, name: str):
@@ -446,21 +465,20 @@ class HeldOutEvaluator:
 
     SEED = 0
 
-    def __init__(self, trainer: Trainer, path: Path | None, append: bool = False, prompts=None):
-        """`path`: eval.jsonl (None: write nothing); `prompts`: else the trainer's held-out prompts."""
+    def __init__(self, trainer: Trainer, path: Path | None, append: bool = False, prompts=None, pairs=None):
+        """`path`: eval.jsonl (None: write nothing); `prompts`: else the trainer's held-out prompts, and
+        with them `pairs` (DPO's held-out preference pairs, or None) else the trainer's."""
         acc = trainer.accelerator
         self.trainer = trainer
         self.writer = JsonlWriter(path, append) if acc.is_main_process and path is not None else None
         self.watch = OverOptimisationWatch(patience=2)  # held-out points are few and each already averaged
         self.rewards = {name: r for name, r in (("reward", trainer.reward), ("monitor_reward", trainer.monitor_reward))
                         if r is not None}
-        prompts = trainer.eval_prompts if prompts is None else prompts
-        n, share = len(prompts), math.ceil(len(prompts) / acc.num_processes)
-        self.first = min(n, acc.process_index * share)  # this process's contiguous share of the prompts
-        self.prompts = _subset(prompts, range(self.first, min(n, self.first + share)))
-        self.real = len(self.prompts)
-        if trainer.sharded:  # every forward is a collective: each process evaluates as many prompts (padded)
-            self.prompts = _subset(prompts, [*range(self.first, self.first + self.real), *[0] * (share - self.real)])
+        prompts, self.pairs = (trainer.eval_prompts, trainer.eval_pairs) if prompts is None else (prompts, pairs)
+        self.first, indices, self.real = _share(len(prompts), acc, trainer.sharded)
+        self.prompts = _subset(prompts, indices)
+        self.pair_indices, self.real_pairs = ([], 0) if self.pairs is None else _share(len(self.pairs), acc,
+                                                                                       trainer.sharded)[1:]
 
     def __call__(self, step: int) -> tuple[str, dict]:
         """(the summary line, the point written to eval.jsonl)."""
@@ -479,8 +497,15 @@ class HeldOutEvaluator:
         if t.accelerator.num_processes > 1:
             samples = gather_object([{name: sample[name] for name in names} for sample in samples])
         point = {"step": step, **summarise(samples, names), "n": len(samples)}
+        shown = ["kl", *self.rewards]
+        if self.pairs is not None:  # DPO's loss and implicit rewards on the held-out pairs, as in training
+            pairs = t.pair_evaluation(self.pairs, self.pair_indices)[:self.real_pairs]
+            if t.accelerator.num_processes > 1:
+                pairs = gather_object(pairs)
+            point.update(**summarise(pairs, list(t.PAIR_METRICS)), pairs=len(pairs))
+            shown += ["loss", "reward_accuracy"]
         line = f"eval  step {step:>5}  " + "  ".join(
-            f"{name} {point[name]:+.4f} ± {point[name + '_stderr']:.4f}" for name in ("kl", *self.rewards))
+            f"{name} {point[name]:+.4f} ± {point[name + '_stderr']:.4f}" for name in shown)
         if "monitor_reward" in point and "reward" in point and (warning := self.watch.update_block(Block(
                 point["reward"], point["reward_stderr"], point["monitor_reward"], point["monitor_reward_stderr"]))):
             line += f"\nWARNING on the held-out prompts: {warning}"
@@ -491,6 +516,16 @@ class HeldOutEvaluator:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _share(n: int, acc, sharded: bool) -> tuple[int, list[int], int]:
+    """This process's contiguous share of n held-out items: (its first index, its indices, how many are
+    real). A sharded model's every forward is a collective, so each process then gets as many
+    (padded with item 0, whose results are dropped)."""
+    share = math.ceil(n / acc.num_processes)
+    first = min(n, acc.process_index * share)
+    real = min(n, first + share) - first
+    return first, [*range(first, first + real), *([0] * (share - real) if sharded else [])], real
 
 
 def _subset(prompts, rows: list[int]):
