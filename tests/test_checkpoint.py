@@ -318,11 +318,18 @@ def test_a_full_disk_is_one_line_and_leaves_no_half_written_checkpoint(assets, t
     assert len(err) == 1 and "No space left on device" in err[0] and "Traceback" not in err[0]
 
 
-def test_a_moved_run_keeps_its_neighbours_and_nothing_else():
-    """`moved_along`: a path that lay beside the run's old directory is taken beside the new one;
-    hub names, other paths and runs whose folder is the working directory or / are left as they were."""
+def test_a_moved_run_keeps_its_neighbours_and_nothing_else(tmp_path):
+    """`moved_along`: a path that lay beside the run's old directory, and is gone from there, is taken
+    beside the new one; hub names, other paths, paths still in place (a copied run) and runs whose
+    folder is the working directory or / are left as they were."""
     from p3o.utils.checkpoints import check_resumable, moved_along
     from p3o.errors import UsageError
+
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "sft").mkdir()  # still at the old place: the run was copied, not moved
+    copied = {"output_dir": str(tmp_path / "runs" / "train"), "model_name_or_path": str(tmp_path / "runs" / "sft")}
+    kept = moved_along(copied, copied["output_dir"], "/b/runs/train")
+    assert kept["model_name_or_path"] == str(tmp_path / "runs" / "sft")
 
     saved = {"output_dir": "/a/runs/train", "model_name_or_path": "/a/runs/sft", "reward_fn": ["/a/runs/r.py:f", "x:y"],
              "dataset": "/data/p.jsonl", "tokenizer_name_or_path": "HuggingFaceTB/SmolLM2-135M"}

@@ -142,9 +142,10 @@ def test_resume_keeps_finished_stages_after_a_later_one_failed(tmp_path, assets,
 
 
 def test_a_moved_pipeline_resumes(tmp_path, assets, capsys):
-    """A pipeline folder moved (or copied) elsewhere resumes there: its train stage, interrupted after a
-    checkpoint, continues from it although its config.yaml names the SFT model at the old place, and
-    a finished stage is kept although its stamp does too. Before, both were refused as changed settings."""
+    """A pipeline folder moved elsewhere resumes there: its train stage, interrupted after a checkpoint,
+    continues from it although its config.yaml names the SFT model at the old place, and a finished
+    stage is kept although its stamp does too. Before, both were refused as changed settings. A copy
+    whose original is still in place is refused: its SFT model could be another one."""
     import shutil
 
     from conftest import write_jsonl
@@ -177,12 +178,17 @@ def test_a_moved_pipeline_resumes(tmp_path, assets, capsys):
     steps = [json.loads(line)["step"] for line in (tmp_path / "new" / "run" / "train" / "metrics.jsonl").open()]
     assert steps == [1, 2, 3, 4]  # continued from checkpoint-2 (a fresh start would log 1 and 2 again)
     assert (tmp_path / "new" / "run" / "train" / "model.safetensors").is_file()
-    shutil.copytree(tmp_path / "new", tmp_path / "copy")  # moved again, finished this time
+    shutil.copytree(tmp_path / "new", tmp_path / "copy")  # copied: the original's SFT model is still there,
     recipe.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "copy" / "run"), **sections}))
+    assert main(["pipeline", "--config", str(recipe), "--resume"]) == 2  # so the copy's is another model
+    assert "stage train finished" in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "copy")
+    shutil.move(tmp_path / "new", tmp_path / "moved")  # moved again, finished this time
+    recipe.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "moved" / "run"), **sections}))
     assert main(["pipeline", "--config", str(recipe), "--resume"]) == 0, capsys.readouterr().err
     assert "train finished already" in capsys.readouterr().out
     sections["train"]["max_new_tokens"] = 3  # a real change is still refused
-    recipe.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "copy" / "run"), **sections}))
+    recipe.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "moved" / "run"), **sections}))
     assert main(["pipeline", "--config", str(recipe), "--resume"]) == 2
     assert "stage train finished" in capsys.readouterr().err
 

@@ -103,8 +103,10 @@ def with_former_defaults(saved: dict, current: dict) -> dict:
 
 def moved_along(saved: dict, old_output_dir, new_output_dir) -> dict:
     """`saved` settings with the paths that lay beside the run's old output directory (in its parent:
-    a pipeline's earlier stages, sibling runs) taken to the same place beside the new one: a run
-    directory moved together with its neighbours resumes (the old paths are still accepted too)."""
+    a pipeline's earlier stages, sibling runs) and are gone from there taken to the same place beside
+    the new one: a run directory moved together with its neighbours resumes. A path still at its old
+    place is kept (a copied run resumes from its inputs where they are, not from whatever lies at the
+    same place beside the copy)."""
     if not (isinstance(old_output_dir, str) and isinstance(new_output_dir, str)):
         return saved
     old_root, new_root = Path(old_output_dir).parent, Path(new_output_dir).parent
@@ -114,7 +116,7 @@ def moved_along(saved: dict, old_output_dir, new_output_dir) -> dict:
     def moved(value):
         if isinstance(value, list):
             return [moved(v) for v in value]
-        if isinstance(value, str) and value and Path(value).is_relative_to(old_root):
+        if isinstance(value, str) and value and Path(value).is_relative_to(old_root) and not Path(value).exists():
             return str(new_root / Path(value).relative_to(old_root))
         return value
 
