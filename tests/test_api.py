@@ -505,3 +505,20 @@ def test_trls_trainer_arguments_p3o_does_not_take_are_one_line_saying_what_to_do
                callbacks=[])  # none asked for: taken
     trainer = P3OTrainer(str(assets["llama"]), fruit, train_dataset=prompt_rows(), args=args(tmp_path, max_steps=1))
     assert trainer.accelerator is trainer.engine.accelerator
+
+
+def test_a_callback_stops_the_run_from_on_evaluate_after_that_step(assets, tmp_path):
+    """The way EarlyStoppingCallback's refusal points to: a stop set in on_evaluate ends the run after
+    the step just evaluated (it ran one more step and evaluated again), its outputs written."""
+    from transformers import TrainerCallback
+
+    class StopWhenEvaluated(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            if state.global_step >= 2:
+                control.should_training_stop = True
+
+    trainer = P3OTrainer(str(assets["llama"]), fruit, train_dataset=prompt_rows(), eval_dataset=prompt_rows(4, seed=9),
+                         callbacks=[StopWhenEvaluated], args=args(tmp_path, max_steps=6, eval_steps=2))
+    assert trainer.train()["step"] == 2
+    points = [json.loads(line)["step"] for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert points == [0, 2] and (tmp_path / "run" / "model.safetensors").is_file()

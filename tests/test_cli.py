@@ -443,6 +443,12 @@ def test_a_python_config_reads_values_as_a_flag_would_and_names_a_wrong_one(tmp_
     assert (cfg.lora_target_modules, cfg.report_to, cfg.log_completions, cfg.learning_rate) == (
         "q_proj,v_proj", "none", 2, 1e-5)
     assert P3OConfig(output_dir="x", log_completions=False).log_completions == 0
+    import numpy as np
+    from transformers import SchedulerType
+
+    assert SFTConfig(output_dir="x", lr_scheduler_type=SchedulerType.COSINE).lr_scheduler_type == "cosine"
+    assert P3OConfig(output_dir="x", reward_fn=["a.py:f", "b.py:g"],
+                     reward_weights=np.array([1.0, 0.5])).reward_weights == [1.0, 0.5]
     assert SFTConfig(output_dir="x", use_peft=True, lora_target_modules=("q_proj",)).lora_target_modules == "q_proj"
     for values, message in [({"beta": [0.1]}, "P3OConfig: beta must be float, got [0.1]"),
                             ({"learning_rate": True}, "P3OConfig: learning_rate must be float, got True"),

@@ -206,3 +206,19 @@ def test_the_gold_reward_judges_the_win_rates_unless_a_judge_is_given(tmp_path):
     assert default_judge(FrontierConfig(**own, gold_reward_fn="gold.py:score")) == "reward_fn:gold.py:score"
     assert default_judge(FrontierConfig(**own, gold_reward_fn="gold.py:score", judge="llm:m")) == "llm:m"
     assert default_judge(FrontierConfig(**own)) is None  # said in the log: no win rates
+
+
+def test_a_finished_run_is_the_same_run_when_its_settings_are_spelled_another_way(tmp_path):
+    """--train_config values are compared as the run read them: a list of LoRA modules is the comma
+    list config.yaml holds, and YAML's "1e-8" (a string to PyYAML) the float (both looked changed, so
+    a rerun wanted --overwrite)."""
+    import yaml
+
+    from p3o.eval.frontier import _same_settings
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"lora_target_modules": "q_proj,v_proj", "adam_epsilon": 1e-8,
+                                                     "beta": 0.1}))
+    assert _same_settings(run, {"lora_target_modules": ["q_proj", "v_proj"], "adam_epsilon": "1e-8", "beta": 0.1})
+    assert not _same_settings(run, {"lora_target_modules": ["q_proj"], "beta": 0.1})

@@ -316,8 +316,13 @@ def test_the_default_max_length_is_capped_to_a_small_models_context_without_a_wa
         assert main([*common, "--output_dir", str(tmp_path / "default")]) == 0
     capped = [r for r in caplog.records if "exceeds the model's context" in r.getMessage()]
     assert [r.levelno for r in capped] == [logging.INFO]
-    # and the held-out share of --dataset is said (TRL trains on every row; p3o holds out 5%)
-    assert "303 training examples, 17 held out for evaluation (from --dataset; give --eval_dataset" in caplog.text
+    # and the held-out share of --dataset is said (TRL trains on every row; p3o holds out 5%), not where
+    # the held-out rows are given
+    assert "holding out 17 of the 320 rows of " in caplog.text and "(--eval_fraction 0.05; give an eval" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="p3o"):
+        assert main([*common, "--output_dir", str(tmp_path / "given"), "--eval_dataset", str(word_task["sft"])]) == 0
+    assert "holding out" not in caplog.text
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="p3o"):
         assert main([*common, "--output_dir", str(tmp_path / "asked"), "--max_length", "1024"]) == 0

@@ -4,6 +4,7 @@ field's type. The configs of every stage use these; `p3o.cli.args` turns the sam
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ FRACTIONS_OF_THE_RUN = {"warmup_steps": "give warmup_ratio for a share of the ru
 
 
 def _coerce(field: dataclasses.Field, value: Any, source: str) -> Any:
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # a numpy array or scalar, a tensor
+        value = value.tolist()
     if value is None and "None" not in str(field.type):
         if "none_is" in field.metadata:  # report_to=None, as transformers takes it
             return field.metadata["none_is"]
@@ -58,6 +61,8 @@ def _coerce_scalar(field: dataclasses.Field, value: Any, source: str) -> Any:
         if "true_is" in field.metadata:  # log_completions=True, TRL's switch: p3o's default count
             return field.metadata["true_is"] if value else kind(0)
         raise UsageError(f"{source}: {field.name} must be {kind.__name__}, got {value!r}")
+    if isinstance(value, enum.Enum):  # transformers' SchedulerType.COSINE: its value, "cosine"
+        value = value.value
     if kind is str and not isinstance(value, (str, Path, int, float)):
         raise UsageError(f"{source}: {field.name} must be str, got a {type(value).__name__}")
     if kind is bool:

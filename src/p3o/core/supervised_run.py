@@ -91,9 +91,6 @@ def run_stage(cfg: SupervisedConfig, model, tokenizer, train: list[dict], held_o
     _check_same_global_batch(saved.get("examples_per_step", 0), cfg, acc.num_processes, checkpoint)  # before any write
     writer, done = None, saved.get("step", 0)
     if acc.is_main_process:
-        logging.getLogger("p3o").info(
-            "%s: %d training examples, %d held out for evaluation%s", title, len(train), len(held_out),
-            "" if cfg.eval_dataset else " (from --dataset; give --eval_dataset to train on every row of it)")
         if checkpoint is not None:
             truncate_jsonl(out / "metrics.jsonl", done)  # what the run wrote after its checkpoint goes
         write_yaml(out / "config.yaml", dataclasses.asdict(cfg))

@@ -175,7 +175,10 @@ def load_with_held_out(loader: Callable[..., list[Row]], spec: str, eval_spec: s
     elif eval_split := _held_out_split(spec, kw.get("split", "train"), kw.get("config")):
         held_out = _numbered(loader(spec, **{**kw, "split": eval_split}), f"{spec} ({eval_split} split)")
     else:
+        rows = len(train)
         train, held_out = split_held_out(train, eval_fraction, seed)
+        log.info("holding out %d of the %d rows of %s for evaluation (--eval_fraction %g; give an eval dataset to "
+                 "train on every row)", len(held_out), rows, spec, eval_fraction)  # TRL trains on every row
     if not train or not held_out:  # loaders refuse empty datasets; this guards custom loaders
         raise UsageError(f"dataset {spec}: need at least one training and one eval row, "
                          f"got {len(train)} and {len(held_out)}")

@@ -274,6 +274,7 @@ def _same_settings(run_dir: Path, settings: dict) -> bool:
     if not config.is_file():
         return False
     saved = yaml.safe_load(config.read_text())
+    settings = typed(P3OConfig, settings, str(run_dir))  # as the run read them: a list of modules joined, "1e-8" a float
     return all(same_setting(saved.get(k), v) for k, v in settings.items() if k not in COSMETIC_SETTINGS)
 
 

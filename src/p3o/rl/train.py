@@ -370,6 +370,8 @@ def _run(api: P3OTrainer, out: Path, resuming: bool) -> dict:
         finishing = step == cfg.max_steps or any_process(control.should_training_stop, acc.device)
         evaluation = (evaluate(step) if evaluator is not None and ((cfg.eval_steps and step % cfg.eval_steps == 0)
                                                                   or finishing) else None)
+        if evaluation is not None and not finishing:  # stopped from on_evaluate: after this step, as transformers
+            finishing = any_process(callbacks.control.should_training_stop, acc.device)
         logged = step % cfg.logging_steps == 0 or step == cfg.max_steps
         if logged and acc.num_processes > 1 and cfg.log_completions > len(texts.prompts):  # more than this process has
             texts = _all_texts(texts)  # a collective: every process has as many prompts, so all know it is due
