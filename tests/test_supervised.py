@@ -328,3 +328,14 @@ def test_the_default_max_length_is_capped_to_a_small_models_context_without_a_wa
         assert main([*common, "--output_dir", str(tmp_path / "asked"), "--max_length", "1024"]) == 0
     capped = [r for r in caplog.records if "exceeds the model's context" in r.getMessage()]
     assert [r.levelno for r in capped] == [logging.WARNING]
+
+
+def test_sft_resume_of_a_finished_run_with_other_settings_is_refused(word_task, tmp_path, capsys):
+    """As `p3o train`'s: the same command again is nothing to do (exit 0), another learning rate is
+    refused naming it (it said "nothing to do")."""
+    base = ["sft", "--model_name_or_path", str(word_task["root"] / "init"), "--dataset", str(word_task["sft"]),
+            "--output_dir", str(tmp_path / "sft"), "--max_steps", "1", "--disable_progress_bar"]
+    assert main(base) == 0
+    assert main([*base, "--resume"]) == 0 and "holds a finished run" in capsys.readouterr().err
+    assert main([*base, "--resume", "--learning_rate", "0.5"]) == 2
+    assert "started with other settings (--learning_rate 5e-05 -> 0.5)" in capsys.readouterr().err

@@ -41,7 +41,10 @@ def run_supervised(cfg: SupervisedConfig, title: str, load_rows: Callable, token
 
     inputs = {"model_name_or_path": cfg.model_name_or_path, "tokenizer_name_or_path": cfg.tokenizer_name_or_path,
               "dataset": cfg.dataset, "eval_dataset": cfg.eval_dataset}
-    checkpoint = resume_point(cfg.output_dir, None, RESUMABLE_CHANGES) if cfg.resume else None  # checked below
+    # Checked against the settings now (a finished run too); once the model is loaded, again against
+    # the ones it will use (--max_length capped to its context).
+    checkpoint = (resume_point(cfg.output_dir, dataclasses.asdict(cfg), RESUMABLE_CHANGES | {"max_length"})
+                  if cfg.resume else None)
     if cfg.disable_progress_bar:  # transformers' own bars too (loading and saving weights), as `p3o` does
         transformers_logging.disable_progress_bar()
     with run_directory(cfg.output_dir, cfg.overwrite or cfg.resume or checkpoint is not None, inputs,
