@@ -339,3 +339,27 @@ def test_sft_resume_of_a_finished_run_with_other_settings_is_refused(word_task, 
     assert main([*base, "--resume"]) == 0 and "holds a finished run" in capsys.readouterr().err
     assert main([*base, "--resume", "--learning_rate", "0.5"]) == 2
     assert "started with other settings (--learning_rate 5e-05 -> 0.5)" in capsys.readouterr().err
+
+
+def test_sft_learns_every_token_with_completion_only_loss_false(word_task, tmp_path, monkeypatch):
+    """TRL's default for messages data (assistant_only_loss=False) learns every token; p3o's default
+    learns the completion only. completion_only_loss=False gives TRL's: every label is its token."""
+    import p3o.sft.train as sft
+    from p3o.sft.train import SFTConfig, run_sft
+
+    seen = {}
+
+    def first_example(cfg, title, load_rows, tokenize, *rest):  # the stage's own tokenizer, on one row
+        from transformers import AutoTokenizer
+
+        train, _ = load_rows(cfg)
+        seen[cfg.completion_only_loss] = tokenize(AutoTokenizer.from_pretrained(word_task["root"] / "init"),
+                                                  train[0], "row 1")
+
+    monkeypatch.setattr(sft, "run_supervised", first_example)
+    for only in (True, False):
+        run_sft(SFTConfig(output_dir=str(tmp_path / str(only)), model_name_or_path=str(word_task["root"] / "init"),
+                          dataset=str(word_task["sft"]), completion_only_loss=only))
+    default, every = seen[True], seen[False]
+    assert default["input_ids"] == every["input_ids"] and every["labels"] == every["input_ids"]
+    assert -100 in default["labels"] and default["labels"] != every["labels"]

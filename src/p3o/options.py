@@ -138,7 +138,6 @@ TRL_ONLY = {
     "rpo_alpha": "p3o's dpo is the sigmoid DPO loss alone",
     "loss_weights": "p3o's dpo is the sigmoid DPO loss alone",
     "delta": "GRPO's upper bound on the ratio has no counterpart; importance_clamp bounds it",
-    "completion_only_loss": "p3o's SFT always learns the completion (assistant) tokens only",
     "per_device_eval_batch_size": "held-out prompts are sampled 64 at a time on each process",
 }
 
@@ -169,6 +168,8 @@ def did_you_mean(key: str, known, value=None) -> str:
     known = list(known)
     if key in ("bf16", "fp16") and value is False:
         return f" (TRL's {key}=False is p3o's default, mixed_precision 'no': leave it out)"
+    if key == "assistant_only_loss" and value is False and "completion_only_loss" in known:
+        return " (TRL's assistant_only_loss=False, every token of a conversation, is completion_only_loss=False here)"
     if key in TRL_NAMES and TRL_NAMES[key][0] in known:
         name, how = TRL_NAMES[key]
         return f" (TRL's {key} is {name!r} here: {how})"

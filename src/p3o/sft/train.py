@@ -33,6 +33,7 @@ class SFTConfig(SupervisedConfig):
     prompt_column: str = option("prompt", "Column holding the prompt: plain text or chat messages.")
     completion_column: str = option("completion", "Column holding the completion: plain text or assistant messages.")
     assistant_turns: str = option("all", "In a conversation (`messages`, or a chat prompt holding earlier assistant turns): all (learn every assistant reply, as TRL's assistant_only_loss; where the chat template renders earlier turns differently once later ones follow, as Qwen3's drops their reasoning, the final reply only, with a warning) or last (the final reply only; the earlier ones are context, as before this option).", choices=("all", "last"))
+    completion_only_loss: bool = option(True, "Learn the completion's (assistant replies') tokens only, TRL's default for prompt/completion data; false: every token, the prompt's and the template's too, TRL's default for messages data (assistant_only_loss=False).")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -175,8 +176,9 @@ def run_sft(cfg: SFTConfig, model=None, tokenizer=None, dataset=None, eval_datas
     def tokenize(tokenizer, row, where):
         if "ends" not in ends:
             ends["ends"] = ReplyEnds.of(tokenizer)
-        return tokenize_example(tokenizer, row["prompt"], row["completion"], cfg.max_length, where, ends["ends"],
-                                all_turns=cfg.assistant_turns == "all")
+        example = tokenize_example(tokenizer, row["prompt"], row["completion"], cfg.max_length, where, ends["ends"],
+                                   all_turns=cfg.assistant_turns == "all")
+        return example if cfg.completion_only_loss else {**example, "labels": list(example["input_ids"])}
 
     def build_model(cfg, tokenizer):
         if model is not None:
