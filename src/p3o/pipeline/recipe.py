@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from p3o.rl.train import run_train
 from p3o.sft.train import SFTConfig, run_sft
 from p3o.utils.checkpoints import (TrainingInterrupted, latest_checkpoint, moved_along,
                                    signal_during_a_final_save, with_former_defaults)
-from p3o.utils.distributed import launched_rank, wait_for_all
+from p3o.utils.distributed import launched_processes, launched_rank, wait_for_all
 from p3o.utils.io import atomic_write_text
 
 STAGES = ("sft", "rm", "train")
@@ -166,7 +165,7 @@ def check_stages(recipe: dict, out: Path, processes: int | None = None) -> None:
     train section is reported before hours of SFT, not after. `processes`: of the launch (default:
     this one's)."""
     made = []  # what the earlier stages of this recipe will write
-    processes = processes or int(os.environ.get("WORLD_SIZE", "1"))
+    processes = processes or launched_processes()
     precisions = {name: recipe[name][0].mixed_precision for name in STAGES if name in recipe}
     if processes > 1 and len(set(precisions.values())) > 1:  # accelerate keeps one state per launched process
         detail = ", ".join(f"{name} {value}" for name, value in precisions.items())
@@ -190,7 +189,7 @@ def check_inputs(stage: str, cfg, fmt: str | None = None, made: list[Path] = (),
                  where: str = "") -> None:
     """A stage's models, data files and their rows, reward functions and batch sizes (on `processes`),
     as the stage will read them; paths under `made` (earlier stages' outputs) are not there yet."""
-    processes = processes or int(os.environ.get("WORLD_SIZE", "1"))
+    processes = processes or launched_processes()
     for flag in ("model_name_or_path", "ref_model_name_or_path", "tokenizer_name_or_path", "reward_model"):
         value = getattr(cfg, flag, None)
         for path in [value] if isinstance(value, str) else value or []:
@@ -228,13 +227,13 @@ def _check_rows(stage: str, cfg, data: str, held_out: bool) -> None:
 def _with_converted_data(cfg, fmt: str, stage: str, data_dir: Path, write: bool = True):
     """Convert the stage's dataset with `p3o convert`'s converter and point the stage at the result
     (written by the main process only: `write`)."""
-    rows, _ = convert_rows(fmt, read_rows(cfg.dataset, cfg.dataset_split, cfg.dataset_config), cfg.dataset)
-    if stage == "sft":
-        rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
-    elif stage == "train" and not get_algorithm(cfg.algo).offline:  # DPO learns the pairs themselves
-        rows = [{"prompt": r["prompt"]} for r in rows]
     target = data_dir / f"{stage}-{fmt}.jsonl"
-    if write:
+    if write:  # the other processes only need its path
+        rows, _ = convert_rows(fmt, read_rows(cfg.dataset, cfg.dataset_split, cfg.dataset_config), cfg.dataset)
+        if stage == "sft":
+            rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
+        elif stage == "train" and not get_algorithm(cfg.algo).offline:  # DPO learns the pairs themselves
+            rows = [{"prompt": r["prompt"]} for r in rows]
         data_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(target, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return dataclasses.replace(cfg, dataset=str(target), dataset_split="train", dataset_config=None)

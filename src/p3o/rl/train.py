@@ -267,9 +267,7 @@ def _eval_pairs(cfg: P3OConfig, algorithm, spec, tokenizer, eval_prompts):
         return None
     pairs = load_preference_pairs(spec, tokenizer, cfg.dataset_split, cfg.dataset_config, cfg.prompt_column,
                                   cfg.chosen_column, cfg.rejected_column, cfg.max_new_tokens)
-    n = min(len(pairs), cfg.eval_max_prompts or len(pairs))  # the first ones, as for the prompts
-    return dataclasses.replace(pairs, rows=pairs.rows[:n], texts=pairs.texts[:n], token_ids=pairs.token_ids[:n],
-                               responses=pairs.responses[:n])
+    return _subset(pairs, range(min(len(pairs), cfg.eval_max_prompts or len(pairs))))  # the first, as for prompts
 
 
 def _checked_model(model, name: str):
@@ -531,9 +529,10 @@ def _share(n: int, acc, sharded: bool) -> tuple[int, list[int], int]:
 
 
 def _subset(prompts, rows: list[int]):
-    """The prompts at `rows` (a PromptDataset)."""
+    """The prompts at `rows` (a PromptDataset; preference pairs keep their responses)."""
+    responses = None if prompts.responses is None else [prompts.responses[i] for i in rows]
     return dataclasses.replace(prompts, rows=[prompts.rows[i] for i in rows], texts=[prompts.texts[i] for i in rows],
-                               token_ids=[prompts.token_ids[i] for i in rows])
+                               token_ids=[prompts.token_ids[i] for i in rows], responses=responses)
 
 
 def _warn_about_inputs(trainer: Trainer) -> None:

@@ -26,7 +26,7 @@ def make_accelerator(**kwargs):
 
     uses = {name: os.environ.get(f"ACCELERATE_USE_{name}", "false").lower() == "true"
             for name in ("DEEPSPEED", "FSDP")}
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    launched = launched_processes()
     if uses["DEEPSPEED"] and not torch.cuda.is_available():
         kwargs["kwargs_handlers"] = [*kwargs.get("kwargs_handlers", []), InitProcessGroupKwargs(backend="gloo")]
     elif launched > 1 and not uses["FSDP"] and not torch.cuda.is_available():
@@ -56,7 +56,7 @@ def wait_for_all() -> None:
     """A barrier across the processes of a launch, for code between stages (`p3o pipeline`): it
     starts torch's default group where no Accelerator has yet (nccl on GPUs, gloo otherwise, as
     accelerate would; accelerate and DeepSpeed then take the group as it is). One process: nothing."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if launched_processes() == 1:
         return
     dist = torch.distributed
     if not dist.is_initialized():
@@ -90,6 +90,11 @@ def launched_rank() -> int:
     """This process's rank as the launcher (torchrun, accelerate launch) set it, before any process
     group exists: 0 when not launched as one of several."""
     return int(os.environ.get("RANK", "0"))
+
+
+def launched_processes() -> int:
+    """How many processes the launcher started, before any process group exists: 1 when not launched."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def shut_down() -> None:
